@@ -1,0 +1,292 @@
+// `kvwave-bench retrieval`: recall / scan fraction / attention mass / latency of every retrieval
+// method (graph, wave, Quest, IVF, HNSW, exact) on a trace, swept over each method's work knob,
+// plus (--ood) the out-of-distribution facts: Mahalanobis distances and IVF's scan fraction with
+// real queries vs keys as queries.
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "CLI/CLI.hpp"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "bench/lib/ann_baselines.h"
+#include "bench/lib/linalg.h"
+#include "bench/lib/retrieval_eval.h"
+#include "bench/subcommand.h"
+#include "client/trace_file.h"
+#include "config/status_macros.h"
+#include "oneapi/tbb/global_control.h"
+
+namespace kvwave::bench {
+namespace {
+
+struct RetrievalFlags {
+  std::string trace;
+  std::vector<int> layers;
+  int64_t queries = 256;
+  int topk = 100;
+  std::string json, plot, table;
+  std::string plot_script = (std::filesystem::path(__FILE__).parent_path() / "plot_retrieval.gp");
+  std::vector<std::string> methods = {"flat", "faiss-flat", "ivf", "hnsw", "quest", "wave", "graph"};
+  bool ood = false;
+  bool graph_per_query_head = false;
+  index::GraphIndexOptions graph;
+  int ivf_keys_per_list = 64;
+  int hnsw_m = 16, hnsw_ef_construction = 200;
+  int quest_page = 16;
+  int wave_cluster = 16;
+};
+
+std::unique_ptr<AnnIndex> MakeMethod(const std::string& name, const RetrievalFlags& f) {
+  if (name == "flat") return MakeFlatScan();
+  if (name == "faiss-flat") return MakeFaissFlat();
+  if (name == "ivf") return MakeFaissIvf(f.ivf_keys_per_list);
+  if (name == "hnsw") return MakeHnsw(f.hnsw_m, f.hnsw_ef_construction);
+  if (name == "quest") return MakeQuest(f.quest_page);
+  if (name == "wave") return MakeWave(f.wave_cluster);
+  if (name == "graph") return MakeGraph(f.graph);
+  return nullptr;
+}
+
+// Mean Mahalanobis distance to the key distribution of one group, per kind of vector.
+struct OodSums {
+  double keys_in = 0, keys_held_out = 0, queries = 0, key_norm = 0, query_norm = 0;
+  int64_t groups = 0;
+  std::vector<SweepPoint> ivf_real, ivf_keys;  // IVF sweeps, real queries vs keys as queries
+};
+
+double MeanMahalanobis(const GaussianFit& fit, const std::vector<float>& rows, int d,
+                       int64_t limit) {
+  const int64_t n = static_cast<int64_t>(rows.size()) / d;
+  const int64_t step = std::max<int64_t>(1, n / limit);
+  double sum = 0;
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; i += step, ++count) sum += fit.Mahalanobis(rows.data() + i * d);
+  return sum / static_cast<double>(count);
+}
+
+double MeanNorm(const std::vector<float>& rows, int d) {
+  const int64_t n = static_cast<int64_t>(rows.size()) / d;
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    double s = 0;
+    for (int j = 0; j < d; ++j) s += double{rows[i * d + j]} * rows[i * d + j];
+    sum += std::sqrt(s);
+  }
+  return sum / static_cast<double>(n);
+}
+
+absl::Status MeasureOod(const GroupData& g, const std::vector<float>& decode_all,
+                        const GroundTruth& truth, const RetrievalFlags& f, OodSums* ood) {
+  const GaussianFit fit(ComputeMoments(g.keys.data(), g.n, g.d), 1e-3);
+  ood->keys_in += MeanMahalanobis(fit, g.keys, g.d, 2048);
+  ood->keys_held_out += MeanMahalanobis(fit, g.held_out_keys, g.d, 2048);
+  ood->queries += MeanMahalanobis(fit, decode_all, g.d, 4096);
+  ood->key_norm += MeanNorm(g.keys, g.d);
+  ood->query_norm += MeanNorm(decode_all, g.d);
+  ++ood->groups;
+  std::unique_ptr<AnnIndex> ivf = MakeFaissIvf(f.ivf_keys_per_list);
+  KVWAVE_RETURN_IF_ERROR(ivf->Build(g.keys.data(), g.n, g.d, nullptr, 0));
+  const int64_t nq = static_cast<int64_t>(decode_all.size()) / g.d;
+  KVWAVE_RETURN_IF_ERROR(
+      SweepIndex(ivf.get(), decode_all.data(), nq, g.d, g.n, truth, 0, &ood->ivf_real));
+  const GroundTruth key_truth =
+      ExactGroundTruth(g.keys.data(), g.n, g.d, g.held_out_keys.data(), g.num_queries, f.topk);
+  return SweepIndex(ivf.get(), g.held_out_keys.data(), g.num_queries, g.d, g.n, key_truth, 0,
+                    &ood->ivf_keys);
+}
+
+std::string FormatOod(const OodSums& o, int topk) {
+  const double n = static_cast<double>(o.groups);
+  std::string out = absl::StrFormat(
+      "# OOD: mean Mahalanobis distance to the key distribution (Gaussian fit on the indexed keys)\n"
+      "#   indexed keys %.2f   held-out keys %.2f   decode queries %.2f   (ratio queries / "
+      "held-out %.2fx)\n"
+      "#   mean L2 norm: keys %.2f   queries %.2f\n",
+      o.keys_in / n, o.keys_held_out / n, o.queries / n, o.queries / o.keys_held_out,
+      o.key_norm / n, o.query_norm / n);
+  const double real = ScanFractionAtRecall(o.ivf_real, "ivf", 0.95);
+  const double keys = ScanFractionAtRecall(o.ivf_keys, "ivf", 0.95);
+  absl::StrAppendFormat(&out,
+                        "# OOD: IVF scan fraction for recall@%d >= 0.95: real queries %.4f, "
+                        "held-out keys as queries %.4f (%.1fx)\n",
+                        topk, real, keys, keys > 0 ? real / keys : -1.0);
+  out += "# IVF with held-out keys as queries:\n";
+  for (const std::string& line : absl::StrSplit(FormatTable(o.ivf_keys), '\n')) {
+    if (!line.empty()) absl::StrAppend(&out, "#   ", line, "\n");
+  }
+  return out;
+}
+
+// The bars of issue 3, computed from the sweep.
+std::string FormatBars(const std::vector<SweepPoint>& points) {
+  std::string out = "# at recall 0.95: index, scan fraction (interpolated), us/query (first point)\n";
+  std::vector<std::string> names;
+  for (const SweepPoint& p : points) {
+    if (std::find(names.begin(), names.end(), p.index) == names.end()) names.push_back(p.index);
+  }
+  for (const std::string& name : names) {
+    absl::StrAppendFormat(&out, "#   %-11s scan %8.4f   us %9.1f\n", name,
+                          ScanFractionAtRecall(points, name, 0.95), UsAtRecall(points, name, 0.95));
+  }
+  const double graph = ScanFractionAtRecall(points, "graph", 0.95);
+  const double ivf = ScanFractionAtRecall(points, "ivf", 0.95);
+  const double hnsw = ScanFractionAtRecall(points, "hnsw", 0.95);
+  const double graph_us = UsAtRecall(points, "graph", 0.95);
+  const double flat_us = UsAtRecall(points, "flat", 0.95);
+  absl::StrAppendFormat(&out,
+                        "# bars: graph scan@0.95 %.4f (<= 0.03: %s); ivf/graph %.1fx, hnsw/graph "
+                        "%.1fx (>= 3: %s); flat/graph us %.1fx (>= 5: %s)\n",
+                        graph, graph > 0 && graph <= 0.03 ? "PASS" : "FAIL", ivf / graph,
+                        hnsw / graph,
+                        graph > 0 && (ivf < 0 || ivf / graph >= 3) && (hnsw < 0 || hnsw / graph >= 3)
+                            ? "PASS"
+                            : "FAIL",
+                        flat_us / graph_us, graph_us > 0 && flat_us / graph_us >= 5 ? "PASS" : "FAIL");
+  return out;
+}
+
+absl::Status RunGroup(const trace::Trace& trace, int64_t layer, int64_t kv_head,
+                      const RetrievalFlags& f, std::vector<SweepPoint>* points, OodSums* ood) {
+  KVWAVE_ASSIGN_OR_RETURN(GroupData g, LoadGroup(trace, layer, kv_head, f.queries));
+  const int group = static_cast<int>(g.decode.size());
+  std::vector<GroundTruth> truth;
+  std::vector<float> prefill_all, decode_all;
+  for (int h = 0; h < group; ++h) {
+    truth.push_back(ExactGroundTruth(g.keys.data(), g.n, g.d, g.decode[h].data(), g.num_queries,
+                                     f.topk));
+    prefill_all.insert(prefill_all.end(), g.prefill[h].begin(), g.prefill[h].end());
+    decode_all.insert(decode_all.end(), g.decode[h].begin(), g.decode[h].end());
+  }
+  for (const std::string& name : f.methods) {
+    const bool per_head = name == "graph" && f.graph_per_query_head;
+    std::unique_ptr<AnnIndex> shared;
+    double shared_build_us = 0;
+    for (int h = 0; h < group; ++h) {
+      std::unique_ptr<AnnIndex> own;
+      double build_us = shared_build_us;
+      if (per_head || shared == nullptr) {
+        own = MakeMethod(name, f);
+        if (own == nullptr) return absl::InvalidArgumentError("unknown method " + name);
+        const float* pre = per_head ? g.prefill[h].data() : prefill_all.data();
+        const int64_t m = per_head ? g.n : g.n * group;
+        const auto start = std::chrono::steady_clock::now();
+        KVWAVE_RETURN_IF_ERROR(own->Build(g.keys.data(), g.n, g.d, pre, m));
+        build_us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() -
+                                                             start).count();
+        if (per_head) build_us *= group;  // cost of the whole KV head's set of graphs
+        if (!per_head) {
+          shared = std::move(own);
+          shared_build_us = build_us;
+        }
+      }
+      AnnIndex* index = per_head ? own.get() : shared.get();
+      tbb::global_control one_thread(tbb::global_control::max_allowed_parallelism, 1);
+      KVWAVE_RETURN_IF_ERROR(SweepIndex(index, g.decode[h].data(), g.num_queries, g.d, g.n,
+                                        truth[h], build_us, points));
+    }
+    std::fprintf(stderr, "  layer %ld kv %ld: %s done\n", static_cast<long>(layer),
+                 static_cast<long>(kv_head), name.c_str());
+  }
+  if (!f.ood) return absl::OkStatus();
+  GroundTruth all;
+  all.k = f.topk;
+  for (GroundTruth& t : truth) {
+    all.top.insert(all.top.end(), t.top.begin(), t.top.end());
+    all.weight.insert(all.weight.end(), t.weight.begin(), t.weight.end());
+  }
+  return MeasureOod(g, decode_all, all, f, ood);
+}
+
+absl::Status Run(const RetrievalFlags& f) {
+  KVWAVE_ASSIGN_OR_RETURN(trace::Trace trace, trace::Trace::Open(f.trace));
+  std::vector<int> layers = f.layers;
+  if (layers.empty()) {
+    for (int l = 0; l < trace.layers; ++l) layers.push_back(l);
+  }
+  std::printf(
+      "# trace %s: %ld tokens, %ld layers (axis 0 of the files), %ld q heads over %ld kv heads, "
+      "d=%ld\n# layers (axis indices) %s; keys [0, %ld), queries the last %ld positions; top-%d\n"
+      "# graph: N=%d M=%d build queries=%ld alpha=%.2f connect queue=%d per-query-head=%d\n",
+      f.trace.c_str(), static_cast<long>(trace.tokens), static_cast<long>(trace.layers),
+      static_cast<long>(trace.q_heads), static_cast<long>(trace.kv_heads),
+      static_cast<long>(trace.head_dim), absl::StrJoin(layers, ",").c_str(),
+      static_cast<long>(trace.tokens - f.queries), static_cast<long>(f.queries), f.topk,
+      f.graph.query_neighbors, f.graph.max_degree, static_cast<long>(f.graph.max_queries),
+      f.graph.prune_alpha, f.graph.connect_queue, f.graph_per_query_head);
+  omp_set_num_threads(1);  // FAISS searches on one thread, like everything else timed here
+  std::vector<SweepPoint> points;
+  OodSums ood;
+  for (int layer : layers) {
+    for (int64_t kv = 0; kv < trace.kv_heads; ++kv) {
+      KVWAVE_RETURN_IF_ERROR(RunGroup(trace, layer, kv, f, &points, &ood));
+    }
+  }
+  std::string text = FormatTable(points) + FormatBars(points);
+  if (f.ood) text += FormatOod(ood, f.topk);
+  std::fputs(text.c_str(), stdout);
+  if (!f.table.empty()) {
+    std::ofstream(f.table) << text;
+  }
+  if (!f.json.empty()) KVWAVE_RETURN_IF_ERROR(WriteJson(f.json, points));
+  if (!f.plot.empty()) {
+    const std::string title = absl::StrCat(std::filesystem::path(f.trace).filename().string(),
+                                           ": recall@", f.topk, " vs scan fraction");
+    KVWAVE_RETURN_IF_ERROR(WritePlot(f.plot, f.plot_script, title, points));
+  }
+  return absl::OkStatus();
+}
+
+int RunRetrieval(int argc, char** argv) {
+  RetrievalFlags f;
+  CLI::App app{"recall / scan fraction / attention mass / latency of each index on a trace"};
+  app.add_option("--trace", f.trace, "trace PREFIX (PREFIX_{q,k,v}.npy)")->required();
+  app.add_option("--layers", f.layers, "indices into the trace's first axis (default all)")
+      ->delimiter(',');
+  app.add_option("--queries", f.queries, "decode queries: the last N positions");
+  app.add_option("--topk", f.topk, "k of recall@k");
+  app.add_option("--json", f.json, "write the sweep as JSON");
+  app.add_option("--plot", f.plot, "write recall vs scan fraction as a PNG (gnuplot)");
+  app.add_option("--table", f.table, "write the printed table to a text file");
+  app.add_option("--plot-script", f.plot_script, "the gnuplot script");
+  app.add_option("--methods", f.methods, "methods to run")->delimiter(',');
+  app.add_flag("--ood", f.ood, "also measure the OOD facts (Mahalanobis, IVF keys-as-queries)");
+  app.add_option("--graph-neighbors", f.graph.query_neighbors, "graph: N, exact keys per query");
+  app.add_option("--graph-degree", f.graph.max_degree, "graph: M, max out-degree");
+  app.add_option("--graph-queries", f.graph.max_queries, "graph: sampled prefill queries (0=all)");
+  app.add_option("--graph-alpha", f.graph.prune_alpha, "graph: pruning alpha");
+  app.add_option("--graph-connect-queue", f.graph.connect_queue, "graph: connect-pass queue");
+  app.add_option("--graph-seed", f.graph.seed, "graph: sampling seed");
+  app.add_flag("--graph-per-query-head", f.graph_per_query_head, "one graph per query head");
+  app.add_option("--ivf-list-size", f.ivf_keys_per_list, "IVF: keys per list (nlist = n / this)");
+  app.add_option("--hnsw-m", f.hnsw_m, "HNSW: M");
+  app.add_option("--hnsw-ef-construction", f.hnsw_ef_construction, "HNSW: efConstruction");
+  app.add_option("--quest-page", f.quest_page, "Quest: tokens per page");
+  app.add_option("--wave-cluster", f.wave_cluster, "wave: tokens per cluster");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  PrintEnvironmentHeader();
+  if (absl::Status s = Run(f); !s.ok()) {
+    std::fprintf(stderr, "retrieval: %s\n", s.ToString().c_str());
+    return 1;
+  }
+  return 0;
+}
+
+const bool kRegistered = Register(
+    {"retrieval", "recall / scan fraction / latency of each index on a trace", &RunRetrieval});
+
+}  // namespace
+}  // namespace kvwave::bench

@@ -1,0 +1,348 @@
+#include "config/settings.h"
+
+#include <cmath>
+#include <sstream>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "config/status_macros.h"
+#include "toml.hpp"
+
+namespace kvwave::config {
+namespace {
+
+using Member = std::variant<int64_t Settings::*, double Settings::*, bool Settings::*,
+                            std::string Settings::*>;
+
+struct Entry {
+  Key key;
+  Member member;
+};
+
+constexpr double kI64Max = 9.0e18;
+
+// The table. Order = print order. Bounds are inclusive.
+const std::vector<Entry>& Table() {
+  using T = Key::Type;
+  static const std::vector<Entry> table = {
+      {{"store.memory_limit_bytes", T::kInt, int64_t{8} << 30, 1 << 20, kI64Max, {}, false,
+        "host bytes the store may hold (KV, indexes); an append past it gets RESOURCE_EXHAUSTED"},
+       &Settings::memory_limit_bytes},
+      {{"store.prefill_segment_tokens", T::kInt, int64_t{8192}, 64, 1 << 20, {}, false,
+        "tokens per sealed segment during prefill"},
+       &Settings::prefill_segment_tokens},
+      {{"store.decode_segment_tokens", T::kInt, int64_t{1024}, 64, 1 << 20, {}, false,
+        "tokens per sealed segment after prefill (decoded tokens)"},
+       &Settings::decode_segment_tokens},
+      {{"store.page_tokens", T::kInt, int64_t{8}, 1, 256, {}, false,
+        "tokens per page; clusters are whole pages"},
+       &Settings::page_tokens},
+      {{"store.sink_tokens", T::kInt, int64_t{4}, 0, 1024, {}, false,
+        "first tokens of a context always attended exactly (steady zone)"},
+       &Settings::sink_tokens},
+      {{"store.recent_tokens", T::kInt, int64_t{64}, 0, 1 << 16, {}, false,
+        "latest tokens always attended exactly (steady zone); never sealed"},
+       &Settings::recent_tokens},
+      {{"index.tokens_per_cluster", T::kInt, int64_t{16}, 1, 4096, {}, false,
+        "average tokens per wave-index cluster"},
+       &Settings::tokens_per_cluster},
+      {{"index.kmeans_iterations", T::kInt, int64_t{10}, 0, 1000, {}, false,
+        "spherical k-means iterations per segment"},
+       &Settings::kmeans_iterations},
+      {{"index.kmeans_kernel", T::kString, std::string("own"), 0, 0, {"own", "faiss"}, false,
+        "k-means implementation: own (SIMD + TBB) or faiss"},
+       &Settings::kmeans_kernel},
+      {{"attend.retrieval_budget", T::kDouble, 0.018, 0.0, 1.0, {}, true,
+        "default fraction of clusters attended exactly (retrieval zone)"},
+       &Settings::retrieval_budget},
+      {{"attend.estimation_budget", T::kDouble, 0.232, 0.0, 1.0, {}, true,
+        "default fraction of clusters estimated from centroid and value sum"},
+       &Settings::estimation_budget},
+      {{"attend.compute_threads", T::kInt, int64_t{0}, 0, 1024, {}, false,
+        "threads of the compute arena (0 = one per core)"},
+       &Settings::compute_threads},
+      {{"rpc.socket_path", T::kString, std::string("/tmp/kvwaved.sock"), 0, 0, {}, false,
+        "Unix socket path (filesystem permissions are the access control)"},
+       &Settings::socket_path},
+      {{"rpc.tcp_port", T::kInt, int64_t{0}, 0, 65535, {}, false,
+        "TCP port on 127.0.0.1 (0 = TCP off)"},
+       &Settings::tcp_port},
+      {{"rpc.tcp_token", T::kString, std::string(), 0, 0, {}, false,
+        "shared secret a TCP client must present at handshake (required when TCP is on)"},
+       &Settings::tcp_token},
+      {{"rpc.max_frame_bytes", T::kInt, int64_t{256} << 20, 4096, int64_t{1} << 32, {}, false,
+        "largest frame accepted; larger frames close the connection"},
+       &Settings::max_frame_bytes},
+      {{"rpc.io_threads", T::kInt, int64_t{2}, 1, 256, {}, false, "Asio io threads"},
+       &Settings::io_threads},
+      {{"rpc.metrics_port", T::kInt, int64_t{0}, 0, 65535, {}, false,
+        "HTTP port of the Prometheus endpoint on 127.0.0.1 (0 = off)"},
+       &Settings::metrics_port},
+      {{"rpc.default_deadline_ms", T::kInt, int64_t{30000}, 1, 3600000, {}, true,
+        "deadline of a request that names none"},
+       &Settings::default_deadline_ms},
+      {{"rpc.max_sessions", T::kInt, int64_t{4096}, 1, 1 << 20, {}, true,
+        "concurrent client sessions; more are refused at handshake"},
+       &Settings::max_sessions},
+      {{"persist.path", T::kString, std::string(), 0, 0, {}, false,
+        "RocksDB directory for sealed segments (empty = no persistence)"},
+       &Settings::persist_path},
+      {{"persist.durability", T::kString, std::string("async"), 0, 0, {"none", "async", "sync"},
+        false, "none: never flushed; async: written behind; sync: acknowledged after fsync"},
+       &Settings::durability},
+      {{"log.level", T::kString, std::string("info"), 0, 0,
+        {"trace", "debug", "info", "warn", "error", "off"}, true, "log level of every subsystem"},
+       &Settings::log_level},
+  };
+  return table;
+}
+
+const Entry* Find(absl::string_view name) {
+  for (const Entry& e : Table()) {
+    if (e.key.name == name) return &e;
+  }
+  return nullptr;
+}
+
+absl::Status CheckBounds(const Key& key, double v) {
+  if (!(v >= key.min && v <= key.max)) {
+    return absl::InvalidArgumentError(absl::StrCat("setting ", key.name, " = ", v,
+                                                   " is out of range [", key.min, ", ", key.max,
+                                                   "]"));
+  }
+  return absl::OkStatus();
+}
+
+// Stores a typed value into `s` after checking type, bounds and choices.
+absl::Status Assign(const Entry& e, const Value& value, Settings& s) {
+  const Key& key = e.key;
+  auto wrong_type = [&] {
+    return absl::InvalidArgumentError(absl::StrCat("setting ", key.name, " has the wrong type"));
+  };
+  switch (key.type) {
+    case Key::Type::kInt: {
+      const int64_t* v = std::get_if<int64_t>(&value);
+      if (v == nullptr) return wrong_type();
+      KVWAVE_RETURN_IF_ERROR(CheckBounds(key, static_cast<double>(*v)));
+      s.*std::get<int64_t Settings::*>(e.member) = *v;
+      return absl::OkStatus();
+    }
+    case Key::Type::kDouble: {
+      double v;
+      if (const double* d = std::get_if<double>(&value)) {
+        v = *d;
+      } else if (const int64_t* i = std::get_if<int64_t>(&value)) {
+        v = static_cast<double>(*i);
+      } else {
+        return wrong_type();
+      }
+      KVWAVE_RETURN_IF_ERROR(CheckBounds(key, v));
+      s.*std::get<double Settings::*>(e.member) = v;
+      return absl::OkStatus();
+    }
+    case Key::Type::kBool: {
+      const bool* v = std::get_if<bool>(&value);
+      if (v == nullptr) return wrong_type();
+      s.*std::get<bool Settings::*>(e.member) = *v;
+      return absl::OkStatus();
+    }
+    case Key::Type::kString: {
+      const std::string* v = std::get_if<std::string>(&value);
+      if (v == nullptr) return wrong_type();
+      if (!key.choices.empty() &&
+          std::find(key.choices.begin(), key.choices.end(), *v) == key.choices.end()) {
+        return absl::InvalidArgumentError(absl::StrCat("setting ", key.name, " = '", *v,
+                                                       "' is not one of: ",
+                                                       absl::StrJoin(key.choices, ", ")));
+      }
+      s.*std::get<std::string Settings::*>(e.member) = *v;
+      return absl::OkStatus();
+    }
+  }
+  return wrong_type();
+}
+
+// Parses override text according to the key's type.
+absl::StatusOr<Value> ParseText(const Key& key, absl::string_view text) {
+  switch (key.type) {
+    case Key::Type::kInt: {
+      int64_t v;
+      if (absl::SimpleAtoi(text, &v)) return Value(v);
+      break;
+    }
+    case Key::Type::kDouble: {
+      double v;
+      if (absl::SimpleAtod(text, &v)) return Value(v);
+      break;
+    }
+    case Key::Type::kBool: {
+      bool v;
+      if (absl::SimpleAtob(text, &v)) return Value(v);
+      break;
+    }
+    case Key::Type::kString:
+      return Value(std::string(text));
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("setting ", key.name, ": cannot parse '", text, "'"));
+}
+
+absl::StatusOr<Value> FromToml(const Key& key, const toml::value& v) {
+  if (v.is_integer()) return Value(static_cast<int64_t>(v.as_integer()));
+  if (v.is_floating()) return Value(static_cast<double>(v.as_floating()));
+  if (v.is_boolean()) return Value(v.as_boolean());
+  if (v.is_string()) return Value(static_cast<std::string>(v.as_string()));
+  return absl::InvalidArgumentError(absl::StrCat("setting ", key.name, " has the wrong type"));
+}
+
+absl::Status ApplyToml(const toml::value& root, Settings& s) {
+  if (!root.is_table()) return absl::InvalidArgumentError("config: top level is not a table");
+  for (const auto& [section, body] : root.as_table()) {
+    if (!body.is_table()) {
+      return absl::InvalidArgumentError(absl::StrCat("unknown setting '", section, "'"));
+    }
+    for (const auto& [name, v] : body.as_table()) {
+      std::string full = absl::StrCat(section, ".", name);
+      const Entry* e = Find(full);
+      if (e == nullptr) return absl::InvalidArgumentError("unknown setting '" + full + "'");
+      KVWAVE_ASSIGN_OR_RETURN(Value value, FromToml(e->key, v));
+      KVWAVE_RETURN_IF_ERROR(Assign(*e, value, s));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ApplyOverrides(std::span<const std::string> overrides, Settings& s) {
+  for (const std::string& o : overrides) {
+    size_t eq = o.find('=');
+    if (eq == std::string::npos) {
+      return absl::InvalidArgumentError("override '" + o + "' is not key=value");
+    }
+    std::string name = o.substr(0, eq);
+    const Entry* e = Find(name);
+    if (e == nullptr) return absl::InvalidArgumentError("unknown setting '" + name + "'");
+    KVWAVE_ASSIGN_OR_RETURN(Value value, ParseText(e->key, o.substr(eq + 1)));
+    KVWAVE_RETURN_IF_ERROR(Assign(*e, value, s));
+  }
+  return absl::OkStatus();
+}
+
+// Cross-key rules that one key's bounds cannot express.
+absl::Status ValidateTogether(const Settings& s) {
+  if (s.retrieval_budget + s.estimation_budget > 1.0 + 1e-12) {
+    return absl::InvalidArgumentError(
+        "attend.retrieval_budget + attend.estimation_budget must not exceed 1");
+  }
+  if (s.tcp_port != 0 && s.tcp_token.empty()) {
+    return absl::InvalidArgumentError("rpc.tcp_port is set but rpc.tcp_token is empty");
+  }
+  if (s.sink_tokens >= s.prefill_segment_tokens) {
+    return absl::InvalidArgumentError("store.sink_tokens must be below store.prefill_segment_tokens");
+  }
+  return absl::OkStatus();
+}
+
+std::string Render(const Settings& s, const Entry& e) {
+  return std::visit(
+      [&](auto member) -> std::string {
+        const auto& v = s.*member;
+        using V = std::decay_t<decltype(v)>;
+        if constexpr (std::is_same_v<V, std::string>) {
+          return absl::StrCat("\"", v, "\"");
+        } else if constexpr (std::is_same_v<V, bool>) {
+          return v ? "true" : "false";
+        } else {
+          return absl::StrCat(v);
+        }
+      },
+      e.member);
+}
+
+}  // namespace
+
+std::span<const Key> AllKeys() {
+  static const std::vector<Key> keys = [] {
+    std::vector<Key> k;
+    for (const Entry& e : Table()) k.push_back(e.key);
+    return k;
+  }();
+  return keys;
+}
+
+absl::StatusOr<Settings> LoadFromString(absl::string_view toml_text,
+                                        std::span<const std::string> overrides) {
+  Settings s;
+  if (!toml_text.empty()) {
+    toml::value root;
+    try {
+      std::istringstream in{std::string(toml_text)};
+      root = toml::parse(in, "config");
+    } catch (const std::exception& e) {
+      return absl::InvalidArgumentError(absl::StrCat("config does not parse: ", e.what()));
+    }
+    KVWAVE_RETURN_IF_ERROR(ApplyToml(root, s));
+  }
+  KVWAVE_RETURN_IF_ERROR(ApplyOverrides(overrides, s));
+  KVWAVE_RETURN_IF_ERROR(ValidateTogether(s));
+  return s;
+}
+
+absl::StatusOr<Settings> Load(absl::string_view toml_path, std::span<const std::string> overrides) {
+  Settings s;
+  if (!toml_path.empty()) {
+    toml::value root;
+    try {
+      root = toml::parse(std::string(toml_path));
+    } catch (const std::exception& e) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("config ", toml_path, " does not load: ", e.what()));
+    }
+    KVWAVE_RETURN_IF_ERROR(ApplyToml(root, s));
+  }
+  KVWAVE_RETURN_IF_ERROR(ApplyOverrides(overrides, s));
+  KVWAVE_RETURN_IF_ERROR(ValidateTogether(s));
+  return s;
+}
+
+std::vector<std::string> ApplyReloadable(const Settings& fresh, Settings& current) {
+  std::vector<std::string> changed;
+  for (const Entry& e : Table()) {
+    if (!e.key.reloadable || Render(fresh, e) == Render(current, e)) continue;
+    std::visit([&](auto member) { current.*member = fresh.*member; }, e.member);
+    changed.emplace_back(e.key.name);
+  }
+  return changed;
+}
+
+std::string PrintDefaults() {
+  Settings defaults;
+  std::string out = "# kvwave settings: every key with its default.\n";
+  std::string section;
+  for (const Entry& e : Table()) {
+    absl::string_view name = e.key.name;
+    size_t dot = name.find('.');
+    std::string sec(name.substr(0, dot));
+    if (sec != section) {
+      absl::StrAppend(&out, "\n[", sec, "]\n");
+      section = sec;
+    }
+    std::string bounds;
+    if (e.key.type == Key::Type::kInt || e.key.type == Key::Type::kDouble) {
+      bounds = absl::StrCat(" range [", e.key.min, ", ", e.key.max, "]");
+    } else if (!e.key.choices.empty()) {
+      bounds = absl::StrCat(" one of {", absl::StrJoin(e.key.choices, ", "), "}");
+    }
+    absl::StrAppend(&out, "# ", e.key.description, ".", bounds,
+                    e.key.reloadable ? " Reloadable (SIGHUP)." : "", "\n", name.substr(dot + 1),
+                    " = ", Render(defaults, e), "\n");
+  }
+  return out;
+}
+
+std::string ValueOf(const Settings& s, absl::string_view key) {
+  const Entry* e = Find(key);
+  return e == nullptr ? std::string() : Render(s, *e);
+}
+
+}  // namespace kvwave::config

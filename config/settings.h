@@ -1,0 +1,89 @@
+// kvwave's settings: one declarative table (name, type, default, bounds, reloadable, description)
+// and the immutable, validated struct it fills. Load once (defaults, then a TOML file, then
+// command-line overrides "section.key=value"); every consumer reads the struct.
+//
+// Thread-safety: a Settings value is immutable after Load; share it by const reference or copy.
+// The table is a constant.
+#ifndef KVWAVE_CONFIG_SETTINGS_H_
+#define KVWAVE_CONFIG_SETTINGS_H_
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include "absl/strings/string_view.h"
+#include <variant>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace kvwave::config {
+
+struct Settings {
+  // store
+  int64_t memory_limit_bytes = int64_t{8} << 30;
+  int64_t prefill_segment_tokens = 8192;
+  int64_t decode_segment_tokens = 1024;
+  int64_t page_tokens = 8;
+  int64_t sink_tokens = 4;
+  int64_t recent_tokens = 64;
+  // index
+  int64_t tokens_per_cluster = 16;
+  int64_t kmeans_iterations = 10;
+  std::string kmeans_kernel = "own";  // "own" (SIMD + TBB) or "faiss"
+  // attend
+  double retrieval_budget = 0.018;
+  double estimation_budget = 0.232;
+  int64_t compute_threads = 0;  // 0 = one per core
+  // rpc
+  std::string socket_path = "/tmp/kvwaved.sock";
+  int64_t tcp_port = 0;  // 0 = TCP off
+  std::string tcp_token;
+  int64_t max_frame_bytes = int64_t{256} << 20;
+  int64_t io_threads = 2;
+  int64_t metrics_port = 0;  // 0 = no Prometheus endpoint
+  int64_t default_deadline_ms = 30000;
+  int64_t max_sessions = 4096;
+  // persistence
+  std::string persist_path;          // empty = no persistence
+  std::string durability = "async";  // none | async | sync
+  // logging
+  std::string log_level = "info";  // trace debug info warn error off
+};
+
+using Value = std::variant<int64_t, double, bool, std::string>;
+
+struct Key {
+  absl::string_view name;  // "section.key"
+  enum class Type { kInt, kDouble, kBool, kString } type;
+  Value default_value;
+  double min = 0;  // bounds for numbers (inclusive)
+  double max = 0;
+  std::vector<absl::string_view> choices;  // allowed strings (empty: any)
+  bool reloadable = false;
+  absl::string_view description;
+};
+
+// The table of every key, in a stable order.
+std::span<const Key> AllKeys();
+
+// Defaults, then the TOML file (if path is not empty), then overrides "section.key=value".
+// An unknown key, a value of the wrong type, or one out of bounds is an error naming the key.
+[[nodiscard]] absl::StatusOr<Settings> Load(absl::string_view toml_path,
+                                            std::span<const std::string> overrides);
+
+// Loads from TOML text instead of a file (for tests and embedded defaults).
+[[nodiscard]] absl::StatusOr<Settings> LoadFromString(absl::string_view toml_text,
+                                                      std::span<const std::string> overrides);
+
+// Copies the reloadable keys of `fresh` into `current`; returns the names that changed.
+std::vector<std::string> ApplyReloadable(const Settings& fresh, Settings& current);
+
+// Every key with its default, type, bounds, reloadability and description, as commented TOML.
+std::string PrintDefaults();
+
+// The value of one key in `s`, as text (for stats and logs).
+std::string ValueOf(const Settings& s, absl::string_view key);
+
+}  // namespace kvwave::config
+
+#endif  // KVWAVE_CONFIG_SETTINGS_H_

@@ -1,0 +1,134 @@
+// The kvwave engine: the facade used in-process and by the daemon.
+//
+//   Open    -> a context (one sequence's KV cache for all layers and KV heads)
+//   Append  -> K/V of n new tokens for one layer (any n, layers in any order)
+//   Seal    -> seal the tails into indexed segments now (ends prefill; later segments are the
+//              decode size)
+//   Attend  -> per layer: tripartite attention of the query heads, (output, lse) per head
+//   Retrieve-> per layer: top-k token positions per query head from the index's own search
+//   Gather  -> per layer: K/V rows of given token positions, back in token order
+//   Close   -> release the context
+//
+// Segments seal automatically when a (layer, KV head) tail holds segment_tokens + recent_tokens
+// tokens; the tail always keeps the latest `recent_tokens` tokens, which (with the first
+// `sink_tokens` of the context) form the steady zone attended exactly.
+//
+// Thread-safety: every method is thread-safe. Calls on different contexts run in parallel.
+// Within one context, calls on different layers run in parallel; on the same layer, Append and
+// Seal are exclusive while Attend, Retrieve and Gather share the layer. Close waits for in-flight
+// calls on that context; calls that arrive after it return NotFound.
+#ifndef KVWAVE_ENGINE_ENGINE_H_
+#define KVWAVE_ENGINE_ENGINE_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "config/settings.h"
+#include "store/model_shape.h"
+
+namespace kvwave::engine {
+
+using ContextId = uint64_t;
+
+struct OpenOptions {
+  store::ModelShape shape;
+  // Optional: the context's token ids, for prefix sharing (see the persistence issue). Empty = none.
+  std::vector<int32_t> token_ids;
+  std::string prefix_namespace;
+};
+
+struct OpenResult {
+  ContextId id = 0;
+  int64_t matched_tokens = 0;  // tokens already present from a shared prefix
+};
+
+// Budgets of one Attend: fractions of the (layer, KV head)'s clusters, in [0, 1].
+struct AttendBudget {
+  double retrieval = 0.018;   // top clusters, attended exactly
+  double estimation = 0.232;  // next clusters, estimated from centroid and value sum
+};
+
+struct AttendStats {
+  int64_t steady_tokens = 0;        // summed over KV heads
+  int64_t retrieved_tokens = 0;     // summed over KV heads
+  int64_t retrieved_clusters = 0;   // summed over KV heads
+  int64_t estimated_clusters = 0;   // summed over KV heads
+  int64_t total_clusters = 0;       // summed over KV heads
+};
+
+enum class RetrieveMethod { kWave, kFlat };
+
+struct RetrieveOptions {
+  int32_t k = 100;
+  RetrieveMethod method = RetrieveMethod::kWave;
+  double cluster_budget = 0.05;  // wave: fraction of clusters whose members are scored
+};
+
+struct RetrieveStats {
+  int64_t keys_scored = 0;  // summed over query heads
+  int64_t keys_total = 0;   // summed over query heads
+};
+
+struct ContextInfo {
+  ContextId id = 0;
+  store::ModelShape shape;
+  std::vector<int64_t> tokens_per_layer;
+  int64_t sealed_segments = 0;  // over all layers and KV heads
+  int64_t bytes = 0;            // host bytes charged to this context
+};
+
+struct EngineStats {
+  int64_t contexts = 0;
+  int64_t memory_used_bytes = 0;
+  int64_t memory_limit_bytes = 0;
+  int64_t segments_sealed = 0;
+  int64_t tokens_appended = 0;
+  int64_t attend_calls = 0;
+  int64_t retrieve_calls = 0;
+};
+
+class Engine {
+ public:
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(const config::Settings& settings);
+  virtual ~Engine() = default;
+
+  virtual absl::StatusOr<OpenResult> Open(const OpenOptions& options) = 0;
+
+  // k, v: [n x kv_heads x head_dim] elements of the context's dtype, row-major (n may be 0).
+  // RESOURCE_EXHAUSTED (and nothing changes) when the memory limit would be passed.
+  virtual absl::Status Append(ContextId ctx, int32_t layer, int64_t n, std::span<const std::byte> k,
+                              std::span<const std::byte> v) = 0;
+
+  virtual absl::Status Seal(ContextId ctx) = 0;
+
+  // q: [q_heads x head_dim] float32. out: [q_heads x head_dim] float32, lse: [q_heads].
+  virtual absl::Status Attend(ContextId ctx, int32_t layer, std::span<const float> q,
+                              const AttendBudget& budget, std::span<float> out,
+                              std::span<float> lse, AttendStats* stats) = 0;
+
+  // q: [q_heads x head_dim] float32. positions, scores: [q_heads x k], best first; when a head
+  // sees fewer than k tokens the rest is filled with position -1 and score -inf.
+  virtual absl::Status Retrieve(ContextId ctx, int32_t layer, std::span<const float> q,
+                                const RetrieveOptions& options, std::span<int64_t> positions,
+                                std::span<float> scores, RetrieveStats* stats) = 0;
+
+  // k, v: [positions.size() x kv_heads x head_dim] elements of the context's dtype.
+  virtual absl::Status Gather(ContextId ctx, int32_t layer, std::span<const int64_t> positions,
+                              std::span<std::byte> k, std::span<std::byte> v) = 0;
+
+  virtual absl::Status Close(ContextId ctx) = 0;
+
+  virtual absl::StatusOr<ContextInfo> Info(ContextId ctx) = 0;
+  virtual std::vector<ContextId> ListContexts() = 0;
+  virtual EngineStats Stats() = 0;
+  virtual const config::Settings& settings() const = 0;
+};
+
+}  // namespace kvwave::engine
+
+#endif  // KVWAVE_ENGINE_ENGINE_H_

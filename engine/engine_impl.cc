@@ -1,0 +1,355 @@
+// Engine implementation: the context table, argument checks, locking, memory reservation, and
+// fan-out of per-head work (engine/head_ops.h) over KV heads with oneTBB.
+#include <atomic>
+#include <mutex>
+#include <shared_mutex>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "config/status_macros.h"
+#include "engine/engine.h"
+#include "engine/head_ops.h"
+#include "spdlog/spdlog.h"
+#include "store/context.h"
+#include "tbb/parallel_for.h"
+#include "tbb/task_arena.h"
+
+namespace kvwave::engine {
+namespace {
+
+absl::Status CheckSize(const char* what, size_t got, size_t want) {
+  if (got != want) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " has ", got, " elements, expected ", want));
+  }
+  return absl::OkStatus();
+}
+
+class EngineImpl final : public Engine {
+ public:
+  explicit EngineImpl(const config::Settings& s)
+      : settings_(s),
+        budget_(s.memory_limit_bytes),
+        arena_(s.compute_threads > 0 ? static_cast<int>(s.compute_threads)
+                                     : tbb::task_arena::automatic) {}
+
+  absl::StatusOr<OpenResult> Open(const OpenOptions& options) override {
+    KVWAVE_RETURN_IF_ERROR(store::Validate(options.shape));
+    const uint64_t id = next_id_.fetch_add(1, std::memory_order_relaxed);
+    auto ctx = std::make_shared<store::Context>(id, options.shape, store::DefaultHostAllocator());
+    absl::MutexLock lock(&mu_);
+    contexts_[id] = std::move(ctx);
+    return OpenResult{id, 0};
+  }
+
+  absl::Status Append(ContextId id, int32_t layer, int64_t n, std::span<const std::byte> k,
+                      std::span<const std::byte> v) override;
+  absl::Status Seal(ContextId id) override;
+  absl::Status Attend(ContextId id, int32_t layer, std::span<const float> q,
+                      const AttendBudget& budget, std::span<float> out, std::span<float> lse,
+                      AttendStats* stats) override;
+  absl::Status Retrieve(ContextId id, int32_t layer, std::span<const float> q,
+                        const RetrieveOptions& options, std::span<int64_t> positions,
+                        std::span<float> scores, RetrieveStats* stats) override;
+  absl::Status Gather(ContextId id, int32_t layer, std::span<const int64_t> positions,
+                      std::span<std::byte> k, std::span<std::byte> v) override;
+
+  absl::Status Close(ContextId id) override {
+    absl::MutexLock lock(&mu_);
+    if (contexts_.erase(id) == 0) return UnknownContext(id);
+    return absl::OkStatus();  // memory goes when the last in-flight call drops its reference
+  }
+
+  absl::StatusOr<ContextInfo> Info(ContextId id) override;
+
+  std::vector<ContextId> ListContexts() override {
+    absl::MutexLock lock(&mu_);
+    std::vector<ContextId> ids;
+    for (const auto& [id, ctx] : contexts_) ids.push_back(id);
+    std::sort(ids.begin(), ids.end());
+    return ids;
+  }
+
+  EngineStats Stats() override {
+    EngineStats s;
+    {
+      absl::MutexLock lock(&mu_);
+      s.contexts = static_cast<int64_t>(contexts_.size());
+    }
+    s.memory_used_bytes = budget_.used();
+    s.memory_limit_bytes = budget_.limit();
+    s.segments_sealed = segments_sealed_.load(std::memory_order_relaxed);
+    s.tokens_appended = tokens_appended_.load(std::memory_order_relaxed);
+    s.attend_calls = attend_calls_.load(std::memory_order_relaxed);
+    s.retrieve_calls = retrieve_calls_.load(std::memory_order_relaxed);
+    return s;
+  }
+
+  const config::Settings& settings() const override { return settings_; }
+
+ private:
+  static absl::Status UnknownContext(ContextId id) {
+    return absl::NotFoundError(absl::StrCat("unknown context ", id));
+  }
+
+  absl::StatusOr<std::shared_ptr<store::Context>> Find(ContextId id) {
+    absl::MutexLock lock(&mu_);
+    auto it = contexts_.find(id);
+    if (it == contexts_.end()) return UnknownContext(id);
+    return it->second;
+  }
+
+  static absl::Status CheckLayer(const store::Context& ctx, int32_t layer) {
+    if (layer < 0 || layer >= ctx.shape().layers) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("layer ", layer, " out of range [0, ", ctx.shape().layers, ")"));
+    }
+    return absl::OkStatus();
+  }
+
+  HeadParams Params(const store::Context& ctx) const {
+    HeadParams p;
+    p.head_dim = ctx.shape().head_dim;
+    p.dtype = ctx.shape().dtype;
+    p.group = ctx.shape().group();
+    p.page_tokens = static_cast<int32_t>(settings_.page_tokens);
+    p.sink_tokens = static_cast<int32_t>(settings_.sink_tokens);
+    p.tokens_per_cluster = static_cast<int32_t>(settings_.tokens_per_cluster);
+    p.kmeans_iterations = static_cast<int32_t>(settings_.kmeans_iterations);
+    p.faiss_kmeans = settings_.kmeans_kernel == "faiss";
+    p.allocator = store::DefaultHostAllocator();
+    return p;
+  }
+
+  int64_t SegmentTokens(const store::Context& ctx) const {
+    return ctx.decoding() ? settings_.decode_segment_tokens : settings_.prefill_segment_tokens;
+  }
+
+  // Seals `count` tokens from the front of every head's tail, heads in parallel.
+  // REQUIRES: the layer's lock held exclusively; `reserved` covers SealReserveBytes per head.
+  absl::Status SealLayer(const HeadParams& p, store::Context::Layer& layer, int64_t count,
+                         store::MemoryCharge& reserved);
+
+  // Runs fn(h) for every KV head in the compute arena; returns the first error.
+  template <typename Fn>
+  absl::Status ForEachHead(int32_t heads, Fn&& fn) {
+    std::vector<absl::Status> status(heads);
+    arena_.execute([&] {
+      tbb::parallel_for(0, heads, [&](int32_t h) { status[h] = fn(h); });
+    });
+    for (auto& s : status) KVWAVE_RETURN_IF_ERROR(s);
+    return absl::OkStatus();
+  }
+
+  const config::Settings settings_;
+  store::MemoryBudget budget_;
+  tbb::task_arena arena_;
+  absl::Mutex mu_;
+  absl::flat_hash_map<ContextId, std::shared_ptr<store::Context>> contexts_ ABSL_GUARDED_BY(mu_);
+  // Relaxed: ids only need to be unique; counters are statistics.
+  std::atomic<uint64_t> next_id_{1};
+  std::atomic<int64_t> segments_sealed_{0}, tokens_appended_{0}, attend_calls_{0},
+      retrieve_calls_{0};
+};
+
+absl::Status EngineImpl::SealLayer(const HeadParams& p, store::Context::Layer& layer,
+                                   int64_t count, store::MemoryCharge& reserved) {
+  const int32_t heads = static_cast<int32_t>(layer.heads.size());
+  std::vector<store::MemoryCharge> charges;
+  for (int32_t h = 0; h < heads; ++h) charges.push_back(reserved.Split(SealReserveBytes(p, count)));
+  absl::Status status = ForEachHead(heads, [&](int32_t h) {
+    return SealHead(p, count, layer.heads[h], charges[h]);
+  });
+  for (auto& c : charges) reserved.Merge(std::move(c));  // unused bytes go back to the caller
+  if (status.ok()) segments_sealed_.fetch_add(heads, std::memory_order_relaxed);
+  return status;
+}
+
+absl::Status EngineImpl::Append(ContextId id, int32_t layer_index, int64_t n,
+                                std::span<const std::byte> k, std::span<const std::byte> v) {
+  KVWAVE_ASSIGN_OR_RETURN(auto ctx, Find(id));
+  KVWAVE_RETURN_IF_ERROR(CheckLayer(*ctx, layer_index));
+  if (n < 0) return absl::InvalidArgumentError("negative token count");
+  const store::ModelShape& shape = ctx->shape();
+  const int64_t token_bytes = shape.TokenBytesPerLayer();
+  KVWAVE_RETURN_IF_ERROR(CheckSize("k (bytes)", k.size(), n * token_bytes));
+  KVWAVE_RETURN_IF_ERROR(CheckSize("v (bytes)", v.size(), n * token_bytes));
+  if (n == 0) return absl::OkStatus();
+  const HeadParams p = Params(*ctx);
+  const size_t row_bytes = static_cast<size_t>(token_bytes / shape.kv_heads);
+
+  store::Context::Layer& layer = ctx->layer(layer_index);
+  std::unique_lock lock(layer.mu);
+  // Plan the seals this append triggers, and reserve everything up front: all or nothing.
+  const int64_t seg_tokens = SegmentTokens(*ctx);
+  const int64_t threshold = seg_tokens + settings_.recent_tokens;
+  int64_t seals = 0;
+  for (int64_t t = layer.heads[0].tail.size() + n; t >= threshold; t -= seg_tokens) ++seals;
+  const int64_t need =
+      2 * n * token_bytes + seals * shape.kv_heads * SealReserveBytes(p, seg_tokens);
+  KVWAVE_ASSIGN_OR_RETURN(store::MemoryCharge reserved, budget_.Reserve(need));
+
+  for (int32_t h = 0; h < shape.kv_heads; ++h) {
+    store::MemoryCharge charge = reserved.Split(static_cast<int64_t>(2 * n * row_bytes));
+    KVWAVE_RETURN_IF_ERROR(layer.heads[h].tail.Append(k.data() + h * row_bytes,
+                                                      v.data() + h * row_bytes, n, token_bytes,
+                                                      std::move(charge)));
+  }
+  layer.tokens += n;
+  tokens_appended_.fetch_add(n, std::memory_order_relaxed);
+  for (int64_t i = 0; i < seals; ++i) {
+    // A failed seal keeps the tokens in the tail (still attended exactly): nothing is lost.
+    absl::Status s = SealLayer(p, layer, seg_tokens, reserved);
+    if (!s.ok()) {
+      spdlog::error("context {} layer {}: seal failed, tokens stay in the tail: {}", id,
+                    layer_index, s.ToString());
+      break;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status EngineImpl::Seal(ContextId id) {
+  KVWAVE_ASSIGN_OR_RETURN(auto ctx, Find(id));
+  const HeadParams p = Params(*ctx);
+  const int64_t seg_tokens = SegmentTokens(*ctx);
+  for (int32_t l = 0; l < ctx->shape().layers; ++l) {
+    store::Context::Layer& layer = ctx->layer(l);
+    std::unique_lock lock(layer.mu);
+    for (;;) {
+      const int64_t sealable = layer.heads[0].tail.size() - settings_.recent_tokens;
+      if (sealable <= 0) break;
+      const int64_t count = std::min(sealable, seg_tokens);
+      KVWAVE_ASSIGN_OR_RETURN(store::MemoryCharge reserved,
+                              budget_.Reserve(ctx->shape().kv_heads * SealReserveBytes(p, count)));
+      KVWAVE_RETURN_IF_ERROR(SealLayer(p, layer, count, reserved));
+    }
+  }
+  ctx->set_decoding();
+  return absl::OkStatus();
+}
+
+absl::Status EngineImpl::Attend(ContextId id, int32_t layer_index, std::span<const float> q,
+                                const AttendBudget& budget, std::span<float> out,
+                                std::span<float> lse, AttendStats* stats) {
+  KVWAVE_ASSIGN_OR_RETURN(auto ctx, Find(id));
+  KVWAVE_RETURN_IF_ERROR(CheckLayer(*ctx, layer_index));
+  const store::ModelShape& shape = ctx->shape();
+  const size_t qd = static_cast<size_t>(shape.q_heads) * shape.head_dim;
+  KVWAVE_RETURN_IF_ERROR(CheckSize("q", q.size(), qd));
+  KVWAVE_RETURN_IF_ERROR(CheckSize("out", out.size(), qd));
+  KVWAVE_RETURN_IF_ERROR(CheckSize("lse", lse.size(), shape.q_heads));
+  if (!(budget.retrieval >= 0 && budget.estimation >= 0 &&
+        budget.retrieval + budget.estimation <= 1.0 + 1e-9)) {
+    return absl::InvalidArgumentError("budgets must be >= 0 and sum to at most 1");
+  }
+  const HeadParams p = Params(*ctx);
+  const store::Context::Layer& layer = ctx->layer(layer_index);
+  std::shared_lock lock(layer.mu);
+  std::vector<AttendStats> per_head(shape.kv_heads);
+  const size_t gd = static_cast<size_t>(p.group) * p.head_dim;
+  KVWAVE_RETURN_IF_ERROR(ForEachHead(shape.kv_heads, [&](int32_t h) {
+    return AttendHead(p, layer.heads[h], q.data() + h * gd, budget, out.data() + h * gd,
+                      lse.data() + h * p.group, &per_head[h]);
+  }));
+  attend_calls_.fetch_add(1, std::memory_order_relaxed);
+  if (stats != nullptr) {
+    for (const AttendStats& s : per_head) {
+      stats->steady_tokens += s.steady_tokens;
+      stats->retrieved_tokens += s.retrieved_tokens;
+      stats->retrieved_clusters += s.retrieved_clusters;
+      stats->estimated_clusters += s.estimated_clusters;
+      stats->total_clusters += s.total_clusters;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status EngineImpl::Retrieve(ContextId id, int32_t layer_index, std::span<const float> q,
+                                  const RetrieveOptions& options, std::span<int64_t> positions,
+                                  std::span<float> scores, RetrieveStats* stats) {
+  KVWAVE_ASSIGN_OR_RETURN(auto ctx, Find(id));
+  KVWAVE_RETURN_IF_ERROR(CheckLayer(*ctx, layer_index));
+  const store::ModelShape& shape = ctx->shape();
+  if (options.k < 1 || options.k > (1 << 20)) {
+    return absl::InvalidArgumentError("k must be in [1, 2^20]");
+  }
+  if (!(options.cluster_budget >= 0 && options.cluster_budget <= 1)) {
+    return absl::InvalidArgumentError("cluster_budget must be in [0, 1]");
+  }
+  KVWAVE_RETURN_IF_ERROR(CheckSize("q", q.size(), size_t{1} * shape.q_heads * shape.head_dim));
+  KVWAVE_RETURN_IF_ERROR(CheckSize("positions", positions.size(), size_t{1} * shape.q_heads * options.k));
+  KVWAVE_RETURN_IF_ERROR(CheckSize("scores", scores.size(), size_t{1} * shape.q_heads * options.k));
+  const HeadParams p = Params(*ctx);
+  const store::Context::Layer& layer = ctx->layer(layer_index);
+  std::shared_lock lock(layer.mu);
+  std::vector<RetrieveStats> per_head(shape.kv_heads);
+  KVWAVE_RETURN_IF_ERROR(ForEachHead(shape.kv_heads, [&](int32_t h) {
+    const size_t first = static_cast<size_t>(h) * p.group;
+    return RetrieveHead(p, layer.heads[h], q.data() + first * p.head_dim, options,
+                        positions.data() + first * options.k, scores.data() + first * options.k,
+                        &per_head[h]);
+  }));
+  retrieve_calls_.fetch_add(1, std::memory_order_relaxed);
+  if (stats != nullptr) {
+    for (const RetrieveStats& s : per_head) {
+      stats->keys_scored += s.keys_scored;
+      stats->keys_total += s.keys_total;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status EngineImpl::Gather(ContextId id, int32_t layer_index,
+                                std::span<const int64_t> positions, std::span<std::byte> k,
+                                std::span<std::byte> v) {
+  KVWAVE_ASSIGN_OR_RETURN(auto ctx, Find(id));
+  KVWAVE_RETURN_IF_ERROR(CheckLayer(*ctx, layer_index));
+  const store::ModelShape& shape = ctx->shape();
+  const int64_t token_bytes = shape.TokenBytesPerLayer();
+  KVWAVE_RETURN_IF_ERROR(CheckSize("k (bytes)", k.size(), positions.size() * token_bytes));
+  KVWAVE_RETURN_IF_ERROR(CheckSize("v (bytes)", v.size(), positions.size() * token_bytes));
+  const size_t row_bytes = static_cast<size_t>(token_bytes / shape.kv_heads);
+  const store::Context::Layer& layer = ctx->layer(layer_index);
+  std::shared_lock lock(layer.mu);
+  for (int64_t pos : positions) {
+    if (pos < 0 || pos >= layer.tokens) {
+      return absl::OutOfRangeError(
+          absl::StrCat("position ", pos, " outside [0, ", layer.tokens, ")"));
+    }
+  }
+  for (size_t i = 0; i < positions.size(); ++i) {
+    for (int32_t h = 0; h < shape.kv_heads; ++h) {
+      const size_t at = i * token_bytes + h * row_bytes;
+      GatherRow(layer.heads[h], positions[i], row_bytes, k.data() + at, v.data() + at);
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ContextInfo> EngineImpl::Info(ContextId id) {
+  KVWAVE_ASSIGN_OR_RETURN(auto ctx, Find(id));
+  ContextInfo info;
+  info.id = id;
+  info.shape = ctx->shape();
+  for (int32_t l = 0; l < ctx->shape().layers; ++l) {
+    const store::Context::Layer& layer = ctx->layer(l);
+    std::shared_lock lock(layer.mu);
+    info.tokens_per_layer.push_back(layer.tokens);
+    for (const store::HeadKv& head : layer.heads) {
+      info.sealed_segments += static_cast<int64_t>(head.segments.size());
+      for (const auto& seg : head.segments) info.bytes += seg->bytes();
+      info.bytes += 2 * head.tail.size() * static_cast<int64_t>(head.tail.row_bytes());
+    }
+  }
+  return info;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const config::Settings& settings) {
+  return std::unique_ptr<Engine>(new EngineImpl(settings));
+}
+
+}  // namespace kvwave::engine

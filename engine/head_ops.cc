@@ -1,0 +1,280 @@
+#include "engine/head_ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "config/status_macros.h"
+#include "gpu/attention_cpu.h"
+#include "index/distance.h"
+#include "index/wave_index.h"
+
+namespace kvwave::engine {
+namespace {
+
+using gpu::cpu::KvSpan;
+
+// All clusters of a head's segments, numbered globally in segment order.
+struct ClusterSet {
+  std::vector<int64_t> base;  // [segments + 1], first global index of each segment
+  int64_t total = 0;
+
+  explicit ClusterSet(const store::HeadKv& head) {
+    base.reserve(head.segments.size() + 1);
+    for (const auto& seg : head.segments) {
+      base.push_back(total);
+      total += seg->num_clusters();
+    }
+    base.push_back(total);
+  }
+  // (segment index, local cluster) of global index g.
+  std::pair<size_t, int32_t> Locate(int64_t g) const {
+    size_t s = std::upper_bound(base.begin(), base.end(), g) - base.begin() - 1;
+    return {s, static_cast<int32_t>(g - base[s])};
+  }
+};
+
+// Ranking of the head's clusters for the group's queries (sum over the group of per-head softmax).
+std::vector<float> RankClusters(const HeadParams& p, const store::HeadKv& head,
+                                const ClusterSet& set, const float* q, float scale) {
+  const int g = p.group;
+  std::vector<float> logits(g * set.total), part, scores(set.total);
+  std::vector<int32_t> sizes(set.total);
+  for (size_t s = 0; s < head.segments.size(); ++s) {
+    const store::Segment& seg = *head.segments[s];
+    const int64_t c = seg.num_clusters();
+    part.resize(g * c);
+    gpu::cpu::CentroidLogits(q, g, p.head_dim, scale, seg.centroids().data(), c, part.data());
+    for (int h = 0; h < g; ++h) {
+      std::copy_n(part.data() + h * c, c, logits.data() + h * set.total + set.base[s]);
+    }
+    std::copy_n(seg.sizes().data(), c, sizes.data() + set.base[s]);
+  }
+  if (set.total > 0) {
+    gpu::cpu::GroupSoftmaxSum(logits.data(), g, set.total, sizes.data(), scores.data());
+  }
+  return scores;
+}
+
+int64_t Budgeted(double fraction, int64_t total) {
+  if (fraction <= 0) return 0;
+  return std::min<int64_t>(total, static_cast<int64_t>(std::ceil(fraction * total - 1e-9)));
+}
+
+// Spans always attended exactly: the sinks of the first segment and the whole tail.
+void SteadySpans(const store::HeadKv& head, std::vector<KvSpan>& spans, int64_t& tokens) {
+  if (!head.segments.empty() && head.segments[0]->steady_tokens() > 0) {
+    const store::Segment& first = *head.segments[0];
+    spans.push_back({first.key_row(0), first.value_row(0), first.steady_tokens()});
+    tokens += first.steady_tokens();
+  }
+  if (head.tail.size() > 0) {
+    spans.push_back({head.tail.key_row(0), head.tail.value_row(0), head.tail.size()});
+    tokens += head.tail.size();
+  }
+}
+
+}  // namespace
+
+int64_t SealReserveBytes(const HeadParams& p, int64_t n) {
+  return store::Segment::MaxBytes(static_cast<int32_t>(n), p.head_dim, p.dtype, p.page_tokens,
+                                  p.tokens_per_cluster);
+}
+
+absl::Status SealHead(const HeadParams& p, int64_t n, store::HeadKv& head,
+                      store::MemoryCharge& reserved) {
+  store::Tail& tail = head.tail;
+  KVWAVE_CHECK(n >= 1 && n <= tail.size());
+  const int32_t steady =
+      tail.first_position() == 0 ? static_cast<int32_t>(std::min<int64_t>(p.sink_tokens, n)) : 0;
+  const int64_t clustered = n - steady;
+  index::WaveClusters clusters;
+  if (clustered > 0) {
+    std::vector<float> keys(clustered * p.head_dim);
+    ToFloat(tail.key_row(steady), p.dtype, keys.data(), keys.size());
+    index::WaveIndexOptions options;
+    options.tokens_per_cluster = p.tokens_per_cluster;
+    options.iterations = p.kmeans_iterations;
+    options.kernel =
+        p.faiss_kmeans ? index::WaveIndexOptions::Kernel::kFaiss : index::WaveIndexOptions::Kernel::kOwn;
+    KVWAVE_ASSIGN_OR_RETURN(clusters, index::ClusterKeys(keys.data(), clustered, p.head_dim, options));
+  }
+  store::SegmentInput in;
+  in.first_position = tail.first_position();
+  in.num_tokens = static_cast<int32_t>(n);
+  in.steady_tokens = steady;
+  in.head_dim = p.head_dim;
+  in.dtype = p.dtype;
+  in.page_tokens = p.page_tokens;
+  in.keys = tail.key_row(0);
+  in.values = tail.value_row(0);
+  in.num_clusters = clusters.num_clusters;
+  in.assignment = clusters.assignment;
+  in.centroids = clusters.centroids;
+  in.sizes = clusters.sizes;
+  KVWAVE_ASSIGN_OR_RETURN(auto segment, store::Segment::Build(in, p.allocator, reserved));
+  head.segments.push_back(std::move(segment));
+  tail.DropFront(n);  // the returned charge is released here
+  return absl::OkStatus();
+}
+
+absl::Status AttendHead(const HeadParams& p, const store::HeadKv& head, const float* q,
+                        const AttendBudget& budget, float* out, float* lse, AttendStats* stats) {
+  const int g = p.group;
+  const int d = p.head_dim;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  ClusterSet set(head);
+  std::vector<float> scores = RankClusters(p, head, set, q, scale);
+  const int64_t r = Budgeted(budget.retrieval, set.total);
+  const int64_t e = Budgeted(budget.estimation, set.total - r);
+  std::vector<int32_t> order(r + e);
+  const int64_t ranked = set.total > 0 ? gpu::cpu::TopK(scores.data(), set.total, r + e, order.data()) : 0;
+  const int64_t retrieved = std::min(r, ranked);
+
+  std::vector<KvSpan> spans;
+  int64_t steady_tokens = 0, retrieved_tokens = 0;
+  SteadySpans(head, spans, steady_tokens);
+  for (int64_t i = 0; i < retrieved; ++i) {
+    auto [s, c] = set.Locate(order[i]);
+    const store::Segment& seg = *head.segments[s];
+    const int64_t row = seg.cluster_row(c);
+    spans.push_back({seg.key_row(row), seg.value_row(row), seg.cluster_size(c)});
+    retrieved_tokens += seg.cluster_size(c);
+  }
+  KVWAVE_RETURN_IF_ERROR(gpu::cpu::ExactAttention(q, g, d, scale, p.dtype, spans, out, lse));
+
+  // Estimation zone, one call per segment that has estimated clusters.
+  std::vector<std::vector<int32_t>> per_segment(head.segments.size());
+  for (int64_t i = retrieved; i < ranked; ++i) {
+    auto [s, c] = set.Locate(order[i]);
+    per_segment[s].push_back(c);
+  }
+  std::vector<float> est_out(g * d), est_lse(g);
+  for (size_t s = 0; s < per_segment.size(); ++s) {
+    if (per_segment[s].empty()) continue;
+    const store::Segment& seg = *head.segments[s];
+    KVWAVE_RETURN_IF_ERROR(gpu::cpu::EstimateAttention(
+        q, g, d, scale, seg.centroids().data(), seg.value_sums().data(), seg.sizes().data(),
+        seg.num_clusters(), per_segment[s], est_out.data(), est_lse.data()));
+    gpu::cpu::MergeLse(out, lse, est_out.data(), est_lse.data(), g, d);
+  }
+  if (stats != nullptr) {
+    stats->steady_tokens += steady_tokens;
+    stats->retrieved_tokens += retrieved_tokens;
+    stats->retrieved_clusters += retrieved;
+    stats->estimated_clusters += ranked - retrieved;
+    stats->total_clusters += set.total;
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+// Per query head, keeps the best k (score, position) pairs seen.
+struct TopKeys {
+  std::vector<std::pair<float, int64_t>> items;
+  void Add(float score, int64_t pos) { items.emplace_back(score, pos); }
+  void Emit(int64_t k, int64_t* positions, float* scores) {
+    const int64_t m = std::min<int64_t>(k, items.size());
+    auto better = [](const auto& a, const auto& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    };
+    std::partial_sort(items.begin(), items.begin() + m, items.end(), better);
+    for (int64_t i = 0; i < k; ++i) {
+      positions[i] = i < m ? items[i].second : -1;
+      scores[i] = i < m ? items[i].first : -std::numeric_limits<float>::infinity();
+    }
+  }
+};
+
+// Scores `rows` consecutive key rows for every query head of the group.
+void ScoreRows(const HeadParams& p, const float* q, float scale, const std::byte* k0,
+               int64_t rows, const auto& position_of_row, std::vector<TopKeys>& best,
+               std::vector<float>& buf, int64_t& scored) {
+  if (rows <= 0) return;
+  buf.resize(rows * p.head_dim + p.group * rows);
+  float* keys = buf.data();
+  float* dots = keys + rows * p.head_dim;
+  ToFloat(k0, p.dtype, keys, rows * p.head_dim);
+  index::DotRowsMulti(q, p.group, keys, rows, p.head_dim, dots);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t pos = position_of_row(r);
+    if (pos < 0) continue;
+    for (int h = 0; h < p.group; ++h) best[h].Add(dots[h * rows + r] * scale, pos);
+  }
+  scored += rows;
+}
+
+}  // namespace
+
+absl::Status RetrieveHead(const HeadParams& p, const store::HeadKv& head, const float* q,
+                          const RetrieveOptions& options, int64_t* positions, float* scores,
+                          RetrieveStats* stats) {
+  const float scale = 1.0f / std::sqrt(static_cast<float>(p.head_dim));
+  std::vector<TopKeys> best(p.group);
+  std::vector<float> buf;
+  int64_t scored = 0, total = head.tail.size();
+  auto segment_rows = [](const store::Segment& seg, int64_t row0) {
+    return [&seg, row0](int64_t r) -> int64_t {
+      int32_t t = seg.token_of_row(row0 + r);
+      return t < 0 ? -1 : seg.first_position() + t;
+    };
+  };
+  for (const auto& seg : head.segments) total += seg->num_tokens();
+  const int64_t tail0 = head.tail.first_position();
+  ScoreRows(p, q, scale, head.tail.key_row(0), head.tail.size(),
+            [tail0](int64_t r) { return tail0 + r; }, best, buf, scored);
+  if (options.method == RetrieveMethod::kFlat) {
+    for (const auto& seg : head.segments) {
+      ScoreRows(p, q, scale, seg->key_row(0), seg->num_rows(), segment_rows(*seg, 0), best, buf,
+                scored);
+    }
+  } else {
+    if (!head.segments.empty() && head.segments[0]->steady_tokens() > 0) {
+      const store::Segment& first = *head.segments[0];
+      ScoreRows(p, q, scale, first.key_row(0), first.steady_tokens(), segment_rows(first, 0), best,
+                buf, scored);
+    }
+    ClusterSet set(head);
+    std::vector<float> ranking = RankClusters(p, head, set, q, scale);
+    const int64_t want = Budgeted(options.cluster_budget, set.total);
+    std::vector<int32_t> order(want);
+    const int64_t got = set.total > 0 ? gpu::cpu::TopK(ranking.data(), set.total, want, order.data()) : 0;
+    for (int64_t i = 0; i < got; ++i) {
+      auto [s, c] = set.Locate(order[i]);
+      const store::Segment& seg = *head.segments[s];
+      const int64_t row = seg.cluster_row(c);
+      ScoreRows(p, q, scale, seg.key_row(row), seg.cluster_size(c), segment_rows(seg, row), best,
+                buf, scored);
+    }
+  }
+  for (int h = 0; h < p.group; ++h) {
+    best[h].Emit(options.k, positions + h * options.k, scores + h * options.k);
+  }
+  if (stats != nullptr) {
+    stats->keys_scored += scored * p.group;
+    stats->keys_total += total * p.group;
+  }
+  return absl::OkStatus();
+}
+
+void GatherRow(const store::HeadKv& head, int64_t position, size_t row_bytes, std::byte* k_out,
+               std::byte* v_out) {
+  const store::Tail& tail = head.tail;
+  if (position >= tail.first_position()) {
+    std::memcpy(k_out, tail.key_row(position - tail.first_position()), row_bytes);
+    std::memcpy(v_out, tail.value_row(position - tail.first_position()), row_bytes);
+    return;
+  }
+  auto it = std::upper_bound(head.segments.begin(), head.segments.end(), position,
+                             [](int64_t pos, const auto& seg) { return pos < seg->first_position(); });
+  KVWAVE_CHECK(it != head.segments.begin());
+  const store::Segment& seg = **(it - 1);
+  const int64_t row = seg.row_of_token(static_cast<int32_t>(position - seg.first_position()));
+  std::memcpy(k_out, seg.key_row(row), row_bytes);
+  std::memcpy(v_out, seg.value_row(row), row_bytes);
+}
+
+}  // namespace kvwave::engine

@@ -1,0 +1,117 @@
+// Query-guided proximity graph over the keys of one (layer, KV head): the RetrievalAttention index.
+//
+// Queries and keys of attention come from different distributions, so a graph built from key–key
+// neighbourhoods leads a query's search astray. This graph is built from the *queries* instead
+// (the idea RoarGraph describes for cross-modal search):
+//   1. take a sample of the prefill queries of the KV group and find, exactly, the top-N keys of
+//      each by inner product (q.k, the attention score);
+//   2. project the query–key bipartite graph onto keys: each query's best key becomes a *pivot*,
+//      linked to that query's other N-1 keys; a pivot's candidates are pruned to degree M by a
+//      relative-neighbourhood rule (L2 between keys) and topped up to M with the pruned ones;
+//   3. add reverse edges into free slots (degree stays <= M);
+//   4. connectivity pass: every key not reachable from the entry point is found by a search
+//      with its own vector and linked from its best reachable key (these few edges may exceed M);
+//   5. entry point: the key with the largest inner product with the mean sampled query.
+// Search is a beam search over the graph with a bounded queue (size L >= k), maximising q.k.
+//
+// Thread-safety: a built GraphIndex is immutable; Search is const and safe from many threads as
+// long as each thread passes its own GraphSearchScratch (or uses the overload that allocates one).
+#ifndef KVWAVE_INDEX_GRAPH_INDEX_H_
+#define KVWAVE_INDEX_GRAPH_INDEX_H_
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace kvwave::index {
+
+struct GraphIndexOptions {
+  int query_neighbors = 48;     // N: exact top-N keys found per sampled prefill query
+  int max_degree = 24;          // M: out-degree bound of the projected graph
+  int64_t max_queries = 16384;  // sampled prefill queries used to build (0 = use all of them)
+  float prune_alpha = 1.0f;     // RNG rule: drop c if alpha * |s - c| < |p - c| for a kept s
+  int connect_queue = 48;       // queue size of the searches of the connectivity pass
+  uint64_t seed = 1;            // query sampling; the build is deterministic for a seed
+};
+
+// Top-k keys of one search, best first, with the number of keys whose score was computed.
+struct GraphSearchResult {
+  std::vector<int32_t> ids;
+  std::vector<float> scores;
+  int64_t scanned = 0;
+};
+
+// Per-thread search state (visited marks, the queue). Reusable across searches and indexes.
+class GraphSearchScratch {
+ public:
+  GraphSearchScratch() = default;
+
+ private:
+  friend class GraphIndex;
+  std::vector<uint32_t> visited_;  // visited_[i] == epoch_ <=> key i seen in this search
+  uint32_t epoch_ = 0;
+  struct Entry {
+    float score;
+    int32_t id;
+    bool expanded;
+  };
+  std::vector<Entry> queue_;  // sorted by score, best first
+};
+
+class GraphIndex {
+ public:
+  // Builds the graph over n keys from m prefill queries (float32, row-major, dimension d).
+  // REQUIRES: keys has n*d floats and queries m*d floats. Errors: n < 1, m < 1, d < 1, or an
+  // option out of range. Uses TBB for the exact q->k neighbours; deterministic for a seed.
+  [[nodiscard]] static absl::StatusOr<GraphIndex> Build(const float* keys, int64_t n,
+                                                        const float* queries, int64_t m, int d,
+                                                        const GraphIndexOptions& options);
+
+  // Beam search for the top-k keys of q by q.k. queue_size is clamped to [k, n]; a larger queue
+  // scores more keys and finds more of the true top-k. REQUIRES: q has dim() floats, k >= 1.
+  GraphSearchResult Search(const float* q, int k, int queue_size,
+                           GraphSearchScratch* scratch) const;
+  GraphSearchResult Search(const float* q, int k, int queue_size) const;
+
+  int64_t size() const { return n_; }
+  int dim() const { return d_; }
+  int32_t entry_point() const { return entry_; }
+  std::span<const int32_t> Neighbors(int32_t key) const {
+    return {targets_.data() + offsets_[key], targets_.data() + offsets_[key + 1]};
+  }
+  int64_t num_edges() const { return static_cast<int64_t>(targets_.size()); }
+  int64_t connect_edges() const { return connect_edges_; }  // edges added by the connect pass
+  // Bytes held: the float32 key copy plus the adjacency (offsets and targets).
+  int64_t MemoryBytes() const;
+
+ private:
+  GraphIndex() = default;
+  // Step 4 of the recipe: links every key unreachable from the entry point (mutates adj).
+  void Connect(std::vector<std::vector<int32_t>>* adj, const GraphIndexOptions& options);
+
+  int64_t n_ = 0;
+  int d_ = 0;
+  int32_t entry_ = 0;
+  int64_t connect_edges_ = 0;
+  std::vector<float> keys_;       // [n x d]
+  std::vector<int64_t> offsets_;  // [n + 1], CSR
+  std::vector<int32_t> targets_;  // out-neighbours of key i: targets_[offsets_[i], offsets_[i+1])
+};
+
+// Searches every query head at once, in parallel with TBB: query head h (row h of `queries`,
+// q_heads x dim) searches graphs[h / (q_heads / graphs.size())], or graphs[h] when there is one
+// graph per query head. out is resized to q_heads. Errors: q_heads not a multiple of the number
+// of graphs, a null graph, k < 1.
+[[nodiscard]] absl::Status SearchHeads(std::span<const GraphIndex* const> graphs,
+                                       const float* queries, int q_heads, int k, int queue_size,
+                                       std::vector<GraphSearchResult>* out);
+
+// Indices of the k largest of scores[0, n), best first (ties by lower index). k is clamped to n.
+std::vector<int32_t> TopKIndices(const float* scores, int64_t n, int k);
+
+}  // namespace kvwave::index
+
+#endif  // KVWAVE_INDEX_GRAPH_INDEX_H_

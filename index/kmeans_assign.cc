@@ -1,0 +1,162 @@
+#include "index/kmeans_assign.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+
+#include "tbb/blocked_range.h"
+#include "tbb/parallel_for.h"
+
+namespace kvwave::index {
+namespace {
+
+constexpr int kWidth = CentroidPanels::kWidth;
+constexpr int kMicroRows = 6;                     // vectors per micro-kernel call (12 accumulators)
+constexpr int kBlockRows = 8 * kMicroRows;        // vectors per TBB task; they share each panel
+constexpr int64_t kSerialWork = int64_t{1} << 18;  // below this n*C*d, threads cost more than they save
+
+// Running argmax state of one block: per vector, the best score and centroid of each lane.
+struct alignas(32) BlockBest {
+  float score[kBlockRows][kWidth];
+  int32_t index[kBlockRows][kWidth];
+};
+
+// acc[m] = x_m . panel lanes, for M vectors at x (stride d). Each lane sums over k in order, so
+// a vector's scores are bit-identical whichever micro-block it lands in.
+template <int M>
+inline void MicroKernel(const float* x, int d, const float* panel, __m256 (&acc)[M][2]) {
+#pragma GCC unroll 6
+  for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int k = 0; k < d; ++k) {
+    const __m256 p0 = _mm256_loadu_ps(panel + k * kWidth);
+    const __m256 p1 = _mm256_loadu_ps(panel + k * kWidth + 8);
+#pragma GCC unroll 6
+    for (int m = 0; m < M; ++m) {
+      const __m256 b = _mm256_broadcast_ss(x + int64_t{m} * d + k);
+      acc[m][0] = _mm256_fmadd_ps(b, p0, acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(b, p1, acc[m][1]);
+    }
+  }
+}
+
+// Folds one panel's scores into the running best of M vectors (rows `row`.. of `best`).
+// `valid[h]` masks the lanes that hold real centroids.
+template <int M>
+inline void UpdateBest(__m256 (&acc)[M][2], const __m256 (&valid)[2], __m256i (&lane_index)[2],
+                       int row, BlockBest& best) {
+  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+#pragma GCC unroll 6
+  for (int m = 0; m < M; ++m) {
+    for (int h = 0; h < 2; ++h) {
+      float* score = &best.score[row + m][h * 8];
+      int32_t* index = &best.index[row + m][h * 8];
+      const __m256 s = _mm256_blendv_ps(neg_inf, acc[m][h], valid[h]);
+      const __m256 old = _mm256_load_ps(score);
+      const __m256 gt = _mm256_cmp_ps(s, old, _CMP_GT_OQ);
+      _mm256_store_ps(score, _mm256_blendv_ps(old, s, gt));
+      const __m256 idx = _mm256_blendv_ps(_mm256_load_ps(reinterpret_cast<float*>(index)),
+                                          _mm256_castsi256_ps(lane_index[h]), gt);
+      _mm256_store_ps(reinterpret_cast<float*>(index), idx);
+    }
+  }
+}
+
+template <int M>
+inline void ScoreMicroBlock(const float* x, int d, const float* panel, const __m256 (&valid)[2],
+                            __m256i (&lane_index)[2], int row, BlockBest& best) {
+  __m256 acc[M][2];
+  MicroKernel<M>(x, d, panel, acc);
+  UpdateBest<M>(acc, valid, lane_index, row, best);
+}
+
+// Dispatches a micro-block of `rows` (1..kMicroRows) vectors to its compile-time kernel.
+void ScoreRows(int rows, const float* x, int d, const float* panel, const __m256 (&valid)[2],
+               __m256i (&lane_index)[2], int row, BlockBest& best) {
+  switch (rows) {
+    case 6: return ScoreMicroBlock<6>(x, d, panel, valid, lane_index, row, best);
+    case 5: return ScoreMicroBlock<5>(x, d, panel, valid, lane_index, row, best);
+    case 4: return ScoreMicroBlock<4>(x, d, panel, valid, lane_index, row, best);
+    case 3: return ScoreMicroBlock<3>(x, d, panel, valid, lane_index, row, best);
+    case 2: return ScoreMicroBlock<2>(x, d, panel, valid, lane_index, row, best);
+    default: return ScoreMicroBlock<1>(x, d, panel, valid, lane_index, row, best);
+  }
+}
+
+// Reduces the kWidth lanes of one vector: highest score, lowest centroid index among ties.
+void FinishRow(const BlockBest& best, int row, int32_t* assignment, float* best_score) {
+  float s = best.score[row][0];
+  int32_t c = best.index[row][0];
+  for (int lane = 1; lane < kWidth; ++lane) {
+    const float t = best.score[row][lane];
+    const int32_t j = best.index[row][lane];
+    if (t > s || (t == s && j < c)) s = t, c = j;
+  }
+  *assignment = c;
+  if (best_score != nullptr) *best_score = s;
+}
+
+// Assigns vectors [begin, end), at most kBlockRows of them.
+void AssignBlock(const float* x, int64_t begin, int64_t end, const CentroidPanels& panels,
+                 int32_t* assignment, float* best_score) {
+  const int d = panels.d();
+  const int rows = static_cast<int>(end - begin);
+  BlockBest best;
+  std::fill(&best.score[0][0], &best.score[0][0] + kBlockRows * kWidth,
+            -std::numeric_limits<float>::infinity());
+  std::memset(best.index, 0, sizeof(best.index));
+  const float* xb = x + begin * d;
+  for (int p = 0; p < panels.num_panels(); ++p) {
+    const int lanes = std::min(kWidth, panels.num_centroids() - p * kWidth);
+    __m256 valid[2];
+    __m256i lane_index[2];
+    for (int h = 0; h < 2; ++h) {
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      const __m256i first = _mm256_set1_epi32(h * 8);
+      valid[h] = _mm256_castsi256_ps(
+          _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), _mm256_add_epi32(lane, first)));
+      lane_index[h] = _mm256_add_epi32(lane, _mm256_set1_epi32(p * kWidth + h * 8));
+    }
+    for (int r = 0; r < rows; r += kMicroRows) {
+      ScoreRows(std::min(kMicroRows, rows - r), xb + int64_t{r} * d, d, panels.panel(p), valid,
+                lane_index, r, best);
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    FinishRow(best, r, assignment + begin + r, best_score ? best_score + begin + r : nullptr);
+  }
+}
+
+}  // namespace
+
+void CentroidPanels::Pack(const float* centroids, int num_centroids, int d) {
+  num_centroids_ = num_centroids;
+  d_ = d;
+  data_.assign(static_cast<size_t>(num_panels()) * d * kWidth, 0.0f);
+  for (int c = 0; c < num_centroids; ++c) {
+    float* dst = data_.data() + int64_t{c / kWidth} * d * kWidth + c % kWidth;
+    const float* src = centroids + int64_t{c} * d;
+    for (int k = 0; k < d; ++k) dst[int64_t{k} * kWidth] = src[k];
+  }
+}
+
+void AssignMaxInnerProduct(const float* x, int64_t n, const CentroidPanels& panels,
+                           int32_t* assignment, float* best_score, bool parallel) {
+  const int64_t num_blocks = (n + kBlockRows - 1) / kBlockRows;
+  auto run = [&](int64_t first_block, int64_t last_block) {
+    for (int64_t b = first_block; b < last_block; ++b) {
+      AssignBlock(x, b * kBlockRows, std::min(n, (b + 1) * kBlockRows), panels, assignment,
+                  best_score);
+    }
+  };
+  const int64_t work = n * panels.num_centroids() * panels.d();
+  if (!parallel || num_blocks < 2 || work < kSerialWork) {
+    run(0, num_blocks);
+    return;
+  }
+  tbb::parallel_for(tbb::blocked_range<int64_t>(0, num_blocks),
+                    [&](const tbb::blocked_range<int64_t>& r) { run(r.begin(), r.end()); });
+}
+
+}  // namespace kvwave::index

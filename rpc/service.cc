@@ -1,0 +1,317 @@
+// Request dispatch, Hello, sessions and the context-management operations of the service.
+// The tensor operations (Append, Seal, Attend, Retrieve, Gather) are in service_ops.cc.
+#include "rpc/service.h"
+
+#include <unistd.h>
+
+#include "absl/strings/str_cat.h"
+#include "config/status_macros.h"
+#include "rpc/service_call.h"
+#include "rpc/wire.h"
+#include "spdlog/spdlog.h"
+
+namespace kvwave::rpc {
+namespace {
+
+// Largest shared region a client may pass (the region is only mapped, never copied).
+constexpr uint64_t kMaxRegionBytes = uint64_t{1} << 40;
+
+bool ConstantTimeEquals(const std::string& a, const std::string& b) {
+  if (a.size() != b.size()) return false;
+  unsigned char diff = 0;
+  for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i]);
+  return diff == 0;
+}
+
+std::string EncodeOrDie(const FrameHeader& header, const google::protobuf::MessageLite& body) {
+  absl::StatusOr<std::string> frame = EncodeFrame(header, body);
+  KVWAVE_CHECK(frame.ok());  // our own responses always fit (tensors cap at max_frame_bytes)
+  return *std::move(frame);
+}
+
+}  // namespace
+
+Service::Service(engine::Engine& engine, const config::Settings& settings)
+    : engine_(engine),
+      max_frame_bytes_(static_cast<uint64_t>(settings.max_frame_bytes)),
+      tcp_token_(settings.tcp_token),
+      default_deadline_ms_(settings.default_deadline_ms),
+      retrieval_budget_(settings.retrieval_budget),
+      estimation_budget_(settings.estimation_budget) {}
+
+void Service::ApplySettings(const config::Settings& settings) {
+  default_deadline_ms_.store(settings.default_deadline_ms, std::memory_order_relaxed);
+  retrieval_budget_.store(settings.retrieval_budget, std::memory_order_relaxed);
+  estimation_budget_.store(settings.estimation_budget, std::memory_order_relaxed);
+}
+
+std::string Service::ErrorFrame(uint64_t request_id, const absl::Status& status) {
+  pb::ErrorResponse resp;
+  ToProto(status, resp.mutable_status());
+  FrameHeader h;
+  h.type = pb::ERROR | kResponseBit;
+  h.request_id = request_id;
+  return EncodeOrDie(h, resp);
+}
+
+template <typename Req, typename Resp>
+std::string Service::Run(Session& session, const Frame& frame,
+                         absl::Status (Service::*handler)(Call&, const Req&, Resp&), bool* ok) {
+  Req req;
+  Resp resp;
+  Call call(session);
+  absl::Status status = ParseBody(frame.body, req);
+  if (status.ok()) status = (this->*handler)(call, req, resp);
+  if (status.ok()) {
+    call.Finish();
+  } else {
+    resp.Clear();
+  }
+  ToProto(status, resp.mutable_status());
+  *ok = status.ok();
+  FrameHeader h;
+  h.type = frame.header.op() | kResponseBit;
+  h.request_id = frame.header.request_id;
+  std::string out = EncodeOrDie(h, resp);
+  return out;
+}
+
+std::string Service::Handle(Session& session, const Frame& frame, Clock::time_point received) {
+  const uint16_t op = frame.header.op();
+  const int64_t deadline_ms = frame.header.deadline_ms != 0
+                                  ? frame.header.deadline_ms
+                                  : default_deadline_ms_.load(std::memory_order_relaxed);
+  std::string out;
+  bool ok = true;
+  if (frame.header.is_response()) {
+    out = ErrorFrame(frame.header.request_id,
+                     absl::InvalidArgumentError("a client may not send response frames"));
+    ok = false;
+  } else if (Clock::now() > received + std::chrono::milliseconds(deadline_ms)) {
+    out = ErrorFrame(frame.header.request_id,
+                     absl::DeadlineExceededError(absl::StrCat(
+                         OpName(op), ": deadline of ", deadline_ms, " ms passed before it ran")));
+    ok = false;
+  } else {
+    switch (op) {
+      case pb::PING: out = Run(session, frame, &Service::DoPing, &ok); break;
+      case pb::STATS: out = Run(session, frame, &Service::DoStats, &ok); break;
+      case pb::OPEN: out = Run(session, frame, &Service::DoOpen, &ok); break;
+      case pb::APPEND: out = Run(session, frame, &Service::DoAppend, &ok); break;
+      case pb::SEAL: out = Run(session, frame, &Service::DoSeal, &ok); break;
+      case pb::ATTEND: out = Run(session, frame, &Service::DoAttend, &ok); break;
+      case pb::RETRIEVE: out = Run(session, frame, &Service::DoRetrieve, &ok); break;
+      case pb::GATHER: out = Run(session, frame, &Service::DoGather, &ok); break;
+      case pb::CLOSE: out = Run(session, frame, &Service::DoClose, &ok); break;
+      case pb::INFO: out = Run(session, frame, &Service::DoInfo, &ok); break;
+      case pb::LIST_CONTEXTS: out = Run(session, frame, &Service::DoList, &ok); break;
+      case pb::DROP: out = Run(session, frame, &Service::DoDrop, &ok); break;
+      default:
+        out = ErrorFrame(frame.header.request_id,
+                         absl::InvalidArgumentError(absl::StrCat(
+                             "unknown or unexpected message type ", op)));
+        ok = false;
+    }
+  }
+  const double micros =
+      std::chrono::duration<double, std::micro>(Clock::now() - received).count();
+  stats_.RecordOp(op, ok, micros, kFrameHeaderBytes + frame.body.size(), out.size());
+  return out;
+}
+
+std::string Service::HandleHello(Session& session, const Frame& frame, std::vector<int>& fds,
+                                 bool* accepted) {
+  pb::HelloRequest req;
+  pb::HelloResponse resp;
+  absl::Status status = ParseBody(frame.body, req);
+  SharedRegion region;
+  if (status.ok() && (req.min_version() > kProtocolVersion ||
+                      (req.max_version() != 0 && req.max_version() < kProtocolVersion))) {
+    status = absl::FailedPreconditionError(
+        absl::StrCat("client speaks versions ", req.min_version(), "..", req.max_version(),
+                     ", server speaks ", kProtocolVersion));
+  }
+  if (status.ok() && !session.local() && !tcp_token_.empty() &&
+      !ConstantTimeEquals(req.token(), tcp_token_)) {
+    status = absl::PermissionDeniedError("bad token");
+  }
+  if (status.ok() && req.has_shared_memory()) {
+    if (!session.local() || fds.empty()) {
+      status = absl::InvalidArgumentError(
+          "has_shared_memory set but no fd came with Hello (only a Unix socket can pass one)");
+    } else {
+      absl::StatusOr<SharedRegion> adopted = SharedRegion::Adopt(fds.front(), kMaxRegionBytes);
+      fds.erase(fds.begin());
+      if (adopted.ok()) {
+        region = *std::move(adopted);
+      } else {
+        status = adopted.status();
+      }
+    }
+  }
+  for (int fd : fds) close(fd);
+  fds.clear();
+  *accepted = status.ok();
+  if (status.ok()) {
+    resp.set_version(kProtocolVersion);
+    resp.set_max_frame_bytes(max_frame_bytes_);
+    resp.set_session_id(session.id());
+    resp.set_shared_memory(region.valid());
+    resp.set_shared_memory_bytes(region.size());
+    resp.set_default_deadline_ms(
+        static_cast<uint32_t>(default_deadline_ms_.load(std::memory_order_relaxed)));
+    resp.set_server_version("kvwaved 0.1.0");
+    session.CompleteHello(std::move(region));
+    absl::MutexLock lock(&mu_);
+    sessions_[session.id()] = &session;
+  }
+  ToProto(status, resp.mutable_status());
+  stats_.RecordOp(pb::HELLO, status.ok(), 0, kFrameHeaderBytes + frame.body.size(), 0);
+  FrameHeader h;
+  h.type = pb::HELLO | kResponseBit;
+  h.request_id = frame.header.request_id;
+  return EncodeOrDie(h, resp);
+}
+
+void Service::ReleaseSession(Session& session) {
+  {
+    absl::MutexLock lock(&mu_);
+    sessions_.erase(session.id());
+  }
+  std::vector<engine::ContextId> ids = session.TakeContexts();
+  for (engine::ContextId id : ids) {
+    absl::Status st = engine_.Close(id);
+    if (!st.ok() && !absl::IsNotFound(st)) {
+      spdlog::get("session")->warn("session {}: closing context {}: {}", session.id(), id,
+                                   st.ToString());
+    }
+    absl::MutexLock lock(&mu_);
+    owners_.erase(id);
+  }
+  if (!ids.empty()) {
+    spdlog::get("session")->info("session {} ended: released {} context(s)", session.id(),
+                                 ids.size());
+  }
+}
+
+absl::StatusOr<store::ModelShape> Service::OwnedShape(const Session& session, uint64_t ctx,
+                                                      int32_t layer) const {
+  std::optional<store::ModelShape> shape = session.Shape(ctx);
+  if (!shape) {
+    return absl::NotFoundError(absl::StrCat("context ", ctx, " is not open in this session"));
+  }
+  if (layer < 0 || layer >= shape->layers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer ", layer, " out of range [0, ", shape->layers, ")"));
+  }
+  return *shape;
+}
+
+absl::Status Service::DoPing(Call&, const pb::PingRequest& req, pb::PingResponse& resp) {
+  resp.set_payload(req.payload());
+  return absl::OkStatus();
+}
+
+absl::Status Service::DoStats(Call&, const pb::StatsRequest&, pb::StatsResponse& resp) {
+  FillStats(resp);
+  resp.set_prometheus_text(stats_.Prometheus(resp));
+  return absl::OkStatus();
+}
+
+void Service::FillStats(pb::StatsResponse& out) {
+  stats_.Fill(out);
+  const engine::EngineStats e = engine_.Stats();
+  out.set_contexts(e.contexts);
+  out.set_memory_used_bytes(e.memory_used_bytes);
+  out.set_memory_limit_bytes(e.memory_limit_bytes);
+  out.set_segments_sealed(e.segments_sealed);
+  out.set_tokens_appended(e.tokens_appended);
+  out.set_in_flight(in_flight());
+}
+
+std::string Service::PrometheusText() {
+  pb::StatsResponse s;
+  FillStats(s);
+  return stats_.Prometheus(s);
+}
+
+absl::Status Service::DoOpen(Call& call, const pb::OpenRequest& req, pb::OpenResponse& resp) {
+  engine::OpenOptions options;
+  const pb::ModelShape& s = req.shape();
+  KVWAVE_ASSIGN_OR_RETURN(options.shape.dtype, FromProto(s.dtype()));
+  options.shape.layers = s.layers();
+  options.shape.q_heads = s.q_heads();
+  options.shape.kv_heads = s.kv_heads();
+  options.shape.head_dim = s.head_dim();
+  KVWAVE_RETURN_IF_ERROR(store::Validate(options.shape));
+  options.token_ids.assign(req.token_ids().begin(), req.token_ids().end());
+  options.prefix_namespace = req.prefix_namespace();
+  KVWAVE_ASSIGN_OR_RETURN(engine::OpenResult opened, engine_.Open(options));
+  call.session.AddContext(opened.id, options.shape);
+  {
+    absl::MutexLock lock(&mu_);
+    owners_[opened.id] = call.session.id();
+  }
+  resp.set_context_id(opened.id);
+  resp.set_matched_tokens(opened.matched_tokens);
+  return absl::OkStatus();
+}
+
+absl::Status Service::DoClose(Call& call, const pb::CloseRequest& req, pb::CloseResponse&) {
+  if (!call.session.RemoveContext(req.context_id())) {
+    return absl::NotFoundError(
+        absl::StrCat("context ", req.context_id(), " is not open in this session"));
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    owners_.erase(req.context_id());
+  }
+  return engine_.Close(req.context_id());
+}
+
+absl::Status Service::DoDrop(Call&, const pb::DropRequest& req, pb::DropResponse&) {
+  {
+    absl::MutexLock lock(&mu_);
+    auto owner = owners_.find(req.context_id());
+    if (owner != owners_.end()) {
+      auto session = sessions_.find(owner->second);
+      if (session != sessions_.end()) session->second->RemoveContext(req.context_id());
+      owners_.erase(owner);
+    }
+  }
+  return engine_.Close(req.context_id());
+}
+
+void Service::FillInfo(const engine::ContextInfo& info, pb::ContextInfo* out) {
+  out->set_id(info.id);
+  pb::ModelShape* s = out->mutable_shape();
+  s->set_layers(info.shape.layers);
+  s->set_q_heads(info.shape.q_heads);
+  s->set_kv_heads(info.shape.kv_heads);
+  s->set_head_dim(info.shape.head_dim);
+  s->set_dtype(ToProto(info.shape.dtype));
+  for (int64_t t : info.tokens_per_layer) out->add_tokens_per_layer(t);
+  out->set_sealed_segments(info.sealed_segments);
+  out->set_bytes(info.bytes);
+  absl::MutexLock lock(&mu_);
+  auto owner = owners_.find(info.id);
+  out->set_session_id(owner == owners_.end() ? 0 : owner->second);
+}
+
+absl::Status Service::DoInfo(Call&, const pb::InfoRequest& req, pb::InfoResponse& resp) {
+  KVWAVE_ASSIGN_OR_RETURN(engine::ContextInfo info, engine_.Info(req.context_id()));
+  FillInfo(info, resp.mutable_info());
+  return absl::OkStatus();
+}
+
+absl::Status Service::DoList(Call&, const pb::ListContextsRequest&,
+                             pb::ListContextsResponse& resp) {
+  for (engine::ContextId id : engine_.ListContexts()) {
+    absl::StatusOr<engine::ContextInfo> info = engine_.Info(id);
+    if (!info.ok()) continue;  // closed meanwhile
+    FillInfo(*info, resp.add_contexts());
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kvwave::rpc

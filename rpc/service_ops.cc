@@ -1,0 +1,195 @@
+// The tensor operations of the service: Append, Seal, Attend, Retrieve, Gather, and how their
+// tensors are bound to shared memory or inline bytes.
+#include <cmath>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "config/status_macros.h"
+#include "rpc/service.h"
+#include "rpc/service_call.h"
+#include "rpc/wire.h"
+
+namespace kvwave::rpc {
+namespace {
+
+constexpr int32_t kMaxRetrieveK = 1 << 16;
+constexpr int64_t kMaxGatherRows = int64_t{1} << 26;
+
+bool UsesRegion(const Session& session, const pb::Tensor& t) {
+  return session.region() != nullptr && t.data().empty() && t.length() > 0;
+}
+
+absl::Status CheckBudget(double value, const char* what) {
+  if (!(value >= 0.0 && value <= 1.0)) {  // also rejects NaN
+    return absl::InvalidArgumentError(absl::StrCat(what, " budget ", value, " not in [0, 1]"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::span<const std::byte>> Service::Call::Input(const pb::Tensor& t,
+                                                               uint64_t bytes, size_t align,
+                                                               const char* what) {
+  if (UsesRegion(session, t)) {
+    if (t.length() != bytes) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": ", t.length(), " bytes given, the shape needs ", bytes));
+    }
+    KVWAVE_ASSIGN_OR_RETURN(std::span<std::byte> slice,
+                            session.region()->Slice(t.offset(), t.length(), align, what));
+    shm_bytes_in += bytes;
+    return std::span<const std::byte>(slice);
+  }
+  if (t.data().size() != bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": ", t.data().size(),
+                                                   " inline bytes given, the shape needs ", bytes,
+                                                   t.length() > 0 && session.region() == nullptr
+                                                       ? " (this session has no shared region)"
+                                                       : ""));
+  }
+  const auto* p = reinterpret_cast<const std::byte*>(t.data().data());
+  if (align > 1 && reinterpret_cast<uintptr_t>(p) % align != 0) {
+    std::vector<uint64_t>& copy = aligned_copies_.emplace_back((bytes + 7) / 8);
+    std::memcpy(copy.data(), p, bytes);
+    p = reinterpret_cast<const std::byte*>(copy.data());
+  }
+  return std::span<const std::byte>(p, bytes);
+}
+
+absl::StatusOr<std::span<std::byte>> Service::Call::Output(const pb::Tensor& requested,
+                                                          uint64_t bytes, size_t align,
+                                                          const char* what,
+                                                          pb::Tensor* response) {
+  if (UsesRegion(session, requested)) {
+    if (requested.length() != bytes) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": output of ", requested.length(),
+                                                     " bytes given, the result has ", bytes));
+    }
+    KVWAVE_ASSIGN_OR_RETURN(
+        std::span<std::byte> slice,
+        session.region()->Slice(requested.offset(), requested.length(), align, what));
+    response->set_offset(requested.offset());
+    response->set_length(requested.length());
+    shm_bytes_out += bytes;
+    return slice;
+  }
+  InlineOutput& out = inline_outputs_.emplace_back();
+  out.buffer.resize((bytes + 7) / 8);
+  out.bytes = bytes;
+  out.response = response;
+  return std::span<std::byte>(reinterpret_cast<std::byte*>(out.buffer.data()), bytes);
+}
+
+void Service::Call::Finish() {
+  for (InlineOutput& out : inline_outputs_) {
+    out.response->set_data(reinterpret_cast<const char*>(out.buffer.data()), out.bytes);
+  }
+}
+
+absl::Status Service::DoAppend(Call& call, const pb::AppendRequest& req, pb::AppendResponse&) {
+  KVWAVE_ASSIGN_OR_RETURN(store::ModelShape shape,
+                          OwnedShape(call.session, req.context_id(), req.layer()));
+  KVWAVE_ASSIGN_OR_RETURN(
+      uint64_t bytes,
+      CheckedBytes(req.tokens(), shape.TokenBytesPerLayer(), 1, uint64_t{1} << 40, "append"));
+  KVWAVE_ASSIGN_OR_RETURN(std::span<const std::byte> k, call.Input(req.k(), bytes, 1, "k"));
+  KVWAVE_ASSIGN_OR_RETURN(std::span<const std::byte> v, call.Input(req.v(), bytes, 1, "v"));
+  return engine_.Append(req.context_id(), req.layer(), req.tokens(), k, v);
+}
+
+absl::Status Service::DoSeal(Call& call, const pb::SealRequest& req, pb::SealResponse&) {
+  KVWAVE_RETURN_IF_ERROR(OwnedShape(call.session, req.context_id(), 0).status());
+  return engine_.Seal(req.context_id());
+}
+
+absl::Status Service::DoAttend(Call& call, const pb::AttendRequest& req,
+                               pb::AttendResponse& resp) {
+  KVWAVE_ASSIGN_OR_RETURN(store::ModelShape shape,
+                          OwnedShape(call.session, req.context_id(), req.layer()));
+  const uint64_t q_bytes = uint64_t{4} * shape.q_heads * shape.head_dim;
+  KVWAVE_ASSIGN_OR_RETURN(std::span<const std::byte> q, call.Input(req.q(), q_bytes, 4, "q"));
+  engine::AttendBudget budget;
+  budget.retrieval = req.retrieval_budget() < 0
+                         ? retrieval_budget_.load(std::memory_order_relaxed)
+                         : req.retrieval_budget();
+  budget.estimation = req.estimation_budget() < 0
+                          ? estimation_budget_.load(std::memory_order_relaxed)
+                          : req.estimation_budget();
+  KVWAVE_RETURN_IF_ERROR(CheckBudget(budget.retrieval, "retrieval"));
+  KVWAVE_RETURN_IF_ERROR(CheckBudget(budget.estimation, "estimation"));
+  KVWAVE_ASSIGN_OR_RETURN(std::span<std::byte> out,
+                          call.Output(req.out(), q_bytes, 4, "out", resp.mutable_out()));
+  KVWAVE_ASSIGN_OR_RETURN(
+      std::span<std::byte> lse,
+      call.Output(req.lse(), uint64_t{4} * shape.q_heads, 4, "lse", resp.mutable_lse()));
+  engine::AttendStats stats;
+  KVWAVE_RETURN_IF_ERROR(engine_.Attend(req.context_id(), req.layer(), As<float>(q), budget,
+                                        As<float>(out), As<float>(lse), &stats));
+  pb::AttendStats* s = resp.mutable_stats();
+  s->set_steady_tokens(stats.steady_tokens);
+  s->set_retrieved_tokens(stats.retrieved_tokens);
+  s->set_retrieved_clusters(stats.retrieved_clusters);
+  s->set_estimated_clusters(stats.estimated_clusters);
+  s->set_total_clusters(stats.total_clusters);
+  return absl::OkStatus();
+}
+
+absl::Status Service::DoRetrieve(Call& call, const pb::RetrieveRequest& req,
+                                 pb::RetrieveResponse& resp) {
+  KVWAVE_ASSIGN_OR_RETURN(store::ModelShape shape,
+                          OwnedShape(call.session, req.context_id(), req.layer()));
+  if (req.k() < 1 || req.k() > kMaxRetrieveK) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("k = ", req.k(), " not in [1, ", kMaxRetrieveK, "]"));
+  }
+  engine::RetrieveOptions options;
+  options.k = req.k();
+  switch (req.method()) {
+    case pb::WAVE: options.method = engine::RetrieveMethod::kWave; break;
+    case pb::FLAT: options.method = engine::RetrieveMethod::kFlat; break;
+    default: return absl::InvalidArgumentError("unknown retrieve method");
+  }
+  if (req.cluster_budget() >= 0) options.cluster_budget = req.cluster_budget();
+  KVWAVE_RETURN_IF_ERROR(CheckBudget(options.cluster_budget, "cluster"));
+  const uint64_t q_bytes = uint64_t{4} * shape.q_heads * shape.head_dim;
+  const uint64_t rows = uint64_t(shape.q_heads) * uint64_t(req.k());
+  KVWAVE_ASSIGN_OR_RETURN(std::span<const std::byte> q, call.Input(req.q(), q_bytes, 4, "q"));
+  KVWAVE_ASSIGN_OR_RETURN(std::span<std::byte> positions,
+                          call.Output(req.positions(), rows * 8, 8, "positions",
+                                      resp.mutable_positions()));
+  KVWAVE_ASSIGN_OR_RETURN(
+      std::span<std::byte> scores,
+      call.Output(req.scores(), rows * 4, 4, "scores", resp.mutable_scores()));
+  engine::RetrieveStats stats;
+  KVWAVE_RETURN_IF_ERROR(engine_.Retrieve(req.context_id(), req.layer(), As<float>(q), options,
+                                          As<int64_t>(positions), As<float>(scores), &stats));
+  resp.set_keys_scored(stats.keys_scored);
+  resp.set_keys_total(stats.keys_total);
+  return absl::OkStatus();
+}
+
+absl::Status Service::DoGather(Call& call, const pb::GatherRequest& req,
+                               pb::GatherResponse& resp) {
+  KVWAVE_ASSIGN_OR_RETURN(store::ModelShape shape,
+                          OwnedShape(call.session, req.context_id(), req.layer()));
+  const pb::Tensor& p = req.positions();
+  const uint64_t p_bytes = UsesRegion(call.session, p) ? p.length() : p.data().size();
+  if (p_bytes % 8 != 0 || p_bytes / 8 > static_cast<uint64_t>(kMaxGatherRows)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "positions: ", p_bytes, " bytes is not a whole number (<= ", kMaxGatherRows,
+        ") of int64"));
+  }
+  const int64_t n = static_cast<int64_t>(p_bytes / 8);
+  KVWAVE_ASSIGN_OR_RETURN(std::span<const std::byte> positions,
+                          call.Input(p, p_bytes, 8, "positions"));
+  KVWAVE_ASSIGN_OR_RETURN(
+      uint64_t bytes, CheckedBytes(n, shape.TokenBytesPerLayer(), 1, max_frame_bytes_, "gather"));
+  KVWAVE_ASSIGN_OR_RETURN(std::span<std::byte> k,
+                          call.Output(req.k(), bytes, 1, "k", resp.mutable_k()));
+  KVWAVE_ASSIGN_OR_RETURN(std::span<std::byte> v,
+                          call.Output(req.v(), bytes, 1, "v", resp.mutable_v()));
+  return engine_.Gather(req.context_id(), req.layer(), As<int64_t>(positions), k, v);
+}
+
+}  // namespace kvwave::rpc

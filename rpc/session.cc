@@ -1,0 +1,36 @@
+#include "rpc/session.h"
+
+namespace kvwave::rpc {
+
+void Session::AddContext(engine::ContextId id, const store::ModelShape& shape) {
+  absl::MutexLock lock(&mu_);
+  contexts_[id] = shape;
+}
+
+std::optional<store::ModelShape> Session::Shape(engine::ContextId id) const {
+  absl::MutexLock lock(&mu_);
+  auto it = contexts_.find(id);
+  if (it == contexts_.end()) return std::nullopt;
+  return it->second;
+}
+
+bool Session::RemoveContext(engine::ContextId id) {
+  absl::MutexLock lock(&mu_);
+  return contexts_.erase(id) > 0;
+}
+
+std::vector<engine::ContextId> Session::TakeContexts() {
+  absl::MutexLock lock(&mu_);
+  std::vector<engine::ContextId> ids;
+  ids.reserve(contexts_.size());
+  for (const auto& [id, shape] : contexts_) ids.push_back(id);
+  contexts_.clear();
+  return ids;
+}
+
+size_t Session::context_count() const {
+  absl::MutexLock lock(&mu_);
+  return contexts_.size();
+}
+
+}  // namespace kvwave::rpc

@@ -1,0 +1,147 @@
+#include "rpc/stats.h"
+
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace kvwave::rpc {
+
+void LatencyHistogram::Record(double micros) {
+  int i = 0;
+  if (micros > 1.0) i = static_cast<int>(std::ceil(4.0 * std::log2(micros)));
+  if (i >= kBuckets) i = kBuckets - 1;
+  buckets_[i].fetch_add(1, std::memory_order_relaxed);
+  sum_ns_.fetch_add(static_cast<uint64_t>(micros * 1000.0), std::memory_order_relaxed);
+}
+
+uint64_t LatencyHistogram::Count() const {
+  uint64_t n = 0;
+  for (const auto& b : buckets_) n += b.load(std::memory_order_relaxed);
+  return n;
+}
+
+double LatencyHistogram::BucketUpperMicros(int i) { return std::exp2(i / 4.0); }
+
+double LatencyHistogram::Quantile(double q) const {
+  const uint64_t n = Count();
+  if (n == 0) return 0;
+  const auto rank = static_cast<uint64_t>(std::ceil(q * static_cast<double>(n)));
+  uint64_t seen = 0;
+  for (int i = 0; i < kBuckets; ++i) {
+    seen += buckets_[i].load(std::memory_order_relaxed);
+    if (seen >= rank && seen > 0) return BucketUpperMicros(i);
+  }
+  return BucketUpperMicros(kBuckets - 1);
+}
+
+double LatencyHistogram::MeanMicros() const {
+  const uint64_t n = Count();
+  return n == 0 ? 0 : sum_ns_.load(std::memory_order_relaxed) / 1000.0 / static_cast<double>(n);
+}
+
+ServerStats::ServerStats() : start_(std::chrono::steady_clock::now()) {}
+
+void ServerStats::RecordOp(uint16_t op, bool ok, double micros, uint64_t bytes_in,
+                           uint64_t bytes_out) {
+  Op& o = ops_[op <= kMaxOp ? op : 0];
+  o.count.fetch_add(1, std::memory_order_relaxed);
+  if (!ok) o.errors.fetch_add(1, std::memory_order_relaxed);
+  o.bytes_in.fetch_add(bytes_in, std::memory_order_relaxed);
+  o.bytes_out.fetch_add(bytes_out, std::memory_order_relaxed);
+  o.latency.Record(micros);
+}
+
+void ServerStats::Fill(pb::StatsResponse& out) const {
+  for (uint16_t i = 0; i <= kMaxOp; ++i) {
+    const Op& o = ops_[i];
+    const uint64_t count = o.count.load(std::memory_order_relaxed);
+    if (count == 0) continue;
+    pb::OpStats* s = out.add_ops();
+    s->set_op(std::string(OpName(i)));
+    s->set_count(count);
+    s->set_errors(o.errors.load(std::memory_order_relaxed));
+    s->set_p50_us(o.latency.Quantile(0.5));
+    s->set_p99_us(o.latency.Quantile(0.99));
+    s->set_p999_us(o.latency.Quantile(0.999));
+    s->set_mean_us(o.latency.MeanMicros());
+    s->set_bytes_in(o.bytes_in.load(std::memory_order_relaxed));
+    s->set_bytes_out(o.bytes_out.load(std::memory_order_relaxed));
+  }
+  out.set_sessions(sessions_.load(std::memory_order_relaxed));
+  out.set_sessions_total(sessions_total_.load(std::memory_order_relaxed));
+  out.set_frames_rejected(frames_rejected_.load(std::memory_order_relaxed));
+  out.set_rss_bytes(ResidentBytes());
+  out.set_uptime_s(
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count());
+}
+
+namespace {
+
+void Gauge(std::string& out, const char* name, const char* help, double value) {
+  absl::StrAppendFormat(&out, "# HELP %s %s\n# TYPE %s gauge\n%s %.17g\n", name, help, name, name,
+                        value);
+}
+
+}  // namespace
+
+std::string ServerStats::Prometheus(const pb::StatsResponse& s) const {
+  std::string out;
+  Gauge(out, "kvwave_sessions", "Connected client sessions.", s.sessions());
+  Gauge(out, "kvwave_sessions_total", "Sessions accepted since start.", s.sessions_total());
+  Gauge(out, "kvwave_contexts", "Open contexts.", s.contexts());
+  Gauge(out, "kvwave_memory_used_bytes", "Host bytes held by the store.", s.memory_used_bytes());
+  Gauge(out, "kvwave_memory_limit_bytes", "Store memory limit.", s.memory_limit_bytes());
+  Gauge(out, "kvwave_segments_sealed", "Segments sealed since start.", s.segments_sealed());
+  Gauge(out, "kvwave_tokens_appended", "Tokens appended since start.", s.tokens_appended());
+  Gauge(out, "kvwave_in_flight", "Requests being computed.", s.in_flight());
+  Gauge(out, "kvwave_rss_bytes", "Resident set size of kvwaved.", s.rss_bytes());
+  Gauge(out, "kvwave_frames_rejected", "Frames rejected as malformed.", s.frames_rejected());
+  Gauge(out, "kvwave_uptime_seconds", "Seconds since start.", s.uptime_s());
+  out += "# HELP kvwave_requests_total Requests by operation and outcome.\n";
+  out += "# TYPE kvwave_requests_total counter\n";
+  for (uint16_t i = 0; i <= kMaxOp; ++i) {
+    const Op& o = ops_[i];
+    const uint64_t count = o.count.load(std::memory_order_relaxed);
+    if (count == 0) continue;
+    const uint64_t errors = o.errors.load(std::memory_order_relaxed);
+    absl::StrAppend(&out, "kvwave_requests_total{op=\"", OpName(i), "\",outcome=\"ok\"} ",
+                    count - errors, "\n");
+    absl::StrAppend(&out, "kvwave_requests_total{op=\"", OpName(i), "\",outcome=\"error\"} ",
+                    errors, "\n");
+  }
+  out += "# HELP kvwave_request_seconds Server-side latency of requests by operation.\n";
+  out += "# TYPE kvwave_request_seconds histogram\n";
+  for (uint16_t i = 0; i <= kMaxOp; ++i) {
+    const Op& o = ops_[i];
+    if (o.count.load(std::memory_order_relaxed) == 0) continue;
+    uint64_t cumulative = 0;
+    for (int b = 0; b < LatencyHistogram::kBuckets; ++b) {
+      cumulative += o.latency.BucketCount(b);
+      if (b % 4 != 0 || b > 4 * 26) continue;  // powers of two, 1 us .. ~67 s
+      absl::StrAppendFormat(&out, "kvwave_request_seconds_bucket{op=\"%s\",le=\"%g\"} %d\n",
+                            OpName(i), LatencyHistogram::BucketUpperMicros(b) * 1e-6, cumulative);
+    }
+    const uint64_t n = o.latency.Count();
+    absl::StrAppendFormat(&out, "kvwave_request_seconds_bucket{op=\"%s\",le=\"+Inf\"} %d\n",
+                          OpName(i), n);
+    absl::StrAppendFormat(&out, "kvwave_request_seconds_sum{op=\"%s\"} %.9g\n", OpName(i),
+                          o.latency.MeanMicros() * static_cast<double>(n) * 1e-6);
+    absl::StrAppendFormat(&out, "kvwave_request_seconds_count{op=\"%s\"} %d\n", OpName(i), n);
+  }
+  return out;
+}
+
+int64_t ResidentBytes() {
+  std::FILE* f = std::fopen("/proc/self/statm", "r");
+  if (f == nullptr) return 0;
+  long pages = 0, resident = 0;
+  const int n = std::fscanf(f, "%ld %ld", &pages, &resident);
+  std::fclose(f);
+  return n == 2 ? resident * sysconf(_SC_PAGESIZE) : 0;
+}
+
+}  // namespace kvwave::rpc

@@ -1,0 +1,93 @@
+// A context: one sequence's KV cache, for all layers and KV heads.
+//
+// Per (layer, KV head) it holds the sealed segments, in position order, and the tail of tokens not
+// yet sealed. Positions run 0.. in append order; all KV heads of a layer always hold the same
+// number of tokens, while layers may differ (layers are appended independently).
+//
+// Thread-safety: each layer has its own reader/writer lock. Writers (Append, Seal) take it
+// exclusively, readers (Attend, Retrieve, Gather) shared. Context-wide fields are immutable or
+// atomic. The engine holds contexts by shared_ptr, so a closed context lives until its last
+// in-flight call returns.
+#ifndef KVWAVE_STORE_CONTEXT_H_
+#define KVWAVE_STORE_CONTEXT_H_
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <shared_mutex>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "store/host_memory.h"
+#include "store/model_shape.h"
+#include "store/segment.h"
+
+namespace kvwave::store {
+
+// Unsealed tokens of one (layer, KV head): key and value rows in position order.
+class Tail {
+ public:
+  Tail(int32_t head_dim, DType dtype, HostAllocator* allocator)
+      : row_bytes_(static_cast<size_t>(head_dim) * ElementSize(dtype)), allocator_(allocator) {}
+
+  // Appends n rows read with a stride of `src_stride` bytes; takes `charge` (n rows of K and V).
+  // On error nothing changes.
+  [[nodiscard]] absl::Status Append(const std::byte* k, const std::byte* v, int64_t n,
+                                    size_t src_stride, MemoryCharge charge);
+  // Removes the first n rows; returns their charge.
+  MemoryCharge DropFront(int64_t n);
+
+  int64_t size() const { return size_; }
+  int64_t first_position() const { return first_position_; }
+  size_t row_bytes() const { return row_bytes_; }
+  const std::byte* key_row(int64_t i) const { return keys_.data() + i * row_bytes_; }
+  const std::byte* value_row(int64_t i) const { return values_.data() + i * row_bytes_; }
+
+ private:
+  absl::Status Reserve(int64_t rows);
+  size_t row_bytes_;
+  HostAllocator* allocator_;
+  HostBuffer keys_, values_;  // capacity_ rows each; slack is bounded by one segment per head
+  int64_t capacity_ = 0;
+  int64_t size_ = 0;
+  int64_t first_position_ = 0;
+  MemoryCharge charge_;
+};
+
+struct HeadKv {
+  std::vector<std::shared_ptr<const Segment>> segments;  // position order, contiguous
+  Tail tail;
+  explicit HeadKv(Tail t) : tail(std::move(t)) {}
+};
+
+class Context {
+ public:
+  struct Layer {
+    mutable std::shared_mutex mu;
+    std::vector<HeadKv> heads;  // [kv_heads]; guarded by mu
+    int64_t tokens = 0;         // guarded by mu
+  };
+
+  Context(uint64_t id, const ModelShape& shape, HostAllocator* allocator);
+
+  uint64_t id() const { return id_; }
+  const ModelShape& shape() const { return shape_; }
+  Layer& layer(int32_t l) { return *layers_[l]; }
+  const Layer& layer(int32_t l) const { return *layers_[l]; }
+
+  // After the first explicit Seal, new segments use the decode segment size.
+  bool decoding() const { return decoding_.load(std::memory_order_acquire); }
+  void set_decoding() { decoding_.store(true, std::memory_order_release); }
+
+ private:
+  const uint64_t id_;
+  const ModelShape shape_;
+  std::vector<std::unique_ptr<Layer>> layers_;
+  // Acquire/release: a thread that sees decoding() also sees the seal that set it.
+  std::atomic<bool> decoding_{false};
+};
+
+}  // namespace kvwave::store
+
+#endif  // KVWAVE_STORE_CONTEXT_H_

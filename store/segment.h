@@ -1,0 +1,99 @@
+// A sealed segment: up to S tokens of one (context, layer, KV head), stored cluster-contiguous.
+//
+// Row layout of K and V (row = head_dim elements of the model dtype):
+//   [steady rows: the context's sink tokens, first segment only, never clustered]
+//   [cluster 0: pages p0 .. p1) [cluster 1: pages p1 .. p2) ...
+// Each cluster starts on a page boundary (page = page_tokens rows) and only its last page may be
+// partly filled; padding rows are zero and belong to no token. token_of_row maps a row back to its
+// token offset in the segment (-1 for padding); row_of_token is the inverse.
+//
+// Meta index (float32): per cluster the centroid (mean of member keys), size, and value sum.
+// Empty clusters (size 0) own no pages and are masked by their size.
+//
+// Lifecycle: built once from a tail by Build(), then immutable; held by shared_ptr so a shared
+// prefix or an in-flight Attend keeps it alive. Thread-safety: all const methods are safe from
+// any thread.
+#ifndef KVWAVE_STORE_SEGMENT_H_
+#define KVWAVE_STORE_SEGMENT_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "config/dtype.h"
+#include "store/host_memory.h"
+
+namespace kvwave::store {
+
+struct SegmentInput {
+  int64_t first_position = 0;  // position of the segment's first token in the context
+  int32_t num_tokens = 0;
+  int32_t steady_tokens = 0;  // leading tokens kept out of the clusters (sinks)
+  int32_t head_dim = 0;
+  DType dtype = DType::kF32;
+  int32_t page_tokens = 8;
+  const std::byte* keys = nullptr;    // [num_tokens x head_dim] in token order
+  const std::byte* values = nullptr;  // [num_tokens x head_dim] in token order
+  // Clustering of the tokens [steady_tokens, num_tokens): assignment[i] is the cluster of token
+  // steady_tokens + i; centroids [num_clusters x head_dim]; sizes [num_clusters].
+  int32_t num_clusters = 0;
+  std::span<const int32_t> assignment;
+  std::span<const float> centroids;
+  std::span<const int32_t> sizes;
+};
+
+class Segment {
+ public:
+  // Upper bound of the bytes Build charges for a segment of n tokens (for reserving up front).
+  static int64_t MaxBytes(int32_t n, int32_t head_dim, DType dtype, int32_t page_tokens,
+                          int32_t tokens_per_cluster);
+
+  // Lays out the tokens cluster-contiguous, computes value sums, and takes the charge for its
+  // bytes out of `reserved` (which must hold at least Bytes() of the result; the rest stays).
+  // Errors: inconsistent input (assignment out of range, sizes that do not match it).
+  [[nodiscard]] static absl::StatusOr<std::shared_ptr<const Segment>> Build(
+      const SegmentInput& input, HostAllocator* allocator, MemoryCharge& reserved);
+
+  int64_t first_position() const { return first_position_; }
+  int32_t num_tokens() const { return num_tokens_; }
+  int32_t steady_tokens() const { return steady_tokens_; }
+  int32_t num_clusters() const { return num_clusters_; }
+  int32_t head_dim() const { return head_dim_; }
+  DType dtype() const { return dtype_; }
+  int64_t num_rows() const { return static_cast<int64_t>(token_of_row_.size()); }
+  int64_t bytes() const { return charge_.bytes(); }
+
+  // Row r of keys / values.
+  const std::byte* key_row(int64_t r) const { return keys_.data() + r * row_bytes_; }
+  const std::byte* value_row(int64_t r) const { return values_.data() + r * row_bytes_; }
+  // First row of cluster c, and its member count.
+  int64_t cluster_row(int32_t c) const { return cluster_row_[c]; }
+  int32_t cluster_size(int32_t c) const { return sizes_[c]; }
+
+  const std::vector<float>& centroids() const { return centroids_; }    // [C x d]
+  const std::vector<float>& value_sums() const { return value_sums_; }  // [C x d]
+  const std::vector<int32_t>& sizes() const { return sizes_; }          // [C]
+  int32_t token_of_row(int64_t r) const { return token_of_row_[r]; }
+  int64_t row_of_token(int32_t t) const { return row_of_token_[t]; }
+
+ private:
+  Segment() = default;
+  int64_t first_position_ = 0;
+  int32_t num_tokens_ = 0, steady_tokens_ = 0, num_clusters_ = 0, head_dim_ = 0;
+  DType dtype_ = DType::kF32;
+  size_t row_bytes_ = 0;
+  HostBuffer keys_, values_;
+  std::vector<int64_t> cluster_row_;  // [C]
+  std::vector<int32_t> sizes_;        // [C]
+  std::vector<float> centroids_, value_sums_;
+  std::vector<int32_t> token_of_row_;  // [rows], -1 for padding
+  std::vector<int64_t> row_of_token_;  // [num_tokens]
+  MemoryCharge charge_;
+};
+
+}  // namespace kvwave::store
+
+#endif  // KVWAVE_STORE_SEGMENT_H_
