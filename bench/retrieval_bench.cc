@@ -121,7 +121,7 @@ std::string FormatOod(const OodSums& o, int topk) {
                         "held-out keys as queries %.4f (%.1fx)\n",
                         topk, real, keys, keys > 0 ? real / keys : -1.0);
   out += "# IVF with held-out keys as queries:\n";
-  for (const std::string& line : absl::StrSplit(FormatTable(o.ivf_keys), '\n')) {
+  for (absl::string_view line : absl::StrSplit(FormatTable(o.ivf_keys), '\n')) {
     if (!line.empty()) absl::StrAppend(&out, "#   ", line, "\n");
   }
   return out;

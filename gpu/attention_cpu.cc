@@ -136,7 +136,7 @@ void AccumulateBlock(const Block& b, OnlineState& st) {
     ScoreBlock(st.q + static_cast<int64_t>(h) * st.d, st.d, st.scale, b, s);
     const float m_new = std::max(st.m[h], simd::Max(s, b.n));
     if (m_new == -INFINITY) continue;  // every weight so far is exp(-inf) = 0
-    const float alpha = st.m[h] == -INFINITY ? 0.0f : 1.0f;
+    const float alpha = st.m[h] == -INFINITY ? 0.0f : std::exp(st.m[h] - m_new);
     const float block_sum = simd::ExpShiftedSum(s, m_new, b.n, w);
     st.l[h] = st.l[h] * alpha + block_sum;
     st.m[h] = m_new;

@@ -8,7 +8,7 @@
 #include "config/status_macros.h"
 #include "rpc/service_call.h"
 #include "rpc/wire.h"
-#include "spdlog/spdlog.h"
+#include "rpc/log.h"
 
 namespace kvwave::rpc {
 namespace {
@@ -182,14 +182,14 @@ void Service::ReleaseSession(Session& session) {
   for (engine::ContextId id : ids) {
     absl::Status st = engine_.Close(id);
     if (!st.ok() && !absl::IsNotFound(st)) {
-      spdlog::get("session")->warn("session {}: closing context {}: {}", session.id(), id,
+      Logger("session")->warn("session {}: closing context {}: {}", session.id(), id,
                                    st.ToString());
     }
     absl::MutexLock lock(&mu_);
     owners_.erase(id);
   }
   if (!ids.empty()) {
-    spdlog::get("session")->info("session {} ended: released {} context(s)", session.id(),
+    Logger("session")->info("session {} ended: released {} context(s)", session.id(),
                                  ids.size());
   }
 }

@@ -83,7 +83,7 @@ class FaissFlat final : public AnnIndex {
       return FromException("faiss IndexFlatIP search", e);
     }
     ids->clear();
-    for (faiss::idx_t l : labels_) {
+    for (faiss::Index::idx_t l : labels_) {
       if (l >= 0) ids->push_back(static_cast<int32_t>(l));
     }
     *scanned = index_->ntotal;
@@ -93,7 +93,7 @@ class FaissFlat final : public AnnIndex {
 
  private:
   std::unique_ptr<faiss::IndexFlatIP> index_;
-  std::vector<faiss::idx_t> labels_;
+  std::vector<faiss::Index::idx_t> labels_;
   std::vector<float> dist_;
 };
 
@@ -137,7 +137,7 @@ class FaissIvf final : public AnnIndex {
       return FromException("faiss IndexIVFFlat search", e);
     }
     ids->clear();
-    for (faiss::idx_t l : labels_) {
+    for (faiss::Index::idx_t l : labels_) {
       if (l >= 0) ids->push_back(static_cast<int32_t>(l));
     }
     *scanned = static_cast<int64_t>(faiss::indexIVF_stats.ndis);
@@ -152,7 +152,7 @@ class FaissIvf final : public AnnIndex {
   int keys_per_list_;
   std::unique_ptr<faiss::IndexFlatIP> quantizer_;
   std::unique_ptr<faiss::IndexIVFFlat> index_;
-  std::vector<faiss::idx_t> labels_;
+  std::vector<faiss::Index::idx_t> labels_;
   std::vector<float> dist_;
 };
 

@@ -1,0 +1,123 @@
+// kvwaved: the kvwave store daemon. Loads settings (defaults, --config FILE, --set key=value),
+// creates the engine, serves it (rpc/server.h) until SIGTERM/SIGINT, reloads reloadable settings
+// on SIGHUP.
+//
+// Start-up registers each component's stop right after starting it; shutdown runs in reverse:
+// stop accepting -> drain requests -> close connections -> release sessions -> engine.
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "CLI/CLI.hpp"
+#include "boost/asio/io_context.hpp"
+#include "boost/asio/signal_set.hpp"
+#include "config/settings.h"
+#include "engine/engine.h"
+#include "rpc/log.h"
+#include "rpc/server.h"
+
+namespace kvwave::rpc {
+namespace {
+
+struct Flags {
+  std::string config_path;
+  std::vector<std::string> overrides;
+  std::string socket_path;
+  bool print_config = false;
+};
+
+// SIGINT/SIGTERM: first one drains, the second forces exit. SIGHUP: reload.
+void WatchSignals(boost::asio::signal_set& signals, Server& server, const Flags& flags,
+                  config::Settings& current, int& stops) {
+  signals.async_wait([&](const boost::system::error_code& ec, int signo) {
+    if (ec) return;
+    auto log = Logger("kvwaved");
+    if (signo == SIGHUP) {
+      absl::StatusOr<config::Settings> fresh = config::Load(flags.config_path, flags.overrides);
+      if (!fresh.ok()) {
+        log->error("SIGHUP: reload failed, keeping the current settings: {}",
+                   fresh.status().ToString());
+      } else {
+        const std::vector<std::string> changed = config::ApplyReloadable(*fresh, current);
+        server.ApplySettings(current);
+        if (absl::Status st = SetLogLevel(current.log_level); !st.ok()) {
+          log->error("{}", st.ToString());
+        }
+        log->info("SIGHUP: reloaded {} setting(s){}", changed.size(),
+                  changed.empty() ? "" : ": " + [&] {
+                    std::string s;
+                    for (const auto& c : changed) s += (s.empty() ? "" : ", ") + c;
+                    return s;
+                  }());
+      }
+    } else if (++stops == 1) {
+      log->info("signal {}: graceful shutdown (send it again to force exit)", signo);
+      server.BeginShutdown();
+    } else {
+      log->warn("signal {} again: forced exit", signo);
+      std::fflush(nullptr);
+      std::_Exit(128 + signo);
+    }
+    WatchSignals(signals, server, flags, current, stops);
+  });
+}
+
+int Main(int argc, char** argv) {
+  Flags flags;
+  CLI::App app{"kvwaved: the kvwave KV-cache store daemon"};
+  app.add_option("--config", flags.config_path, "TOML settings file");
+  app.add_option("--set", flags.overrides, "override a setting: section.key=value (repeatable)");
+  app.add_option("--socket", flags.socket_path, "shorthand for --set rpc.socket_path=PATH");
+  app.add_flag("--print-config", flags.print_config,
+               "print every setting with its default and description, then exit");
+  CLI11_PARSE(app, argc, argv);
+  if (flags.print_config) {
+    std::fputs(config::PrintDefaults().c_str(), stdout);
+    return 0;
+  }
+  if (!flags.socket_path.empty()) flags.overrides.push_back("rpc.socket_path=" + flags.socket_path);
+  auto log = Logger("kvwaved");
+  absl::StatusOr<config::Settings> loaded = config::Load(flags.config_path, flags.overrides);
+  if (!loaded.ok()) {
+    log->error("settings: {}", loaded.status().ToString());
+    return 2;
+  }
+  config::Settings settings = *std::move(loaded);
+  if (absl::Status st = SetLogLevel(settings.log_level); !st.ok()) log->error("{}", st.ToString());
+
+  // Installed before anything starts so an early SIGTERM is queued, not fatal.
+  boost::asio::io_context signal_io;
+  boost::asio::signal_set signals(signal_io, SIGINT, SIGTERM, SIGHUP);
+
+  absl::StatusOr<std::unique_ptr<engine::Engine>> engine = engine::Engine::Create(settings);
+  if (!engine.ok()) {
+    log->error("engine: {}", engine.status().ToString());
+    return 1;
+  }
+  Server server(**engine, settings);
+  if (absl::Status st = server.Start(); !st.ok()) {
+    log->error("server: {}", st.ToString());
+    return 1;
+  }
+  log->info("kvwaved {} ready (pid {})", "0.1.0", getpid());
+
+  int stops = 0;
+  WatchSignals(signals, server, flags, settings, stops);
+  std::thread signal_thread([&] { signal_io.run(); });
+  server.Wait();  // returns once BeginShutdown has drained and closed everything
+  signal_io.stop();
+  signal_thread.join();
+  log->info("engine: shutting down");
+  engine->reset();
+  log->info("exit 0");
+  return 0;
+}
+
+}  // namespace
+}  // namespace kvwave::rpc
+
+int main(int argc, char** argv) { return kvwave::rpc::Main(argc, argv); }

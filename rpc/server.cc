@@ -1,0 +1,275 @@
+#include "rpc/server.h"
+
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "boost/asio/post.hpp"
+#include "rpc/connection.h"
+#include "rpc/log.h"
+#include "rpc/metrics_http.h"
+
+namespace kvwave::rpc {
+namespace asio = boost::asio;
+using UnixProtocol = asio::local::stream_protocol;
+
+namespace {
+
+constexpr auto kDrainTick = std::chrono::milliseconds(5);
+constexpr auto kDrainTimeout = std::chrono::seconds(30);
+constexpr auto kCloseTimeout = std::chrono::seconds(2);
+
+int ArenaThreads(int64_t compute_threads) {
+  return compute_threads > 0 ? static_cast<int>(compute_threads)
+                             : tbb::task_arena::automatic;
+}
+
+// True when something accepts connections at `path` (another kvwaved is running).
+bool SocketIsLive(const std::string& path) {
+  const int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return false;
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
+  const bool live = connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
+  close(fd);
+  return live;
+}
+
+}  // namespace
+
+Server::Server(engine::Engine& engine, const config::Settings& settings)
+    : settings_(settings),
+      service_(engine, settings),
+      arena_(ArenaThreads(settings.compute_threads)),
+      max_sessions_(settings.max_sessions),
+      io_(static_cast<int>(std::max<int64_t>(1, settings.io_threads))) {}
+
+Server::~Server() {
+  if (!threads_.empty()) {
+    io_.stop();
+    for (std::thread& t : threads_) t.join();
+  }
+}
+
+absl::Status Server::Start() {
+  if (absl::Status st = ListenUnix(); !st.ok()) return st;
+  if (settings_.tcp_port > 0) {
+    if (absl::Status st = ListenTcp(); !st.ok()) return st;
+  }
+  if (settings_.metrics_port > 0) {
+    metrics_ = std::make_unique<MetricsHttp>(io_, [this] { return service_.PrometheusText(); });
+    absl::StatusOr<uint16_t> port = metrics_->Start(static_cast<uint16_t>(settings_.metrics_port));
+    if (!port.ok()) return port.status();
+    metrics_port_ = *port;
+    Logger("metrics")->info("Prometheus endpoint on http://0.0.0.0:{}/metrics", metrics_port_);
+  }
+  AcceptUnix();
+  if (tcp_acceptor_) AcceptTcp();
+  const int n = static_cast<int>(std::max<int64_t>(1, settings_.io_threads));
+  for (int i = 0; i < n; ++i) threads_.emplace_back([this] { io_.run(); });
+  Logger("server")->info("serving on {} ({} io threads, TCP {})", settings_.socket_path, n,
+                         tcp_port_ == 0 ? std::string("off") : std::to_string(tcp_port_));
+  return absl::OkStatus();
+}
+
+absl::Status Server::ListenUnix() {
+  const std::string& path = settings_.socket_path;
+  if (path.size() >= sizeof(sockaddr_un::sun_path)) {
+    return absl::InvalidArgumentError(absl::StrCat("socket path too long: ", path));
+  }
+  struct stat st;
+  if (lstat(path.c_str(), &st) == 0) {
+    if (!S_ISSOCK(st.st_mode)) {
+      return absl::AlreadyExistsError(absl::StrCat(path, " exists and is not a socket"));
+    }
+    if (SocketIsLive(path)) {
+      return absl::AlreadyExistsError(absl::StrCat("another server is listening on ", path));
+    }
+    unlink(path.c_str());  // stale socket of a crashed server
+  }
+  boost::system::error_code ec;
+  unix_acceptor_ = std::make_unique<UnixProtocol::acceptor>(io_);
+  unix_acceptor_->open(UnixProtocol(), ec);
+  if (!ec) unix_acceptor_->bind(UnixProtocol::endpoint(path), ec);
+  if (!ec) unix_acceptor_->listen(asio::socket_base::max_listen_connections, ec);
+  if (ec) return absl::UnavailableError(absl::StrCat("listen on ", path, ": ", ec.message()));
+  chmod(path.c_str(), 0660);  // filesystem permissions are the access control
+  return absl::OkStatus();
+}
+
+absl::Status Server::ListenTcp() {
+  if (settings_.tcp_token.empty()) {
+    return absl::InvalidArgumentError("rpc.tcp_port is set but rpc.tcp_token is empty");
+  }
+  boost::system::error_code ec;
+  const asio::ip::tcp::endpoint endpoint(asio::ip::tcp::v4(),
+                                         static_cast<uint16_t>(settings_.tcp_port));
+  tcp_acceptor_ = std::make_unique<asio::ip::tcp::acceptor>(io_);
+  tcp_acceptor_->open(endpoint.protocol(), ec);
+  if (!ec) tcp_acceptor_->set_option(asio::socket_base::reuse_address(true), ec);
+  if (!ec) tcp_acceptor_->bind(endpoint, ec);
+  if (!ec) tcp_acceptor_->listen(asio::socket_base::max_listen_connections, ec);
+  if (ec) {
+    return absl::UnavailableError(absl::StrCat("listen on TCP ", settings_.tcp_port, ": ",
+                                               ec.message()));
+  }
+  tcp_port_ = tcp_acceptor_->local_endpoint().port();
+  return absl::OkStatus();
+}
+
+void Server::AcceptUnix() {
+  unix_acceptor_->async_accept([this](boost::system::error_code ec, UnixProtocol::socket s) {
+    if (draining() || !unix_acceptor_->is_open()) return;
+    if (!ec) {
+      boost::system::error_code ignored;
+      Adopt(s.release(ignored), /*local=*/true);
+    } else if (ec == asio::error::no_descriptors) {
+      Logger("server")->warn("accept: {}", ec.message());  // EMFILE: try again shortly
+    }
+    AcceptUnix();
+  });
+}
+
+void Server::AcceptTcp() {
+  tcp_acceptor_->async_accept([this](boost::system::error_code ec, asio::ip::tcp::socket s) {
+    if (draining() || !tcp_acceptor_->is_open()) return;
+    if (!ec) {
+      boost::system::error_code ignored;
+      s.set_option(asio::ip::tcp::no_delay(true), ignored);
+      Adopt(s.release(ignored), /*local=*/false);
+    }
+    AcceptTcp();
+  });
+}
+
+void Server::Adopt(int fd, bool local) {
+  if (fd < 0) return;
+  auto session = std::make_shared<Session>(service_.NewSessionId(), local);
+  {
+    absl::MutexLock lock(&mu_);
+    const int64_t limit = max_sessions_.load(std::memory_order_relaxed);
+    if (static_cast<int64_t>(sessions_.size()) >= limit) {
+      const std::string reply = service_.ErrorFrame(
+          0, absl::ResourceExhaustedError(
+                 absl::StrCat("kvwaved is at its limit of ", limit, " sessions")));
+      [[maybe_unused]] ssize_t n = send(fd, reply.data(), reply.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+      close(fd);
+      return;
+    }
+    sessions_[session->id()] = session;
+  }
+  service_.stats().SessionOpened();
+  auto connection = std::make_shared<Connection>(*this, fd, session);
+  {
+    absl::MutexLock lock(&mu_);
+    connections_[session->id()] = connection;
+  }
+  Logger("session")->debug("session {} connected ({})", session->id(), local ? "unix" : "tcp");
+  connection->Start();
+}
+
+void Server::Compute(std::function<void()> task) {
+  service_.BeginRequest();
+  arena_.enqueue([this, task = std::move(task)] {
+    task();
+    service_.EndRequest();
+  });
+}
+
+void Server::ConnectionClosed(uint64_t session_id) {
+  absl::MutexLock lock(&mu_);
+  connections_.erase(session_id);
+}
+
+void Server::EndSession(uint64_t session_id) {
+  std::shared_ptr<Session> session;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = sessions_.find(session_id);
+    if (it == sessions_.end()) return;
+    session = std::move(it->second);
+    sessions_.erase(it);
+  }
+  service_.stats().SessionClosed();
+  Logger("session")->debug("session {} ended", session_id);
+  Compute([this, session] { service_.ReleaseSession(*session); });
+}
+
+void Server::ApplySettings(const config::Settings& settings) {
+  max_sessions_.store(settings.max_sessions, std::memory_order_relaxed);
+  service_.ApplySettings(settings);
+}
+
+void Server::BeginShutdown() {
+  asio::post(io_, [this] {
+    if (draining_.exchange(true)) return;
+    Logger("server")->info("shutting down: no new connections; draining {} request(s)",
+                           service_.in_flight());
+    boost::system::error_code ignored;
+    if (unix_acceptor_) {
+      unix_acceptor_->close(ignored);
+      unlink(settings_.socket_path.c_str());
+    }
+    if (tcp_acceptor_) tcp_acceptor_->close(ignored);
+    if (metrics_) metrics_->Stop();
+    drain_started_ = std::chrono::steady_clock::now();
+    drain_timer_ = std::make_unique<asio::steady_timer>(io_);
+    DrainTick();
+  });
+}
+
+// Phase 0: wait for in-flight requests; phase 1: flush replies and close connections; then stop.
+void Server::DrainTick() {
+  const auto elapsed = std::chrono::steady_clock::now() - drain_started_;
+  if (drain_phase_ == 0 && (service_.in_flight() == 0 || elapsed > kDrainTimeout)) {
+    std::vector<std::shared_ptr<Connection>> live;
+    {
+      absl::MutexLock lock(&mu_);
+      for (auto& [id, weak] : connections_) {
+        if (auto c = weak.lock()) live.push_back(std::move(c));
+      }
+    }
+    for (auto& c : live) c->CloseAfterFlush();
+    drain_phase_ = 1;
+    drain_started_ = std::chrono::steady_clock::now();
+  } else if (drain_phase_ == 1) {
+    bool empty;
+    {
+      absl::MutexLock lock(&mu_);
+      empty = connections_.empty();
+    }
+    if (empty || elapsed > kCloseTimeout) {
+      io_.stop();
+      return;
+    }
+  }
+  drain_timer_->expires_after(kDrainTick);
+  drain_timer_->async_wait([this](boost::system::error_code ec) {
+    if (!ec) DrainTick();
+  });
+}
+
+void Server::Wait() {
+  for (std::thread& t : threads_) t.join();
+  threads_.clear();
+  // Connections still referenced by pending handlers end when io_ is destroyed; release the
+  // sessions' contexts now, then wait for the compute arena.
+  std::map<uint64_t, std::shared_ptr<Session>> left;
+  {
+    absl::MutexLock lock(&mu_);
+    left.swap(sessions_);
+  }
+  for (auto& [id, session] : left) service_.ReleaseSession(*session);
+  while (service_.in_flight() > 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  Logger("server")->info("stopped; released {} session(s) at exit", left.size());
+}
+
+}  // namespace kvwave::rpc
