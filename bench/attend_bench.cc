@@ -62,7 +62,8 @@ int Run(int argc, char** argv) {
   std::string prefix = trace::DefaultTracePrefix(KVWAVE_SOURCE_DIR);
   int queries = 256, topk = 100;
   std::string budgets = "0.018:0.232,0.018:0,0.05:0.232,0.05:0,0.1:0.232,0.1:0,0.25:0.25,1:0";
-  std::string json_path;
+  std::string json_path, layers_text;
+  app.add_option("--layers", layers_text, "trace layer indices (first axis), e.g. 1,2; default all");
   app.add_option("--trace", prefix, "trace prefix (PREFIX_{q,k,v}.npy)");
   app.add_option("--queries", queries, "last positions used as decode queries");
   app.add_option("--topk", topk, "k of recall@k");
@@ -95,7 +96,18 @@ int Run(int argc, char** argv) {
   store::ModelShape shape{1, static_cast<int32_t>(tr->q_heads), static_cast<int32_t>(tr->kv_heads),
                           static_cast<int32_t>(d), DType::kF16};
   double index_seconds = 0;
-  for (int64_t layer = 0; layer < tr->layers; ++layer) {
+  std::vector<int64_t> layers;
+  for (absl::string_view l : absl::StrSplit(layers_text, ',', absl::SkipEmpty())) {
+    layers.push_back(std::stoll(std::string(l)));
+    if (layers.back() < 0 || layers.back() >= tr->layers) {
+      std::fprintf(stderr, "--layers: %lld out of range\n", (long long)layers.back());
+      return 2;
+    }
+  }
+  if (layers.empty()) {
+    for (int64_t l = 0; l < tr->layers; ++l) layers.push_back(l);
+  }
+  for (int64_t layer : layers) {
     const engine::ContextId id = engine->Open({shape}).value().id;
     const int64_t token_elems = tr->kv_heads * d;
     auto* kbase = static_cast<const std::byte*>(tr->k.data()) + layer * tr->tokens * token_elems * 2;
@@ -162,7 +174,7 @@ int Run(int argc, char** argv) {
     (void)engine->Close(id);
   }
   std::printf("# index build (append + seal, one thread): %.1f ms per (layer, KV head) of %lld tokens\n",
-              1e3 * index_seconds / (tr->layers * tr->kv_heads), (long long)n);
+              1e3 * index_seconds / (layers.size() * tr->kv_heads), (long long)n);
   const double full_us = rows.back().retrieval >= 1.0 ? rows.back().us / rows.back().calls : 0;
   std::printf("%-10s %-10s %-12s %-10s %-12s %-10s %-10s\n", "retrieval", "estimation",
               "rel_err", "recall@k", "exact_frac", "us", "speedup");

@@ -44,6 +44,7 @@ float F16ToFloat(uint16_t h) { return _cvtsh_ss(h); }
 uint16_t FloatToF16(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }
 
 void ToFloat(const void* src, DType src_type, float* dst, size_t n) {
+  if (n == 0) return;
   size_t i = 0;
   switch (src_type) {
     case DType::kF32:
@@ -72,6 +73,7 @@ void ToFloat(const void* src, DType src_type, float* dst, size_t n) {
 }
 
 void FromFloat(const float* src, DType dst_type, void* dst, size_t n) {
+  if (n == 0) return;
   switch (dst_type) {
     case DType::kF32:
       std::memcpy(dst, src, n * 4);

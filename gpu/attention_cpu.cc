@@ -4,6 +4,8 @@
 // softmax: per head a running maximum m, a running sum l of exp(s - m) and an unnormalised output
 // accumulated in place in `out`. A block of bf16/f16 rows is converted to float32 once, into
 // thread-local scratch, and then serves all g heads of the GQA group.
+#include "gpu/attention_cpu.h"
+
 #include <immintrin.h>
 
 #include <algorithm>
@@ -14,7 +16,6 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "config/status_macros.h"
-#include "gpu/attention_cpu.h"
 #include "gpu/simd_avx2.h"
 
 namespace kvwave::gpu::cpu {

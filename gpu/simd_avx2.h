@@ -46,8 +46,8 @@ inline float Dot(const float* a, const float* b, int64_t n) {
 
 // q . r0, q . r1, q . r2, q . r3 over n floats, written to out[0..3]; each load of q serves four
 // rows.
-inline void Dot4(const float* q, const float* r0, const float* r1, const float* r2,
-                 const float* r3, int64_t n, float* out) {
+inline void Dot4(const float* q, const float* r0, const float* r1, const float* r2, const float* r3,
+                 int64_t n, float* out) {
   __m256 a0 = _mm256_setzero_ps();
   __m256 a1 = _mm256_setzero_ps();
   __m256 a2 = _mm256_setzero_ps();
@@ -85,8 +85,8 @@ inline __m256 Exp(__m256 x) {
   const __m256 kMax = _mm256_set1_ps(88.7f);
   const __m256 underflow = _mm256_cmp_ps(x, kMin, _CMP_LT_OQ);
   x = _mm256_min_ps(_mm256_max_ps(x, kMin), kMax);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, kLog2e), _MM_FROUND_TO_NEAREST_INT |
-                                                                 _MM_FROUND_NO_EXC);
+  const __m256 n =
+      _mm256_round_ps(_mm256_mul_ps(x, kLog2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, kLn2Hi, x);
   r = _mm256_fnmadd_ps(n, kLn2Lo, r);
   __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
@@ -100,10 +100,10 @@ inline __m256 Exp(__m256 x) {
   // n is in [-126, 128]; 2^128 is not representable, so scale by 2^(n-1) twice when n = 128.
   const __m256i ni = _mm256_cvtps_epi32(n);
   const __m256i half = _mm256_srai_epi32(ni, 1);
-  const __m256 s1 = _mm256_castsi256_ps(
-      _mm256_slli_epi32(_mm256_add_epi32(half, _mm256_set1_epi32(127)), 23));
-  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_sub_epi32(ni, half), _mm256_set1_epi32(127)), 23));
+  const __m256 s1 =
+      _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, _mm256_set1_epi32(127)), 23));
+  const __m256 s2 = _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, half), _mm256_set1_epi32(127)), 23));
   const __m256 result = _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
   return _mm256_andnot_ps(underflow, result);
 }

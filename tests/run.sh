@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The README's test command: installs missing Debian packages, builds (release, CPU backend) and
+# runs every test (GoogleTest under ctest, plus the Python tests). Usage: bash tests/run.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tests/install_deps.sh
+build=${KVWAVE_BUILD_DIR:-build/release}
+jobs=${KVWAVE_JOBS:-$(nproc)}
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVWAVE_CUDA=OFF >/dev/null
+cmake --build "$build" -j "$jobs"
+ctest --test-dir "$build" --output-on-failure -j "$jobs" --timeout 600
