@@ -8,7 +8,9 @@
 //   2. project the query–key bipartite graph onto keys: each query's best key becomes a *pivot*,
 //      linked to that query's other N-1 keys; a pivot's candidates are pruned to degree M by a
 //      relative-neighbourhood rule (L2 between keys) and topped up to M with the pruned ones;
-//   3. add reverse edges into free slots (degree stays <= M);
+//   3. add reverse edges into free slots (degree stays <= M); then a key–key refinement: every
+//      key searches this graph with its own vector and fills its free slots with the pruned
+//      results (plus their reverse edges), which makes keys that no query chose navigable;
 //   4. connectivity pass: every key not reachable from the entry point is found by a search
 //      with its own vector and linked from its best reachable key (these few edges may exceed M);
 //   5. entry point: the key with the largest inner product with the mean sampled query.
@@ -29,10 +31,11 @@
 namespace kvwave::index {
 
 struct GraphIndexOptions {
-  int query_neighbors = 48;     // N: exact top-N keys found per sampled prefill query
-  int max_degree = 24;          // M: out-degree bound of the projected graph
-  int64_t max_queries = 16384;  // sampled prefill queries used to build (0 = use all of them)
+  int query_neighbors = 100;    // N: exact top-N keys found per sampled prefill query
+  int max_degree = 32;          // M: out-degree bound of the projected graph
+  int64_t max_queries = 32768;  // sampled prefill queries used to build (0 = use all of them)
   float prune_alpha = 1.0f;     // RNG rule: drop c if alpha * |s - c| < |p - c| for a kept s
+  int refine_queue = 100;       // key-key refinement search queue (0 = no refinement pass)
   int connect_queue = 48;       // queue size of the searches of the connectivity pass
   uint64_t seed = 1;            // query sampling; the build is deterministic for a seed
 };

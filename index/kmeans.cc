@@ -37,8 +37,7 @@ void UpdateCentroids(const float* unit, int64_t n, int d, const std::vector<int3
 }  // namespace
 
 absl::Status SphericalKMeansOwn(const float* unit, int64_t n, int d, int iterations,
-                                std::vector<float>* centroids,
-                                std::vector<int32_t>* assignment) {
+                                std::vector<float>* centroids, std::vector<int32_t>* assignment) {
   if (n < 1 || d < 1 || iterations < 0 || centroids->empty() || centroids->size() % d != 0) {
     return absl::InvalidArgumentError("SphericalKMeansOwn: bad shape or iteration count");
   }
@@ -47,11 +46,16 @@ absl::Status SphericalKMeansOwn(const float* unit, int64_t n, int d, int iterati
   CentroidPanels panels;
   std::vector<float> sums;
   std::vector<int32_t> counts;
+  std::vector<int32_t> previous;
   for (int it = 0; it <= iterations; ++it) {
     panels.Pack(centroids->data(), num_centroids, d);
     AssignMaxInnerProduct(unit, n, panels, assignment->data(), /*best_score=*/nullptr);
     if (it == iterations) break;  // the final assignment
+    // Converged: the centroids were computed from `previous`, so recomputing them from an equal
+    // assignment gives the same centroids, and every later round repeats this one exactly.
+    if (it > 0 && previous == *assignment) break;
     UpdateCentroids(unit, n, d, *assignment, centroids, &sums, &counts);
+    previous = *assignment;
   }
   return absl::OkStatus();
 }

@@ -26,8 +26,8 @@ namespace kvwave::index {
                                               std::vector<int32_t>* assignment);
 
 // Same contract, computed by FAISS. FAISS exceptions come back as an Internal error.
-[[nodiscard]] absl::Status SphericalKMeansFaiss(const float* unit, int64_t n, int d,
-                                                int iterations, std::vector<float>* centroids,
+[[nodiscard]] absl::Status SphericalKMeansFaiss(const float* unit, int64_t n, int d, int iterations,
+                                                std::vector<float>* centroids,
                                                 std::vector<int32_t>* assignment);
 
 // Mean over the n vectors of (unit_i . centroid_{assignment_i}) / |centroid|: the spherical

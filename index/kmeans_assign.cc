@@ -13,9 +13,10 @@ namespace kvwave::index {
 namespace {
 
 constexpr int kWidth = CentroidPanels::kWidth;
-constexpr int kMicroRows = 6;                     // vectors per micro-kernel call (12 accumulators)
-constexpr int kBlockRows = 8 * kMicroRows;        // vectors per TBB task; they share each panel
-constexpr int64_t kSerialWork = int64_t{1} << 18;  // below this n*C*d, threads cost more than they save
+constexpr int kMicroRows = 6;               // vectors per micro-kernel call (12 accumulators)
+constexpr int kBlockRows = 8 * kMicroRows;  // vectors per TBB task; they share each panel
+constexpr int64_t kSerialWork = int64_t{1}
+                                << 18;  // below this n*C*d, threads cost more than they save
 
 // Running argmax state of one block: per vector, the best score and centroid of each lane.
 struct alignas(32) BlockBest {
@@ -23,10 +24,14 @@ struct alignas(32) BlockBest {
   int32_t index[kBlockRows][kWidth];
 };
 
-// acc[m] = x_m . panel lanes, for M vectors at x (stride d). Each lane sums over k in order, so
-// a vector's scores are bit-identical whichever micro-block it lands in.
+// scores[m][lane] = x_m . panel lane, for M vectors at x (stride d). Each lane sums over k in
+// order, so a vector's scores are bit-identical whichever micro-block it lands in. Kept out of
+// line so its 12 accumulators + 2 panel rows + 1 broadcast own the 16 ymm registers (inlined, GCC
+// hoisted the caller's constants into registers and spilled an accumulator: 4x slower).
 template <int M>
-inline void MicroKernel(const float* x, int d, const float* panel, __m256 (&acc)[M][2]) {
+__attribute__((noinline)) void MicroKernel(const float* x, int d, const float* panel,
+                                           float (*scores)[kWidth]) {
+  __m256 acc[M][2];
 #pragma GCC unroll 6
   for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
   for (int k = 0; k < d; ++k) {
@@ -39,20 +44,24 @@ inline void MicroKernel(const float* x, int d, const float* panel, __m256 (&acc)
       acc[m][1] = _mm256_fmadd_ps(b, p1, acc[m][1]);
     }
   }
+#pragma GCC unroll 6
+  for (int m = 0; m < M; ++m) {
+    _mm256_store_ps(scores[m], acc[m][0]);
+    _mm256_store_ps(scores[m] + 8, acc[m][1]);
+  }
 }
 
-// Folds one panel's scores into the running best of M vectors (rows `row`.. of `best`).
+// Folds one panel's scores of M vectors into their running best (rows `row`.. of `best`).
 // `valid[h]` masks the lanes that hold real centroids.
 template <int M>
-inline void UpdateBest(__m256 (&acc)[M][2], const __m256 (&valid)[2], __m256i (&lane_index)[2],
-                       int row, BlockBest& best) {
+inline void UpdateBest(const float (*scores)[kWidth], const __m256 (&valid)[2],
+                       const __m256i (&lane_index)[2], int row, BlockBest& best) {
   const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-#pragma GCC unroll 6
   for (int m = 0; m < M; ++m) {
     for (int h = 0; h < 2; ++h) {
       float* score = &best.score[row + m][h * 8];
       int32_t* index = &best.index[row + m][h * 8];
-      const __m256 s = _mm256_blendv_ps(neg_inf, acc[m][h], valid[h]);
+      const __m256 s = _mm256_blendv_ps(neg_inf, _mm256_load_ps(scores[m] + h * 8), valid[h]);
       const __m256 old = _mm256_load_ps(score);
       const __m256 gt = _mm256_cmp_ps(s, old, _CMP_GT_OQ);
       _mm256_store_ps(score, _mm256_blendv_ps(old, s, gt));
@@ -65,22 +74,28 @@ inline void UpdateBest(__m256 (&acc)[M][2], const __m256 (&valid)[2], __m256i (&
 
 template <int M>
 inline void ScoreMicroBlock(const float* x, int d, const float* panel, const __m256 (&valid)[2],
-                            __m256i (&lane_index)[2], int row, BlockBest& best) {
-  __m256 acc[M][2];
-  MicroKernel<M>(x, d, panel, acc);
-  UpdateBest<M>(acc, valid, lane_index, row, best);
+                            const __m256i (&lane_index)[2], int row, BlockBest& best) {
+  alignas(32) float scores[M][kWidth];
+  MicroKernel<M>(x, d, panel, scores);
+  UpdateBest<M>(scores, valid, lane_index, row, best);
 }
 
 // Dispatches a micro-block of `rows` (1..kMicroRows) vectors to its compile-time kernel.
 void ScoreRows(int rows, const float* x, int d, const float* panel, const __m256 (&valid)[2],
-               __m256i (&lane_index)[2], int row, BlockBest& best) {
+               const __m256i (&lane_index)[2], int row, BlockBest& best) {
   switch (rows) {
-    case 6: return ScoreMicroBlock<6>(x, d, panel, valid, lane_index, row, best);
-    case 5: return ScoreMicroBlock<5>(x, d, panel, valid, lane_index, row, best);
-    case 4: return ScoreMicroBlock<4>(x, d, panel, valid, lane_index, row, best);
-    case 3: return ScoreMicroBlock<3>(x, d, panel, valid, lane_index, row, best);
-    case 2: return ScoreMicroBlock<2>(x, d, panel, valid, lane_index, row, best);
-    default: return ScoreMicroBlock<1>(x, d, panel, valid, lane_index, row, best);
+    case 6:
+      return ScoreMicroBlock<6>(x, d, panel, valid, lane_index, row, best);
+    case 5:
+      return ScoreMicroBlock<5>(x, d, panel, valid, lane_index, row, best);
+    case 4:
+      return ScoreMicroBlock<4>(x, d, panel, valid, lane_index, row, best);
+    case 3:
+      return ScoreMicroBlock<3>(x, d, panel, valid, lane_index, row, best);
+    case 2:
+      return ScoreMicroBlock<2>(x, d, panel, valid, lane_index, row, best);
+    default:
+      return ScoreMicroBlock<1>(x, d, panel, valid, lane_index, row, best);
   }
 }
 

@@ -48,8 +48,7 @@ void RunFaiss(const float* unit, int64_t n, int d, int iterations, std::vector<f
 }  // namespace
 
 absl::Status SphericalKMeansFaiss(const float* unit, int64_t n, int d, int iterations,
-                                  std::vector<float>* centroids,
-                                  std::vector<int32_t>* assignment) {
+                                  std::vector<float>* centroids, std::vector<int32_t>* assignment) {
   if (n < 1 || d < 1 || iterations < 0 || centroids->empty() || centroids->size() % d != 0) {
     return absl::InvalidArgumentError("SphericalKMeansFaiss: bad shape or iteration count");
   }

@@ -27,9 +27,8 @@ absl::Status Validate(const float* keys, int64_t n, int d, const WaveIndexOption
         absl::StrCat("ClusterKeys: tokens_per_cluster = ", options.tokens_per_cluster, " < 1"));
   }
   if (options.iterations < 0 || options.iterations > kMaxIterations) {
-    return absl::InvalidArgumentError(absl::StrCat("ClusterKeys: iterations = ",
-                                                   options.iterations, " not in [0, ",
-                                                   kMaxIterations, "]"));
+    return absl::InvalidArgumentError(absl::StrCat("ClusterKeys: iterations = ", options.iterations,
+                                                   " not in [0, ", kMaxIterations, "]"));
   }
   if ((n + options.tokens_per_cluster - 1) / options.tokens_per_cluster >
       std::numeric_limits<int32_t>::max()) {
@@ -108,16 +107,16 @@ absl::StatusOr<WaveClusters> ClusterKeys(const float* keys, int64_t n, int d,
                                          const WaveIndexOptions& options) {
   KVWAVE_RETURN_IF_ERROR(Validate(keys, n, d, options));
   WaveClusters out;
-  out.num_clusters = static_cast<int32_t>((n + options.tokens_per_cluster - 1) /
-                                          options.tokens_per_cluster);
+  out.num_clusters =
+      static_cast<int32_t>((n + options.tokens_per_cluster - 1) / options.tokens_per_cluster);
   const std::vector<float> unit = CenterAndNormalize(keys, n, d, options.mean_center);
   std::vector<float> centroids = EvenlySpacedCentroids(unit, n, d, out.num_clusters);
   if (options.kernel == WaveIndexOptions::Kernel::kFaiss) {
-    KVWAVE_RETURN_IF_ERROR(SphericalKMeansFaiss(unit.data(), n, d, options.iterations,
-                                                &centroids, &out.assignment));
+    KVWAVE_RETURN_IF_ERROR(
+        SphericalKMeansFaiss(unit.data(), n, d, options.iterations, &centroids, &out.assignment));
   } else {
-    KVWAVE_RETURN_IF_ERROR(SphericalKMeansOwn(unit.data(), n, d, options.iterations, &centroids,
-                                              &out.assignment));
+    KVWAVE_RETURN_IF_ERROR(
+        SphericalKMeansOwn(unit.data(), n, d, options.iterations, &centroids, &out.assignment));
   }
   Summarize(keys, n, d, &out);
   return out;
