@@ -36,7 +36,8 @@ struct RetrievalFlags {
   int topk = 100;
   std::string json, plot, table;
   std::string plot_script = (std::filesystem::path(__FILE__).parent_path() / "plot_retrieval.gp");
-  std::vector<std::string> methods = {"flat", "faiss-flat", "ivf", "hnsw", "quest", "wave", "graph"};
+  std::vector<std::string> methods = {"flat",  "faiss-flat", "ivf",  "hnsw",
+                                      "quest", "wave",       "graph"};
   bool ood = false;
   bool graph_per_query_head = false;
   index::GraphIndexOptions graph;
@@ -108,7 +109,8 @@ absl::Status MeasureOod(const GroupData& g, const std::vector<float>& decode_all
 std::string FormatOod(const OodSums& o, int topk) {
   const double n = static_cast<double>(o.groups);
   std::string out = absl::StrFormat(
-      "# OOD: mean Mahalanobis distance to the key distribution (Gaussian fit on the indexed keys)\n"
+      "# OOD: mean Mahalanobis distance to the key distribution (Gaussian fit on the indexed "
+      "keys)\n"
       "#   indexed keys %.2f   held-out keys %.2f   decode queries %.2f   (ratio queries / "
       "held-out %.2fx)\n"
       "#   mean L2 norm: keys %.2f   queries %.2f\n",
@@ -129,7 +131,8 @@ std::string FormatOod(const OodSums& o, int topk) {
 
 // The bars of issue 3, computed from the sweep.
 std::string FormatBars(const std::vector<SweepPoint>& points) {
-  std::string out = "# at recall 0.95: index, scan fraction (interpolated), us/query (first point)\n";
+  std::string out =
+      "# at recall 0.95: index, scan fraction (interpolated), us/query (first point)\n";
   std::vector<std::string> names;
   for (const SweepPoint& p : points) {
     if (std::find(names.begin(), names.end(), p.index) == names.end()) names.push_back(p.index);
@@ -143,15 +146,14 @@ std::string FormatBars(const std::vector<SweepPoint>& points) {
   const double hnsw = ScanFractionAtRecall(points, "hnsw", 0.95);
   const double graph_us = UsAtRecall(points, "graph", 0.95);
   const double flat_us = UsAtRecall(points, "flat", 0.95);
-  absl::StrAppendFormat(&out,
-                        "# bars: graph scan@0.95 %.4f (<= 0.03: %s); ivf/graph %.1fx, hnsw/graph "
-                        "%.1fx (>= 3: %s); flat/graph us %.1fx (>= 5: %s)\n",
-                        graph, graph > 0 && graph <= 0.03 ? "PASS" : "FAIL", ivf / graph,
-                        hnsw / graph,
-                        graph > 0 && (ivf < 0 || ivf / graph >= 3) && (hnsw < 0 || hnsw / graph >= 3)
-                            ? "PASS"
-                            : "FAIL",
-                        flat_us / graph_us, graph_us > 0 && flat_us / graph_us >= 5 ? "PASS" : "FAIL");
+  absl::StrAppendFormat(
+      &out,
+      "# bars: graph scan@0.95 %.4f (<= 0.03: %s); ivf/graph %.1fx, hnsw/graph "
+      "%.1fx (>= 3: %s); flat/graph us %.1fx (>= 5: %s)\n",
+      graph, graph > 0 && graph <= 0.03 ? "PASS" : "FAIL", ivf / graph, hnsw / graph,
+      graph > 0 && (ivf < 0 || ivf / graph >= 3) && (hnsw < 0 || hnsw / graph >= 3) ? "PASS"
+                                                                                    : "FAIL",
+      flat_us / graph_us, graph_us > 0 && flat_us / graph_us >= 5 ? "PASS" : "FAIL");
   return out;
 }
 
@@ -162,8 +164,8 @@ absl::Status RunGroup(const trace::Trace& trace, int64_t layer, int64_t kv_head,
   std::vector<GroundTruth> truth;
   std::vector<float> prefill_all, decode_all;
   for (int h = 0; h < group; ++h) {
-    truth.push_back(ExactGroundTruth(g.keys.data(), g.n, g.d, g.decode[h].data(), g.num_queries,
-                                     f.topk));
+    truth.push_back(
+        ExactGroundTruth(g.keys.data(), g.n, g.d, g.decode[h].data(), g.num_queries, f.topk));
     prefill_all.insert(prefill_all.end(), g.prefill[h].begin(), g.prefill[h].end());
     decode_all.insert(decode_all.end(), g.decode[h].begin(), g.decode[h].end());
   }
@@ -181,8 +183,9 @@ absl::Status RunGroup(const trace::Trace& trace, int64_t layer, int64_t kv_head,
         const int64_t m = per_head ? g.n : g.n * group;
         const auto start = std::chrono::steady_clock::now();
         KVWAVE_RETURN_IF_ERROR(own->Build(g.keys.data(), g.n, g.d, pre, m));
-        build_us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() -
-                                                             start).count();
+        build_us =
+            std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start)
+                .count();
         if (per_head) build_us *= group;  // cost of the whole KV head's set of graphs
         if (!per_head) {
           shared = std::move(own);
@@ -216,13 +219,14 @@ absl::Status Run(const RetrievalFlags& f) {
   std::printf(
       "# trace %s: %ld tokens, %ld layers (axis 0 of the files), %ld q heads over %ld kv heads, "
       "d=%ld\n# layers (axis indices) %s; keys [0, %ld), queries the last %ld positions; top-%d\n"
-      "# graph: N=%d M=%d build queries=%ld alpha=%.2f connect queue=%d per-query-head=%d\n",
+      "# graph: N=%d M=%d build queries=%ld alpha=%.2f refine queue=%d connect queue=%d "
+      "per-query-head=%d\n",
       f.trace.c_str(), static_cast<long>(trace.tokens), static_cast<long>(trace.layers),
       static_cast<long>(trace.q_heads), static_cast<long>(trace.kv_heads),
       static_cast<long>(trace.head_dim), absl::StrJoin(layers, ",").c_str(),
       static_cast<long>(trace.tokens - f.queries), static_cast<long>(f.queries), f.topk,
       f.graph.query_neighbors, f.graph.max_degree, static_cast<long>(f.graph.max_queries),
-      f.graph.prune_alpha, f.graph.connect_queue, f.graph_per_query_head);
+      f.graph.prune_alpha, f.graph.refine_queue, f.graph.connect_queue, f.graph_per_query_head);
   omp_set_num_threads(1);  // FAISS searches on one thread, like everything else timed here
   std::vector<SweepPoint> points;
   OodSums ood;
@@ -264,6 +268,7 @@ int RunRetrieval(int argc, char** argv) {
   app.add_option("--graph-degree", f.graph.max_degree, "graph: M, max out-degree");
   app.add_option("--graph-queries", f.graph.max_queries, "graph: sampled prefill queries (0=all)");
   app.add_option("--graph-alpha", f.graph.prune_alpha, "graph: pruning alpha");
+  app.add_option("--graph-refine-queue", f.graph.refine_queue, "graph: refinement queue (0=off)");
   app.add_option("--graph-connect-queue", f.graph.connect_queue, "graph: connect-pass queue");
   app.add_option("--graph-seed", f.graph.seed, "graph: sampling seed");
   app.add_flag("--graph-per-query-head", f.graph_per_query_head, "one graph per query head");

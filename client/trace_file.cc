@@ -133,6 +133,12 @@ absl::StatusOr<NpyArray> NpyArray::Open(const std::string& path) {
   auto shape = ParseShape(*shape_text);
   if (!shape.ok()) return Bad(path, shape.status().message());
   a.shape_ = std::move(*shape);
+  // The element count must not overflow when multiplied out (a hostile header could wrap it).
+  unsigned __int128 elements = 1;
+  for (int64_t dim : a.shape_) {
+    elements *= static_cast<uint64_t>(dim);
+    if (elements > (unsigned __int128){1} << 60) return Bad(path, "shape is too large");
+  }
   size_t data_at = header_at + header_len;
   size_t need = static_cast<size_t>(a.size()) * ElementSize(a.dtype_);
   if (bytes - data_at < need) {
@@ -186,7 +192,7 @@ absl::StatusOr<Trace> Trace::Open(const std::string& prefix) {
   if (qs[0] != ks[0] || qs[1] != ks[1] || qs[3] != ks[3]) {
     return absl::InvalidArgumentError(prefix + ": q and k disagree on layers, tokens or head dim");
   }
-  if (ks[2] < 1 || qs[2] % ks[2] != 0) {
+  if (ks[2] < 1 || qs[2] < 1 || qs[2] % ks[2] != 0) {
     return absl::InvalidArgumentError(prefix + ": query heads are not a multiple of KV heads");
   }
   if (qs[0] < 1 || qs[1] < 1 || qs[3] < 1) return absl::InvalidArgumentError(prefix + ": empty");

@@ -60,6 +60,7 @@ absl::StatusOr<std::shared_ptr<const Segment>> Segment::Build(const SegmentInput
   seg->num_clusters_ = in.num_clusters;
   seg->head_dim_ = in.head_dim;
   seg->dtype_ = in.dtype;
+  seg->page_tokens_ = in.page_tokens;
   seg->row_bytes_ = static_cast<size_t>(in.head_dim) * ElementSize(in.dtype);
   seg->sizes_.assign(in.sizes.begin(), in.sizes.end());
   seg->centroids_.assign(in.centroids.begin(), in.centroids.end());
@@ -110,6 +111,114 @@ absl::StatusOr<std::shared_ptr<const Segment>> Segment::Build(const SegmentInput
       for (int64_t j = 0; j < d; ++j) sum[j] += v[j];
     }
   }
+  seg->charge_ = reserved.Split(bytes);
+  return std::shared_ptr<const Segment>(std::move(seg));
+}
+
+int64_t Segment::ChargedBytes(int64_t rows, int32_t num_tokens, int32_t num_clusters,
+                              int32_t head_dim, DType dtype) {
+  const int64_t d = head_dim;
+  const int64_t row_bytes = d * static_cast<int64_t>(ElementSize(dtype));
+  return 2 * rows * row_bytes + num_clusters * (2 * d * 4 + 4 + 8) + rows * 4 +
+         int64_t{num_tokens} * 8;
+}
+
+namespace {
+
+absl::Status CheckPartsShape(const SegmentParts& p) {
+  if (p.num_tokens < 1 || p.steady_tokens < 0 || p.steady_tokens > p.num_tokens || p.head_dim < 1 ||
+      p.head_dim > 4096 || p.page_tokens < 1 || p.num_clusters < 0 ||
+      p.num_clusters > p.num_tokens || static_cast<uint8_t>(p.dtype) > 2) {
+    return absl::InvalidArgumentError("segment parts: bad meta");
+  }
+  const int64_t cd = int64_t{p.num_clusters} * p.head_dim;
+  if (static_cast<int64_t>(p.sizes.size()) != p.num_clusters ||
+      static_cast<int64_t>(p.centroids.size()) != cd ||
+      static_cast<int64_t>(p.value_sums.size()) != cd) {
+    return absl::InvalidArgumentError("segment parts: cluster arrays do not match the meta");
+  }
+  int64_t members = 0;
+  for (int32_t s : p.sizes) {
+    if (s < 0) return absl::InvalidArgumentError("segment parts: negative cluster size");
+    members += s;
+  }
+  if (members != p.num_tokens - p.steady_tokens) {
+    return absl::InvalidArgumentError("segment parts: cluster sizes do not add up to the tokens");
+  }
+  return absl::OkStatus();
+}
+
+// Checks token_of_row against the plan; fills row_of_token.
+absl::Status CheckPermutation(const SegmentParts& p, const std::vector<int64_t>& cluster_row,
+                              std::vector<int64_t>& row_of_token) {
+  row_of_token.assign(p.num_tokens, -1);
+  const std::vector<int32_t>& tor = p.token_of_row;
+  const int64_t steady_rows = PagesFor(p.steady_tokens, p.page_tokens) * p.page_tokens;
+  for (int64_t r = 0; r < steady_rows; ++r) {
+    const int32_t want = r < p.steady_tokens ? static_cast<int32_t>(r) : -1;
+    if (tor[r] != want) return absl::InvalidArgumentError("segment parts: bad steady rows");
+    if (want >= 0) row_of_token[want] = r;
+  }
+  for (int32_t c = 0; c < p.num_clusters; ++c) {
+    const int64_t first = cluster_row[c];
+    const int64_t end = first + PagesFor(p.sizes[c], p.page_tokens) * p.page_tokens;
+    for (int64_t r = first; r < end; ++r) {
+      const int32_t t = tor[r];
+      if (r >= first + p.sizes[c]) {
+        if (t != -1) return absl::InvalidArgumentError("segment parts: token in a padding row");
+        continue;
+      }
+      if (t < p.steady_tokens || t >= p.num_tokens || row_of_token[t] != -1) {
+        return absl::InvalidArgumentError(absl::StrCat("segment parts: bad token at row ", r));
+      }
+      row_of_token[t] = r;
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::shared_ptr<const Segment>> Segment::FromParts(SegmentParts p,
+                                                                  MemoryCharge& reserved) {
+  KVWAVE_RETURN_IF_ERROR(CheckPartsShape(p));
+  std::vector<int64_t> cluster_row(p.num_clusters);
+  int64_t row = PagesFor(p.steady_tokens, p.page_tokens) * p.page_tokens;
+  for (int32_t c = 0; c < p.num_clusters; ++c) {
+    cluster_row[c] = row;
+    row += PagesFor(p.sizes[c], p.page_tokens) * p.page_tokens;
+  }
+  const int64_t rows = row;
+  const size_t row_bytes = static_cast<size_t>(p.head_dim) * ElementSize(p.dtype);
+  if (static_cast<int64_t>(p.token_of_row.size()) != rows ||
+      p.keys.size() != static_cast<size_t>(rows) * row_bytes ||
+      p.values.size() != static_cast<size_t>(rows) * row_bytes) {
+    return absl::InvalidArgumentError("segment parts: row count does not match the plan");
+  }
+  std::vector<int64_t> row_of_token;
+  KVWAVE_RETURN_IF_ERROR(CheckPermutation(p, cluster_row, row_of_token));
+  const int64_t bytes = ChargedBytes(rows, p.num_tokens, p.num_clusters, p.head_dim, p.dtype);
+  if (bytes > reserved.bytes()) {
+    return absl::InternalError(
+        absl::StrCat("segment needs ", bytes, " bytes, ", reserved.bytes(), " reserved"));
+  }
+  auto seg = std::shared_ptr<Segment>(new Segment());
+  seg->first_position_ = p.first_position;
+  seg->num_tokens_ = p.num_tokens;
+  seg->steady_tokens_ = p.steady_tokens;
+  seg->num_clusters_ = p.num_clusters;
+  seg->head_dim_ = p.head_dim;
+  seg->dtype_ = p.dtype;
+  seg->page_tokens_ = p.page_tokens;
+  seg->row_bytes_ = row_bytes;
+  seg->keys_ = std::move(p.keys);
+  seg->values_ = std::move(p.values);
+  seg->cluster_row_ = std::move(cluster_row);
+  seg->sizes_ = std::move(p.sizes);
+  seg->centroids_ = std::move(p.centroids);
+  seg->value_sums_ = std::move(p.value_sums);
+  seg->token_of_row_ = std::move(p.token_of_row);
+  seg->row_of_token_ = std::move(row_of_token);
   seg->charge_ = reserved.Split(bytes);
   return std::shared_ptr<const Segment>(std::move(seg));
 }

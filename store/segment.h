@@ -45,6 +45,24 @@ struct SegmentInput {
   std::span<const int32_t> sizes;
 };
 
+// The parts of a sealed segment as stored (e.g. decoded from bytes), handed to Segment::FromParts,
+// which checks that they are consistent before it builds the segment.
+struct SegmentParts {
+  int64_t first_position = 0;
+  int32_t num_tokens = 0;
+  int32_t steady_tokens = 0;
+  int32_t head_dim = 0;
+  DType dtype = DType::kF32;
+  int32_t page_tokens = 8;
+  int32_t num_clusters = 0;
+  HostBuffer keys;    // [rows x head_dim] in row order (cluster-contiguous, padding rows zero)
+  HostBuffer values;  // [rows x head_dim]
+  std::vector<float> centroids;       // [C x d]
+  std::vector<int32_t> sizes;         // [C]
+  std::vector<float> value_sums;      // [C x d]
+  std::vector<int32_t> token_of_row;  // [rows], -1 for padding
+};
+
 class Segment {
  public:
   // Upper bound of the bytes Build charges for a segment of n tokens (for reserving up front).
@@ -57,12 +75,30 @@ class Segment {
   [[nodiscard]] static absl::StatusOr<std::shared_ptr<const Segment>> Build(
       const SegmentInput& input, HostAllocator* allocator, MemoryCharge& reserved);
 
+  // Bytes a segment of this plan charges (what Build and FromParts take out of `reserved`).
+  static int64_t ChargedBytes(int64_t rows, int32_t num_tokens, int32_t num_clusters,
+                              int32_t head_dim, DType dtype);
+
+  // Rebuilds a segment from stored parts (no copy of the rows). Checks every invariant of the
+  // layout: the row plan implied by sizes and page_tokens, the permutation (steady rows first,
+  // each cluster's members contiguous from its first row, padding -1, every token exactly once),
+  // and the buffer sizes. Errors: InvalidArgument naming the first mismatch (nothing taken from
+  // `reserved`); InternalError when `reserved` holds less than ChargedBytes.
+  [[nodiscard]] static absl::StatusOr<std::shared_ptr<const Segment>> FromParts(
+      SegmentParts parts, MemoryCharge& reserved);
+
   int64_t first_position() const { return first_position_; }
   int32_t num_tokens() const { return num_tokens_; }
   int32_t steady_tokens() const { return steady_tokens_; }
   int32_t num_clusters() const { return num_clusters_; }
   int32_t head_dim() const { return head_dim_; }
   DType dtype() const { return dtype_; }
+  int32_t page_tokens() const { return page_tokens_; }
+  size_t row_bytes() const { return row_bytes_; }
+  // All rows of keys / values: [num_rows x head_dim] elements.
+  std::span<const std::byte> key_bytes() const { return {keys_.data(), keys_.size()}; }
+  std::span<const std::byte> value_bytes() const { return {values_.data(), values_.size()}; }
+  const std::vector<int32_t>& token_of_rows() const { return token_of_row_; }  // [rows]
   int64_t num_rows() const { return static_cast<int64_t>(token_of_row_.size()); }
   int64_t bytes() const { return charge_.bytes(); }
 
@@ -84,6 +120,7 @@ class Segment {
   int64_t first_position_ = 0;
   int32_t num_tokens_ = 0, steady_tokens_ = 0, num_clusters_ = 0, head_dim_ = 0;
   DType dtype_ = DType::kF32;
+  int32_t page_tokens_ = 0;
   size_t row_bytes_ = 0;
   HostBuffer keys_, values_;
   std::vector<int64_t> cluster_row_;  // [C]

@@ -27,7 +27,8 @@ std::string Permille(int knob) { return absl::StrCat(knob / 10.0, "%"); }
 
 void TopKOfScores(const std::vector<float>& scores, const std::vector<int32_t>& ids, int k,
                   std::vector<int32_t>* out) {
-  std::vector<int32_t> top = index::TopKIndices(scores.data(), static_cast<int64_t>(scores.size()), k);
+  std::vector<int32_t> top =
+      index::TopKIndices(scores.data(), static_cast<int64_t>(scores.size()), k);
   out->clear();
   for (int32_t i : top) out->push_back(ids[i]);
 }
@@ -334,7 +335,8 @@ class Wave final : public BlockScan {
     for (int32_t i = 0; i < c; ++i) member_offsets_[i + 1] += member_offsets_[i];
     members_.resize(static_cast<size_t>(n));
     std::vector<int64_t> fill(member_offsets_.begin(), member_offsets_.end() - 1);
-    for (int64_t t = 0; t < n; ++t) members_[fill[clusters.assignment[t]]++] = static_cast<int32_t>(t);
+    for (int64_t t = 0; t < n; ++t)
+      members_[fill[clusters.assignment[t]]++] = static_cast<int32_t>(t);
     empty_.assign(static_cast<size_t>(c), 0);
     for (int32_t i = 0; i < c; ++i) empty_[i] = clusters.sizes[i] == 0;
     return absl::OkStatus();

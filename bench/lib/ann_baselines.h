@@ -39,8 +39,8 @@ class AnnIndex {
   virtual int64_t MemoryBytes() const = 0;
 };
 
-std::unique_ptr<AnnIndex> MakeFlatScan();       // own SIMD scan (index/distance.h) + top-k
-std::unique_ptr<AnnIndex> MakeFaissFlat();      // faiss::IndexFlatIP
+std::unique_ptr<AnnIndex> MakeFlatScan();   // own SIMD scan (index/distance.h) + top-k
+std::unique_ptr<AnnIndex> MakeFaissFlat();  // faiss::IndexFlatIP
 // faiss::IndexIVFFlat, METRIC_INNER_PRODUCT, nlist = ceil(n / keys_per_list); knob = nprobe.
 std::unique_ptr<AnnIndex> MakeFaissIvf(int keys_per_list);
 // hnswlib over InnerProductSpace; knob = ef.

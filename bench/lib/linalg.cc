@@ -78,7 +78,8 @@ Eigen SymmetricEigen(std::vector<double> a, int d) {
         const double apq = a[p * d + q];
         if (std::abs(apq) < 1e-300) continue;
         const double theta = (a[q * d + q] - a[p * d + p]) / (2.0 * apq);
-        const double t = (theta >= 0 ? 1.0 : -1.0) / (std::abs(theta) + std::sqrt(theta * theta + 1));
+        const double t =
+            (theta >= 0 ? 1.0 : -1.0) / (std::abs(theta) + std::sqrt(theta * theta + 1));
         const double c = 1.0 / std::sqrt(t * t + 1), s = t * c;
         for (int k = 0; k < d; ++k) {  // A <- A J (columns p, q)
           const double akp = a[k * d + p], akq = a[k * d + q];

@@ -25,8 +25,8 @@ absl::StatusOr<GroupData> LoadGroup(const trace::Trace& trace, int64_t layer, in
     return absl::InvalidArgumentError(absl::StrCat("KV head ", kv_head, " out of range"));
   }
   if (num_queries < 1 || num_queries >= trace.tokens) {
-    return absl::InvalidArgumentError(absl::StrCat("--queries ", num_queries, " must be in [1, ",
-                                                   trace.tokens - 1, "]"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--queries ", num_queries, " must be in [1, ", trace.tokens - 1, "]"));
   }
   GroupData g;
   g.d = static_cast<int>(trace.head_dim);
@@ -129,8 +129,7 @@ double ScanFractionAtRecall(const std::vector<SweepPoint>& points, const std::st
   return -1.0;
 }
 
-double UsAtRecall(const std::vector<SweepPoint>& points, const std::string& index,
-                  double target) {
+double UsAtRecall(const std::vector<SweepPoint>& points, const std::string& index, double target) {
   for (const SweepPoint& p : points) {
     if (p.index == index && p.Recall() >= target) return p.UsPerQuery();
   }
@@ -138,9 +137,9 @@ double UsAtRecall(const std::vector<SweepPoint>& points, const std::string& inde
 }
 
 std::string FormatTable(const std::vector<SweepPoint>& points) {
-  std::string out = absl::StrFormat("%-11s %-16s %8s %9s %8s %10s %12s %10s\n", "index", "param",
-                                    "recall", "scan_frac", "mass", "us/query", "build_us/tok",
-                                    "bytes/tok");
+  std::string out =
+      absl::StrFormat("%-11s %-16s %8s %9s %8s %10s %12s %10s\n", "index", "param", "recall",
+                      "scan_frac", "mass", "us/query", "build_us/tok", "bytes/tok");
   for (const SweepPoint& p : points) {
     absl::StrAppendFormat(&out, "%-11s %-16s %8.4f %9.4f %8.4f %10.1f %12.2f %10.1f\n", p.index,
                           p.param, p.Recall(), p.ScanFraction(), p.Mass(), p.UsPerQuery(),
@@ -167,8 +166,8 @@ absl::Status WriteJson(const std::string& path, const std::vector<SweepPoint>& p
   return absl::OkStatus();
 }
 
-absl::Status WritePlot(const std::string& png, const std::string& script,
-                       const std::string& title, const std::vector<SweepPoint>& points) {
+absl::Status WritePlot(const std::string& png, const std::string& script, const std::string& title,
+                       const std::vector<SweepPoint>& points) {
   // One gnuplot data block per index (separated by two blank lines), named in its first line.
   const std::string data = png + ".tsv";
   {
@@ -179,17 +178,17 @@ absl::Status WritePlot(const std::string& png, const std::string& script,
       if (p.index != current) {
         if (!current.empty()) f << "\n\n";
         current = p.index;
-        f << "# " << p.index << "\n" << "scan_fraction\t" << p.index << "\n";
+        f << "# " << p.index << "\n"
+          << "scan_fraction\t" << p.index << "\n";
       }
       f << absl::StrFormat("%.6f\t%.6f\n", p.ScanFraction(), p.Recall());
     }
   }
-  const std::string command =
-      absl::StrCat("gnuplot -e \"datafile='", data, "'; outfile='", png, "'; plottitle='", title,
-                   "'\" '", script, "'");
+  const std::string command = absl::StrCat("gnuplot -e \"datafile='", data, "'; outfile='", png,
+                                           "'; plottitle='", title, "'\" '", script, "'");
   if (std::system(command.c_str()) != 0) {
-    return absl::InternalError(absl::StrCat("plot failed: ", command,
-                                            " (is gnuplot installed? apt-get install gnuplot-nox)"));
+    return absl::InternalError(absl::StrCat(
+        "plot failed: ", command, " (is gnuplot installed? apt-get install gnuplot-nox)"));
   }
   return absl::OkStatus();
 }

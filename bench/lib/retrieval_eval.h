@@ -75,7 +75,8 @@ double UsAtRecall(const std::vector<SweepPoint>& points, const std::string& inde
 
 // Outputs: one printed line per point; JSON (the keys of the issue); a TSV + gnuplot PNG.
 std::string FormatTable(const std::vector<SweepPoint>& points);
-[[nodiscard]] absl::Status WriteJson(const std::string& path, const std::vector<SweepPoint>& points);
+[[nodiscard]] absl::Status WriteJson(const std::string& path,
+                                     const std::vector<SweepPoint>& points);
 [[nodiscard]] absl::Status WritePlot(const std::string& png, const std::string& script,
                                      const std::string& title,
                                      const std::vector<SweepPoint>& points);

@@ -1,0 +1,430 @@
+#include "store/persist.h"
+
+#include <rocksdb/db.h>
+#include <rocksdb/listener.h>
+#include <rocksdb/options.h>
+#include <rocksdb/write_batch.h>
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "config/status_macros.h"
+#include "store/segment_codec.h"
+
+namespace kvwave::store {
+namespace {
+
+uint64_t PairKey(int32_t layer, int32_t kv_head) {
+  return (static_cast<uint64_t>(static_cast<uint32_t>(layer)) << 32) |
+         static_cast<uint32_t>(kv_head);
+}
+
+// RocksDB would retry a no-space error by itself every few seconds (and refuse Resume meanwhile);
+// the store resumes on its next write instead, so a freed disk is usable at once.
+class ManualRecovery final : public rocksdb::EventListener {
+ public:
+  const char* Name() const override { return "kvwave-manual-recovery"; }
+  void OnErrorRecoveryBegin(rocksdb::BackgroundErrorReason, rocksdb::Status,
+                            bool* auto_recovery) override {
+    *auto_recovery = false;
+  }
+};
+
+rocksdb::Options DbOptions(const PersistOptions& o) {
+  rocksdb::Options options;
+  options.create_if_missing = true;
+  options.env = o.env != nullptr ? o.env : rocksdb::Env::Default();
+  options.compression = rocksdb::kNoCompression;  // K/V floats barely compress
+  options.max_background_jobs = 2;
+  // Segments are megabytes: keep them in blob files so compaction never rewrites them.
+  options.enable_blob_files = true;
+  options.min_blob_size = static_cast<uint64_t>(o.min_blob_bytes);
+  options.enable_blob_garbage_collection = true;
+  options.wal_recovery_mode = rocksdb::WALRecoveryMode::kPointInTimeRecovery;
+  options.listeners.push_back(std::make_shared<ManualRecovery>());
+  return options;
+}
+
+// Segment reads: the codec's own XXH3 checksum covers every byte, so RocksDB's block / blob
+// checksum pass is skipped, and the multi-megabyte values stay out of the block cache.
+rocksdb::ReadOptions SegmentReadOptions() {
+  rocksdb::ReadOptions ro;
+  ro.verify_checksums = false;
+  ro.fill_cache = false;
+  return ro;
+}
+
+}  // namespace
+
+absl::StatusOr<Durability> ParseDurability(absl::string_view name) {
+  if (name == "none") return Durability::kNone;
+  if (name == "async") return Durability::kAsync;
+  if (name == "sync") return Durability::kSync;
+  return absl::InvalidArgumentError(
+      absl::StrCat("durability must be none, async or sync, not '", std::string(name), "'"));
+}
+
+absl::StatusOr<std::unique_ptr<PersistStore>> PersistStore::Open(PersistOptions options) {
+  if (options.path.empty()) return absl::InvalidArgumentError("persist: empty path");
+  if (options.sync_interval_ms < 1 || options.write_behind_max_bytes < 1) {
+    return absl::InvalidArgumentError("persist: bad sync interval or queue size");
+  }
+  auto store = std::unique_ptr<PersistStore>(new PersistStore(std::move(options)));
+  rocksdb::DB* db = nullptr;
+  KVWAVE_RETURN_IF_ERROR(
+      FromRocksDb(rocksdb::DB::Open(DbOptions(store->options_), store->options_.path, &db),
+                  absl::StrCat("open ", store->options_.path)));
+  store->db_.reset(db);
+  KVWAVE_RETURN_IF_ERROR(store->CleanOrphans());
+  if (store->options_.write_behind) {
+    store->writer_ = std::thread([s = store.get()] { s->WriterLoop(); });
+  }
+  if (store->options_.durability == Durability::kAsync) {
+    store->syncer_ = std::thread([s = store.get()] { s->SyncLoop(); });
+  }
+  return store;
+}
+
+PersistStore::PersistStore(PersistOptions options) : options_(std::move(options)) {}
+
+PersistStore::~PersistStore() {
+  {
+    absl::MutexLock lock(&mu_);
+    stop_ = true;  // the writer drains the queue before it leaves
+  }
+  if (writer_.joinable()) writer_.join();
+  if (syncer_.joinable()) syncer_.join();
+  if (db_ != nullptr) {
+    if (options_.durability == Durability::kNone) {
+      db_->Flush(rocksdb::FlushOptions()).PermitUncheckedError();
+    } else {
+      db_->FlushWAL(/*sync=*/true).PermitUncheckedError();
+    }
+    db_->Close().PermitUncheckedError();
+  }
+}
+
+// Removes blocks whose segments were written but whose record never was.
+absl::Status PersistStore::CleanOrphans() {
+  std::vector<BlockHash> pending;
+  {
+    std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions()));
+    for (it->Seek(std::string(1, kPendingTag)); it->Valid() && it->key()[0] == kPendingTag;
+         it->Next()) {
+      auto hash = HashOfKey(absl::string_view(it->key().data(), it->key().size()));
+      if (hash.ok()) pending.push_back(*hash);
+    }
+    KVWAVE_RETURN_IF_ERROR(FromRocksDb(it->status(), "scan pending blocks"));
+  }
+  for (const BlockHash& hash : pending) {
+    KVWAVE_ASSIGN_OR_RETURN(bool committed, Exists(RecordKey(hash)));
+    rocksdb::WriteBatch batch;
+    batch.Delete(PendingKey(hash));
+    if (!committed) {
+      batch.DeleteRange(SegmentKey(hash, 0, 0), SegmentKeyEnd(hash));
+      orphans_cleaned_.fetch_add(1, std::memory_order_relaxed);
+    }
+    KVWAVE_RETURN_IF_ERROR(Write(batch, options_.durability == Durability::kSync, "clean"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<bool> PersistStore::Exists(const std::string& key) {
+  rocksdb::PinnableSlice value;
+  rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), db_->DefaultColumnFamily(), key, &value);
+  if (s.IsNotFound()) return false;
+  KVWAVE_RETURN_IF_ERROR(FromRocksDb(s, "get"));
+  return true;
+}
+
+absl::Status PersistStore::Write(rocksdb::WriteBatch& batch, bool sync, absl::string_view what) {
+  if (needs_resume_.exchange(false, std::memory_order_acq_rel)) {
+    // After a failed write (e.g. a full disk), RocksDB stops writing until resumed; if the cause
+    // is still there the write below fails again and sets the flag again.
+    db_->Resume().PermitUncheckedError();
+  }
+  rocksdb::WriteOptions wo;
+  wo.disableWAL = options_.durability == Durability::kNone;
+  wo.sync = sync && options_.durability == Durability::kSync;
+  absl::Status status = FromRocksDb(db_->Write(wo, &batch), what);
+  if (!status.ok()) {
+    write_errors_.fetch_add(1, std::memory_order_relaxed);
+    needs_resume_.store(true, std::memory_order_release);
+  }
+  return status;
+}
+
+absl::Status PersistStore::PutEncoded(const BlockHash& hash, int32_t layer, int32_t kv_head,
+                                      absl::string_view encoded) {
+  if (layer < 0 || kv_head < 0) return absl::InvalidArgumentError("persist: negative index");
+  bool first;
+  {
+    absl::MutexLock lock(&mu_);
+    first = !pending_.contains(hash);
+  }
+  rocksdb::WriteBatch batch;
+  if (first) batch.Put(PendingKey(hash), rocksdb::Slice());
+  batch.Put(SegmentKey(hash, layer, kv_head), rocksdb::Slice(encoded.data(), encoded.size()));
+  KVWAVE_RETURN_IF_ERROR(Write(batch, /*sync=*/false, "put segment"));
+  {
+    absl::MutexLock lock(&mu_);
+    pending_[hash].insert(PairKey(layer, kv_head));
+  }
+  segments_written_.fetch_add(1, std::memory_order_relaxed);
+  segment_bytes_written_.fetch_add(static_cast<int64_t>(encoded.size()), std::memory_order_relaxed);
+  return absl::OkStatus();
+}
+
+absl::Status PersistStore::PutSegment(const BlockHash& hash, int32_t layer, int32_t kv_head,
+                                      const Segment& segment) {
+  return PutEncoded(hash, layer, kv_head, EncodeSegment(segment));
+}
+
+absl::Status PersistStore::CommitBlock(const BlockRecord& record) {
+  KVWAVE_RETURN_IF_ERROR(Validate(record.shape));
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = pending_.find(record.hash);
+    bool complete =
+        it != pending_.end() && static_cast<int64_t>(it->second.size()) == record.segments();
+    for (int32_t l = 0; complete && l < record.shape.layers; ++l) {
+      for (int32_t h = 0; complete && h < record.shape.kv_heads; ++h) {
+        complete = it->second.contains(PairKey(l, h));
+      }
+    }
+    if (!complete) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("persist: block ", record.hash.ToHex(), " lacks segments"));
+    }
+  }
+  rocksdb::WriteBatch batch;
+  batch.Put(RecordKey(record.hash), EncodeBlockRecord(record));
+  batch.Delete(PendingKey(record.hash));
+  KVWAVE_RETURN_IF_ERROR(Write(batch, /*sync=*/true, "commit block"));
+  {
+    absl::MutexLock lock(&mu_);
+    pending_.erase(record.hash);
+  }
+  blocks_committed_.fetch_add(1, std::memory_order_relaxed);
+  return absl::OkStatus();
+}
+
+absl::Status PersistStore::PutBlock(const BlockRecord& record,
+                                    std::span<const std::shared_ptr<const Segment>> segments) {
+  KVWAVE_RETURN_IF_ERROR(Validate(record.shape));
+  if (static_cast<int64_t>(segments.size()) != record.segments()) {
+    return absl::InvalidArgumentError("persist: one segment per layer and KV head is needed");
+  }
+  KVWAVE_ASSIGN_OR_RETURN(bool committed, Exists(RecordKey(record.hash)));
+  if (committed) return absl::OkStatus();
+  absl::Status status;
+  std::string encoded;
+  for (int64_t i = 0; status.ok() && i < record.segments(); ++i) {
+    if (segments[i] == nullptr) {
+      status = absl::InvalidArgumentError("persist: null segment");
+      break;
+    }
+    EncodeSegmentTo(*segments[i], &encoded);
+    status = PutEncoded(record.hash, static_cast<int32_t>(i / record.shape.kv_heads),
+                        static_cast<int32_t>(i % record.shape.kv_heads), encoded);
+  }
+  if (status.ok()) status = CommitBlock(record);
+  if (!status.ok()) DropBlock(record.hash, /*corrupt=*/false).IgnoreError();
+  return status;
+}
+
+absl::Status PersistStore::DropBlock(const BlockHash& hash, bool corrupt) {
+  if (corrupt) corrupt_records_.fetch_add(1, std::memory_order_relaxed);
+  {
+    absl::MutexLock lock(&mu_);
+    pending_.erase(hash);
+  }
+  rocksdb::WriteBatch batch;
+  batch.Delete(RecordKey(hash));
+  batch.DeleteRange(SegmentKey(hash, 0, 0), SegmentKeyEnd(hash));
+  batch.Delete(PendingKey(hash));
+  return Write(batch, /*sync=*/true, "delete block");
+}
+
+absl::Status PersistStore::DeleteBlock(const BlockHash& hash) {
+  return DropBlock(hash, /*corrupt=*/false);
+}
+
+absl::Status PersistStore::EnqueueBlock(BlockRecord record,
+                                        std::vector<std::shared_ptr<const Segment>> segments,
+                                        Done done) {
+  if (!options_.write_behind) return absl::FailedPreconditionError("persist: no writer");
+  int64_t bytes = 0;
+  for (const auto& s : segments) bytes += s != nullptr ? s->bytes() : 0;
+  absl::MutexLock lock(&mu_);
+  if (!queue_.empty() && queued_bytes_ + bytes > options_.write_behind_max_bytes) {
+    enqueue_rejected_.fetch_add(1, std::memory_order_relaxed);
+    return absl::ResourceExhaustedError(
+        absl::StrCat("persist: write-behind queue full (", queued_bytes_, " bytes)"));
+  }
+  queued_bytes_ += bytes;
+  queue_.push_back(Job{std::move(record), std::move(segments), std::move(done), bytes});
+  return absl::OkStatus();
+}
+
+void PersistStore::WriterLoop() {
+  for (;;) {
+    Job job;
+    {
+      absl::MutexLock lock(&mu_, absl::Condition(this, &PersistStore::WriterHasWork));
+      if (queue_.empty()) return;  // stop_ and drained
+      job = std::move(queue_.front());
+      queue_.pop_front();
+      busy_ = true;
+    }
+    absl::Status status = PutBlock(job.record, job.segments);
+    if (job.done) job.done(status);
+    job.segments.clear();  // release the segments before the job counts as written
+    absl::MutexLock lock(&mu_);
+    if (!status.ok() && behind_error_.ok()) behind_error_ = status;
+    queued_bytes_ -= job.bytes;
+    busy_ = false;
+  }
+}
+
+void PersistStore::SyncLoop() {
+  const absl::Duration period = absl::Milliseconds(options_.sync_interval_ms);
+  for (;;) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (mu_.AwaitWithTimeout(absl::Condition(&stop_), period)) return;
+    }
+    db_->FlushWAL(/*sync=*/true).PermitUncheckedError();
+  }
+}
+
+absl::Status PersistStore::Flush() {
+  absl::Status behind;
+  {
+    absl::MutexLock lock(&mu_, absl::Condition(this, &PersistStore::WriterIdle));
+    behind = std::exchange(behind_error_, absl::OkStatus());
+  }
+  absl::Status synced = options_.durability == Durability::kNone
+                            ? FromRocksDb(db_->Flush(rocksdb::FlushOptions()), "flush")
+                            : FromRocksDb(db_->FlushWAL(/*sync=*/true), "sync wal");
+  return behind.ok() ? synced : behind;
+}
+
+absl::StatusOr<BlockRecord> PersistStore::GetBlock(const BlockHash& hash) {
+  std::string value;
+  rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), RecordKey(hash), &value);
+  if (s.IsNotFound()) return absl::NotFoundError(absl::StrCat("block ", hash.ToHex()));
+  absl::StatusOr<BlockRecord> record = s.ok() ? DecodeBlockRecord(value) : FromRocksDb(s, "get");
+  if (record.ok() && record->hash != hash) {
+    record = absl::DataLossError("block record: stored under another hash");
+  }
+  if (!record.ok() && record.status().code() == absl::StatusCode::kDataLoss) {
+    DropBlock(hash, /*corrupt=*/true).IgnoreError();
+  }
+  return record;
+}
+
+absl::StatusOr<std::string> PersistStore::GetEncodedSegment(const BlockHash& hash, int32_t layer,
+                                                            int32_t kv_head) {
+  std::string value;
+  rocksdb::Status s = db_->Get(SegmentReadOptions(), SegmentKey(hash, layer, kv_head), &value);
+  if (s.IsNotFound()) {
+    return absl::NotFoundError(
+        absl::StrCat("segment ", hash.ToHex(), " layer ", layer, " head ", kv_head));
+  }
+  absl::Status status = s.ok() ? VerifySegmentRecord(value) : FromRocksDb(s, "get");
+  if (status.code() == absl::StatusCode::kDataLoss) DropBlock(hash, true).IgnoreError();
+  KVWAVE_RETURN_IF_ERROR(status);
+  segments_read_.fetch_add(1, std::memory_order_relaxed);
+  segment_bytes_read_.fetch_add(static_cast<int64_t>(value.size()), std::memory_order_relaxed);
+  return value;
+}
+
+absl::StatusOr<std::shared_ptr<const Segment>> PersistStore::GetSegment(const BlockHash& hash,
+                                                                        int32_t layer,
+                                                                        int32_t kv_head,
+                                                                        HostAllocator* allocator,
+                                                                        MemoryBudget& budget) {
+  rocksdb::PinnableSlice value;
+  rocksdb::Status s = db_->Get(SegmentReadOptions(), db_->DefaultColumnFamily(),
+                               SegmentKey(hash, layer, kv_head), &value);
+  if (s.IsNotFound()) {
+    return absl::NotFoundError(
+        absl::StrCat("segment ", hash.ToHex(), " layer ", layer, " head ", kv_head));
+  }
+  absl::StatusOr<std::shared_ptr<const Segment>> segment =
+      s.ok() ? DecodeSegment(absl::string_view(value.data(), value.size()), allocator, budget)
+             : FromRocksDb(s, "get");
+  if (segment.status().code() == absl::StatusCode::kDataLoss) DropBlock(hash, true).IgnoreError();
+  if (segment.ok()) {
+    segments_read_.fetch_add(1, std::memory_order_relaxed);
+    segment_bytes_read_.fetch_add(static_cast<int64_t>(value.size()), std::memory_order_relaxed);
+  }
+  return segment;
+}
+
+absl::StatusOr<LoadedBlock> PersistStore::LoadBlock(const BlockHash& hash, HostAllocator* allocator,
+                                                    MemoryBudget& budget) {
+  LoadedBlock block;
+  KVWAVE_ASSIGN_OR_RETURN(block.record, GetBlock(hash));
+  const BlockRecord& r = block.record;
+  block.segments.reserve(r.segments());
+  for (int32_t l = 0; l < r.shape.layers; ++l) {
+    for (int32_t h = 0; h < r.shape.kv_heads; ++h) {
+      auto segment = GetSegment(hash, l, h, allocator, budget);
+      if (segment.status().code() == absl::StatusCode::kNotFound) {
+        DropBlock(hash, /*corrupt=*/true).IgnoreError();  // committed, yet a segment is missing
+        return absl::DataLossError(absl::StrCat("block ", hash.ToHex(), " lacks a segment"));
+      }
+      KVWAVE_RETURN_IF_ERROR(segment.status());
+      const Segment& s = **segment;
+      if (s.first_position() != r.first_position ||
+          s.num_tokens() != static_cast<int64_t>(r.tokens.size()) ||
+          s.head_dim() != r.shape.head_dim || s.dtype() != r.shape.dtype) {
+        DropBlock(hash, /*corrupt=*/true).IgnoreError();
+        return absl::DataLossError(absl::StrCat("block ", hash.ToHex(), ": segment mismatch"));
+      }
+      block.segments.push_back(*std::move(segment));
+    }
+  }
+  return block;
+}
+
+absl::StatusOr<int64_t> PersistStore::ForEachBlock(absl::FunctionRef<void(const BlockRecord&)> fn) {
+  std::vector<BlockHash> corrupt;
+  {
+    std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions()));
+    for (it->Seek(std::string(1, kRecordTag)); it->Valid() && it->key()[0] == kRecordTag;
+         it->Next()) {
+      auto hash = HashOfKey(absl::string_view(it->key().data(), it->key().size()));
+      if (!hash.ok()) continue;
+      auto record = DecodeBlockRecord(absl::string_view(it->value().data(), it->value().size()));
+      if (record.ok() && record->hash == *hash) {
+        fn(*record);
+      } else {
+        corrupt.push_back(*hash);
+      }
+    }
+    KVWAVE_RETURN_IF_ERROR(FromRocksDb(it->status(), "scan blocks"));
+  }
+  for (const BlockHash& hash : corrupt) KVWAVE_RETURN_IF_ERROR(DropBlock(hash, /*corrupt=*/true));
+  return static_cast<int64_t>(corrupt.size());
+}
+
+PersistStats PersistStore::stats() const {
+  PersistStats s;
+  s.segments_written = segments_written_.load(std::memory_order_relaxed);
+  s.segment_bytes_written = segment_bytes_written_.load(std::memory_order_relaxed);
+  s.blocks_committed = blocks_committed_.load(std::memory_order_relaxed);
+  s.segments_read = segments_read_.load(std::memory_order_relaxed);
+  s.segment_bytes_read = segment_bytes_read_.load(std::memory_order_relaxed);
+  s.corrupt_records = corrupt_records_.load(std::memory_order_relaxed);
+  s.orphans_cleaned = orphans_cleaned_.load(std::memory_order_relaxed);
+  s.write_errors = write_errors_.load(std::memory_order_relaxed);
+  s.enqueue_rejected = enqueue_rejected_.load(std::memory_order_relaxed);
+  absl::MutexLock lock(&mu_);
+  s.queued_bytes = queued_bytes_;
+  return s;
+}
+
+}  // namespace kvwave::store
