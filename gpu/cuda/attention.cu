@@ -1,0 +1,438 @@
+// Attention kernels: flash-decoding exact attention over an execution buffer of pages, the
+// estimation zone from centroids and value sums, the split merge, LSE merge and page gathering.
+//
+// Exact attention (one launch per layer, all KV heads): grid (splits, heads), 4 warps a block.
+// A key row of D bf16/f16 elements is read by D/8 lanes with 16-byte loads (a "slot"), so a warp
+// holds 32/(D/8) slots and each slot walks its own pages, four rows at a time, keeping an online
+// softmax in base 2 (scores pre-scaled by log2 e). The block then merges its slots in shared
+// memory and writes one (out, lse) partial per query head; MergeSplitsKernel folds the splits.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "gpu/cuda/launchers.h"
+
+namespace kvwave::gpu::cuda {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kTile = 4;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <bool kBf16>
+__device__ __forceinline__ void Unpack8(const uint4& u, float* f) {
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (kBf16) {
+      f[2 * i] = __uint_as_float(w[i] << 16);
+      f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    } else {
+      __half2 h;
+      memcpy(&h, &w[i], 4);
+      const float2 x = __half22float2(h);
+      f[2 * i] = x.x;
+      f[2 * i + 1] = x.y;
+    }
+  }
+}
+
+// Merges the per-slot states (m, l in base 2; acc unnormalised) of a block and writes the partial
+// out (normalised) and natural-log lse of query head j for this (head, split).
+template <int D, int G, int kSlots>
+__device__ void CombineSlots(const float (*sm_m)[G], const float (*sm_l)[G],
+                             const float (*sm_acc)[G][D], float* part_out, float* part_lse) {
+  for (int idx = threadIdx.x; idx < G * D; idx += blockDim.x) {
+    const int j = idx / D, e = idx % D;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) mx = fmaxf(mx, sm_m[s][j]);
+    float l = 0.f, o = 0.f;
+    if (mx != -INFINITY) {
+#pragma unroll
+      for (int s = 0; s < kSlots; ++s) {
+        if (sm_m[s][j] == -INFINITY) continue;
+        const float c = exp2f(sm_m[s][j] - mx);
+        l += sm_l[s][j] * c;
+        o += sm_acc[s][j][e] * c;
+      }
+    }
+    const bool empty = !(l > 0.f);
+    part_out[j * D + e] = empty ? 0.f : o / l;
+    if (e == 0) part_lse[j] = empty ? -INFINITY : (mx + log2f(l)) * kLn2;
+  }
+}
+
+template <int D, int G, bool kBf16>
+__global__ void __launch_bounds__(kThreads)
+    ExactKernel(const float* __restrict__ q, float scale2, const PageRef* __restrict__ pages,
+                const int32_t* __restrict__ offsets, int64_t pps, float* __restrict__ part_out,
+                float* __restrict__ part_lse) {
+  constexpr int kLanesPerKey = D / 8;
+  constexpr int kKeysPerWarp = 32 / kLanesPerKey;
+  constexpr int kSlots = kWarps * kKeysPerWarp;
+  const int head = blockIdx.y, split = blockIdx.x, splits = gridDim.x;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int sub = lane / kLanesPerKey, sl = lane % kLanesPerKey;
+  const int64_t head_end = offsets[head + 1];
+  const int64_t begin = offsets[head] + split * pps;
+  const int64_t end = min(head_end, begin + pps);
+
+  float qr[G][8];
+#pragma unroll
+  for (int j = 0; j < G; ++j)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) qr[j][e] = q[(head * G + j) * D + sl * 8 + e] * scale2;
+  float m[G], l[G], acc[G][8];
+#pragma unroll
+  for (int j = 0; j < G; ++j) {
+    m[j] = -INFINITY;
+    l[j] = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[j][e] = 0.f;
+  }
+
+  for (int64_t p0 = begin + warp * kKeysPerWarp; p0 < end; p0 += kSlots) {
+    const int64_t page = p0 + sub;
+    int rows = 0;
+    const uint4* kp = nullptr;
+    const uint4* vp = nullptr;
+    if (page < end) {
+      const PageRef pr = pages[page];
+      rows = pr.rows;
+      kp = static_cast<const uint4*>(pr.k) + sl;
+      vp = static_cast<const uint4*>(pr.v) + sl;
+    }
+#pragma unroll
+    for (int t = 0; t < kMaxPageRows; t += kTile) {
+      uint4 kv[kTile], vv[kTile];
+#pragma unroll
+      for (int r = 0; r < kTile; ++r) {
+        if (t + r < rows) {
+          kv[r] = __ldcs(kp + (t + r) * (D / 8));
+          vv[r] = __ldcs(vp + (t + r) * (D / 8));
+        } else {
+          kv[r] = make_uint4(0, 0, 0, 0);
+          vv[r] = kv[r];
+        }
+      }
+      float s[kTile][G];
+#pragma unroll
+      for (int r = 0; r < kTile; ++r) {
+        float kf[8];
+        Unpack8<kBf16>(kv[r], kf);
+#pragma unroll
+        for (int j = 0; j < G; ++j) {
+          float dot = 0.f;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) dot = fmaf(qr[j][e], kf[e], dot);
+          s[r][j] = dot;
+        }
+      }
+#pragma unroll
+      for (int off = kLanesPerKey / 2; off > 0; off /= 2)
+#pragma unroll
+        for (int r = 0; r < kTile; ++r)
+#pragma unroll
+          for (int j = 0; j < G; ++j) s[r][j] += __shfl_xor_sync(0xffffffffu, s[r][j], off);
+      if (t >= rows) continue;  // no shuffles below
+      float vf[kTile][8];
+#pragma unroll
+      for (int r = 0; r < kTile; ++r) Unpack8<kBf16>(vv[r], vf[r]);
+#pragma unroll
+      for (int j = 0; j < G; ++j) {
+        float mt = -INFINITY;
+#pragma unroll
+        for (int r = 0; r < kTile; ++r)
+          if (t + r < rows) mt = fmaxf(mt, s[r][j]);
+        const float mn = fmaxf(m[j], mt);
+        const float c = exp2f(m[j] - mn);
+        l[j] *= c;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[j][e] *= c;
+#pragma unroll
+        for (int r = 0; r < kTile; ++r) {
+          if (t + r >= rows) continue;
+          const float p = exp2f(s[r][j] - mn);
+          l[j] += p;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[j][e] = fmaf(p, vf[r][e], acc[j][e]);
+        }
+        m[j] = mn;
+      }
+    }
+  }
+
+  __shared__ float sm_m[kSlots][G], sm_l[kSlots][G];
+  __shared__ float sm_acc[kSlots][G][D];
+  const int slot = warp * kKeysPerWarp + sub;
+#pragma unroll
+  for (int j = 0; j < G; ++j) {
+    if (sl == 0) {
+      sm_m[slot][j] = m[j];
+      sm_l[slot][j] = l[j];
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sm_acc[slot][j][sl * 8 + e] = acc[j][e];
+  }
+  __syncthreads();
+  const int64_t part = (int64_t{head} * splits + split) * G;
+  CombineSlots<D, G, kSlots>(sm_m, sm_l, sm_acc, part_out + part * D, part_lse + part);
+}
+
+// Estimation zone: one warp per listed cluster at a time; lanes cover D with float4.
+template <int D, int G>
+__global__ void __launch_bounds__(kThreads)
+    EstimateKernel(const float* __restrict__ q, float scale2, const float* __restrict__ centroids,
+                   const float* __restrict__ value_sums, const int32_t* __restrict__ sizes,
+                   int64_t cluster_stride, const int32_t* __restrict__ clusters,
+                   const int32_t* __restrict__ counts, int64_t list_stride, int64_t cps,
+                   float* __restrict__ part_out, float* __restrict__ part_lse) {
+  constexpr int kLanes = D / 4;
+  const int head = blockIdx.y, split = blockIdx.x, splits = gridDim.x;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const bool active = lane < kLanes;
+  const int64_t begin = split * cps;
+  const int64_t end = min(static_cast<int64_t>(counts[head]), begin + cps);
+  const float* cen = centroids + head * cluster_stride * D;
+  const float* vs = value_sums + head * cluster_stride * D;
+  const int32_t* sz = sizes + head * cluster_stride;
+  const int32_t* list = clusters + head * list_stride;
+  float qr[G][4], m[G], l[G], acc[G][4];
+#pragma unroll
+  for (int j = 0; j < G; ++j) {
+    m[j] = -INFINITY;
+    l[j] = 0.f;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      qr[j][e] = active ? q[(head * G + j) * D + lane * 4 + e] * scale2 : 0.f;
+      acc[j][e] = 0.f;
+    }
+  }
+  for (int64_t i = begin + warp; i < end; i += kWarps) {
+    const int32_t c = list[i];
+    const int32_t size = sz[c];
+    float4 cv = make_float4(0, 0, 0, 0), vv = cv;
+    if (active) {
+      cv = reinterpret_cast<const float4*>(cen + int64_t{c} * D)[lane];
+      vv = reinterpret_cast<const float4*>(vs + int64_t{c} * D)[lane];
+    }
+    float s[G];
+#pragma unroll
+    for (int j = 0; j < G; ++j)
+      s[j] = qr[j][0] * cv.x + qr[j][1] * cv.y + qr[j][2] * cv.z + qr[j][3] * cv.w;
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2)
+#pragma unroll
+      for (int j = 0; j < G; ++j) s[j] += __shfl_xor_sync(0xffffffffu, s[j], off);
+    if (size <= 0) continue;
+    const float lw = log2f(static_cast<float>(size));
+#pragma unroll
+    for (int j = 0; j < G; ++j) {
+      const float mn = fmaxf(m[j], s[j] + lw);
+      const float cf = exp2f(m[j] - mn);
+      const float p = exp2f(s[j] - mn);  // weight of the value sum
+      l[j] = l[j] * cf + p * static_cast<float>(size);
+      acc[j][0] = acc[j][0] * cf + p * vv.x;
+      acc[j][1] = acc[j][1] * cf + p * vv.y;
+      acc[j][2] = acc[j][2] * cf + p * vv.z;
+      acc[j][3] = acc[j][3] * cf + p * vv.w;
+      m[j] = mn;
+    }
+  }
+  __shared__ float sm_m[kWarps][G], sm_l[kWarps][G];
+  __shared__ float sm_acc[kWarps][G][D];
+#pragma unroll
+  for (int j = 0; j < G; ++j) {
+    if (lane == 0) {
+      sm_m[warp][j] = m[j];
+      sm_l[warp][j] = l[j];
+    }
+    if (active)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sm_acc[warp][j][lane * 4 + e] = acc[j][e];
+  }
+  __syncthreads();
+  const int64_t part = (int64_t{head} * splits + split) * G;
+  CombineSlots<D, G, kWarps>(sm_m, sm_l, sm_acc, part_out + part * D, part_lse + part);
+}
+
+// Folds `splits` partials of each (head, query head) row: grid rows, block d threads.
+__global__ void MergeSplitsKernel(const float* __restrict__ part_out,
+                                  const float* __restrict__ part_lse, int splits, int g, int d,
+                                  float* __restrict__ out, float* __restrict__ lse) {
+  const int row = blockIdx.x;  // head * g + j
+  const int head = row / g, j = row % g;
+  float mx = -INFINITY;
+  for (int s = 0; s < splits; ++s) mx = fmaxf(mx, part_lse[(int64_t{head} * splits + s) * g + j]);
+  for (int e = threadIdx.x; e < d; e += blockDim.x) {
+    float z = 0.f, o = 0.f;
+    if (mx != -INFINITY) {
+      for (int s = 0; s < splits; ++s) {
+        const int64_t p = (int64_t{head} * splits + s) * g + j;
+        const float w = __expf(part_lse[p] - mx);
+        z += w;
+        o += w * part_out[p * d + e];
+      }
+    }
+    out[int64_t{row} * d + e] = z > 0.f ? o / z : 0.f;
+    if (e == 0) lse[row] = z > 0.f ? mx + logf(z) : -INFINITY;
+  }
+}
+
+__global__ void MergeLseKernel(float* __restrict__ out_a, float* __restrict__ lse_a,
+                               const float* __restrict__ out_b, const float* __restrict__ lse_b,
+                               int rows, int d) {
+  const int row = blockIdx.x;
+  const float la = lse_a[row], lb = lse_b[row];
+  const float mx = fmaxf(la, lb);
+  __syncthreads();
+  if (mx == -INFINITY) return;
+  const float wa = __expf(la - mx), wb = __expf(lb - mx);
+  const float z = wa + wb;
+  for (int e = threadIdx.x; e < d; e += blockDim.x) {
+    const int64_t i = int64_t{row} * d + e;
+    out_a[i] = (wa * out_a[i] + wb * out_b[i]) / z;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) lse_a[row] = mx + logf(z);
+}
+
+__global__ void GatherKernel(const void* const* __restrict__ src, void* const* __restrict__ dst,
+                             const int32_t* __restrict__ bytes, int64_t count) {
+  for (int64_t i = blockIdx.x; i < count; i += gridDim.x) {
+    const uint4* s = static_cast<const uint4*>(src[i]);
+    uint4* t = static_cast<uint4*>(dst[i]);
+    const int n = bytes[i] / 16;
+    for (int k = threadIdx.x; k < n; k += blockDim.x) t[k] = __ldcs(s + k);
+  }
+}
+
+template <int D, int G>
+cudaError_t LaunchExactTyped(const ExactArgs& a, int splits, int64_t pps, float* ws,
+                             cudaStream_t stream) {
+  float* part_out = ws;
+  float* part_lse = ws + int64_t{a.heads} * splits * G * D;
+  const dim3 grid(splits, a.heads);
+  const float scale2 = a.scale * kLog2e;
+  if (a.kv_type == DType::kBF16) {
+    ExactKernel<D, G, true><<<grid, kThreads, 0, stream>>>(a.q, scale2, a.pages, a.page_offsets,
+                                                           pps, part_out, part_lse);
+  } else {
+    ExactKernel<D, G, false><<<grid, kThreads, 0, stream>>>(a.q, scale2, a.pages, a.page_offsets,
+                                                            pps, part_out, part_lse);
+  }
+  MergeSplitsKernel<<<a.heads * G, D, 0, stream>>>(part_out, part_lse, splits, G, D, a.out, a.lse);
+  return cudaGetLastError();
+}
+
+template <int D, int G>
+cudaError_t LaunchEstimateTyped(const EstimateArgs& a, int splits, int64_t cps, float* ws,
+                                cudaStream_t stream) {
+  float* part_out = ws;
+  float* part_lse = ws + int64_t{a.heads} * splits * G * D;
+  EstimateKernel<D, G><<<dim3(splits, a.heads), kThreads, 0, stream>>>(
+      a.q, a.scale * kLog2e, a.centroids, a.value_sums, a.sizes, a.cluster_stride, a.clusters,
+      a.counts, a.list_stride, cps, part_out, part_lse);
+  MergeSplitsKernel<<<a.heads * G, D, 0, stream>>>(part_out, part_lse, splits, G, D, a.out, a.lse);
+  return cudaGetLastError();
+}
+
+// Dispatches to F::template Run<D, G>(args...) for the supported (d, g); false otherwise.
+template <template <int, int> class F, typename... Args>
+bool Dispatch(int d, int g, cudaError_t& err, Args&&... args) {
+#define KVWAVE_CASE(D, G) \
+  if (d == D && g == G) return err = F<D, G>::Run(args...), true;
+  KVWAVE_CASE(64, 1)
+  KVWAVE_CASE(64, 2) KVWAVE_CASE(64, 4) KVWAVE_CASE(64, 8) KVWAVE_CASE(128, 1) KVWAVE_CASE(128, 2)
+      KVWAVE_CASE(128, 4) KVWAVE_CASE(128, 8)
+#undef KVWAVE_CASE
+          return false;
+}
+
+template <int D, int G>
+struct ExactRunner {
+  static cudaError_t Run(const ExactArgs& a, int splits, int64_t pps, float* ws, cudaStream_t s) {
+    return LaunchExactTyped<D, G>(a, splits, pps, ws, s);
+  }
+};
+
+template <int D, int G>
+struct EstimateRunner {
+  static cudaError_t Run(const EstimateArgs& a, int splits, int64_t cps, float* ws,
+                         cudaStream_t s) {
+    return LaunchEstimateTyped<D, G>(a, splits, cps, ws, s);
+  }
+};
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+bool ExactSupported(int d, int g, DType kv_type) {
+  return (d == 64 || d == 128) && (g == 1 || g == 2 || g == 4 || g == 8) &&
+         (kv_type == DType::kBF16 || kv_type == DType::kF16);
+}
+
+int ExactSplits(int heads, int64_t max_pages_per_head, int pages_per_split, int sm_count) {
+  if (max_pages_per_head <= 0 || heads <= 0) return 1;
+  int64_t pps = pages_per_split;
+  if (pps <= 0) {
+    const int64_t want = CeilDiv(int64_t{sm_count} * 8, heads);  // ~8 blocks per SM
+    pps = std::max<int64_t>(32, CeilDiv(max_pages_per_head, want));
+  }
+  return static_cast<int>(CeilDiv(max_pages_per_head, pps));
+}
+
+size_t ExactWorkspaceBytes(int heads, int g, int d, int splits) {
+  return sizeof(float) * size_t(heads) * splits * g * (d + 1);
+}
+
+cudaError_t LaunchExactAttention(const ExactArgs& a, int splits, float* workspace,
+                                 cudaStream_t stream) {
+  const int64_t pps = CeilDiv(std::max<int64_t>(a.max_pages_per_head, 1), splits);
+  cudaError_t err = cudaErrorInvalidValue;
+  Dispatch<ExactRunner>(a.d, a.g, err, a, splits, pps, workspace, stream);
+  return err;
+}
+
+int EstimateSplits(int heads, int64_t max_clusters, int sm_count) {
+  if (max_clusters <= 0 || heads <= 0) return 1;
+  const int64_t want = CeilDiv(int64_t{sm_count} * 4, heads);
+  const int64_t cps = std::max<int64_t>(64, CeilDiv(max_clusters, want));
+  return static_cast<int>(CeilDiv(max_clusters, cps));
+}
+
+size_t EstimateWorkspaceBytes(int heads, int g, int d, int splits) {
+  return ExactWorkspaceBytes(heads, g, d, splits);
+}
+
+cudaError_t LaunchEstimateAttention(const EstimateArgs& a, int64_t max_clusters, int splits,
+                                    float* workspace, cudaStream_t stream) {
+  const int64_t cps = CeilDiv(std::max<int64_t>(max_clusters, 1), splits);
+  cudaError_t err = cudaErrorInvalidValue;
+  Dispatch<EstimateRunner>(a.d, a.g, err, a, splits, cps, workspace, stream);
+  return err;
+}
+
+cudaError_t LaunchMergeLse(float* out_a, float* lse_a, const float* out_b, const float* lse_b,
+                           int rows, int d, cudaStream_t stream) {
+  if (rows <= 0) return cudaSuccess;
+  MergeLseKernel<<<rows, std::min(d, 256), 0, stream>>>(out_a, lse_a, out_b, lse_b, rows, d);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchGatherPages(const void* const* src, void* const* dst, const int32_t* bytes,
+                              int64_t count, int64_t max_bytes, cudaStream_t stream) {
+  if (count <= 0) return cudaSuccess;
+  const int threads = static_cast<int>(std::clamp<int64_t>(max_bytes / 16, 32, 256));
+  const int blocks = static_cast<int>(std::min<int64_t>(count, 65535));
+  GatherKernel<<<blocks, threads, 0, stream>>>(src, dst, bytes, count);
+  return cudaGetLastError();
+}
+
+}  // namespace kvwave::gpu::cuda

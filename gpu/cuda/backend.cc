@@ -1,0 +1,234 @@
+// CudaBackend: streams, events and a workspace sized up front, and the argument checks and
+// workspace carving in front of each launcher (gpu/cuda/launchers.h).
+#include <cuda_runtime.h>
+
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "config/status_macros.h"
+#include "gpu/cuda/launchers.h"
+#include "gpu/cuda_backend.h"
+
+namespace kvwave::gpu {
+namespace {
+
+absl::Status FromCuda(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return absl::OkStatus();
+  // Clear the (non-sticky) error so the next call starts clean.
+  cudaGetLastError();
+  const std::string msg = absl::StrCat(std::string(what), ": ", std::string(cudaGetErrorName(err)),
+                                       " (", std::string(cudaGetErrorString(err)), ")");
+  if (err == cudaErrorMemoryAllocation) return absl::ResourceExhaustedError(msg);
+  if (err == cudaErrorInvalidValue) return absl::InvalidArgumentError(msg);
+  return absl::InternalError(msg);
+}
+
+bool GroupOk(int g) { return g == 1 || g == 2 || g == 4 || g == 8; }
+
+}  // namespace
+
+struct CudaBackend::Impl {
+  int device = 0;
+  std::vector<cudaStream_t> streams;
+  std::vector<cudaEvent_t> events;
+  void* workspace = nullptr;
+  size_t region_bytes = 0;  // workspace share of each stream
+
+  ~Impl() {
+    if (workspace != nullptr) cudaFree(workspace);
+    for (cudaEvent_t e : events) cudaEventDestroy(e);
+    for (cudaStream_t s : streams) cudaStreamDestroy(s);
+  }
+  absl::StatusOr<cudaStream_t> Stream(int i) const {
+    if (i < 0 || i >= static_cast<int>(streams.size()))
+      return absl::InvalidArgumentError(absl::StrCat("no stream ", i));
+    return streams[i];
+  }
+  absl::StatusOr<cudaEvent_t> Event(int i) const {
+    if (i < 0 || i >= static_cast<int>(events.size()))
+      return absl::InvalidArgumentError(absl::StrCat("no event ", i));
+    return events[i];
+  }
+  // The workspace region of stream i, if it holds `bytes`.
+  absl::StatusOr<float*> Workspace(int i, size_t bytes) const {
+    if (bytes > region_bytes)
+      return absl::ResourceExhaustedError(
+          absl::StrCat("op needs ", bytes, " workspace bytes, stream region holds ", region_bytes));
+    return reinterpret_cast<float*>(static_cast<char*>(workspace) + region_bytes * i);
+  }
+};
+
+DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
+  if (this != &o) {
+    Reset();
+    data_ = std::exchange(o.data_, nullptr);
+    size_ = std::exchange(o.size_, 0);
+  }
+  return *this;
+}
+
+void DeviceBuffer::Reset() {
+  if (data_ != nullptr) cudaFree(data_);
+  data_ = nullptr;
+  size_ = 0;
+}
+
+bool CudaBackend::DeviceAvailable() {
+  int count = 0;
+  const bool ok = cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+  cudaGetLastError();
+  return ok;
+}
+
+CudaBackend::CudaBackend(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+CudaBackend::~CudaBackend() = default;
+
+absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(
+    const CudaBackendOptions& options) {
+  if (options.num_streams < 1 || options.num_events < 0 || options.workspace_bytes < 0)
+    return absl::InvalidArgumentError("CudaBackend: bad options");
+  if (!DeviceAvailable()) return absl::UnavailableError("no CUDA device");
+  auto impl = std::make_unique<Impl>();
+  impl->device = options.device;
+  KVWAVE_RETURN_IF_ERROR(FromCuda(cudaSetDevice(options.device), "cudaSetDevice"));
+  cudaDeviceProp prop;
+  KVWAVE_RETURN_IF_ERROR(
+      FromCuda(cudaGetDeviceProperties(&prop, options.device), "cudaGetDeviceProperties"));
+  for (int i = 0; i < options.num_streams; ++i) {
+    cudaStream_t s;
+    KVWAVE_RETURN_IF_ERROR(
+        FromCuda(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate"));
+    impl->streams.push_back(s);
+  }
+  for (int i = 0; i < options.num_events; ++i) {
+    cudaEvent_t e;
+    KVWAVE_RETURN_IF_ERROR(FromCuda(cudaEventCreate(&e), "cudaEventCreate"));
+    impl->events.push_back(e);
+  }
+  // 256-byte aligned regions, one per stream.
+  impl->region_bytes =
+      (static_cast<size_t>(options.workspace_bytes) / options.num_streams) & ~size_t{255};
+  if (impl->region_bytes > 0) {
+    KVWAVE_RETURN_IF_ERROR(
+        FromCuda(cudaMalloc(&impl->workspace, impl->region_bytes * options.num_streams),
+                 "cudaMalloc(workspace)"));
+  }
+  std::unique_ptr<CudaBackend> backend(new CudaBackend(std::move(impl)));
+  backend->workspace_size_ = options.workspace_bytes;
+  backend->multiprocessors_ = prop.multiProcessorCount;
+  return backend;
+}
+
+absl::StatusOr<DeviceBuffer> CudaBackend::Allocate(size_t bytes) {
+  DeviceBuffer b;
+  if (bytes == 0) return b;
+  KVWAVE_RETURN_IF_ERROR(FromCuda(cudaMalloc(&b.data_, bytes), "cudaMalloc"));
+  b.size_ = bytes;
+  return b;
+}
+
+absl::Status CudaBackend::Copy(void* dst, const void* src, size_t bytes, int stream) {
+  KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
+  if (bytes == 0) return absl::OkStatus();
+  return FromCuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, s), "cudaMemcpyAsync");
+}
+
+absl::Status CudaBackend::Memset(void* dst, int value, size_t bytes, int stream) {
+  KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
+  return FromCuda(cudaMemsetAsync(dst, value, bytes, s), "cudaMemsetAsync");
+}
+
+absl::Status CudaBackend::Synchronize(int stream) {
+  KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
+  return FromCuda(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+}
+
+absl::Status CudaBackend::RecordEvent(int event, int stream) {
+  KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
+  KVWAVE_ASSIGN_OR_RETURN(cudaEvent_t e, impl_->Event(event));
+  return FromCuda(cudaEventRecord(e, s), "cudaEventRecord");
+}
+
+absl::Status CudaBackend::WaitEvent(int stream, int event) {
+  KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
+  KVWAVE_ASSIGN_OR_RETURN(cudaEvent_t e, impl_->Event(event));
+  return FromCuda(cudaStreamWaitEvent(s, e, 0), "cudaStreamWaitEvent");
+}
+
+absl::Status CudaBackend::SynchronizeEvent(int event) {
+  KVWAVE_ASSIGN_OR_RETURN(cudaEvent_t e, impl_->Event(event));
+  return FromCuda(cudaEventSynchronize(e), "cudaEventSynchronize");
+}
+
+absl::StatusOr<float> CudaBackend::ElapsedMs(int start_event, int end_event) {
+  KVWAVE_ASSIGN_OR_RETURN(cudaEvent_t a, impl_->Event(start_event));
+  KVWAVE_ASSIGN_OR_RETURN(cudaEvent_t b, impl_->Event(end_event));
+  float ms = 0;
+  KVWAVE_RETURN_IF_ERROR(FromCuda(cudaEventElapsedTime(&ms, a, b), "cudaEventElapsedTime"));
+  return ms;
+}
+
+absl::Status CudaBackend::ScoreClusters(const ScoreArgs& a, int stream) {
+  if (!GroupOk(a.g) || a.d <= 0 || a.d % 4 != 0 || a.heads < 0 || a.n < 0)
+    return absl::InvalidArgumentError("ScoreClusters: g must be 1/2/4/8 and d a multiple of 4");
+  KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
+  KVWAVE_ASSIGN_OR_RETURN(float* ws,
+                          impl_->Workspace(stream, cuda::ScoreWorkspaceBytes(a.heads, a.g, a.n)));
+  return FromCuda(cuda::LaunchScoreClusters(a, ws, s), "ScoreClusters");
+}
+
+absl::Status CudaBackend::SelectTopK(const TopKArgs& a, int stream) {
+  if (a.n < 0 || a.k < 0 || a.n > (int64_t{1} << 31) - 1 || a.out == nullptr ||
+      a.counts == nullptr || (a.out2 != nullptr && a.counts2 == nullptr))
+    return absl::InvalidArgumentError("SelectTopK: bad arguments");
+  KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
+  return FromCuda(cuda::LaunchSelectTopK(a, s), "SelectTopK");
+}
+
+absl::Status CudaBackend::ExactAttention(const ExactArgs& a, int stream) {
+  if (!cuda::ExactSupported(a.d, a.g, a.kv_type))
+    return absl::InvalidArgumentError(absl::StrCat("ExactAttention: unsupported d=", a.d,
+                                                   " g=", a.g,
+                                                   " (d 64/128, g 1/2/4/8, "
+                                                   "bf16 or f16 K/V)"));
+  KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
+  const int splits =
+      cuda::ExactSplits(a.heads, a.max_pages_per_head, a.pages_per_split, multiprocessors_);
+  KVWAVE_ASSIGN_OR_RETURN(
+      float* ws, impl_->Workspace(stream, cuda::ExactWorkspaceBytes(a.heads, a.g, a.d, splits)));
+  if (a.heads == 0) return absl::OkStatus();
+  return FromCuda(cuda::LaunchExactAttention(a, splits, ws, s), "ExactAttention");
+}
+
+absl::Status CudaBackend::EstimateAttention(const EstimateArgs& a, int stream) {
+  if (!cuda::ExactSupported(a.d, a.g, DType::kBF16))
+    return absl::InvalidArgumentError("EstimateAttention: d must be 64/128 and g 1/2/4/8");
+  KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
+  const int splits = cuda::EstimateSplits(a.heads, a.list_stride, multiprocessors_);
+  KVWAVE_ASSIGN_OR_RETURN(
+      float* ws, impl_->Workspace(stream, cuda::EstimateWorkspaceBytes(a.heads, a.g, a.d, splits)));
+  if (a.heads == 0) return absl::OkStatus();
+  return FromCuda(cuda::LaunchEstimateAttention(a, a.list_stride, splits, ws, s),
+                  "EstimateAttention");
+}
+
+absl::Status CudaBackend::MergeLse(float* out_a, float* lse_a, const float* out_b,
+                                   const float* lse_b, int rows, int d, int stream) {
+  KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
+  return FromCuda(cuda::LaunchMergeLse(out_a, lse_a, out_b, lse_b, rows, d, s), "MergeLse");
+}
+
+absl::Status CudaBackend::KMeansAssign(const AssignArgs& a, int stream) {
+  KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
+  return FromCuda(cuda::LaunchKMeansAssign(a, s), "KMeansAssign");
+}
+
+absl::Status CudaBackend::GatherPages(const void* const* src, void* const* dst,
+                                      const int32_t* bytes, int64_t count, int64_t max_bytes,
+                                      int stream) {
+  KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
+  return FromCuda(cuda::LaunchGatherPages(src, dst, bytes, count, max_bytes, s), "GatherPages");
+}
+
+}  // namespace kvwave::gpu

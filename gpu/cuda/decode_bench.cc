@@ -1,0 +1,392 @@
+// kvwave-decode-bench: one decode step of Attend (tripartite attention through the wave buffer,
+// KV in pinned host memory, a GPU page cache) against full attention with the KV on the GPU and
+// full attention streaming the KV from pinned host memory, Llama-3-8B's shape by default.
+//
+// Data: synthetic clustered keys (buffer/synthetic_kv.h: 16-token clusters around random centres,
+// oracle clustering, 64 steady tokens), queries an AR(1) walk per (layer, head) (rho = --rho) so
+// that consecutive steps overlap as decode queries do. Where a context's KV for all layers passes
+// --host-gib, a subset of layers is timed (one after another, as in decode) and scaled by
+// layers / subset; the table says so. Roofline: the bytes each method must move over the measured
+// HBM (device-to-device copy) and PCIe (pinned host-to-device copy) bandwidths.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "CLI/CLI.hpp"
+#include "absl/strings/str_split.h"
+#include "buffer/pinned_allocator.h"
+#include "buffer/synthetic_kv.h"
+#include "buffer/wave_buffer.h"
+#include "gpu/cuda_backend.h"
+
+namespace kvwave {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double Ms(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+#define CHECK_OK(expr)                                                               \
+  do {                                                                               \
+    absl::Status s_ = (expr);                                                        \
+    if (!s_.ok()) {                                                                  \
+      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, s_.ToString().c_str()); \
+      std::exit(1);                                                                  \
+    }                                                                                \
+  } while (0)
+
+struct Options {
+  std::vector<int64_t> contexts = {32768, 131072, 524288, 1048576};
+  int layers = 32, heads = 8, g = 4, d = 128;
+  double host_gib = 16, cache = 0.05, retrieval = 0.018, estimation = 0.232, rho = 0.9;
+  int steps = 12, warmup = 6;
+  std::string json;
+};
+
+struct Bandwidth {
+  double hbm = 0, pcie = 0;  // bytes/s
+};
+
+Bandwidth MeasureBandwidth(gpu::CudaBackend* b) {
+  const size_t bytes = size_t{2} << 30;
+  auto d1 = b->Allocate(bytes), d2 = b->Allocate(bytes);
+  auto h = store::HostBuffer::Allocate(buffer::PinnedAllocator(), bytes);
+  CHECK_OK(d1.status());
+  CHECK_OK(d2.status());
+  CHECK_OK(h.status());
+  std::memset(h->data(), 1, bytes);
+  Bandwidth bw;
+  std::vector<double> hbm, pcie;
+  for (int i = 0; i < 6; ++i) {
+    auto t0 = Clock::now();
+    CHECK_OK(b->Copy(d2->data(), d1->data(), bytes));
+    CHECK_OK(b->Synchronize());
+    auto t1 = Clock::now();
+    CHECK_OK(b->Copy(d1->data(), h->data(), bytes));
+    CHECK_OK(b->Synchronize());
+    auto t2 = Clock::now();
+    if (i == 0) continue;
+    hbm.push_back(2.0 * bytes / (Ms(t0, t1) * 1e-3));  // read + write
+    pcie.push_back(double(bytes) / (Ms(t1, t2) * 1e-3));
+  }
+  bw.hbm = Median(hbm);
+  bw.pcie = Median(pcie);
+  return bw;
+}
+
+// Full attention over every page of `layers` layers, with K/V at kbase/vbase (device or pinned
+// host, same layout as kv). Returns the median ms per pass over all listed layers.
+double TimeFull(gpu::CudaBackend* b, const buffer::SyntheticKv& kv, const std::byte* kbase,
+                const std::byte* vbase, const std::byte* steady_k, const std::byte* steady_v,
+                const float* q, float* out, float* lse, int reps) {
+  const auto& s = kv.shape();
+  const size_t row = s.d * 2;
+  std::vector<gpu::DeviceBuffer> descr;
+  std::vector<const gpu::PageRef*> pages;
+  std::vector<const int32_t*> offs;
+  int64_t max_pages = 0;
+  for (int l = 0; l < s.layers; ++l) {
+    std::vector<gpu::PageRef> p;
+    std::vector<int32_t> off = {0};
+    for (int h = 0; h < s.heads; ++h) {
+      const int64_t u = int64_t{l} * s.heads + h;
+      const std::byte* sk = steady_k + row * s.steady_rows * u;
+      const std::byte* sv = steady_v + row * s.steady_rows * u;
+      for (int r = 0; r < s.steady_rows; r += 8)
+        p.push_back({sk + r * row, sv + r * row, std::min(8, s.steady_rows - r), 0});
+      const int64_t base = kv.k(u) - kv.k(0);
+      for (int64_t r = 0; r < kv.rows(u); r += 8)  // fixed-size clusters: no padding
+        p.push_back({kbase + base + r * row, vbase + base + r * row, 8, 0});
+      off.push_back(static_cast<int32_t>(p.size()));
+      max_pages = std::max<int64_t>(max_pages, off[h + 1] - off[h]);
+    }
+    auto buf = b->Allocate(sizeof(gpu::PageRef) * p.size() + sizeof(int32_t) * off.size() + 16);
+    CHECK_OK(buf.status());
+    CHECK_OK(b->Copy(buf->data(), p.data(), sizeof(gpu::PageRef) * p.size()));
+    auto* o = buf->as<std::byte>() + sizeof(gpu::PageRef) * p.size();
+    CHECK_OK(b->Copy(o, off.data(), sizeof(int32_t) * off.size()));
+    pages.push_back(buf->as<gpu::PageRef>());
+    offs.push_back(reinterpret_cast<const int32_t*>(o));
+    descr.push_back(std::move(*buf));
+  }
+  CHECK_OK(b->Synchronize());
+  std::vector<double> times;
+  for (int rep = 0; rep <= reps; ++rep) {
+    CHECK_OK(b->RecordEvent(8, 0));
+    for (int l = 0; l < s.layers; ++l) {
+      gpu::ExactArgs a;
+      a.q = q + int64_t{l} * s.heads * s.g * s.d;
+      a.heads = s.heads;
+      a.g = s.g;
+      a.d = s.d;
+      a.scale = 1.0f / std::sqrt(float(s.d));
+      a.kv_type = DType::kBF16;
+      a.pages = pages[l];
+      a.page_offsets = offs[l];
+      a.max_pages_per_head = max_pages;
+      a.out = out;
+      a.lse = lse;
+      CHECK_OK(b->ExactAttention(a));
+    }
+    CHECK_OK(b->RecordEvent(9, 0));
+    CHECK_OK(b->Synchronize());
+    auto ms = b->ElapsedMs(8, 9);
+    CHECK_OK(ms.status());
+    if (rep > 0 || reps == 0) times.push_back(*ms);
+  }
+  return Median(times);
+}
+
+struct Row {
+  int64_t context = 0;
+  int timed_layers = 0;
+  double attend_ms = 0, full_gpu_ms = -1, full_host_ms = 0;
+  double hit_ratio = 0, pcie_bytes = 0, hbm_bytes = 0;
+  double attend_roof_ms = 0, full_gpu_roof_ms = 0, full_host_roof_ms = 0;
+  double check_err = -1;
+  int64_t pool_pages = 0, overflow = 0;
+};
+
+Row RunContext(gpu::CudaBackend* b, const Options& o, int64_t context, const Bandwidth& bw) {
+  Row row;
+  row.context = context;
+  const double layer_bytes = double(context) * o.heads * o.d * 2 * 2;
+  const int sub = std::clamp<int>(int(o.host_gib * double(1 << 30) / layer_bytes), 1, o.layers);
+  row.timed_layers = sub;
+  const double scale = double(o.layers) / sub;
+  buffer::SyntheticShape shape;
+  shape.layers = sub;
+  shape.heads = o.heads;
+  shape.g = o.g;
+  shape.d = o.d;
+  shape.steady_rows = 64;
+  shape.clusters = (context - shape.steady_rows) / shape.cluster_tokens;
+  shape.seed = 1234 + context;
+  auto t0 = Clock::now();
+  auto kv = buffer::SyntheticKv::Create(shape, buffer::PinnedAllocator());
+  CHECK_OK(kv.status());
+  std::fprintf(stderr, "context %ld: %d layers, %.1f GiB pinned, generated in %.1f s\n",
+               long(context), sub, (*kv)->kv_bytes() / double(1 << 30), Ms(t0, Clock::now()) / 1e3);
+  buffer::WaveBufferOptions w;
+  w.layers = sub;
+  w.heads = o.heads;
+  w.g = o.g;
+  w.d = o.d;
+  w.clusters = shape.clusters;
+  w.retrieval = o.retrieval;
+  w.estimation = o.estimation;
+  w.cache_bytes = static_cast<int64_t>(o.cache * (*kv)->kv_bytes());
+  w.max_cluster_pages = 2;
+  auto wb = buffer::WaveBuffer::Create(b, w, (*kv)->Units());
+  CHECK_OK(wb.status());
+  row.pool_pages = (*wb)->pool_pages();
+
+  // Queries: AR(1) per (layer, head) across steps; g heads = shared walk + own noise.
+  const int steps = o.warmup + o.steps;
+  const int64_t per_layer = int64_t{o.heads} * o.g * o.d;
+  std::vector<float> q(int64_t{steps} * sub * per_layer);
+  std::mt19937 rng(77 + context);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> walk(sub * o.heads * o.d);
+  for (auto& x : walk) x = nd(rng);
+  const float a = float(o.rho), bnoise = std::sqrt(1.f - a * a);
+  for (int s = 0; s < steps; ++s) {
+    for (auto& x : walk) x = a * x + bnoise * nd(rng);
+    for (int l = 0; l < sub; ++l)
+      for (int h = 0; h < o.heads; ++h)
+        for (int j = 0; j < o.g; ++j)
+          for (int e = 0; e < o.d; ++e)
+            q[((int64_t{s} * sub + l) * o.heads * o.g + h * o.g + j) * o.d + e] =
+                2.5f * (walk[(l * o.heads + h) * o.d + e] + 0.3f * nd(rng));
+  }
+  auto q_dev = b->Allocate(sizeof(float) * q.size());
+  auto out = b->Allocate(sizeof(float) * per_layer);
+  auto lse = b->Allocate(sizeof(float) * o.heads * o.g);
+  CHECK_OK(q_dev.status());
+  CHECK_OK(out.status());
+  CHECK_OK(lse.status());
+  CHECK_OK(b->Copy(q_dev->data(), q.data(), sizeof(float) * q.size()));
+  CHECK_OK(b->Synchronize());
+
+  std::vector<double> times;
+  buffer::StepStats total;
+  for (int s = 0; s < steps; ++s) {
+    buffer::StepStats step;
+    auto t1 = Clock::now();
+    for (int l = 0; l < sub; ++l) {
+      buffer::StepStats st;
+      CHECK_OK((*wb)->AttendLayer(l, q_dev->as<float>() + (int64_t{s} * sub + l) * per_layer,
+                                  out->as<float>(), lse->as<float>(), &st));
+      step.Add(st);
+    }
+    CHECK_OK(b->Synchronize(0));
+    const double ms = Ms(t1, Clock::now());
+    if (s >= o.warmup) {
+      times.push_back(ms * scale);
+      total.Add(step);
+    }
+    if (s == steps - 1) {  // check layer sub-1 of the last step against the CPU backend
+      std::vector<float> got(per_layer), ref(o.g * o.d), ref_lse(o.g);
+      CHECK_OK(b->Copy(got.data(), out->data(), sizeof(float) * per_layer));
+      CHECK_OK(b->Synchronize());
+      double num = 0, den = 0;
+      for (int h = 0; h < o.heads; ++h) {
+        const float* qq = q.data() + (int64_t{s} * sub + sub - 1) * per_layer + h * o.g * o.d;
+        CHECK_OK((*kv)->ReferenceAttend(int64_t{sub - 1} * o.heads + h, qq,
+                                        (*wb)->retrieval_clusters(), (*wb)->estimation_clusters(),
+                                        ref.data(), ref_lse.data()));
+        for (int i = 0; i < o.g * o.d; ++i) {
+          num += std::pow(double(got[h * o.g * o.d + i]) - ref[i], 2);
+          den += double(ref[i]) * ref[i];
+        }
+      }
+      row.check_err = std::sqrt(num / den);
+    }
+  }
+  CHECK_OK((*wb)->Finish());
+  const double calls = double(o.steps) * sub;
+  std::fprintf(stderr,
+               "context %ld per layer (host us): score+topk+D2H %.1f, wait commit %.1f, "
+               "classify %.1f, launch %.1f\n",
+               long(context), total.score_us / calls, total.wait_commit_us / calls,
+               total.classify_us / calls, total.launch_us / calls);
+  row.overflow = (*wb)->policy_stats().overflow;
+  row.attend_ms = Median(times);
+  const double n_steps = o.steps;
+  row.hit_ratio =
+      double(total.hit_pages) / std::max<int64_t>(1, total.hit_pages + total.miss_pages);
+  row.pcie_bytes = total.pcie_bytes / n_steps * scale;
+  // HBM bytes Attend must move per step: centroids + sizes of every cluster, value sums of the
+  // estimation zone, exact rows read (hits and steady from the pool, misses once more from the
+  // execution buffer after the gather writes them), admission copies (read + write).
+  const double units = double(o.layers) * o.heads, rowb = o.d * 2.0;
+  const double meta =
+      units * shape.clusters * (o.d * 4.0 + 4) + units * (*wb)->estimation_clusters() * o.d * 4.0;
+  const double exact = 2 * rowb * total.exact_rows / n_steps * scale;
+  const double miss = row.pcie_bytes;
+  row.hbm_bytes = meta + exact + miss /*gather write*/ + 2 * miss /*admission*/;
+  row.attend_roof_ms = 1e3 * std::max(row.hbm_bytes / bw.hbm, row.pcie_bytes / bw.pcie);
+  const double full_bytes = double(context) * o.layers * o.heads * o.d * 2 * 2;
+  row.full_gpu_roof_ms = 1e3 * full_bytes / bw.hbm;
+  row.full_host_roof_ms = 1e3 * full_bytes / bw.pcie;
+  wb->reset();
+
+  // Steady zone copies on both sides, then (a) KV on the GPU, (b) KV streamed from pinned host.
+  const size_t srow = o.d * 2 * size_t{64};
+  std::vector<std::byte> sk(srow * sub * o.heads), sv(sk.size());
+  const auto units_l = (*kv)->Units();
+  for (size_t u = 0; u < units_l.size(); ++u) {
+    std::memcpy(sk.data() + srow * u, units_l[u].steady_k, srow);
+    std::memcpy(sv.data() + srow * u, units_l[u].steady_v, srow);
+  }
+  auto sk_dev = b->Allocate(sk.size()), sv_dev = b->Allocate(sv.size());
+  CHECK_OK(sk_dev.status());
+  CHECK_OK(sv_dev.status());
+  CHECK_OK(b->Copy(sk_dev->data(), sk.data(), sk.size()));
+  CHECK_OK(b->Copy(sv_dev->data(), sv.data(), sv.size()));
+  const size_t kv_half = (*kv)->rows(0) * size_t(o.d) * 2 * (*kv)->units();
+  {
+    auto kd = b->Allocate(kv_half), vd = b->Allocate(kv_half);
+    if (kd.ok() && vd.ok()) {
+      CHECK_OK(b->Copy(kd->data(), (*kv)->k(0), kv_half));
+      CHECK_OK(b->Copy(vd->data(), (*kv)->v(0), kv_half));
+      CHECK_OK(b->Synchronize());
+      row.full_gpu_ms = scale * TimeFull(b, **kv, kd->as<std::byte>(), vd->as<std::byte>(),
+                                         sk_dev->as<std::byte>(), sv_dev->as<std::byte>(),
+                                         q_dev->as<float>(), out->as<float>(), lse->as<float>(), 5);
+    }
+  }
+  row.full_host_ms = scale * TimeFull(b, **kv, (*kv)->k(0), (*kv)->v(0), sk_dev->as<std::byte>(),
+                                      sv_dev->as<std::byte>(), q_dev->as<float>(), out->as<float>(),
+                                      lse->as<float>(), context > 200000 ? 1 : 3);
+  return row;
+}
+
+int Main(int argc, char** argv) {
+  CLI::App app{"decode step: Attend (wave buffer) vs full attention on GPU / streamed from host"};
+  Options o;
+  std::string contexts = "32768,131072,524288,1048576";
+  app.add_option("--contexts", contexts, "context lengths, comma separated");
+  app.add_option("--layers", o.layers);
+  app.add_option("--host-gib", o.host_gib,
+                 "host KV per context; beyond it a layer subset is timed");
+  app.add_option("--cache", o.cache, "GPU cache, fraction of the KV");
+  app.add_option("--retrieval", o.retrieval);
+  app.add_option("--estimation", o.estimation);
+  app.add_option("--rho", o.rho, "AR(1) coefficient of the queries across steps");
+  app.add_option("--steps", o.steps);
+  app.add_option("--warmup", o.warmup);
+  app.add_option("--json", o.json);
+  CLI11_PARSE(app, argc, argv);
+  o.contexts.clear();
+  for (auto p : absl::StrSplit(contexts, ',')) o.contexts.push_back(std::stoll(std::string(p)));
+  auto backend = gpu::CudaBackend::Create({});
+  CHECK_OK(backend.status());
+  gpu::CudaBackend* b = backend->get();
+  const Bandwidth bw = MeasureBandwidth(b);
+  std::printf("# kvwave-decode-bench: %d layers x %d KV heads x %d q/KV, d=%d, bf16, batch 1\n",
+              o.layers, o.heads, o.g, o.d);
+  std::printf(
+      "# data: synthetic clustered keys (16-token clusters, oracle clustering), AR(1) "
+      "queries rho=%.2f; cache %.0f%% of KV; retrieval %.1f%% + estimation %.1f%% of "
+      "clusters\n",
+      o.rho, 100 * o.cache, 100 * o.retrieval, 100 * o.estimation);
+  std::printf("# measured: HBM %.0f GB/s (D2D copy, read+write), PCIe %.1f GB/s (pinned H2D)\n",
+              bw.hbm / 1e9, bw.pcie / 1e9);
+  std::vector<Row> rows;
+  for (int64_t c : o.contexts) {
+    rows.push_back(RunContext(b, o, c, bw));
+    const Row& r = rows.back();
+    std::fprintf(stderr,
+                 "done %ld: attend %.3f ms (roof %.3f) hit %.3f gpu %.3f host %.1f err %.1e\n",
+                 long(c), r.attend_ms, r.attend_roof_ms, r.hit_ratio, r.full_gpu_ms, r.full_host_ms,
+                 r.check_err);
+  }
+  std::printf("%8s %6s %10s %9s %6s %10s %10s %9s %6s %11s %9s %12s %9s %9s %8s\n", "context",
+              "layers", "attend_ms", "roof_ms", "x_roof", "hit_ratio", "pcie_MB", "hbm_MB",
+              "gpu_ms", "gpu_roof_ms", "host_ms", "host_roof_ms", "vs_gpu", "vs_host", "err");
+  for (const Row& r : rows) {
+    std::printf(
+        "%8ld %3d/%-2d %10.3f %9.3f %6.2f %10.3f %10.1f %9.1f %6.2f %11.3f %9.1f %12.1f "
+        "%9.2f %9.1f %8.1e\n",
+        long(r.context), r.timed_layers, o.layers, r.attend_ms, r.attend_roof_ms,
+        r.attend_ms / r.attend_roof_ms, r.hit_ratio, r.pcie_bytes / 1e6, r.hbm_bytes / 1e6,
+        r.full_gpu_ms, r.full_gpu_roof_ms, r.full_host_ms, r.full_host_roof_ms,
+        r.full_gpu_ms / r.attend_ms, r.full_host_ms / r.attend_ms, r.check_err);
+  }
+  if (!o.json.empty()) {
+    FILE* f = std::fopen(o.json.c_str(), "w");
+    std::fprintf(f, "{\"hbm_Bps\": %.4g, \"pcie_Bps\": %.4g, \"rows\": [\n", bw.hbm, bw.pcie);
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const Row& r = rows[i];
+      std::fprintf(
+          f,
+          "  {\"context\": %ld, \"timed_layers\": %d, \"layers\": %d, \"attend_ms\": %.4f, "
+          "\"attend_roofline_ms\": %.4f, \"hit_ratio\": %.4f, \"pcie_bytes\": %.4g, "
+          "\"hbm_bytes\": %.4g, \"full_gpu_ms\": %.4f, \"full_gpu_roofline_ms\": %.4f, "
+          "\"full_host_ms\": %.4f, \"full_host_roofline_ms\": %.4f, \"pool_pages\": %ld, "
+          "\"overflow\": %ld, \"check_rel_err\": %.3g}%s\n",
+          long(r.context), r.timed_layers, o.layers, r.attend_ms, r.attend_roof_ms, r.hit_ratio,
+          r.pcie_bytes, r.hbm_bytes, r.full_gpu_ms, r.full_gpu_roof_ms, r.full_host_ms,
+          r.full_host_roof_ms, long(r.pool_pages), long(r.overflow), r.check_err,
+          i + 1 < rows.size() ? "," : "");
+    }
+    std::fprintf(f, "]}\n");
+    std::fclose(f);
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace kvwave
+
+int main(int argc, char** argv) { return kvwave::Main(argc, argv); }

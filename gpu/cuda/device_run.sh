@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs the GPU tests and the decode benchmark on the device machine (one call), logs under $OUT.
+# Usage (from the repo root there): bash gpu/cuda/device_run.sh [bench args...]
+set -o pipefail
+mkdir -p /tmp/pk && tar xJf .device/pk.tar.xz -C /tmp/pk || exit 1
+export LD_LIBRARY_PATH=/tmp/pk/pk/lib
+B=/tmp/pk/pk/bin
+T=$OUT/gpu_tests_h200.txt
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee $T
+for t in gpu_cuda_cuda_kernels_test gpu_cuda_wave_buffer_test buffer_wave_policy_test; do
+  echo "== $t" | tee -a $T
+  timeout 120 $B/$t 2>&1 | tail -n 60 | tee -a $T
+done
+echo "== kvwave-decode-bench $*" | tee $OUT/decode_h200.txt
+timeout ${BENCH_TIMEOUT:-420} $B/kvwave-decode-bench --json $OUT/decode_h200.json "$@" 2>&1 | tee -a $OUT/decode_h200.txt

@@ -1,0 +1,48 @@
+// Launchers of kvwave's CUDA kernels: plain pointers, sizes and a stream in, a cudaError_t out.
+// They allocate nothing: scratch buffers are passed in by the caller (CudaBackend's workspace),
+// with their sizes given by the *WorkspaceBytes helpers. Pointers must be device-accessible
+// (device memory or mapped pinned host memory). Stateless and thread-safe; the kernels behind
+// them are file-static in the .cu files.
+#ifndef KVWAVE_GPU_CUDA_LAUNCHERS_H_
+#define KVWAVE_GPU_CUDA_LAUNCHERS_H_
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "gpu/cuda_backend.h"
+
+namespace kvwave::gpu::cuda {
+
+// ---- attention.cu ----
+// Split count used by LaunchExactAttention for a given shape, and its scratch size in bytes.
+int ExactSplits(int heads, int64_t max_pages_per_head, int pages_per_split, int sm_count);
+size_t ExactWorkspaceBytes(int heads, int g, int d, int splits);
+// True when (d, g, kv_type) has an instantiated kernel.
+bool ExactSupported(int d, int g, DType kv_type);
+cudaError_t LaunchExactAttention(const ExactArgs& a, int splits, float* workspace,
+                                 cudaStream_t stream);
+
+int EstimateSplits(int heads, int64_t max_clusters, int sm_count);
+size_t EstimateWorkspaceBytes(int heads, int g, int d, int splits);
+cudaError_t LaunchEstimateAttention(const EstimateArgs& a, int64_t max_clusters, int splits,
+                                    float* workspace, cudaStream_t stream);
+
+cudaError_t LaunchMergeLse(float* out_a, float* lse_a, const float* out_b, const float* lse_b,
+                           int rows, int d, cudaStream_t stream);
+
+cudaError_t LaunchGatherPages(const void* const* src, void* const* dst, const int32_t* bytes,
+                              int64_t count, int64_t max_bytes, cudaStream_t stream);
+
+// ---- scoring.cu ----
+size_t ScoreWorkspaceBytes(int heads, int g, int64_t n);
+cudaError_t LaunchScoreClusters(const ScoreArgs& a, float* workspace, cudaStream_t stream);
+cudaError_t LaunchSelectTopK(const TopKArgs& a, cudaStream_t stream);
+
+// ---- kmeans.cu ----
+cudaError_t LaunchKMeansAssign(const AssignArgs& a, cudaStream_t stream);
+
+}  // namespace kvwave::gpu::cuda
+
+#endif  // KVWAVE_GPU_CUDA_LAUNCHERS_H_

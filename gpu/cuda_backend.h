@@ -1,0 +1,209 @@
+// CUDA backend of kvwave's attention kernels, behind a CUDA-free interface (no CUDA header is
+// included here, so any module can hold a CudaBackend without nvcc).
+//
+// The same functions as the CPU reference backend (gpu/attention_cpu.h), batched over the KV heads
+// of one layer: centroid scoring with the per-group softmax sum, top-k cluster selection, exact
+// attention over an execution buffer of pages (flash-decoding: split along the keys, LSE merge),
+// estimation-zone attention from centroids and value sums, LSE merge, and spherical k-means
+// assignment. Conventions (scale, lse = -inf for an empty set) are those of attention_cpu.h.
+//
+// Memory: every pointer handed to an op must be device-accessible: device memory from Allocate(),
+// or pinned host memory from cudaHostAlloc(..., cudaHostAllocMapped) (buffer/pinned_allocator.h),
+// which kernels read directly over PCIe (zero-copy; unified addressing makes the host pointer
+// valid on the device). Ops are asynchronous on one of the backend's streams and allocate nothing:
+// scratch comes from a workspace sized once in Create(); an op that would need more fails with
+// RESOURCE_EXHAUSTED before launching anything.
+//
+// Thread-safety: ops that use the workspace (ScoreClusters, ExactAttention, EstimateAttention)
+// share their stream's region, so each stream takes them from one thread at a time. Copy, Memset,
+// events, MergeLse, SelectTopK, KMeansAssign and GatherPages keep no state and may be called from
+// several threads at once (the wave buffer's committer thread queues copies on stream 1).
+#ifndef KVWAVE_GPU_CUDA_BACKEND_H_
+#define KVWAVE_GPU_CUDA_BACKEND_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "config/dtype.h"
+
+namespace kvwave::gpu {
+
+// One page of the execution buffer: `rows` consecutive key rows at k and value rows at v
+// (row = d elements). 1 <= rows <= kMaxPageRows; padding rows are never listed.
+struct PageRef {
+  const void* k = nullptr;
+  const void* v = nullptr;
+  int32_t rows = 0;
+  int32_t reserved = 0;
+};
+inline constexpr int kMaxPageRows = 8;
+
+// Sizes the backend's resources up front.
+struct CudaBackendOptions {
+  int device = 0;
+  int64_t workspace_bytes = int64_t{256} << 20;  // scratch shared by all ops
+  int num_streams = 2;                           // stream 0: compute; 1..: copies
+  int num_events = 64;                           // for cross-stream ordering (RecordEvent)
+};
+
+// Owner of one device allocation (device memory), freed on destruction.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(DeviceBuffer&& o) noexcept { *this = std::move(o); }
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() { Reset(); }
+  void* data() const { return data_; }
+  size_t size() const { return size_; }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(data_);
+  }
+  void Reset();
+
+ private:
+  friend class CudaBackend;
+  void* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+// Arguments of ScoreClusters: `heads` KV heads, each with g query heads of dim d and n clusters.
+// Head h reads q + h*g*d, centroids + h*centroid_stride (float32 [n x d]), sizes + h*size_stride,
+// and writes scores + h*score_stride [n]: scores[j] = sum over its g query heads of the softmax,
+// over the non-empty clusters, of scale * q . centroid_j; -inf for empty clusters.
+struct ScoreArgs {
+  const float* q = nullptr;
+  int heads = 0, g = 0, d = 0;
+  float scale = 0;
+  const float* centroids = nullptr;
+  int64_t centroid_stride = 0;
+  const int32_t* sizes = nullptr;
+  int64_t size_stride = 0;
+  int64_t n = 0;
+  float* scores = nullptr;  // device
+  int64_t score_stride = 0;
+};
+
+// Arguments of SelectTopK: per head, the indices of the k largest finite scores (ties: lower index
+// first) go to out + h*out_stride in increasing index order, and their count (min(k, finite)) to
+// counts[h]. When k2 > k, the indices ranked [k, k2) go to out2 + h*out_stride, count in counts2.
+struct TopKArgs {
+  const float* scores = nullptr;
+  int heads = 0;
+  int64_t n = 0, score_stride = 0;
+  int64_t k = 0, k2 = 0;
+  int32_t* out = nullptr;
+  int32_t* out2 = nullptr;
+  int64_t out_stride = 0;
+  int32_t* counts = nullptr;
+  int32_t* counts2 = nullptr;
+};
+
+// Arguments of ExactAttention over an execution buffer. Head h attends over
+// pages[page_offsets[h] .. page_offsets[h+1]) with its g query rows q + h*g*d, and writes
+// out + h*g*d (float32 [g x d]) and lse + h*g. pages and page_offsets are device-accessible.
+// kv_type: kBF16 or kF16; d: 64 or 128; g: 1, 2, 4 or 8.
+struct ExactArgs {
+  const float* q = nullptr;
+  int heads = 0, g = 0, d = 0;
+  float scale = 0;
+  DType kv_type = DType::kBF16;
+  const PageRef* pages = nullptr;
+  const int32_t* page_offsets = nullptr;  // [heads + 1]
+  int64_t max_pages_per_head = 0;         // host-known bound, sizes the split grid
+  int pages_per_split = 0;                // 0: chosen from the sizes
+  float* out = nullptr;
+  float* lse = nullptr;
+};
+
+// Arguments of EstimateAttention: head h uses centroids/value_sums + h*cluster_stride*d,
+// sizes + h*cluster_stride, and the clusters listed at clusters + h*list_stride, counts[h] of them.
+struct EstimateArgs {
+  const float* q = nullptr;
+  int heads = 0, g = 0, d = 0;
+  float scale = 0;
+  const float* centroids = nullptr;
+  const float* value_sums = nullptr;
+  const int32_t* sizes = nullptr;
+  int64_t cluster_stride = 0;
+  const int32_t* clusters = nullptr;
+  const int32_t* counts = nullptr;
+  int64_t list_stride = 0;
+  float* out = nullptr;
+  float* lse = nullptr;
+};
+
+// Spherical k-means assignment: assignment[i] = argmax_j x_i . c_j (ties: lower j) for n rows
+// x [n x d] (float32) against c [k x d] (float32, normalised by the caller); best[i] the dot.
+struct AssignArgs {
+  const float* x = nullptr;
+  int64_t n = 0;
+  const float* centroids = nullptr;
+  int64_t k = 0;
+  int d = 0;
+  int32_t* assignment = nullptr;
+  float* best = nullptr;
+};
+
+class CudaBackend {
+ public:
+  // True when a CUDA device can be used (tests skip otherwise).
+  static bool DeviceAvailable();
+  // Creates streams, events and the workspace. Errors: no device, out of device memory (the
+  // error is cleared, so a later Create with sane sizes works).
+  [[nodiscard]] static absl::StatusOr<std::unique_ptr<CudaBackend>> Create(
+      const CudaBackendOptions& options);
+  ~CudaBackend();
+  CudaBackend(const CudaBackend&) = delete;
+  CudaBackend& operator=(const CudaBackend&) = delete;
+
+  // Device memory, and copies between any two device-accessible or host pointers (async on
+  // `stream`; pageable host memory makes the copy synchronous).
+  [[nodiscard]] absl::StatusOr<DeviceBuffer> Allocate(size_t bytes);
+  [[nodiscard]] absl::Status Copy(void* dst, const void* src, size_t bytes, int stream = 0);
+  [[nodiscard]] absl::Status Memset(void* dst, int value, size_t bytes, int stream = 0);
+  [[nodiscard]] absl::Status Synchronize(int stream = 0);
+  // Event `event` (0 <= event < num_events) marks the work queued so far on `stream`; WaitEvent
+  // makes later work on `stream` wait for it; EventQuery reports whether it has completed.
+  [[nodiscard]] absl::Status RecordEvent(int event, int stream);
+  [[nodiscard]] absl::Status WaitEvent(int stream, int event);
+  [[nodiscard]] absl::Status SynchronizeEvent(int event);
+  // Milliseconds between two recorded events (both completed).
+  [[nodiscard]] absl::StatusOr<float> ElapsedMs(int start_event, int end_event);
+
+  // Kernels, queued on `stream`.
+  [[nodiscard]] absl::Status ScoreClusters(const ScoreArgs& args, int stream = 0);
+  [[nodiscard]] absl::Status SelectTopK(const TopKArgs& args, int stream = 0);
+  [[nodiscard]] absl::Status ExactAttention(const ExactArgs& args, int stream = 0);
+  [[nodiscard]] absl::Status EstimateAttention(const EstimateArgs& args, int stream = 0);
+  // In place: (out_a, lse_a) <- merge((out_a, lse_a), (out_b, lse_b)) for `rows` heads of dim d.
+  [[nodiscard]] absl::Status MergeLse(float* out_a, float* lse_a, const float* out_b,
+                                      const float* lse_b, int rows, int d, int stream = 0);
+  [[nodiscard]] absl::Status KMeansAssign(const AssignArgs& args, int stream = 0);
+  // Gathers `count` pages: for each i, copies rows_bytes[i] bytes from src[i] to dst[i] with the
+  // GPU's threads (src may be mapped pinned host memory: one PCIe read, no staging).
+  // src, dst, bytes: device-accessible arrays of `count` entries.
+  [[nodiscard]] absl::Status GatherPages(const void* const* src, void* const* dst,
+                                         const int32_t* bytes, int64_t count, int64_t max_bytes,
+                                         int stream = 0);
+
+  int64_t workspace_bytes() const { return workspace_size_; }
+  int multiprocessors() const { return multiprocessors_; }
+
+ private:
+  struct Impl;
+  explicit CudaBackend(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+  int64_t workspace_size_ = 0;
+  int multiprocessors_ = 0;
+};
+
+}  // namespace kvwave::gpu
+
+#endif  // KVWAVE_GPU_CUDA_BACKEND_H_

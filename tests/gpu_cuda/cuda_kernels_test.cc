@@ -1,0 +1,410 @@
+// Differential tests of the CUDA kernels against the CPU reference backend (gpu/attention_cpu.h)
+// on fresh random inputs, and recovery from device out-of-memory. Skipped without a GPU.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <set>
+#include <vector>
+
+#include "buffer/pinned_allocator.h"
+#include "gpu/attention_cpu.h"
+#include "gpu/cuda_backend.h"
+
+namespace kvwave::gpu {
+namespace {
+
+#define SKIP_WITHOUT_GPU() \
+  if (!CudaBackend::DeviceAvailable()) GTEST_SKIP() << "no CUDA device"
+
+class CudaKernelsTest : public ::testing::Test {
+ public:
+  void SetUp() override {
+    if (!CudaBackend::DeviceAvailable()) GTEST_SKIP() << "no CUDA device";
+    auto b = CudaBackend::Create({});
+    ASSERT_TRUE(b.ok()) << b.status();
+    backend_ = std::move(*b);
+  }
+  template <typename T>
+  T* Upload(const std::vector<T>& v) {
+    auto b = backend_->Allocate(std::max<size_t>(v.size() * sizeof(T), 16));
+    EXPECT_TRUE(b.ok()) << b.status();
+    EXPECT_TRUE(backend_->Copy(b->data(), v.data(), v.size() * sizeof(T)).ok());
+    T* p = b->template as<T>();
+    keep_.push_back(std::move(*b));
+    return p;
+  }
+  template <typename T>
+  T* Poisoned(size_t n) {  // 0xFF bytes: NaN floats, -1 ints
+    auto b = backend_->Allocate(std::max<size_t>(n * sizeof(T), 16));
+    EXPECT_TRUE(b.ok()) << b.status();
+    EXPECT_TRUE(backend_->Memset(b->data(), 0xFF, n * sizeof(T)).ok());
+    T* p = b->template as<T>();
+    keep_.push_back(std::move(*b));
+    return p;
+  }
+  template <typename T>
+  std::vector<T> Download(const T* p, size_t n) {
+    std::vector<T> v(n);
+    EXPECT_TRUE(backend_->Copy(v.data(), p, n * sizeof(T)).ok());
+    EXPECT_TRUE(backend_->Synchronize().ok());
+    return v;
+  }
+  std::vector<float> Random(size_t n, float sd = 1.f) {
+    std::normal_distribution<float> dist(0.f, sd);
+    std::vector<float> v(n);
+    for (auto& x : v) x = dist(rng_);
+    return v;
+  }
+  std::unique_ptr<CudaBackend> backend_;
+  std::vector<DeviceBuffer> keep_;
+  std::mt19937 rng_{std::random_device{}()};
+};
+
+double RelErr(const float* a, const float* b, size_t n) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (!std::isfinite(a[i])) return INFINITY;
+    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+    den += double(b[i]) * b[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+// Runs exact attention over `heads` heads of random pages (rows 1..8) vs the CPU backend.
+void CheckExact(CudaKernelsTest* t, std::mt19937& rng, int d, int g, DType type, bool pinned,
+                std::vector<DeviceBuffer>& keep, CudaBackend* backend,
+                const std::function<std::vector<float>(size_t)>& random) {
+  const int heads = 3;
+  const size_t row = d * ElementSize(type);
+  std::vector<int> num_pages = {0, 1 + int(rng() % 5), 40 + int(rng() % 300)};
+  std::vector<PageRef> pages;
+  std::vector<int32_t> offsets = {0};
+  std::vector<std::vector<cpu::KvSpan>> spans(heads);
+  std::vector<store::HostBuffer> host;  // pinned pages (kept alive)
+  std::vector<std::vector<uint16_t>> cpu_rows;
+  for (int h = 0; h < heads; ++h) {
+    for (int p = 0; p < num_pages[h]; ++p) {
+      const int rows = 1 + int(rng() % kMaxPageRows);
+      std::vector<float> kv = random(2 * rows * d);
+      std::vector<uint16_t> bits(2 * rows * d);
+      FromFloat(kv.data(), type, bits.data(), bits.size());
+      cpu_rows.push_back(std::move(bits));
+      const auto& b = cpu_rows.back();
+      spans[h].push_back({b.data(), b.data() + rows * d, rows});
+      const void *k, *v;
+      if (pinned) {
+        auto hb = store::HostBuffer::Allocate(buffer::PinnedAllocator(), 2 * rows * row);
+        ASSERT_TRUE(hb.ok()) << hb.status();
+        std::memcpy(hb->data(), b.data(), 2 * rows * row);
+        k = hb->data();
+        v = hb->data() + rows * row;
+        host.push_back(std::move(*hb));
+      } else {
+        auto db = backend->Allocate(2 * rows * row);
+        ASSERT_TRUE(db.ok());
+        ASSERT_TRUE(backend->Copy(db->data(), b.data(), 2 * rows * row).ok());
+        k = db->data();
+        v = db->as<std::byte>() + rows * row;
+        keep.push_back(std::move(*db));
+      }
+      pages.push_back({k, v, rows, 0});
+    }
+    offsets.push_back(static_cast<int32_t>(pages.size()));
+  }
+  std::vector<float> q = random(heads * g * d);
+  ExactArgs a;
+  a.q = t->Upload(q);
+  a.heads = heads;
+  a.g = g;
+  a.d = d;
+  a.scale = 1.0f / std::sqrt(float(d));
+  a.kv_type = type;
+  a.pages = t->Upload(pages);
+  a.page_offsets = t->Upload(offsets);
+  a.max_pages_per_head = *std::max_element(num_pages.begin(), num_pages.end());
+  a.pages_per_split = 16;  // several splits
+  a.out = t->Poisoned<float>(heads * g * d);
+  a.lse = t->Poisoned<float>(heads * g);
+  ASSERT_TRUE(backend->ExactAttention(a).ok());
+  auto out = t->Download(a.out, heads * g * d);
+  auto lse = t->Download(a.lse, heads * g);
+  for (int h = 0; h < heads; ++h) {
+    std::vector<float> ref(g * d), ref_lse(g);
+    ASSERT_TRUE(cpu::ExactAttention(q.data() + h * g * d, g, d, a.scale, type, spans[h], ref.data(),
+                                    ref_lse.data())
+                    .ok());
+    if (num_pages[h] == 0) {
+      for (int j = 0; j < g; ++j) EXPECT_EQ(lse[h * g + j], -INFINITY);
+      for (int i = 0; i < g * d; ++i) EXPECT_EQ(out[h * g * d + i], 0.f);
+      continue;
+    }
+    EXPECT_LT(RelErr(out.data() + h * g * d, ref.data(), g * d), 1e-5)
+        << "d=" << d << " g=" << g << " head " << h << " pinned " << pinned;
+    for (int j = 0; j < g; ++j)
+      EXPECT_NEAR(lse[h * g + j], ref_lse[j], 1e-4 * (1 + std::abs(ref_lse[j])));
+  }
+}
+
+TEST_F(CudaKernelsTest, ExactAttentionMatchesCpu) {
+  auto random = [this](size_t n) { return Random(n); };
+  for (int d : {64, 128})
+    for (int g : {1, 2, 4, 8})
+      for (DType type : {DType::kBF16, DType::kF16})
+        CheckExact(this, rng_, d, g, type, false, keep_, backend_.get(), random);
+}
+
+TEST_F(CudaKernelsTest, ExactAttentionReadsPinnedHostZeroCopy) {
+  auto random = [this](size_t n) { return Random(n); };
+  CheckExact(this, rng_, 128, 4, DType::kBF16, true, keep_, backend_.get(), random);
+  CheckExact(this, rng_, 64, 8, DType::kF16, true, keep_, backend_.get(), random);
+}
+
+TEST_F(CudaKernelsTest, ExactAttentionRejectsUnsupportedShape) {
+  ExactArgs a;
+  a.d = 96;
+  a.g = 4;
+  EXPECT_EQ(backend_->ExactAttention(a).code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(CudaKernelsTest, ScoreClustersMatchesCpu) {
+  for (int g : {1, 4, 8}) {
+    const int heads = 3, d = 128;
+    const int64_t n = 1000 + rng_() % 3000;
+    std::vector<float> q = Random(heads * g * d), cen = Random(heads * n * d, 0.3f);
+    std::vector<int32_t> sizes(heads * n);
+    for (auto& s : sizes) s = (rng_() % 7 == 0) ? 0 : 1 + int(rng_() % 30);
+    ScoreArgs a;
+    a.q = Upload(q);
+    a.heads = heads;
+    a.g = g;
+    a.d = d;
+    a.scale = 1.0f / std::sqrt(float(d));
+    a.centroids = Upload(cen);
+    a.centroid_stride = n * d;
+    a.sizes = Upload(sizes);
+    a.size_stride = n;
+    a.n = n;
+    a.scores = Poisoned<float>(heads * n);
+    a.score_stride = n;
+    ASSERT_TRUE(backend_->ScoreClusters(a).ok());
+    auto got = Download(a.scores, heads * n);
+    for (int h = 0; h < heads; ++h) {
+      std::vector<float> logits(g * n), ref(n);
+      cpu::CentroidLogits(q.data() + h * g * d, g, d, a.scale, cen.data() + h * n * d, n,
+                          logits.data());
+      cpu::GroupSoftmaxSum(logits.data(), g, n, sizes.data() + h * n, ref.data());
+      for (int64_t j = 0; j < n; ++j) {
+        const float x = got[h * n + j];
+        if (std::isinf(ref[j])) {
+          EXPECT_EQ(x, ref[j]);
+        } else {
+          ASSERT_NEAR(x, ref[j], 1e-5 * std::abs(ref[j]) + 1e-9) << "g " << g << " j " << j;
+        }
+      }
+    }
+  }
+}
+
+TEST_F(CudaKernelsTest, SelectTopKMatchesCpu) {
+  for (int64_t n : {1, 37, 5000, 70000}) {
+    const int heads = 4;
+    std::vector<float> scores(heads * n);
+    std::uniform_real_distribution<float> u(0.f, 1.f);
+    for (auto& s : scores) {
+      const uint32_t r = rng_() % 20;
+      s = r == 0 ? -INFINITY : (r == 1 ? 0.5f : u(rng_));  // empties and ties
+    }
+    const int64_t k = std::max<int64_t>(1, n / 50), k2 = k + n / 5;
+    TopKArgs a;
+    a.scores = Upload(scores);
+    a.heads = heads;
+    a.n = n;
+    a.score_stride = n;
+    a.k = k;
+    a.k2 = k2;
+    a.out = Poisoned<int32_t>(heads * std::max(k, k2));
+    a.out2 = Poisoned<int32_t>(heads * std::max(k, k2));
+    a.out_stride = std::max(k, k2);
+    a.counts = Poisoned<int32_t>(heads);
+    a.counts2 = Poisoned<int32_t>(heads);
+    ASSERT_TRUE(backend_->SelectTopK(a).ok());
+    auto out = Download(a.out, heads * a.out_stride), out2 = Download(a.out2, heads * a.out_stride);
+    auto counts = Download(a.counts, heads), counts2 = Download(a.counts2, heads);
+    for (int h = 0; h < heads; ++h) {
+      std::vector<int32_t> ref(k2);
+      const int64_t got = cpu::TopK(scores.data() + h * n, n, k2, ref.data());
+      const int64_t c1 = std::min(k, got);
+      ASSERT_EQ(counts[h], c1) << "n " << n;
+      ASSERT_EQ(counts2[h], got - c1);
+      std::set<int32_t> want1(ref.begin(), ref.begin() + c1),
+          want2(ref.begin() + c1, ref.begin() + got);
+      std::vector<int32_t> g1(out.begin() + h * a.out_stride, out.begin() + h * a.out_stride + c1);
+      std::vector<int32_t> g2(out2.begin() + h * a.out_stride,
+                              out2.begin() + h * a.out_stride + (got - c1));
+      EXPECT_TRUE(std::is_sorted(g1.begin(), g1.end()));
+      EXPECT_EQ(std::set<int32_t>(g1.begin(), g1.end()), want1) << "n " << n << " head " << h;
+      EXPECT_EQ(std::set<int32_t>(g2.begin(), g2.end()), want2) << "n " << n << " head " << h;
+    }
+  }
+}
+
+TEST_F(CudaKernelsTest, EstimateAttentionMatchesCpu) {
+  for (int g : {1, 4}) {
+    for (int d : {64, 128}) {
+      const int heads = 2;
+      const int64_t C = 500;
+      std::vector<float> q = Random(heads * g * d), cen = Random(heads * C * d, 0.5f),
+                         vs = Random(heads * C * d, 3.f);
+      std::vector<int32_t> sizes(heads * C);
+      for (auto& s : sizes) s = 1 + int(rng_() % 20);
+      const int64_t stride = 300;
+      std::vector<int32_t> list(heads * stride), counts = {300, int32_t(rng_() % 200)};
+      for (auto& c : list) c = int32_t(rng_() % C);
+      EstimateArgs a;
+      a.q = Upload(q);
+      a.heads = heads;
+      a.g = g;
+      a.d = d;
+      a.scale = 1.0f / std::sqrt(float(d));
+      a.centroids = Upload(cen);
+      a.value_sums = Upload(vs);
+      a.sizes = Upload(sizes);
+      a.cluster_stride = C;
+      a.clusters = Upload(list);
+      a.counts = Upload(counts);
+      a.list_stride = stride;
+      a.out = Poisoned<float>(heads * g * d);
+      a.lse = Poisoned<float>(heads * g);
+      ASSERT_TRUE(backend_->EstimateAttention(a).ok());
+      auto out = Download(a.out, heads * g * d);
+      auto lse = Download(a.lse, heads * g);
+      for (int h = 0; h < heads; ++h) {
+        std::vector<float> ref(g * d), ref_lse(g);
+        ASSERT_TRUE(
+            cpu::EstimateAttention(q.data() + h * g * d, g, d, a.scale, cen.data() + h * C * d,
+                                   vs.data() + h * C * d, sizes.data() + h * C, C,
+                                   std::span<const int32_t>(list.data() + h * stride, counts[h]),
+                                   ref.data(), ref_lse.data())
+                .ok());
+        EXPECT_LT(RelErr(out.data() + h * g * d, ref.data(), g * d), 1e-5);
+        for (int j = 0; j < g; ++j)
+          EXPECT_NEAR(lse[h * g + j], ref_lse[j], 1e-4 * (1 + std::abs(ref_lse[j])));
+      }
+    }
+  }
+}
+
+TEST_F(CudaKernelsTest, MergeLseMatchesCpu) {
+  const int rows = 37, d = 128;
+  std::vector<float> oa = Random(rows * d), ob = Random(rows * d), la = Random(rows, 3.f),
+                     lb = Random(rows, 3.f);
+  la[3] = -INFINITY;
+  lb[5] = -INFINITY;
+  float* doa = Upload(oa);
+  float* dla = Upload(la);
+  ASSERT_TRUE(backend_->MergeLse(doa, dla, Upload(ob), Upload(lb), rows, d).ok());
+  auto out = Download(doa, rows * d);
+  auto lse = Download(dla, rows);
+  cpu::MergeLse(oa.data(), la.data(), ob.data(), lb.data(), rows, d);
+  EXPECT_LT(RelErr(out.data(), oa.data(), rows * d), 1e-6);
+  for (int r = 0; r < rows; ++r) EXPECT_NEAR(lse[r], la[r], 1e-5 * (1 + std::abs(la[r])));
+}
+
+TEST_F(CudaKernelsTest, KMeansAssignMatchesCpu) {
+  const int64_t n = 3000, k = 57;
+  const int d = 128;
+  std::vector<float> x = Random(n * d), c = Random(k * d);
+  AssignArgs a;
+  a.x = Upload(x);
+  a.n = n;
+  a.centroids = Upload(c);
+  a.k = k;
+  a.d = d;
+  a.assignment = Poisoned<int32_t>(n);
+  a.best = Poisoned<float>(n);
+  ASSERT_TRUE(backend_->KMeansAssign(a).ok());
+  auto got = Download(a.assignment, n);
+  auto best = Download(a.best, n);
+  int64_t mismatches = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    double bd = -INFINITY;
+    int bj = -1;
+    for (int64_t j = 0; j < k; ++j) {
+      double dot = 0;
+      for (int e = 0; e < d; ++e) dot += double(x[i * d + e]) * c[j * d + e];
+      if (dot > bd) bd = dot, bj = int(j);
+    }
+    EXPECT_NEAR(best[i], bd, 1e-4 * (1 + std::abs(bd)));
+    if (got[i] != bj) ++mismatches;  // only a near tie may flip
+  }
+  EXPECT_LE(mismatches, 2);
+}
+
+TEST_F(CudaKernelsTest, GatherPagesCopiesFromPinnedHost) {
+  const int count = 50, bytes = 2048;
+  auto host = store::HostBuffer::Allocate(buffer::PinnedAllocator(), count * bytes);
+  ASSERT_TRUE(host.ok()) << host.status();
+  std::vector<uint8_t> want(count * bytes);
+  for (auto& b : want) b = uint8_t(rng_());
+  std::memcpy(host->data(), want.data(), want.size());
+  std::byte* dst = Poisoned<std::byte>(count * bytes);
+  std::vector<const void*> src_ptrs;
+  std::vector<void*> dst_ptrs;
+  std::vector<int32_t> sizes;
+  for (int i = 0; i < count; ++i) {  // reversed order, partial last pages
+    src_ptrs.push_back(host->data() + i * bytes);
+    dst_ptrs.push_back(dst + (count - 1 - i) * bytes);
+    sizes.push_back(i % 3 == 0 ? bytes / 2 : bytes);
+  }
+  ASSERT_TRUE(
+      backend_->GatherPages(Upload(src_ptrs), Upload(dst_ptrs), Upload(sizes), count, bytes).ok());
+  auto got = Download(dst, count * bytes);
+  for (int i = 0; i < count; ++i)
+    for (int b = 0; b < sizes[i]; ++b)
+      ASSERT_EQ(uint8_t(got[(count - 1 - i) * bytes + b]), want[i * bytes + b]) << i << " " << b;
+}
+
+TEST(CudaBackendTest, RecoversFromDeviceOutOfMemory) {
+  SKIP_WITHOUT_GPU();
+  CudaBackendOptions huge;
+  huge.workspace_bytes = int64_t{1} << 50;  // 1 PiB
+  auto bad = CudaBackend::Create(huge);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kResourceExhausted) << bad.status();
+  auto backend = CudaBackend::Create({});
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  auto too_big = (*backend)->Allocate(size_t{1} << 50);
+  EXPECT_EQ(too_big.status().code(), absl::StatusCode::kResourceExhausted);
+  // A workspace too small for an op is an error before launch, not a crash.
+  CudaBackendOptions tiny;
+  tiny.workspace_bytes = 1024;
+  auto small = CudaBackend::Create(tiny);
+  ASSERT_TRUE(small.ok());
+  ExactArgs a;
+  a.heads = 8;
+  a.g = 4;
+  a.d = 128;
+  a.max_pages_per_head = 1 << 20;
+  EXPECT_EQ((*small)->ExactAttention(a).code(), absl::StatusCode::kResourceExhausted);
+  // And the device still works: a merge computes the right thing.
+  auto buf = (*backend)->Allocate(2 * 128 * sizeof(float) + 2 * sizeof(float));
+  ASSERT_TRUE(buf.ok());
+  std::vector<float> host(2 * 128 + 2);
+  for (int i = 0; i < 256; ++i) host[i] = float(i % 128) + 1;
+  host[256] = 0.5f;
+  host[257] = 0.5f;  // equal lse: merge averages, lse + log 2
+  float* p = buf->as<float>();
+  ASSERT_TRUE((*backend)->Copy(p, host.data(), host.size() * sizeof(float)).ok());
+  ASSERT_TRUE((*backend)->MergeLse(p, p + 256, p + 128, p + 257, 1, 128).ok());
+  ASSERT_TRUE((*backend)->Copy(host.data(), p, host.size() * sizeof(float)).ok());
+  ASSERT_TRUE((*backend)->Synchronize().ok());
+  EXPECT_NEAR(host[256], 0.5f + std::log(2.f), 1e-5);
+  EXPECT_NEAR(host[5], 6.f, 1e-5);
+}
+
+}  // namespace
+}  // namespace kvwave::gpu
