@@ -37,7 +37,9 @@ using ContextId = uint64_t;
 
 struct OpenOptions {
   store::ModelShape shape;
-  // Optional: the context's token ids, for prefix sharing (see the persistence issue). Empty = none.
+  // Optional: the context's token ids. Full blocks of prefill_segment_tokens ids are shared: Open
+  // attaches the longest cached run of them (matched_tokens), and blocks this context seals are
+  // registered for others (and persisted when persist.path is set). Empty = no sharing.
   std::vector<int32_t> token_ids;
   std::string prefix_namespace;
 };
@@ -90,6 +92,16 @@ struct EngineStats {
   int64_t tokens_appended = 0;
   int64_t attend_calls = 0;
   int64_t retrieve_calls = 0;
+  // Shared prefixes and persistence.
+  int64_t prefix_blocks_registered = 0;  // blocks this engine sealed and shared
+  int64_t prefix_blocks_resident = 0;    // registry entries whose segments are in DRAM
+  int64_t prefix_blocks_known = 0;       // registry entries (resident or on disk)
+  int64_t prefix_matched_blocks = 0;     // blocks attached by Open, all time
+  int64_t prefix_evictions = 0;          // blocks whose segments left DRAM at the limit
+  int64_t prefix_reloads = 0;            // blocks reloaded from RocksDB
+  int64_t persist_bytes_written = 0;
+  int64_t persist_corrupt_records = 0;   // detected, dropped, never served
+  int64_t persist_errors = 0;            // blocks that could not be written
 };
 
 class Engine {
@@ -122,6 +134,9 @@ class Engine {
                               std::span<std::byte> k, std::span<std::byte> v) = 0;
 
   virtual absl::Status Close(ContextId ctx) = 0;
+
+  // Waits until every sealed shared block is durable (a no-op without persistence).
+  virtual absl::Status Flush() = 0;
 
   virtual absl::StatusOr<ContextInfo> Info(ContextId ctx) = 0;
   virtual std::vector<ContextId> ListContexts() = 0;

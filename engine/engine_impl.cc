@@ -10,6 +10,7 @@
 #include "config/status_macros.h"
 #include "engine/engine.h"
 #include "engine/head_ops.h"
+#include "engine/prefix_cache.h"
 #include "spdlog/spdlog.h"
 #include "store/context.h"
 #include "tbb/parallel_for.h"
@@ -34,14 +35,33 @@ class EngineImpl final : public Engine {
         arena_(s.compute_threads > 0 ? static_cast<int>(s.compute_threads)
                                      : tbb::task_arena::automatic) {}
 
+  absl::Status Init() {
+    KVWAVE_ASSIGN_OR_RETURN(prefix_cache_,
+                            PrefixCache::Create(settings_, store::DefaultHostAllocator(), &budget_));
+    return absl::OkStatus();
+  }
+
+  ~EngineImpl() override {
+    absl::Status s = prefix_cache_->Flush();
+    if (!s.ok()) spdlog::error("engine: final flush: {}", s.ToString());
+    absl::MutexLock lock(&mu_);
+    contexts_.clear();  // pins go before the prefix cache
+  }
+
   absl::StatusOr<OpenResult> Open(const OpenOptions& options) override {
     KVWAVE_RETURN_IF_ERROR(store::Validate(options.shape));
     const uint64_t id = next_id_.fetch_add(1, std::memory_order_relaxed);
     auto ctx = std::make_shared<store::Context>(id, options.shape, store::DefaultHostAllocator());
+    int64_t matched = 0;
+    if (!options.token_ids.empty()) {
+      matched = prefix_cache_->Attach(*ctx, options.token_ids, options.prefix_namespace);
+    }
     absl::MutexLock lock(&mu_);
     contexts_[id] = std::move(ctx);
-    return OpenResult{id, 0};
+    return OpenResult{id, matched};
   }
+
+  absl::Status Flush() override { return prefix_cache_->Flush(); }
 
   absl::Status Append(ContextId id, int32_t layer, int64_t n, std::span<const std::byte> k,
                       std::span<const std::byte> v) override;
@@ -83,6 +103,16 @@ class EngineImpl final : public Engine {
     s.tokens_appended = tokens_appended_.load(std::memory_order_relaxed);
     s.attend_calls = attend_calls_.load(std::memory_order_relaxed);
     s.retrieve_calls = retrieve_calls_.load(std::memory_order_relaxed);
+    const PrefixCacheStats p = prefix_cache_->Stats();
+    s.prefix_blocks_registered = p.blocks_registered;
+    s.prefix_blocks_resident = p.registry.resident_entries;
+    s.prefix_blocks_known = p.registry.entries;
+    s.prefix_matched_blocks = p.registry.matched_blocks;
+    s.prefix_evictions = p.registry.evictions;
+    s.prefix_reloads = p.registry.reloads;
+    s.persist_bytes_written = p.persist.segment_bytes_written;
+    s.persist_corrupt_records = p.persist.corrupt_records;
+    s.persist_errors = p.persist_errors;
     return s;
   }
 
@@ -128,8 +158,25 @@ class EngineImpl final : public Engine {
 
   // Seals `count` tokens from the front of every head's tail, heads in parallel.
   // REQUIRES: the layer's lock held exclusively; `reserved` covers SealReserveBytes per head.
-  absl::Status SealLayer(const HeadParams& p, store::Context::Layer& layer, int64_t count,
-                         store::MemoryCharge& reserved);
+  absl::Status SealLayer(const HeadParams& p, store::Context& ctx, int32_t layer_index,
+                         int64_t count, store::MemoryCharge& reserved);
+
+  // Registers a just-sealed block for sharing (and persists it). In durability "sync" a failed
+  // write is reported: the tokens are appended and sealed in memory, but not durable.
+  absl::Status SharePersisted(store::Context& ctx, int32_t layer) {
+    absl::Status s = prefix_cache_->OnLayerSealed(ctx, layer);
+    if (s.ok()) return s;
+    return absl::UnavailableError(
+        absl::StrCat("tokens appended, but a sealed block was not persisted: ", s.message()));
+  }
+
+  // Reserves bytes, first evicting unreferenced cached prefix blocks if the limit is reached.
+  absl::StatusOr<store::MemoryCharge> Reserve(int64_t bytes) {
+    auto charge = budget_.Reserve(bytes);
+    if (charge.ok() || !absl::IsResourceExhausted(charge.status())) return charge;
+    if (prefix_cache_->Evict(bytes) == 0) return charge;
+    return budget_.Reserve(bytes);
+  }
 
   // Runs fn(h) for every KV head in the compute arena; returns the first error.
   template <typename Fn>
@@ -145,6 +192,7 @@ class EngineImpl final : public Engine {
   const config::Settings settings_;
   store::MemoryBudget budget_;
   tbb::task_arena arena_;
+  std::unique_ptr<PrefixCache> prefix_cache_;  // outlives contexts_ (declared before it)
   absl::Mutex mu_;
   absl::flat_hash_map<ContextId, std::shared_ptr<store::Context>> contexts_ ABSL_GUARDED_BY(mu_);
   // Relaxed: ids only need to be unique; counters are statistics.
@@ -153,8 +201,9 @@ class EngineImpl final : public Engine {
       retrieve_calls_{0};
 };
 
-absl::Status EngineImpl::SealLayer(const HeadParams& p, store::Context::Layer& layer,
+absl::Status EngineImpl::SealLayer(const HeadParams& p, store::Context& ctx, int32_t layer_index,
                                    int64_t count, store::MemoryCharge& reserved) {
+  store::Context::Layer& layer = ctx.layer(layer_index);
   const int32_t heads = static_cast<int32_t>(layer.heads.size());
   std::vector<store::MemoryCharge> charges;
   for (int32_t h = 0; h < heads; ++h) charges.push_back(reserved.Split(SealReserveBytes(p, count)));
@@ -162,8 +211,9 @@ absl::Status EngineImpl::SealLayer(const HeadParams& p, store::Context::Layer& l
     return SealHead(p, count, layer.heads[h], charges[h]);
   });
   for (auto& c : charges) reserved.Merge(std::move(c));  // unused bytes go back to the caller
-  if (status.ok()) segments_sealed_.fetch_add(heads, std::memory_order_relaxed);
-  return status;
+  KVWAVE_RETURN_IF_ERROR(status);
+  segments_sealed_.fetch_add(heads, std::memory_order_relaxed);
+  return absl::OkStatus();
 }
 
 absl::Status EngineImpl::Append(ContextId id, int32_t layer_index, int64_t n,
@@ -188,7 +238,7 @@ absl::Status EngineImpl::Append(ContextId id, int32_t layer_index, int64_t n,
   for (int64_t t = layer.heads[0].tail.size() + n; t >= threshold; t -= seg_tokens) ++seals;
   const int64_t need =
       2 * n * token_bytes + seals * shape.kv_heads * SealReserveBytes(p, seg_tokens);
-  KVWAVE_ASSIGN_OR_RETURN(store::MemoryCharge reserved, budget_.Reserve(need));
+  KVWAVE_ASSIGN_OR_RETURN(store::MemoryCharge reserved, Reserve(need));
 
   for (int32_t h = 0; h < shape.kv_heads; ++h) {
     store::MemoryCharge charge = reserved.Split(static_cast<int64_t>(2 * n * row_bytes));
@@ -198,16 +248,18 @@ absl::Status EngineImpl::Append(ContextId id, int32_t layer_index, int64_t n,
   }
   layer.tokens += n;
   tokens_appended_.fetch_add(n, std::memory_order_relaxed);
+  absl::Status persisted = absl::OkStatus();
   for (int64_t i = 0; i < seals; ++i) {
-    // A failed seal keeps the tokens in the tail (still attended exactly): nothing is lost.
-    absl::Status s = SealLayer(p, layer, seg_tokens, reserved);
+    absl::Status s = SealLayer(p, *ctx, layer_index, seg_tokens, reserved);
     if (!s.ok()) {
+      // A failed seal keeps the tokens in the tail (still attended exactly): nothing is lost.
       spdlog::error("context {} layer {}: seal failed, tokens stay in the tail: {}", id,
                     layer_index, s.ToString());
       break;
     }
+    persisted.Update(SharePersisted(*ctx, layer_index));
   }
-  return absl::OkStatus();
+  return persisted;
 }
 
 absl::Status EngineImpl::Seal(ContextId id) {
@@ -222,8 +274,9 @@ absl::Status EngineImpl::Seal(ContextId id) {
       if (sealable <= 0) break;
       const int64_t count = std::min(sealable, seg_tokens);
       KVWAVE_ASSIGN_OR_RETURN(store::MemoryCharge reserved,
-                              budget_.Reserve(ctx->shape().kv_heads * SealReserveBytes(p, count)));
-      KVWAVE_RETURN_IF_ERROR(SealLayer(p, layer, count, reserved));
+                              Reserve(ctx->shape().kv_heads * SealReserveBytes(p, count)));
+      KVWAVE_RETURN_IF_ERROR(SealLayer(p, *ctx, l, count, reserved));
+      KVWAVE_RETURN_IF_ERROR(SharePersisted(*ctx, l));
     }
   }
   ctx->set_decoding();
@@ -349,7 +402,9 @@ absl::StatusOr<ContextInfo> EngineImpl::Info(ContextId id) {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const config::Settings& settings) {
-  return std::unique_ptr<Engine>(new EngineImpl(settings));
+  auto engine = std::make_unique<EngineImpl>(settings);
+  KVWAVE_RETURN_IF_ERROR(engine->Init());
+  return std::unique_ptr<Engine>(std::move(engine));
 }
 
 }  // namespace kvwave::engine

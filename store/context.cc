@@ -46,6 +46,11 @@ MemoryCharge Tail::DropFront(int64_t n) {
   return charge_.Split(static_cast<int64_t>(2 * n * row_bytes_));
 }
 
+void Tail::StartAt(int64_t position) {
+  KVWAVE_CHECK(size_ == 0);
+  first_position_ = position;
+}
+
 Context::Context(uint64_t id, const ModelShape& shape, HostAllocator* allocator)
     : id_(id), shape_(shape) {
   layers_.reserve(shape.layers);

@@ -15,12 +15,16 @@
 #include <cstdint>
 #include <memory>
 #include <shared_mutex>
+#include <string>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
 #include "store/host_memory.h"
 #include "store/model_shape.h"
+#include "store/prefix_hash.h"
+#include "store/prefix_registry.h"
 #include "store/segment.h"
 
 namespace kvwave::store {
@@ -37,6 +41,8 @@ class Tail {
                                     size_t src_stride, MemoryCharge charge);
   // Removes the first n rows; returns their charge.
   MemoryCharge DropFront(int64_t n);
+  // Starts an empty tail at `position` (after an attached shared prefix). REQUIRES: size() == 0.
+  void StartAt(int64_t position);
 
   int64_t size() const { return size_; }
   int64_t first_position() const { return first_position_; }
@@ -61,6 +67,20 @@ struct HeadKv {
   explicit HeadKv(Tail t) : tail(std::move(t)) {}
 };
 
+// Prefix-sharing state of a context opened with token ids: the chain hashes of its full blocks,
+// the blocks attached or registered so far (pinned until Close), and the segments of blocks that
+// some layers have sealed but not all.
+struct PrefixState {
+  std::vector<int32_t> token_ids;
+  std::string name_space;
+  std::string model_id;
+  std::vector<BlockHash> hashes;  // one per full block of token_ids
+  absl::Mutex mu;
+  PrefixAttachment attachment ABSL_GUARDED_BY(mu);          // blocks [0, attachment.blocks.size())
+  std::vector<BlockSegments> building ABSL_GUARDED_BY(mu);  // [block][layer * kv_heads + head]
+  std::vector<int32_t> layers_sealed ABSL_GUARDED_BY(mu);   // [block]
+};
+
 class Context {
  public:
   struct Layer {
@@ -78,12 +98,16 @@ class Context {
 
   // After the first explicit Seal, new segments use the decode segment size.
   bool decoding() const { return decoding_.load(std::memory_order_acquire); }
+  // Set once, before the context is published to other threads.
+  void set_prefix(std::unique_ptr<PrefixState> prefix) { prefix_ = std::move(prefix); }
+  PrefixState* prefix() const { return prefix_.get(); }
   void set_decoding() { decoding_.store(true, std::memory_order_release); }
 
  private:
   const uint64_t id_;
   const ModelShape shape_;
   std::vector<std::unique_ptr<Layer>> layers_;
+  std::unique_ptr<PrefixState> prefix_;  // null without token ids
   // Acquire/release: a thread that sees decoding() also sees the seal that set it.
   std::atomic<bool> decoding_{false};
 };

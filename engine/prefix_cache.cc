@@ -1,0 +1,183 @@
+#include "engine/prefix_cache.h"
+
+#include "absl/strings/str_cat.h"
+#include "config/status_macros.h"
+#include "spdlog/spdlog.h"
+
+namespace kvwave::engine {
+
+PrefixCache::PrefixCache(const config::Settings& settings, store::HostAllocator* allocator,
+                         store::MemoryBudget* budget)
+    : settings_(settings), allocator_(allocator), budget_(budget) {}
+
+PrefixCache::~PrefixCache() {
+  persist_.reset();  // drains the write-behind queue while the registry still exists
+  registry_.reset();
+}
+
+absl::StatusOr<std::unique_ptr<PrefixCache>> PrefixCache::Create(const config::Settings& settings,
+                                                                 store::HostAllocator* allocator,
+                                                                 store::MemoryBudget* budget) {
+  std::unique_ptr<PrefixCache> cache(new PrefixCache(settings, allocator, budget));
+  PrefixCache* self = cache.get();
+  if (settings.persist_path.empty()) {
+    cache->registry_ = std::make_unique<store::PrefixRegistry>();
+    return cache;
+  }
+  KVWAVE_ASSIGN_OR_RETURN(cache->durability_, store::ParseDurability(settings.durability));
+  store::PersistOptions options;
+  options.path = settings.persist_path;
+  options.durability = cache->durability_;
+  KVWAVE_ASSIGN_OR_RETURN(cache->persist_, store::PersistStore::Open(options));
+  cache->registry_ = std::make_unique<store::PrefixRegistry>(
+      [self](const store::BlockHash& hash) -> absl::StatusOr<store::BlockSegments> {
+        KVWAVE_ASSIGN_OR_RETURN(store::LoadedBlock block,
+                                self->persist_->LoadBlock(hash, self->allocator_, *self->budget_));
+        return std::move(block.segments);
+      });
+  int64_t blocks = 0;
+  KVWAVE_ASSIGN_OR_RETURN(int64_t dropped,
+                          cache->persist_->ForEachBlock([&](const store::BlockRecord& r) {
+                            cache->registry_->AddPersisted(
+                                {r.hash, r.first_position, static_cast<int32_t>(r.tokens.size()),
+                                 r.shape.kv_heads});
+                            ++blocks;
+                          }));
+  spdlog::info("persist: {} blocks registered from {}, {} corrupt records dropped", blocks,
+               settings.persist_path, dropped);
+  return cache;
+}
+
+std::string PrefixCache::ModelId(const store::ModelShape& shape) const {
+  // Everything that shapes a segment: contexts that differ in any of it never share.
+  return absl::StrCat(store::ToString(shape), "/S", settings_.prefill_segment_tokens, "/p",
+                      settings_.page_tokens, "/c", settings_.tokens_per_cluster, "/k",
+                      settings_.sink_tokens, "/i", settings_.kmeans_iterations, "/",
+                      settings_.kmeans_kernel);
+}
+
+int64_t PrefixCache::Attach(store::Context& ctx, std::vector<int32_t> token_ids,
+                            const std::string& name_space) {
+  auto prefix = std::make_unique<store::PrefixState>();
+  prefix->model_id = ModelId(ctx.shape());
+  prefix->name_space = name_space;
+  prefix->hashes = store::PrefixBlockHashes(token_ids, settings_.prefill_segment_tokens,
+                                            name_space, prefix->model_id);
+  prefix->token_ids = std::move(token_ids);
+  store::PrefixAttachment attachment = registry_->AttachLongest(prefix->hashes);
+  if (!attachment.reload_error.ok()) {
+    spdlog::warn("prefix: match stopped at a block that did not reload: {}",
+                 attachment.reload_error.ToString());
+  }
+  const int64_t matched = attachment.matched_tokens;
+  const int32_t kv_heads = ctx.shape().kv_heads;
+  for (int32_t l = 0; l < ctx.shape().layers; ++l) {
+    store::Context::Layer& layer = ctx.layer(l);
+    for (int32_t h = 0; h < kv_heads; ++h) {
+      for (const store::BlockPin& pin : attachment.blocks) {
+        layer.heads[h].segments.push_back(pin.segment(l, h));
+      }
+      layer.heads[h].tail.StartAt(matched);
+    }
+    layer.tokens = matched;
+  }
+  {
+    absl::MutexLock lock(&prefix->mu);
+    prefix->attachment = std::move(attachment);
+    prefix->building.resize(prefix->hashes.size());
+    prefix->layers_sealed.assign(prefix->hashes.size(), 0);
+  }
+  ctx.set_prefix(std::move(prefix));
+  return matched;
+}
+
+absl::Status PrefixCache::OnLayerSealed(store::Context& ctx, int32_t layer_index) {
+  store::PrefixState* prefix = ctx.prefix();
+  if (prefix == nullptr || ctx.decoding()) return absl::OkStatus();
+  const int64_t block_tokens = settings_.prefill_segment_tokens;
+  store::Context::Layer& layer = ctx.layer(layer_index);
+  const auto& last = layer.heads[0].segments.back();
+  if (last->num_tokens() != block_tokens || last->first_position() % block_tokens != 0) {
+    return absl::OkStatus();  // not a whole block
+  }
+  const size_t block = static_cast<size_t>(last->first_position() / block_tokens);
+  absl::MutexLock lock(&prefix->mu);
+  if (block >= prefix->hashes.size() || block < prefix->attachment.blocks.size()) {
+    return absl::OkStatus();  // beyond the token ids, or already shared
+  }
+  const int32_t kv_heads = ctx.shape().kv_heads;
+  store::BlockSegments& segs = prefix->building[block];
+  segs.resize(static_cast<size_t>(ctx.shape().layers) * kv_heads);
+  for (int32_t h = 0; h < kv_heads; ++h) {
+    segs[static_cast<size_t>(layer_index) * kv_heads + h] = layer.heads[h].segments.back();
+  }
+  if (++prefix->layers_sealed[block] < ctx.shape().layers) return absl::OkStatus();
+  // Blocks complete in order: every layer seals block i before block i + 1.
+  KVWAVE_CHECK(block == prefix->attachment.blocks.size());
+  return RegisterBlock(ctx, *prefix, block);
+}
+
+absl::Status PrefixCache::RegisterBlock(store::Context& ctx, store::PrefixState& prefix,
+                                        size_t block) {
+  const int64_t block_tokens = settings_.prefill_segment_tokens;
+  store::BlockSegments segs = std::move(prefix.building[block]);
+  store::BlockInfo info{prefix.hashes[block], static_cast<int64_t>(block) * block_tokens,
+                        static_cast<int32_t>(block_tokens), ctx.shape().kv_heads};
+  prefix.attachment.blocks.push_back(registry_->Insert(info, segs, /*persisted=*/false));
+  prefix.attachment.matched_tokens = info.first_position + block_tokens;
+  blocks_registered_.fetch_add(1, std::memory_order_relaxed);
+  if (persist_ == nullptr) return absl::OkStatus();
+
+  store::BlockRecord record;
+  record.hash = info.hash;
+  record.parent = block > 0 ? prefix.hashes[block - 1] : store::BlockHash{};
+  record.shape = ctx.shape();
+  record.name_space = prefix.name_space;
+  record.model_id = prefix.model_id;
+  record.first_position = info.first_position;
+  record.tokens.assign(prefix.token_ids.begin() + info.first_position,
+                       prefix.token_ids.begin() + info.first_position + block_tokens);
+  store::PrefixRegistry* registry = registry_.get();
+  if (durability_ == store::Durability::kSync) {
+    absl::Status s = persist_->PutBlock(record, segs);
+    if (!s.ok()) {
+      persist_errors_.fetch_add(1, std::memory_order_relaxed);
+      return s;  // the caller learns its block is not durable
+    }
+    registry->MarkPersisted(info.hash);
+    return absl::OkStatus();
+  }
+  absl::Status s = persist_->EnqueueBlock(
+      std::move(record), std::move(segs),
+      [registry, hash = info.hash, this](const absl::Status& st) {
+        if (st.ok()) {
+          registry->MarkPersisted(hash);
+        } else {
+          persist_errors_.fetch_add(1, std::memory_order_relaxed);
+          spdlog::error("persist: block write failed: {}", st.ToString());
+        }
+      });
+  if (!s.ok()) {  // queue full: the block stays in DRAM only, and that is counted
+    persist_errors_.fetch_add(1, std::memory_order_relaxed);
+    spdlog::warn("persist: block not queued: {}", s.ToString());
+  }
+  return absl::OkStatus();
+}
+
+int64_t PrefixCache::Evict(int64_t bytes) { return registry_->Evict(bytes); }
+
+absl::Status PrefixCache::Flush() {
+  return persist_ == nullptr ? absl::OkStatus() : persist_->Flush();
+}
+
+PrefixCacheStats PrefixCache::Stats() const {
+  PrefixCacheStats s;
+  s.registry = registry_->stats();
+  if (persist_ != nullptr) s.persist = persist_->stats();
+  s.persistent = persist_ != nullptr;
+  s.blocks_registered = blocks_registered_.load(std::memory_order_relaxed);
+  s.persist_errors = persist_errors_.load(std::memory_order_relaxed);
+  return s;
+}
+
+}  // namespace kvwave::engine
