@@ -137,7 +137,7 @@ absl::StatusOr<NpyArray> NpyArray::Open(const std::string& path) {
   unsigned __int128 elements = 1;
   for (int64_t dim : a.shape_) {
     elements *= static_cast<uint64_t>(dim);
-    if (elements > (unsigned __int128){1} << 60) return Bad(path, "shape is too large");
+    if (elements > (static_cast<unsigned __int128>(1) << 60)) return Bad(path, "shape is too large");
   }
   size_t data_at = header_at + header_len;
   size_t need = static_cast<size_t>(a.size()) * ElementSize(a.dtype_);

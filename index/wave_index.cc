@@ -115,8 +115,8 @@ absl::StatusOr<WaveClusters> ClusterKeys(const float* keys, int64_t n, int d,
     KVWAVE_RETURN_IF_ERROR(
         SphericalKMeansFaiss(unit.data(), n, d, options.iterations, &centroids, &out.assignment));
   } else {
-    KVWAVE_RETURN_IF_ERROR(
-        SphericalKMeansOwn(unit.data(), n, d, options.iterations, &centroids, &out.assignment));
+    KVWAVE_RETURN_IF_ERROR(SphericalKMeansOwn(unit.data(), n, d, options.iterations, &centroids,
+                                              &out.assignment, options.prune));
   }
   Summarize(keys, n, d, &out);
   return out;

@@ -22,6 +22,9 @@ struct WaveIndexOptions {
   int iterations = 10;
   bool mean_center = true;
   enum class Kernel { kOwn, kFaiss } kernel = Kernel::kOwn;  // kOwn: SIMD + TBB; kFaiss: faiss
+  // kOwn only: skip rescoring tokens whose k-means bounds prove their cluster unchanged. Same
+  // result as prune = false (see index/kmeans.h), several times faster; false is the reference.
+  bool prune = true;
 };
 
 struct WaveClusters {

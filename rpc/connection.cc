@@ -50,10 +50,10 @@ void Connection::ArmRead() {
   if (in_flight_ >= kMaxInFlight || queued_bytes_ >= kMaxQueuedReplyBytes) return;
   reading_ = true;
   socket_.async_wait(asio::posix::stream_descriptor::wait_read,
-                     asio::bind_executor(strand_, [self = shared_from_this()](
-                                                      const boost::system::error_code& ec) {
-                       self->OnReadable(ec);
-                     }));
+                     asio::bind_executor(
+                         strand_, [self = shared_from_this()](const boost::system::error_code& ec) {
+                           self->OnReadable(ec);
+                         }));
 }
 
 void Connection::OnReadable(const boost::system::error_code& ec) {
@@ -127,7 +127,7 @@ void Connection::OnFrame(Frame frame) {
   }
   ++in_flight_;
   auto shared_frame = std::make_shared<Frame>(std::move(frame));
-  server_.Compute([self = shared_from_this(), shared_frame, received] {
+  server_.Compute([self = shared_from_this(), shared_frame, received]() mutable {
     std::string reply = self->server_.service().Handle(*self->session_, *shared_frame, received);
     shared_frame.reset();
     asio::post(self->strand_, [self, reply = std::move(reply)]() mutable {
@@ -147,11 +147,10 @@ void Connection::Reply(std::string frame) {
 
 void Connection::WriteNext() {
   writing_ = true;
-  asio::async_write(socket_, asio::buffer(replies_.front()),
-                    asio::bind_executor(strand_, [self = shared_from_this()](
-                                                     const boost::system::error_code& ec, size_t) {
-                      self->OnWritten(ec);
-                    }));
+  asio::async_write(
+      socket_, asio::buffer(replies_.front()),
+      asio::bind_executor(strand_, [self = shared_from_this()](const boost::system::error_code& ec,
+                                                               size_t) { self->OnWritten(ec); }));
 }
 
 void Connection::OnWritten(const boost::system::error_code& ec) {

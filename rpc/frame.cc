@@ -51,9 +51,9 @@ absl::Status ValidateHeader(const FrameHeader& header, uint64_t max_frame_bytes)
     return absl::InvalidArgumentError(absl::StrCat("bad frame magic 0x", absl::Hex(header.magic)));
   }
   if (header.version != kProtocolVersion) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "unsupported protocol version ", header.version, " (this side speaks ", kProtocolVersion,
-        ")"));
+    return absl::FailedPreconditionError(absl::StrCat("unsupported protocol version ",
+                                                      header.version, " (this side speaks ",
+                                                      kProtocolVersion, ")"));
   }
   if (kFrameHeaderBytes + uint64_t{header.body_bytes} > max_frame_bytes) {
     return absl::ResourceExhaustedError(

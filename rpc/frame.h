@@ -47,7 +47,7 @@ struct FrameHeader {
 };
 
 void EncodeHeader(const FrameHeader& header, std::byte* out);  // writes kFrameHeaderBytes
-FrameHeader DecodeHeaderUnchecked(const std::byte* in);         // reads kFrameHeaderBytes
+FrameHeader DecodeHeaderUnchecked(const std::byte* in);        // reads kFrameHeaderBytes
 
 // Checks magic, version and body size against `max_frame_bytes` (header + body).
 // InvalidArgument for a bad magic, FailedPrecondition for a bad version, ResourceExhausted for

@@ -30,7 +30,7 @@ struct Flags {
   bool print_config = false;
 };
 
-// SIGINT/SIGTERM: first one drains, the second forces exit. SIGHUP: reload.
+// SIGINT/SIGTERM: the first drains; a second SIGINT forces exit. SIGHUP: reload.
 void WatchSignals(boost::asio::signal_set& signals, Server& server, const Flags& flags,
                   config::Settings& current, int& stops) {
   signals.async_wait([&](const boost::system::error_code& ec, int signo) {
@@ -47,16 +47,18 @@ void WatchSignals(boost::asio::signal_set& signals, Server& server, const Flags&
         if (absl::Status st = SetLogLevel(current.log_level); !st.ok()) {
           log->error("{}", st.ToString());
         }
-        log->info("SIGHUP: reloaded {} setting(s){}", changed.size(),
-                  changed.empty() ? "" : ": " + [&] {
-                    std::string s;
-                    for (const auto& c : changed) s += (s.empty() ? "" : ", ") + c;
-                    return s;
-                  }());
+        log->info(
+            "SIGHUP: reloaded {} setting(s){}", changed.size(), changed.empty() ? "" : ": " + [&] {
+              std::string s;
+              for (const auto& c : changed) s += (s.empty() ? "" : ", ") + c;
+              return s;
+            }());
       }
     } else if (++stops == 1) {
       log->info("signal {}: graceful shutdown (send it again to force exit)", signo);
       server.BeginShutdown();
+    } else if (signo == SIGTERM) {
+      log->info("SIGTERM again: already shutting down (SIGINT forces exit)");
     } else {
       log->warn("signal {} again: forced exit", signo);
       std::fflush(nullptr);

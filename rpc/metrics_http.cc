@@ -16,8 +16,7 @@ namespace {
 
 // One HTTP exchange: read a request, write the reply, close.
 struct Exchange : std::enable_shared_from_this<Exchange> {
-  Exchange(tcp::socket s, std::function<std::string()>& r)
-      : stream(std::move(s)), render(r) {
+  Exchange(tcp::socket s, std::function<std::string()>& r) : stream(std::move(s)), render(r) {
     stream.expires_after(std::chrono::seconds(10));
   }
   void Run() {

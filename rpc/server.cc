@@ -27,8 +27,7 @@ constexpr auto kDrainTimeout = std::chrono::seconds(30);
 constexpr auto kCloseTimeout = std::chrono::seconds(2);
 
 int ArenaThreads(int64_t compute_threads) {
-  return compute_threads > 0 ? static_cast<int>(compute_threads)
-                             : tbb::task_arena::automatic;
+  return compute_threads > 0 ? static_cast<int>(compute_threads) : tbb::task_arena::automatic;
 }
 
 // True when something accepts connections at `path` (another kvwaved is running).
@@ -118,8 +117,8 @@ absl::Status Server::ListenTcp() {
   if (!ec) tcp_acceptor_->bind(endpoint, ec);
   if (!ec) tcp_acceptor_->listen(asio::socket_base::max_listen_connections, ec);
   if (ec) {
-    return absl::UnavailableError(absl::StrCat("listen on TCP ", settings_.tcp_port, ": ",
-                                               ec.message()));
+    return absl::UnavailableError(
+        absl::StrCat("listen on TCP ", settings_.tcp_port, ": ", ec.message()));
   }
   tcp_port_ = tcp_acceptor_->local_endpoint().port();
   return absl::OkStatus();
@@ -157,10 +156,11 @@ void Server::Adopt(int fd, bool local) {
     absl::MutexLock lock(&mu_);
     const int64_t limit = max_sessions_.load(std::memory_order_relaxed);
     if (static_cast<int64_t>(sessions_.size()) >= limit) {
-      const std::string reply = service_.ErrorFrame(
-          0, absl::ResourceExhaustedError(
-                 absl::StrCat("kvwaved is at its limit of ", limit, " sessions")));
-      [[maybe_unused]] ssize_t n = send(fd, reply.data(), reply.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+      const std::string reply =
+          service_.ErrorFrame(0, absl::ResourceExhaustedError(absl::StrCat(
+                                     "kvwaved is at its limit of ", limit, " sessions")));
+      [[maybe_unused]] ssize_t n =
+          send(fd, reply.data(), reply.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
       close(fd);
       return;
     }

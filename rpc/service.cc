@@ -4,11 +4,13 @@
 
 #include <unistd.h>
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "config/status_macros.h"
+#include "rpc/log.h"
 #include "rpc/service_call.h"
 #include "rpc/wire.h"
-#include "rpc/log.h"
 
 namespace kvwave::rpc {
 namespace {
@@ -94,27 +96,49 @@ std::string Service::Handle(Session& session, const Frame& frame, Clock::time_po
     ok = false;
   } else {
     switch (op) {
-      case pb::PING: out = Run(session, frame, &Service::DoPing, &ok); break;
-      case pb::STATS: out = Run(session, frame, &Service::DoStats, &ok); break;
-      case pb::OPEN: out = Run(session, frame, &Service::DoOpen, &ok); break;
-      case pb::APPEND: out = Run(session, frame, &Service::DoAppend, &ok); break;
-      case pb::SEAL: out = Run(session, frame, &Service::DoSeal, &ok); break;
-      case pb::ATTEND: out = Run(session, frame, &Service::DoAttend, &ok); break;
-      case pb::RETRIEVE: out = Run(session, frame, &Service::DoRetrieve, &ok); break;
-      case pb::GATHER: out = Run(session, frame, &Service::DoGather, &ok); break;
-      case pb::CLOSE: out = Run(session, frame, &Service::DoClose, &ok); break;
-      case pb::INFO: out = Run(session, frame, &Service::DoInfo, &ok); break;
-      case pb::LIST_CONTEXTS: out = Run(session, frame, &Service::DoList, &ok); break;
-      case pb::DROP: out = Run(session, frame, &Service::DoDrop, &ok); break;
+      case pb::PING:
+        out = Run(session, frame, &Service::DoPing, &ok);
+        break;
+      case pb::STATS:
+        out = Run(session, frame, &Service::DoStats, &ok);
+        break;
+      case pb::OPEN:
+        out = Run(session, frame, &Service::DoOpen, &ok);
+        break;
+      case pb::APPEND:
+        out = Run(session, frame, &Service::DoAppend, &ok);
+        break;
+      case pb::SEAL:
+        out = Run(session, frame, &Service::DoSeal, &ok);
+        break;
+      case pb::ATTEND:
+        out = Run(session, frame, &Service::DoAttend, &ok);
+        break;
+      case pb::RETRIEVE:
+        out = Run(session, frame, &Service::DoRetrieve, &ok);
+        break;
+      case pb::GATHER:
+        out = Run(session, frame, &Service::DoGather, &ok);
+        break;
+      case pb::CLOSE:
+        out = Run(session, frame, &Service::DoClose, &ok);
+        break;
+      case pb::INFO:
+        out = Run(session, frame, &Service::DoInfo, &ok);
+        break;
+      case pb::LIST_CONTEXTS:
+        out = Run(session, frame, &Service::DoList, &ok);
+        break;
+      case pb::DROP:
+        out = Run(session, frame, &Service::DoDrop, &ok);
+        break;
       default:
-        out = ErrorFrame(frame.header.request_id,
-                         absl::InvalidArgumentError(absl::StrCat(
-                             "unknown or unexpected message type ", op)));
+        out = ErrorFrame(frame.header.request_id, absl::InvalidArgumentError(absl::StrCat(
+                                                      "unknown or unexpected message type ", op)));
         ok = false;
     }
   }
-  const double micros =
-      std::chrono::duration<double, std::micro>(Clock::now() - received).count();
+  const double micros = std::chrono::duration<double, std::micro>(Clock::now() - received).count();
   stats_.RecordOp(op, ok, micros, kFrameHeaderBytes + frame.body.size(), out.size());
   return out;
 }
@@ -127,9 +151,9 @@ std::string Service::HandleHello(Session& session, const Frame& frame, std::vect
   SharedRegion region;
   if (status.ok() && (req.min_version() > kProtocolVersion ||
                       (req.max_version() != 0 && req.max_version() < kProtocolVersion))) {
-    status = absl::FailedPreconditionError(
-        absl::StrCat("client speaks versions ", req.min_version(), "..", req.max_version(),
-                     ", server speaks ", kProtocolVersion));
+    status = absl::FailedPreconditionError(absl::StrCat("client speaks versions ",
+                                                        req.min_version(), "..", req.max_version(),
+                                                        ", server speaks ", kProtocolVersion));
   }
   if (status.ok() && !session.local() && !tcp_token_.empty() &&
       !ConstantTimeEquals(req.token(), tcp_token_)) {
@@ -183,14 +207,13 @@ void Service::ReleaseSession(Session& session) {
     absl::Status st = engine_.Close(id);
     if (!st.ok() && !absl::IsNotFound(st)) {
       Logger("session")->warn("session {}: closing context {}: {}", session.id(), id,
-                                   st.ToString());
+                              st.ToString());
     }
     absl::MutexLock lock(&mu_);
     owners_.erase(id);
   }
   if (!ids.empty()) {
-    Logger("session")->info("session {} ended: released {} context(s)", session.id(),
-                                 ids.size());
+    Logger("session")->info("session {} ended: released {} context(s)", session.id(), ids.size());
   }
 }
 
@@ -214,6 +237,7 @@ absl::Status Service::DoPing(Call&, const pb::PingRequest& req, pb::PingResponse
 
 absl::Status Service::DoStats(Call&, const pb::StatsRequest&, pb::StatsResponse& resp) {
   FillStats(resp);
+  resp.set_in_flight(std::max<int64_t>(0, resp.in_flight() - 1));  // not counting this request
   resp.set_prometheus_text(stats_.Prometheus(resp));
   return absl::OkStatus();
 }

@@ -29,8 +29,7 @@ struct Service::Call {
   // session has a region and `requested` has a length), else an inline buffer copied into
   // `response` by Finish().
   absl::StatusOr<std::span<std::byte>> Output(const pb::Tensor& requested, uint64_t bytes,
-                                              size_t align, const char* what,
-                                              pb::Tensor* response);
+                                              size_t align, const char* what, pb::Tensor* response);
   // Copies inline outputs into their response tensors.
   void Finish();
 

@@ -28,9 +28,8 @@ absl::Status CheckBudget(double value, const char* what) {
 
 }  // namespace
 
-absl::StatusOr<std::span<const std::byte>> Service::Call::Input(const pb::Tensor& t,
-                                                               uint64_t bytes, size_t align,
-                                                               const char* what) {
+absl::StatusOr<std::span<const std::byte>> Service::Call::Input(const pb::Tensor& t, uint64_t bytes,
+                                                                size_t align, const char* what) {
   if (UsesRegion(session, t)) {
     if (t.length() != bytes) {
       return absl::InvalidArgumentError(
@@ -42,11 +41,10 @@ absl::StatusOr<std::span<const std::byte>> Service::Call::Input(const pb::Tensor
     return std::span<const std::byte>(slice);
   }
   if (t.data().size() != bytes) {
-    return absl::InvalidArgumentError(absl::StrCat(what, ": ", t.data().size(),
-                                                   " inline bytes given, the shape needs ", bytes,
-                                                   t.length() > 0 && session.region() == nullptr
-                                                       ? " (this session has no shared region)"
-                                                       : ""));
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, ": ", t.data().size(), " inline bytes given, the shape needs ", bytes,
+        t.length() > 0 && session.region() == nullptr ? " (this session has no shared region)"
+                                                      : ""));
   }
   const auto* p = reinterpret_cast<const std::byte*>(t.data().data());
   if (align > 1 && reinterpret_cast<uintptr_t>(p) % align != 0) {
@@ -58,9 +56,8 @@ absl::StatusOr<std::span<const std::byte>> Service::Call::Input(const pb::Tensor
 }
 
 absl::StatusOr<std::span<std::byte>> Service::Call::Output(const pb::Tensor& requested,
-                                                          uint64_t bytes, size_t align,
-                                                          const char* what,
-                                                          pb::Tensor* response) {
+                                                           uint64_t bytes, size_t align,
+                                                           const char* what, pb::Tensor* response) {
   if (UsesRegion(session, requested)) {
     if (requested.length() != bytes) {
       return absl::InvalidArgumentError(absl::StrCat(what, ": output of ", requested.length(),
@@ -90,9 +87,8 @@ void Service::Call::Finish() {
 absl::Status Service::DoAppend(Call& call, const pb::AppendRequest& req, pb::AppendResponse&) {
   KVWAVE_ASSIGN_OR_RETURN(store::ModelShape shape,
                           OwnedShape(call.session, req.context_id(), req.layer()));
-  KVWAVE_ASSIGN_OR_RETURN(
-      uint64_t bytes,
-      CheckedBytes(req.tokens(), shape.TokenBytesPerLayer(), 1, uint64_t{1} << 40, "append"));
+  KVWAVE_ASSIGN_OR_RETURN(uint64_t bytes, CheckedBytes(req.tokens(), shape.TokenBytesPerLayer(), 1,
+                                                       uint64_t{1} << 40, "append"));
   KVWAVE_ASSIGN_OR_RETURN(std::span<const std::byte> k, call.Input(req.k(), bytes, 1, "k"));
   KVWAVE_ASSIGN_OR_RETURN(std::span<const std::byte> v, call.Input(req.v(), bytes, 1, "v"));
   return engine_.Append(req.context_id(), req.layer(), req.tokens(), k, v);
@@ -103,16 +99,14 @@ absl::Status Service::DoSeal(Call& call, const pb::SealRequest& req, pb::SealRes
   return engine_.Seal(req.context_id());
 }
 
-absl::Status Service::DoAttend(Call& call, const pb::AttendRequest& req,
-                               pb::AttendResponse& resp) {
+absl::Status Service::DoAttend(Call& call, const pb::AttendRequest& req, pb::AttendResponse& resp) {
   KVWAVE_ASSIGN_OR_RETURN(store::ModelShape shape,
                           OwnedShape(call.session, req.context_id(), req.layer()));
   const uint64_t q_bytes = uint64_t{4} * shape.q_heads * shape.head_dim;
   KVWAVE_ASSIGN_OR_RETURN(std::span<const std::byte> q, call.Input(req.q(), q_bytes, 4, "q"));
   engine::AttendBudget budget;
-  budget.retrieval = req.retrieval_budget() < 0
-                         ? retrieval_budget_.load(std::memory_order_relaxed)
-                         : req.retrieval_budget();
+  budget.retrieval = req.retrieval_budget() < 0 ? retrieval_budget_.load(std::memory_order_relaxed)
+                                                : req.retrieval_budget();
   budget.estimation = req.estimation_budget() < 0
                           ? estimation_budget_.load(std::memory_order_relaxed)
                           : req.estimation_budget();
@@ -146,21 +140,25 @@ absl::Status Service::DoRetrieve(Call& call, const pb::RetrieveRequest& req,
   engine::RetrieveOptions options;
   options.k = req.k();
   switch (req.method()) {
-    case pb::WAVE: options.method = engine::RetrieveMethod::kWave; break;
-    case pb::FLAT: options.method = engine::RetrieveMethod::kFlat; break;
-    default: return absl::InvalidArgumentError("unknown retrieve method");
+    case pb::WAVE:
+      options.method = engine::RetrieveMethod::kWave;
+      break;
+    case pb::FLAT:
+      options.method = engine::RetrieveMethod::kFlat;
+      break;
+    default:
+      return absl::InvalidArgumentError("unknown retrieve method");
   }
   if (req.cluster_budget() >= 0) options.cluster_budget = req.cluster_budget();
   KVWAVE_RETURN_IF_ERROR(CheckBudget(options.cluster_budget, "cluster"));
   const uint64_t q_bytes = uint64_t{4} * shape.q_heads * shape.head_dim;
   const uint64_t rows = uint64_t(shape.q_heads) * uint64_t(req.k());
   KVWAVE_ASSIGN_OR_RETURN(std::span<const std::byte> q, call.Input(req.q(), q_bytes, 4, "q"));
-  KVWAVE_ASSIGN_OR_RETURN(std::span<std::byte> positions,
-                          call.Output(req.positions(), rows * 8, 8, "positions",
-                                      resp.mutable_positions()));
   KVWAVE_ASSIGN_OR_RETURN(
-      std::span<std::byte> scores,
-      call.Output(req.scores(), rows * 4, 4, "scores", resp.mutable_scores()));
+      std::span<std::byte> positions,
+      call.Output(req.positions(), rows * 8, 8, "positions", resp.mutable_positions()));
+  KVWAVE_ASSIGN_OR_RETURN(std::span<std::byte> scores,
+                          call.Output(req.scores(), rows * 4, 4, "scores", resp.mutable_scores()));
   engine::RetrieveStats stats;
   KVWAVE_RETURN_IF_ERROR(engine_.Retrieve(req.context_id(), req.layer(), As<float>(q), options,
                                           As<int64_t>(positions), As<float>(scores), &stats));
@@ -169,16 +167,14 @@ absl::Status Service::DoRetrieve(Call& call, const pb::RetrieveRequest& req,
   return absl::OkStatus();
 }
 
-absl::Status Service::DoGather(Call& call, const pb::GatherRequest& req,
-                               pb::GatherResponse& resp) {
+absl::Status Service::DoGather(Call& call, const pb::GatherRequest& req, pb::GatherResponse& resp) {
   KVWAVE_ASSIGN_OR_RETURN(store::ModelShape shape,
                           OwnedShape(call.session, req.context_id(), req.layer()));
   const pb::Tensor& p = req.positions();
   const uint64_t p_bytes = UsesRegion(call.session, p) ? p.length() : p.data().size();
   if (p_bytes % 8 != 0 || p_bytes / 8 > static_cast<uint64_t>(kMaxGatherRows)) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "positions: ", p_bytes, " bytes is not a whole number (<= ", kMaxGatherRows,
-        ") of int64"));
+        "positions: ", p_bytes, " bytes is not a whole number (<= ", kMaxGatherRows, ") of int64"));
   }
   const int64_t n = static_cast<int64_t>(p_bytes / 8);
   KVWAVE_ASSIGN_OR_RETURN(std::span<const std::byte> positions,

@@ -93,12 +93,10 @@ void SharedRegion::Reset() {
 }
 
 absl::StatusOr<std::span<std::byte>> SharedRegion::Slice(uint64_t offset, uint64_t length,
-                                                          size_t alignment,
-                                                          const char* what) const {
+                                                         size_t alignment, const char* what) const {
   if (offset > size_ || length > size_ - offset) {
     return absl::OutOfRangeError(absl::StrCat(what, ": bytes [", offset, ", +", length,
-                                              ") outside the shared region of ", size_,
-                                              " bytes"));
+                                              ") outside the shared region of ", size_, " bytes"));
   }
   if (alignment > 1 && offset % alignment != 0) {
     return absl::InvalidArgumentError(

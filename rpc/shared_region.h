@@ -66,7 +66,7 @@ class SharedRegion {
 // number of bytes read (0 = orderly EOF); errno-style errors as absl statuses (EAGAIN ->
 // Unavailable).
 [[nodiscard]] absl::StatusOr<size_t> ReceiveWithFds(int socket, std::span<std::byte> buffer,
-                                                     std::vector<int>& fds);
+                                                    std::vector<int>& fds);
 
 }  // namespace kvwave::rpc
 

@@ -43,7 +43,7 @@ absl::StatusOr<DType> FromProto(pb::DType dtype) {
   }
 }
 
-std::string_view OpName(uint16_t op) {
+const char* OpName(uint16_t op) {
   switch (op) {
     case pb::HELLO:
       return "hello";

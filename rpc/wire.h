@@ -21,7 +21,7 @@ pb::DType ToProto(DType dtype);
 absl::StatusOr<DType> FromProto(pb::DType dtype);
 
 // "open", "append", ... for a pb::MessageType value; "unknown" otherwise.
-std::string_view OpName(uint16_t op);
+const char* OpName(uint16_t op);
 inline constexpr uint16_t kMaxOp = pb::ERROR;
 
 // a * b * c with an overflow check against `limit`; OutOfRange naming `what` on overflow.

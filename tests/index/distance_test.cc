@@ -2,8 +2,10 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -143,6 +145,72 @@ TEST(KMeansAssignTest, TiesGoToLowestIndex) {
   std::vector<int32_t> got(3, -1);
   AssignMaxInnerProduct(x.data(), 3, panels, got.data(), nullptr);
   EXPECT_EQ(got, std::vector<int32_t>({0, 0, 0}));
+}
+
+// ScorePanels on a random subset of (vector, panel) pairs: each scored pair's top two against a
+// float64 scan of that panel; unscored pairs untouched; with every pair scored, the best over
+// panels must be AssignMaxInnerProduct's answer, bit for bit.
+TEST(KMeansAssignTest, ScorePanelsMatchesFloat64AndFullAssign) {
+  std::mt19937 rng(kSeed + 5);
+  for (int d : {3, 64, 128}) {
+    for (int c : {1, 16, 17, 70}) {
+      const int64_t n = 97;
+      SCOPED_TRACE(testing::Message() << "seed " << kSeed + 5 << " d " << d << " C " << c);
+      const auto x = RandomVector(rng, n * d), cen = RandomVector(rng, int64_t{c} * d);
+      CentroidPanels panels;
+      panels.Pack(cen.data(), c, d);
+      const int num_panels = panels.num_panels(), words = PanelMaskWords(num_panels);
+      for (bool all : {false, true}) {
+        std::vector<uint64_t> need(n * words, 0);
+        for (int64_t i = 0; i < n; ++i) {
+          for (int p = 0; p < num_panels; ++p) {
+            if (all || rng() % 3 == 0) need[i * words + p / 64] |= uint64_t{1} << (p % 64);
+          }
+        }
+        PanelTop2 untouched;
+        untouched.index = -7;
+        std::vector<PanelTop2> out(n * num_panels, untouched);
+        ScorePanels(x.data(), n, panels, need.data(), out.data());
+        std::vector<int32_t> assign(n);
+        std::vector<float> assign_best(n);
+        AssignMaxInnerProduct(x.data(), n, panels, assign.data(), assign_best.data());
+        for (int64_t i = 0; i < n; ++i) {
+          const PanelTop2* winner = nullptr;
+          for (int p = 0; p < num_panels; ++p) {
+            const PanelTop2& got = out[i * num_panels + p];
+            if (((need[i * words + p / 64] >> (p % 64)) & 1) == 0) {
+              EXPECT_EQ(got.index, -7);
+              continue;
+            }
+            if (winner == nullptr || got.best > winner->best) winner = &got;
+            std::vector<double> ref;
+            double scale = 0.0, dot, s;
+            for (int j = p * 16; j < std::min(c, p * 16 + 16); ++j) {
+              DotReference(x.data() + i * d, cen.data() + int64_t{j} * d, d, &dot, &s);
+              ref.push_back(dot);
+              scale = std::max(scale, s);
+            }
+            ASSERT_GE(got.index, p * 16);
+            ASSERT_LT(got.index, std::min(c, p * 16 + 16));
+            std::sort(ref.rbegin(), ref.rend());
+            EXPECT_LE(std::fabs(got.best - ref[0]), 1e-5 * scale) << "row " << i;
+            DotReference(x.data() + i * d, cen.data() + int64_t{got.index} * d, d, &dot, &s);
+            EXPECT_LE(std::fabs(got.best - dot), 1e-5 * scale) << "row " << i;
+            if (ref.size() > 1) {
+              EXPECT_LE(std::fabs(got.second - ref[1]), 1e-5 * scale) << "row " << i;
+            } else {
+              EXPECT_EQ(got.second, -std::numeric_limits<float>::infinity());
+            }
+          }
+          if (all) {
+            ASSERT_NE(winner, nullptr);
+            EXPECT_EQ(winner->index, assign[i]) << "row " << i;
+            EXPECT_EQ(winner->best, assign_best[i]) << "row " << i;
+          }
+        }
+      }
+    }
+  }
 }
 
 }  // namespace

@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""End to end: the real language model of ../shared/data/lm decodes with kvwave as its KV backend.
+
+The model prefills C tokens; every layer's K/V goes into a running kvwaved through the Python client.
+Then, for the next S tokens (teacher forcing), each layer computes its query, appends the new token's
+K/V, and takes its attention output from kvwave (Attend, or top-k attention over Retrieve's tokens)
+instead of computing it itself -- as an inference server would. The loss over those S positions and
+the greedy next token are compared with the model's own full attention over the same tokens.
+
+    python3 bench/e2e_lm.py --tokens FILE.u16 --context C --steps S --json OUT [--socket PATH]
+
+Needs numpy and torch (Debian: python3-numpy python3-torch, run with /usr/bin/python3), the built
+Python binding (found under build*/), and, unless --socket names a running daemon, the built kvwaved.
+The model definition is imported from ../shared/data/lm/qkdump.py (not copied here).
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_LM = os.path.join(ROOT, '..', 'shared', 'data', 'lm')
+
+
+def find_one(patterns, what):
+    for pattern in patterns:
+        hits = sorted(glob.glob(os.path.join(ROOT, pattern), recursive=True), key=os.path.getmtime)
+        if hits:
+            return hits[-1]
+    raise SystemExit(f'e2e_lm: cannot find {what} (build the project first: bash tests/run.sh)')
+
+
+def import_binding():
+    if os.environ.get('KVWAVE_PYTHONPATH'):
+        sys.path.insert(0, os.environ['KVWAVE_PYTHONPATH'])
+    else:
+        sys.path.insert(0, os.path.dirname(find_one(['build*/**/kvwave*.so'], 'the kvwave Python module')))
+    import kvwave  # noqa: E402  (built binding)
+    return kvwave
+
+
+class Daemon:
+    """Starts kvwaved on a temporary socket unless one is given; stops it on exit."""
+
+    def __init__(self, socket_path):
+        self.proc, self.dir = None, None
+        self.socket = socket_path
+        if socket_path:
+            return
+        binary = os.environ.get('KVWAVED') or find_one(['build*/**/rpc/kvwaved', 'build*/**/kvwaved'], 'kvwaved')
+        self.dir = tempfile.mkdtemp(prefix='kvwave-e2e-')
+        self.socket = os.path.join(self.dir, 'kvwaved.sock')
+        self.proc = subprocess.Popen([binary, '--set', f'rpc.socket_path={self.socket}', '--set', 'log.level=warn'],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for _ in range(300):
+            if os.path.exists(self.socket):
+                return
+            if self.proc.poll() is not None:
+                raise SystemExit('e2e_lm: kvwaved exited: ' + self.proc.stderr.read().decode())
+            time.sleep(0.02)
+        raise SystemExit('e2e_lm: kvwaved did not create its socket')
+
+    def stop(self):
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+def block_step(qk, block, x, cos, sin, attend):
+    """One decoder block for one new token x [1, 1, dim]; attend(layer_q, k, v) -> [H, hd]."""
+    import torch.nn.functional as F
+    h = qk.rms(x, block.n1)
+    q = block.wq(h).view(1, 1, block.H, block.hd).transpose(1, 2)
+    k = block.wk(h).view(1, 1, block.KV, block.hd).transpose(1, 2)
+    v = block.wv(h).view(1, 1, block.KV, block.hd).transpose(1, 2)
+    q = qk.apply_rope(q, cos, sin)
+    k = qk.apply_rope(k, cos, sin)
+    o = attend(q[0, :, 0, :], k[0, :, 0, :], v[0, :, 0, :])
+    x = x + block.wo(o.reshape(1, 1, -1))
+    h = qk.rms(x, block.n2)
+    return x + block.w2(F.silu(block.w1(h)) * block.w3(h))
+
+
+def run_method(qk, torch, kv, client, model, cfg, tokens, prefill_kv, C, S, method):
+    """Decodes positions C..C+S-1 with one kvwave method; returns per-position logits [S, vocab]."""
+    L, H, KV, hd = cfg['layers'], cfg['heads'], cfg['kv_heads'], cfg['dim'] // cfg['heads']
+    g = H // KV
+    ctx, _ = client.open(layers=L, q_heads=H, kv_heads=KV, head_dim=hd, dtype='f16')
+    for layer, (k, v) in enumerate(prefill_kv):
+        client.append(ctx, layer, k, v)
+    client.seal(ctx)
+    cos_all, sin_all = qk.rope(C + S, hd, cfg['rope_base'], 'cpu')
+    logits = []
+    try:
+        for s in range(S):
+            p = C + s
+            x = model.emb(torch.tensor([[tokens[p]]]))
+            cos, sin = cos_all[p:p + 1], sin_all[p:p + 1]
+            for layer, block in enumerate(model.blocks):
+                def attend(q, k, v, layer=layer):
+                    client.append(ctx, layer, k.numpy().astype(np.float16)[None], v.numpy().astype(np.float16)[None])
+                    qn = np.ascontiguousarray(q.numpy(), dtype=np.float32)
+                    if method['kind'] == 'tripartite':
+                        out, _, _ = client.attend(ctx, layer, qn, retrieval_budget=method['retrieval'],
+                                                  estimation_budget=method['estimation'])
+                        return torch.from_numpy(np.asarray(out, dtype=np.float32))
+                    pos, scores, _, _ = client.retrieve(ctx, layer, qn, k=method['k'], method=method['index'],
+                                                        cluster_budget=method['cluster_budget'])
+                    out = np.zeros((H, hd), np.float32)
+                    for h in range(H):
+                        keep = pos[h] >= 0
+                        _, vv = client.gather(ctx, layer, np.ascontiguousarray(pos[h][keep]))
+                        w = np.exp(scores[h][keep] - scores[h][keep].max())
+                        out[h] = (w[:, None] * vv[:, h // g, :].astype(np.float32)).sum(0) / w.sum()
+                    return torch.from_numpy(out)
+                x = block_step(qk, block, x, cos, sin, attend)
+            logits.append((qk.rms(x, model.nf) @ model.emb.weight.t())[0, 0])
+    finally:
+        client.close(ctx)
+    return torch.stack(logits)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--tokens', default=os.path.join(DEFAULT_LM, 'eval.u16'))
+    ap.add_argument('--model', default=DEFAULT_LM, help='folder with qkdump.py and model-*.safetensors')
+    ap.add_argument('--context', type=int, default=8192)
+    ap.add_argument('--steps', type=int, default=256)
+    ap.add_argument('--json', default='')
+    ap.add_argument('--socket', default='', help='a running kvwaved (default: start one)')
+    ap.add_argument('--methods', default='all', help="'all', 'full' or comma list of method names")
+    args = ap.parse_args()
+
+    sys.path.insert(0, os.path.abspath(args.model))
+    import torch
+    import torch.nn.functional as F
+    import qkdump as qk  # the model definition, imported from the shared data folder
+    torch.set_num_threads(os.cpu_count())
+    kv = import_binding()
+    tokens = np.fromfile(args.tokens, '<u2').astype(np.int64)
+    C, S = args.context, args.steps
+    if len(tokens) < C + S + 1:
+        raise SystemExit(f'e2e_lm: {args.tokens} has {len(tokens)} tokens, need {C + S + 1}')
+    model, cfg = qk.load(args.model)
+    model.eval()
+
+    methods = [{'name': 'full', 'kind': 'tripartite', 'retrieval': 1.0, 'estimation': 0.0}]
+    for r in (0.018, 0.05, 0.1):
+        for e in (0.232, 0.0):
+            methods.append({'name': f'tripartite-{r:g}-{e:g}', 'kind': 'tripartite', 'retrieval': r, 'estimation': e})
+    for k in (100, 1000):
+        methods.append({'name': f'topk-wave-{k}', 'kind': 'topk', 'index': 'wave', 'k': k,
+                        'cluster_budget': 0.05 if k == 100 else 0.25, 'retrieval': 0.0, 'estimation': 0.0})
+    if args.methods != 'all':
+        wanted = set(args.methods.split(','))
+        methods = [m for m in methods if m['name'] in wanted]
+
+    t0 = time.time()
+    with torch.no_grad():
+        idx = torch.from_numpy(tokens[:C + S + 1])[None]
+        full_logits = model(idx[:, :C + S])[0, C:C + S]  # the model's own full attention
+        targets = idx[0, C + 1:C + S + 1]
+        full_loss = F.cross_entropy(full_logits.float(), targets).item()
+        full_top1 = full_logits.argmax(-1)
+        sink = []
+        model(idx[:, :C], sink=sink, logits=False)
+        prefill_kv = [(np.ascontiguousarray(k.numpy()), np.ascontiguousarray(v.numpy())) for _, k, v in sink]
+        del sink
+    print(f'# e2e_lm: C={C} S={S} model layers={cfg["layers"]} heads={cfg["heads"]}/{cfg["kv_heads"]} '
+          f'full-attention loss {full_loss:.4f} ({time.time() - t0:.0f}s)', flush=True)
+
+    daemon = Daemon(args.socket)
+    rows = []
+    try:
+        client = kv.Client(socket_path=daemon.socket, shared_memory_bytes=256 << 20)
+        print(f'{"method":24s} {"retrieval":>9s} {"estim.":>7s} {"loss":>8s} {"full":>8s} {"rel.incr":>9s} {"top1":>6s} {"s":>5s}')
+        for m in methods:
+            t1 = time.time()
+            with torch.no_grad():
+                logits = run_method(qk, torch, kv, client, model, cfg, tokens, prefill_kv, C, S, m)
+            loss = F.cross_entropy(logits.float(), targets).item()
+            top1 = (logits.argmax(-1) == full_top1).float().mean().item()
+            rows.append({'method': m['name'], 'retrieval_budget': m['retrieval'], 'estimation_budget': m['estimation'],
+                         'loss': loss, 'full_loss': full_loss, 'top1_agreement': top1})
+            print(f'{m["name"]:24s} {m["retrieval"]:9.3f} {m["estimation"]:7.3f} {loss:8.4f} {full_loss:8.4f} '
+                  f'{(loss - full_loss) / full_loss:+9.4f} {top1:6.3f} {time.time() - t1:5.0f}', flush=True)
+    finally:
+        daemon.stop()
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,73 @@
+// Internal state of kvwave::client::Client: the socket, the shared region with its per-call
+// staging allocator, and the request/reply exchange.
+//
+// Thread-safety: none of its own; Client holds mu_ around every public call.
+#ifndef KVWAVE_CLIENT_CLIENT_IMPL_H_
+#define KVWAVE_CLIENT_CLIENT_IMPL_H_
+
+#include <cstdint>
+#include <mutex>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "kvwave/client.h"
+#include "rpc/frame.h"
+#include "rpc/kvwave_rpc.pb.h"
+#include "rpc/shared_region.h"
+#include "rpc/wire.h"
+
+namespace kvwave::client {
+
+class Client::Impl {
+ public:
+  Impl(const ClientOptions& options, int fd)
+      : options_(options), fd_(fd), decoder_(uint64_t{1} << 33), read_buffer_(size_t{256} << 10) {}
+  ~Impl();
+
+  absl::Status Hello();
+
+  // Sends `request` (with `fd_to_pass` attached when >= 0) and waits for its reply; the
+  // transport or framing error, the ERROR frame's status, or the response's own status.
+  template <typename Resp>
+  absl::Status Call(uint16_t type, const google::protobuf::MessageLite& request, Resp& response,
+                    int fd_to_pass = -1) {
+    absl::Status st = Exchange(type, request, response, fd_to_pass);
+    if (!st.ok()) return st;
+    return rpc::FromProto(response.status());
+  }
+
+  // Per-call staging of tensors in the shared region (reset by BeginCall).
+  void BeginCall();
+  absl::Status StageInput(std::span<const std::byte> data, size_t align, rpc::pb::Tensor* t);
+  void StageOutput(std::span<std::byte> dst, size_t align, rpc::pb::Tensor* t);
+  // Copies a returned tensor (inline or in the region) into dst.
+  absl::Status Collect(const rpc::pb::Tensor& got, std::span<std::byte> dst, const char* what);
+
+  std::mutex mu_;
+  ClientOptions options_;
+  int fd_;
+  rpc::SharedRegion region_;
+  uint64_t max_frame_bytes_ = 0;
+  uint64_t session_id_ = 0;
+
+ private:
+  absl::Status Exchange(uint16_t type, const google::protobuf::MessageLite& request,
+                        google::protobuf::MessageLite& response, int fd_to_pass);
+  absl::Status WriteAll(std::span<const std::byte> data);
+  // After a failed send: the status of an ERROR frame the server sent before closing, if any.
+  absl::Status ConnectionError(absl::Status fallback);
+  absl::StatusOr<rpc::Frame> ReadReply(uint64_t id);
+  bool Allocate(size_t bytes, size_t align, uint64_t* offset);
+
+  rpc::FrameDecoder decoder_;
+  std::vector<std::byte> read_buffer_;
+  uint64_t next_id_ = 1;
+  size_t stage_used_ = 0;
+  bool broken_ = false;
+};
+
+}  // namespace kvwave::client
+
+#endif  // KVWAVE_CLIENT_CLIENT_IMPL_H_

@@ -1,0 +1,178 @@
+// kvwave C++ client: connects to kvwaved over its Unix socket (with a shared-memory region for
+// tensors) or over TCP (tensors inline, a shared-secret token), and exposes every engine
+// operation with absl::Status / absl::StatusOr results.
+//
+//   auto client = kvwave::client::Client::Connect({.socket_path = "/tmp/kvwaved.sock"});
+//   auto ctx = (*client)->Open({.shape = {.layers = 32, .q_heads = 32, .kv_heads = 8,
+//                                        .head_dim = 128, .dtype = kvwave::DType::kBF16}});
+//   (*client)->Append(ctx->id, layer, n, k_bytes, v_bytes);
+//   (*client)->Attend(ctx->id, layer, q, {}, out, lse);
+//
+// Tensors are row-major: K/V [n x kv_heads x head_dim] of the context's dtype; queries, outputs
+// and scores float32; positions int64.
+//
+// Zero copy: over shared memory, every tensor is first copied into the region, except a span
+// that already lies inside it (see SharedBuffer()), which is passed by offset as is.
+//
+// Threading rule: a Client is thread-safe, but it has ONE request in flight at a time: calls
+// from several threads are serialised by an internal mutex. For parallel requests, use one
+// Client per thread (each has its own connection, session and region). Contexts belong to the
+// Client (session) that opened them and are released by the server when it disconnects.
+// Spans returned by SharedBuffer() stay valid for the Client's lifetime, and their contents may
+// be overwritten by the next call that stages tensors.
+#ifndef KVWAVE_CLIENT_INCLUDE_KVWAVE_CLIENT_H_
+#define KVWAVE_CLIENT_INCLUDE_KVWAVE_CLIENT_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "config/dtype.h"
+
+namespace kvwave::client {
+
+using ContextId = uint64_t;
+
+struct ClientOptions {
+  // Unix socket of kvwaved (used when tcp_port == 0).
+  std::string socket_path = "/tmp/kvwaved.sock";
+  // TCP instead of the Unix socket: host, port and the server's rpc.tcp_token.
+  std::string tcp_host = "127.0.0.1";
+  int tcp_port = 0;
+  std::string token;
+  // Size of the shared-memory region (Unix socket only); 0 = send tensors inline.
+  size_t shared_memory_bytes = size_t{64} << 20;
+  // Deadline of each request; 0 = the server's default. The client gives up waiting for a reply
+  // after the deadline plus a grace period (or after 60 s when 0) and closes the connection.
+  int deadline_ms = 0;
+  std::string client_name = "kvwave-client";
+};
+
+struct ModelShape {
+  int32_t layers = 0;
+  int32_t q_heads = 0;
+  int32_t kv_heads = 0;
+  int32_t head_dim = 0;
+  DType dtype = DType::kBF16;
+  int64_t TokenBytesPerLayer() const {
+    return int64_t{kv_heads} * head_dim * static_cast<int64_t>(ElementSize(dtype));
+  }
+};
+
+struct OpenOptions {
+  ModelShape shape;
+  std::vector<int32_t> token_ids;  // optional, for prefix sharing
+  std::string prefix_namespace;
+};
+
+struct OpenResult {
+  ContextId id = 0;
+  int64_t matched_tokens = 0;
+};
+
+// Negative = the server's default budget.
+struct AttendBudget {
+  double retrieval = -1;
+  double estimation = -1;
+};
+
+struct AttendStats {
+  int64_t steady_tokens = 0;
+  int64_t retrieved_tokens = 0;
+  int64_t retrieved_clusters = 0;
+  int64_t estimated_clusters = 0;
+  int64_t total_clusters = 0;
+};
+
+enum class RetrieveMethod { kWave, kFlat };
+
+struct RetrieveOptions {
+  int32_t k = 100;
+  RetrieveMethod method = RetrieveMethod::kWave;
+  double cluster_budget = -1;  // negative = the server's default
+};
+
+struct RetrieveStats {
+  int64_t keys_scored = 0;
+  int64_t keys_total = 0;
+};
+
+struct ContextInfo {
+  ContextId id = 0;
+  ModelShape shape;
+  std::vector<int64_t> tokens_per_layer;
+  int64_t sealed_segments = 0;
+  int64_t bytes = 0;
+  uint64_t session_id = 0;  // owning session, 0 = none
+};
+
+struct OpStats {
+  std::string op;
+  uint64_t count = 0, errors = 0;
+  double p50_us = 0, p99_us = 0, p999_us = 0, mean_us = 0;
+  uint64_t bytes_in = 0, bytes_out = 0;
+};
+
+struct ServerStats {
+  std::vector<OpStats> ops;
+  int64_t sessions = 0, sessions_total = 0, contexts = 0;
+  int64_t memory_used_bytes = 0, memory_limit_bytes = 0;
+  int64_t segments_sealed = 0, tokens_appended = 0, in_flight = 0, rss_bytes = 0;
+  int64_t frames_rejected = 0;
+  double uptime_s = 0;
+  std::string prometheus_text;
+};
+
+class Client {
+ public:
+  // Connects and performs the handshake (version, limits, token, shared region).
+  static absl::StatusOr<std::unique_ptr<Client>> Connect(const ClientOptions& options);
+  ~Client();
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+
+  absl::Status Ping();
+  absl::StatusOr<OpenResult> Open(const OpenOptions& options);
+  // k, v: [n x kv_heads x head_dim] elements of the context's dtype.
+  absl::Status Append(ContextId ctx, int32_t layer, int64_t n, std::span<const std::byte> k,
+                      std::span<const std::byte> v);
+  absl::Status Seal(ContextId ctx);
+  // q, out: [q_heads x head_dim] float32; lse: [q_heads] float32.
+  absl::Status Attend(ContextId ctx, int32_t layer, std::span<const float> q,
+                      const AttendBudget& budget, std::span<float> out, std::span<float> lse,
+                      AttendStats* stats = nullptr);
+  // positions, scores: [q_heads x k], best first; -1 / -inf past the tokens a head sees.
+  absl::Status Retrieve(ContextId ctx, int32_t layer, std::span<const float> q,
+                        const RetrieveOptions& options, std::span<int64_t> positions,
+                        std::span<float> scores, RetrieveStats* stats = nullptr);
+  // k, v: [positions.size() x kv_heads x head_dim] of the context's dtype.
+  absl::Status Gather(ContextId ctx, int32_t layer, std::span<const int64_t> positions,
+                      std::span<std::byte> k, std::span<std::byte> v);
+  absl::Status Close(ContextId ctx);
+  absl::StatusOr<ContextInfo> Info(ContextId ctx);
+  absl::StatusOr<std::vector<ContextInfo>> ListContexts();
+  // Administrative: closes a context whichever session owns it.
+  absl::Status Drop(ContextId ctx);
+  absl::StatusOr<ServerStats> Stats();
+
+  // The shared region (empty over TCP). Tensors placed here are sent by offset without a copy.
+  std::span<std::byte> SharedBuffer();
+  bool uses_shared_memory() const;
+  uint64_t session_id() const;
+  uint64_t server_max_frame_bytes() const;
+
+  class Impl;
+
+ private:
+  explicit Client(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kvwave::client
+
+#endif  // KVWAVE_CLIENT_INCLUDE_KVWAVE_CLIENT_H_

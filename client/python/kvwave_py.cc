@@ -1,0 +1,299 @@
+// Python binding of the kvwave C++ client (module `kvwave`): numpy arrays in and out. Any object
+// numpy can view (a CPU torch tensor of float32/float16, for instance) is accepted where an array
+// is; bf16 K/V travel as uint16 arrays holding the raw bits.
+//
+// Thread-safety: as kvwave::client::Client (one request in flight per Client; calls release the
+// GIL while they wait for kvwaved).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <string>
+
+#include "kvwave/client.h"
+
+namespace py = pybind11;
+namespace kc = kvwave::client;
+
+namespace {
+
+[[noreturn]] void Raise(const absl::Status& st) {
+  const std::string msg = st.ToString();
+  switch (st.code()) {
+    case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kOutOfRange:
+      throw py::value_error(msg);
+    case absl::StatusCode::kNotFound:
+      throw py::key_error(msg);
+    case absl::StatusCode::kDeadlineExceeded:
+      PyErr_SetString(PyExc_TimeoutError, msg.c_str());
+      throw py::error_already_set();
+    case absl::StatusCode::kUnavailable:
+      PyErr_SetString(PyExc_ConnectionError, msg.c_str());
+      throw py::error_already_set();
+    default:
+      throw std::runtime_error(msg);
+  }
+}
+
+void Check(const absl::Status& st) {
+  if (!st.ok()) Raise(st);
+}
+
+template <typename T>
+T Value(absl::StatusOr<T> s) {
+  if (!s.ok()) Raise(s.status());
+  return *std::move(s);
+}
+
+kvwave::DType ParseType(const std::string& name) {
+  auto t = kvwave::ParseDType(name);
+  if (!t.ok()) Raise(t.status());
+  return *t;
+}
+
+std::span<const std::byte> Bytes(const py::array& a) {
+  return {static_cast<const std::byte*>(a.data()), static_cast<size_t>(a.nbytes())};
+}
+
+using F32Array = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using I64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+
+py::dict InfoDict(const kc::ContextInfo& i) {
+  py::dict d;
+  d["id"] = i.id;
+  d["layers"] = i.shape.layers;
+  d["q_heads"] = i.shape.q_heads;
+  d["kv_heads"] = i.shape.kv_heads;
+  d["head_dim"] = i.shape.head_dim;
+  d["dtype"] = std::string(kvwave::DTypeName(i.shape.dtype));
+  d["tokens_per_layer"] = i.tokens_per_layer;
+  d["sealed_segments"] = i.sealed_segments;
+  d["bytes"] = i.bytes;
+  d["session_id"] = i.session_id;
+  return d;
+}
+
+// The Python-side client: remembers each open context's shape to size outputs.
+class PyClient {
+ public:
+  PyClient(const std::string& socket_path, size_t shared_memory_bytes, const std::string& host,
+           int port, const std::string& token, int deadline_ms) {
+    kc::ClientOptions o;
+    o.socket_path = socket_path;
+    o.shared_memory_bytes = shared_memory_bytes;
+    o.tcp_host = host;
+    o.tcp_port = port;
+    o.token = token;
+    o.deadline_ms = deadline_ms;
+    o.client_name = "kvwave-python";
+    absl::StatusOr<std::unique_ptr<kc::Client>> c;
+    {
+      py::gil_scoped_release release;
+      c = kc::Client::Connect(o);
+    }
+    client_ = Value(std::move(c));
+  }
+
+  void Ping() {
+    py::gil_scoped_release release;
+    Check(client_->Ping());
+  }
+
+  py::tuple Open(int layers, int q_heads, int kv_heads, int head_dim, const std::string& dtype,
+                 std::vector<int32_t> token_ids, const std::string& ns) {
+    kc::OpenOptions o;
+    o.shape = {layers, q_heads, kv_heads, head_dim, ParseType(dtype)};
+    o.token_ids = std::move(token_ids);
+    o.prefix_namespace = ns;
+    absl::StatusOr<kc::OpenResult> r;
+    {
+      py::gil_scoped_release release;
+      r = client_->Open(o);
+    }
+    kc::OpenResult opened = Value(std::move(r));
+    return py::make_tuple(opened.id, opened.matched_tokens);
+  }
+
+  void Append(uint64_t ctx, int layer, py::array k, py::array v) {
+    k = py::array::ensure(k, py::array::c_style);
+    v = py::array::ensure(v, py::array::c_style);
+    if (!k || !v) throw py::value_error("k and v must be arrays");
+    if (k.ndim() < 1 || v.ndim() < 1 || k.shape(0) != v.shape(0)) {
+      throw py::value_error("k and v must be [n, kv_heads, head_dim] with the same n");
+    }
+    const int64_t n = k.shape(0);
+    py::gil_scoped_release release;
+    Check(client_->Append(ctx, layer, n, Bytes(k), Bytes(v)));
+  }
+
+  void Seal(uint64_t ctx) {
+    py::gil_scoped_release release;
+    Check(client_->Seal(ctx));
+  }
+
+  py::tuple Attend(uint64_t ctx, int layer, F32Array q, double retrieval, double estimation) {
+    const int64_t heads = q.ndim() == 2 ? q.shape(0) : 0;
+    if (heads == 0) throw py::value_error("q must be [q_heads, head_dim] float32");
+    F32Array out({q.shape(0), q.shape(1)});
+    F32Array lse(std::vector<py::ssize_t>{q.shape(0)});
+    kc::AttendStats stats;
+    {
+      std::span<float> o(out.mutable_data(), out.size()), l(lse.mutable_data(), lse.size());
+      std::span<const float> qs(q.data(), q.size());
+      py::gil_scoped_release release;
+      Check(client_->Attend(ctx, layer, qs, {retrieval, estimation}, o, l, &stats));
+    }
+    py::dict s;
+    s["steady_tokens"] = stats.steady_tokens;
+    s["retrieved_tokens"] = stats.retrieved_tokens;
+    s["retrieved_clusters"] = stats.retrieved_clusters;
+    s["estimated_clusters"] = stats.estimated_clusters;
+    s["total_clusters"] = stats.total_clusters;
+    return py::make_tuple(out, lse, s);
+  }
+
+  py::tuple Retrieve(uint64_t ctx, int layer, F32Array q, int k, const std::string& method,
+                     double cluster_budget) {
+    if (q.ndim() != 2) throw py::value_error("q must be [q_heads, head_dim] float32");
+    if (k < 1) throw py::value_error("k must be >= 1");
+    kc::RetrieveOptions o;
+    o.k = k;
+    if (method == "flat") {
+      o.method = kc::RetrieveMethod::kFlat;
+    } else if (method != "wave") {
+      throw py::value_error("method must be 'wave' or 'flat'");
+    }
+    o.cluster_budget = cluster_budget;
+    I64Array positions({q.shape(0), static_cast<py::ssize_t>(k)});
+    F32Array scores({q.shape(0), static_cast<py::ssize_t>(k)});
+    kc::RetrieveStats stats;
+    {
+      std::span<int64_t> p(positions.mutable_data(), positions.size());
+      std::span<float> s(scores.mutable_data(), scores.size());
+      std::span<const float> qs(q.data(), q.size());
+      py::gil_scoped_release release;
+      Check(client_->Retrieve(ctx, layer, qs, o, p, s, &stats));
+    }
+    return py::make_tuple(positions, scores, stats.keys_scored, stats.keys_total);
+  }
+
+  py::tuple Gather(uint64_t ctx, int layer, I64Array positions) {
+    kc::ContextInfo info;
+    {
+      py::gil_scoped_release release;
+      info = Value(client_->Info(ctx));
+    }
+    const int64_t n = positions.size();
+    const auto dtype = info.shape.dtype == kvwave::DType::kF32   ? py::dtype("float32")
+                       : info.shape.dtype == kvwave::DType::kF16 ? py::dtype("float16")
+                                                                 : py::dtype("uint16");
+    std::vector<py::ssize_t> shape = {n, info.shape.kv_heads, info.shape.head_dim};
+    py::array k(dtype, shape), v(dtype, shape);
+    {
+      std::span<std::byte> ks(static_cast<std::byte*>(k.mutable_data()), k.nbytes());
+      std::span<std::byte> vs(static_cast<std::byte*>(v.mutable_data()), v.nbytes());
+      std::span<const int64_t> ps(positions.data(), n);
+      py::gil_scoped_release release;
+      Check(client_->Gather(ctx, layer, ps, ks, vs));
+    }
+    return py::make_tuple(k, v);
+  }
+
+  void Close(uint64_t ctx) {
+    py::gil_scoped_release release;
+    Check(client_->Close(ctx));
+  }
+  void Drop(uint64_t ctx) {
+    py::gil_scoped_release release;
+    Check(client_->Drop(ctx));
+  }
+  py::dict Info(uint64_t ctx) {
+    absl::StatusOr<kc::ContextInfo> i;
+    {
+      py::gil_scoped_release release;
+      i = client_->Info(ctx);
+    }
+    return InfoDict(Value(std::move(i)));
+  }
+  py::list Contexts() {
+    absl::StatusOr<std::vector<kc::ContextInfo>> list;
+    {
+      py::gil_scoped_release release;
+      list = client_->ListContexts();
+    }
+    py::list out;
+    for (const auto& i : Value(std::move(list))) out.append(InfoDict(i));
+    return out;
+  }
+  py::dict Stats() {
+    absl::StatusOr<kc::ServerStats> st;
+    {
+      py::gil_scoped_release release;
+      st = client_->Stats();
+    }
+    kc::ServerStats s = Value(std::move(st));
+    py::dict d, ops;
+    for (const auto& o : s.ops) {
+      py::dict e;
+      e["count"] = o.count;
+      e["errors"] = o.errors;
+      e["p50_us"] = o.p50_us;
+      e["p99_us"] = o.p99_us;
+      e["p999_us"] = o.p999_us;
+      ops[py::str(o.op)] = e;
+    }
+    d["ops"] = ops;
+    d["sessions"] = s.sessions;
+    d["contexts"] = s.contexts;
+    d["memory_used_bytes"] = s.memory_used_bytes;
+    d["memory_limit_bytes"] = s.memory_limit_bytes;
+    d["rss_bytes"] = s.rss_bytes;
+    d["frames_rejected"] = s.frames_rejected;
+    d["tokens_appended"] = s.tokens_appended;
+    d["prometheus_text"] = s.prometheus_text;
+    return d;
+  }
+  bool shared_memory() const { return client_->uses_shared_memory(); }
+  uint64_t session_id() const { return client_->session_id(); }
+
+ private:
+  std::unique_ptr<kc::Client> client_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(kvwave, m) {
+  m.doc() = "kvwave client: talk to kvwaved (KV-cache store) with numpy arrays";
+  py::class_<PyClient>(m, "Client")
+      .def(py::init<const std::string&, size_t, const std::string&, int, const std::string&, int>(),
+           py::arg("socket_path") = "/tmp/kvwaved.sock",
+           py::arg("shared_memory_bytes") = size_t{64} << 20, py::arg("tcp_host") = "127.0.0.1",
+           py::arg("tcp_port") = 0, py::arg("token") = "", py::arg("deadline_ms") = 0)
+      .def("ping", &PyClient::Ping)
+      .def("open", &PyClient::Open, py::arg("layers"), py::arg("q_heads"), py::arg("kv_heads"),
+           py::arg("head_dim"), py::arg("dtype") = "f16",
+           py::arg("token_ids") = std::vector<int32_t>{}, py::arg("prefix_namespace") = "",
+           "Opens a context; returns (context_id, matched_tokens).")
+      .def("append", &PyClient::Append, py::arg("ctx"), py::arg("layer"), py::arg("k"),
+           py::arg("v"), "k, v: [n, kv_heads, head_dim] arrays of the context's dtype")
+      .def("seal", &PyClient::Seal, py::arg("ctx"))
+      .def("attend", &PyClient::Attend, py::arg("ctx"), py::arg("layer"), py::arg("q"),
+           py::arg("retrieval_budget") = -1.0, py::arg("estimation_budget") = -1.0,
+           "q: [q_heads, head_dim] float32; returns (out [q_heads, head_dim], lse [q_heads], "
+           "stats dict)")
+      .def("retrieve", &PyClient::Retrieve, py::arg("ctx"), py::arg("layer"), py::arg("q"),
+           py::arg("k") = 100, py::arg("method") = "wave", py::arg("cluster_budget") = -1.0,
+           "returns (positions [q_heads, k] int64, scores [q_heads, k] float32, keys_scored, "
+           "keys_total)")
+      .def("gather", &PyClient::Gather, py::arg("ctx"), py::arg("layer"), py::arg("positions"),
+           "returns (k, v) [n, kv_heads, head_dim] of the context's dtype")
+      .def("close", &PyClient::Close, py::arg("ctx"))
+      .def("drop", &PyClient::Drop, py::arg("ctx"))
+      .def("info", &PyClient::Info, py::arg("ctx"))
+      .def("contexts", &PyClient::Contexts)
+      .def("stats", &PyClient::Stats)
+      .def_property_readonly("shared_memory", &PyClient::shared_memory)
+      .def_property_readonly("session_id", &PyClient::session_id);
+}

@@ -1,0 +1,242 @@
+// Sessions and the daemon's life: clients killed mid-request, 1,000 clients that connect and
+// vanish, graceful shutdown with a request in flight, SIGHUP, the session limit, TCP with a token.
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+
+#include <fstream>
+#include <random>
+
+#include "tests/integration/harness.h"
+
+namespace kvwave::testing {
+namespace {
+
+namespace pb = rpc::pb;
+
+client::ServerStats StatsOf(client::Client& c) {
+  auto s = c.Stats();
+  EXPECT_TRUE(s.ok()) << s.status();
+  return s.ok() ? *s : client::ServerStats{};
+}
+
+std::vector<float> RandomFloats(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal;
+  std::vector<float> v(n);
+  for (float& x : v) x = normal(rng);
+  return v;
+}
+
+TEST(LifecycleTest, ClientKilledMidRequestReleasesItsContexts) {
+  auto daemon = StartDaemon();
+  ASSERT_NE(daemon, nullptr);
+  auto observer = Connect(daemon->socket_path());
+  const client::ServerStats base = StatsOf(*observer);
+  const std::vector<float> kv = RandomFloats(8000 * 2 * 128, 3);
+  for (int round = 0; round < 3; ++round) {
+    const pid_t child = fork();
+    ASSERT_GE(child, 0);
+    if (child == 0) {
+      client::ClientOptions o;
+      o.socket_path = daemon->socket_path();
+      auto c = client::Client::Connect(o);
+      if (!c.ok()) _exit(2);
+      auto ctx = (*c)->Open({{4, 8, 2, 128, DType::kF32}, {}, ""});
+      if (!ctx.ok()) _exit(3);
+      auto bytes = std::as_bytes(std::span<const float>(kv));
+      for (int i = 0;; ++i) {  // append until killed; Seal mid-way keeps the engine busy
+        (void)(*c)->Append(ctx->id, i % 4, 8000, bytes, bytes);
+        if (i % 4 == 3) (void)(*c)->Seal(ctx->id);
+      }
+    }
+    // Wait until the child holds a context with data, then kill it mid-request.
+    ASSERT_TRUE(Eventually(
+        [&] { return StatsOf(*observer).memory_used_bytes > base.memory_used_bytes + (8 << 20); },
+        20000));
+    std::this_thread::sleep_for(std::chrono::milliseconds(50 + 40 * round));
+    kill(child, SIGKILL);
+    int status;
+    waitpid(child, &status, 0);
+    EXPECT_TRUE(WIFSIGNALED(status));
+  }
+  EXPECT_TRUE(Eventually(
+      [&] {
+        const auto s = StatsOf(*observer);
+        return s.contexts == base.contexts && s.memory_used_bytes == base.memory_used_bytes &&
+               s.sessions == 1 && s.in_flight == 0;
+      },
+      20000));
+  const auto after = StatsOf(*observer);
+  EXPECT_EQ(after.contexts, base.contexts);
+  EXPECT_EQ(after.memory_used_bytes, base.memory_used_bytes);
+  EXPECT_EQ(after.sessions, 1);
+  EXPECT_EQ(after.in_flight, 0);
+  EXPECT_TRUE(observer->Ping().ok());
+}
+
+TEST(LifecycleTest, ThousandClientsConnectAndVanish) {
+  auto daemon = StartDaemon();
+  ASSERT_NE(daemon, nullptr);
+  auto observer = Connect(daemon->socket_path());
+  // Warm up (first allocations of the engine and the server), then take the baseline.
+  {
+    auto c = Connect(daemon->socket_path());
+    auto ctx = c->Open({{1, 4, 1, 64, DType::kF32}, {}, ""});
+    ASSERT_TRUE(ctx.ok());
+  }
+  ASSERT_TRUE(Eventually([&] { return StatsOf(*observer).sessions == 1; }));
+  const client::ServerStats base = StatsOf(*observer);
+  const std::vector<float> kv = RandomFloats(256 * 64, 5);
+  auto bytes = std::as_bytes(std::span<const float>(kv));
+  for (int i = 0; i < 1000; ++i) {
+    switch (i % 4) {
+      case 0: {  // connect, say nothing, vanish
+        RawConnection c(daemon->socket_path());
+        ASSERT_TRUE(c.ok()) << i;
+        break;
+      }
+      case 1: {  // half a header, vanish
+        RawConnection c(daemon->socket_path());
+        c.SendBytes("KVW1\x01", 5);
+        break;
+      }
+      case 2: {  // hello with a region, then vanish
+        RawConnection c(daemon->socket_path());
+        ASSERT_TRUE(c.Hello(1 << 16)) << i;
+        break;
+      }
+      case 3: {  // open a context, fill it, vanish without closing
+        client::ClientOptions o;
+        o.socket_path = daemon->socket_path();
+        o.shared_memory_bytes = 1 << 20;
+        auto c = client::Client::Connect(o);
+        ASSERT_TRUE(c.ok()) << c.status();
+        auto ctx = (*c)->Open({{1, 4, 1, 64, DType::kF32}, {}, ""});
+        ASSERT_TRUE(ctx.ok());
+        ASSERT_TRUE((*c)->Append(ctx->id, 0, 256, bytes, bytes).ok());
+        break;
+      }
+    }
+  }
+  EXPECT_TRUE(Eventually(
+      [&] {
+        const auto s = StatsOf(*observer);
+        return s.sessions == 1 && s.contexts == base.contexts &&
+               s.memory_used_bytes == base.memory_used_bytes;
+      },
+      30000));
+  const auto after = StatsOf(*observer);
+  EXPECT_EQ(after.sessions, 1);
+  EXPECT_EQ(after.contexts, base.contexts);
+  EXPECT_EQ(after.memory_used_bytes, base.memory_used_bytes);
+  EXPECT_GE(after.sessions_total, base.sessions_total + 1000);
+  // RSS: allocator caches may keep some pages; it must not grow with the number of clients.
+  std::printf("rss: baseline %.1f MiB, after 1000 clients %.1f MiB\n", base.rss_bytes / 1048576.0,
+              after.rss_bytes / 1048576.0);
+  EXPECT_LT(after.rss_bytes, base.rss_bytes + (48 << 20));
+  EXPECT_TRUE(observer->Ping().ok());
+}
+
+TEST(LifecycleTest, GracefulShutdownDrainsInFlightRequests) {
+  auto daemon = StartDaemon();
+  ASSERT_NE(daemon, nullptr);
+  RawConnection c(daemon->socket_path());
+  ASSERT_TRUE(c.Hello(0));
+  pb::OpenRequest open;
+  open.mutable_shape()->set_layers(1);
+  open.mutable_shape()->set_q_heads(8);
+  open.mutable_shape()->set_kv_heads(2);
+  open.mutable_shape()->set_head_dim(128);
+  open.mutable_shape()->set_dtype(pb::F32);
+  ASSERT_TRUE(c.SendFrame(pb::OPEN, 1, open));
+  auto f = c.ReadFrame(5000);
+  pb::OpenResponse opened;
+  ASSERT_TRUE(opened.ParseFromArray(f->body.data(), static_cast<int>(f->body.size())));
+  const std::vector<float> kv = RandomFloats(8000 * 2 * 128, 11);
+  pb::AppendRequest req;
+  req.set_context_id(opened.context_id());
+  req.set_layer(0);
+  req.set_tokens(8000);
+  req.mutable_k()->set_data(kv.data(), kv.size() * 4);
+  req.mutable_v()->set_data(kv.data(), kv.size() * 4);
+  ASSERT_TRUE(c.SendFrame(pb::APPEND, 2, req));
+  pb::SealRequest seal;
+  seal.set_context_id(opened.context_id());
+  ASSERT_TRUE(c.SendFrame(pb::SEAL, 3, seal));
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));
+  kill(daemon->pid(), SIGTERM);
+  // Both requests sent before SIGTERM are answered (OK, or UNAVAILABLE if the server read the
+  // Seal only after draining began), then the connection closes and kvwaved exits 0.
+  int answered = 0;
+  while (auto reply = c.ReadFrame(30000)) {
+    const int code = StatusCodeOf(*reply);
+    EXPECT_TRUE(code == 0 || code == static_cast<int>(absl::StatusCode::kUnavailable)) << code;
+    ++answered;
+  }
+  EXPECT_EQ(answered, 2);
+  auto code = daemon->Stop(SIGTERM, 30000);  // a repeated SIGTERM does not force; just waits
+  ASSERT_TRUE(code.ok()) << code.status();
+  EXPECT_EQ(*code, 0);
+}
+
+TEST(LifecycleTest, SighupKeepsServingAndSessionLimitHolds) {
+  auto daemon = StartDaemon({"rpc.max_sessions=3"});
+  ASSERT_NE(daemon, nullptr);
+  auto a = Connect(daemon->socket_path());
+  auto b = Connect(daemon->socket_path());
+  auto c = Connect(daemon->socket_path());
+  ASSERT_TRUE(a && b && c);
+  client::ClientOptions o;
+  o.socket_path = daemon->socket_path();
+  auto fourth = client::Client::Connect(o);
+  EXPECT_FALSE(fourth.ok());
+  EXPECT_EQ(fourth.status().code(), absl::StatusCode::kResourceExhausted) << fourth.status();
+  kill(daemon->pid(), SIGHUP);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  EXPECT_TRUE(daemon->Running());
+  EXPECT_TRUE(a->Ping().ok());
+}
+
+TEST(LifecycleTest, SecondSigintForcesExit) {
+  auto daemon = StartDaemon();
+  ASSERT_NE(daemon, nullptr);
+  auto c = Connect(daemon->socket_path());
+  ASSERT_NE(c, nullptr);
+  kill(daemon->pid(), SIGINT);
+  kill(daemon->pid(), SIGINT);
+  auto code = daemon->Stop(0, 20000);  // signal 0: just wait
+  ASSERT_TRUE(code.ok());
+  // Either the drain finished before the second signal was handled (0) or it was forced (130).
+  EXPECT_TRUE(*code == 0 || *code == 130) << *code;
+}
+
+TEST(LifecycleTest, TcpNeedsTheToken) {
+  // Pick a free port.
+  int probe = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(bind(probe, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  socklen_t len = sizeof(addr);
+  getsockname(probe, reinterpret_cast<sockaddr*>(&addr), &len);
+  const int port = ntohs(addr.sin_port);
+  close(probe);
+  auto daemon = StartDaemon({"rpc.tcp_port=" + std::to_string(port), "rpc.tcp_token=s3cret"});
+  ASSERT_NE(daemon, nullptr);
+  client::ClientOptions o;
+  o.tcp_port = port;
+  o.token = "wrong";
+  auto bad = client::Client::Connect(o);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kPermissionDenied);
+  o.token = "s3cret";
+  auto good = client::Client::Connect(o);
+  ASSERT_TRUE(good.ok()) << good.status();
+  EXPECT_FALSE((*good)->uses_shared_memory());
+  EXPECT_TRUE((*good)->Ping().ok());
+}
+
+}  // namespace
+}  // namespace kvwave::testing
