@@ -29,6 +29,8 @@ function(kvwave_tests dir)
     kvwave_compile_options(${target})
     gtest_discover_tests(${target} DISCOVERY_TIMEOUT 60
       PROPERTIES LABELS "${dir};${ARG_LABELS}"
-      ENVIRONMENT "KVWAVE_SOURCE_DIR=${PROJECT_SOURCE_DIR};KVWAVE_BINARY_DIR=${PROJECT_BINARY_DIR}")
+      ENVIRONMENT "KVWAVE_BINARY_DIR=${PROJECT_BINARY_DIR}")
+    target_compile_definitions(${target} PRIVATE KVWAVE_SOURCE_DIR="${PROJECT_SOURCE_DIR}"
+      KVWAVE_BINARY_DIR_DEFAULT="${PROJECT_BINARY_DIR}")
   endforeach()
 endfunction()

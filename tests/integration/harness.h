@@ -29,7 +29,7 @@ namespace kvwave::testing {
 
 inline std::string BinaryDir() {
   const char* dir = std::getenv("KVWAVE_BINARY_DIR");
-  return dir != nullptr ? dir : "";
+  return dir != nullptr ? dir : KVWAVE_BINARY_DIR_DEFAULT;
 }
 
 inline std::unique_ptr<client::LocalDaemon> StartDaemon(std::vector<std::string> overrides = {}) {
