@@ -154,12 +154,11 @@ absl::Status WriteNpy(const std::string& path, DType dtype, const std::vector<in
   if (dtype == DType::kBF16) return absl::InvalidArgumentError("npy has no bfloat16");
   std::string dims;
   int64_t n = 1;
-  for (int64_t d : shape) {
-    absl::StrAppend(&dims, d, ", ");
-    n *= d;
+  for (size_t i = 0; i < shape.size(); ++i) {
+    absl::StrAppend(&dims, i == 0 ? "" : ", ", shape[i]);
+    n *= shape[i];
   }
-  // "a, b, " -> "a, b"; a 1-tuple keeps its comma: "a,".
-  if (!shape.empty()) dims.resize(dims.size() - (shape.size() > 1 ? 2 : 1));
+  if (shape.size() == 1) dims += ",";  // a 1-tuple keeps its comma
   std::string header = absl::StrCat("{'descr': '", dtype == DType::kF16 ? "<f2" : "<f4",
                                     "', 'fortran_order': False, 'shape': (", dims, "), }");
   size_t total = 10 + header.size() + 1;
