@@ -204,6 +204,15 @@ absl::StatusOr<ServerStats> Client::Stats() {
   s.memory_limit_bytes = resp.memory_limit_bytes();
   s.segments_sealed = resp.segments_sealed();
   s.tokens_appended = resp.tokens_appended();
+  s.prefix_blocks_registered = resp.prefix_blocks_registered();
+  s.prefix_blocks_resident = resp.prefix_blocks_resident();
+  s.prefix_blocks_known = resp.prefix_blocks_known();
+  s.prefix_matched_blocks = resp.prefix_matched_blocks();
+  s.prefix_evictions = resp.prefix_evictions();
+  s.prefix_reloads = resp.prefix_reloads();
+  s.persist_bytes_written = resp.persist_bytes_written();
+  s.persist_corrupt_records = resp.persist_corrupt_records();
+  s.persist_errors = resp.persist_errors();
   s.in_flight = resp.in_flight();
   s.rss_bytes = resp.rss_bytes();
   s.frames_rejected = resp.frames_rejected();

@@ -250,6 +250,15 @@ void Service::FillStats(pb::StatsResponse& out) {
   out.set_memory_limit_bytes(e.memory_limit_bytes);
   out.set_segments_sealed(e.segments_sealed);
   out.set_tokens_appended(e.tokens_appended);
+  out.set_prefix_blocks_registered(e.prefix_blocks_registered);
+  out.set_prefix_blocks_resident(e.prefix_blocks_resident);
+  out.set_prefix_blocks_known(e.prefix_blocks_known);
+  out.set_prefix_matched_blocks(e.prefix_matched_blocks);
+  out.set_prefix_evictions(e.prefix_evictions);
+  out.set_prefix_reloads(e.prefix_reloads);
+  out.set_persist_bytes_written(e.persist_bytes_written);
+  out.set_persist_corrupt_records(e.persist_corrupt_records);
+  out.set_persist_errors(e.persist_errors);
   out.set_in_flight(in_flight());
 }
 

@@ -95,9 +95,10 @@ PersistStore::~PersistStore() {
   if (writer_.joinable()) writer_.join();
   if (syncer_.joinable()) syncer_.join();
   if (db_ != nullptr) {
-    if (options_.durability == Durability::kNone) {
-      db_->Flush(rocksdb::FlushOptions()).PermitUncheckedError();
-    } else {
+    // A graceful close flushes the memtables (segments land in blob files), so a restart
+    // replays no WAL; then the WAL is synced in case the flush failed.
+    db_->Flush(rocksdb::FlushOptions()).PermitUncheckedError();
+    if (options_.durability != Durability::kNone) {
       db_->FlushWAL(/*sync=*/true).PermitUncheckedError();
     }
     db_->Close().PermitUncheckedError();
