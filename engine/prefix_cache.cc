@@ -147,17 +147,22 @@ absl::Status PrefixCache::RegisterBlock(store::Context& ctx, store::PrefixState&
     registry->MarkPersisted(info.hash);
     return absl::OkStatus();
   }
-  absl::Status s = persist_->EnqueueBlock(
-      std::move(record), std::move(segs),
-      [registry, hash = info.hash, this](const absl::Status& st) {
-        if (st.ok()) {
-          registry->MarkPersisted(hash);
-        } else {
-          persist_errors_.fetch_add(1, std::memory_order_relaxed);
-          spdlog::error("persist: block write failed: {}", st.ToString());
-        }
-      });
-  if (!s.ok()) {  // queue full: the block stays in DRAM only, and that is counted
+  auto done = [registry, hash = info.hash, this](const absl::Status& st) {
+    if (st.ok()) {
+      registry->MarkPersisted(hash);
+    } else {
+      persist_errors_.fetch_add(1, std::memory_order_relaxed);
+      spdlog::error("persist: block write failed: {}", st.ToString());
+    }
+  };
+  absl::Status s = persist_->EnqueueBlock(record, segs, done);
+  if (absl::IsResourceExhausted(s)) {
+    // The write-behind queue is full: apply backpressure to this Append/Seal (never to Attend)
+    // by waiting for the queue to drain, rather than dropping the block.
+    s = persist_->Flush();
+    if (s.ok()) s = persist_->EnqueueBlock(std::move(record), std::move(segs), done);
+  }
+  if (!s.ok()) {
     persist_errors_.fetch_add(1, std::memory_order_relaxed);
     spdlog::warn("persist: block not queued: {}", s.ToString());
   }

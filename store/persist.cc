@@ -1,5 +1,7 @@
 #include "store/persist.h"
 
+#include "tbb/parallel_for.h"
+
 #include <rocksdb/db.h>
 #include <rocksdb/listener.h>
 #include <rocksdb/options.h>
@@ -370,23 +372,29 @@ absl::StatusOr<LoadedBlock> PersistStore::LoadBlock(const BlockHash& hash, HostA
   KVWAVE_ASSIGN_OR_RETURN(block.record, GetBlock(hash));
   const BlockRecord& r = block.record;
   block.segments.reserve(r.segments());
-  for (int32_t l = 0; l < r.shape.layers; ++l) {
-    for (int32_t h = 0; h < r.shape.kv_heads; ++h) {
-      auto segment = GetSegment(hash, l, h, allocator, budget);
-      if (segment.status().code() == absl::StatusCode::kNotFound) {
-        DropBlock(hash, /*corrupt=*/true).IgnoreError();  // committed, yet a segment is missing
-        return absl::DataLossError(absl::StrCat("block ", hash.ToHex(), " lacks a segment"));
-      }
-      KVWAVE_RETURN_IF_ERROR(segment.status());
-      const Segment& s = **segment;
-      if (s.first_position() != r.first_position ||
-          s.num_tokens() != static_cast<int64_t>(r.tokens.size()) ||
-          s.head_dim() != r.shape.head_dim || s.dtype() != r.shape.dtype) {
-        DropBlock(hash, /*corrupt=*/true).IgnoreError();
-        return absl::DataLossError(absl::StrCat("block ", hash.ToHex(), ": segment mismatch"));
-      }
-      block.segments.push_back(*std::move(segment));
+  // Segments are read and verified in parallel (each is an independent RocksDB read + decode);
+  // the checks below run in order, so the first problem reported is deterministic.
+  const int32_t kv_heads = r.shape.kv_heads;
+  std::vector<absl::StatusOr<std::shared_ptr<const Segment>>> loaded(
+      r.segments(), absl::UnknownError("not loaded"));
+  tbb::parallel_for(int64_t{0}, r.segments(), [&](int64_t i) {
+    loaded[i] = GetSegment(hash, static_cast<int32_t>(i / kv_heads),
+                           static_cast<int32_t>(i % kv_heads), allocator, budget);
+  });
+  for (auto& segment : loaded) {
+    if (segment.status().code() == absl::StatusCode::kNotFound) {
+      DropBlock(hash, /*corrupt=*/true).IgnoreError();  // committed, yet a segment is missing
+      return absl::DataLossError(absl::StrCat("block ", hash.ToHex(), " lacks a segment"));
     }
+    KVWAVE_RETURN_IF_ERROR(segment.status());
+    const Segment& s = **segment;
+    if (s.first_position() != r.first_position ||
+        s.num_tokens() != static_cast<int64_t>(r.tokens.size()) ||
+        s.head_dim() != r.shape.head_dim || s.dtype() != r.shape.dtype) {
+      DropBlock(hash, /*corrupt=*/true).IgnoreError();
+      return absl::DataLossError(absl::StrCat("block ", hash.ToHex(), ": segment mismatch"));
+    }
+    block.segments.push_back(*std::move(segment));
   }
   return block;
 }
