@@ -155,6 +155,8 @@ def main():
     for r in (0.018, 0.05, 0.1):
         for e in (0.232, 0.0):
             methods.append({'name': f'tripartite-{r:g}-{e:g}', 'kind': 'tripartite', 'retrieval': r, 'estimation': e})
+    for r in (0.018, 0.1):  # beyond the paper: estimate every cluster not retrieved
+        methods.append({'name': f'tripartite-{r:g}-rest', 'kind': 'tripartite', 'retrieval': r, 'estimation': 1.0 - r})
     for k in (100, 1000):
         methods.append({'name': f'topk-wave-{k}', 'kind': 'topk', 'index': 'wave', 'k': k,
                         'cluster_budget': 0.05 if k == 100 else 0.25, 'retrieval': 0.0, 'estimation': 0.0})
