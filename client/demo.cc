@@ -70,6 +70,8 @@ void MakeSynthetic(int queries, DemoData& d) {
   std::mt19937_64 rng(20250101);
   std::normal_distribution<float> normal(0.f, 1.f);
   const int64_t D = d.shape.head_dim, H = d.shape.kv_heads;
+  // References into `owned` must survive the emplace_backs below: no reallocation.
+  d.owned.reserve(2 * d.shape.layers);
   for (int l = 0; l < d.shape.layers; ++l) {
     std::vector<float> centers(64 * D);
     for (float& c : centers) c = 2.f * normal(rng);
@@ -84,8 +86,12 @@ void MakeSynthetic(int queries, DemoData& d) {
     }
     d.k.push_back(std::as_bytes(std::span<const float>(k)));
     d.v.push_back(std::as_bytes(std::span<const float>(v)));
+    // Each query head looks for one key cluster (as real heads do), so attention concentrates.
     auto& q = d.q.emplace_back(size_t(queries) * d.shape.q_heads * D);
-    for (float& x : q) x = 0.3f * normal(rng);
+    for (size_t row = 0; row < q.size() / D; ++row) {
+      const float* c = &centers[(rng() % 64) * D];
+      for (int64_t j = 0; j < D; ++j) q[row * D + j] = 0.25f * c[j] + 0.3f * normal(rng);
+    }
   }
   d.description = absl::StrFormat(
       "SYNTHETIC data (no trace found): %d layers x %d tokens, %d q heads, %d kv heads, head dim "
