@@ -30,7 +30,8 @@ struct Row {
   int64_t samples = 0, calls = 0;
 };
 
-// Float64 exact attention of one query head over keys [0, n) of one (layer, KV head), and its top-k.
+// Float64 exact attention of one query head over keys [0, n) of one (layer, KV head), and its
+// top-k.
 void Exact(const trace::Trace& tr, const std::vector<float>& keys, const std::vector<float>& vals,
            int64_t n, const float* q, int k, std::vector<double>& out, std::vector<int64_t>& top) {
   const int64_t d = tr.head_dim;
@@ -63,7 +64,8 @@ int Run(int argc, char** argv) {
   int queries = 256, topk = 100;
   std::string budgets = "0.018:0.232,0.018:0,0.05:0.232,0.05:0,0.1:0.232,0.1:0,0.25:0.25,1:0";
   std::string json_path, layers_text;
-  app.add_option("--layers", layers_text, "trace layer indices (first axis), e.g. 1,2; default all");
+  app.add_option("--layers", layers_text,
+                 "trace layer indices (first axis), e.g. 1,2; default all");
   app.add_option("--trace", prefix, "trace prefix (PREFIX_{q,k,v}.npy)");
   app.add_option("--queries", queries, "last positions used as decode queries");
   app.add_option("--topk", topk, "k of recall@k");
@@ -86,10 +88,11 @@ int Run(int argc, char** argv) {
   }
   PrintEnvironmentHeader();
   const int64_t n = tr->tokens - queries, d = tr->head_dim, g = tr->q_heads / tr->kv_heads;
-  std::printf("# trace %s: %lld layers, %lld tokens, %lld/%lld heads, d=%lld; keys [0,%lld), "
-              "queries = last %d positions\n",
-              prefix.c_str(), (long long)tr->layers, (long long)tr->tokens,
-              (long long)tr->q_heads, (long long)tr->kv_heads, (long long)d, (long long)n, queries);
+  std::printf(
+      "# trace %s: %lld layers, %lld tokens, %lld/%lld heads, d=%lld; keys [0,%lld), "
+      "queries = last %d positions\n",
+      prefix.c_str(), (long long)tr->layers, (long long)tr->tokens, (long long)tr->q_heads,
+      (long long)tr->kv_heads, (long long)d, (long long)n, queries);
   config::Settings settings;
   settings.compute_threads = 1;
   auto engine = engine::Engine::Create(settings).value();
@@ -110,8 +113,10 @@ int Run(int argc, char** argv) {
   for (int64_t layer : layers) {
     const engine::ContextId id = engine->Open({shape}).value().id;
     const int64_t token_elems = tr->kv_heads * d;
-    auto* kbase = static_cast<const std::byte*>(tr->k.data()) + layer * tr->tokens * token_elems * 2;
-    auto* vbase = static_cast<const std::byte*>(tr->v.data()) + layer * tr->tokens * token_elems * 2;
+    auto* kbase =
+        static_cast<const std::byte*>(tr->k.data()) + layer * tr->tokens * token_elems * 2;
+    auto* vbase =
+        static_cast<const std::byte*>(tr->v.data()) + layer * tr->tokens * token_elems * 2;
     auto t0 = Clock::now();
     absl::Status st = engine->Append(id, 0, n, {kbase, size_t(n * token_elems * 2)},
                                      {vbase, size_t(n * token_elems * 2)});
@@ -133,13 +138,15 @@ int Run(int argc, char** argv) {
         tr->q.CopyFloats(tr->QIndex(layer, pos, 0), tr->q_heads * d, q.data());
         std::vector<std::vector<double>> want(g);
         std::vector<std::vector<int64_t>> top(g);
-        for (int64_t j = 0; j < g; ++j) Exact(*tr, keys, vals, n, &q[(h * g + j) * d], topk, want[j], top[j]);
+        for (int64_t j = 0; j < g; ++j)
+          Exact(*tr, keys, vals, n, &q[(h * g + j) * d], topk, want[j], top[j]);
         for (Row& row : rows) {
           std::vector<float> out(q.size()), lse(tr->q_heads);
           engine::AttendStats stats;
           auto a = Clock::now();
           st = engine->Attend(id, 0, q, {row.retrieval, row.estimation}, out, lse, &stats);
-          row.us += std::chrono::duration<double, std::micro>(Clock::now() - a).count() / tr->kv_heads;
+          row.us +=
+              std::chrono::duration<double, std::micro>(Clock::now() - a).count() / tr->kv_heads;
           ++row.calls;
           engine::RetrieveOptions ro;
           ro.k = topk;
@@ -173,11 +180,12 @@ int Run(int argc, char** argv) {
     }
     (void)engine->Close(id);
   }
-  std::printf("# index build (append + seal, one thread): %.1f ms per (layer, KV head) of %lld tokens\n",
-              1e3 * index_seconds / (layers.size() * tr->kv_heads), (long long)n);
+  std::printf(
+      "# index build (append + seal, one thread): %.1f ms per (layer, KV head) of %lld tokens\n",
+      1e3 * index_seconds / (layers.size() * tr->kv_heads), (long long)n);
   const double full_us = rows.back().retrieval >= 1.0 ? rows.back().us / rows.back().calls : 0;
-  std::printf("%-10s %-10s %-12s %-10s %-12s %-10s %-10s\n", "retrieval", "estimation",
-              "rel_err", "recall@k", "exact_frac", "us", "speedup");
+  std::printf("%-10s %-10s %-12s %-10s %-12s %-10s %-10s\n", "retrieval", "estimation", "rel_err",
+              "recall@k", "exact_frac", "us", "speedup");
   std::string json = "[";
   for (const Row& r : rows) {
     const double us = r.us / r.calls;
@@ -197,7 +205,8 @@ int Run(int argc, char** argv) {
   return 0;
 }
 
-const bool kRegistered = Register({"attend", "tripartite Attend vs exact attention on a trace", &Run});
+const bool kRegistered =
+    Register({"attend", "tripartite Attend vs exact attention on a trace", &Run});
 
 }  // namespace
 }  // namespace kvwave::bench

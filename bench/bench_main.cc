@@ -39,7 +39,8 @@ void PrintEnvironmentHeader() {
 #ifdef NDEBUG
   std::printf("# build: optimised\n");
 #else
-  std::printf("# WARNING: debug build (assertions on, no NDEBUG): timings are not representative\n");
+  std::printf(
+      "# WARNING: debug build (assertions on, no NDEBUG): timings are not representative\n");
 #endif
 }
 
@@ -52,7 +53,8 @@ int main(int argc, char** argv) {
       if (sub.name == argv[1]) return sub.run(argc - 1, argv + 1);
     }
   }
-  std::fprintf(stderr, "usage: kvwave-bench SUBCOMMAND [options]   (SUBCOMMAND --help for its options)\n");
+  std::fprintf(stderr,
+               "usage: kvwave-bench SUBCOMMAND [options]   (SUBCOMMAND --help for its options)\n");
   for (const auto& sub : Subcommands()) {
     std::fprintf(stderr, "  %-12.*s %.*s\n", static_cast<int>(sub.name.size()), sub.name.data(),
                  static_cast<int>(sub.summary.size()), sub.summary.data());

@@ -27,7 +27,9 @@ namespace kvwave::bench {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+double Since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
 
 // Tries to drop the page cache (root only); returns whether it worked.
 bool DropPageCache() {
@@ -111,7 +113,8 @@ int Run(int argc, char** argv) {
   auto t = Clock::now();
   const engine::ContextId a = engine->Open({shape, ids}).value().id;
   for (int l = 0; l < layers; ++l) {
-    if (!engine->Append(a, l, appended, std::as_bytes(std::span(k)), std::as_bytes(std::span(v))).ok()) {
+    if (!engine->Append(a, l, appended, std::as_bytes(std::span(k)), std::as_bytes(std::span(v)))
+             .ok()) {
       std::fprintf(stderr, "append failed\n");
       return 1;
     }
@@ -141,10 +144,10 @@ int Run(int argc, char** argv) {
   std::printf("%-34s %12.4f s  (matched %lld tokens)\n", "attach (cached) + Attend", attach_s,
               (long long)b.matched_tokens);
   std::printf("%-34s %12.1f x\n", "attach speedup over build", build_s / attach_s);
-  std::printf("%-34s %12.3f s  (matched %lld tokens, %lld blocks)\n", "reload from RocksDB", reload_s,
-              (long long)c.matched_tokens, (long long)engine->Stats().prefix_reloads);
-  std::printf("%-34s %12.2f GB/s (%.0f MB, page cache %s)\n", "reload throughput", bytes / reload_s / 1e9,
-              bytes / 1e6, cold ? "dropped" : "warm: not root");
+  std::printf("%-34s %12.3f s  (matched %lld tokens, %lld blocks)\n", "reload from RocksDB",
+              reload_s, (long long)c.matched_tokens, (long long)engine->Stats().prefix_reloads);
+  std::printf("%-34s %12.2f GB/s (%.0f MB, page cache %s)\n", "reload throughput",
+              bytes / reload_s / 1e9, bytes / 1e6, cold ? "dropped" : "warm: not root");
   std::printf("%-34s %12.2f GB/s\n", "disk sequential read, same size", disk);
   std::printf("%-34s %12.2f\n", "reload / disk", bytes / reload_s / 1e9 / disk);
   engine.reset();

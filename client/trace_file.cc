@@ -8,11 +8,11 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include "absl/strings/string_view.h"
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
 #include "config/status_macros.h"
 
@@ -137,7 +137,8 @@ absl::StatusOr<NpyArray> NpyArray::Open(const std::string& path) {
   unsigned __int128 elements = 1;
   for (int64_t dim : a.shape_) {
     elements *= static_cast<uint64_t>(dim);
-    if (elements > (static_cast<unsigned __int128>(1) << 60)) return Bad(path, "shape is too large");
+    if (elements > (static_cast<unsigned __int128>(1) << 60))
+      return Bad(path, "shape is too large");
   }
   size_t data_at = header_at + header_len;
   size_t need = static_cast<size_t>(a.size()) * ElementSize(a.dtype_);
@@ -166,7 +167,14 @@ absl::Status WriteNpy(const std::string& path, DType dtype, const std::vector<in
   header.push_back('\n');
   FILE* f = std::fopen(path.c_str(), "wb");
   if (f == nullptr) return absl::InternalError(absl::StrCat(path, ": ", std::strerror(errno)));
-  unsigned char pre[10] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0,
+  unsigned char pre[10] = {0x93,
+                           'N',
+                           'U',
+                           'M',
+                           'P',
+                           'Y',
+                           1,
+                           0,
                            static_cast<unsigned char>(header.size() & 0xff),
                            static_cast<unsigned char>(header.size() >> 8)};
   size_t data_bytes = static_cast<size_t>(n) * ElementSize(dtype);
@@ -185,7 +193,8 @@ absl::StatusOr<Trace> Trace::Open(const std::string& prefix) {
   KVWAVE_ASSIGN_OR_RETURN(t.v, NpyArray::Open(prefix + "_v.npy"));
   const auto &qs = t.q.shape(), &ks = t.k.shape(), &vs = t.v.shape();
   if (qs.size() != 4 || ks.size() != 4 || vs.size() != 4) {
-    return absl::InvalidArgumentError(prefix + ": q, k, v must be 4-D (layers, tokens, heads, dim)");
+    return absl::InvalidArgumentError(prefix +
+                                      ": q, k, v must be 4-D (layers, tokens, heads, dim)");
   }
   if (ks != vs) return absl::InvalidArgumentError(prefix + ": k and v shapes differ");
   if (qs[0] != ks[0] || qs[1] != ks[1] || qs[3] != ks[3]) {

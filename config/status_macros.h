@@ -10,9 +10,9 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 
-#define KVWAVE_RETURN_IF_ERROR(expr)            \
-  do {                                          \
-    ::absl::Status kvwave_status_ = (expr);     \
+#define KVWAVE_RETURN_IF_ERROR(expr)                 \
+  do {                                               \
+    ::absl::Status kvwave_status_ = (expr);          \
     if (!kvwave_status_.ok()) return kvwave_status_; \
   } while (0)
 
@@ -28,9 +28,9 @@
   lhs = std::move(statusor).value()
 
 // A broken invariant (a bug, never bad input) aborts with a message.
-#define KVWAVE_CHECK(cond)                                                          \
-  do {                                                                              \
-    if (!(cond)) ::kvwave::config::CheckFailed(__FILE__, __LINE__, #cond);          \
+#define KVWAVE_CHECK(cond)                                                 \
+  do {                                                                     \
+    if (!(cond)) ::kvwave::config::CheckFailed(__FILE__, __LINE__, #cond); \
   } while (0)
 
 namespace kvwave::config {

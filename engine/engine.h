@@ -56,11 +56,11 @@ struct AttendBudget {
 };
 
 struct AttendStats {
-  int64_t steady_tokens = 0;        // summed over KV heads
-  int64_t retrieved_tokens = 0;     // summed over KV heads
-  int64_t retrieved_clusters = 0;   // summed over KV heads
-  int64_t estimated_clusters = 0;   // summed over KV heads
-  int64_t total_clusters = 0;       // summed over KV heads
+  int64_t steady_tokens = 0;       // summed over KV heads
+  int64_t retrieved_tokens = 0;    // summed over KV heads
+  int64_t retrieved_clusters = 0;  // summed over KV heads
+  int64_t estimated_clusters = 0;  // summed over KV heads
+  int64_t total_clusters = 0;      // summed over KV heads
 };
 
 enum class RetrieveMethod { kWave, kFlat };
@@ -100,8 +100,8 @@ struct EngineStats {
   int64_t prefix_evictions = 0;          // blocks whose segments left DRAM at the limit
   int64_t prefix_reloads = 0;            // blocks reloaded from RocksDB
   int64_t persist_bytes_written = 0;
-  int64_t persist_corrupt_records = 0;   // detected, dropped, never served
-  int64_t persist_errors = 0;            // blocks that could not be written
+  int64_t persist_corrupt_records = 0;  // detected, dropped, never served
+  int64_t persist_errors = 0;           // blocks that could not be written
 };
 
 class Engine {

@@ -36,8 +36,8 @@ class EngineImpl final : public Engine {
                                      : tbb::task_arena::automatic) {}
 
   absl::Status Init() {
-    KVWAVE_ASSIGN_OR_RETURN(prefix_cache_,
-                            PrefixCache::Create(settings_, store::DefaultHostAllocator(), &budget_));
+    KVWAVE_ASSIGN_OR_RETURN(
+        prefix_cache_, PrefixCache::Create(settings_, store::DefaultHostAllocator(), &budget_));
     return absl::OkStatus();
   }
 
@@ -182,9 +182,7 @@ class EngineImpl final : public Engine {
   template <typename Fn>
   absl::Status ForEachHead(int32_t heads, Fn&& fn) {
     std::vector<absl::Status> status(heads);
-    arena_.execute([&] {
-      tbb::parallel_for(0, heads, [&](int32_t h) { status[h] = fn(h); });
-    });
+    arena_.execute([&] { tbb::parallel_for(0, heads, [&](int32_t h) { status[h] = fn(h); }); });
     for (auto& s : status) KVWAVE_RETURN_IF_ERROR(s);
     return absl::OkStatus();
   }
@@ -207,9 +205,8 @@ absl::Status EngineImpl::SealLayer(const HeadParams& p, store::Context& ctx, int
   const int32_t heads = static_cast<int32_t>(layer.heads.size());
   std::vector<store::MemoryCharge> charges;
   for (int32_t h = 0; h < heads; ++h) charges.push_back(reserved.Split(SealReserveBytes(p, count)));
-  absl::Status status = ForEachHead(heads, [&](int32_t h) {
-    return SealHead(p, count, layer.heads[h], charges[h]);
-  });
+  absl::Status status =
+      ForEachHead(heads, [&](int32_t h) { return SealHead(p, count, layer.heads[h], charges[h]); });
   for (auto& c : charges) reserved.Merge(std::move(c));  // unused bytes go back to the caller
   KVWAVE_RETURN_IF_ERROR(status);
   segments_sealed_.fetch_add(heads, std::memory_order_relaxed);
@@ -242,9 +239,8 @@ absl::Status EngineImpl::Append(ContextId id, int32_t layer_index, int64_t n,
 
   for (int32_t h = 0; h < shape.kv_heads; ++h) {
     store::MemoryCharge charge = reserved.Split(static_cast<int64_t>(2 * n * row_bytes));
-    KVWAVE_RETURN_IF_ERROR(layer.heads[h].tail.Append(k.data() + h * row_bytes,
-                                                      v.data() + h * row_bytes, n, token_bytes,
-                                                      std::move(charge)));
+    KVWAVE_RETURN_IF_ERROR(layer.heads[h].tail.Append(
+        k.data() + h * row_bytes, v.data() + h * row_bytes, n, token_bytes, std::move(charge)));
   }
   layer.tokens += n;
   tokens_appended_.fetch_add(n, std::memory_order_relaxed);
@@ -332,7 +328,8 @@ absl::Status EngineImpl::Retrieve(ContextId id, int32_t layer_index, std::span<c
     return absl::InvalidArgumentError("cluster_budget must be in [0, 1]");
   }
   KVWAVE_RETURN_IF_ERROR(CheckSize("q", q.size(), size_t{1} * shape.q_heads * shape.head_dim));
-  KVWAVE_RETURN_IF_ERROR(CheckSize("positions", positions.size(), size_t{1} * shape.q_heads * options.k));
+  KVWAVE_RETURN_IF_ERROR(
+      CheckSize("positions", positions.size(), size_t{1} * shape.q_heads * options.k));
   KVWAVE_RETURN_IF_ERROR(CheckSize("scores", scores.size(), size_t{1} * shape.q_heads * options.k));
   const HeadParams p = Params(*ctx);
   const store::Context::Layer& layer = ctx->layer(layer_index);

@@ -97,9 +97,10 @@ absl::Status SealHead(const HeadParams& p, int64_t n, store::HeadKv& head,
     index::WaveIndexOptions options;
     options.tokens_per_cluster = p.tokens_per_cluster;
     options.iterations = p.kmeans_iterations;
-    options.kernel =
-        p.faiss_kmeans ? index::WaveIndexOptions::Kernel::kFaiss : index::WaveIndexOptions::Kernel::kOwn;
-    KVWAVE_ASSIGN_OR_RETURN(clusters, index::ClusterKeys(keys.data(), clustered, p.head_dim, options));
+    options.kernel = p.faiss_kmeans ? index::WaveIndexOptions::Kernel::kFaiss
+                                    : index::WaveIndexOptions::Kernel::kOwn;
+    KVWAVE_ASSIGN_OR_RETURN(clusters,
+                            index::ClusterKeys(keys.data(), clustered, p.head_dim, options));
   }
   store::SegmentInput in;
   in.first_position = tail.first_position();
@@ -130,7 +131,8 @@ absl::Status AttendHead(const HeadParams& p, const store::HeadKv& head, const fl
   const int64_t r = Budgeted(budget.retrieval, set.total);
   const int64_t e = Budgeted(budget.estimation, set.total - r);
   std::vector<int32_t> order(r + e);
-  const int64_t ranked = set.total > 0 ? gpu::cpu::TopK(scores.data(), set.total, r + e, order.data()) : 0;
+  const int64_t ranked =
+      set.total > 0 ? gpu::cpu::TopK(scores.data(), set.total, r + e, order.data()) : 0;
   const int64_t retrieved = std::min(r, ranked);
 
   std::vector<KvSpan> spans;
@@ -190,9 +192,9 @@ struct TopKeys {
 };
 
 // Scores `rows` consecutive key rows for every query head of the group.
-void ScoreRows(const HeadParams& p, const float* q, float scale, const std::byte* k0,
-               int64_t rows, const auto& position_of_row, std::vector<TopKeys>& best,
-               std::vector<float>& buf, int64_t& scored) {
+void ScoreRows(const HeadParams& p, const float* q, float scale, const std::byte* k0, int64_t rows,
+               const auto& position_of_row, std::vector<TopKeys>& best, std::vector<float>& buf,
+               int64_t& scored) {
   if (rows <= 0) return;
   buf.resize(rows * p.head_dim + p.group * rows);
   float* keys = buf.data();
@@ -224,8 +226,9 @@ absl::Status RetrieveHead(const HeadParams& p, const store::HeadKv& head, const 
   };
   for (const auto& seg : head.segments) total += seg->num_tokens();
   const int64_t tail0 = head.tail.first_position();
-  ScoreRows(p, q, scale, head.tail.key_row(0), head.tail.size(),
-            [tail0](int64_t r) { return tail0 + r; }, best, buf, scored);
+  ScoreRows(
+      p, q, scale, head.tail.key_row(0), head.tail.size(), [tail0](int64_t r) { return tail0 + r; },
+      best, buf, scored);
   if (options.method == RetrieveMethod::kFlat) {
     for (const auto& seg : head.segments) {
       ScoreRows(p, q, scale, seg->key_row(0), seg->num_rows(), segment_rows(*seg, 0), best, buf,
@@ -241,7 +244,8 @@ absl::Status RetrieveHead(const HeadParams& p, const store::HeadKv& head, const 
     std::vector<float> ranking = RankClusters(p, head, set, q, scale);
     const int64_t want = Budgeted(options.cluster_budget, set.total);
     std::vector<int32_t> order(want);
-    const int64_t got = set.total > 0 ? gpu::cpu::TopK(ranking.data(), set.total, want, order.data()) : 0;
+    const int64_t got =
+        set.total > 0 ? gpu::cpu::TopK(ranking.data(), set.total, want, order.data()) : 0;
     for (int64_t i = 0; i < got; ++i) {
       auto [s, c] = set.Locate(order[i]);
       const store::Segment& seg = *head.segments[s];
@@ -268,8 +272,9 @@ void GatherRow(const store::HeadKv& head, int64_t position, size_t row_bytes, st
     std::memcpy(v_out, tail.value_row(position - tail.first_position()), row_bytes);
     return;
   }
-  auto it = std::upper_bound(head.segments.begin(), head.segments.end(), position,
-                             [](int64_t pos, const auto& seg) { return pos < seg->first_position(); });
+  auto it =
+      std::upper_bound(head.segments.begin(), head.segments.end(), position,
+                       [](int64_t pos, const auto& seg) { return pos < seg->first_position(); });
   KVWAVE_CHECK(it != head.segments.begin());
   const store::Segment& seg = **(it - 1);
   const int64_t row = seg.row_of_token(static_cast<int32_t>(position - seg.first_position()));

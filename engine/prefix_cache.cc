@@ -36,13 +36,12 @@ absl::StatusOr<std::unique_ptr<PrefixCache>> PrefixCache::Create(const config::S
         return std::move(block.segments);
       });
   int64_t blocks = 0;
-  KVWAVE_ASSIGN_OR_RETURN(int64_t dropped,
-                          cache->persist_->ForEachBlock([&](const store::BlockRecord& r) {
-                            cache->registry_->AddPersisted(
-                                {r.hash, r.first_position, static_cast<int32_t>(r.tokens.size()),
-                                 r.shape.kv_heads});
-                            ++blocks;
-                          }));
+  KVWAVE_ASSIGN_OR_RETURN(
+      int64_t dropped, cache->persist_->ForEachBlock([&](const store::BlockRecord& r) {
+        cache->registry_->AddPersisted(
+            {r.hash, r.first_position, static_cast<int32_t>(r.tokens.size()), r.shape.kv_heads});
+        ++blocks;
+      }));
   spdlog::info("persist: {} blocks registered from {}, {} corrupt records dropped", blocks,
                settings.persist_path, dropped);
   return cache;
@@ -61,8 +60,8 @@ int64_t PrefixCache::Attach(store::Context& ctx, std::vector<int32_t> token_ids,
   auto prefix = std::make_unique<store::PrefixState>();
   prefix->model_id = ModelId(ctx.shape());
   prefix->name_space = name_space;
-  prefix->hashes = store::PrefixBlockHashes(token_ids, settings_.prefill_segment_tokens,
-                                            name_space, prefix->model_id);
+  prefix->hashes = store::PrefixBlockHashes(token_ids, settings_.prefill_segment_tokens, name_space,
+                                            prefix->model_id);
   prefix->token_ids = std::move(token_ids);
   store::PrefixAttachment attachment = registry_->AttachLongest(prefix->hashes);
   if (!attachment.reload_error.ok()) {

@@ -97,15 +97,23 @@ std::string ServerStats::Prometheus(const pb::StatsResponse& s) const {
   Gauge(out, "kvwave_memory_limit_bytes", "Store memory limit.", s.memory_limit_bytes());
   Gauge(out, "kvwave_segments_sealed", "Segments sealed since start.", s.segments_sealed());
   Gauge(out, "kvwave_tokens_appended", "Tokens appended since start.", s.tokens_appended());
-  Gauge(out, "kvwave_prefix_blocks_registered", "Prefix blocks sealed and shared by this daemon.", s.prefix_blocks_registered());
-  Gauge(out, "kvwave_prefix_blocks_resident", "Shared prefix blocks whose segments are in DRAM.", s.prefix_blocks_resident());
-  Gauge(out, "kvwave_prefix_blocks_known", "Shared prefix blocks known (in DRAM or on disk).", s.prefix_blocks_known());
-  Gauge(out, "kvwave_prefix_matched_blocks", "Prefix blocks attached by Open since start.", s.prefix_matched_blocks());
-  Gauge(out, "kvwave_prefix_evictions", "Prefix blocks evicted from DRAM at the memory limit.", s.prefix_evictions());
+  Gauge(out, "kvwave_prefix_blocks_registered", "Prefix blocks sealed and shared by this daemon.",
+        s.prefix_blocks_registered());
+  Gauge(out, "kvwave_prefix_blocks_resident", "Shared prefix blocks whose segments are in DRAM.",
+        s.prefix_blocks_resident());
+  Gauge(out, "kvwave_prefix_blocks_known", "Shared prefix blocks known (in DRAM or on disk).",
+        s.prefix_blocks_known());
+  Gauge(out, "kvwave_prefix_matched_blocks", "Prefix blocks attached by Open since start.",
+        s.prefix_matched_blocks());
+  Gauge(out, "kvwave_prefix_evictions", "Prefix blocks evicted from DRAM at the memory limit.",
+        s.prefix_evictions());
   Gauge(out, "kvwave_prefix_reloads", "Prefix blocks reloaded from RocksDB.", s.prefix_reloads());
-  Gauge(out, "kvwave_persist_bytes_written", "Segment bytes written to RocksDB.", s.persist_bytes_written());
-  Gauge(out, "kvwave_persist_corrupt_records", "Corrupt records detected, dropped and never served.", s.persist_corrupt_records());
-  Gauge(out, "kvwave_persist_errors", "Prefix blocks that could not be persisted.", s.persist_errors());
+  Gauge(out, "kvwave_persist_bytes_written", "Segment bytes written to RocksDB.",
+        s.persist_bytes_written());
+  Gauge(out, "kvwave_persist_corrupt_records",
+        "Corrupt records detected, dropped and never served.", s.persist_corrupt_records());
+  Gauge(out, "kvwave_persist_errors", "Prefix blocks that could not be persisted.",
+        s.persist_errors());
   Gauge(out, "kvwave_in_flight", "Requests being computed.", s.in_flight());
   Gauge(out, "kvwave_rss_bytes", "Resident set size of kvwaved.", s.rss_bytes());
   Gauge(out, "kvwave_frames_rejected", "Frames rejected as malformed.", s.frames_rejected());

@@ -60,9 +60,8 @@ absl::StatusOr<MemoryCharge> MemoryBudget::Reserve(int64_t bytes) {
   int64_t used = used_.load(std::memory_order_relaxed);
   do {
     if (used + bytes > limit_) {
-      return absl::ResourceExhaustedError(absl::StrCat("memory limit: need ", bytes,
-                                                       " bytes, ", used, " of ", limit_,
-                                                       " in use"));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("memory limit: need ", bytes, " bytes, ", used, " of ", limit_, " in use"));
     }
   } while (!used_.compare_exchange_weak(used, used + bytes, std::memory_order_relaxed));
   return MemoryCharge(this, bytes);

@@ -12,8 +12,8 @@ absl::Status Validate(const ModelShape& s) {
     return absl::InvalidArgumentError(absl::StrCat("kv_heads = ", s.kv_heads, " not in [1, 1024]"));
   }
   if (s.q_heads < s.kv_heads || s.q_heads % s.kv_heads != 0 || s.q_heads > 8192) {
-    return absl::InvalidArgumentError(absl::StrCat("q_heads = ", s.q_heads,
-                                                   " is not a multiple of kv_heads = ", s.kv_heads));
+    return absl::InvalidArgumentError(
+        absl::StrCat("q_heads = ", s.q_heads, " is not a multiple of kv_heads = ", s.kv_heads));
   }
   if (s.head_dim < 8 || s.head_dim > 1024 || s.head_dim % 8 != 0) {
     return absl::InvalidArgumentError(

@@ -1,7 +1,5 @@
 #include "store/persist.h"
 
-#include "tbb/parallel_for.h"
-
 #include <rocksdb/db.h>
 #include <rocksdb/listener.h>
 #include <rocksdb/options.h>
@@ -12,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "config/status_macros.h"
 #include "store/segment_codec.h"
+#include "tbb/parallel_for.h"
 
 namespace kvwave::store {
 namespace {

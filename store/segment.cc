@@ -77,8 +77,8 @@ absl::StatusOr<std::shared_ptr<const Segment>> Segment::Build(const SegmentInput
   int64_t bytes = 2 * rows * static_cast<int64_t>(seg->row_bytes_) +
                   in.num_clusters * (2 * d * 4 + 4 + 8) + rows * 4 + int64_t{in.num_tokens} * 8;
   if (bytes > reserved.bytes()) {
-    return absl::InternalError(absl::StrCat("segment needs ", bytes, " bytes, ",
-                                            reserved.bytes(), " reserved"));
+    return absl::InternalError(
+        absl::StrCat("segment needs ", bytes, " bytes, ", reserved.bytes(), " reserved"));
   }
   KVWAVE_ASSIGN_OR_RETURN(seg->keys_, HostBuffer::Allocate(allocator, rows * seg->row_bytes_));
   KVWAVE_ASSIGN_OR_RETURN(seg->values_, HostBuffer::Allocate(allocator, rows * seg->row_bytes_));

@@ -348,8 +348,9 @@ bool Dispatch(int d, int g, cudaError_t& err, Args&&... args) {
 #define KVWAVE_CASE(D, G) \
   if (d == D && g == G) return err = F<D, G>::Run(args...), true;
   KVWAVE_CASE(64, 1)
-  KVWAVE_CASE(64, 2) KVWAVE_CASE(64, 4) KVWAVE_CASE(64, 8) KVWAVE_CASE(128, 1) KVWAVE_CASE(128, 2)
-      KVWAVE_CASE(128, 4) KVWAVE_CASE(128, 8)
+  KVWAVE_CASE(64, 2)
+  KVWAVE_CASE(64, 4) KVWAVE_CASE(64, 8) KVWAVE_CASE(128, 1) KVWAVE_CASE(128, 2) KVWAVE_CASE(128, 4)
+      KVWAVE_CASE(128, 8)
 #undef KVWAVE_CASE
           return false;
 }

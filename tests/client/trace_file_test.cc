@@ -161,8 +161,9 @@ TEST_F(TraceFileTest, MisShapedTracesAreRejected) {
 // elements of 4 bytes needs 2^65 bytes, computed as 0), so the file opens and At() would read out
 // of bounds. Reported to the lead (client/trace_file.cc is not ours); enable once fixed.
 TEST_F(TraceFileTest, OverflowingShapeIsRejected) {
-  WriteRaw("huge.npy",
-           Npy("{'descr': '<f4', 'fortran_order': False, 'shape': (2305843009213693952, 4), }", 16));
+  WriteRaw(
+      "huge.npy",
+      Npy("{'descr': '<f4', 'fortran_order': False, 'shape': (2305843009213693952, 4), }", 16));
   EXPECT_FALSE(NpyArray::Open(Path("huge.npy")).ok());
 }
 

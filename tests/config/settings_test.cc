@@ -23,8 +23,9 @@ TEST(SettingsTest, DefaultsMatchTheTable) {
 
 TEST(SettingsTest, TomlThenOverrides) {
   std::vector<std::string> overrides = {"store.sink_tokens=8", "attend.retrieval_budget=0.05"};
-  auto s = LoadFromString("[store]\nsink_tokens = 2\nrecent_tokens = 32\n[rpc]\nsocket_path = \"/tmp/x.sock\"\n",
-                          overrides);
+  auto s = LoadFromString(
+      "[store]\nsink_tokens = 2\nrecent_tokens = 32\n[rpc]\nsocket_path = \"/tmp/x.sock\"\n",
+      overrides);
   ASSERT_TRUE(s.ok()) << s.status();
   EXPECT_EQ(s->sink_tokens, 8);  // the override wins
   EXPECT_EQ(s->recent_tokens, 32);

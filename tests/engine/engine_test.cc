@@ -49,8 +49,7 @@ LayerData RandomLayer(std::mt19937& rng, int64_t n, const store::ModelShape& sha
 
 // Float64 exact attention of query head h over all n tokens.
 void ReferenceAttention(const LayerData& d, const store::ModelShape& s, int64_t n,
-                        const std::vector<float>& q, int h, std::vector<double>& out,
-                        double& lse) {
+                        const std::vector<float>& q, int h, std::vector<double>& out, double& lse) {
   const int kvh = h / s.group();
   const int dim = s.head_dim;
   std::vector<double> logit(n);
@@ -121,8 +120,9 @@ TEST_P(EngineExactTest, FullBudgetEqualsExactAttention) {
   const int64_t tb = shape.TokenBytesPerLayer();
   for (int l = 0; l < 2; ++l) {
     for (int64_t t = 600; t < n; ++t) {  // decode: one token at a time
-      ASSERT_TRUE(engine->Append(id, l, 1, std::span(layers[l].k_bytes).subspan(t * tb, tb),
-                                 std::span(layers[l].v_bytes).subspan(t * tb, tb))
+      ASSERT_TRUE(engine
+                      ->Append(id, l, 1, std::span(layers[l].k_bytes).subspan(t * tb, tb),
+                               std::span(layers[l].v_bytes).subspan(t * tb, tb))
                       .ok());
     }
   }
@@ -224,8 +224,9 @@ TEST(EngineTest, MemoryLimitRejectsAppendAndChangesNothing) {
   std::mt19937 rng(7);
   const int64_t n = 1000;  // 1000 * 2 * 512 B = 1 MB of K/V plus index: over the limit
   LayerData d = RandomLayer(rng, n, shape);
-  ASSERT_TRUE(engine->Append(id, 0, 100, std::span(d.k_bytes).first(100 * 512),
-                             std::span(d.v_bytes).first(100 * 512))
+  ASSERT_TRUE(engine
+                  ->Append(id, 0, 100, std::span(d.k_bytes).first(100 * 512),
+                           std::span(d.v_bytes).first(100 * 512))
                   .ok());
   const int64_t used = engine->Stats().memory_used_bytes;
   EXPECT_EQ(used, 2 * 100 * 512);

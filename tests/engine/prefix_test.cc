@@ -191,8 +191,8 @@ TEST(PrefixTest, RandomizedAgainstModel) {
       c.tokens.assign(doc.begin(), doc.begin() + keep);
       for (int64_t i = keep; i < (int64_t)doc.size(); ++i) c.tokens.push_back(9000 + rng() % 50);
       int64_t expect = 0;
-      while (registered.count(std::vector<int32_t>(c.tokens.begin(),
-                                                   c.tokens.begin() + expect + kBlock))) {
+      while (registered.count(
+          std::vector<int32_t>(c.tokens.begin(), c.tokens.begin() + expect + kBlock))) {
         expect += kBlock;
         if (expect + kBlock > (int64_t)c.tokens.size()) break;
       }

@@ -54,8 +54,8 @@ std::string FreshDir(const std::string& name) {
 
 // Writes documents until stopped or the daemon dies; records the blocks each document has
 // acknowledged (every layer's Append covering the block returned OK).
-void WriteDocuments(const std::string& socket, std::atomic<bool>& stop,
-                    std::map<int, int>& acked, std::mutex& mu) {
+void WriteDocuments(const std::string& socket, std::atomic<bool>& stop, std::map<int, int>& acked,
+                    std::mutex& mu) {
   auto c = Connect(socket);
   if (c == nullptr) return;
   for (int doc = 0; !stop.load(); ++doc) {
@@ -138,7 +138,8 @@ void KillDuringLoad(const std::string& durability) {
   int back = 0;
   for (const auto& [doc, blocks] : snapshot) {
     back += std::min(blocks, matched[doc]);
-    if (durability == "sync") EXPECT_GE(matched[doc], blocks) << "acknowledged block lost, doc " << doc;
+    if (durability == "sync")
+      EXPECT_GE(matched[doc], blocks) << "acknowledged block lost, doc " << doc;
   }
   std::printf("crash test (%s): %d blocks acknowledged, %d back after kill -9\n",
               durability.c_str(), total, back);

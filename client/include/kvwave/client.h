@@ -125,8 +125,10 @@ struct ServerStats {
   int64_t segments_sealed = 0, tokens_appended = 0, in_flight = 0, rss_bytes = 0;
   int64_t frames_rejected = 0;
   // Shared prefixes and persistence.
-  int64_t prefix_blocks_registered = 0, prefix_blocks_resident = 0, prefix_blocks_known = 0, prefix_matched_blocks = 0, prefix_evictions = 0;
-  int64_t prefix_reloads = 0, persist_bytes_written = 0, persist_corrupt_records = 0, persist_errors = 0;
+  int64_t prefix_blocks_registered = 0, prefix_blocks_resident = 0, prefix_blocks_known = 0,
+          prefix_matched_blocks = 0, prefix_evictions = 0;
+  int64_t prefix_reloads = 0, persist_bytes_written = 0, persist_corrupt_records = 0,
+          persist_errors = 0;
   double uptime_s = 0;
   std::string prometheus_text;
 };
