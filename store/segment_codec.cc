@@ -82,7 +82,7 @@ class Cursor {
  public:
   explicit Cursor(const char* p) : p_(p) {}
   void Copy(void* dst, int64_t n) {
-    std::memcpy(dst, p_, static_cast<size_t>(n));
+    if (n > 0) std::memcpy(dst, p_, static_cast<size_t>(n));  // dst may be null when n == 0
     p_ += n;
   }
   template <typename T>

@@ -80,10 +80,9 @@ inline void ExpectSameSegment(const Segment& a, const Segment& b) {
   EXPECT_EQ(std::memcmp(a.value_bytes().data(), b.value_bytes().data(), a.value_bytes().size()), 0);
   EXPECT_EQ(a.sizes(), b.sizes());
   ASSERT_EQ(a.centroids().size(), b.centroids().size());
-  EXPECT_EQ(std::memcmp(a.centroids().data(), b.centroids().data(), a.centroids().size() * 4), 0);
+  EXPECT_EQ(a.centroids(), b.centroids());  // bit-exact (no NaN in these tests)
   ASSERT_EQ(a.value_sums().size(), b.value_sums().size());
-  EXPECT_EQ(std::memcmp(a.value_sums().data(), b.value_sums().data(), a.value_sums().size() * 4),
-            0);
+  EXPECT_EQ(a.value_sums(), b.value_sums());
   EXPECT_EQ(a.token_of_rows(), b.token_of_rows());
   for (int32_t c = 0; c < a.num_clusters(); ++c) EXPECT_EQ(a.cluster_row(c), b.cluster_row(c));
   for (int32_t t = 0; t < a.num_tokens(); ++t) EXPECT_EQ(a.row_of_token(t), b.row_of_token(t));
