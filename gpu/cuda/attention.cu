@@ -347,12 +347,18 @@ template <template <int, int> class F, typename... Args>
 bool Dispatch(int d, int g, cudaError_t& err, Args&&... args) {
 #define KVWAVE_CASE(D, G) \
   if (d == D && g == G) return err = F<D, G>::Run(args...), true;
+  // clang-format off (a run of macro calls, which clang-format 14 does not lay out stably)
   KVWAVE_CASE(64, 1)
   KVWAVE_CASE(64, 2)
-  KVWAVE_CASE(64, 4) KVWAVE_CASE(64, 8) KVWAVE_CASE(128, 1) KVWAVE_CASE(128, 2) KVWAVE_CASE(128, 4)
-      KVWAVE_CASE(128, 8)
+  KVWAVE_CASE(64, 4)
+  KVWAVE_CASE(64, 8)
+  KVWAVE_CASE(128, 1)
+  KVWAVE_CASE(128, 2)
+  KVWAVE_CASE(128, 4)
+  KVWAVE_CASE(128, 8)
+  // clang-format on
 #undef KVWAVE_CASE
-          return false;
+  return false;
 }
 
 template <int D, int G>
