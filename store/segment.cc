@@ -41,12 +41,10 @@ int64_t PagesFor(int64_t n, int32_t page_tokens) { return (n + page_tokens - 1) 
 
 int64_t Segment::MaxBytes(int32_t n, int32_t head_dim, DType dtype, int32_t page_tokens,
                           int32_t tokens_per_cluster) {
-  int64_t clusters = (n + tokens_per_cluster - 1) / tokens_per_cluster;
+  const int64_t clusters = (n + tokens_per_cluster - 1) / tokens_per_cluster;
   // Every cluster can waste up to page_tokens - 1 padding rows, plus the steady pages.
-  int64_t rows = n + clusters * (page_tokens - 1) + page_tokens;
-  int64_t row_bytes = int64_t{head_dim} * static_cast<int64_t>(ElementSize(dtype));
-  int64_t meta = clusters * (2 * int64_t{head_dim} * 4 + 4 + 8);
-  return 2 * rows * row_bytes + meta + rows * 4 + int64_t{n} * 8;
+  const int64_t rows = n + clusters * (page_tokens - 1) + page_tokens;
+  return ChargedBytes(rows, n, static_cast<int32_t>(clusters), head_dim, dtype);
 }
 
 absl::StatusOr<std::shared_ptr<const Segment>> Segment::Build(const SegmentInput& in,
@@ -74,8 +72,7 @@ absl::StatusOr<std::shared_ptr<const Segment>> Segment::Build(const SegmentInput
   }
   const int64_t rows = row;
   const int64_t d = in.head_dim;
-  int64_t bytes = 2 * rows * static_cast<int64_t>(seg->row_bytes_) +
-                  in.num_clusters * (2 * d * 4 + 4 + 8) + rows * 4 + int64_t{in.num_tokens} * 8;
+  const int64_t bytes = ChargedBytes(rows, in.num_tokens, in.num_clusters, in.head_dim, in.dtype);
   if (bytes > reserved.bytes()) {
     return absl::InternalError(
         absl::StrCat("segment needs ", bytes, " bytes, ", reserved.bytes(), " reserved"));
