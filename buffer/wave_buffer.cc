@@ -10,65 +10,48 @@
 #include "absl/strings/str_cat.h"
 #include "buffer/pinned_allocator.h"
 #include "config/status_macros.h"
-#include "tbb/parallel_for.h"
 
 namespace kvwave::buffer {
 namespace {
 
 constexpr int kPageRows = gpu::kMaxPageRows;
-constexpr int kComputeStream = 0, kCopyStream = 1;
-constexpr int kLayerDoneEvent = 0;  // + parity
-constexpr int kAdmitDoneEvent = 2;  // + parity
+constexpr int kComputeStream = 0, kRecordStream = 1, kSideStream = 2;
+constexpr int kPlannedEvent = 0;                       // + slot: plan queued (stream C)
+constexpr int kRecordEvent = WaveBuffer::kRing;        // + slot: record on the host
+constexpr int kUpdateEvent = 2 * WaveBuffer::kRing;    // + slot: update staging read
+constexpr int kForkEvent = 3 * WaveBuffer::kRing;      // estimation may start (stream C)
+constexpr int kJoinEvent = 3 * WaveBuffer::kRing + 1;  // estimation done (side stream)
+constexpr int kProfileEvent = 16;                      // 16..21
 
 size_t Align16(size_t x) { return (x + 15) & ~size_t{15}; }
 
-// Offsets of the arrays inside one pinned staging blob (mirrored on the device).
-struct BlobLayout {
-  size_t pages = 0, offsets = 0, src = 0, dst = 0, bytes = 0, total = 0;
-  BlobLayout(int64_t num_pages, int heads, int64_t gathers) {
-    offsets = Align16(pages + sizeof(gpu::PageRef) * num_pages);
-    src = Align16(offsets + sizeof(int32_t) * (heads + 1));
-    dst = Align16(src + sizeof(void*) * gathers);
-    bytes = Align16(dst + sizeof(void*) * gathers);
-    total = Align16(bytes + sizeof(int32_t) * gathers);
+using Clock = std::chrono::steady_clock;
+double Us(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double, std::micro>(b - a).count();
+}
+
+// Offsets of the arrays of one update (admission copies and table writes) in a staging blob.
+struct UpdateLayout {
+  size_t src = 0, dst = 0, bytes = 0, index = 0, value = 0, total = 0;
+  UpdateLayout(int64_t copies, int64_t writes) {
+    dst = Align16(src + sizeof(void*) * copies);
+    bytes = Align16(dst + sizeof(void*) * copies);
+    index = Align16(bytes + sizeof(int32_t) * copies);
+    value = Align16(index + sizeof(int64_t) * writes);
+    total = Align16(value + sizeof(int32_t) * writes);
   }
 };
 
 }  // namespace
 
-void StepStats::Add(const StepStats& o) {
-  hit_clusters += o.hit_clusters;
-  miss_clusters += o.miss_clusters;
-  hit_pages += o.hit_pages;
-  miss_pages += o.miss_pages;
-  pcie_bytes += o.pcie_bytes;
-  exact_rows += o.exact_rows;
-  score_us += o.score_us;
-  wait_commit_us += o.wait_commit_us;
-  classify_us += o.classify_us;
-  launch_us += o.launch_us;
-}
-
-struct WaveBuffer::Half {
-  gpu::DeviceBuffer ret, est, counts, counts2, exec_k, exec_v, blob_dev, admit_dev;
-  store::HostBuffer ret_host, blob_host, admit_host;
-  BlobLayout blob{0, 0, 0}, admit{0, 0, 0};
-  std::vector<std::vector<CachedCluster>> hits;
-  std::vector<std::vector<MissCluster>> misses;
-  std::vector<std::vector<int32_t>> exec_first;  // first execution-buffer page of each miss
-  int64_t gathers = 0;
-  int layer = 0;
-
-  int32_t* ret_list(int head, int64_t stride) {
-    return reinterpret_cast<int32_t*>(ret_host.data()) + head * stride;
-  }
-  int32_t ret_count(int head, int heads, int64_t stride) {
-    return reinterpret_cast<int32_t*>(ret_host.data())[heads * stride + head];
-  }
-  template <typename T>
-  T* at(size_t off) {
-    return reinterpret_cast<T*>(blob_host.data() + off);
-  }
+struct WaveBuffer::Slot {
+  // Device: the lists of SelectTopK, the page list of PlanPages, the execution buffer.
+  gpu::DeviceBuffer ret, est, counts, counts2, pages, page_counts, info, exec_k, exec_v;
+  gpu::DeviceBuffer update_dev;
+  // Pinned host: the record of the call (counts, then (cluster, exec page) pairs), the update.
+  store::HostBuffer record, update;
+  UpdateLayout layout{0, 0};
+  bool update_pending = false;  // an update was queued from `update` (event kUpdateEvent + slot)
 };
 
 WaveBuffer::WaveBuffer(gpu::CudaBackend* backend, const WaveBufferOptions& options,
@@ -76,12 +59,15 @@ WaveBuffer::WaveBuffer(gpu::CudaBackend* backend, const WaveBufferOptions& optio
     : backend_(backend),
       o_(options),
       units_(std::move(units)),
-      policy_(options.cache_bytes /
-              std::max<int64_t>(1, 2 * kPageRows * options.d * ElementSize(options.dtype))) {}
+      pages_per_layer_(
+          options.cache_bytes /
+          std::max<int64_t>(1, 2 * kPageRows * options.d * ElementSize(options.dtype)) /
+          std::max(1, options.layers)) {}
 
 WaveBuffer::~WaveBuffer() {
-  if (committer_ != nullptr) committer_->Drain();
-  (void)backend_->Synchronize(kCopyStream);
+  for (auto& c : committers_) c->Drain();
+  (void)backend_->Synchronize(kRecordStream);
+  (void)backend_->Synchronize(kSideStream);
   (void)backend_->Synchronize(kComputeStream);
 }
 
@@ -91,6 +77,15 @@ absl::StatusOr<std::unique_ptr<WaveBuffer>> WaveBuffer::Create(gpu::CudaBackend*
   if (options.layers <= 0 || options.heads <= 0 || options.clusters <= 0 ||
       units.size() != size_t(options.layers) * options.heads || options.max_cluster_pages < 1)
     return absl::InvalidArgumentError("WaveBuffer: bad shape or unit count");
+  const int64_t max_rows = int64_t{options.max_cluster_pages} * kPageRows;
+  for (const UnitLayout& u : units) {
+    for (int64_t c = 0; c < options.clusters; ++c) {
+      if (u.sizes[c] < 0 || u.sizes[c] > max_rows)
+        return absl::InvalidArgumentError(absl::StrCat("WaveBuffer: cluster of ", u.sizes[c],
+                                                       " tokens passes max_cluster_pages (",
+                                                       options.max_cluster_pages, ")"));
+    }
+  }
   std::unique_ptr<WaveBuffer> wb(new WaveBuffer(backend, options, std::move(units)));
   KVWAVE_RETURN_IF_ERROR(wb->Init());
   return wb;
@@ -98,6 +93,7 @@ absl::StatusOr<std::unique_ptr<WaveBuffer>> WaveBuffer::Create(gpu::CudaBackend*
 
 absl::Status WaveBuffer::Init() {
   const int64_t C = o_.clusters, U = static_cast<int64_t>(units_.size()), d = o_.d;
+  const int P = o_.max_cluster_pages;
   row_bytes_ = d * ElementSize(o_.dtype);
   page_bytes_ = row_bytes_ * kPageRows;
   r_ = std::min<int64_t>(C, static_cast<int64_t>(std::ceil(o_.retrieval * C)));
@@ -106,32 +102,58 @@ absl::Status WaveBuffer::Init() {
   int32_t steady_rows = 0;
   for (const UnitLayout& u : units_) steady_rows = std::max(steady_rows, u.steady_rows);
   steady_pages_ = (steady_rows + kPageRows - 1) / kPageRows;
-  max_pages_per_head_ = steady_pages_ + r_ * o_.max_cluster_pages;
-  max_miss_pages_ = int64_t{o_.heads} * r_ * o_.max_cluster_pages;
+  steady_stride_rows_ = steady_pages_ * kPageRows;
+  max_pages_per_head_ = steady_pages_ + r_ * P;
+  exec_pages_ = int64_t{o_.heads} * std::max<int64_t>(r_, 1) * P;
+  // An update admits at most exec_pages_ pages (one table write each) and evicts at most as many
+  // clusters (each frees at least one page): 2 * exec_pages_ table writes, 2 copies (K, V) a page.
+  max_updates_ = 2 * exec_pages_;
 
-  // Meta index and steady zone, resident on the GPU.
-  const size_t meta = sizeof(float) * U * C * d,
-               steady = row_bytes_ * steady_pages_ * kPageRows * U;
+  // Meta index, steady zone, layout tables: resident on the GPU.
+  const size_t meta = sizeof(float) * U * C * d, steady = row_bytes_ * steady_stride_rows_ * U;
   KVWAVE_ASSIGN_OR_RETURN(centroids_, backend_->Allocate(meta));
   KVWAVE_ASSIGN_OR_RETURN(value_sums_, backend_->Allocate(meta));
   KVWAVE_ASSIGN_OR_RETURN(sizes_, backend_->Allocate(sizeof(int32_t) * U * C));
+  KVWAVE_ASSIGN_OR_RETURN(cluster_row_, backend_->Allocate(sizeof(int64_t) * U * C));
+  KVWAVE_ASSIGN_OR_RETURN(host_ptrs_, backend_->Allocate(2 * sizeof(void*) * U));
+  KVWAVE_ASSIGN_OR_RETURN(steady_rows_, backend_->Allocate(sizeof(int32_t) * U));
   KVWAVE_ASSIGN_OR_RETURN(steady_k_, backend_->Allocate(std::max<size_t>(steady, 16)));
   KVWAVE_ASSIGN_OR_RETURN(steady_v_, backend_->Allocate(std::max<size_t>(steady, 16)));
+  KVWAVE_ASSIGN_OR_RETURN(table_, backend_->Allocate(sizeof(int32_t) * U * C * P));
+  KVWAVE_RETURN_IF_ERROR(backend_->Memset(table_.data(), 0xFF, table_.size()));  // -1: not cached
+  std::vector<const void*> ptrs(2 * U);
+  std::vector<int32_t> srows(U);
   for (int64_t u = 0; u < U; ++u) {
     const UnitLayout& x = units_[u];
+    ptrs[u] = x.k;
+    ptrs[U + u] = x.v;
+    srows[u] = x.steady_rows;
     KVWAVE_RETURN_IF_ERROR(
         backend_->Copy(centroids_.as<float>() + u * C * d, x.centroids, sizeof(float) * C * d));
     KVWAVE_RETURN_IF_ERROR(
         backend_->Copy(value_sums_.as<float>() + u * C * d, x.value_sums, sizeof(float) * C * d));
     KVWAVE_RETURN_IF_ERROR(
         backend_->Copy(sizes_.as<int32_t>() + u * C, x.sizes, sizeof(int32_t) * C));
-    const size_t off = row_bytes_ * steady_pages_ * kPageRows * u;
+    KVWAVE_RETURN_IF_ERROR(
+        backend_->Copy(cluster_row_.as<int64_t>() + u * C, x.cluster_row, sizeof(int64_t) * C));
+    const size_t off = row_bytes_ * steady_stride_rows_ * u;
     KVWAVE_RETURN_IF_ERROR(
         backend_->Copy(steady_k_.as<std::byte>() + off, x.steady_k, row_bytes_ * x.steady_rows));
     KVWAVE_RETURN_IF_ERROR(
         backend_->Copy(steady_v_.as<std::byte>() + off, x.steady_v, row_bytes_ * x.steady_rows));
   }
-  const int64_t pool = policy_.num_pages();
+  KVWAVE_RETURN_IF_ERROR(backend_->Copy(host_ptrs_.data(), ptrs.data(), sizeof(void*) * 2 * U));
+  KVWAVE_RETURN_IF_ERROR(backend_->Copy(steady_rows_.data(), srows.data(), sizeof(int32_t) * U));
+  std::vector<int32_t> offsets(o_.heads);
+  for (int h = 0; h < o_.heads; ++h) offsets[h] = static_cast<int32_t>(h * max_pages_per_head_);
+  KVWAVE_ASSIGN_OR_RETURN(page_offsets_, backend_->Allocate(sizeof(int32_t) * o_.heads));
+  KVWAVE_RETURN_IF_ERROR(
+      backend_->Copy(page_offsets_.data(), offsets.data(), sizeof(int32_t) * o_.heads));
+
+  const int64_t pool = pool_pages();
+  for (int l = 0; l < o_.layers; ++l)
+    policies_.push_back(std::make_unique<WavePolicy>(pages_per_layer_, o_.heads, C, P));
+  layer_mu_ = std::make_unique<std::mutex[]>(o_.layers);
   KVWAVE_ASSIGN_OR_RETURN(pool_k_, backend_->Allocate(std::max<size_t>(page_bytes_ * pool, 16)));
   KVWAVE_ASSIGN_OR_RETURN(pool_v_, backend_->Allocate(std::max<size_t>(page_bytes_ * pool, 16)));
   KVWAVE_ASSIGN_OR_RETURN(scores_, backend_->Allocate(sizeof(float) * o_.heads * C));
@@ -140,30 +162,27 @@ absl::Status WaveBuffer::Init() {
   KVWAVE_ASSIGN_OR_RETURN(est_lse_, backend_->Allocate(rows));
 
   store::HostAllocator* pinned = PinnedAllocator();
-  for (int p = 0; p < 2; ++p) {
-    auto h = std::make_unique<Half>();
-    const size_t list = sizeof(int32_t) * o_.heads * list_stride_;
-    KVWAVE_ASSIGN_OR_RETURN(h->ret, backend_->Allocate(list));
-    KVWAVE_ASSIGN_OR_RETURN(h->est, backend_->Allocate(list));
-    KVWAVE_ASSIGN_OR_RETURN(h->counts, backend_->Allocate(sizeof(int32_t) * o_.heads));
-    KVWAVE_ASSIGN_OR_RETURN(h->counts2, backend_->Allocate(sizeof(int32_t) * o_.heads));
-    KVWAVE_ASSIGN_OR_RETURN(h->exec_k, backend_->Allocate(page_bytes_ * max_miss_pages_ + 16));
-    KVWAVE_ASSIGN_OR_RETURN(h->exec_v, backend_->Allocate(page_bytes_ * max_miss_pages_ + 16));
-    KVWAVE_ASSIGN_OR_RETURN(h->ret_host,
-                            store::HostBuffer::Allocate(pinned, list + sizeof(int32_t) * o_.heads));
-    h->blob = BlobLayout(int64_t{o_.heads} * max_pages_per_head_, o_.heads, 2 * max_miss_pages_);
-    h->admit = BlobLayout(0, 0, 2 * max_miss_pages_);
-    KVWAVE_ASSIGN_OR_RETURN(h->blob_host, store::HostBuffer::Allocate(pinned, h->blob.total));
-    KVWAVE_ASSIGN_OR_RETURN(h->blob_dev, backend_->Allocate(h->blob.total));
-    KVWAVE_ASSIGN_OR_RETURN(h->admit_host, store::HostBuffer::Allocate(pinned, h->admit.total));
-    KVWAVE_ASSIGN_OR_RETURN(h->admit_dev, backend_->Allocate(h->admit.total));
-    h->hits.resize(o_.heads);
-    h->misses.resize(o_.heads);
-    h->exec_first.resize(o_.heads);
-    halves_.push_back(std::move(h));
+  const size_t list = sizeof(int32_t) * o_.heads * list_stride_;
+  const size_t record = sizeof(int32_t) * o_.heads * (1 + 2 * std::max<int64_t>(r_, 1));
+  for (int i = 0; i < kRing; ++i) {
+    auto s = std::make_unique<Slot>();
+    KVWAVE_ASSIGN_OR_RETURN(s->ret, backend_->Allocate(list));
+    KVWAVE_ASSIGN_OR_RETURN(s->est, backend_->Allocate(list));
+    KVWAVE_ASSIGN_OR_RETURN(s->counts, backend_->Allocate(record));  // counts, then info
+    KVWAVE_ASSIGN_OR_RETURN(s->counts2, backend_->Allocate(sizeof(int32_t) * o_.heads));
+    KVWAVE_ASSIGN_OR_RETURN(
+        s->pages, backend_->Allocate(sizeof(gpu::PageRef) * o_.heads * max_pages_per_head_));
+    KVWAVE_ASSIGN_OR_RETURN(s->page_counts, backend_->Allocate(sizeof(int32_t) * o_.heads));
+    KVWAVE_ASSIGN_OR_RETURN(s->exec_k, backend_->Allocate(page_bytes_ * exec_pages_));
+    KVWAVE_ASSIGN_OR_RETURN(s->exec_v, backend_->Allocate(page_bytes_ * exec_pages_));
+    KVWAVE_ASSIGN_OR_RETURN(s->record, store::HostBuffer::Allocate(pinned, record));
+    s->layout = UpdateLayout(2 * exec_pages_, max_updates_);
+    KVWAVE_ASSIGN_OR_RETURN(s->update, store::HostBuffer::Allocate(pinned, s->layout.total));
+    KVWAVE_ASSIGN_OR_RETURN(s->update_dev, backend_->Allocate(s->layout.total));
+    slots_.push_back(std::move(s));
   }
   KVWAVE_RETURN_IF_ERROR(backend_->Synchronize(kComputeStream));
-  committer_ = std::make_unique<AsyncCommitter>();
+  for (int i = 0; i < kRing; ++i) committers_.push_back(std::make_unique<AsyncCommitter>());
   return absl::OkStatus();
 }
 
@@ -175,22 +194,32 @@ int32_t WaveBuffer::RowsOfPage(int64_t unit, int32_t c, int32_t page) const {
   return std::min(kPageRows, units_[unit].sizes[c] - page * kPageRows);
 }
 
-absl::Status WaveBuffer::ScoreAndSelect(int layer, const float* q, Half& h) {
+absl::Status WaveBuffer::Enqueue(int layer, const float* q, float* out, float* lse, Slot& s) {
+  const int slot = static_cast<int>(calls_ % kRing);
   const int64_t C = o_.clusters, unit0 = int64_t{layer} * o_.heads;
-  gpu::ScoreArgs s;
-  s.q = q;
-  s.heads = o_.heads;
-  s.g = o_.g;
-  s.d = o_.d;
-  s.scale = 1.0f / std::sqrt(static_cast<float>(o_.d));
-  s.centroids = centroids_.as<float>() + unit0 * C * o_.d;
-  s.centroid_stride = C * o_.d;
-  s.sizes = sizes_.as<int32_t>() + unit0 * C;
-  s.size_stride = C;
-  s.n = C;
-  s.scores = scores_.as<float>();
-  s.score_stride = C;
-  KVWAVE_RETURN_IF_ERROR(backend_->ScoreClusters(s, kComputeStream));
+  const float scale = 1.0f / std::sqrt(static_cast<float>(o_.d));
+  auto profile = [&](int i) {
+    return o_.profile ? backend_->RecordEvent(kProfileEvent + i, kComputeStream) : absl::OkStatus();
+  };
+  // Profiling: hold the stream while this call is queued, so that the phases time the kernels,
+  // not the host's launch gaps.
+  if (o_.profile) KVWAVE_RETURN_IF_ERROR(backend_->Delay(int64_t{500} * 1000, kComputeStream));
+  KVWAVE_RETURN_IF_ERROR(profile(0));
+  gpu::ScoreArgs sc;
+  sc.q = q;
+  sc.heads = o_.heads;
+  sc.g = o_.g;
+  sc.d = o_.d;
+  sc.scale = scale;
+  sc.centroids = centroids_.as<float>() + unit0 * C * o_.d;
+  sc.centroid_stride = C * o_.d;
+  sc.sizes = sizes_.as<int32_t>() + unit0 * C;
+  sc.size_stride = C;
+  sc.n = C;
+  sc.scores = scores_.as<float>();
+  sc.score_stride = C;
+  KVWAVE_RETURN_IF_ERROR(backend_->ScoreClusters(sc, kComputeStream));
+  KVWAVE_RETURN_IF_ERROR(profile(1));
   gpu::TopKArgs t;
   t.scores = scores_.as<float>();
   t.heads = o_.heads;
@@ -198,107 +227,53 @@ absl::Status WaveBuffer::ScoreAndSelect(int layer, const float* q, Half& h) {
   t.score_stride = C;
   t.k = r_;
   t.k2 = r_ + e_;
-  t.out = h.ret.as<int32_t>();
-  t.out2 = h.est.as<int32_t>();
+  t.out = s.ret.as<int32_t>();
+  t.out2 = s.est.as<int32_t>();
   t.out_stride = list_stride_;
-  t.counts = h.counts.as<int32_t>();
-  t.counts2 = h.counts2.as<int32_t>();
+  t.counts = s.counts.as<int32_t>();
+  t.counts2 = s.counts2.as<int32_t>();
   KVWAVE_RETURN_IF_ERROR(backend_->SelectTopK(t, kComputeStream));
-  const size_t list = sizeof(int32_t) * o_.heads * list_stride_;
-  KVWAVE_RETURN_IF_ERROR(backend_->Copy(h.ret_host.data(), h.ret.data(), list, kComputeStream));
-  KVWAVE_RETURN_IF_ERROR(backend_->Copy(h.ret_host.data() + list, h.counts.data(),
-                                        sizeof(int32_t) * o_.heads, kComputeStream));
-  return backend_->Synchronize(kComputeStream);
-}
-
-void WaveBuffer::Classify(int layer, Half& h, StepStats* stats) {
-  h.layer = layer;
-  tbb::parallel_for(0, o_.heads, [&](int head) {
-    const int64_t unit = int64_t{layer} * o_.heads + head;
-    h.hits[head].clear();
-    h.misses[head].clear();
-    std::span<const int32_t> list(h.ret_list(head, list_stride_),
-                                  h.ret_count(head, o_.heads, list_stride_));
-    policy_.Classify(
-        static_cast<int32_t>(unit), list, [&](int32_t c) { return PagesOf(unit, c); }, h.hits[head],
-        h.misses[head]);
-  });
-  auto* pages = h.at<gpu::PageRef>(h.blob.pages);
-  auto* offsets = h.at<int32_t>(h.blob.offsets);
-  auto* src = h.at<const void*>(h.blob.src);
-  auto* dst = h.at<void*>(h.blob.dst);
-  auto* bytes = h.at<int32_t>(h.blob.bytes);
-  int64_t np = 0, ng = 0, exec = 0;
-  StepStats st;
-  auto add = [&](const void* k, const void* v, int32_t rows) {
-    pages[np++] = gpu::PageRef{k, v, rows, 0};
-    st.exact_rows += rows;
-  };
-  for (int head = 0; head < o_.heads; ++head) {
-    const int64_t unit = int64_t{layer} * o_.heads + head;
-    const UnitLayout& u = units_[unit];
-    offsets[head] = static_cast<int32_t>(np);
-    for (int64_t p = 0; p < steady_pages_ && p * kPageRows < u.steady_rows; ++p) {
-      const size_t off = row_bytes_ * (steady_pages_ * kPageRows * unit + p * kPageRows);
-      add(steady_k_.as<std::byte>() + off, steady_v_.as<std::byte>() + off,
-          std::min<int32_t>(kPageRows, u.steady_rows - p * kPageRows));
-    }
-    for (const CachedCluster& c : h.hits[head]) {
-      for (size_t p = 0; p < c.slots.size(); ++p)
-        add(pool_k_.as<std::byte>() + page_bytes_ * c.slots[p],
-            pool_v_.as<std::byte>() + page_bytes_ * c.slots[p], RowsOfPage(unit, c.cluster, p));
-      ++st.hit_clusters;
-      st.hit_pages += static_cast<int64_t>(c.slots.size());
-    }
-    h.exec_first[head].clear();
-    for (const MissCluster& m : h.misses[head]) {
-      h.exec_first[head].push_back(static_cast<int32_t>(exec));
-      for (int32_t p = 0; p < m.pages; ++p, ++exec) {
-        const int32_t rows = RowsOfPage(unit, m.cluster, p);
-        const int64_t row = u.cluster_row[m.cluster] + int64_t{p} * kPageRows;
-        std::byte* ek = h.exec_k.as<std::byte>() + page_bytes_ * exec;
-        std::byte* ev = h.exec_v.as<std::byte>() + page_bytes_ * exec;
-        add(ek, ev, rows);
-        src[ng] = u.k + row_bytes_ * row, dst[ng] = ek, bytes[ng++] = rows * row_bytes_;
-        src[ng] = u.v + row_bytes_ * row, dst[ng] = ev, bytes[ng++] = rows * row_bytes_;
-        st.pcie_bytes += 2 * rows * static_cast<int64_t>(row_bytes_);
-      }
-      ++st.miss_clusters;
-      st.miss_pages += m.pages;
-    }
-  }
-  offsets[o_.heads] = static_cast<int32_t>(np);
-  h.gathers = ng;
-  if (stats != nullptr) *stats = st;
-}
-
-absl::Status WaveBuffer::Attend(int layer, const float* q, float* out, float* lse, Half& h) {
-  const int parity = static_cast<int>(calls_ % 2);
+  KVWAVE_RETURN_IF_ERROR(profile(2));
+  gpu::PlanArgs pl;
+  pl.heads = o_.heads;
+  pl.unit0 = unit0;
+  pl.clusters = C;
+  pl.max_cluster_pages = o_.max_cluster_pages;
+  pl.retrieved = s.ret.as<int32_t>();
+  pl.counts = s.counts.as<int32_t>();
+  pl.list_stride = list_stride_;
+  pl.table = table_.as<int32_t>();
+  pl.sizes = sizes_.as<int32_t>();
+  pl.cluster_row = cluster_row_.as<int64_t>();
+  const int64_t U = static_cast<int64_t>(units_.size());
+  pl.k_host = host_ptrs_.as<const void*>();
+  pl.v_host = host_ptrs_.as<const void*>() + U;
+  pl.steady_k = steady_k_.data();
+  pl.steady_v = steady_v_.data();
+  pl.steady_rows = steady_rows_.as<int32_t>();
+  pl.steady_stride_rows = steady_stride_rows_;
+  pl.pool_k = pool_k_.data();
+  pl.pool_v = pool_v_.data();
+  pl.row_bytes = static_cast<int64_t>(row_bytes_);
+  pl.max_pages_per_head = max_pages_per_head_;
+  pl.pages = s.pages.as<gpu::PageRef>();
+  pl.page_counts = s.page_counts.as<int32_t>();
+  pl.info = s.counts.as<int32_t>() + o_.heads;
+  pl.info_stride = std::max<int64_t>(r_, 1);
+  KVWAVE_RETURN_IF_ERROR(backend_->PlanPages(pl, kComputeStream));
+  // The record (counts + (cluster, exec page) pairs) goes to the host on stream X, overlapping
+  // the attention below.
+  KVWAVE_RETURN_IF_ERROR(backend_->RecordEvent(kPlannedEvent + slot, kComputeStream));
+  KVWAVE_RETURN_IF_ERROR(backend_->WaitEvent(kRecordStream, kPlannedEvent + slot));
   KVWAVE_RETURN_IF_ERROR(
-      backend_->Copy(h.blob_dev.data(), h.blob_host.data(), h.blob.total, kComputeStream));
-  // The execution-buffer half is free once call n-2's admission copies have read it.
-  KVWAVE_RETURN_IF_ERROR(backend_->WaitEvent(kComputeStream, kAdmitDoneEvent + parity));
-  std::byte* blob = h.blob_dev.as<std::byte>();
-  KVWAVE_RETURN_IF_ERROR(
-      backend_->GatherPages(reinterpret_cast<const void* const*>(blob + h.blob.src),
-                            reinterpret_cast<void* const*>(blob + h.blob.dst),
-                            reinterpret_cast<const int32_t*>(blob + h.blob.bytes), h.gathers,
-                            static_cast<int64_t>(page_bytes_), kComputeStream));
-  const float scale = 1.0f / std::sqrt(static_cast<float>(o_.d));
-  gpu::ExactArgs x;
-  x.q = q;
-  x.heads = o_.heads;
-  x.g = o_.g;
-  x.d = o_.d;
-  x.scale = scale;
-  x.kv_type = o_.dtype;
-  x.pages = reinterpret_cast<const gpu::PageRef*>(blob + h.blob.pages);
-  x.page_offsets = reinterpret_cast<const int32_t*>(blob + h.blob.offsets);
-  x.max_pages_per_head = max_pages_per_head_;
-  x.out = out;
-  x.lse = lse;
-  KVWAVE_RETURN_IF_ERROR(backend_->ExactAttention(x, kComputeStream));
-  const int64_t C = o_.clusters, unit0 = int64_t{layer} * o_.heads;
+      backend_->Copy(s.record.data(), s.counts.data(), s.record.size(), kRecordStream));
+  KVWAVE_RETURN_IF_ERROR(backend_->RecordEvent(kRecordEvent + slot, kRecordStream));
+  KVWAVE_RETURN_IF_ERROR(profile(3));
+
+  // The estimation zone runs on the side stream, beside the exact attention (which mostly waits
+  // for PCIe); the merge joins them.
+  KVWAVE_RETURN_IF_ERROR(backend_->RecordEvent(kForkEvent, kComputeStream));
+  KVWAVE_RETURN_IF_ERROR(backend_->WaitEvent(kSideStream, kForkEvent));
   gpu::EstimateArgs e;
   e.q = q;
   e.heads = o_.heads;
@@ -309,108 +284,214 @@ absl::Status WaveBuffer::Attend(int layer, const float* q, float* out, float* ls
   e.value_sums = value_sums_.as<float>() + unit0 * C * o_.d;
   e.sizes = sizes_.as<int32_t>() + unit0 * C;
   e.cluster_stride = C;
-  e.clusters = h.est.as<int32_t>();
-  e.counts = h.counts2.as<int32_t>();
+  e.clusters = s.est.as<int32_t>();
+  e.counts = s.counts2.as<int32_t>();
   e.list_stride = list_stride_;
   e.out = est_out_.as<float>();
   e.lse = est_lse_.as<float>();
-  KVWAVE_RETURN_IF_ERROR(backend_->EstimateAttention(e, kComputeStream));
+  KVWAVE_RETURN_IF_ERROR(backend_->EstimateAttention(e, kSideStream));
+  KVWAVE_RETURN_IF_ERROR(backend_->RecordEvent(kJoinEvent, kSideStream));
+
+  gpu::ExactArgs x;
+  x.q = q;
+  x.heads = o_.heads;
+  x.g = o_.g;
+  x.d = o_.d;
+  x.scale = scale;
+  x.kv_type = o_.dtype;
+  x.pages = s.pages.as<gpu::PageRef>();
+  x.page_offsets = page_offsets_.as<int32_t>();
+  x.page_counts = s.page_counts.as<int32_t>();
+  x.max_pages_per_head = max_pages_per_head_;
+  x.pages_per_split = o_.exact_pages_per_split;  // small: the misses' reads need many in flight
+  x.stash_k = s.exec_k.data();
+  x.stash_v = s.exec_v.data();
+  x.out = out;
+  x.lse = lse;
+  KVWAVE_RETURN_IF_ERROR(backend_->ExactAttention(x, kComputeStream));
+  KVWAVE_RETURN_IF_ERROR(profile(4));
+  KVWAVE_RETURN_IF_ERROR(backend_->WaitEvent(kComputeStream, kJoinEvent));
   KVWAVE_RETURN_IF_ERROR(backend_->MergeLse(out, lse, est_out_.as<float>(), est_lse_.as<float>(),
                                             o_.heads * o_.g, o_.d, kComputeStream));
-  return backend_->RecordEvent(kLayerDoneEvent + parity, kComputeStream);
+  return profile(5);
 }
 
-void WaveBuffer::SubmitCommit(int layer, int parity) {
-  Half* h = halves_[parity].get();
-  tickets_.push_back(committer_->Submit([this, h, layer, parity] {
-    // The admission blob of this half was last read by call n-2's copies.
-    (void)backend_->SynchronizeEvent(kAdmitDoneEvent + parity);
-    auto* src = reinterpret_cast<const void**>(h->admit_host.data() + h->admit.src);
-    auto* dst = reinterpret_cast<void**>(h->admit_host.data() + h->admit.dst);
-    auto* bytes = reinterpret_cast<int32_t*>(h->admit_host.data() + h->admit.bytes);
-    int64_t n = 0;
-    std::vector<std::vector<int32_t>> hit_ids(o_.heads);
-    std::vector<WavePolicy::CommitItem> items(o_.heads);
-    for (int head = 0; head < o_.heads; ++head) {
-      for (const CachedCluster& c : h->hits[head]) hit_ids[head].push_back(c.cluster);
-      items[head] = {static_cast<int32_t>(int64_t{layer} * o_.heads + head), hit_ids[head],
-                     h->misses[head]};
-    }
-    const auto admitted_all = policy_.CommitMany(items);
-    for (int head = 0; head < o_.heads; ++head) {
-      const int64_t unit = int64_t{layer} * o_.heads + head;
-      const auto& misses = h->misses[head];
-      size_t m = 0;  // admitted is a subsequence of misses, in order
-      for (const CachedCluster& a : admitted_all[head]) {
-        while (misses[m].cluster != a.cluster) ++m;
-        const int32_t first = h->exec_first[head][m];
-        for (size_t p = 0; p < a.slots.size(); ++p) {
-          const int32_t rows = RowsOfPage(unit, a.cluster, static_cast<int32_t>(p));
-          const size_t from = page_bytes_ * (first + p), to = page_bytes_ * a.slots[p];
-          src[n] = h->exec_k.as<std::byte>() + from, dst[n] = pool_k_.as<std::byte>() + to;
-          bytes[n++] = rows * static_cast<int32_t>(row_bytes_);
-          src[n] = h->exec_v.as<std::byte>() + from, dst[n] = pool_v_.as<std::byte>() + to;
-          bytes[n++] = rows * static_cast<int32_t>(row_bytes_);
-        }
+void WaveBuffer::Commit(int layer, int slot_index) {
+  const auto t0 = Clock::now();
+  Slot& s = *slots_[slot_index];
+  absl::Status status = backend_->SynchronizeEvent(kRecordEvent + slot_index);
+  // The staging of this slot's previous update must have been copied to the device.
+  if (status.ok() && s.update_pending)
+    status = backend_->SynchronizeEvent(kUpdateEvent + slot_index);
+  const auto t1 = Clock::now();
+  if (!status.ok()) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (error_.ok()) error_ = status;
+    return;
+  }
+  const int64_t C = o_.clusters, P = o_.max_cluster_pages, stride = std::max<int64_t>(r_, 1);
+  const int32_t* counts = reinterpret_cast<const int32_t*>(s.record.data());
+  const int32_t* info = counts + o_.heads;
+  WaveCounters add;
+  std::vector<std::vector<int32_t>> hits(o_.heads);
+  std::vector<std::vector<MissCluster>> misses(o_.heads);
+  std::vector<std::vector<int32_t>> exec_first(o_.heads);
+  std::vector<WavePolicy::CommitItem> items(o_.heads);
+  for (int h = 0; h < o_.heads; ++h) {
+    const int64_t unit = int64_t{layer} * o_.heads + h;
+    add.exact_rows += units_[unit].steady_rows;
+    for (int32_t i = 0; i < counts[h]; ++i) {
+      const int32_t c = info[2 * (h * stride + i)], exec = info[2 * (h * stride + i) + 1];
+      const int32_t pages = PagesOf(unit, c);
+      add.exact_rows += units_[unit].sizes[c];
+      if (exec < 0) {
+        hits[h].push_back(c);
+        ++add.hit_clusters;
+        add.hit_pages += pages;
+      } else {
+        misses[h].push_back({c, pages});
+        exec_first[h].push_back(exec);
+        ++add.miss_clusters;
+        add.miss_pages += pages;
+        add.pcie_bytes += 2 * int64_t{units_[unit].sizes[c]} * static_cast<int64_t>(row_bytes_);
       }
     }
-    absl::Status s = backend_->WaitEvent(kCopyStream, kLayerDoneEvent + parity);
-    if (s.ok() && n > 0) {
-      s = backend_->Copy(h->admit_dev.data(), h->admit_host.data(), h->admit.total, kCopyStream);
-      std::byte* blob = h->admit_dev.as<std::byte>();
-      if (s.ok())
-        s = backend_->GatherPages(reinterpret_cast<const void* const*>(blob + h->admit.src),
-                                  reinterpret_cast<void* const*>(blob + h->admit.dst),
-                                  reinterpret_cast<const int32_t*>(blob + h->admit.bytes), n,
-                                  static_cast<int64_t>(page_bytes_), kCopyStream);
+    items[h] = {h, hits[h], misses[h]};  // the layer's policy numbers its units 0..heads-1
+  }
+  std::vector<WavePolicy::Evicted> evicted;
+  WavePolicy& policy = *policies_[layer];
+  const int64_t slot0 = pages_per_layer_ * layer;            // the layer's share of the pool
+  std::lock_guard<std::mutex> layer_lock(layer_mu_[layer]);  // decisions and updates in order
+  const PolicyStats before = policy.stats();
+  const auto admitted = policy.CommitMany(items, &evicted);
+  const PolicyStats after = policy.stats();
+  add.stale_hits = add.hit_clusters - (after.hits - before.hits);
+
+  // The update: admission copies exec -> pool, then table writes (evictions, admissions).
+  auto* src = reinterpret_cast<const void**>(s.update.data() + s.layout.src);
+  auto* dst = reinterpret_cast<void**>(s.update.data() + s.layout.dst);
+  auto* bytes = reinterpret_cast<int32_t*>(s.update.data() + s.layout.bytes);
+  auto* index = reinterpret_cast<int64_t*>(s.update.data() + s.layout.index);
+  auto* value = reinterpret_cast<int32_t*>(s.update.data() + s.layout.value);
+  int64_t n = 0, w = 0;
+  for (const WavePolicy::Evicted& ev : evicted) {
+    index[w] = ((int64_t{layer} * o_.heads + ev.unit) * C + ev.cluster) * P;
+    value[w++] = -1;
+  }
+  for (int h = 0; h < o_.heads; ++h) {
+    const int64_t unit = int64_t{layer} * o_.heads + h;
+    size_t m = 0;  // admitted is a subsequence of misses, in order
+    for (const CachedCluster& a : admitted[h]) {
+      while (misses[h][m].cluster != a.cluster) ++m;
+      const int32_t first = exec_first[h][m];
+      for (size_t p = 0; p < a.slots.size(); ++p) {
+        const int32_t rows = RowsOfPage(unit, a.cluster, static_cast<int32_t>(p));
+        const int64_t slot = slot0 + a.slots[p];
+        const size_t from = page_bytes_ * (first + p), to = page_bytes_ * slot;
+        src[n] = s.exec_k.as<std::byte>() + from, dst[n] = pool_k_.as<std::byte>() + to;
+        bytes[n++] = rows * static_cast<int32_t>(row_bytes_);
+        src[n] = s.exec_v.as<std::byte>() + from, dst[n] = pool_v_.as<std::byte>() + to;
+        bytes[n++] = rows * static_cast<int32_t>(row_bytes_);
+        index[w] = (unit * C + a.cluster) * P + static_cast<int64_t>(p);
+        value[w++] = static_cast<int32_t>(slot);
+      }
     }
-    if (s.ok()) s = backend_->RecordEvent(kAdmitDoneEvent + parity, kCopyStream);
-    if (!s.ok()) {
-      std::lock_guard<std::mutex> lock(error_mu_);
-      if (error_.ok()) error_ = s;
-    }
-  }));
+  }
+  KVWAVE_CHECK(n <= 2 * exec_pages_ && w <= max_updates_);
+  if (n > 0 || w > 0) {
+    std::lock_guard<std::mutex> lock(enqueue_mu_);  // between two calls, never inside one
+    std::byte* blob = s.update_dev.as<std::byte>();
+    status = backend_->Copy(blob, s.update.data(), s.layout.total, kComputeStream);
+    if (status.ok())
+      status = backend_->GatherPages(reinterpret_cast<const void* const*>(blob + s.layout.src),
+                                     reinterpret_cast<void* const*>(blob + s.layout.dst),
+                                     reinterpret_cast<const int32_t*>(blob + s.layout.bytes), n,
+                                     static_cast<int64_t>(page_bytes_), kComputeStream);
+    if (status.ok())
+      status = backend_->ScatterInt32(
+          table_.as<int32_t>(), reinterpret_cast<const int64_t*>(blob + s.layout.index),
+          reinterpret_cast<const int32_t*>(blob + s.layout.value), w, kComputeStream);
+    if (status.ok()) status = backend_->RecordEvent(kUpdateEvent + slot_index, kComputeStream);
+    s.update_pending = status.ok();
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!status.ok() && error_.ok()) error_ = status;
+  counters_.hit_clusters += add.hit_clusters;
+  counters_.miss_clusters += add.miss_clusters;
+  counters_.hit_pages += add.hit_pages;
+  counters_.miss_pages += add.miss_pages;
+  counters_.stale_hits += add.stale_hits;
+  counters_.pcie_bytes += add.pcie_bytes;
+  counters_.exact_rows += add.exact_rows;
+  counters_.record_wait_us += Us(t0, t1);
+  counters_.commit_us += Us(t1, Clock::now());
 }
 
-absl::Status WaveBuffer::AttendLayer(int layer, const float* q, float* out, float* lse,
-                                     StepStats* stats) {
+absl::Status WaveBuffer::AttendLayer(int layer, const float* q, float* out, float* lse) {
   if (layer < 0 || layer >= o_.layers) return absl::InvalidArgumentError("bad layer");
-  const int parity = static_cast<int>(calls_ % 2);
-  Half& h = *halves_[parity];
-  using Clock = std::chrono::steady_clock;
-  auto us = [](Clock::time_point a, Clock::time_point b) {
-    return std::chrono::duration<double, std::micro>(b - a).count();
-  };
+  const int slot = static_cast<int>(calls_ % kRing);
   const auto t0 = Clock::now();
-  KVWAVE_RETURN_IF_ERROR(ScoreAndSelect(layer, q, h));
-  const auto t1 = Clock::now();
-  if (calls_ > 0) committer_->WaitFor(tickets_[calls_ - 1]);  // see commit(n-1)
+  if (calls_ >= kRing) committers_[slot]->WaitFor(tickets_[calls_ - kRing]);  // frees the slot
   {
-    std::lock_guard<std::mutex> lock(error_mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     KVWAVE_RETURN_IF_ERROR(error_);
   }
+  const auto t1 = Clock::now();
+  {
+    std::lock_guard<std::mutex> lock(enqueue_mu_);
+    KVWAVE_RETURN_IF_ERROR(Enqueue(layer, q, out, lse, *slots_[slot]));
+  }
   const auto t2 = Clock::now();
-  StepStats local;
-  Classify(layer, h, &local);
-  const auto t3 = Clock::now();
-  KVWAVE_RETURN_IF_ERROR(Attend(layer, q, out, lse, h));
-  const auto t4 = Clock::now();
-  local.score_us = us(t0, t1);
-  local.wait_commit_us = us(t1, t2);
-  local.classify_us = us(t2, t3);
-  local.launch_us = us(t3, t4);
-  if (stats != nullptr) *stats = local;
-  SubmitCommit(layer, parity);
+  tickets_.push_back(committers_[slot]->Submit([this, layer, slot] { Commit(layer, slot); }));
   ++calls_;
+  double phase[5] = {0, 0, 0, 0, 0};
+  if (o_.profile) {
+    KVWAVE_RETURN_IF_ERROR(backend_->Synchronize(kComputeStream));
+    for (int i = 0; i < 5; ++i) {
+      KVWAVE_ASSIGN_OR_RETURN(float ms,
+                              backend_->ElapsedMs(kProfileEvent + i, kProfileEvent + i + 1));
+      phase[i] = ms;
+    }
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  ++counters_.calls;
+  counters_.wait_us += Us(t0, t1);
+  counters_.enqueue_us += Us(t1, t2);
+  counters_.score_ms += phase[0];
+  counters_.topk_ms += phase[1];
+  counters_.plan_ms += phase[2];
+  counters_.exact_ms += phase[3];
+  counters_.estimate_ms += phase[4];
   return absl::OkStatus();
 }
 
 absl::Status WaveBuffer::Finish() {
-  committer_->Drain();
-  KVWAVE_RETURN_IF_ERROR(backend_->Synchronize(kCopyStream));
+  for (auto& c : committers_) c->Drain();
+  KVWAVE_RETURN_IF_ERROR(backend_->Synchronize(kRecordStream));
+  KVWAVE_RETURN_IF_ERROR(backend_->Synchronize(kSideStream));
   KVWAVE_RETURN_IF_ERROR(backend_->Synchronize(kComputeStream));
-  std::lock_guard<std::mutex> lock(error_mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   return error_;
+}
+
+PolicyStats WaveBuffer::policy_stats() const {
+  PolicyStats sum;
+  for (const auto& p : policies_) {
+    const PolicyStats s = p->stats();
+    sum.hits += s.hits;
+    sum.misses += s.misses;
+    sum.hit_pages += s.hit_pages;
+    sum.miss_pages += s.miss_pages;
+    sum.admitted += s.admitted;
+    sum.evicted += s.evicted;
+    sum.overflow += s.overflow;
+  }
+  return sum;
+}
+
+WaveCounters WaveBuffer::counters() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return counters_;
 }
 
 }  // namespace kvwave::buffer

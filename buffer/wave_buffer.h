@@ -3,23 +3,34 @@
 // zone attended exactly, estimation zone from the meta index).
 //
 // Resident on the GPU: the meta index (centroids, value sums, sizes of every cluster of every
-// (layer, KV head) unit), the steady zone (sink + local tokens), the page pool, and a
-// double-buffered execution buffer. The KV of the clusters stays in pinned, mapped host memory.
+// (layer, KV head) unit), the steady zone (sink + local tokens), the page pool, and the cache
+// table (cluster -> pool slots), so that a layer's attention needs no CPU round trip: the GPU
+// ranks the clusters, looks up hits in the table, reads the misses straight from pinned host
+// memory (zero-copy, once) and stashes them in an execution buffer as it attends to them. The
+// CPU's part (the LRU replacement policy) runs behind, on the committer thread, from a compact
+// record of each layer's hits and misses; its decisions reach the GPU as table updates and
+// device-to-device admission copies from the execution buffer (no second PCIe read).
 //
-// One AttendLayer call (stream C = compute, stream X = copies, W = the committer's worker thread):
+// Streams: C = 0 (compute), X = 1 (records to the host). W = the committer thread. Call n uses
+// ring slot n % kRing (execution buffer, records, staging).
 //
-//   C: |score+topk(l)|D2H|      |H2D descr|gather misses (zero-copy PCIe)|exact|estimate|merge|
-//   CPU:                |wait commit(l-1); hit/miss per head (TBB threads); descriptors|
-//   W:                                         commit(l): LRU touch + admit/evict ------->|
-//   X:                                  (waits C's layer-done event) |copy exec->pool(l)|
+//   C: |score|top-k|plan(table)|exact: steady+hits (HBM) + misses (PCIe, stashed)|merge|
+//   S:                         |estimate (meta index, HBM)|
+//   X:                         |D2H record(n)|
+//   W:                                       |LRU: touch hits, admit misses, evict|
+//   C:   ... layer n+1 ... |H2D update(n)|admission copies exec->pool|table scatter| layer n+2 ...
 //
-//   Layer l+1's score+topk queues right behind l's merge on C, so commit(l) and the admission
-//   copies (device to device, from the execution buffer: no second PCIe read) overlap layer l's
-//   attention and layer l+1's scoring. Ordering: classify(l+1) waits commit(l) on the CPU (it must
-//   see the new owners of evicted slots); the gather of call n waits the admission copies of call
-//   n-2 (same execution-buffer half); admission copies of call n wait call n's compute.
+// Ordering: the main thread queues a call's kernels and the committer queues an update under one
+// mutex, so an update never lands between a call's plan and its attention: every call sees a
+// table consistent with the pool's contents. A hit that an earlier update evicted after the call
+// was planned was still read correctly (stream order) and is simply not touched; a miss admitted
+// meanwhile counts as a hit. Call n + kRing waits (on the CPU) for job n to have queued its
+// update, which frees ring slot n % kRing; so the CPU policy may lag the GPU by kRing layers.
+// Call n's job runs on committer thread n % kRing: jobs of different layers run in parallel (each
+// layer has its own share of the pool and its own LRU), jobs of one layer one at a time.
 //
-// Events 0..3 of the backend are used here (2 layer-done, 2 admission-done); streams 0 and 1.
+// Events 0..3*kRing+1 of the backend are used here (and 16..21 when profiling); streams 0, 1 and
+// 2 (the estimation zone runs on stream 2, beside the exact attention).
 // Thread-safety: one thread calls AttendLayer/Finish; the committer thread is internal.
 #ifndef KVWAVE_BUFFER_WAVE_BUFFER_H_
 #define KVWAVE_BUFFER_WAVE_BUFFER_H_
@@ -57,70 +68,90 @@ struct UnitLayout {
 struct WaveBufferOptions {
   int layers = 0, heads = 0, g = 0, d = 0;
   DType dtype = DType::kBF16;
-  int64_t clusters = 0;       // per unit
-  double retrieval = 0.018;   // fraction of clusters attended exactly
-  double estimation = 0.232;  // next fraction, estimated
-  int64_t cache_bytes = 0;    // page pool (K and V)
-  int max_cluster_pages = 4;  // bound of pages per cluster (sizes the execution buffer)
+  int64_t clusters = 0;           // per unit
+  double retrieval = 0.018;       // fraction of clusters attended exactly
+  double estimation = 0.232;      // next fraction, estimated
+  int64_t cache_bytes = 0;        // page pool (K and V)
+  int max_cluster_pages = 4;      // bound of pages per cluster (sizes the execution buffer)
+  int exact_pages_per_split = 8;  // exact attention: pages per block (0: backend default)
+  bool profile = false;           // time each phase with events (synchronises every call)
 };
 
-struct StepStats {
+// Cumulative counts since Create (hits/misses are known once the committer has processed a call:
+// read them after Finish()).
+struct WaveCounters {
+  int64_t calls = 0;
   int64_t hit_clusters = 0, miss_clusters = 0;
   int64_t hit_pages = 0, miss_pages = 0;
-  int64_t pcie_bytes = 0;  // K and V rows read from host memory
-  int64_t exact_rows = 0;  // rows attended exactly (steady + retrieval)
-  // Host time of AttendLayer's phases, microseconds: score + top-k + D2H round trip, waiting for
-  // the previous commit, hit/miss classification + descriptors, queueing the attention kernels.
-  double score_us = 0, wait_commit_us = 0, classify_us = 0, launch_us = 0;
-  void Add(const StepStats& o);
+  int64_t stale_hits = 0;     // hits whose cluster an earlier commit evicted before this one ran
+  int64_t pcie_bytes = 0;     // K and V rows read from host memory
+  int64_t exact_rows = 0;     // rows attended exactly (steady + retrieval)
+  double enqueue_us = 0;      // main thread: queueing a call's kernels
+  double wait_us = 0;         // main thread: waiting for the committer to free a ring slot
+  double record_wait_us = 0;  // committer thread: waiting for a call's record to reach the host
+  double commit_us = 0;       // committer thread: policy + queueing the update
+  // With WaveBufferOptions::profile: GPU time of each phase (ms), summed over calls.
+  // estimate_ms: waiting for the estimation zone (side stream) after the exact part, + merge.
+  double score_ms = 0, topk_ms = 0, plan_ms = 0, exact_ms = 0, estimate_ms = 0;
 };
 
 class WaveBuffer {
  public:
-  // units: [layers x heads], unit = layer * heads + head.
+  static constexpr int kRing = 4;
+
+  // units: [layers x heads], unit = layer * heads + head. Every cluster must fit in
+  // max_cluster_pages pages.
   [[nodiscard]] static absl::StatusOr<std::unique_ptr<WaveBuffer>> Create(
       gpu::CudaBackend* backend, const WaveBufferOptions& options, std::vector<UnitLayout> units);
   ~WaveBuffer();
 
   // Tripartite attention of one layer: q [heads x g x d] float32 on the device; out [heads x g x
-  // d] and lse [heads x g] on the device. Queued on stream 0; `stats` gets this call's counts.
-  [[nodiscard]] absl::Status AttendLayer(int layer, const float* q, float* out, float* lse,
-                                         StepStats* stats);
-  // Waits for the committer and both streams.
+  // d] and lse [heads x g] on the device. Queued on stream 0; returns without waiting for the GPU
+  // (unless the committer lags kRing calls behind).
+  [[nodiscard]] absl::Status AttendLayer(int layer, const float* q, float* out, float* lse);
+  // Waits for the committer and both streams; reports the first error of a commit job.
   [[nodiscard]] absl::Status Finish();
 
-  PolicyStats policy_stats() const { return policy_.stats(); }
-  int64_t pool_pages() const { return policy_.num_pages(); }
+  WaveCounters counters() const;
+  PolicyStats policy_stats() const;  // summed over the layers' policies
+  int64_t pool_pages() const { return pages_per_layer_ * o_.layers; }
   int64_t retrieval_clusters() const { return r_; }
   int64_t estimation_clusters() const { return e_; }
 
  private:
-  struct Half;  // one half of the double-buffered staging
+  struct Slot;  // one ring slot
   WaveBuffer(gpu::CudaBackend* backend, const WaveBufferOptions& options,
              std::vector<UnitLayout> units);
   absl::Status Init();
-  absl::Status ScoreAndSelect(int layer, const float* q, Half& h);
-  void Classify(int layer, Half& h, StepStats* stats);
-  absl::Status Attend(int layer, const float* q, float* out, float* lse, Half& h);
-  void SubmitCommit(int layer, int parity);
+  absl::Status Enqueue(int layer, const float* q, float* out, float* lse, Slot& slot);
+  void Commit(int layer, int slot_index);
   int32_t PagesOf(int64_t unit, int32_t c) const;
   int32_t RowsOfPage(int64_t unit, int32_t c, int32_t page) const;
 
   gpu::CudaBackend* backend_;
   WaveBufferOptions o_;
   std::vector<UnitLayout> units_;
-  WavePolicy policy_;
+  // The pool is split evenly between the layers (each retrieves the same fraction of its
+  // clusters): layer l owns slots [l * pages_per_layer_, (l + 1) * pages_per_layer_), with its own
+  // LRU policy, so that the commits of different layers run in parallel on kRing committer
+  // threads. layer_mu_[l] orders a layer's policy decisions and the updates they queue.
+  int64_t pages_per_layer_ = 0;
+  std::vector<std::unique_ptr<WavePolicy>> policies_;
+  std::unique_ptr<std::mutex[]> layer_mu_;
   int64_t r_ = 0, e_ = 0, list_stride_ = 0, steady_pages_ = 0, max_pages_per_head_ = 0;
-  int64_t max_miss_pages_ = 0;
+  int64_t steady_stride_rows_ = 0, exec_pages_ = 0, max_updates_ = 0;
   size_t row_bytes_ = 0, page_bytes_ = 0;
-  gpu::DeviceBuffer centroids_, value_sums_, sizes_, steady_k_, steady_v_, pool_k_, pool_v_;
+  gpu::DeviceBuffer centroids_, value_sums_, sizes_, cluster_row_, host_ptrs_, steady_rows_;
+  gpu::DeviceBuffer steady_k_, steady_v_, pool_k_, pool_v_, table_, page_offsets_;
   gpu::DeviceBuffer scores_, est_out_, est_lse_;
-  std::vector<std::unique_ptr<Half>> halves_;
+  std::vector<std::unique_ptr<Slot>> slots_;
   uint64_t calls_ = 0;
-  std::vector<uint64_t> tickets_;  // committer ticket of each call
-  std::mutex error_mu_;
-  absl::Status error_;                         // first error of a commit job
-  std::unique_ptr<AsyncCommitter> committer_;  // last: joined first
+  std::vector<uint64_t> tickets_;  // ticket of each call (call n runs on committer n % kRing)
+  std::mutex enqueue_mu_;          // one call's kernels or one update at a time on stream 0
+  mutable std::mutex mu_;          // error_, counters_
+  absl::Status error_;             // first error of a commit job
+  WaveCounters counters_;
+  std::vector<std::unique_ptr<AsyncCommitter>> committers_;  // last: joined first
 };
 
 }  // namespace kvwave::buffer

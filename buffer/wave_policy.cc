@@ -2,21 +2,58 @@
 
 #include <algorithm>
 
+#include "config/status_macros.h"
+
 namespace kvwave::buffer {
 
-WavePolicy::WavePolicy(int64_t num_pages) : num_pages_(num_pages) {
+WavePolicy::WavePolicy(int64_t num_pages, int64_t units, int64_t clusters, int max_pages)
+    : num_pages_(num_pages), clusters_(clusters), max_pages_(max_pages) {
+  KVWAVE_CHECK(num_pages >= 0 && num_pages < (int64_t{1} << 31) && units >= 0 && clusters >= 0 &&
+               units * clusters < (int64_t{1} << 31) && max_pages >= 1);
+  const int64_t keys = units * clusters;
+  node_.assign(keys, Node{});
+  slots_.assign(keys * max_pages, -1);
   free_.reserve(num_pages);
   for (int64_t i = num_pages - 1; i >= 0; --i) free_.push_back(static_cast<int32_t>(i));
 }
 
-bool WavePolicy::EvictOne(uint64_t epoch) {
-  if (lru_.empty()) return false;
-  const uint64_t key = lru_.back();
-  auto it = map_.find(key);
-  if (it->second.epoch == epoch) return false;  // everything left was touched by this commit
-  for (int32_t s : it->second.slots) free_.push_back(s);
-  lru_.pop_back();
-  map_.erase(it);
+void WavePolicy::Unlink(int32_t key) {
+  Node& x = node_[key];
+  (x.prev >= 0 ? node_[x.prev].next : head_) = x.next;
+  (x.next >= 0 ? node_[x.next].prev : tail_) = x.prev;
+  x.prev = x.next = -1;
+}
+
+void WavePolicy::PushFront(int32_t key) {
+  Node& x = node_[key];
+  x.prev = -1;
+  x.next = head_;
+  (head_ >= 0 ? node_[head_].prev : tail_) = key;
+  head_ = key;
+}
+
+// The records of one commit's clusters are far apart in memory and cold (a layer's were last
+// touched one decode step ago): fetch them all at once before the dependent list updates.
+void WavePolicy::Prefetch(std::span<const CommitItem> items) const {
+  for (const CommitItem& item : items) {
+    for (int32_t c : item.hits) __builtin_prefetch(&node_[Key(item.unit, c)], 1);
+    for (const MissCluster& m : item.misses)
+      __builtin_prefetch(&node_[Key(item.unit, m.cluster)], 1);
+  }
+}
+
+bool WavePolicy::EvictOne(uint32_t epoch, std::vector<Evicted>* evicted) {
+  if (tail_ < 0) return false;
+  const int32_t key = tail_;
+  Node& x = node_[key];
+  if (x.epoch == epoch) return false;  // everything left was touched by this commit
+  for (int p = 0; p < x.pages; ++p) free_.push_back(slots_[int64_t{key} * max_pages_ + p]);
+  if (evicted != nullptr)
+    evicted->push_back(
+        {static_cast<int32_t>(key / clusters_), static_cast<int32_t>(key % clusters_)});
+  Unlink(key);
+  x.pages = 0;
+  --cached_;
   ++stats_.evicted;
   return true;
 }
@@ -27,52 +64,58 @@ std::vector<CachedCluster> WavePolicy::Commit(int32_t unit, std::span<const int3
   return std::move(CommitMany(std::span<const CommitItem>(&item, 1))[0]);
 }
 
-std::vector<std::vector<CachedCluster>> WavePolicy::CommitMany(std::span<const CommitItem> items) {
+std::vector<std::vector<CachedCluster>> WavePolicy::CommitMany(std::span<const CommitItem> items,
+                                                               std::vector<Evicted>* evicted) {
   absl::MutexLock lock(&mu_);
-  const uint64_t epoch = ++epoch_;
-  auto touch = [&](Entry& e) {
-    lru_.splice(lru_.begin(), lru_, e.lru);
-    e.epoch = epoch;
+  const uint32_t epoch = ++epoch_;
+  Prefetch(items);
+  auto touch = [&](int32_t key) {
+    if (head_ != key) {
+      Unlink(key);
+      PushFront(key);
+    }
+    node_[key].epoch = epoch;
   };
   for (const CommitItem& item : items) {
     for (int32_t c : item.hits) {
-      auto it = map_.find(Key(item.unit, c));
-      if (it == map_.end()) continue;  // evicted since Classify: it was attended, nothing to do
-      touch(it->second);
+      const int32_t key = Key(item.unit, c);
+      if (node_[key].pages == 0) continue;  // evicted since it was classified: nothing to do
+      touch(key);
       ++stats_.hits;
-      stats_.hit_pages += static_cast<int64_t>(it->second.slots.size());
+      stats_.hit_pages += node_[key].pages;
     }
   }
   std::vector<std::vector<CachedCluster>> admitted(items.size());
   for (size_t i = 0; i < items.size(); ++i) {
     for (const MissCluster& m : items[i].misses) {
-      const uint64_t key = Key(items[i].unit, m.cluster);
-      auto it = map_.find(key);
-      if (it != map_.end()) {  // admitted meanwhile
-        touch(it->second);
+      const int32_t key = Key(items[i].unit, m.cluster);
+      if (node_[key].pages > 0) {  // admitted meanwhile
+        touch(key);
         continue;
       }
       ++stats_.misses;
       stats_.miss_pages += m.pages;
-      if (m.pages > num_pages_) {
+      if (m.pages > num_pages_ || m.pages > max_pages_) {
         ++stats_.overflow;
         continue;
       }
-      while (static_cast<int64_t>(free_.size()) < m.pages && EvictOne(epoch)) {
+      while (static_cast<int64_t>(free_.size()) < m.pages && EvictOne(epoch, evicted)) {
       }
       if (static_cast<int64_t>(free_.size()) < m.pages) {
         ++stats_.overflow;
         continue;
       }
-      Entry e;
-      e.slots.assign(free_.end() - m.pages, free_.end());
-      std::reverse(e.slots.begin(), e.slots.end());
-      free_.resize(free_.size() - m.pages);
-      lru_.push_front(key);
-      e.lru = lru_.begin();
-      e.epoch = epoch;
-      admitted[i].push_back({m.cluster, e.slots});
-      map_.emplace(key, std::move(e));
+      CachedCluster a{m.cluster, {}};
+      for (int p = 0; p < m.pages; ++p) {
+        slots_[int64_t{key} * max_pages_ + p] = free_.back();
+        a.slots.push_back(free_.back());
+        free_.pop_back();
+      }
+      node_[key].pages = m.pages;
+      PushFront(key);
+      node_[key].epoch = epoch;
+      ++cached_;
+      admitted[i].push_back(std::move(a));
       ++stats_.admitted;
     }
   }
@@ -92,9 +135,11 @@ int64_t WavePolicy::free_pages() const {
 bool WavePolicy::CheckInvariants() const {
   absl::MutexLock lock(&mu_);
   std::vector<char> used(num_pages_, 0);
-  int64_t held = 0;
-  for (const auto& [key, e] : map_) {
-    for (int32_t s : e.slots) {
+  int64_t held = 0, listed = 0;
+  for (int32_t key = head_, prev = -1; key >= 0; prev = key, key = node_[key].next) {
+    if (node_[key].prev != prev || node_[key].pages == 0 || ++listed > cached_) return false;
+    for (int p = 0; p < node_[key].pages; ++p) {
+      const int32_t s = slots_[int64_t{key} * max_pages_ + p];
       if (s < 0 || s >= num_pages_ || used[s]) return false;
       used[s] = 1;
       ++held;
@@ -104,7 +149,7 @@ bool WavePolicy::CheckInvariants() const {
     if (s < 0 || s >= num_pages_ || used[s]) return false;
     used[s] = 1;
   }
-  return held + static_cast<int64_t>(free_.size()) == num_pages_ && lru_.size() == map_.size();
+  return listed == cached_ && held + static_cast<int64_t>(free_.size()) == num_pages_;
 }
 
 }  // namespace kvwave::buffer

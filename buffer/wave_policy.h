@@ -12,11 +12,9 @@
 #define KVWAVE_BUFFER_WAVE_POLICY_H_
 
 #include <cstdint>
-#include <list>
 #include <span>
 #include <vector>
 
-#include "absl/container/flat_hash_map.h"
 #include "absl/container/inlined_vector.h"
 #include "absl/synchronization/mutex.h"
 
@@ -40,7 +38,12 @@ struct PolicyStats {
 
 class WavePolicy {
  public:
-  explicit WavePolicy(int64_t num_pages);
+  // A pool of num_pages slots for the clusters of `units` units of `clusters` clusters each, a
+  // cluster holding at most max_pages pages. All state is in dense arrays indexed by
+  // unit * clusters + cluster (the committer touches ~1,000 clusters per layer call, so this runs
+  // on every decode step: no hashing, no node allocation, neighbours of a layer's entries mostly
+  // in the same cache lines).
+  WavePolicy(int64_t num_pages, int64_t units, int64_t clusters, int max_pages);
 
   // Splits `clusters` of `unit` into hits (appended to `hits`) and misses (appended to `misses`,
   // with the page count pages_of(cluster)). Does not change the LRU order.
@@ -49,9 +52,11 @@ class WavePolicy {
                 std::vector<CachedCluster>& hits, std::vector<MissCluster>& misses) const {
     absl::ReaderMutexLock lock(&mu_);
     for (int32_t c : clusters) {
-      auto it = map_.find(Key(unit, c));
-      if (it != map_.end()) {
-        hits.push_back({c, it->second.slots});
+      const int64_t key = Key(unit, c);
+      if (node_[key].pages > 0) {
+        hits.push_back({c,
+                        {slots_.begin() + key * max_pages_,
+                         slots_.begin() + key * max_pages_ + node_[key].pages}});
       } else {
         misses.push_back({c, static_cast<int32_t>(pages_of(c))});
       }
@@ -66,12 +71,18 @@ class WavePolicy {
   // One commit for several units (all KV heads of a layer): every unit's hits are touched before
   // any miss is admitted, so admitting one head's misses never evicts another head's fresh hits.
   // Returns the admitted clusters of each item.
+  // When `evicted` is set, the (unit, cluster) of every cluster evicted by this commit is appended.
   struct CommitItem {
     int32_t unit = 0;
     std::span<const int32_t> hits;
     std::span<const MissCluster> misses;
   };
-  std::vector<std::vector<CachedCluster>> CommitMany(std::span<const CommitItem> items);
+  struct Evicted {
+    int32_t unit = 0;
+    int32_t cluster = 0;
+  };
+  std::vector<std::vector<CachedCluster>> CommitMany(std::span<const CommitItem> items,
+                                                     std::vector<Evicted>* evicted = nullptr);
 
   PolicyStats stats() const;
   int64_t num_pages() const { return num_pages_; }
@@ -80,22 +91,31 @@ class WavePolicy {
   bool CheckInvariants() const;
 
  private:
-  struct Entry {
-    absl::InlinedVector<int32_t, 4> slots;
-    std::list<uint64_t>::iterator lru;
-    uint64_t epoch = 0;  // commit that last touched it
-  };
-  static uint64_t Key(int32_t unit, int32_t cluster) {
-    return (uint64_t(uint32_t(unit)) << 32) | uint32_t(cluster);
+  int32_t Key(int32_t unit, int32_t cluster) const {
+    return static_cast<int32_t>(int64_t{unit} * clusters_ + cluster);
   }
-  bool EvictOne(uint64_t epoch) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void Unlink(int32_t key) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void PushFront(int32_t key) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool EvictOne(uint32_t epoch, std::vector<Evicted>* evicted) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
-  const int64_t num_pages_;
+  const int64_t num_pages_, clusters_;
+  const int max_pages_;
   mutable absl::Mutex mu_;
-  absl::flat_hash_map<uint64_t, Entry> map_ ABSL_GUARDED_BY(mu_);
-  std::list<uint64_t> lru_ ABSL_GUARDED_BY(mu_);  // front: most recent
+  // Per key, in one 16-byte record (one cache miss per touched cluster): LRU links (-1: none),
+  // the commit that last touched it, pages held (0: not cached). Slots: [max_pages_] per key.
+  struct Node {
+    int32_t prev = -1, next = -1;
+    uint32_t epoch = 0;
+    int32_t pages = 0;
+  };
+  void Prefetch(std::span<const CommitItem> items) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::vector<Node> node_ ABSL_GUARDED_BY(mu_);
+  std::vector<int32_t> slots_ ABSL_GUARDED_BY(mu_);
+  int32_t head_ ABSL_GUARDED_BY(mu_) = -1;  // most recent
+  int32_t tail_ ABSL_GUARDED_BY(mu_) = -1;  // least recent
+  int64_t cached_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<int32_t> free_ ABSL_GUARDED_BY(mu_);
-  uint64_t epoch_ ABSL_GUARDED_BY(mu_) = 0;
+  uint32_t epoch_ ABSL_GUARDED_BY(mu_) = 0;
   PolicyStats stats_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -16,8 +16,9 @@
 //
 // Thread-safety: ops that use the workspace (ScoreClusters, ExactAttention, EstimateAttention)
 // share their stream's region, so each stream takes them from one thread at a time. Copy, Memset,
-// events, MergeLse, SelectTopK, KMeansAssign and GatherPages keep no state and may be called from
-// several threads at once (the wave buffer's committer thread queues copies on stream 1).
+// events, MergeLse, SelectTopK, KMeansAssign, GatherPages, PlanPages and ScatterInt32 keep no
+// state and may be called from several threads at once (the wave buffer's committer thread queues
+// its admission copies and table updates on the compute stream).
 #ifndef KVWAVE_GPU_CUDA_BACKEND_H_
 #define KVWAVE_GPU_CUDA_BACKEND_H_
 
@@ -34,11 +35,14 @@ namespace kvwave::gpu {
 
 // One page of the execution buffer: `rows` consecutive key rows at k and value rows at v
 // (row = d elements). 1 <= rows <= kMaxPageRows; padding rows are never listed.
+// stash > 0: ExactAttention also stores the page's rows to stash page (stash - 1) of
+// ExactArgs::stash_k / stash_v as it reads them (a miss read once over PCIe lands on the GPU for
+// admission into the cache); 0: no copy.
 struct PageRef {
   const void* k = nullptr;
   const void* v = nullptr;
   int32_t rows = 0;
-  int32_t reserved = 0;
+  int32_t stash = 0;
 };
 inline constexpr int kMaxPageRows = 8;
 
@@ -46,8 +50,8 @@ inline constexpr int kMaxPageRows = 8;
 struct CudaBackendOptions {
   int device = 0;
   int64_t workspace_bytes = int64_t{256} << 20;  // scratch shared by all ops
-  int num_streams = 2;                           // stream 0: compute; 1..: copies
-  int num_events = 64;                           // for cross-stream ordering (RecordEvent)
+  int num_streams = 3;  // 0: compute; 1: copies; 2: side work (the wave buffer's estimation)
+  int num_events = 64;  // for cross-stream ordering (RecordEvent)
 };
 
 // Owner of one device allocation (device memory), freed on destruction.
@@ -106,20 +110,61 @@ struct TopKArgs {
 };
 
 // Arguments of ExactAttention over an execution buffer. Head h attends over
-// pages[page_offsets[h] .. page_offsets[h+1]) with its g query rows q + h*g*d, and writes
-// out + h*g*d (float32 [g x d]) and lse + h*g. pages and page_offsets are device-accessible.
-// kv_type: kBF16 or kF16; d: 64 or 128; g: 1, 2, 4 or 8.
+// pages[page_offsets[h] .. page_offsets[h+1]) (or, when page_counts is set, over
+// pages[page_offsets[h] .. page_offsets[h] + page_counts[h])) with its g query rows q + h*g*d,
+// and writes out + h*g*d (float32 [g x d]) and lse + h*g. pages, page_offsets and page_counts
+// are device-accessible. kv_type: kBF16 or kF16; d: 64 or 128; g: 1, 2, 4 or 8.
 struct ExactArgs {
   const float* q = nullptr;
   int heads = 0, g = 0, d = 0;
   float scale = 0;
   DType kv_type = DType::kBF16;
   const PageRef* pages = nullptr;
-  const int32_t* page_offsets = nullptr;  // [heads + 1]
+  const int32_t* page_offsets = nullptr;  // [heads + 1], or [heads] with page_counts
+  const int32_t* page_counts = nullptr;   // optional [heads]
   int64_t max_pages_per_head = 0;         // host-known bound, sizes the split grid
   int pages_per_split = 0;                // 0: chosen from the sizes
+  void* stash_k = nullptr;                // pages of kMaxPageRows rows (see PageRef::stash)
+  void* stash_v = nullptr;
   float* out = nullptr;
   float* lse = nullptr;
+};
+
+// Arguments of PlanPages: for `heads` units of one layer, turns each head's retrieved clusters
+// (from SelectTopK) into the page list of ExactAttention, reading the GPU-resident cache table.
+// Head h is unit unit0 + h. A cluster c of unit u is cached when table[(u*C + c)*P] >= 0; then
+// its page p lives in pool slot table[(u*C + c)*P + p]. Otherwise its page p is read from host
+// memory (k_host[u] + (cluster_row[u*C + c] + p*kMaxPageRows) rows, zero-copy) and stashed into
+// execution page exec_first(h, i) + p where exec_first(h, i) = h*info_stride*P + (pages of the
+// head's earlier missed clusters). Output per head h: pages[h*max_pages_per_head ..) = its steady
+// pages then every retrieved cluster's pages in list order; page_counts[h]; and for the i-th
+// retrieved cluster c, info[2*(h*info_stride + i)] = c and info[.. + 1] = -1 when it was a hit,
+// else its first exec page (a compact record for the CPU's replacement policy).
+struct PlanArgs {
+  int heads = 0;
+  int64_t unit0 = 0;
+  int64_t clusters = 0;                // C, per unit
+  int max_cluster_pages = 0;           // P
+  const int32_t* retrieved = nullptr;  // [heads x list_stride]
+  const int32_t* counts = nullptr;     // [heads]
+  int64_t list_stride = 0;
+  const int32_t* table = nullptr;        // [units x C x P]
+  const int32_t* sizes = nullptr;        // [units x C]
+  const int64_t* cluster_row = nullptr;  // [units x C]
+  const void* const* k_host = nullptr;   // [units]
+  const void* const* v_host = nullptr;
+  const void* steady_k = nullptr;  // unit u's steady rows at row u*steady_stride_rows
+  const void* steady_v = nullptr;
+  const int32_t* steady_rows = nullptr;  // [units]
+  int64_t steady_stride_rows = 0;
+  const void* pool_k = nullptr;  // slot s at s*kMaxPageRows rows
+  const void* pool_v = nullptr;
+  int64_t row_bytes = 0;
+  int64_t max_pages_per_head = 0;
+  PageRef* pages = nullptr;        // [heads x max_pages_per_head]
+  int32_t* page_counts = nullptr;  // [heads]
+  int32_t* info = nullptr;         // [heads x info_stride x 2]
+  int64_t info_stride = 0;         // >= counts[h]
 };
 
 // Arguments of EstimateAttention: head h uses centroids/value_sums + h*cluster_stride*d,
@@ -192,6 +237,13 @@ class CudaBackend {
   [[nodiscard]] absl::Status GatherPages(const void* const* src, void* const* dst,
                                          const int32_t* bytes, int64_t count, int64_t max_bytes,
                                          int stream = 0);
+  // See PlanArgs. REQUIRES: every listed cluster has at most max_cluster_pages pages.
+  [[nodiscard]] absl::Status PlanPages(const PlanArgs& args, int stream = 0);
+  // Keeps `stream` busy for about `ns` nanoseconds (a spinning kernel; for profiling).
+  [[nodiscard]] absl::Status Delay(int64_t ns, int stream = 0);
+  // base[index[i]] = value[i] for i < count (index, value device-accessible).
+  [[nodiscard]] absl::Status ScatterInt32(int32_t* base, const int64_t* index, const int32_t* value,
+                                          int64_t count, int stream = 0);
 
   int64_t workspace_bytes() const { return workspace_size_; }
   int multiprocessors() const { return multiprocessors_; }

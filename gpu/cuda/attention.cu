@@ -70,15 +70,16 @@ __device__ void CombineSlots(const float (*sm_m)[G], const float (*sm_l)[G],
 template <int D, int G, bool kBf16>
 __global__ void __launch_bounds__(kThreads)
     ExactKernel(const float* __restrict__ q, float scale2, const PageRef* __restrict__ pages,
-                const int32_t* __restrict__ offsets, int64_t pps, float* __restrict__ part_out,
-                float* __restrict__ part_lse) {
+                const int32_t* __restrict__ offsets, const int32_t* __restrict__ counts,
+                int64_t pps, uint4* __restrict__ stash_k, uint4* __restrict__ stash_v,
+                float* __restrict__ part_out, float* __restrict__ part_lse) {
   constexpr int kLanesPerKey = D / 8;
   constexpr int kKeysPerWarp = 32 / kLanesPerKey;
   constexpr int kSlots = kWarps * kKeysPerWarp;
   const int head = blockIdx.y, split = blockIdx.x, splits = gridDim.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int sub = lane / kLanesPerKey, sl = lane % kLanesPerKey;
-  const int64_t head_end = offsets[head + 1];
+  const int64_t head_end = counts != nullptr ? offsets[head] + counts[head] : offsets[head + 1];
   const int64_t begin = offsets[head] + split * pps;
   const int64_t end = min(head_end, begin + pps);
 
@@ -101,11 +102,18 @@ __global__ void __launch_bounds__(kThreads)
     int rows = 0;
     const uint4* kp = nullptr;
     const uint4* vp = nullptr;
+    uint4* sk = nullptr;  // stash destination of this page, if any
+    uint4* sv = nullptr;
     if (page < end) {
       const PageRef pr = pages[page];
       rows = pr.rows;
       kp = static_cast<const uint4*>(pr.k) + sl;
       vp = static_cast<const uint4*>(pr.v) + sl;
+      if (pr.stash > 0) {
+        const int64_t at = int64_t{pr.stash - 1} * kMaxPageRows * (D / 8) + sl;
+        sk = stash_k + at;
+        sv = stash_v + at;
+      }
     }
 #pragma unroll
     for (int t = 0; t < kMaxPageRows; t += kTile) {
@@ -118,6 +126,15 @@ __global__ void __launch_bounds__(kThreads)
         } else {
           kv[r] = make_uint4(0, 0, 0, 0);
           vv[r] = kv[r];
+        }
+      }
+      if (sk != nullptr) {
+#pragma unroll
+        for (int r = 0; r < kTile; ++r) {
+          if (t + r < rows) {
+            sk[(t + r) * (D / 8)] = kv[r];
+            sv[(t + r) * (D / 8)] = vv[r];
+          }
         }
       }
       float s[kTile][G];
@@ -319,12 +336,14 @@ cudaError_t LaunchExactTyped(const ExactArgs& a, int splits, int64_t pps, float*
   float* part_lse = ws + int64_t{a.heads} * splits * G * D;
   const dim3 grid(splits, a.heads);
   const float scale2 = a.scale * kLog2e;
+  auto* sk = static_cast<uint4*>(a.stash_k);
+  auto* sv = static_cast<uint4*>(a.stash_v);
   if (a.kv_type == DType::kBF16) {
-    ExactKernel<D, G, true><<<grid, kThreads, 0, stream>>>(a.q, scale2, a.pages, a.page_offsets,
-                                                           pps, part_out, part_lse);
+    ExactKernel<D, G, true><<<grid, kThreads, 0, stream>>>(
+        a.q, scale2, a.pages, a.page_offsets, a.page_counts, pps, sk, sv, part_out, part_lse);
   } else {
-    ExactKernel<D, G, false><<<grid, kThreads, 0, stream>>>(a.q, scale2, a.pages, a.page_offsets,
-                                                            pps, part_out, part_lse);
+    ExactKernel<D, G, false><<<grid, kThreads, 0, stream>>>(
+        a.q, scale2, a.pages, a.page_offsets, a.page_counts, pps, sk, sv, part_out, part_lse);
   }
   MergeSplitsKernel<<<a.heads * G, D, 0, stream>>>(part_out, part_lse, splits, G, D, a.out, a.lse);
   return cudaGetLastError();

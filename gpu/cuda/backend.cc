@@ -231,4 +231,23 @@ absl::Status CudaBackend::GatherPages(const void* const* src, void* const* dst,
   return FromCuda(cuda::LaunchGatherPages(src, dst, bytes, count, max_bytes, s), "GatherPages");
 }
 
+absl::Status CudaBackend::PlanPages(const PlanArgs& a, int stream) {
+  if (a.heads < 0 || a.max_cluster_pages < 1 || a.clusters < 0 || a.row_bytes <= 0 ||
+      a.row_bytes % 16 != 0)
+    return absl::InvalidArgumentError("PlanPages: bad arguments");
+  KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
+  return FromCuda(cuda::LaunchPlanPages(a, s), "PlanPages");
+}
+
+absl::Status CudaBackend::Delay(int64_t ns, int stream) {
+  KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
+  return FromCuda(cuda::LaunchDelay(ns, s), "Delay");
+}
+
+absl::Status CudaBackend::ScatterInt32(int32_t* base, const int64_t* index, const int32_t* value,
+                                       int64_t count, int stream) {
+  KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
+  return FromCuda(cuda::LaunchScatterInt32(base, index, value, count, s), "ScatterInt32");
+}
+
 }  // namespace kvwave::gpu

@@ -46,9 +46,11 @@ double Median(std::vector<double> v) {
 
 struct Options {
   std::vector<int64_t> contexts = {32768, 131072, 524288, 1048576};
-  int layers = 32, heads = 8, g = 4, d = 128;
+  int layers = 32, kv_heads = 8, g = 4, d = 128, batch = 1;
+  int heads = 8;  // kv_heads x batch: a batch's sequences are units of the same layer call
   double host_gib = 16, cache = 0.05, retrieval = 0.018, estimation = 0.232, rho = 0.9;
-  int steps = 12, warmup = 6;
+  int steps = 12, warmup = 6, pps = 8;
+  bool profile = true;  // one more pass with per-phase GPU timing
   std::string json;
 };
 
@@ -154,6 +156,7 @@ struct Row {
   double attend_roof_ms = 0, full_gpu_roof_ms = 0, full_host_roof_ms = 0;
   double check_err = -1;
   int64_t pool_pages = 0, overflow = 0;
+  buffer::WaveCounters counters, profile;
 };
 
 Row RunContext(gpu::CudaBackend* b, const Options& o, int64_t context, const Bandwidth& bw) {
@@ -186,6 +189,7 @@ Row RunContext(gpu::CudaBackend* b, const Options& o, int64_t context, const Ban
   w.estimation = o.estimation;
   w.cache_bytes = static_cast<int64_t>(o.cache * (*kv)->kv_bytes());
   w.max_cluster_pages = 2;
+  w.exact_pages_per_split = o.pps;
   auto wb = buffer::WaveBuffer::Create(b, w, (*kv)->Units());
   CHECK_OK(wb.status());
   row.pool_pages = (*wb)->pool_pages();
@@ -218,22 +222,20 @@ Row RunContext(gpu::CudaBackend* b, const Options& o, int64_t context, const Ban
   CHECK_OK(b->Synchronize());
 
   std::vector<double> times;
-  buffer::StepStats total;
+  buffer::WaveCounters at_warm;
   for (int s = 0; s < steps; ++s) {
-    buffer::StepStats step;
+    if (s == o.warmup) {
+      CHECK_OK((*wb)->Finish());
+      at_warm = (*wb)->counters();
+    }
     auto t1 = Clock::now();
     for (int l = 0; l < sub; ++l) {
-      buffer::StepStats st;
       CHECK_OK((*wb)->AttendLayer(l, q_dev->as<float>() + (int64_t{s} * sub + l) * per_layer,
-                                  out->as<float>(), lse->as<float>(), &st));
-      step.Add(st);
+                                  out->as<float>(), lse->as<float>()));
     }
     CHECK_OK(b->Synchronize(0));
     const double ms = Ms(t1, Clock::now());
-    if (s >= o.warmup) {
-      times.push_back(ms * scale);
-      total.Add(step);
-    }
+    if (s >= o.warmup) times.push_back(ms * scale);
     if (s == steps - 1) {  // check layer sub-1 of the last step against the CPU backend
       std::vector<float> got(per_layer), ref(o.g * o.d), ref_lse(o.g);
       CHECK_OK(b->Copy(got.data(), out->data(), sizeof(float) * per_layer));
@@ -253,27 +255,63 @@ Row RunContext(gpu::CudaBackend* b, const Options& o, int64_t context, const Ban
     }
   }
   CHECK_OK((*wb)->Finish());
-  const double calls = double(o.steps) * sub;
-  std::fprintf(stderr,
-               "context %ld per layer (host us): score+topk+D2H %.1f, wait commit %.1f, "
-               "classify %.1f, launch %.1f\n",
-               long(context), total.score_us / calls, total.wait_commit_us / calls,
-               total.classify_us / calls, total.launch_us / calls);
+  buffer::WaveCounters total = (*wb)->counters();
+  total.hit_clusters -= at_warm.hit_clusters;
+  total.miss_clusters -= at_warm.miss_clusters;
+  total.hit_pages -= at_warm.hit_pages;
+  total.miss_pages -= at_warm.miss_pages;
+  total.stale_hits -= at_warm.stale_hits;
+  total.pcie_bytes -= at_warm.pcie_bytes;
+  total.exact_rows -= at_warm.exact_rows;
+  total.enqueue_us -= at_warm.enqueue_us;
+  total.wait_us -= at_warm.wait_us;
+  total.commit_us -= at_warm.commit_us;
+  total.record_wait_us -= at_warm.record_wait_us;
+  total.calls -= at_warm.calls;
+  row.counters = total;
   row.overflow = (*wb)->policy_stats().overflow;
+  const int64_t estimation_clusters = (*wb)->estimation_clusters();
+  const double calls = double(total.calls);
+  std::fprintf(stderr,
+               "context %ld per layer call (host us): enqueue %.1f, wait for ring %.1f; committer "
+               "thread: wait for record %.1f, policy + update %.1f; stale hits %ld\n",
+               long(context), total.enqueue_us / calls, total.wait_us / calls,
+               total.record_wait_us / calls, total.commit_us / calls, long(total.stale_hits));
+  if (o.profile) {  // per-phase GPU time, each call synchronised (not part of the timing above)
+    wb->reset();
+    buffer::WaveBufferOptions wp = w;
+    wp.profile = true;
+    auto pb = buffer::WaveBuffer::Create(b, wp, (*kv)->Units());
+    CHECK_OK(pb.status());
+    for (int s = 0; s < steps; ++s)
+      for (int l = 0; l < sub; ++l)
+        CHECK_OK((*pb)->AttendLayer(l, q_dev->as<float>() + (int64_t{s} * sub + l) * per_layer,
+                                    out->as<float>(), lse->as<float>()));
+    CHECK_OK((*pb)->Finish());
+    row.profile = (*pb)->counters();
+    const double pc = double(row.profile.calls) / 1e3;  // ms -> us per call
+    std::fprintf(
+        stderr,
+        "context %ld per layer call (GPU us, profiled): score %.1f, top-k %.1f, plan %.1f, "
+        "exact %.1f, estimate+merge %.1f\n",
+        long(context), row.profile.score_ms / pc, row.profile.topk_ms / pc,
+        row.profile.plan_ms / pc, row.profile.exact_ms / pc, row.profile.estimate_ms / pc);
+    pb->reset();
+  }
   row.attend_ms = Median(times);
   const double n_steps = o.steps;
   row.hit_ratio =
       double(total.hit_pages) / std::max<int64_t>(1, total.hit_pages + total.miss_pages);
   row.pcie_bytes = total.pcie_bytes / n_steps * scale;
   // HBM bytes Attend must move per step: centroids + sizes of every cluster, value sums of the
-  // estimation zone, exact rows read (hits and steady from the pool, misses once more from the
-  // execution buffer after the gather writes them), admission copies (read + write).
+  // estimation zone, exact rows read (hits and steady from the pool; misses come over PCIe),
+  // the stash of the misses into the execution buffer, admission copies (read + write).
   const double units = double(o.layers) * o.heads, rowb = o.d * 2.0;
   const double meta =
-      units * shape.clusters * (o.d * 4.0 + 4) + units * (*wb)->estimation_clusters() * o.d * 4.0;
+      units * shape.clusters * (o.d * 4.0 + 4) + units * estimation_clusters * o.d * 4.0;
   const double exact = 2 * rowb * total.exact_rows / n_steps * scale;
   const double miss = row.pcie_bytes;
-  row.hbm_bytes = meta + exact + miss /*gather write*/ + 2 * miss /*admission*/;
+  row.hbm_bytes = meta + exact + miss /*stash write*/ + 2 * miss /*admission*/;
   row.attend_roof_ms = 1e3 * std::max(row.hbm_bytes / bw.hbm, row.pcie_bytes / bw.pcie);
   const double full_bytes = double(context) * o.layers * o.heads * o.d * 2 * 2;
   row.full_gpu_roof_ms = 1e3 * full_bytes / bw.hbm;
@@ -323,18 +361,22 @@ int Main(int argc, char** argv) {
   app.add_option("--retrieval", o.retrieval);
   app.add_option("--estimation", o.estimation);
   app.add_option("--rho", o.rho, "AR(1) coefficient of the queries across steps");
+  app.add_option("--batch", o.batch, "sequences decoded together (each its own KV)");
+  app.add_option("--profile", o.profile, "extra pass timing each phase on the GPU");
+  app.add_option("--pps", o.pps, "exact attention: pages per split");
   app.add_option("--steps", o.steps);
   app.add_option("--warmup", o.warmup);
   app.add_option("--json", o.json);
   CLI11_PARSE(app, argc, argv);
+  o.heads = o.kv_heads * o.batch;
   o.contexts.clear();
   for (auto p : absl::StrSplit(contexts, ',')) o.contexts.push_back(std::stoll(std::string(p)));
   auto backend = gpu::CudaBackend::Create({});
   CHECK_OK(backend.status());
   gpu::CudaBackend* b = backend->get();
   const Bandwidth bw = MeasureBandwidth(b);
-  std::printf("# kvwave-decode-bench: %d layers x %d KV heads x %d q/KV, d=%d, bf16, batch 1\n",
-              o.layers, o.heads, o.g, o.d);
+  std::printf("# kvwave-decode-bench: %d layers x %d KV heads x %d q/KV, d=%d, bf16, batch %d\n",
+              o.layers, o.kv_heads, o.g, o.d, o.batch);
   std::printf(
       "# data: synthetic clustered keys (16-token clusters, oracle clustering), AR(1) "
       "queries rho=%.2f; cache %.0f%% of KV; retrieval %.1f%% + estimation %.1f%% of "
@@ -374,10 +416,21 @@ int Main(int argc, char** argv) {
           "\"attend_roofline_ms\": %.4f, \"hit_ratio\": %.4f, \"pcie_bytes\": %.4g, "
           "\"hbm_bytes\": %.4g, \"full_gpu_ms\": %.4f, \"full_gpu_roofline_ms\": %.4f, "
           "\"full_host_ms\": %.4f, \"full_host_roofline_ms\": %.4f, \"pool_pages\": %ld, "
-          "\"overflow\": %ld, \"check_rel_err\": %.3g}%s\n",
+          "\"overflow\": %ld, \"check_rel_err\": %.3g, \"batch\": %d, \"stale_hits\": %ld, "
+          "\"commit_us_per_call\": %.2f, \"enqueue_us_per_call\": %.2f, "
+          "\"gpu_us_per_call\": {\"score\": %.2f, \"topk\": %.2f, \"plan\": %.2f, "
+          "\"exact\": %.2f, \"estimate_merge\": %.2f}}%s\n",
           long(r.context), r.timed_layers, o.layers, r.attend_ms, r.attend_roof_ms, r.hit_ratio,
           r.pcie_bytes, r.hbm_bytes, r.full_gpu_ms, r.full_gpu_roof_ms, r.full_host_ms,
-          r.full_host_roof_ms, long(r.pool_pages), long(r.overflow), r.check_err,
+          r.full_host_roof_ms, long(r.pool_pages), long(r.overflow), r.check_err, o.batch,
+          long(r.counters.stale_hits),
+          r.counters.commit_us / std::max<int64_t>(1, r.counters.calls),
+          r.counters.enqueue_us / std::max<int64_t>(1, r.counters.calls),
+          1e3 * r.profile.score_ms / std::max<int64_t>(1, r.profile.calls),
+          1e3 * r.profile.topk_ms / std::max<int64_t>(1, r.profile.calls),
+          1e3 * r.profile.plan_ms / std::max<int64_t>(1, r.profile.calls),
+          1e3 * r.profile.exact_ms / std::max<int64_t>(1, r.profile.calls),
+          1e3 * r.profile.estimate_ms / std::max<int64_t>(1, r.profile.calls),
           i + 1 < rows.size() ? "," : "");
     }
     std::fprintf(f, "]}\n");

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs the GPU tests and the decode benchmark on the device machine (one call), logs under $OUT.
-# Usage (from the repo root there): bash gpu/cuda/device_run.sh [bench args...]
+# Runs the GPU tests and the decode benchmark on the device machine (one call), logs under $OUT:
+# batch 1 over all contexts, then batch 8 up to 128K. Usage (from the repo root there):
+#   bash gpu/cuda/device_run.sh [extra bench args...]
 set -o pipefail
 mkdir -p /tmp/pk && tar xJf .device/pk.tar.xz -C /tmp/pk || exit 1
 export LD_LIBRARY_PATH=/tmp/pk/pk/lib
@@ -12,4 +13,10 @@ for t in gpu_cuda_cuda_kernels_test gpu_cuda_wave_buffer_test buffer_wave_policy
   timeout 120 $B/$t 2>&1 | tail -n 60 | tee -a $T
 done
 echo "== kvwave-decode-bench $*" | tee $OUT/decode_h200.txt
-timeout ${BENCH_TIMEOUT:-420} $B/kvwave-decode-bench --json $OUT/decode_h200.json "$@" 2>&1 | tee -a $OUT/decode_h200.txt
+timeout ${BENCH_TIMEOUT:-300} $B/kvwave-decode-bench --json $OUT/decode_h200.json "$@" 2>&1 |
+  tee -a $OUT/decode_h200.txt
+if [ "${BATCH8:-1}" = 1 ]; then
+  echo "== kvwave-decode-bench --batch 8 --contexts 32768,131072 $*" | tee $OUT/decode_h200_b8.txt
+  timeout ${BENCH_TIMEOUT:-300} $B/kvwave-decode-bench --batch 8 --contexts 32768,131072 \
+    --json $OUT/decode_h200_b8.json "$@" 2>&1 | tee -a $OUT/decode_h200_b8.txt
+fi

@@ -40,6 +40,12 @@ size_t ScoreWorkspaceBytes(int heads, int g, int64_t n);
 cudaError_t LaunchScoreClusters(const ScoreArgs& a, float* workspace, cudaStream_t stream);
 cudaError_t LaunchSelectTopK(const TopKArgs& a, cudaStream_t stream);
 
+// ---- wave_plan.cu ----
+cudaError_t LaunchPlanPages(const PlanArgs& a, cudaStream_t stream);
+cudaError_t LaunchDelay(int64_t ns, cudaStream_t stream);
+cudaError_t LaunchScatterInt32(int32_t* base, const int64_t* index, const int32_t* value,
+                               int64_t count, cudaStream_t stream);
+
 // ---- kmeans.cu ----
 cudaError_t LaunchKMeansAssign(const AssignArgs& a, cudaStream_t stream);
 

@@ -4,13 +4,12 @@
 // and per-block softmax statistics (max, sum of exp) over the non-empty clusters; ScoresKernel
 // folds the statistics per query head and sums the g softmax values of each cluster.
 //
-// SelectTopK is one block per KV head: a 4-pass 8-bit radix select finds the key of the k-th
-// (and k2-th) largest finite score and how many of the keys equal to it to take (lowest index
-// first), then three walks over per-thread contiguous ranges (count ties, count selected, write)
-// with block scans emit the selected indices in increasing index order.
+// SelectTopK is one block per KV head: a 4-pass 8-bit radix select (warp-aggregated histograms)
+// finds the key of the k-th (and k2-th) largest finite score and how many of the keys equal to
+// it to take (lowest index first), then two coalesced walks over per-warp contiguous chunks
+// (count, then write with ballots) emit the selected indices in increasing index order.
 #include <algorithm>
 #include <cmath>
-#include <cub/block/block_scan.cuh>
 
 #include "gpu/cuda/launchers.h"
 
@@ -18,7 +17,8 @@ namespace kvwave::gpu::cuda {
 namespace {
 
 constexpr int kScoreThreads = 256;
-constexpr int kClustersPerBlock = 256;
+constexpr int kClustersPerBlock = 64;  // 8 warps x 2 batches of kBatch
+constexpr int kBatch = 4;
 constexpr int kTopKThreads = 1024;
 
 template <int G>
@@ -36,31 +36,47 @@ __global__ void __launch_bounds__(kScoreThreads)
   for (int j = 0; j < G; ++j) m[j] = -INFINITY, z[j] = 0.f;
   const int64_t first = int64_t{blockIdx.x} * kClustersPerBlock;
   const int64_t last = min(n, first + kClustersPerBlock);
-  for (int64_t c = first + warp; c < last; c += kWarps) {
-    float dot[G];
+  // A warp takes kBatch clusters at a time: their centroid loads are issued together.
+  for (int64_t c0 = first + warp * kBatch; c0 < last; c0 += kWarps * kBatch) {
+    float dot[kBatch][G];
 #pragma unroll
-    for (int j = 0; j < G; ++j) dot[j] = 0.f;
+    for (int b = 0; b < kBatch; ++b)
+#pragma unroll
+      for (int j = 0; j < G; ++j) dot[b][j] = 0.f;
     for (int i = lane; i < d4; i += 32) {
-      const float4 cv = reinterpret_cast<const float4*>(c_head + c * d)[i];
+      float4 cv[kBatch];
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b)
+        cv[b] = c0 + b < last ? reinterpret_cast<const float4*>(c_head + (c0 + b) * d)[i]
+                              : make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
       for (int j = 0; j < G; ++j) {
         const float4 qv = reinterpret_cast<const float4*>(q + (int64_t{head} * G + j) * d)[i];
-        dot[j] += qv.x * cv.x + qv.y * cv.y + qv.z * cv.z + qv.w * cv.w;
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b)
+          dot[b][j] += qv.x * cv[b].x + qv.y * cv[b].y + qv.z * cv[b].z + qv.w * cv[b].w;
       }
     }
 #pragma unroll
     for (int off = 16; off > 0; off /= 2)
 #pragma unroll
-      for (int j = 0; j < G; ++j) dot[j] += __shfl_xor_sync(0xffffffffu, dot[j], off);
-    const bool live = s_head[c] > 0;
+      for (int b = 0; b < kBatch; ++b)
 #pragma unroll
-    for (int j = 0; j < G; ++j) {
-      const float x = dot[j] * scale;
-      if (lane == 0) logits[(int64_t{head} * G + j) * n + c] = x;
-      if (!live) continue;
-      const float mn = fmaxf(m[j], x);
-      z[j] = z[j] * __expf(m[j] - mn) + __expf(x - mn);
-      m[j] = mn;
+        for (int j = 0; j < G; ++j) dot[b][j] += __shfl_xor_sync(0xffffffffu, dot[b][j], off);
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int64_t c = c0 + b;
+      if (c >= last) break;
+      const bool live = s_head[c] > 0;
+#pragma unroll
+      for (int j = 0; j < G; ++j) {
+        const float x = dot[b][j] * scale;
+        if (lane == 0) logits[(int64_t{head} * G + j) * n + c] = x;
+        if (!live) continue;
+        const float mn = fmaxf(m[j], x);
+        z[j] = z[j] * __expf(m[j] - mn) + __expf(x - mn);
+        m[j] = mn;
+      }
     }
   }
   __shared__ float2 sm[kWarps][G];
@@ -129,109 +145,160 @@ __device__ __forceinline__ uint32_t OrderKey(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// Radix-selects, for want[t] >= 1, the key T[t] of the want[t]-th largest finite score and the
-// number rem[t] of keys equal to T[t] to take. Called by all threads of the block.
+constexpr int kTopKWarps = kTopKThreads / 32;
+
+// Radix-selects, for want[t] >= 1, the key prefix[t] of the want[t]-th largest finite score and
+// the number rem[t] of keys equal to it to take. Called by all threads of the block. Histogram
+// updates are aggregated per warp (__match_any_sync): scores share their top bits, and plain
+// shared atomics on one bin would serialise.
 __device__ void RadixSelect(const float* s, int64_t n, const int64_t* want, uint32_t* prefix,
                             int64_t* rem) {
   __shared__ int hist[2][256];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   uint32_t mask = 0;
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int i = threadIdx.x; i < 512; i += blockDim.x) hist[i / 256][i % 256] = 0;
     __syncthreads();
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-      const float x = s[i];
-      if (!isfinite(x)) continue;
+    const uint32_t p0 = prefix[0], p1 = prefix[1];
+    const bool on0 = want[0] > 0, on1 = want[1] > 0;
+    for (int64_t i0 = 0; i0 < n; i0 += blockDim.x) {  // every lane runs every round
+      const int64_t i = i0 + threadIdx.x;
+      const float x = i < n ? s[i] : -INFINITY;
+      const bool finite = isfinite(x);
       const uint32_t key = OrderKey(x);
+      const int digit = static_cast<int>((key >> shift) & 255);
 #pragma unroll
-      for (int t = 0; t < 2; ++t)
-        if (want[t] > 0 && (key & mask) == prefix[t]) atomicAdd(&hist[t][(key >> shift) & 255], 1);
+      for (int t = 0; t < 2; ++t) {
+        const bool in = finite && (t == 0 ? on0 : on1) && (key & mask) == (t == 0 ? p0 : p1);
+        const int bin = in ? digit : 256;
+        const unsigned peers = __match_any_sync(0xffffffffu, bin);
+        if (in && lane == __ffs(peers) - 1) atomicAdd(&hist[t][bin], __popc(peers));
+      }
     }
     __syncthreads();
-    if (threadIdx.x < 2 && want[threadIdx.x] > 0) {
-      const int t = threadIdx.x;
-      int64_t above = 0;
-      int b = 255;
-      for (; b > 0; --b) {
-        if (above + hist[t][b] >= rem[t]) break;
-        above += hist[t][b];
+    // Warp t finds the bin holding the rem[t]-th largest: lane l owns bins 255-8l .. 248-8l.
+    if (warp < 2 && want[warp] > 0) {
+      const int t = warp;
+      int mine = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) mine += hist[t][255 - 8 * lane - j];
+      int cum = mine;
+#pragma unroll
+      for (int off = 1; off < 32; off *= 2) {
+        const int o = __shfl_up_sync(0xffffffffu, cum, off);
+        if (lane >= off) cum += o;
       }
-      rem[t] -= above;
-      prefix[t] |= uint32_t(b) << shift;
+      const int64_t r = rem[t];
+      const unsigned reach = __ballot_sync(0xffffffffu, cum >= r);
+      if (lane == __ffs(reach) - 1) {
+        int64_t above = cum - mine;
+        int b = 255 - 8 * lane;
+        for (int j = 0; j < 8; ++j, --b) {
+          if (above + hist[t][b] >= r) break;
+          above += hist[t][b];
+        }
+        rem[t] = r - above;
+        prefix[t] |= uint32_t(b) << shift;
+      }
     }
     __syncthreads();
     mask |= 0xFFu << shift;
   }
 }
 
+// Per KV head: the indices of the want0 largest finite scores (ties: lower index first) to out,
+// and of the next want1 - want0 to out2, both in increasing index order. After the radix
+// select, each warp takes a contiguous chunk: one pass counts its keys above / equal to the two
+// thresholds, a scan over the warps gives every warp its tie ranks and output offsets, and a
+// second pass writes with ballots.
 __global__ void __launch_bounds__(kTopKThreads)
     TopKKernel(const float* __restrict__ scores, int64_t n, int64_t stride, int64_t k, int64_t k2,
                int32_t* __restrict__ out, int32_t* __restrict__ out2, int64_t out_stride,
-               int32_t* __restrict__ counts, int32_t* __restrict__ counts2) {
-  using Scan = cub::BlockScan<long long, kTopKThreads>;
-  __shared__ typename Scan::TempStorage scan_tmp;
+               int32_t* __restrict__ counts, int32_t* __restrict__ counts2, bool stage) {
   __shared__ int64_t want[2], rem[2];
   __shared__ uint32_t prefix[2];
-  __shared__ int64_t valid_sh;
-  const int head = blockIdx.x;
+  __shared__ int valid_sh;
+  __shared__ int cnt[kTopKWarps][4];   // per warp: > T0, == T0, > T1, == T1
+  __shared__ int base[kTopKWarps][4];  // per warp: ties of T0 before, ties of T1 before,
+                                       // out offset, out2 offset
+  extern __shared__ float staged[];    // the head's scores, when the launch gave room for them
+  const int head = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const float* s = scores + head * stride;
+  if (stage) {  // every later pass reads shared memory instead of L2
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) staged[i] = s[i];
+    s = staged;
+  }
   if (threadIdx.x == 0) valid_sh = 0;
   __syncthreads();
-  int64_t local = 0;
+  int local = 0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) local += isfinite(s[i]) ? 1 : 0;
-  atomicAdd(reinterpret_cast<unsigned long long*>(&valid_sh),
-            static_cast<unsigned long long>(local));
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) local += __shfl_xor_sync(0xffffffffu, local, off);
+  if (lane == 0) atomicAdd(&valid_sh, local);  // one shared atomic per warp
   __syncthreads();
   if (threadIdx.x == 0) {
-    want[0] = min(k, valid_sh);
-    want[1] = out2 != nullptr ? min(max(k2, k), valid_sh) : 0;
+    const int64_t valid = static_cast<int64_t>(valid_sh);
+    want[0] = min(k, valid);
+    want[1] = out2 != nullptr ? min(max(k2, k), valid) : 0;
     for (int t = 0; t < 2; ++t) prefix[t] = 0, rem[t] = want[t];
   }
   __syncthreads();
   RadixSelect(s, n, want, prefix, rem);
-  // Per-thread contiguous range, so that ties are taken in index order.
-  const int64_t per = (n + blockDim.x - 1) / blockDim.x;
-  const int64_t lo = min(n, threadIdx.x * per), hi = min(n, lo + per);
-  const uint32_t t0 = prefix[0], t1 = prefix[1];
   const bool on0 = want[0] > 0, on1 = want[1] > 0;
-  long long eq = 0;
-  for (int64_t i = lo; i < hi; ++i) {
-    const float x = s[i];
-    if (!isfinite(x)) continue;
+  const uint32_t t0 = prefix[0], t1 = prefix[1];
+  const int64_t chunk = ((n + kTopKWarps - 1) / kTopKWarps + 31) / 32 * 32;
+  const int64_t lo = min(n, warp * chunk), hi = min(n, lo + chunk);
+  int c[4] = {0, 0, 0, 0};
+  for (int64_t i0 = lo; i0 < hi; i0 += 32) {
+    const int64_t i = i0 + lane;
+    const float x = i < hi ? s[i] : -INFINITY;
+    const bool finite = isfinite(x);
     const uint32_t key = OrderKey(x);
-    eq += (on0 && key == t0 ? 1LL : 0LL) + (on1 && key == t1 ? (1LL << 32) : 0LL);
+    c[0] += __popc(__ballot_sync(0xffffffffu, finite && on0 && key > t0));
+    c[1] += __popc(__ballot_sync(0xffffffffu, finite && on0 && key == t0));
+    c[2] += __popc(__ballot_sync(0xffffffffu, finite && on1 && key > t1));
+    c[3] += __popc(__ballot_sync(0xffffffffu, finite && on1 && key == t1));
   }
-  long long eq_base;
-  Scan(scan_tmp).ExclusiveSum(eq, eq_base);
+  if (lane < 4) cnt[warp][lane] = c[lane];
   __syncthreads();
-  int64_t e0 = eq_base & 0xffffffffLL, e1 = eq_base >> 32;
-  long long sel = 0;
-  auto classify = [&](float x, int64_t& r0, int64_t& r1, bool& s0, bool& s1) {
-    s0 = s1 = false;
-    if (!isfinite(x)) return;
-    const uint32_t key = OrderKey(x);
-    if (on0) s0 = key > t0 || (key == t0 && r0++ < rem[0]);
-    if (on1) s1 = key > t1 || (key == t1 && r1++ < rem[1]);
-  };
-  {
-    int64_t r0 = e0, r1 = e1;
-    for (int64_t i = lo; i < hi; ++i) {
-      bool s0, s1;
-      classify(s[i], r0, r1, s0, s1);
-      sel += (s0 ? 1LL : 0LL) + (s1 && !s0 ? (1LL << 32) : 0LL);
+  if (threadIdx.x == 0) {
+    int64_t tie0 = 0, tie1 = 0, o0 = 0, o1 = 0;
+    for (int w = 0; w < kTopKWarps; ++w) {
+      base[w][0] = static_cast<int>(tie0);
+      base[w][1] = static_cast<int>(tie1);
+      base[w][2] = static_cast<int>(o0);
+      base[w][3] = static_cast<int>(o1);
+      // Selected by this warp: keys above the threshold plus its share of the ties.
+      const int64_t sel0 = cnt[w][0] + max(int64_t{0}, min(int64_t{cnt[w][1]}, rem[0] - tie0));
+      const int64_t sel1 = cnt[w][2] + max(int64_t{0}, min(int64_t{cnt[w][3]}, rem[1] - tie1));
+      tie0 += cnt[w][1];
+      tie1 += cnt[w][3];
+      o0 += on0 ? sel0 : 0;
+      o1 += on1 ? sel1 - (on0 ? sel0 : 0) : 0;  // the top-k2 set contains the top-k set
     }
   }
-  long long pos;
-  Scan(scan_tmp).ExclusiveSum(sel, pos);
-  int64_t p0 = pos & 0xffffffffLL, p1 = pos >> 32;
+  __syncthreads();
+  int64_t tie0 = base[warp][0], tie1 = base[warp][1], p0 = base[warp][2], p1 = base[warp][3];
   int32_t* o0 = out + head * out_stride;
   int32_t* o1 = out2 != nullptr ? out2 + head * out_stride : nullptr;
-  for (int64_t i = lo; i < hi; ++i) {
-    bool s0, s1;
-    classify(s[i], e0, e1, s0, s1);
-    if (s0)
-      o0[p0++] = static_cast<int32_t>(i);
-    else if (s1)
-      o1[p1++] = static_cast<int32_t>(i);
+  const unsigned below = (1u << lane) - 1;
+  for (int64_t i0 = lo; i0 < hi; i0 += 32) {
+    const int64_t i = i0 + lane;
+    const float x = i < hi ? s[i] : -INFINITY;
+    const bool finite = isfinite(x);
+    const uint32_t key = OrderKey(x);
+    const bool eq0 = finite && on0 && key == t0, eq1 = finite && on1 && key == t1;
+    const unsigned m0 = __ballot_sync(0xffffffffu, eq0), m1 = __ballot_sync(0xffffffffu, eq1);
+    const bool s0 = finite && on0 && (key > t0 || (eq0 && tie0 + __popc(m0 & below) < rem[0]));
+    const bool s1 = finite && on1 && (key > t1 || (eq1 && tie1 + __popc(m1 & below) < rem[1]));
+    tie0 += __popc(m0);
+    tie1 += __popc(m1);
+    const bool only1 = s1 && !s0;
+    const unsigned b0 = __ballot_sync(0xffffffffu, s0), b1 = __ballot_sync(0xffffffffu, only1);
+    if (s0) o0[p0 + __popc(b0 & below)] = static_cast<int32_t>(i);
+    if (only1) o1[p1 + __popc(b1 & below)] = static_cast<int32_t>(i);
+    p0 += __popc(b0);
+    p1 += __popc(b1);
   }
   if (threadIdx.x == 0) {
     counts[head] = static_cast<int32_t>(want[0]);
@@ -285,8 +352,17 @@ cudaError_t LaunchScoreClusters(const ScoreArgs& a, float* workspace, cudaStream
 
 cudaError_t LaunchSelectTopK(const TopKArgs& a, cudaStream_t stream) {
   if (a.heads <= 0) return cudaSuccess;
-  TopKKernel<<<a.heads, kTopKThreads, 0, stream>>>(a.scores, a.n, a.score_stride, a.k, a.k2, a.out,
-                                                   a.out2, a.out_stride, a.counts, a.counts2);
+  // Stage each head's scores in shared memory when they fit (up to 40K clusters per head).
+  constexpr int64_t kMaxStaged = 160 << 10;
+  static const bool staging_ok =
+      cudaFuncSetAttribute(TopKKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(kMaxStaged)) == cudaSuccess;
+  if (!staging_ok) cudaGetLastError();
+  const int64_t bytes = sizeof(float) * a.n;
+  const bool stage = staging_ok && bytes <= kMaxStaged;
+  TopKKernel<<<a.heads, kTopKThreads, stage ? bytes : 0, stream>>>(
+      a.scores, a.n, a.score_stride, a.k, a.k2, a.out, a.out2, a.out_stride, a.counts, a.counts2,
+      stage);
   return cudaGetLastError();
 }
 

@@ -77,7 +77,7 @@ class ModelPolicy {
 TEST(WavePolicyTest, MatchesModelOnRandomTraffic) {
   for (int64_t capacity : {3, 17, 64, 400}) {
     std::mt19937 rng(static_cast<uint32_t>(capacity) * 7919u + 1);
-    WavePolicy policy(capacity);
+    WavePolicy policy(capacity, 3, 200, 4);
     ModelPolicy model(capacity);
     std::vector<int32_t> pages_of(200);
     for (auto& p : pages_of) p = 1 + static_cast<int32_t>(rng() % 4);
@@ -104,8 +104,23 @@ TEST(WavePolicyTest, MatchesModelOnRandomTraffic) {
       }
       for (const auto& m : misses) ASSERT_FALSE(model.Cached(unit, m.cluster));
       total_hits += static_cast<int64_t>(hits.size());
-      const auto admitted = policy.Commit(unit, hit_ids, misses);
+      std::vector<std::pair<int32_t, int32_t>> cached_before;
+      for (int32_t u = 0; u < 3; ++u)
+        for (int32_t c = 0; c < 200; ++c)
+          if (model.Cached(u, c)) cached_before.emplace_back(u, c);
+      std::vector<WavePolicy::Evicted> evicted;
+      const WavePolicy::CommitItem item{unit, hit_ids, misses};
+      const auto admitted =
+          policy.CommitMany(std::span<const WavePolicy::CommitItem>(&item, 1), &evicted)[0];
+      const int64_t model_evicted = model.evicted;
       const auto want = model.Commit(unit, hit_ids, misses, capacity);
+      ASSERT_EQ(static_cast<int64_t>(evicted.size()), model.evicted - model_evicted);
+      for (const auto& e : evicted) {  // reported evictions: cached before, gone now
+        EXPECT_NE(std::find(cached_before.begin(), cached_before.end(),
+                            std::make_pair(e.unit, e.cluster)),
+                  cached_before.end());
+        EXPECT_FALSE(model.Cached(e.unit, e.cluster)) << "step " << step;
+      }
       ASSERT_EQ(admitted.size(), want.size()) << "step " << step;
       for (size_t i = 0; i < want.size(); ++i) {
         EXPECT_EQ(admitted[i].cluster, want[i]);
@@ -124,7 +139,7 @@ TEST(WavePolicyTest, MatchesModelOnRandomTraffic) {
 }
 
 TEST(WavePolicyTest, OversizedClusterIsCountedNotAdmitted) {
-  WavePolicy policy(2);
+  WavePolicy policy(2, 1, 10, 4);
   std::vector<MissCluster> misses = {{5, 3}, {6, 1}};
   const auto admitted = policy.Commit(0, {}, misses);
   ASSERT_EQ(admitted.size(), 1u);

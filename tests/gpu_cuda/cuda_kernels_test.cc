@@ -129,9 +129,33 @@ void CheckExact(CudaKernelsTest* t, std::mt19937& rng, int d, int g, DType type,
   a.pages_per_split = 16;  // several splits
   a.out = t->Poisoned<float>(heads * g * d);
   a.lse = t->Poisoned<float>(heads * g);
+  uint16_t* stash_k = nullptr;
+  uint16_t* stash_v = nullptr;
+  if (pinned) {  // the wave buffer's miss path: (begin, count) lists, rows stashed as read
+    std::vector<int32_t> counts;
+    for (int h = 0; h < heads; ++h) counts.push_back(offsets[h + 1] - offsets[h]);
+    a.page_counts = t->Upload(counts);
+    for (size_t i = 0; i < pages.size(); ++i) pages[i].stash = static_cast<int32_t>(i) + 1;
+    a.pages = t->Upload(pages);
+    stash_k = t->Poisoned<uint16_t>(pages.size() * kMaxPageRows * d);
+    stash_v = t->Poisoned<uint16_t>(pages.size() * kMaxPageRows * d);
+    a.stash_k = stash_k;
+    a.stash_v = stash_v;
+  }
   ASSERT_TRUE(backend->ExactAttention(a).ok());
   auto out = t->Download(a.out, heads * g * d);
   auto lse = t->Download(a.lse, heads * g);
+  if (pinned) {
+    auto sk = t->Download(stash_k, pages.size() * kMaxPageRows * d);
+    auto sv = t->Download(stash_v, pages.size() * kMaxPageRows * d);
+    for (size_t i = 0; i < pages.size(); ++i) {
+      const int rows = pages[i].rows;
+      const uint16_t* src = cpu_rows[i].data();
+      EXPECT_EQ(std::memcmp(sk.data() + i * kMaxPageRows * d, src, rows * row), 0) << "page " << i;
+      EXPECT_EQ(std::memcmp(sv.data() + i * kMaxPageRows * d, src + rows * d, rows * row), 0)
+          << "page " << i;
+    }
+  }
   for (int h = 0; h < heads; ++h) {
     std::vector<float> ref(g * d), ref_lse(g);
     ASSERT_TRUE(cpu::ExactAttention(q.data() + h * g * d, g, d, a.scale, type, spans[h], ref.data(),
