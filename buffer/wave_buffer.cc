@@ -431,7 +431,7 @@ absl::Status WaveBuffer::AttendLayer(int layer, const float* q, float* out, floa
   if (layer < 0 || layer >= o_.layers) return absl::InvalidArgumentError("bad layer");
   const int slot = static_cast<int>(calls_ % kRing);
   const auto t0 = Clock::now();
-  if (calls_ >= kRing) committers_[slot]->WaitFor(tickets_[calls_ - kRing]);  // frees the slot
+  if (calls_ >= kRing) committers_[slot]->WaitFor(tickets_[slot]);  // call n - kRing's job
   {
     std::lock_guard<std::mutex> lock(mu_);
     KVWAVE_RETURN_IF_ERROR(error_);
@@ -442,7 +442,7 @@ absl::Status WaveBuffer::AttendLayer(int layer, const float* q, float* out, floa
     KVWAVE_RETURN_IF_ERROR(Enqueue(layer, q, out, lse, *slots_[slot]));
   }
   const auto t2 = Clock::now();
-  tickets_.push_back(committers_[slot]->Submit([this, layer, slot] { Commit(layer, slot); }));
+  tickets_[slot] = committers_[slot]->Submit([this, layer, slot] { Commit(layer, slot); });
   ++calls_;
   double phase[5] = {0, 0, 0, 0, 0};
   if (o_.profile) {

@@ -146,10 +146,11 @@ class WaveBuffer {
   gpu::DeviceBuffer scores_, est_out_, est_lse_;
   std::vector<std::unique_ptr<Slot>> slots_;
   uint64_t calls_ = 0;
-  std::vector<uint64_t> tickets_;  // ticket of each call (call n runs on committer n % kRing)
-  std::mutex enqueue_mu_;          // one call's kernels or one update at a time on stream 0
-  mutable std::mutex mu_;          // error_, counters_
-  absl::Status error_;             // first error of a commit job
+  std::array<uint64_t, kRing>
+      tickets_{};          // the last job of each slot (call n: committer n % kRing)
+  std::mutex enqueue_mu_;  // one call's kernels or one update at a time on stream 0
+  mutable std::mutex mu_;  // error_, counters_
+  absl::Status error_;     // first error of a commit job
   WaveCounters counters_;
   std::vector<std::unique_ptr<AsyncCommitter>> committers_;  // last: joined first
 };

@@ -1,6 +1,7 @@
 // Cluster scoring kernels: centroid logits with the per-group softmax sum, and top-k selection.
 //
-// ScoreClusters is two launches: LogitsKernel writes scale*q.c for every (query head, cluster)
+// ScoreClusters is two launches: LogitsKernel (TiledLogitsKernel for d <= 128, staging 64
+// centroids per block in shared memory) writes scale*q.c for every (query head, cluster)
 // and per-block softmax statistics (max, sum of exp) over the non-empty clusters; ScoresKernel
 // folds the statistics per query head and sums the g softmax values of each cluster.
 //
@@ -92,6 +93,65 @@ __global__ void __launch_bounds__(kScoreThreads)
       for (int w = 0; w < kWarps; ++w)
         if (sm[w][j].x != -INFINITY) zz += sm[w][j].y * __expf(sm[w][j].x - mx);
     stats[(int64_t{head} * gridDim.x + blockIdx.x) * G + j] = make_float2(mx, zz);
+  }
+}
+
+// The same as LogitsKernel for d <= kTiledMaxD: the block first copies its 64 centroids into
+// shared memory with coalesced 16-byte loads (rows padded by one float: conflict-free column
+// reads), then each thread takes (cluster, query head) pairs, reading q as broadcasts.
+constexpr int kTiledMaxD = 128;
+
+template <int G>
+__global__ void __launch_bounds__(kScoreThreads)
+    TiledLogitsKernel(const float* __restrict__ q, int d, float scale,
+                      const float* __restrict__ cen, int64_t cen_stride,
+                      const int32_t* __restrict__ sizes, int64_t size_stride, int64_t n,
+                      float* __restrict__ logits, float2* __restrict__ stats) {
+  constexpr int kPad = kTiledMaxD + 1;
+  __shared__ float tile[kClustersPerBlock][kPad];
+  __shared__ float qs[G][kTiledMaxD];
+  __shared__ float xs[G][kClustersPerBlock];
+  const int head = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t first = int64_t{blockIdx.x} * kClustersPerBlock;
+  const int rows = static_cast<int>(min(int64_t{kClustersPerBlock}, n - first));
+  const int d4 = d / 4;
+  const float4* src = reinterpret_cast<const float4*>(cen + head * cen_stride + first * d);
+  for (int i = threadIdx.x; i < rows * d4; i += blockDim.x) {
+    const float4 v = src[i];
+    const int r = i / d4, e = (i % d4) * 4;
+    tile[r][e] = v.x;
+    tile[r][e + 1] = v.y;
+    tile[r][e + 2] = v.z;
+    tile[r][e + 3] = v.w;
+  }
+  for (int i = threadIdx.x; i < G * d; i += blockDim.x)
+    qs[i / d][i % d] = q[(int64_t{head} * G) * d + i];
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < G * kClustersPerBlock; idx += blockDim.x) {
+    const int c = idx % kClustersPerBlock, j = idx / kClustersPerBlock;
+    float dot = 0.f;
+    if (c < rows) {
+#pragma unroll 8
+      for (int e = 0; e < d; ++e) dot = fmaf(tile[c][e], qs[j][e], dot);
+      dot *= scale;
+      logits[(int64_t{head} * G + j) * n + first + c] = dot;
+    }
+    xs[j][c] = c < rows && sizes[head * size_stride + first + c] > 0 ? dot : -INFINITY;
+  }
+  __syncthreads();
+  if (warp < G) {  // warp j: max and sum of exp of its query head's live logits
+    const int j = warp;
+    float mx = -INFINITY;
+    for (int c = lane; c < kClustersPerBlock; c += 32) mx = fmaxf(mx, xs[j][c]);
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    float z = 0.f;
+    if (mx != -INFINITY)
+      for (int c = lane; c < kClustersPerBlock; c += 32)
+        if (xs[j][c] != -INFINITY) z += __expf(xs[j][c] - mx);
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) z += __shfl_xor_sync(0xffffffffu, z, off);
+    if (lane == 0) stats[(int64_t{head} * gridDim.x + blockIdx.x) * G + j] = make_float2(mx, z);
   }
 }
 
@@ -315,9 +375,15 @@ cudaError_t LaunchScoreTyped(const ScoreArgs& a, float* ws, cudaStream_t stream)
   float* logits = ws;
   const int64_t logit_count = (int64_t{a.heads} * G * a.n + 1) / 2 * 2;  // keeps stats 8-aligned
   float2* stats = reinterpret_cast<float2*>(ws + logit_count);
-  LogitsKernel<G><<<dim3(nb, a.heads), kScoreThreads, 0, stream>>>(
-      a.q, a.d, a.scale, a.centroids, a.centroid_stride, a.sizes, a.size_stride, a.n, logits,
-      stats);
+  if (a.d <= kTiledMaxD) {
+    TiledLogitsKernel<G><<<dim3(nb, a.heads), kScoreThreads, 0, stream>>>(
+        a.q, a.d, a.scale, a.centroids, a.centroid_stride, a.sizes, a.size_stride, a.n, logits,
+        stats);
+  } else {
+    LogitsKernel<G><<<dim3(nb, a.heads), kScoreThreads, 0, stream>>>(
+        a.q, a.d, a.scale, a.centroids, a.centroid_stride, a.sizes, a.size_stride, a.n, logits,
+        stats);
+  }
   const int64_t sb = (a.n + kScoreThreads - 1) / kScoreThreads;
   ScoresKernel<G><<<dim3(sb, a.heads), kScoreThreads, 0, stream>>>(
       logits, stats, static_cast<int>(nb), a.sizes, a.size_stride, a.n, a.scores, a.score_stride);
