@@ -14,7 +14,8 @@
 // scratch comes from a workspace sized once in Create(); an op that would need more fails with
 // RESOURCE_EXHAUSTED before launching anything.
 //
-// Thread-safety: ops that use the workspace (ScoreClusters, ExactAttention, EstimateAttention)
+// Thread-safety: ops that use the workspace (ScoreClusters, ExactAttention, EstimateAttention,
+// SphericalKMeans)
 // share their stream's region, so each stream takes them from one thread at a time. Copy, Memset,
 // events, MergeLse, SelectTopK, KMeansAssign, GatherPages, PlanPages and ScatterInt32 keep no
 // state and may be called from several threads at once (the wave buffer's committer thread queues
@@ -196,6 +197,23 @@ struct AssignArgs {
   float* best = nullptr;
 };
 
+// Spherical k-means of one segment's keys, all on the GPU: the algorithm of index::ClusterKeys
+// (mean-centre if asked, L2-normalise, seed centroid c with key c*n/clusters, `iterations` rounds
+// of assign + normalised-mean update, a final assignment). Outputs (device): assignment [n],
+// sizes [clusters], centroids [clusters x d] = plain means of the members' original keys (zero
+// for an empty cluster). d: a multiple of 4, at most 512; 1 <= clusters <= n.
+struct KMeansArgs {
+  const float* keys = nullptr;  // [n x d] float32, device
+  int64_t n = 0;
+  int d = 0;
+  int64_t clusters = 0;
+  int iterations = 10;
+  bool mean_center = true;
+  int32_t* assignment = nullptr;
+  int32_t* sizes = nullptr;
+  float* centroids = nullptr;
+};
+
 class CudaBackend {
  public:
   // True when a CUDA device can be used (tests skip otherwise).
@@ -231,6 +249,8 @@ class CudaBackend {
   [[nodiscard]] absl::Status MergeLse(float* out_a, float* lse_a, const float* out_b,
                                       const float* lse_b, int rows, int d, int stream = 0);
   [[nodiscard]] absl::Status KMeansAssign(const AssignArgs& args, int stream = 0);
+  // Uses the stream's workspace (4 (n + 2 clusters) d bytes and change).
+  [[nodiscard]] absl::Status SphericalKMeans(const KMeansArgs& args, int stream = 0);
   // Gathers `count` pages: for each i, copies rows_bytes[i] bytes from src[i] to dst[i] with the
   // GPU's threads (src may be mapped pinned host memory: one PCIe read, no staging).
   // src, dst, bytes: device-accessible arrays of `count` entries.

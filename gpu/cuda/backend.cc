@@ -224,6 +224,18 @@ absl::Status CudaBackend::KMeansAssign(const AssignArgs& a, int stream) {
   return FromCuda(cuda::LaunchKMeansAssign(a, s), "KMeansAssign");
 }
 
+absl::Status CudaBackend::SphericalKMeans(const KMeansArgs& a, int stream) {
+  if (a.n < 1 || a.d < 4 || a.d % 4 != 0 || a.d > 512 || a.clusters < 1 || a.clusters > a.n ||
+      a.iterations < 0 || a.keys == nullptr || a.assignment == nullptr || a.sizes == nullptr ||
+      a.centroids == nullptr)
+    return absl::InvalidArgumentError(
+        "SphericalKMeans: need n >= 1, d a multiple of 4 in [4, 512], 1 <= clusters <= n");
+  KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
+  KVWAVE_ASSIGN_OR_RETURN(
+      float* ws, impl_->Workspace(stream, cuda::KMeansWorkspaceBytes(a.n, a.d, a.clusters)));
+  return FromCuda(cuda::LaunchSphericalKMeans(a, ws, s), "SphericalKMeans");
+}
+
 absl::Status CudaBackend::GatherPages(const void* const* src, void* const* dst,
                                       const int32_t* bytes, int64_t count, int64_t max_bytes,
                                       int stream) {

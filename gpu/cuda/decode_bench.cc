@@ -15,6 +15,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "CLI/CLI.hpp"
@@ -23,6 +24,7 @@
 #include "buffer/synthetic_kv.h"
 #include "buffer/wave_buffer.h"
 #include "gpu/cuda_backend.h"
+#include "index/wave_index.h"
 
 namespace kvwave {
 namespace {
@@ -349,6 +351,53 @@ Row RunContext(gpu::CudaBackend* b, const Options& o, int64_t context, const Ban
   return row;
 }
 
+// Index build of one 8192-token segment of one (layer, KV head), d = 128, 10 rounds: spherical
+// k-means on the GPU vs index::ClusterKeys on the host's cores (TBB), the same keys.
+void TimeKMeans(gpu::CudaBackend* b) {
+  const int64_t n = 8192;
+  const int d = 128;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> centres(64 * d), keys(n * d);
+  for (auto& x : centres) x = nd(rng);
+  for (int64_t i = 0; i < n; ++i)
+    for (int e = 0; e < d; ++e) keys[i * d + e] = centres[(rng() % 64) * d + e] + 0.6f * nd(rng);
+  const int64_t k = n / 16;
+  auto kd = b->Allocate(sizeof(float) * n * d), ad = b->Allocate(sizeof(int32_t) * n),
+       sd = b->Allocate(sizeof(int32_t) * k), cd = b->Allocate(sizeof(float) * k * d);
+  CHECK_OK(kd.status());
+  CHECK_OK(ad.status());
+  CHECK_OK(sd.status());
+  CHECK_OK(cd.status());
+  CHECK_OK(b->Copy(kd->data(), keys.data(), sizeof(float) * n * d));
+  gpu::KMeansArgs a;
+  a.keys = kd->as<float>();
+  a.n = n;
+  a.d = d;
+  a.clusters = k;
+  a.assignment = ad->as<int32_t>();
+  a.sizes = sd->as<int32_t>();
+  a.centroids = cd->as<float>();
+  std::vector<double> gpu_ms, cpu_ms;
+  for (int r = 0; r < 6; ++r) {
+    CHECK_OK(b->Synchronize());
+    auto t0 = Clock::now();
+    CHECK_OK(b->SphericalKMeans(a));
+    CHECK_OK(b->Synchronize());
+    if (r > 0) gpu_ms.push_back(Ms(t0, Clock::now()));
+  }
+  for (int r = 0; r < 3; ++r) {
+    auto t0 = Clock::now();
+    auto c = index::ClusterKeys(keys.data(), n, d, {});
+    CHECK_OK(c.status());
+    cpu_ms.push_back(Ms(t0, Clock::now()));
+  }
+  std::printf(
+      "# index build, 8192 keys x d=128, 512 clusters, 10 rounds: GPU %.2f ms, CPU (%u "
+      "threads) %.2f ms\n",
+      Median(gpu_ms), std::thread::hardware_concurrency(), Median(cpu_ms));
+}
+
 int Main(int argc, char** argv) {
   CLI::App app{"decode step: Attend (wave buffer) vs full attention on GPU / streamed from host"};
   Options o;
@@ -384,6 +433,7 @@ int Main(int argc, char** argv) {
       o.rho, 100 * o.cache, 100 * o.retrieval, 100 * o.estimation);
   std::printf("# measured: HBM %.0f GB/s (D2D copy, read+write), PCIe %.1f GB/s (pinned H2D)\n",
               bw.hbm / 1e9, bw.pcie / 1e9);
+  TimeKMeans(b);
   std::vector<Row> rows;
   for (int64_t c : o.contexts) {
     rows.push_back(RunContext(b, o, c, bw));

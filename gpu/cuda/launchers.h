@@ -48,6 +48,8 @@ cudaError_t LaunchScatterInt32(int32_t* base, const int64_t* index, const int32_
 
 // ---- kmeans.cu ----
 cudaError_t LaunchKMeansAssign(const AssignArgs& a, cudaStream_t stream);
+size_t KMeansWorkspaceBytes(int64_t n, int d, int64_t k);
+cudaError_t LaunchSphericalKMeans(const KMeansArgs& a, void* workspace, cudaStream_t stream);
 
 }  // namespace kvwave::gpu::cuda
 

@@ -13,6 +13,7 @@
 #include "buffer/pinned_allocator.h"
 #include "gpu/attention_cpu.h"
 #include "gpu/cuda_backend.h"
+#include "index/wave_index.h"
 
 namespace kvwave::gpu {
 namespace {
@@ -372,6 +373,99 @@ TEST_F(CudaKernelsTest, KMeansAssignMatchesCpu) {
     if (got[i] != bj) ++mismatches;  // only a near tie may flip
   }
   EXPECT_LE(mismatches, 2);
+}
+
+// Mean cosine of each unit key to its cluster's direction (the normalised mean of the member
+// unit keys): the spherical k-means objective of an assignment, in float64.
+double SphericalObjective(const std::vector<float>& keys, int64_t n, int d,
+                          const std::vector<int32_t>& assignment, int64_t k) {
+  std::vector<double> mean(d, 0.0), unit(n * d), dir(k * d, 0.0);
+  for (int64_t i = 0; i < n; ++i)
+    for (int e = 0; e < d; ++e) mean[e] += keys[i * d + e] / double(n);
+  for (int64_t i = 0; i < n; ++i) {
+    double ss = 0;
+    for (int e = 0; e < d; ++e) ss += std::pow(keys[i * d + e] - mean[e], 2);
+    for (int e = 0; e < d; ++e) unit[i * d + e] = (keys[i * d + e] - mean[e]) / std::sqrt(ss);
+    for (int e = 0; e < d; ++e) dir[assignment[i] * d + e] += unit[i * d + e];
+  }
+  double total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double* c = dir.data() + assignment[i] * d;
+    double dot = 0, cc = 0;
+    for (int e = 0; e < d; ++e) dot += unit[i * d + e] * c[e], cc += c[e] * c[e];
+    total += dot / std::sqrt(cc);
+  }
+  return total / double(n);
+}
+
+TEST_F(CudaKernelsTest, SphericalKMeansMatchesCpuClusterKeys) {
+  const int64_t n = 3000;
+  const int d = 128, blobs = 40;
+  std::vector<float> centres = Random(blobs * d, 1.f), keys(n * d);
+  std::normal_distribution<float> noise(0.f, 0.6f);
+  for (int64_t i = 0; i < n; ++i)
+    for (int e = 0; e < d; ++e)
+      keys[i * d + e] = centres[(rng_() % blobs) * d + e] + noise(rng_) + 0.5f;  // off-centre
+  const float* keys_dev = Upload(keys);
+  for (int iterations : {0, 10}) {
+    index::WaveIndexOptions o;
+    o.iterations = iterations;
+    auto cpu = index::ClusterKeys(keys.data(), n, d, o);
+    ASSERT_TRUE(cpu.ok()) << cpu.status();
+    const int64_t k = cpu->num_clusters;
+    KMeansArgs a;
+    a.keys = keys_dev;
+    a.n = n;
+    a.d = d;
+    a.clusters = k;
+    a.iterations = iterations;
+    a.assignment = Poisoned<int32_t>(n);
+    a.sizes = Poisoned<int32_t>(k);
+    a.centroids = Poisoned<float>(k * d);
+    ASSERT_TRUE(backend_->SphericalKMeans(a).ok());
+    auto assignment = Download(a.assignment, n);
+    auto sizes = Download(a.sizes, k);
+    auto centroids = Download(a.centroids, k * d);
+    // Sizes and centroids are those of the GPU's own assignment (plain means of the keys).
+    std::vector<int32_t> count(k, 0);
+    std::vector<double> sum(k * d, 0.0);
+    for (int64_t i = 0; i < n; ++i) {
+      ASSERT_GE(assignment[i], 0);
+      ASSERT_LT(assignment[i], k);
+      ++count[assignment[i]];
+      for (int e = 0; e < d; ++e) sum[assignment[i] * d + e] += keys[i * d + e];
+    }
+    double num = 0, den = 0;
+    for (int64_t c = 0; c < k; ++c) {
+      EXPECT_EQ(sizes[c], count[c]) << "cluster " << c;
+      for (int e = 0; e < d; ++e) {
+        const double want = count[c] > 0 ? sum[c * d + e] / count[c] : 0.0;
+        num += std::pow(centroids[c * d + e] - want, 2);
+        den += want * want;
+      }
+    }
+    EXPECT_LT(std::sqrt(num / den), 1e-5);
+    if (iterations == 0) {  // same seeds, one assignment: equal up to float near-ties
+      int64_t same = 0;
+      for (int64_t i = 0; i < n; ++i) same += assignment[i] == cpu->assignment[i];
+      EXPECT_GE(same, n * 995 / 1000);
+    }
+    // Same quality as the CPU's clustering (sums in another order may end in another optimum).
+    const double gpu_obj = SphericalObjective(keys, n, d, assignment, k);
+    const double cpu_obj = SphericalObjective(keys, n, d, cpu->assignment, k);
+    EXPECT_GT(gpu_obj, cpu_obj - 0.01) << "iterations " << iterations;
+    if (iterations == 10) {
+      EXPECT_GT(gpu_obj, SphericalObjective(keys, n, d, std::vector<int32_t>(n, 0), k) + 0.05);
+    }
+  }
+}
+
+TEST_F(CudaKernelsTest, SphericalKMeansRejectsBadShape) {
+  KMeansArgs a;
+  a.n = 10;
+  a.d = 6;  // not a multiple of 4
+  a.clusters = 2;
+  EXPECT_EQ(backend_->SphericalKMeans(a).code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(CudaKernelsTest, GatherPagesCopiesFromPinnedHost) {
