@@ -5,6 +5,12 @@
 //
 // Bars (issue 4): ping round trip over shared memory <= 20 us p50; bulk Append over shared memory
 // >= 50% of memcpy bandwidth.
+//
+// Method: small ops get an untimed warm-up, then ping and info are timed in interleaved blocks of
+// 100, so a burst of other load on the (shared) machine hits both alike; a run of 1,000 pings
+// lasts only ~20 ms. Bulk appends: the first context of each run is reported on its own line
+// (`*_first`: its tails may take fresh pages from the OS); the rows without the suffix are the
+// steady state, with the daemon's host pool warm (store.host_pool_bytes).
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -26,6 +32,7 @@
 #include "engine/engine.h"
 #include "kvwave/client.h"
 #include "kvwave/local_daemon.h"
+#include "store/host_memory.h"
 
 namespace kvwave::bench {
 namespace {
@@ -38,7 +45,8 @@ struct Config {
   int append_tokens = 2048;  // per bulk Append: 2048 x 8 heads x 128 x bf16 = 4 MiB of K (+4 V)
   std::string kvwaved;
   std::string csv;
-  int io_threads = 0;  // 0 = the daemon's default (rpc.io_threads)
+  int io_threads = 0;                  // 0 = the daemon's default (rpc.io_threads)
+  std::vector<std::string> overrides;  // settings for kvwaved and the in-process engine
 };
 
 // Shape of the bench contexts: 8 KV heads x 128, bf16 (a 70B-class layer).
@@ -97,10 +105,15 @@ Results RunOps(Backend& b, const Config& cfg, uint32_t seed) {
   for (auto& p : gpos) p = rng() % kQueryTokens;
   std::vector<std::byte> gk(64 * kRowBytes), gv(64 * kRowBytes);
   const int n = cfg.requests;
-  if constexpr (Backend::kRemote) {
-    Measure(res["ping"], n, 0, [&] { return b.Ping(); });
+  OpResult warmup;
+  Measure(warmup, 100, 0, [&] { return b.Info(qctx); });
+  for (int done = 0; done < n; done += 100) {
+    const int block = std::min(100, n - done);
+    if constexpr (Backend::kRemote) {
+      Measure(res["ping"], block, 0, [&] { return b.Ping(); });
+    }
+    Measure(res["info"], block, 0, [&] { return b.Info(qctx); });
   }
-  Measure(res["info"], n, 0, [&] { return b.Info(qctx); });
   Measure(res["attend"], n, 0, [&] { return b.Attend(qctx, q, out, lse); });
   Measure(res["retrieve"], n, 0, [&] { return b.Retrieve(qctx, q, positions, scores); });
   Measure(res["gather64"], n, 128.0 * kRowBytes, [&] { return b.Gather(qctx, gpos, gk, gv); });
@@ -111,14 +124,15 @@ Results RunOps(Backend& b, const Config& cfg, uint32_t seed) {
     std::vector<int64_t> tokens(kLayers, 0);
     int layer = 0;
     const int count = std::max(8, n / 8);
-    OpResult& r = res[name];
+    OpResult* r = &res[std::string(name) + "_first"];
     for (int i = 0; i < count; ++i) {
       if (tokens[layer] + chunk > 8192) {
         b.Close(ctx);
         ctx = b.Open();
         std::fill(tokens.begin(), tokens.end(), 0);
+        r = &res[name];
       }
-      Measure(r, 1, 2.0 * chunk * kRowBytes, [&] { return b.Append(ctx, layer, chunk, k, v); });
+      Measure(*r, 1, 2.0 * chunk * kRowBytes, [&] { return b.Append(ctx, layer, chunk, k, v); });
       tokens[layer] += chunk;
       layer = (layer + 1) % kLayers;
     }
@@ -300,6 +314,8 @@ int RunServe(int argc, char** argv) {
   app.add_option("--kvwaved", cfg.kvwaved, "kvwaved binary");
   app.add_option("--io-threads", cfg.io_threads, "kvwaved rpc.io_threads (0 = its default)");
   app.add_option("--csv", cfg.csv, "also write CSV here");
+  app.add_option("--set", cfg.overrides,
+                 "a setting for kvwaved and the in-process engine, section.key=value (repeatable)");
   CLI11_PARSE(app, argc, argv);
   PrintEnvironmentHeader();
   if (!cfg.csv.empty()) {
@@ -320,6 +336,8 @@ int RunServe(int argc, char** argv) {
                     "rpc.tcp_token=bench"};
   if (cfg.io_threads > 0)
     dopt.overrides.push_back("rpc.io_threads=" + std::to_string(cfg.io_threads));
+  dopt.overrides.insert(dopt.overrides.end(), cfg.overrides.begin(), cfg.overrides.end());
+  for (const std::string& o : cfg.overrides) std::printf("# setting: %s\n", o.c_str());
   auto daemon = client::LocalDaemon::Start(dopt);
   if (!daemon.ok()) {
     std::fprintf(stderr, "serve: %s\n", daemon.status().ToString().c_str());
@@ -342,7 +360,8 @@ int RunServe(int argc, char** argv) {
     if (std::string(transport) == "shm") shm_results = r;
   }
   (*daemon).reset();
-  absl::StatusOr<config::Settings> settings = config::LoadFromString("", {});
+  absl::StatusOr<config::Settings> settings = config::LoadFromString("", cfg.overrides);
+  if (settings.ok()) store::DefaultHostPool()->SetIdleLimit(settings->host_pool_bytes);
   auto engine = settings.ok() ? engine::Engine::Create(*settings)
                               : absl::StatusOr<std::unique_ptr<engine::Engine>>(settings.status());
   if (engine.ok()) {
@@ -352,6 +371,8 @@ int RunServe(int argc, char** argv) {
   const double ping_p50 = Pct(shm_results["ping"].us, 0.5);
   const OpResult& zc = shm_results.count("append_zero_copy") ? shm_results["append_zero_copy"]
                                                              : shm_results["append"];
+  const OpResult& cold = shm_results["append_first"];  // the daemon's first tails: fresh pages
+  const double cold_gbs = cold.elapsed_s > 0 ? cold.bytes / cold.elapsed_s / 1e9 : 0;
   const double append_gbs = zc.elapsed_s > 0 ? zc.bytes / zc.elapsed_s / 1e9 : 0;
   const OpResult& ac = shm_results["append"];
   const double copy_gbs = ac.elapsed_s > 0 ? ac.bytes / ac.elapsed_s / 1e9 : 0;
@@ -362,6 +383,10 @@ int RunServe(int argc, char** argv) {
       "%.2f GB/s (>= 50%%): %s\n",
       append_gbs, copy_gbs, 100 * append_gbs / memcpy_gbs, memcpy_gbs,
       append_gbs >= 0.5 * memcpy_gbs ? "PASS" : "FAIL");
+  std::printf(
+      "# bulk Append over shm into the daemon's first context (fresh pages, staged): %.2f GB/s = "
+      "%.0f%% of memcpy\n",
+      cold_gbs, 100 * cold_gbs / memcpy_gbs);
   if (g_csv) std::fclose(g_csv);
   return 0;
 }

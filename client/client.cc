@@ -5,6 +5,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <sched.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -101,8 +102,14 @@ absl::StatusOr<rpc::Frame> Client::Impl::ReadReply(uint64_t id) {
         return frame;
       }
     }
-    // A blocking recv bounded by SO_RCVTIMEO (set at connect): one syscall per reply.
-    const ssize_t n = recv(fd_, read_buffer_.data(), read_buffer_.size(), 0);
+    // First poll (options_.poll_us), then a blocking recv bounded by SO_RCVTIMEO (set at
+    // connect): one syscall per reply once it is there.
+    const bool poll = Clock::now() < poll_until_;
+    const ssize_t n = recv(fd_, read_buffer_.data(), read_buffer_.size(), poll ? MSG_DONTWAIT : 0);
+    if (n < 0 && poll && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      sched_yield();
+      continue;
+    }
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
       if (Clock::now() < give_up) continue;
       broken_ = true;
@@ -139,6 +146,7 @@ absl::Status Client::Impl::Exchange(uint16_t type, const google::protobuf::Messa
     // The server may have said why it closed (e.g. the session limit) before closing.
     return ConnectionError(sent);
   }
+  poll_until_ = std::chrono::steady_clock::now() + std::chrono::microseconds(options_.poll_us);
   KVWAVE_ASSIGN_OR_RETURN(rpc::Frame reply, ReadReply(header.request_id));
   if (reply.header.op() == rpc::pb::ERROR) {
     rpc::pb::ErrorResponse error;

@@ -5,6 +5,7 @@
 #ifndef KVWAVE_CLIENT_CLIENT_IMPL_H_
 #define KVWAVE_CLIENT_CLIENT_IMPL_H_
 
+#include <chrono>
 #include <cstdint>
 #include <mutex>
 #include <span>
@@ -64,6 +65,7 @@ class Client::Impl {
   rpc::FrameDecoder decoder_;
   std::vector<std::byte> read_buffer_;
   uint64_t next_id_ = 1;
+  std::chrono::steady_clock::time_point poll_until_;  // ReadReply polls until then (poll_us)
   size_t stage_used_ = 0;
   bool broken_ = false;
 };

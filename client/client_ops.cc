@@ -213,6 +213,10 @@ absl::StatusOr<ServerStats> Client::Stats() {
   s.persist_bytes_written = resp.persist_bytes_written();
   s.persist_corrupt_records = resp.persist_corrupt_records();
   s.persist_errors = resp.persist_errors();
+  s.host_pool_idle_bytes = resp.host_pool_idle_bytes();
+  s.host_pool_limit_bytes = resp.host_pool_limit_bytes();
+  s.host_pool_hits = resp.host_pool_hits();
+  s.host_pool_misses = resp.host_pool_misses();
   s.in_flight = resp.in_flight();
   s.rss_bytes = resp.rss_bytes();
   s.frames_rejected = resp.frames_rejected();

@@ -73,6 +73,10 @@ int Stats(const Common& c, bool prometheus) {
       s->memory_used_bytes / 1048576.0, s->memory_limit_bytes / 1048576.0, s->rss_bytes / 1048576.0,
       static_cast<long long>(s->segments_sealed), static_cast<long long>(s->tokens_appended),
       static_cast<long long>(s->frames_rejected));
+  std::printf("host pool: %.1f MiB idle (limit %.1f MiB, not in memory)  hits %lld  misses %lld\n",
+              s->host_pool_idle_bytes / 1048576.0, s->host_pool_limit_bytes / 1048576.0,
+              static_cast<long long>(s->host_pool_hits),
+              static_cast<long long>(s->host_pool_misses));
   std::printf("%-14s %10s %8s %10s %10s %10s %12s %12s\n", "op", "count", "errors", "p50 us",
               "p99 us", "p999 us", "bytes in", "bytes out");
   for (const OpStats& o : s->ops) {

@@ -49,6 +49,16 @@ void Connection::ArmRead() {
   if (closed_ || reading_ || close_after_flush_) return;
   if (in_flight_ >= kMaxInFlight || queued_bytes_ >= kMaxQueuedReplyBytes) return;
   reading_ = true;
+  if (session_->hello_done()) {
+    // After Hello no fd may arrive (any sent are discarded by the kernel with the message), so a
+    // plain read will do. Asio (1.18) re-registers the descriptor with epoll_ctl on every
+    // async_wait; a read that was already waiting costs no such syscall, one per request saved.
+    socket_.async_read_some(asio::buffer(read_buffer_),
+                            asio::bind_executor(strand_, [self = shared_from_this()](
+                                                             const boost::system::error_code& ec,
+                                                             size_t n) { self->OnRead(ec, n); }));
+    return;
+  }
   socket_.async_wait(asio::posix::stream_descriptor::wait_read,
                      asio::bind_executor(
                          strand_, [self = shared_from_this()](const boost::system::error_code& ec) {
@@ -69,7 +79,19 @@ void Connection::OnReadable(const boost::system::error_code& ec) {
     if (r == ReadResult::kStop) return;
     if (r == ReadResult::kIdle) break;
     if (in_flight_ >= kMaxInFlight || queued_bytes_ >= kMaxQueuedReplyBytes) break;
+    if (session_->hello_done()) break;  // the rest is read by OnRead
   }
+  ArmRead();
+}
+
+void Connection::OnRead(const boost::system::error_code& ec, size_t n) {
+  reading_ = false;
+  if (closed_) return;
+  if (ec || n == 0) {  // EOF (the client is gone, its replies have no reader) or an error
+    CloseNow();
+    return;
+  }
+  if (Consume(n) == ReadResult::kStop) return;
   ArmRead();
 }
 
@@ -85,7 +107,11 @@ Connection::ReadResult Connection::ReadOnce() {
     CloseNow();
     return ReadResult::kStop;
   }
-  absl::Status fed = decoder_.Feed(std::span<const std::byte>(read_buffer_.data(), *n));
+  return Consume(*n);
+}
+
+Connection::ReadResult Connection::Consume(size_t n) {
+  absl::Status fed = decoder_.Feed(std::span<const std::byte>(read_buffer_.data(), n));
   while (decoder_.HasFrame() && !closed_ && !close_after_flush_) OnFrame(decoder_.TakeFrame());
   if (!fed.ok()) {
     server_.service().stats().FrameRejected();
@@ -96,7 +122,7 @@ Connection::ReadResult Connection::ReadOnce() {
     return ReadResult::kStop;
   }
   if (closed_ || close_after_flush_) return ReadResult::kStop;
-  return *n == read_buffer_.size() ? ReadResult::kMore : ReadResult::kIdle;
+  return n == read_buffer_.size() ? ReadResult::kMore : ReadResult::kIdle;
 }
 
 void Connection::OnFrame(Frame frame) {

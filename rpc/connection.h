@@ -1,6 +1,7 @@
-// One client connection of kvwaved: reads frames (recvmsg on the raw socket so a Hello can carry
-// the shared-memory fd), hands requests to the server's compute arena, and writes replies in
-// the order they complete (pipelined requests are answered out of order, matched by id).
+// One client connection of kvwaved: reads frames (until Hello, recvmsg on the raw socket so a
+// Hello can carry the shared-memory fd; after it, asio reads), hands requests to the server's
+// compute arena (Ping runs on the strand), and writes replies in the order they complete
+// (pipelined requests are answered out of order, matched by id).
 //
 // Flow control: at most kMaxInFlight requests per connection are computed at once and at most
 // kMaxQueuedReplyBytes of replies wait for the client to read them; past either, the connection
@@ -43,8 +44,12 @@ class Connection : public std::enable_shared_from_this<Connection> {
  private:
   void ArmRead();
   void OnReadable(const boost::system::error_code& ec);
+  // Before Hello: wait, then recvmsg (a Hello may carry the region's fd). After: async reads.
+  void OnRead(const boost::system::error_code& ec, size_t n);
   enum class ReadResult { kMore, kIdle, kStop };  // kStop: closed or closing, do not re-arm
   ReadResult ReadOnce();
+  // Decodes the n bytes just read into read_buffer_ and handles the frames.
+  ReadResult Consume(size_t n);
   void OnFrame(Frame frame);
   void Reply(std::string frame);
   void WriteNext();

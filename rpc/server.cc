@@ -15,6 +15,7 @@
 #include "rpc/connection.h"
 #include "rpc/log.h"
 #include "rpc/metrics_http.h"
+#include "store/host_memory.h"
 
 namespace kvwave::rpc {
 namespace asio = boost::asio;
@@ -49,7 +50,9 @@ Server::Server(engine::Engine& engine, const config::Settings& settings)
       service_(engine, settings),
       arena_(ArenaThreads(settings.compute_threads)),
       max_sessions_(settings.max_sessions),
-      io_(static_cast<int>(std::max<int64_t>(1, settings.io_threads))) {}
+      io_(static_cast<int>(std::max<int64_t>(1, settings.io_threads))) {
+  store::DefaultHostPool()->SetIdleLimit(settings.host_pool_bytes);
+}
 
 Server::~Server() {
   if (!threads_.empty()) {
@@ -205,6 +208,7 @@ void Server::EndSession(uint64_t session_id) {
 
 void Server::ApplySettings(const config::Settings& settings) {
   max_sessions_.store(settings.max_sessions, std::memory_order_relaxed);
+  store::DefaultHostPool()->SetIdleLimit(settings.host_pool_bytes);
   service_.ApplySettings(settings);
 }
 

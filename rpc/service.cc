@@ -11,6 +11,7 @@
 #include "rpc/log.h"
 #include "rpc/service_call.h"
 #include "rpc/wire.h"
+#include "store/host_memory.h"
 
 namespace kvwave::rpc {
 namespace {
@@ -259,6 +260,11 @@ void Service::FillStats(pb::StatsResponse& out) {
   out.set_persist_bytes_written(e.persist_bytes_written);
   out.set_persist_corrupt_records(e.persist_corrupt_records);
   out.set_persist_errors(e.persist_errors);
+  const store::HostPoolStats pool = store::DefaultHostPool()->stats();
+  out.set_host_pool_idle_bytes(pool.idle_bytes);
+  out.set_host_pool_limit_bytes(pool.idle_limit_bytes);
+  out.set_host_pool_hits(pool.hits);
+  out.set_host_pool_misses(pool.misses);
   out.set_in_flight(in_flight());
 }
 

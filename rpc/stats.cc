@@ -114,6 +114,15 @@ std::string ServerStats::Prometheus(const pb::StatsResponse& s) const {
         "Corrupt records detected, dropped and never served.", s.persist_corrupt_records());
   Gauge(out, "kvwave_persist_errors", "Prefix blocks that could not be persisted.",
         s.persist_errors());
+  Gauge(out, "kvwave_host_pool_idle_bytes",
+        "Freed KV blocks kept resident for reuse (not in kvwave_memory_used_bytes).",
+        s.host_pool_idle_bytes());
+  Gauge(out, "kvwave_host_pool_limit_bytes", "Bound on kvwave_host_pool_idle_bytes.",
+        s.host_pool_limit_bytes());
+  Gauge(out, "kvwave_host_pool_hits", "KV block allocations served by the pool.",
+        s.host_pool_hits());
+  Gauge(out, "kvwave_host_pool_misses", "KV block allocations the pool could not serve.",
+        s.host_pool_misses());
   Gauge(out, "kvwave_in_flight", "Requests being computed.", s.in_flight());
   Gauge(out, "kvwave_rss_bytes", "Resident set size of kvwaved.", s.rss_bytes());
   Gauge(out, "kvwave_frames_rejected", "Frames rejected as malformed.", s.frames_rejected());

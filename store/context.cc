@@ -1,23 +1,74 @@
 #include "store/context.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "config/status_macros.h"
 
 namespace kvwave::store {
+namespace {
+
+// Copies at least this many bytes per call with streaming stores: a bulk append is far larger
+// than the caches, is not read again soon (the next seal reads it once), and streaming stores
+// skip reading every destination line before writing it. Smaller (decode-step) appends use
+// ordinary stores, leaving the rows in cache for the Attend that follows.
+constexpr size_t kStreamingBytes = size_t{64} << 10;
+
+// Copies n rows of `row_bytes` from src (rows `src_stride` bytes apart) to contiguous dst.
+void CopyRows(std::byte* dst, const std::byte* src, int64_t n, size_t row_bytes,
+              size_t src_stride) {
+  if (src_stride == row_bytes && n * row_bytes < kStreamingBytes) {
+    std::memcpy(dst, src, n * row_bytes);
+    return;
+  }
+#if defined(__AVX2__)
+  if (n * row_bytes >= kStreamingBytes && row_bytes % 32 == 0 &&
+      reinterpret_cast<uintptr_t>(dst) % 32 == 0) {
+    const size_t vectors = row_bytes / 32;
+    for (int64_t i = 0; i < n; ++i) {
+      const auto* s = reinterpret_cast<const __m256i*>(src + i * src_stride);
+      auto* d = reinterpret_cast<__m256i*>(dst + i * row_bytes);
+      size_t j = 0;
+      for (; j + 4 <= vectors; j += 4) {
+        const __m256i a = _mm256_loadu_si256(s + j), b = _mm256_loadu_si256(s + j + 1);
+        const __m256i c = _mm256_loadu_si256(s + j + 2), e = _mm256_loadu_si256(s + j + 3);
+        _mm256_stream_si256(d + j, a);
+        _mm256_stream_si256(d + j + 1, b);
+        _mm256_stream_si256(d + j + 2, c);
+        _mm256_stream_si256(d + j + 3, e);
+      }
+      for (; j < vectors; ++j) _mm256_stream_si256(d + j, _mm256_loadu_si256(s + j));
+    }
+    _mm_sfence();  // streaming stores are weakly ordered: publish them before the lock is released
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) std::memcpy(dst + i * row_bytes, src + i * src_stride, row_bytes);
+}
+
+}  // namespace
 
 absl::Status Tail::Reserve(int64_t rows) {
   if (rows <= capacity_) return absl::OkStatus();
-  int64_t cap = std::max<int64_t>({rows, capacity_ * 2, 64});
-  KVWAVE_ASSIGN_OR_RETURN(HostBuffer k, HostBuffer::Allocate(allocator_, cap * row_bytes_));
-  KVWAVE_ASSIGN_OR_RETURN(HostBuffer v, HostBuffer::Allocate(allocator_, cap * row_bytes_));
-  if (size_ > 0) {
-    std::memcpy(k.data(), keys_.data(), size_ * row_bytes_);
-    std::memcpy(v.data(), values_.data(), size_ * row_bytes_);
+  // At least double (amortised O(1) per row), and leave room for one more append of the size
+  // that forced the growth: bulk appends come in equal chunks, and each growth copies the tail.
+  const int64_t appended = rows - size_;
+  const int64_t cap = std::max<int64_t>({rows + appended, capacity_ * 2, 64});
+  const size_t bytes = cap * row_bytes_, live = size_ * row_bytes_;
+  if (capacity_ == 0) {
+    KVWAVE_ASSIGN_OR_RETURN(keys_, HostBuffer::Allocate(allocator_, bytes));
+    KVWAVE_ASSIGN_OR_RETURN(values_, HostBuffer::Allocate(allocator_, bytes));
+  } else {
+    // Grown by remapping where the allocator can (no copy of the rows), else copied. If only
+    // keys_ grows, the spare capacity is harmless: capacity_ changes only when both have.
+    KVWAVE_RETURN_IF_ERROR(keys_.Grow(bytes, live));
+    KVWAVE_RETURN_IF_ERROR(values_.Grow(bytes, live));
   }
-  keys_ = std::move(k);
-  values_ = std::move(v);
   capacity_ = cap;
   return absl::OkStatus();
 }
@@ -25,10 +76,8 @@ absl::Status Tail::Reserve(int64_t rows) {
 absl::Status Tail::Append(const std::byte* k, const std::byte* v, int64_t n, size_t src_stride,
                           MemoryCharge charge) {
   KVWAVE_RETURN_IF_ERROR(Reserve(size_ + n));
-  for (int64_t i = 0; i < n; ++i) {
-    std::memcpy(keys_.data() + (size_ + i) * row_bytes_, k + i * src_stride, row_bytes_);
-    std::memcpy(values_.data() + (size_ + i) * row_bytes_, v + i * src_stride, row_bytes_);
-  }
+  CopyRows(keys_.data() + size_ * row_bytes_, k, n, row_bytes_, src_stride);
+  CopyRows(values_.data() + size_ * row_bytes_, v, n, row_bytes_, src_stride);
   size_ += n;
   charge_.Merge(std::move(charge));
   return absl::OkStatus();

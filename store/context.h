@@ -54,7 +54,9 @@ class Tail {
   absl::Status Reserve(int64_t rows);
   size_t row_bytes_;
   HostAllocator* allocator_;
-  HostBuffer keys_, values_;  // capacity_ rows each; slack is bounded by one segment per head
+  // capacity_ rows each, at most max(2 x peak rows held, peak + the append that grew it); the
+  // slack is not charged to the budget.
+  HostBuffer keys_, values_;
   int64_t capacity_ = 0;
   int64_t size_ = 0;
   int64_t first_position_ = 0;

@@ -252,6 +252,8 @@ class PyClient {
     d["rss_bytes"] = s.rss_bytes;
     d["frames_rejected"] = s.frames_rejected;
     d["tokens_appended"] = s.tokens_appended;
+    d["host_pool_idle_bytes"] = s.host_pool_idle_bytes;
+    d["host_pool_limit_bytes"] = s.host_pool_limit_bytes;
     d["prometheus_text"] = s.prometheus_text;
     return d;
   }

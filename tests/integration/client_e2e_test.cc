@@ -181,6 +181,27 @@ TEST_F(ClientE2ETest, SharedRegionTooSmallFallsBackToInline) {
   RoundTrip(*c, MakeData(103), /*zero_copy=*/false);
 }
 
+// The reply wait polls first (ClientOptions::poll_us), then blocks: both ends of that range give
+// the same results, over shared memory and TCP.
+TEST_F(ClientE2ETest, SameResultsWithoutAndWithLongPolling) {
+  for (int poll_us : {0, 100000}) {
+    SCOPED_TRACE(poll_us);
+    client::ClientOptions o;
+    o.socket_path = daemon_->socket_path();
+    o.shared_memory_bytes = size_t{8} << 20;
+    o.poll_us = poll_us;
+    auto c = client::Client::Connect(o);
+    ASSERT_TRUE(c.ok()) << c.status();
+    EXPECT_TRUE((*c)->Ping().ok());
+    RoundTrip(**c, MakeData(110 + poll_us % 7), /*zero_copy=*/false);
+    o.tcp_port = port_;
+    o.token = "t";
+    auto t = client::Client::Connect(o);
+    ASSERT_TRUE(t.ok()) << t.status();
+    RoundTrip(**t, MakeData(120 + poll_us % 7), /*zero_copy=*/false);
+  }
+}
+
 TEST_F(ClientE2ETest, TcpInline) {
   client::ClientOptions o;
   o.tcp_port = port_;

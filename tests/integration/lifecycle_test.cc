@@ -136,7 +136,41 @@ TEST(LifecycleTest, ThousandClientsConnectAndVanish) {
   std::printf("rss: baseline %.1f MiB, after 1000 clients %.1f MiB\n", base.rss_bytes / 1048576.0,
               after.rss_bytes / 1048576.0);
   EXPECT_LT(after.rss_bytes, base.rss_bytes + (48 << 20));
+  EXPECT_LE(after.host_pool_idle_bytes, after.host_pool_limit_bytes);
   EXPECT_TRUE(observer->Ping().ok());
+}
+
+// Freed KV blocks stay resident for the next context, up to store.host_pool_bytes; they are not
+// charged as used memory, and the stats show them.
+TEST(LifecycleTest, HostPoolKeepsFreedBlocksWithinItsLimit) {
+  auto daemon = StartDaemon({"store.host_pool_bytes=" + std::to_string(24 << 20)});
+  ASSERT_NE(daemon, nullptr);
+  auto c = Connect(daemon->socket_path());
+  ASSERT_NE(c, nullptr);
+  const client::ServerStats base = StatsOf(*c);
+  EXPECT_EQ(base.host_pool_limit_bytes, 24 << 20);
+  const std::vector<float> kv = RandomFloats(2000 * 2 * 128, 9);
+  const auto bytes = std::as_bytes(std::span<const float>(kv));
+  auto fill = [&] {  // 4 layers x 2 heads x 2000 rows x 512 B: 1 MiB tails, 16 MiB in all
+    auto ctx = c->Open({{4, 4, 2, 128, DType::kF32}, {}, ""});
+    ASSERT_TRUE(ctx.ok()) << ctx.status();
+    for (int layer = 0; layer < 4; ++layer) {
+      ASSERT_TRUE(c->Append(ctx->id, layer, 2000, bytes, bytes).ok());
+    }
+    EXPECT_GE(StatsOf(*c).memory_used_bytes, base.memory_used_bytes + 4 * 2 * 2000 * 512 * 2);
+    ASSERT_TRUE(c->Close(ctx->id).ok());
+  };
+  fill();
+  ASSERT_TRUE(Eventually([&] { return StatsOf(*c).memory_used_bytes == base.memory_used_bytes; }));
+  const client::ServerStats after_first = StatsOf(*c);
+  EXPECT_GT(after_first.host_pool_idle_bytes, 8 << 20);
+  EXPECT_LE(after_first.host_pool_idle_bytes, 24 << 20);
+  fill();
+  ASSERT_TRUE(Eventually([&] { return StatsOf(*c).memory_used_bytes == base.memory_used_bytes; }));
+  const client::ServerStats after_second = StatsOf(*c);
+  EXPECT_GT(after_second.host_pool_hits, after_first.host_pool_hits) << "the second reused blocks";
+  EXPECT_LE(after_second.host_pool_idle_bytes, 24 << 20);
+  EXPECT_NE(after_second.prometheus_text.find("kvwave_host_pool_idle_bytes"), std::string::npos);
 }
 
 TEST(LifecycleTest, GracefulShutdownDrainsInFlightRequests) {
