@@ -45,6 +45,16 @@ const std::vector<Entry>& Table() {
         "freed KV blocks (>= 64 KiB) kept resident for reuse, at most this many bytes; not charged "
         "to store.memory_limit_bytes, reported in stats (0 = give every block back)"},
        &Settings::host_pool_bytes},
+      {{"store.pinned_memory",
+        T::kString,
+        std::string("auto"),
+        0,
+        0,
+        {"auto", "on", "off"},
+        false,
+        "host KV in pinned, GPU-mapped memory (cudaHostAlloc): auto = when kvwaved is built with "
+        "CUDA and a GPU is present; on = required (start-up fails otherwise); off = never"},
+       &Settings::pinned_memory},
       {{"store.prefill_segment_tokens",
         T::kInt,
         int64_t{8192},

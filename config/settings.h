@@ -22,6 +22,7 @@ struct Settings {
   // store
   int64_t memory_limit_bytes = int64_t{8} << 30;
   int64_t host_pool_bytes = int64_t{1} << 30;  // idle KV blocks kept for reuse
+  std::string pinned_memory = "auto";          // auto | on | off (host KV pinned for the GPU)
   int64_t prefill_segment_tokens = 8192;
   int64_t decode_segment_tokens = 1024;
   int64_t page_tokens = 8;

@@ -8,6 +8,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tests/install_deps.sh
 build=${KVWAVE_BUILD_DIR:-build/release}
-cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVWAVE_CUDA=OFF >/dev/null
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVWAVE_CUDA=AUTO >/dev/null
 cmake --build "$build" -j "$(nproc)" --target kvwaved kvwave
 exec "$build/client/kvwave" demo --kvwaved "$build/rpc/kvwaved" "$@"

@@ -316,9 +316,31 @@ HostPoolStats HostPool::stats() const {
   return s;
 }
 
+namespace {
+absl::Mutex default_upstream_mu;
+HostAllocator* default_upstream ABSL_GUARDED_BY(default_upstream_mu) = nullptr;
+bool default_pool_made ABSL_GUARDED_BY(default_upstream_mu) = false;
+}  // namespace
+
 HostPool* DefaultHostPool() {
-  static HostPool* pool = new HostPool(MappedHostAllocator(), HostPool::kDefaultIdleLimitBytes);
+  static HostPool* pool = [] {
+    absl::MutexLock lock(&default_upstream_mu);
+    default_pool_made = true;
+    return new HostPool(default_upstream != nullptr ? default_upstream : MappedHostAllocator(),
+                        HostPool::kDefaultIdleLimitBytes);
+  }();
   return pool;  // never destroyed: buffers of static objects may be freed after main returns
+}
+
+absl::Status SetDefaultHostUpstream(HostAllocator* upstream) {
+  absl::MutexLock lock(&default_upstream_mu);
+  if (default_pool_made) {
+    return absl::FailedPreconditionError(
+        "the default host pool is already in use; set its upstream allocator before any KV "
+        "memory is allocated");
+  }
+  default_upstream = upstream;
+  return absl::OkStatus();
 }
 
 HostAllocator* DefaultHostAllocator() { return DefaultHostPool(); }

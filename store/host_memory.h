@@ -141,9 +141,15 @@ class HostPool final : public HostAllocator {
   std::map<size_t, std::vector<void*>> idle_ ABSL_GUARDED_BY(mu_);
 };
 
-// The process-wide pool over MappedHostAllocator(); its idle limit starts at
-// HostPool::kDefaultIdleLimitBytes (kvwaved applies `store.host_pool_bytes`).
+// The process-wide pool over MappedHostAllocator() (or the allocator installed by
+// SetDefaultHostUpstream); its idle limit starts at HostPool::kDefaultIdleLimitBytes (kvwaved
+// applies `store.host_pool_bytes`).
 HostPool* DefaultHostPool();
+
+// Makes `upstream` (e.g. pinned memory, buffer/pinned_allocator.h) the allocator under
+// DefaultHostPool(). Only before the pool's first use (FAILED_PRECONDITION after it), so that
+// no block changes allocator. REQUIRES: upstream lives for the rest of the process.
+[[nodiscard]] absl::Status SetDefaultHostUpstream(HostAllocator* upstream);
 
 // The allocator of all KV bytes of the store: DefaultHostPool().
 HostAllocator* DefaultHostAllocator();
