@@ -40,6 +40,7 @@ struct RetrievalFlags {
                                       "quest", "wave",       "graph"};
   bool ood = false;
   bool graph_per_query_head = false;
+  bool graph_oracle = false;  // diagnostic: build the graph from the decode queries themselves
   index::GraphIndexOptions graph;
   int ivf_keys_per_list = 64;
   int hnsw_m = 16, hnsw_ef_construction = 200;
@@ -146,14 +147,18 @@ std::string FormatBars(const std::vector<SweepPoint>& points) {
   const double hnsw = ScanFractionAtRecall(points, "hnsw", 0.95);
   const double graph_us = UsAtRecall(points, "graph", 0.95);
   const double flat_us = UsAtRecall(points, "flat", 0.95);
-  absl::StrAppendFormat(
-      &out,
-      "# bars: graph scan@0.95 %.4f (<= 0.03: %s); ivf/graph %.1fx, hnsw/graph "
-      "%.1fx (>= 3: %s); flat/graph us %.1fx (>= 5: %s)\n",
-      graph, graph > 0 && graph <= 0.03 ? "PASS" : "FAIL", ivf / graph, hnsw / graph,
-      graph > 0 && (ivf < 0 || ivf / graph >= 3) && (hnsw < 0 || hnsw / graph >= 3) ? "PASS"
-                                                                                    : "FAIL",
-      flat_us / graph_us, graph_us > 0 && flat_us / graph_us >= 5 ? "PASS" : "FAIL");
+  // A baseline that never reaches the target recall needs more than everything the sweep tried.
+  const char* vs_ann = graph <= 0 ? "FAIL" : (ivf < 0 && hnsw < 0) ? "n/a" : "FAIL";
+  if (graph > 0 && (ivf < 0 || ivf / graph >= 3) && (hnsw < 0 || hnsw / graph >= 3) &&
+      (ivf > 0 || hnsw > 0)) {
+    vs_ann = "PASS";
+  }
+  absl::StrAppendFormat(&out,
+                        "# bars: graph scan@0.95 %.4f (<= 0.03: %s); ivf/graph %.1fx, hnsw/graph "
+                        "%.1fx (>= 3: %s); flat/graph us %.1fx (>= 5: %s)\n",
+                        graph, graph > 0 && graph <= 0.03 ? "PASS" : "FAIL", ivf / graph,
+                        hnsw / graph, vs_ann, flat_us / graph_us,
+                        graph_us > 0 && flat_us / graph_us >= 5 ? "PASS" : "FAIL");
   return out;
 }
 
@@ -180,7 +185,11 @@ absl::Status RunGroup(const trace::Trace& trace, int64_t layer, int64_t kv_head,
         own = MakeMethod(name, f);
         if (own == nullptr) return absl::InvalidArgumentError("unknown method " + name);
         const float* pre = per_head ? g.prefill[h].data() : prefill_all.data();
-        const int64_t m = per_head ? g.n : g.n * group;
+        int64_t m = per_head ? g.n : g.n * group;
+        if (name == "graph" && f.graph_oracle) {
+          pre = per_head ? g.decode[h].data() : decode_all.data();
+          m = per_head ? g.num_queries : g.num_queries * group;
+        }
         const auto start = std::chrono::steady_clock::now();
         KVWAVE_RETURN_IF_ERROR(own->Build(g.keys.data(), g.n, g.d, pre, m));
         build_us =
@@ -220,13 +229,14 @@ absl::Status Run(const RetrievalFlags& f) {
       "# trace %s: %ld tokens, %ld layers (axis 0 of the files), %ld q heads over %ld kv heads, "
       "d=%ld\n# layers (axis indices) %s; keys [0, %ld), queries the last %ld positions; top-%d\n"
       "# graph: N=%d M=%d build queries=%ld alpha=%.2f refine queue=%d connect queue=%d "
-      "per-query-head=%d\n",
+      "entries=%d prune-ip=%d position-links=%d per-query-head=%d\n",
       f.trace.c_str(), static_cast<long>(trace.tokens), static_cast<long>(trace.layers),
       static_cast<long>(trace.q_heads), static_cast<long>(trace.kv_heads),
       static_cast<long>(trace.head_dim), absl::StrJoin(layers, ",").c_str(),
       static_cast<long>(trace.tokens - f.queries), static_cast<long>(f.queries), f.topk,
       f.graph.query_neighbors, f.graph.max_degree, static_cast<long>(f.graph.max_queries),
-      f.graph.prune_alpha, f.graph.refine_queue, f.graph.connect_queue, f.graph_per_query_head);
+      f.graph.prune_alpha, f.graph.refine_queue, f.graph.connect_queue, f.graph.entry_points,
+      f.graph.prune_by_ip, f.graph.position_links, f.graph_per_query_head);
   omp_set_num_threads(1);  // FAISS searches on one thread, like everything else timed here
   std::vector<SweepPoint> points;
   OodSums ood;
@@ -270,8 +280,14 @@ int RunRetrieval(int argc, char** argv) {
   app.add_option("--graph-alpha", f.graph.prune_alpha, "graph: pruning alpha");
   app.add_option("--graph-refine-queue", f.graph.refine_queue, "graph: refinement queue (0=off)");
   app.add_option("--graph-connect-queue", f.graph.connect_queue, "graph: connect-pass queue");
+  app.add_option("--graph-entries", f.graph.entry_points, "graph: entry points per search");
+  app.add_flag("--graph-prune-ip", f.graph.prune_by_ip, "graph: prune by inner product, not L2");
+  app.add_option("--graph-position-links", f.graph.position_links,
+                 "graph: also link each key to its w neighbours in token order");
   app.add_option("--graph-seed", f.graph.seed, "graph: sampling seed");
   app.add_flag("--graph-per-query-head", f.graph_per_query_head, "one graph per query head");
+  app.add_flag("--graph-oracle", f.graph_oracle,
+               "diagnostic: build the graph from the decode queries it is tested with");
   app.add_option("--ivf-list-size", f.ivf_keys_per_list, "IVF: keys per list (nlist = n / this)");
   app.add_option("--hnsw-m", f.hnsw_m, "HNSW: M");
   app.add_option("--hnsw-ef-construction", f.hnsw_ef_construction, "HNSW: efConstruction");

@@ -64,6 +64,42 @@ void DotBlock4(const float* qs, const float* keys, int64_t n, int d, float* out)
   }
 }
 
+// out[0, nn) = the nn largest of scores[0, n), best first (ties by lower index), like TopKIndices
+// but in one pass: a min-heap of the best nn so far, and an AVX2 compare of 8 scores at a time
+// against its smallest, which rejects almost every score (the build's exact top-N of many
+// queries over many keys spends most of its time here otherwise). REQUIRES: 1 <= nn <= n.
+void TopNInto(const float* scores, int64_t n, int nn, std::vector<std::pair<float, int32_t>>* heap,
+              int32_t* out) {
+  // Min-heap by (score, then higher index = worse): front() is the entry to replace first.
+  const auto worse = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
+  heap->clear();
+  for (int32_t i = 0; i < nn; ++i) heap->emplace_back(scores[i], i);
+  std::make_heap(heap->begin(), heap->end(), worse);
+  float threshold = heap->front().first;
+  const auto offer = [&](int64_t i) {
+    if (scores[i] > threshold) {  // equal scores keep the lower index already in the heap
+      std::pop_heap(heap->begin(), heap->end(), worse);
+      heap->back() = {scores[i], static_cast<int32_t>(i)};
+      std::push_heap(heap->begin(), heap->end(), worse);
+      threshold = heap->front().first;
+    }
+  };
+  int64_t i = nn;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 block = _mm256_loadu_ps(scores + i);
+    int mask = _mm256_movemask_ps(_mm256_cmp_ps(block, _mm256_set1_ps(threshold), _CMP_GT_OQ));
+    while (mask != 0) {
+      offer(i + __builtin_ctz(static_cast<unsigned>(mask)));
+      mask &= mask - 1;
+    }
+  }
+  for (; i < n; ++i) offer(i);
+  std::sort_heap(heap->begin(), heap->end(), worse);  // best first
+  for (int r = 0; r < nn; ++r) out[r] = (*heap)[r].second;
+}
+
 // knn[j * nn + r] = the r-th best key of query rows[j] by q.k (exact). Parallel over query blocks.
 std::vector<int32_t> ExactNeighbors(const float* keys, int64_t n, const float* queries,
                                     const std::vector<int64_t>& rows, int d, int nn) {
@@ -73,6 +109,8 @@ std::vector<int32_t> ExactNeighbors(const float* keys, int64_t n, const float* q
   const int64_t blocks = (m + kBlock - 1) / kBlock;
   tbb::parallel_for(tbb::blocked_range<int64_t>(0, blocks, 1), [&](const auto& range) {
     std::vector<float> qs(size_t{kBlock} * d), scores(static_cast<size_t>(kBlock * n));
+    std::vector<std::pair<float, int32_t>> heap;
+    heap.reserve(static_cast<size_t>(nn));
     for (int64_t b = range.begin(); b < range.end(); ++b) {
       const int64_t first = b * kBlock;
       const int count = static_cast<int>(std::min<int64_t>(kBlock, m - first));
@@ -87,8 +125,7 @@ std::vector<int32_t> ExactNeighbors(const float* keys, int64_t n, const float* q
         DotRowsMulti(qs.data(), count, keys, n, d, scores.data());
       }
       for (int i = 0; i < count; ++i) {
-        std::vector<int32_t> top = TopKIndices(scores.data() + i * n, n, nn);
-        std::copy(top.begin(), top.end(), knn.begin() + (first + i) * nn);
+        TopNInto(scores.data() + i * n, n, nn, &heap, knn.data() + (first + i) * nn);
       }
     }
   });
@@ -99,10 +136,17 @@ float SquaredL2(const float* a, const float* b, float norm_a, float norm_b, int 
   return norm_a + norm_b - 2.0f * Dot(a, b, d);
 }
 
+// "Distance" between keys a and b for pruning: squared L2, or -a.b when pruning by inner product.
+float PruneDistance(const float* a, const float* b, float norm_a, float norm_b, int d, bool by_ip) {
+  return by_ip ? -Dot(a, b, d) : SquaredL2(a, b, norm_a, norm_b, d);
+}
+
 // Relative-neighbourhood pruning of pivot p's candidates to at most m, in order of distance to p;
 // candidates occluded by a kept neighbour top the list up to m afterwards.
+
 std::vector<int32_t> PruneCandidates(int32_t p, std::vector<int32_t> cand, const float* keys,
-                                     const std::vector<float>& norms, int d, int m, float alpha) {
+                                     const std::vector<float>& norms, int d, int m, float alpha,
+                                     bool by_ip) {
   std::sort(cand.begin(), cand.end());
   cand.erase(std::unique(cand.begin(), cand.end()), cand.end());
   std::erase(cand, p);
@@ -110,17 +154,23 @@ std::vector<int32_t> PruneCandidates(int32_t p, std::vector<int32_t> cand, const
   std::vector<std::pair<float, int32_t>> by_dist;
   by_dist.reserve(cand.size());
   for (int32_t c : cand) {
-    by_dist.emplace_back(SquaredL2(kp, keys + int64_t{c} * d, norms[p], norms[c], d), c);
+    by_dist.emplace_back(PruneDistance(kp, keys + int64_t{c} * d, norms[p], norms[c], d, by_ip), c);
   }
-  std::sort(by_dist.begin(), by_dist.end());
+  // Only the 8m nearest go through the O(candidates x m) occlusion test: a pivot chosen by many
+  // queries has thousands of candidates, and the far ones are rarely kept (Vamana prunes a pool of
+  // similar size).
+  const size_t pool = std::min(by_dist.size(), static_cast<size_t>(8) * m);
+  std::partial_sort(by_dist.begin(), by_dist.begin() + pool, by_dist.end());
+  by_dist.resize(pool);
   std::vector<int32_t> kept, occluded;
-  const float alpha2 = alpha * alpha;
+  const float alpha2 = by_ip ? 1.0f : alpha * alpha;  // alpha scales L2 distances only
   for (const auto& [dist_pc, c] : by_dist) {
     if (static_cast<int>(kept.size()) >= m) break;
     const float* kc = keys + int64_t{c} * d;
     bool is_occluded = false;
     for (int32_t s : kept) {
-      if (alpha2 * SquaredL2(keys + int64_t{s} * d, kc, norms[s], norms[c], d) < dist_pc) {
+      if (alpha2 * PruneDistance(keys + int64_t{s} * d, kc, norms[s], norms[c], d, by_ip) <
+          dist_pc) {
         is_occluded = true;
         break;
       }
@@ -165,7 +215,7 @@ AdjacencyLists ProjectOntoKeys(const std::vector<int32_t>& knn, int nn, const fl
   tbb::parallel_for(int64_t{0}, n, [&](int64_t p) {
     if (!cand[p].empty()) {
       adj[p] = PruneCandidates(static_cast<int32_t>(p), std::move(cand[p]), keys, norms, d,
-                               options.max_degree, options.prune_alpha);
+                               options.max_degree, options.prune_alpha, options.prune_by_ip);
     }
   });
   AddReverseEdges(AdjacencyLists(adj), options.max_degree, &adj);
@@ -191,18 +241,26 @@ void MarkReachable(const AdjacencyLists& adj, int32_t start, std::vector<char>* 
 // The beam search shared by Search and the connectivity pass: on return scratch->queue_ holds
 // the best `queue_size` keys seen, best first. `neighbors(u)` yields u's out-neighbours.
 template <typename NeighborsFn>
-int64_t BeamSearch(const float* keys, int64_t n, int d, int32_t entry, const float* q,
-                   int queue_size, NeighborsFn neighbors, std::vector<uint32_t>& visited,
-                   uint32_t& epoch, auto& queue) {
+int64_t BeamSearch(const float* keys, int64_t n, int d, std::span<const int32_t> entries,
+                   const float* q, int queue_size, NeighborsFn neighbors,
+                   std::vector<uint32_t>& visited, uint32_t& epoch, auto& queue) {
   if (visited.size() != static_cast<size_t>(n)) visited.assign(static_cast<size_t>(n), 0);
   if (++epoch == 0) {  // wrapped: clear the marks once every 2^32 searches
     std::fill(visited.begin(), visited.end(), 0);
     epoch = 1;
   }
   queue.clear();
-  queue.push_back({Dot(q, keys + int64_t{entry} * d, d), entry, false});
-  visited[entry] = epoch;
-  int64_t scanned = 1;
+  int64_t scanned = 0;
+  for (int32_t e : entries) {  // distinct keys by construction
+    const float score = Dot(q, keys + int64_t{e} * d, d);
+    visited[e] = epoch;
+    ++scanned;
+    if (static_cast<int>(queue.size()) >= queue_size && score <= queue.back().score) continue;
+    auto at = std::upper_bound(queue.begin(), queue.end(), score,
+                               [](float x, const auto& entry) { return x > entry.score; });
+    queue.insert(at, {score, e, false});
+    if (static_cast<int>(queue.size()) > queue_size) queue.pop_back();
+  }
   int32_t fresh[256];
   size_t cur = 0;
   while (cur < queue.size()) {
@@ -238,8 +296,9 @@ int64_t BeamSearch(const float* keys, int64_t n, int d, int32_t entry, const flo
 // Step 3b: key-key refinement. Each key searches the projected graph (a snapshot, so the keys
 // can go in parallel and the result stays deterministic) with its own vector; the pruned results
 // fill its free slots, and reverse edges are added for the new edges.
-void Refine(const float* keys, int64_t n, int d, int32_t entry, const std::vector<float>& norms,
-            const GraphIndexOptions& options, AdjacencyLists* adj) {
+void Refine(const float* keys, int64_t n, int d, std::span<const int32_t> entries,
+            const std::vector<float>& norms, const GraphIndexOptions& options,
+            AdjacencyLists* adj) {
   const AdjacencyLists snapshot = *adj;
   const auto neighbors = [&snapshot](int32_t u) -> const std::vector<int32_t>& {
     return snapshot[u];
@@ -252,7 +311,7 @@ void Refine(const float* keys, int64_t n, int d, int32_t entry, const std::vecto
     for (int64_t u = range.begin(); u < range.end(); ++u) {
       const int free_slots = options.max_degree - static_cast<int>(snapshot[u].size());
       if (free_slots <= 0) continue;
-      BeamSearch(keys, n, d, entry, keys + u * d, options.refine_queue, neighbors, visited, epoch,
+      BeamSearch(keys, n, d, entries, keys + u * d, options.refine_queue, neighbors, visited, epoch,
                  queue);
       std::vector<int32_t> cand;
       for (const QueueEntry& e : queue) {
@@ -261,13 +320,40 @@ void Refine(const float* keys, int64_t n, int d, int32_t entry, const std::vecto
         }
       }
       added[u] = PruneCandidates(static_cast<int32_t>(u), std::move(cand), keys, norms, d,
-                                 free_slots, options.prune_alpha);
+                                 free_slots, options.prune_alpha, options.prune_by_ip);
     }
   });
   for (int64_t u = 0; u < n; ++u) {
     (*adj)[u].insert((*adj)[u].end(), added[u].begin(), added[u].end());
   }
   AddReverseEdges(added, options.max_degree, adj);
+}
+
+// Step 5: the pivots of `count` sampled queries spread evenly over the sample, deduplicated; with
+// count = 1 (or no neighbour lists), the best key of the mean sampled query.
+std::vector<int32_t> EntryPoints(const float* keys, int64_t n, int d, const float* queries,
+                                 const std::vector<int64_t>& rows, const std::vector<int32_t>& knn,
+                                 int nn, int count) {
+  if (count > 1 && !knn.empty()) {
+    const int64_t m = static_cast<int64_t>(rows.size());
+    std::vector<int32_t> entries;
+    std::vector<char> taken(static_cast<size_t>(n), 0);
+    for (int64_t i = 0; i < count && i < m; ++i) {
+      const int32_t pivot = knn[(i * m / count) * nn];
+      if (!taken[pivot]) {
+        taken[pivot] = 1;
+        entries.push_back(pivot);
+      }
+    }
+    return entries;
+  }
+  std::vector<float> mean(static_cast<size_t>(d), 0.0f);
+  for (int64_t r : rows) {
+    for (int i = 0; i < d; ++i) mean[i] += queries[r * d + i];
+  }
+  std::vector<float> affinity(static_cast<size_t>(n));
+  DotRows(mean.data(), keys, n, d, affinity.data());
+  return {TopKIndices(affinity.data(), n, 1)[0]};
 }
 }  // namespace
 
@@ -295,11 +381,12 @@ absl::StatusOr<GraphIndex> GraphIndex::Build(const float* keys, int64_t n, const
   }
   if (options.query_neighbors < 2 || options.max_degree < 1 || options.max_degree > 256 ||
       options.connect_queue < 1 || options.refine_queue < 0 || options.max_queries < 0 ||
+      options.entry_points < 1 || options.position_links < 0 || options.position_links > 64 ||
       !(options.prune_alpha > 0.0f)) {
     return absl::InvalidArgumentError(
         "graph index: need query_neighbors >= 2, 1 <= max_degree <= 256, connect_queue >= 1, "
         "refine_queue >= 0, "
-        "max_queries >= 0, prune_alpha > 0");
+        "max_queries >= 0, entry_points >= 1, 0 <= position_links <= 64, prune_alpha > 0");
   }
   GraphIndex g;
   g.n_ = n;
@@ -310,20 +397,23 @@ absl::StatusOr<GraphIndex> GraphIndex::Build(const float* keys, int64_t n, const
   std::vector<float> norms(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) norms[i] = Dot(keys + i * d, keys + i * d, d);
   AdjacencyLists adj;
+  std::vector<int32_t> knn;
   if (nn >= 2) {
-    adj = ProjectOntoKeys(ExactNeighbors(keys, n, queries, rows, d, nn), nn, keys, n, d, norms,
-                          options);
+    knn = ExactNeighbors(keys, n, queries, rows, d, nn);
+    adj = ProjectOntoKeys(knn, nn, keys, n, d, norms, options);
   } else {
     adj.resize(static_cast<size_t>(n));
   }
-  std::vector<float> mean(static_cast<size_t>(d), 0.0f);
-  for (int64_t r : rows) {
-    for (int i = 0; i < d; ++i) mean[i] += queries[r * d + i];
+  for (int64_t i = 0; i < n; ++i) {  // token-order links: attention favours runs of positions
+    for (int64_t j = std::max<int64_t>(0, i - options.position_links);
+         j <= std::min(n - 1, i + options.position_links); ++j) {
+      if (j != i && std::find(adj[i].begin(), adj[i].end(), j) == adj[i].end()) {
+        adj[i].push_back(static_cast<int32_t>(j));
+      }
+    }
   }
-  std::vector<float> affinity(static_cast<size_t>(n));
-  DotRows(mean.data(), keys, n, d, affinity.data());
-  g.entry_ = TopKIndices(affinity.data(), n, 1)[0];
-  if (options.refine_queue > 0) Refine(keys, n, d, g.entry_, norms, options, &adj);
+  g.entries_ = EntryPoints(keys, n, d, queries, rows, knn, nn, options.entry_points);
+  if (options.refine_queue > 0) Refine(keys, n, d, g.entries_, norms, options, &adj);
   g.Connect(&adj, options);
   g.offsets_.assign(1, 0);
   for (const auto& list : adj) {
@@ -335,14 +425,14 @@ absl::StatusOr<GraphIndex> GraphIndex::Build(const float* keys, int64_t n, const
 
 void GraphIndex::Connect(std::vector<std::vector<int32_t>>* adj, const GraphIndexOptions& options) {
   std::vector<char> reached(static_cast<size_t>(n_), 0);
-  MarkReachable(*adj, entry_, &reached);
+  MarkReachable(*adj, entries_.front(), &reached);
   GraphSearchScratch scratch;
   const auto neighbors = [adj](int32_t u) -> const std::vector<int32_t>& { return (*adj)[u]; };
   for (int32_t u = 0; u < n_; ++u) {
     if (reached[u]) continue;
     const float* ku = keys_.data() + int64_t{u} * d_;
-    BeamSearch(keys_.data(), n_, d_, entry_, ku, options.connect_queue, neighbors, scratch.visited_,
-               scratch.epoch_, scratch.queue_);
+    BeamSearch(keys_.data(), n_, d_, std::span<const int32_t>(entries_), ku, options.connect_queue,
+               neighbors, scratch.visited_, scratch.epoch_, scratch.queue_);
     int32_t from = scratch.queue_.front().id;
     for (const auto& e : scratch.queue_) {
       if (static_cast<int>((*adj)[e.id].size()) < options.max_degree) {
@@ -367,8 +457,9 @@ GraphSearchResult GraphIndex::Search(const float* q, int k, int queue_size,
   k = static_cast<int>(std::min<int64_t>(std::max(k, 1), n_));
   queue_size = static_cast<int>(std::clamp<int64_t>(queue_size, k, n_));
   const auto neighbors = [this](int32_t u) { return Neighbors(u); };
-  result.scanned = BeamSearch(keys_.data(), n_, d_, entry_, q, queue_size, neighbors,
-                              scratch->visited_, scratch->epoch_, scratch->queue_);
+  result.scanned =
+      BeamSearch(keys_.data(), n_, d_, std::span<const int32_t>(entries_), q, queue_size, neighbors,
+                 scratch->visited_, scratch->epoch_, scratch->queue_);
   const size_t count = std::min<size_t>(static_cast<size_t>(k), scratch->queue_.size());
   result.ids.reserve(count);
   result.scores.reserve(count);

@@ -6,15 +6,23 @@
 //   1. take a sample of the prefill queries of the KV group and find, exactly, the top-N keys of
 //      each by inner product (q.k, the attention score);
 //   2. project the query–key bipartite graph onto keys: each query's best key becomes a *pivot*,
-//      linked to that query's other N-1 keys; a pivot's candidates are pruned to degree M by a
-//      relative-neighbourhood rule (L2 between keys) and topped up to M with the pruned ones;
-//   3. add reverse edges into free slots (degree stays <= M); then a key–key refinement: every
-//      key searches this graph with its own vector and fills its free slots with the pruned
-//      results (plus their reverse edges), which makes keys that no query chose navigable;
+//      linked to that query's other N-1 keys; a pivot's candidates (the 8M nearest of them) are
+//      pruned to degree M by a relative-neighbourhood rule (L2 between keys, or inner product as
+//      RoarGraph does) and topped up to M with the pruned ones;
+//   3. add reverse edges into free slots (degree stays <= M); token-order links: key i is also
+//      linked to keys i +- 1..position_links (keys are passed in token order; these edges may
+//      take a key past M), because RoPE makes a query's top keys come in runs of nearby positions;
+//      then a key–key refinement: every key searches this graph with its own vector and fills
+//      its free slots with the pruned results (plus their reverse edges), which makes keys that
+//      no query chose navigable;
 //   4. connectivity pass: every key not reachable from the entry point is found by a search
 //      with its own vector and linked from its best reachable key (these few edges may exceed M);
-//   5. entry point: the key with the largest inner product with the mean sampled query.
-// Search is a beam search over the graph with a bounded queue (size L >= k), maximising q.k.
+//   5. entry points (chosen before step 3's refinement, which starts from them): the pivots (best
+//   keys) of `entry_points` sampled queries spread evenly over
+//      the sample (so over heads and positions), deduplicated; with entry_points = 1, the key with
+//      the largest inner product with the mean sampled query.
+// Search scores every entry point (they count as scanned keys), seeds the queue with them, and runs
+// a beam search over the graph with a bounded queue (size L >= k), maximising q.k.
 //
 // Thread-safety: a built GraphIndex is immutable; Search is const and safe from many threads as
 // long as each thread passes its own GraphSearchScratch (or uses the overload that allocates one).
@@ -33,10 +41,13 @@ namespace kvwave::index {
 struct GraphIndexOptions {
   int query_neighbors = 100;    // N: exact top-N keys found per sampled prefill query
   int max_degree = 32;          // M: out-degree bound of the projected graph
-  int64_t max_queries = 32768;  // sampled prefill queries used to build (0 = use all of them)
+  int64_t max_queries = 65536;  // sampled prefill queries used to build (0 = use all of them)
   float prune_alpha = 1.0f;     // RNG rule: drop c if alpha * |s - c| < |p - c| for a kept s
   int refine_queue = 100;       // key-key refinement search queue (0 = no refinement pass)
   int connect_queue = 48;       // queue size of the searches of the connectivity pass
+  int entry_points = 1;         // keys every search starts from (scored first), >= 1
+  bool prune_by_ip = false;     // occlusion by inner product (RoarGraph's IP metric), not L2
+  int position_links = 1;       // also link key i to i +- 1..w (keys in token order), <= 64
   uint64_t seed = 1;            // query sampling; the build is deterministic for a seed
 };
 
@@ -81,7 +92,8 @@ class GraphIndex {
 
   int64_t size() const { return n_; }
   int dim() const { return d_; }
-  int32_t entry_point() const { return entry_; }
+  int32_t entry_point() const { return entries_.front(); }
+  std::span<const int32_t> entry_points() const { return entries_; }
   std::span<const int32_t> Neighbors(int32_t key) const {
     return {targets_.data() + offsets_[key], targets_.data() + offsets_[key + 1]};
   }
@@ -97,7 +109,7 @@ class GraphIndex {
 
   int64_t n_ = 0;
   int d_ = 0;
-  int32_t entry_ = 0;
+  std::vector<int32_t> entries_;  // entries_[0] is the one the connectivity pass starts from
   int64_t connect_edges_ = 0;
   std::vector<float> keys_;       // [n x d]
   std::vector<int64_t> offsets_;  // [n + 1], CSR

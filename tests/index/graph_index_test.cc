@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <random>
 #include <set>
+#include <tuple>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -39,10 +40,11 @@ std::vector<int32_t> ReferenceTopK(const std::vector<float>& keys, int64_t n, in
   return top;
 }
 
-class GraphIndexExactTest : public ::testing::TestWithParam<int> {};
+// (dimension, entry points, prune by inner product, position links)
+class GraphIndexExactTest : public ::testing::TestWithParam<std::tuple<int, int, bool, int>> {};
 
 TEST_P(GraphIndexExactTest, FullQueueFindsExactTopK) {
-  const int d = GetParam();
+  const auto [d, entries, by_ip, position_links] = GetParam();
   const int64_t n = 600, m = 400;
   const std::vector<float> keys = RandomRows(n, d, 11 + d, 0.0f);
   const std::vector<float> queries = RandomRows(m, d, 12 + d, 0.7f);  // shifted: OOD queries
@@ -50,8 +52,15 @@ TEST_P(GraphIndexExactTest, FullQueueFindsExactTopK) {
   options.query_neighbors = 16;
   options.max_degree = 8;
   options.max_queries = 200;
+  options.entry_points = entries;
+  options.prune_by_ip = by_ip;
+  options.position_links = position_links;
   auto graph = GraphIndex::Build(keys.data(), n, queries.data(), m, d, options);
   ASSERT_TRUE(graph.ok()) << graph.status();
+  const std::set<int32_t> distinct(graph->entry_points().begin(), graph->entry_points().end());
+  EXPECT_EQ(distinct.size(), graph->entry_points().size());  // each entry is scored once
+  EXPECT_LE(static_cast<int>(distinct.size()), entries);
+  EXPECT_GT(distinct.size(), entries > 1 ? 1u : 0u);
   const std::vector<float> tests = RandomRows(20, d, 13 + d, 0.7f);
   GraphSearchScratch scratch;
   for (int i = 0; i < 20; ++i) {
@@ -67,7 +76,11 @@ TEST_P(GraphIndexExactTest, FullQueueFindsExactTopK) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Dims, GraphIndexExactTest, ::testing::Values(32, 20));
+INSTANTIATE_TEST_SUITE_P(Variants, GraphIndexExactTest,
+                         ::testing::Values(std::make_tuple(32, 1, false, 0),
+                                           std::make_tuple(20, 1, false, 1),
+                                           std::make_tuple(32, 8, false, 2),
+                                           std::make_tuple(20, 8, true, 0)));
 
 TEST(GraphIndexTest, EveryKeyReachableFromEntry) {
   const int d = 16;
@@ -78,6 +91,7 @@ TEST(GraphIndexTest, EveryKeyReachableFromEntry) {
   options.query_neighbors = 8;
   options.max_degree = 6;
   options.refine_queue = 0;
+  options.position_links = 0;  // token-order links alone would connect everything
   auto graph = GraphIndex::Build(keys.data(), n, queries.data(), 100, d, options);
   ASSERT_TRUE(graph.ok()) << graph.status();
   std::vector<char> seen(n, 0);
@@ -120,6 +134,26 @@ TEST(GraphIndexTest, SmallQueueHasHighRecall) {
   EXPECT_LT(scanned / 50, n);  // a bounded queue scores only part of the keys
 }
 
+TEST(GraphIndexTest, PositionLinksJoinNeighbouringTokens) {
+  const int d = 16;
+  const int64_t n = 300;
+  const std::vector<float> keys = RandomRows(n, d, 51, 0.0f);
+  const std::vector<float> queries = RandomRows(200, d, 52, 0.5f);
+  GraphIndexOptions options;
+  options.position_links = 2;
+  auto graph = GraphIndex::Build(keys.data(), n, queries.data(), 200, d, options);
+  ASSERT_TRUE(graph.ok()) << graph.status();
+  for (int32_t u = 0; u < n; ++u) {
+    const auto out = graph->Neighbors(u);
+    for (int32_t v = std::max(0, u - 2); v <= std::min<int32_t>(n - 1, u + 2); ++v) {
+      if (v != u) {
+        EXPECT_NE(std::find(out.begin(), out.end(), v), out.end()) << u << "->" << v;
+      }
+    }
+    EXPECT_EQ(std::set<int32_t>(out.begin(), out.end()).size(), out.size()) << "key " << u;
+  }
+}
+
 TEST(GraphIndexTest, BuildIsDeterministicForASeed) {
   const int d = 24;
   const int64_t n = 700, m = 900;
@@ -127,11 +161,12 @@ TEST(GraphIndexTest, BuildIsDeterministicForASeed) {
   const std::vector<float> queries = RandomRows(m, d, 42, 0.5f);
   GraphIndexOptions options;
   options.max_queries = 300;
+  options.entry_points = 16;
   options.seed = 7;
   auto a = GraphIndex::Build(keys.data(), n, queries.data(), m, d, options);
   auto b = GraphIndex::Build(keys.data(), n, queries.data(), m, d, options);
   ASSERT_TRUE(a.ok() && b.ok());
-  EXPECT_EQ(a->entry_point(), b->entry_point());
+  ASSERT_TRUE(std::ranges::equal(a->entry_points(), b->entry_points()));
   ASSERT_EQ(a->num_edges(), b->num_edges());
   for (int32_t u = 0; u < n; ++u) {
     const auto na = a->Neighbors(u), nb = b->Neighbors(u);
@@ -178,6 +213,10 @@ TEST(GraphIndexTest, RejectsBadArguments) {
   bad.max_degree = 0;
   auto s = GraphIndex::Build(rows.data(), 10, rows.data(), 10, 4, bad);
   EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument);
+  GraphIndexOptions no_entry;
+  no_entry.entry_points = 0;
+  EXPECT_EQ(GraphIndex::Build(rows.data(), 10, rows.data(), 10, 4, no_entry).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST(TopKIndicesTest, MatchesFullSortWithTiesByIndex) {
