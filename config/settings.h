@@ -42,6 +42,7 @@ struct Settings {
   std::string tcp_token;
   int64_t max_frame_bytes = int64_t{256} << 20;
   int64_t io_threads = 1;
+  int64_t io_poll_us = 50;   // io threads poll this long after an event before sleeping
   int64_t metrics_port = 0;  // 0 = no Prometheus endpoint
   int64_t default_deadline_ms = 30000;
   int64_t max_sessions = 4096;

@@ -65,6 +65,7 @@ class Server {
   void EndSession(uint64_t session_id);
 
  private:
+  void RunIo();  // one io thread's loop (see rpc.io_poll_us)
   absl::Status ListenUnix();
   absl::Status ListenTcp();
   void AcceptUnix();
