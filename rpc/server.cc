@@ -9,7 +9,6 @@
 
 #include <cerrno>
 #include <chrono>
-#include <chrono>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
