@@ -15,10 +15,39 @@
 namespace kvwave::buffer {
 namespace {
 
-TEST(WaveBufferTest, MatchesCpuTripartiteAcrossSteps) {
-  if (!gpu::CudaBackend::DeviceAvailable()) GTEST_SKIP() << "no CUDA device";
+// A wave buffer over synthetic clusters of `shape` (pinned host memory), with the given budgets
+// and a page pool of 1/cache_divisor of the KV.
+struct Fixture {
+  std::unique_ptr<gpu::CudaBackend> backend;
+  std::unique_ptr<SyntheticKv> kv;
+  std::unique_ptr<WaveBuffer> wb;
+  WaveBufferOptions o;
+};
+
+void MakeFixture(const SyntheticShape& shape, double retrieval, double estimation,
+                 int64_t cache_divisor, Fixture& f) {
   auto backend = gpu::CudaBackend::Create({});
   ASSERT_TRUE(backend.ok()) << backend.status();
+  f.backend = std::move(*backend);
+  auto kv = SyntheticKv::Create(shape, PinnedAllocator());
+  ASSERT_TRUE(kv.ok()) << kv.status();
+  f.kv = std::move(*kv);
+  f.o.layers = shape.layers;
+  f.o.heads = shape.heads;
+  f.o.g = shape.g;
+  f.o.d = shape.d;
+  f.o.clusters = shape.clusters;
+  f.o.retrieval = retrieval;
+  f.o.estimation = estimation;
+  f.o.cache_bytes = f.kv->kv_bytes() / cache_divisor;
+  f.o.max_cluster_pages = 4;
+  auto wb = WaveBuffer::Create(f.backend.get(), f.o, f.kv->Units());
+  ASSERT_TRUE(wb.ok()) << wb.status();
+  f.wb = std::move(*wb);
+}
+
+TEST(WaveBufferTest, MatchesCpuTripartiteAcrossSteps) {
+  if (!gpu::CudaBackend::DeviceAvailable()) GTEST_SKIP() << "no CUDA device";
   SyntheticShape shape;
   shape.layers = 3;
   shape.heads = 4;
@@ -28,20 +57,12 @@ TEST(WaveBufferTest, MatchesCpuTripartiteAcrossSteps) {
   shape.vary_sizes = true;  // partial pages
   shape.steady_rows = 12;
   shape.seed = std::random_device{}();
-  auto kv = SyntheticKv::Create(shape, PinnedAllocator());
-  ASSERT_TRUE(kv.ok()) << kv.status();
-  WaveBufferOptions o;
-  o.layers = shape.layers;
-  o.heads = shape.heads;
-  o.g = shape.g;
-  o.d = shape.d;
-  o.clusters = shape.clusters;
-  o.retrieval = 0.05;
-  o.estimation = 0.3;
-  o.cache_bytes = (*kv)->kv_bytes() / 10;
-  o.max_cluster_pages = 4;
-  auto wb = WaveBuffer::Create(backend->get(), o, (*kv)->Units());
-  ASSERT_TRUE(wb.ok()) << wb.status();
+  Fixture f;
+  ASSERT_NO_FATAL_FAILURE(MakeFixture(shape, 0.05, 0.3, 10, f));
+  auto* backend = &f.backend;
+  auto* kv = &f.kv;
+  auto* wb = &f.wb;
+  const WaveBufferOptions& o = f.o;
   const int n = o.heads * o.g * o.d;
   auto q_dev = (*backend)->Allocate(sizeof(float) * n);
   auto out_dev = (*backend)->Allocate(sizeof(float) * n);
@@ -106,8 +127,6 @@ TEST(WaveBufferTest, MatchesCpuTripartiteAcrossSteps) {
 // calls, so hits may go stale; every output must still match the CPU reference.
 TEST(WaveBufferTest, PipelinedCallsMatchCpu) {
   if (!gpu::CudaBackend::DeviceAvailable()) GTEST_SKIP() << "no CUDA device";
-  auto backend = gpu::CudaBackend::Create({});
-  ASSERT_TRUE(backend.ok()) << backend.status();
   SyntheticShape shape;
   shape.layers = 5;
   shape.heads = 2;
@@ -117,20 +136,12 @@ TEST(WaveBufferTest, PipelinedCallsMatchCpu) {
   shape.vary_sizes = true;
   shape.steady_rows = 5;
   shape.seed = std::random_device{}();
-  auto kv = SyntheticKv::Create(shape, PinnedAllocator());
-  ASSERT_TRUE(kv.ok()) << kv.status();
-  WaveBufferOptions o;
-  o.layers = shape.layers;
-  o.heads = shape.heads;
-  o.g = shape.g;
-  o.d = shape.d;
-  o.clusters = shape.clusters;
-  o.retrieval = 0.08;
-  o.estimation = 0.2;
-  o.cache_bytes = (*kv)->kv_bytes() / 8;  // smaller than the retrieved set of all layers
-  o.max_cluster_pages = 4;
-  auto wb = WaveBuffer::Create(backend->get(), o, (*kv)->Units());
-  ASSERT_TRUE(wb.ok()) << wb.status();
+  Fixture f;  // a pool of 1/8 of the KV: smaller than the retrieved set of all layers
+  ASSERT_NO_FATAL_FAILURE(MakeFixture(shape, 0.08, 0.2, 8, f));
+  auto* backend = &f.backend;
+  auto* kv = &f.kv;
+  auto* wb = &f.wb;
+  const WaveBufferOptions& o = f.o;
   const int n = o.heads * o.g * o.d, steps = 6, calls = steps * o.layers;
   auto q_dev = (*backend)->Allocate(sizeof(float) * n * calls);
   auto out_dev = (*backend)->Allocate(sizeof(float) * n * calls);
