@@ -218,8 +218,6 @@ absl::Status WaveBuffer::Enqueue(int layer, const float* q, float* out, float* l
   sc.n = C;
   sc.scores = scores_.as<float>();
   sc.score_stride = C;
-  KVWAVE_RETURN_IF_ERROR(backend_->ScoreClusters(sc, kComputeStream));
-  KVWAVE_RETURN_IF_ERROR(profile(1));
   gpu::TopKArgs t;
   t.scores = scores_.as<float>();
   t.heads = o_.heads;
@@ -232,8 +230,6 @@ absl::Status WaveBuffer::Enqueue(int layer, const float* q, float* out, float* l
   t.out_stride = list_stride_;
   t.counts = s.counts.as<int32_t>();
   t.counts2 = s.counts2.as<int32_t>();
-  KVWAVE_RETURN_IF_ERROR(backend_->SelectTopK(t, kComputeStream));
-  KVWAVE_RETURN_IF_ERROR(profile(2));
   gpu::PlanArgs pl;
   pl.heads = o_.heads;
   pl.unit0 = unit0;
@@ -260,7 +256,18 @@ absl::Status WaveBuffer::Enqueue(int layer, const float* q, float* out, float* l
   pl.page_counts = s.page_counts.as<int32_t>();
   pl.info = s.counts.as<int32_t>() + o_.heads;
   pl.info_stride = std::max<int64_t>(r_, 1);
-  KVWAVE_RETURN_IF_ERROR(backend_->PlanPages(pl, kComputeStream));
+  if (o_.fused_select) {
+    // Scores, both zones' lists and the plan in one op (profiled as "score"; top-k and plan 0).
+    KVWAVE_RETURN_IF_ERROR(backend_->ScoreSelectPlan(sc, t, pl, kComputeStream));
+    KVWAVE_RETURN_IF_ERROR(profile(1));
+    KVWAVE_RETURN_IF_ERROR(profile(2));
+  } else {
+    KVWAVE_RETURN_IF_ERROR(backend_->ScoreClusters(sc, kComputeStream));
+    KVWAVE_RETURN_IF_ERROR(profile(1));
+    KVWAVE_RETURN_IF_ERROR(backend_->SelectTopK(t, kComputeStream));
+    KVWAVE_RETURN_IF_ERROR(profile(2));
+    KVWAVE_RETURN_IF_ERROR(backend_->PlanPages(pl, kComputeStream));
+  }
   // The record (counts + (cluster, exec page) pairs) goes to the host on stream X, overlapping
   // the attention below.
   KVWAVE_RETURN_IF_ERROR(backend_->RecordEvent(kPlannedEvent + slot, kComputeStream));
@@ -308,6 +315,14 @@ absl::Status WaveBuffer::Enqueue(int layer, const float* q, float* out, float* l
   x.stash_v = s.exec_v.data();
   x.out = out;
   x.lse = lse;
+  if (o_.fused_select) {  // the estimation zone is merged with the splits
+    x.extra_out = est_out_.as<float>();
+    x.extra_lse = est_lse_.as<float>();
+    x.extra_event = kJoinEvent;
+    KVWAVE_RETURN_IF_ERROR(backend_->ExactAttention(x, kComputeStream));
+    KVWAVE_RETURN_IF_ERROR(profile(4));
+    return profile(5);
+  }
   KVWAVE_RETURN_IF_ERROR(backend_->ExactAttention(x, kComputeStream));
   KVWAVE_RETURN_IF_ERROR(profile(4));
   KVWAVE_RETURN_IF_ERROR(backend_->WaitEvent(kComputeStream, kJoinEvent));

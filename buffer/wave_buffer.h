@@ -14,11 +14,10 @@
 // Streams: C = 0 (compute), X = 1 (records to the host). W = the committer thread. Call n uses
 // ring slot n % kRing (execution buffer, records, staging).
 //
-//   C: |score|top-k|plan(table)|exact: steady+hits (HBM) + misses (PCIe, stashed)|merge|
-//   S:                         |estimate (meta index, HBM)|
-//   X:                         |D2H record(n)|
-//   W:                                       |LRU: touch hits, admit misses, evict|
-//   C:   ... layer n+1 ... |H2D update(n)|admission copies exec->pool|table scatter| layer n+2 ...
+//   C: |logits|scores + top-k + plan(table)|exact: steady+hits (HBM) + misses (PCIe,
+//   stashed)|merge| S:                                     |estimate (meta index, HBM)| X: |D2H
+//   record(n)| W:                                       |LRU: touch hits, admit misses, evict| C:
+//   ... layer n+1 ... |H2D update(n)|admission copies exec->pool|table scatter| layer n+2 ...
 //
 // Ordering: the main thread queues a call's kernels and the committer queues an update under one
 // mutex, so an update never lands between a call's plan and its attention: every call sees a
@@ -68,13 +67,17 @@ struct UnitLayout {
 struct WaveBufferOptions {
   int layers = 0, heads = 0, g = 0, d = 0;
   DType dtype = DType::kBF16;
-  int64_t clusters = 0;           // per unit
-  double retrieval = 0.018;       // fraction of clusters attended exactly
-  double estimation = 0.232;      // next fraction, estimated
-  int64_t cache_bytes = 0;        // page pool (K and V)
-  int max_cluster_pages = 4;      // bound of pages per cluster (sizes the execution buffer)
-  int exact_pages_per_split = 8;  // exact attention: pages per block (0: backend default)
-  bool profile = false;           // time each phase with events (synchronises every call)
+  int64_t clusters = 0;            // per unit
+  double retrieval = 0.018;        // fraction of clusters attended exactly
+  double estimation = 0.232;       // next fraction, estimated
+  int64_t cache_bytes = 0;         // page pool (K and V)
+  int max_cluster_pages = 4;       // bound of pages per cluster (sizes the execution buffer)
+  int exact_pages_per_split = 16;  // exact attention: pages per block (0: backend default)
+  // Scores, top-k of both zones and plan in one op (CudaBackend::ScoreSelectPlan), and the
+  // estimation zone merged with the exact attention's splits; false: one op each
+  // (ScoreClusters, SelectTopK, PlanPages, ExactAttention, MergeLse).
+  bool fused_select = true;
+  bool profile = false;  // time each phase with events (synchronises every call)
 };
 
 // Cumulative counts since Create (hits/misses are known once the committer has processed a call:

@@ -127,6 +127,12 @@ struct ExactArgs {
   int pages_per_split = 0;                // 0: chosen from the sizes
   void* stash_k = nullptr;                // pages of kMaxPageRows rows (see PageRef::stash)
   void* stash_v = nullptr;
+  // Optional: one more partial result (out [heads x g x d], lse [heads x g]; the wave buffer's
+  // estimation zone) merged into out/lse with the splits; the merge waits for event extra_event
+  // (>= 0) first, so it may come from another stream.
+  const float* extra_out = nullptr;
+  const float* extra_lse = nullptr;
+  int extra_event = -1;
   float* out = nullptr;
   float* lse = nullptr;
 };
@@ -243,6 +249,13 @@ class CudaBackend {
   // Kernels, queued on `stream`.
   [[nodiscard]] absl::Status ScoreClusters(const ScoreArgs& args, int stream = 0);
   [[nodiscard]] absl::Status SelectTopK(const TopKArgs& args, int stream = 0);
+  // ScoreClusters + SelectTopK + PlanPages in two launches fewer (the wave buffer's critical
+  // path): writes score.scores as ScoreClusters does, topk's lists and counts as SelectTopK does
+  // (topk.scores is not read), and plan's outputs for the top topk.k.
+  // REQUIRES: plan.retrieved == topk.out, plan.counts == topk.counts, equal head counts, the
+  // same n. Uses the stream's workspace.
+  [[nodiscard]] absl::Status ScoreSelectPlan(const ScoreArgs& score, const TopKArgs& topk,
+                                             const PlanArgs& plan, int stream = 0);
   [[nodiscard]] absl::Status ExactAttention(const ExactArgs& args, int stream = 0);
   [[nodiscard]] absl::Status EstimateAttention(const EstimateArgs& args, int stream = 0);
   // In place: (out_a, lse_a) <- merge((out_a, lse_a), (out_b, lse_b)) for `rows` heads of dim d.

@@ -278,13 +278,16 @@ __global__ void __launch_bounds__(kThreads)
   CombineSlots<D, G, kWarps>(sm_m, sm_l, sm_acc, part_out + part * D, part_lse + part);
 }
 
-// Folds `splits` partials of each (head, query head) row: grid rows, block d threads.
+// Folds `splits` partials of each (head, query head) row, and the optional extra partial
+// (out_x [rows x d], lse_x [rows]): grid rows, block d threads.
 __global__ void MergeSplitsKernel(const float* __restrict__ part_out,
                                   const float* __restrict__ part_lse, int splits, int g, int d,
+                                  const float* __restrict__ out_x, const float* __restrict__ lse_x,
                                   float* __restrict__ out, float* __restrict__ lse) {
   const int row = blockIdx.x;  // head * g + j
   const int head = row / g, j = row % g;
-  float mx = -INFINITY;
+  const float lx = lse_x != nullptr ? lse_x[row] : -INFINITY;
+  float mx = lx;
   for (int s = 0; s < splits; ++s) mx = fmaxf(mx, part_lse[(int64_t{head} * splits + s) * g + j]);
   for (int e = threadIdx.x; e < d; e += blockDim.x) {
     float z = 0.f, o = 0.f;
@@ -294,6 +297,11 @@ __global__ void MergeSplitsKernel(const float* __restrict__ part_out,
         const float w = __expf(part_lse[p] - mx);
         z += w;
         o += w * part_out[p * d + e];
+      }
+      if (lx != -INFINITY) {
+        const float w = __expf(lx - mx);
+        z += w;
+        o += w * out_x[int64_t{row} * d + e];
       }
     }
     out[int64_t{row} * d + e] = z > 0.f ? o / z : 0.f;
@@ -331,7 +339,7 @@ __global__ void GatherKernel(const void* const* __restrict__ src, void* const* _
 
 template <int D, int G>
 cudaError_t LaunchExactTyped(const ExactArgs& a, int splits, int64_t pps, float* ws,
-                             cudaStream_t stream) {
+                             cudaEvent_t extra_ready, cudaStream_t stream) {
   float* part_out = ws;
   float* part_lse = ws + int64_t{a.heads} * splits * G * D;
   const dim3 grid(splits, a.heads);
@@ -345,7 +353,12 @@ cudaError_t LaunchExactTyped(const ExactArgs& a, int splits, int64_t pps, float*
     ExactKernel<D, G, false><<<grid, kThreads, 0, stream>>>(
         a.q, scale2, a.pages, a.page_offsets, a.page_counts, pps, sk, sv, part_out, part_lse);
   }
-  MergeSplitsKernel<<<a.heads * G, D, 0, stream>>>(part_out, part_lse, splits, G, D, a.out, a.lse);
+  if (extra_ready != nullptr) {
+    if (const cudaError_t err = cudaStreamWaitEvent(stream, extra_ready); err != cudaSuccess)
+      return err;
+  }
+  MergeSplitsKernel<<<a.heads * G, D, 0, stream>>>(part_out, part_lse, splits, G, D, a.extra_out,
+                                                   a.extra_lse, a.out, a.lse);
   return cudaGetLastError();
 }
 
@@ -357,7 +370,8 @@ cudaError_t LaunchEstimateTyped(const EstimateArgs& a, int splits, int64_t cps, 
   EstimateKernel<D, G><<<dim3(splits, a.heads), kThreads, 0, stream>>>(
       a.q, a.scale * kLog2e, a.centroids, a.value_sums, a.sizes, a.cluster_stride, a.clusters,
       a.counts, a.list_stride, cps, part_out, part_lse);
-  MergeSplitsKernel<<<a.heads * G, D, 0, stream>>>(part_out, part_lse, splits, G, D, a.out, a.lse);
+  MergeSplitsKernel<<<a.heads * G, D, 0, stream>>>(part_out, part_lse, splits, G, D, nullptr,
+                                                   nullptr, a.out, a.lse);
   return cudaGetLastError();
 }
 
@@ -382,8 +396,9 @@ bool Dispatch(int d, int g, cudaError_t& err, Args&&... args) {
 
 template <int D, int G>
 struct ExactRunner {
-  static cudaError_t Run(const ExactArgs& a, int splits, int64_t pps, float* ws, cudaStream_t s) {
-    return LaunchExactTyped<D, G>(a, splits, pps, ws, s);
+  static cudaError_t Run(const ExactArgs& a, int splits, int64_t pps, float* ws, cudaEvent_t x,
+                         cudaStream_t s) {
+    return LaunchExactTyped<D, G>(a, splits, pps, ws, x, s);
   }
 };
 
@@ -419,10 +434,10 @@ size_t ExactWorkspaceBytes(int heads, int g, int d, int splits) {
 }
 
 cudaError_t LaunchExactAttention(const ExactArgs& a, int splits, float* workspace,
-                                 cudaStream_t stream) {
+                                 cudaEvent_t extra_ready, cudaStream_t stream) {
   const int64_t pps = CeilDiv(std::max<int64_t>(a.max_pages_per_head, 1), splits);
   cudaError_t err = cudaErrorInvalidValue;
-  Dispatch<ExactRunner>(a.d, a.g, err, a, splits, pps, workspace, stream);
+  Dispatch<ExactRunner>(a.d, a.g, err, a, splits, pps, workspace, extra_ready, stream);
   return err;
 }
 

@@ -186,6 +186,23 @@ absl::Status CudaBackend::SelectTopK(const TopKArgs& a, int stream) {
   return FromCuda(cuda::LaunchSelectTopK(a, s), "SelectTopK");
 }
 
+absl::Status CudaBackend::ScoreSelectPlan(const ScoreArgs& a, const TopKArgs& t, const PlanArgs& p,
+                                          int stream) {
+  if (!GroupOk(a.g) || a.d <= 0 || a.d % 4 != 0 || a.heads < 0 || a.n <= 0 ||
+      a.n > (int64_t{1} << 31) - 1 || a.scores == nullptr)
+    return absl::InvalidArgumentError("ScoreSelectPlan: bad score arguments");
+  if (t.k < 0 || t.out == nullptr || t.counts == nullptr ||
+      (t.out2 != nullptr && t.counts2 == nullptr) || t.heads != a.heads || t.n != a.n ||
+      p.heads != a.heads || p.retrieved != t.out || p.counts != t.counts)
+    return absl::InvalidArgumentError("ScoreSelectPlan: bad top-k or plan arguments");
+  if (p.max_cluster_pages < 1 || p.clusters < 0 || p.row_bytes <= 0 || p.row_bytes % 16 != 0)
+    return absl::InvalidArgumentError("ScoreSelectPlan: bad plan arguments");
+  KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
+  KVWAVE_ASSIGN_OR_RETURN(float* ws,
+                          impl_->Workspace(stream, cuda::ScoreWorkspaceBytes(a.heads, a.g, a.n)));
+  return FromCuda(cuda::LaunchScoreSelectPlan(a, t, p, ws, s), "ScoreSelectPlan");
+}
+
 absl::Status CudaBackend::ExactAttention(const ExactArgs& a, int stream) {
   if (!cuda::ExactSupported(a.d, a.g, a.kv_type))
     return absl::InvalidArgumentError(absl::StrCat("ExactAttention: unsupported d=", a.d,
@@ -197,8 +214,14 @@ absl::Status CudaBackend::ExactAttention(const ExactArgs& a, int stream) {
       cuda::ExactSplits(a.heads, a.max_pages_per_head, a.pages_per_split, multiprocessors_);
   KVWAVE_ASSIGN_OR_RETURN(
       float* ws, impl_->Workspace(stream, cuda::ExactWorkspaceBytes(a.heads, a.g, a.d, splits)));
+  cudaEvent_t extra_ready = nullptr;
+  if (a.extra_event >= 0) {
+    KVWAVE_ASSIGN_OR_RETURN(extra_ready, impl_->Event(a.extra_event));
+  }
+  if ((a.extra_out == nullptr) != (a.extra_lse == nullptr))
+    return absl::InvalidArgumentError("ExactAttention: extra_out and extra_lse go together");
   if (a.heads == 0) return absl::OkStatus();
-  return FromCuda(cuda::LaunchExactAttention(a, splits, ws, s), "ExactAttention");
+  return FromCuda(cuda::LaunchExactAttention(a, splits, ws, extra_ready, s), "ExactAttention");
 }
 
 absl::Status CudaBackend::EstimateAttention(const EstimateArgs& a, int stream) {

@@ -51,9 +51,10 @@ struct Options {
   int layers = 32, kv_heads = 8, g = 4, d = 128, batch = 1;
   int heads = 8;  // kv_heads x batch: a batch's sequences are units of the same layer call
   double host_gib = 16, cache = 0.05, retrieval = 0.018, estimation = 0.232, rho = 0.9;
-  int steps = 12, warmup = 6, pps = 8;
+  int steps = 12, warmup = 6, pps = 16;
   bool profile = true;  // one more pass with per-phase GPU timing
   bool probe = false;   // only the zero-copy read probe
+  bool fuse = true;     // WaveBufferOptions::fused_select
   std::string json;
 };
 
@@ -193,6 +194,7 @@ Row RunContext(gpu::CudaBackend* b, const Options& o, int64_t context, const Ban
   w.cache_bytes = static_cast<int64_t>(o.cache * (*kv)->kv_bytes());
   w.max_cluster_pages = 2;
   w.exact_pages_per_split = o.pps;
+  w.fused_select = o.fuse;
   auto wb = buffer::WaveBuffer::Create(b, w, (*kv)->Units());
   CHECK_OK(wb.status());
   row.pool_pages = (*wb)->pool_pages();
@@ -507,6 +509,7 @@ int Main(int argc, char** argv) {
   app.add_option("--batch", o.batch, "sequences decoded together (each its own KV)");
   app.add_option("--profile", o.profile, "extra pass timing each phase on the GPU");
   app.add_option("--pps", o.pps, "exact attention: pages per split");
+  app.add_option("--fuse", o.fuse, "wave buffer: fused score/top-k/plan and merge (1) or not (0)");
   app.add_flag("--probe", o.probe, "only measure zero-copy read rates (scattered vs sequential)");
   app.add_option("--steps", o.steps);
   app.add_option("--warmup", o.warmup);
@@ -526,6 +529,8 @@ int Main(int argc, char** argv) {
       "queries rho=%.2f; cache %.0f%% of KV; retrieval %.1f%% + estimation %.1f%% of "
       "clusters\n",
       o.rho, 100 * o.cache, 100 * o.retrieval, 100 * o.estimation);
+  std::printf("# wave buffer: %s select/plan/merge, %d pages per split\n",
+              o.fuse ? "fused" : "unfused", o.pps);
   std::printf("# measured: HBM %.0f GB/s (D2D copy, read+write), PCIe %.1f GB/s (pinned H2D)\n",
               bw.hbm / 1e9, bw.pcie / 1e9);
   TimeKMeans(b);

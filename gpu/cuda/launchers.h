@@ -21,8 +21,9 @@ int ExactSplits(int heads, int64_t max_pages_per_head, int pages_per_split, int 
 size_t ExactWorkspaceBytes(int heads, int g, int d, int splits);
 // True when (d, g, kv_type) has an instantiated kernel.
 bool ExactSupported(int d, int g, DType kv_type);
+// extra_ready: when not null, the merge of the splits (and of a.extra_out/extra_lse) waits for it.
 cudaError_t LaunchExactAttention(const ExactArgs& a, int splits, float* workspace,
-                                 cudaStream_t stream);
+                                 cudaEvent_t extra_ready, cudaStream_t stream);
 
 int EstimateSplits(int heads, int64_t max_clusters, int sm_count);
 size_t EstimateWorkspaceBytes(int heads, int g, int d, int splits);
@@ -39,6 +40,10 @@ cudaError_t LaunchGatherPages(const void* const* src, void* const* dst, const in
 size_t ScoreWorkspaceBytes(int heads, int g, int64_t n);
 cudaError_t LaunchScoreClusters(const ScoreArgs& a, float* workspace, cudaStream_t stream);
 cudaError_t LaunchSelectTopK(const TopKArgs& a, cudaStream_t stream);
+// The logits kernel of ScoreClusters, then one block per head: scores (to a.scores), the top-k
+// lists of t (as SelectTopK), and the page plan p (p.retrieved == t.out, p.counts == t.counts).
+cudaError_t LaunchScoreSelectPlan(const ScoreArgs& a, const TopKArgs& t, const PlanArgs& p,
+                                  float* workspace, cudaStream_t stream);
 
 // ---- wave_plan.cu ----
 cudaError_t LaunchPlanPages(const PlanArgs& a, cudaStream_t stream);

@@ -1,18 +1,28 @@
-// Cluster scoring kernels: centroid logits with the per-group softmax sum, and top-k selection.
+// Cluster scoring kernels: centroid logits with the per-group softmax sum, top-k selection, and
+// the wave buffer's fused select-and-plan.
 //
-// ScoreClusters is two launches: LogitsKernel (TiledLogitsKernel for d <= 128, staging 64
-// centroids per block in shared memory) writes scale*q.c for every (query head, cluster)
+// ScoreClusters is two launches: a logits kernel writes scale*q.c for every (query head, cluster)
 // and per-block softmax statistics (max, sum of exp) over the non-empty clusters; ScoresKernel
-// folds the statistics per query head and sums the g softmax values of each cluster.
+// folds the statistics per query head and sums the g softmax values of each cluster. For d <= 128
+// the logits kernel stages 64 centroids per block in shared memory (TiledLogitsKernel; a variant
+// keeping q in registers and reducing with warp butterflies measured 10-12 us slower per layer at
+// 128K on the H200, bench/results/decode_variants_h200.txt).
 //
-// SelectTopK is one block per KV head: a 4-pass 8-bit radix select (warp-aggregated histograms)
-// finds the key of the k-th (and k2-th) largest finite score and how many of the keys equal to
-// it to take (lowest index first), then two coalesced walks over per-warp contiguous chunks
-// (count, then write with ballots) emit the selected indices in increasing index order.
+// SelectTopK is one block per KV head: an adaptive radix select (256 bins over the candidates'
+// key range, which shrinks 256-fold a pass; see RadixSelect) finds the key range holding the
+// k-th (and k2-th) largest finite score and how many keys in it to take (lowest index first),
+// then two coalesced walks over per-warp contiguous chunks (count, then write with ballots) emit
+// the selected indices in increasing index order.
+//
+// ScoreSelectPlan (the wave buffer's critical path): the logits kernel, then one block per KV
+// head that folds the statistics, computes the head's scores (kept in shared memory, and written
+// out), selects the top k (and the next k2 - k) and plans the pages (PlanHead, plan_block.cuh):
+// two launches fewer than ScoreClusters + SelectTopK + PlanPages.
 #include <algorithm>
 #include <cmath>
 
 #include "gpu/cuda/launchers.h"
+#include "gpu/cuda/plan_block.cuh"
 
 namespace kvwave::gpu::cuda {
 namespace {
@@ -116,16 +126,29 @@ __global__ void __launch_bounds__(kScoreThreads)
   const int rows = static_cast<int>(min(int64_t{kClustersPerBlock}, n - first));
   const int d4 = d / 4;
   const float4* src = reinterpret_cast<const float4*>(cen + head * cen_stride + first * d);
-  for (int i = threadIdx.x; i < rows * d4; i += blockDim.x) {
-    const float4 v = src[i];
+  // All of the thread's loads are issued before the first store (32 KB in flight a block).
+  constexpr int kLoads = kClustersPerBlock * kTiledMaxD / 4 / kScoreThreads;
+  float4 v[kLoads];
+#pragma unroll
+  for (int u = 0; u < kLoads; ++u) {
+    const int i = threadIdx.x + u * kScoreThreads;
+    v[u] = i < rows * d4 ? __ldcs(src + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+#pragma unroll
+  for (int u = 0; u < kLoads; ++u) {
+    const int i = threadIdx.x + u * kScoreThreads;
+    if (i >= rows * d4) break;
     const int r = i / d4, e = (i % d4) * 4;
-    tile[r][e] = v.x;
-    tile[r][e + 1] = v.y;
-    tile[r][e + 2] = v.z;
-    tile[r][e + 3] = v.w;
+    tile[r][e] = v[u].x;
+    tile[r][e + 1] = v[u].y;
+    tile[r][e + 2] = v[u].z;
+    tile[r][e + 3] = v[u].w;
   }
   for (int i = threadIdx.x; i < G * d; i += blockDim.x)
     qs[i / d][i % d] = q[(int64_t{head} * G) * d + i];
+  __shared__ bool live[kClustersPerBlock];
+  if (threadIdx.x < kClustersPerBlock)
+    live[threadIdx.x] = threadIdx.x < rows && sizes[head * size_stride + first + threadIdx.x] > 0;
   __syncthreads();
   for (int idx = threadIdx.x; idx < G * kClustersPerBlock; idx += blockDim.x) {
     const int c = idx % kClustersPerBlock, j = idx / kClustersPerBlock;
@@ -136,7 +159,7 @@ __global__ void __launch_bounds__(kScoreThreads)
       dot *= scale;
       logits[(int64_t{head} * G + j) * n + first + c] = dot;
     }
-    xs[j][c] = c < rows && sizes[head * size_stride + first + c] > 0 ? dot : -INFINITY;
+    xs[j][c] = live[c] ? dot : -INFINITY;
   }
   __syncthreads();
   if (warp < G) {  // warp j: max and sum of exp of its query head's live logits
@@ -155,49 +178,57 @@ __global__ void __launch_bounds__(kScoreThreads)
   }
 }
 
+// Folds the nb per-block statistics of query head j of one KV head into (max, 1 / sum of exp).
+// Called by one whole warp.
+template <int G>
+__device__ float2 FoldStats(const float2* __restrict__ st, int nb, int j) {
+  const int lane = threadIdx.x % 32;
+  float mx = -INFINITY, zz = 0.f;
+  for (int b = lane; b < nb; b += 32) {
+    const float2 x = st[int64_t{b} * G + j];
+    if (x.x == -INFINITY) continue;
+    const float mn = fmaxf(mx, x.x);
+    zz = zz * __expf(mx - mn) + x.y * __expf(x.x - mn);
+    mx = mn;
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) {
+    const float om = __shfl_xor_sync(0xffffffffu, mx, off);
+    const float oz = __shfl_xor_sync(0xffffffffu, zz, off);
+    const float mn = fmaxf(mx, om);
+    if (mn != -INFINITY) zz = zz * __expf(mx - mn) + oz * __expf(om - mn);
+    mx = mn;
+  }
+  return make_float2(mx, zz > 0.f ? 1.f / zz : 0.f);
+}
+
+template <int G>
+__device__ __forceinline__ float ClusterScore(const float* __restrict__ logits, int head, int64_t n,
+                                              int64_t c, const float* m, const float* inv) {
+  float score = 0.f;
+#pragma unroll
+  for (int j = 0; j < G; ++j)
+    score += __expf(logits[(int64_t{head} * G + j) * n + c] - m[j]) * inv[j];
+  return score;
+}
+
 template <int G>
 __global__ void __launch_bounds__(kScoreThreads)
     ScoresKernel(const float* __restrict__ logits, const float2* __restrict__ stats, int nb,
                  const int32_t* __restrict__ sizes, int64_t size_stride, int64_t n,
                  float* __restrict__ scores, int64_t score_stride) {
-  const int head = blockIdx.y, lane = threadIdx.x % 32;
+  const int head = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   __shared__ float sm_m[G], sm_inv[G];
-  if (threadIdx.x < 32) {
-#pragma unroll
-    for (int j = 0; j < G; ++j) {
-      float mx = -INFINITY, zz = 0.f;
-      for (int b = lane; b < nb; b += 32) {
-        const float2 st = stats[(int64_t{head} * nb + b) * G + j];
-        if (st.x == -INFINITY) continue;
-        const float mn = fmaxf(mx, st.x);
-        zz = zz * __expf(mx - mn) + st.y * __expf(st.x - mn);
-        mx = mn;
-      }
-#pragma unroll
-      for (int off = 16; off > 0; off /= 2) {
-        const float om = __shfl_xor_sync(0xffffffffu, mx, off);
-        const float oz = __shfl_xor_sync(0xffffffffu, zz, off);
-        const float mn = fmaxf(mx, om);
-        if (mn != -INFINITY) zz = zz * __expf(mx - mn) + oz * __expf(om - mn);
-        mx = mn;
-      }
-      if (lane == 0) {
-        sm_m[j] = mx;
-        sm_inv[j] = zz > 0.f ? 1.f / zz : 0.f;
-      }
-    }
+  for (int j = warp; j < G; j += kScoreThreads / 32) {
+    const float2 f = FoldStats<G>(stats + int64_t{head} * nb * G, nb, j);
+    if (lane == 0) sm_m[j] = f.x, sm_inv[j] = f.y;
   }
   __syncthreads();
   const int64_t c = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
   if (c >= n) return;
-  float score = -INFINITY;
-  if (sizes[head * size_stride + c] > 0) {
-    score = 0.f;
-#pragma unroll
-    for (int j = 0; j < G; ++j)
-      score += __expf(logits[(int64_t{head} * G + j) * n + c] - sm_m[j]) * sm_inv[j];
-  }
-  scores[head * score_stride + c] = score;
+  scores[head * score_stride + c] = sizes[head * size_stride + c] > 0
+                                        ? ClusterScore<G>(logits, head, n, c, sm_m, sm_inv)
+                                        : -INFINITY;
 }
 
 __device__ __forceinline__ uint32_t OrderKey(float f) {
@@ -207,37 +238,62 @@ __device__ __forceinline__ uint32_t OrderKey(float f) {
 
 constexpr int kTopKWarps = kTopKThreads / 32;
 
-// Radix-selects, for want[t] >= 1, the key prefix[t] of the want[t]-th largest finite score and
-// the number rem[t] of keys equal to it to take. Called by all threads of the block. Histogram
-// updates are aggregated per warp (__match_any_sync): scores share their top bits, and plain
-// shared atomics on one bin would serialise.
-__device__ void RadixSelect(const float* s, int64_t n, const int64_t* want, uint32_t* prefix,
-                            int64_t* rem) {
-  __shared__ int hist[2][256];
+// Shared state of one block's selection(s): t = 0 the top want[0], t = 1 the top want[1]. Keys
+// (OrderKey of the finite scores) in [lo[t], hi[t]) are the candidates still undecided: every
+// key >= hi[t] is selected, and rem[t] of the candidates (highest keys, then lowest index).
+struct SelectState {
+  int want[2], rem[2];
+  uint32_t lo[2];
+  uint64_t hi[2];
+  int valid;
+  uint32_t kmin, kmax;
+};
+
+// Adaptive radix select. Pass: the candidates of selection t fall into at most 256 bins of
+// 2^shift keys over [lo, hi) (bin = (key - lo) >> shift, shift the smallest that fits the span);
+// the bin holding the rem-th largest becomes the new range. Keys of real scores fill the bins of
+// the first pass fairly evenly (the range starts at the head's own min and max key, and keys are
+// roughly logarithmic in the score), so plain shared atomics rarely collide, and the range
+// shrinks 256-fold a pass: it stops when the chosen bin holds exactly rem keys (all taken) or one
+// key value (ties by index), typically after two or three passes. (A division per key instead of
+// the shift, or warp-aggregated atomics on fixed 8-bit digits, cost ~30 us a call at 8K clusters
+// on the H200.) Called by all threads of the block.
+template <int kSel>
+__device__ void RadixSelect(const float* s, int n, SelectState& st) {
+  __shared__ int hist[kSel][256];
+  __shared__ bool done[kSel];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  uint32_t mask = 0;
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int i = threadIdx.x; i < 512; i += blockDim.x) hist[i / 256][i % 256] = 0;
+  if (threadIdx.x < kSel) done[threadIdx.x] = st.want[threadIdx.x] <= 0;
+  for (int pass = 0; pass < 6; ++pass) {
+    for (int i = threadIdx.x; i < kSel * 256; i += blockDim.x) hist[i / 256][i % 256] = 0;
     __syncthreads();
-    const uint32_t p0 = prefix[0], p1 = prefix[1];
-    const bool on0 = want[0] > 0, on1 = want[1] > 0;
-    for (int64_t i0 = 0; i0 < n; i0 += blockDim.x) {  // every lane runs every round
-      const int64_t i = i0 + threadIdx.x;
-      const float x = i < n ? s[i] : -INFINITY;
-      const bool finite = isfinite(x);
-      const uint32_t key = OrderKey(x);
-      const int digit = static_cast<int>((key >> shift) & 255);
+    bool all_done = true;
 #pragma unroll
-      for (int t = 0; t < 2; ++t) {
-        const bool in = finite && (t == 0 ? on0 : on1) && (key & mask) == (t == 0 ? p0 : p1);
-        const int bin = in ? digit : 256;
-        const unsigned peers = __match_any_sync(0xffffffffu, bin);
-        if (in && lane == __ffs(peers) - 1) atomicAdd(&hist[t][bin], __popc(peers));
+    for (int t = 0; t < kSel; ++t) all_done = all_done && done[t];
+    if (all_done) break;             // uniform: read after the barrier
+    uint32_t lo[kSel], width[kSel];  // width - 1 fits in 32 bits
+    int shift[kSel];
+    bool on[kSel];
+#pragma unroll
+    for (int t = 0; t < kSel; ++t) {
+      lo[t] = st.lo[t];
+      width[t] = static_cast<uint32_t>(st.hi[t] - st.lo[t] - 1);  // (the span - 1)
+      shift[t] = max(0, 32 - __clz(width[t]) - 8);                // (width >> shift) < 256
+      on[t] = !done[t];
+    }
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      const float x = s[i];
+      if (!isfinite(x)) continue;
+      const uint32_t key = OrderKey(x);
+#pragma unroll
+      for (int t = 0; t < kSel; ++t) {
+        const uint32_t off = key - lo[t];
+        if (on[t] && key >= lo[t] && off <= width[t]) atomicAdd(&hist[t][off >> shift[t]], 1);
       }
     }
     __syncthreads();
     // Warp t finds the bin holding the rem[t]-th largest: lane l owns bins 255-8l .. 248-8l.
-    if (warp < 2 && want[warp] > 0) {
+    if (warp < kSel && !done[warp]) {
       const int t = warp;
       int mine = 0;
 #pragma unroll
@@ -248,152 +304,287 @@ __device__ void RadixSelect(const float* s, int64_t n, const int64_t* want, uint
         const int o = __shfl_up_sync(0xffffffffu, cum, off);
         if (lane >= off) cum += o;
       }
-      const int64_t r = rem[t];
+      const int r = st.rem[t];
       const unsigned reach = __ballot_sync(0xffffffffu, cum >= r);
       if (lane == __ffs(reach) - 1) {
-        int64_t above = cum - mine;
+        int above = cum - mine;
         int b = 255 - 8 * lane;
         for (int j = 0; j < 8; ++j, --b) {
           if (above + hist[t][b] >= r) break;
           above += hist[t][b];
         }
-        rem[t] = r - above;
-        prefix[t] |= uint32_t(b) << shift;
+        // Bin b holds the keys lo + [b << shift, (b + 1) << shift), within the range.
+        const uint64_t new_lo = uint64_t{lo[t]} + (uint64_t(b) << shift[t]);
+        const uint64_t new_hi = min(st.hi[t], uint64_t{lo[t]} + (uint64_t(b + 1) << shift[t]));
+        st.rem[t] = r - above;
+        st.lo[t] = static_cast<uint32_t>(new_lo);
+        st.hi[t] = new_hi;
+        if (hist[t][b] == r - above || new_hi - new_lo <= 1) done[t] = true;
       }
     }
     __syncthreads();
-    mask |= 0xFFu << shift;
   }
 }
 
-// Per KV head: the indices of the want0 largest finite scores (ties: lower index first) to out,
-// and of the next want1 - want0 to out2, both in increasing index order. After the radix
-// select, each warp takes a contiguous chunk: one pass counts its keys above / equal to the two
-// thresholds, a scan over the warps gives every warp its tie ranks and output offsets, and a
-// second pass writes with ballots.
-__global__ void __launch_bounds__(kTopKThreads)
-    TopKKernel(const float* __restrict__ scores, int64_t n, int64_t stride, int64_t k, int64_t k2,
-               int32_t* __restrict__ out, int32_t* __restrict__ out2, int64_t out_stride,
-               int32_t* __restrict__ counts, int32_t* __restrict__ counts2, bool stage) {
-  __shared__ int64_t want[2], rem[2];
-  __shared__ uint32_t prefix[2];
-  __shared__ int valid_sh;
-  __shared__ int cnt[kTopKWarps][4];   // per warp: > T0, == T0, > T1, == T1
-  __shared__ int base[kTopKWarps][4];  // per warp: ties of T0 before, ties of T1 before,
+// Top-k of one head's scores s[0, n): the indices of the k largest finite scores (ties: lower
+// index first) to o0 and, with kSel == 2, of the next k2 - k to o1, both in increasing index
+// order; their counts to *n0 (and *n1). After the radix select, each warp takes a contiguous
+// chunk: one pass counts its keys above / inside the two candidate ranges, a scan over the warps
+// gives every warp its tie ranks and output offsets, and a second pass writes with ballots.
+// Called by all kTopKThreads threads of the block; n < 2^31.
+template <int kSel>
+__device__ void TopKHead(const float* s, int64_t n64, int64_t k, int64_t k2, int32_t* o0,
+                         int32_t* o1, int32_t* n0, int32_t* n1) {
+  __shared__ SelectState st;
+  __shared__ int cnt[kTopKWarps][4];   // per warp: above R0, in R0, above R1, in R1
+  __shared__ int base[kTopKWarps][4];  // per warp: ties of R0 before, ties of R1 before,
                                        // out offset, out2 offset
-  extern __shared__ float staged[];    // the head's scores, when the launch gave room for them
-  const int head = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const float* s = scores + head * stride;
-  if (stage) {  // every later pass reads shared memory instead of L2
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) staged[i] = s[i];
-    s = staged;
-  }
-  if (threadIdx.x == 0) valid_sh = 0;
+  const int n = static_cast<int>(n64);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (threadIdx.x == 0) st.valid = 0, st.kmin = 0xffffffffu, st.kmax = 0;
   __syncthreads();
   int local = 0;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) local += isfinite(s[i]) ? 1 : 0;
+  uint32_t kmin = 0xffffffffu, kmax = 0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float x = s[i];
+    if (!isfinite(x)) continue;
+    const uint32_t key = OrderKey(x);
+    ++local;
+    kmin = min(kmin, key);
+    kmax = max(kmax, key);
+  }
 #pragma unroll
-  for (int off = 16; off > 0; off /= 2) local += __shfl_xor_sync(0xffffffffu, local, off);
-  if (lane == 0) atomicAdd(&valid_sh, local);  // one shared atomic per warp
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const int64_t valid = static_cast<int64_t>(valid_sh);
-    want[0] = min(k, valid);
-    want[1] = out2 != nullptr ? min(max(k2, k), valid) : 0;
-    for (int t = 0; t < 2; ++t) prefix[t] = 0, rem[t] = want[t];
+  for (int off = 16; off > 0; off /= 2) {
+    local += __shfl_xor_sync(0xffffffffu, local, off);
+    kmin = min(kmin, __shfl_xor_sync(0xffffffffu, kmin, off));
+    kmax = max(kmax, __shfl_xor_sync(0xffffffffu, kmax, off));
+  }
+  if (lane == 0) {  // one shared atomic each per warp
+    atomicAdd(&st.valid, local);
+    atomicMin(&st.kmin, kmin);
+    atomicMax(&st.kmax, kmax);
   }
   __syncthreads();
-  RadixSelect(s, n, want, prefix, rem);
-  const bool on0 = want[0] > 0, on1 = want[1] > 0;
-  const uint32_t t0 = prefix[0], t1 = prefix[1];
-  const int64_t chunk = ((n + kTopKWarps - 1) / kTopKWarps + 31) / 32 * 32;
-  const int64_t lo = min(n, warp * chunk), hi = min(n, lo + chunk);
+  if (threadIdx.x == 0) {
+    const int valid = st.valid;
+    st.want[0] = static_cast<int>(min(k, int64_t{valid}));
+    st.want[1] = kSel == 2 ? static_cast<int>(min(max(k2, k), int64_t{valid})) : 0;
+    for (int t = 0; t < 2; ++t) {
+      st.rem[t] = st.want[t];
+      st.lo[t] = st.kmin;
+      st.hi[t] = uint64_t{st.kmax} + 1;
+    }
+  }
+  __syncthreads();
+  RadixSelect<kSel>(s, n, st);
+  const bool on0 = st.want[0] > 0, on1 = kSel == 2 && st.want[1] > 0;
+  const uint32_t lo0 = st.lo[0], lo1 = st.lo[1];
+  const uint64_t hi0 = st.hi[0], hi1 = st.hi[1];
+  const int chunk = ((n + kTopKWarps - 1) / kTopKWarps + 31) / 32 * 32;
+  const int lo = min(n, warp * chunk), hi = min(n, lo + chunk);
   int c[4] = {0, 0, 0, 0};
-  for (int64_t i0 = lo; i0 < hi; i0 += 32) {
-    const int64_t i = i0 + lane;
+  for (int i0 = lo; i0 < hi; i0 += 32) {
+    const int i = i0 + lane;
     const float x = i < hi ? s[i] : -INFINITY;
     const bool finite = isfinite(x);
     const uint32_t key = OrderKey(x);
-    c[0] += __popc(__ballot_sync(0xffffffffu, finite && on0 && key > t0));
-    c[1] += __popc(__ballot_sync(0xffffffffu, finite && on0 && key == t0));
-    c[2] += __popc(__ballot_sync(0xffffffffu, finite && on1 && key > t1));
-    c[3] += __popc(__ballot_sync(0xffffffffu, finite && on1 && key == t1));
+    c[0] += __popc(__ballot_sync(0xffffffffu, finite && on0 && key >= hi0));
+    c[1] += __popc(__ballot_sync(0xffffffffu, finite && on0 && key >= lo0 && key < hi0));
+    if (kSel == 2) {
+      c[2] += __popc(__ballot_sync(0xffffffffu, finite && on1 && key >= hi1));
+      c[3] += __popc(__ballot_sync(0xffffffffu, finite && on1 && key >= lo1 && key < hi1));
+    }
   }
   if (lane < 4) cnt[warp][lane] = c[lane];
   __syncthreads();
   if (threadIdx.x == 0) {
-    int64_t tie0 = 0, tie1 = 0, o0 = 0, o1 = 0;
+    int tie0 = 0, tie1 = 0, o0s = 0, o1s = 0;
     for (int w = 0; w < kTopKWarps; ++w) {
-      base[w][0] = static_cast<int>(tie0);
-      base[w][1] = static_cast<int>(tie1);
-      base[w][2] = static_cast<int>(o0);
-      base[w][3] = static_cast<int>(o1);
-      // Selected by this warp: keys above the threshold plus its share of the ties.
-      const int64_t sel0 = cnt[w][0] + max(int64_t{0}, min(int64_t{cnt[w][1]}, rem[0] - tie0));
-      const int64_t sel1 = cnt[w][2] + max(int64_t{0}, min(int64_t{cnt[w][3]}, rem[1] - tie1));
+      base[w][0] = tie0;
+      base[w][1] = tie1;
+      base[w][2] = o0s;
+      base[w][3] = o1s;
+      // Selected by this warp: keys above the range plus its share of the range's ties.
+      const int sel0 = cnt[w][0] + max(0, min(cnt[w][1], st.rem[0] - tie0));
+      const int sel1 = cnt[w][2] + max(0, min(cnt[w][3], st.rem[1] - tie1));
       tie0 += cnt[w][1];
       tie1 += cnt[w][3];
-      o0 += on0 ? sel0 : 0;
-      o1 += on1 ? sel1 - (on0 ? sel0 : 0) : 0;  // the top-k2 set contains the top-k set
+      o0s += on0 ? sel0 : 0;
+      o1s += on1 ? sel1 - (on0 ? sel0 : 0) : 0;  // the top-k2 set contains the top-k set
     }
   }
   __syncthreads();
-  int64_t tie0 = base[warp][0], tie1 = base[warp][1], p0 = base[warp][2], p1 = base[warp][3];
-  int32_t* o0 = out + head * out_stride;
-  int32_t* o1 = out2 != nullptr ? out2 + head * out_stride : nullptr;
+  int tie0 = base[warp][0], tie1 = base[warp][1], p0 = base[warp][2], p1 = base[warp][3];
+  const int rem0 = st.rem[0], rem1 = st.rem[1];
   const unsigned below = (1u << lane) - 1;
-  for (int64_t i0 = lo; i0 < hi; i0 += 32) {
-    const int64_t i = i0 + lane;
+  for (int i0 = lo; i0 < hi; i0 += 32) {
+    const int i = i0 + lane;
     const float x = i < hi ? s[i] : -INFINITY;
     const bool finite = isfinite(x);
     const uint32_t key = OrderKey(x);
-    const bool eq0 = finite && on0 && key == t0, eq1 = finite && on1 && key == t1;
-    const unsigned m0 = __ballot_sync(0xffffffffu, eq0), m1 = __ballot_sync(0xffffffffu, eq1);
-    const bool s0 = finite && on0 && (key > t0 || (eq0 && tie0 + __popc(m0 & below) < rem[0]));
-    const bool s1 = finite && on1 && (key > t1 || (eq1 && tie1 + __popc(m1 & below) < rem[1]));
+    const bool in0 = finite && on0 && key >= lo0 && key < hi0;
+    const bool in1 = finite && on1 && key >= lo1 && key < hi1;
+    const unsigned m0 = __ballot_sync(0xffffffffu, in0), m1 = __ballot_sync(0xffffffffu, in1);
+    const bool s0 = finite && on0 && (key >= hi0 || (in0 && tie0 + __popc(m0 & below) < rem0));
+    const bool s1 = finite && on1 && (key >= hi1 || (in1 && tie1 + __popc(m1 & below) < rem1));
     tie0 += __popc(m0);
     tie1 += __popc(m1);
     const bool only1 = s1 && !s0;
     const unsigned b0 = __ballot_sync(0xffffffffu, s0), b1 = __ballot_sync(0xffffffffu, only1);
-    if (s0) o0[p0 + __popc(b0 & below)] = static_cast<int32_t>(i);
-    if (only1) o1[p1 + __popc(b1 & below)] = static_cast<int32_t>(i);
+    if (s0) o0[p0 + __popc(b0 & below)] = i;
+    if (only1) o1[p1 + __popc(b1 & below)] = i;
     p0 += __popc(b0);
     p1 += __popc(b1);
   }
   if (threadIdx.x == 0) {
-    counts[head] = static_cast<int32_t>(want[0]);
-    if (counts2 != nullptr)
-      counts2[head] = static_cast<int32_t>(max(int64_t{0}, want[1] - want[0]));
+    *n0 = st.want[0];
+    if (n1 != nullptr) *n1 = max(0, st.want[1] - st.want[0]);
   }
+}
+
+// Copies a head's scores into shared memory (when the launch gave room: every later pass reads
+// shared memory instead of L2) and returns where to read them.
+__device__ const float* Stage(const float* s, int64_t n, bool stage, float* staged) {
+  if (!stage) return s;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) staged[i] = s[i];
+  __syncthreads();
+  return staged;
+}
+
+template <int kSel>
+__global__ void __launch_bounds__(kTopKThreads)
+    TopKKernel(const float* __restrict__ scores, int64_t n, int64_t stride, int64_t k, int64_t k2,
+               int32_t* __restrict__ out, int32_t* __restrict__ out2, int64_t out_stride,
+               int32_t* __restrict__ counts, int32_t* __restrict__ counts2, bool stage) {
+  extern __shared__ float staged[];
+  const int head = blockIdx.x;
+  const float* s = Stage(scores + head * stride, n, stage, staged);
+  TopKHead<kSel>(s, n, k, k2, out + head * out_stride,
+                 out2 != nullptr ? out2 + head * out_stride : nullptr, counts + head,
+                 counts2 != nullptr ? counts2 + head : nullptr);
+}
+
+// One block per KV head: scores from the logits and statistics (to shared memory when `stage`,
+// and to `scores`), the top k (and, with out2, the next k2 - k), then the page plan of the top k.
+template <int G>
+__global__ void __launch_bounds__(kTopKThreads)
+    SelectPlanKernel(const float* __restrict__ logits, const float2* __restrict__ stats, int nb,
+                     const int32_t* __restrict__ sizes, int64_t size_stride, int64_t n,
+                     float* __restrict__ scores, int64_t score_stride, int64_t k, int64_t k2,
+                     int32_t* out, int32_t* out2, int32_t* counts, int32_t* counts2,
+                     int64_t out_stride, PlanArgs plan, bool stage) {
+  extern __shared__ float staged[];
+  __shared__ float sm_m[G], sm_inv[G];
+  const int head = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (warp < G) {
+    const float2 f = FoldStats<G>(stats + int64_t{head} * nb * G, nb, warp);
+    if (lane == 0) sm_m[warp] = f.x, sm_inv[warp] = f.y;
+  }
+  __syncthreads();
+  float* sh = scores + head * score_stride;
+  constexpr int kU = 4;  // clusters a thread loads before it computes (latency, not bandwidth)
+  for (int64_t c0 = threadIdx.x; c0 < n; c0 += kU * blockDim.x) {
+    float lg[kU][G];
+    bool live[kU];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int64_t c = c0 + u * blockDim.x;
+      live[u] = c < n && sizes[head * size_stride + c] > 0;
+#pragma unroll
+      for (int j = 0; j < G; ++j) lg[u][j] = c < n ? logits[(int64_t{head} * G + j) * n + c] : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int64_t c = c0 + u * blockDim.x;
+      if (c >= n) break;
+      float score = 0.f;
+#pragma unroll
+      for (int j = 0; j < G; ++j) score += __expf(lg[u][j] - sm_m[j]) * sm_inv[j];
+      score = live[u] ? score : -INFINITY;
+      sh[c] = score;
+      if (stage) staged[c] = score;
+    }
+  }
+  __syncthreads();  // the block's global writes are visible to the block after the barrier
+  const float* sel = stage ? staged : sh;
+  if (out2 != nullptr) {
+    TopKHead<2>(sel, n, k, k2, out + head * out_stride, out2 + head * out_stride, counts + head,
+                counts2 + head);
+  } else {
+    TopKHead<1>(sel, n, k, 0, out + head * out_stride, nullptr, counts + head, nullptr);
+  }
+  __syncthreads();
+  PlanHead<kTopKThreads>(plan, head);
 }
 
 int64_t Blocks(int64_t n) { return (n + kClustersPerBlock - 1) / kClustersPerBlock; }
 
+// Launches the logits kernel of ScoreClusters into the workspace; returns its block count per
+// head (the statistics' count) through nb.
 template <int G>
-cudaError_t LaunchScoreTyped(const ScoreArgs& a, float* ws, cudaStream_t stream) {
-  const int64_t nb = Blocks(a.n);
+cudaError_t LaunchLogits(const ScoreArgs& a, float* ws, cudaStream_t stream, int64_t& nb) {
   float* logits = ws;
   const int64_t logit_count = (int64_t{a.heads} * G * a.n + 1) / 2 * 2;  // keeps stats 8-aligned
   float2* stats = reinterpret_cast<float2*>(ws + logit_count);
   if (a.d <= kTiledMaxD) {
+    nb = Blocks(a.n);
     TiledLogitsKernel<G><<<dim3(nb, a.heads), kScoreThreads, 0, stream>>>(
         a.q, a.d, a.scale, a.centroids, a.centroid_stride, a.sizes, a.size_stride, a.n, logits,
         stats);
   } else {
+    nb = Blocks(a.n);
     LogitsKernel<G><<<dim3(nb, a.heads), kScoreThreads, 0, stream>>>(
         a.q, a.d, a.scale, a.centroids, a.centroid_stride, a.sizes, a.size_stride, a.n, logits,
         stats);
   }
+  return cudaGetLastError();
+}
+
+template <int G>
+cudaError_t LaunchScoreTyped(const ScoreArgs& a, float* ws, cudaStream_t stream) {
+  int64_t nb = 0;
+  if (const cudaError_t err = LaunchLogits<G>(a, ws, stream, nb); err != cudaSuccess) return err;
+  const int64_t logit_count = (int64_t{a.heads} * G * a.n + 1) / 2 * 2;
+  const auto* stats = reinterpret_cast<const float2*>(ws + logit_count);
   const int64_t sb = (a.n + kScoreThreads - 1) / kScoreThreads;
   ScoresKernel<G><<<dim3(sb, a.heads), kScoreThreads, 0, stream>>>(
-      logits, stats, static_cast<int>(nb), a.sizes, a.size_stride, a.n, a.scores, a.score_stride);
+      ws, stats, static_cast<int>(nb), a.sizes, a.size_stride, a.n, a.scores, a.score_stride);
+  return cudaGetLastError();
+}
+
+// Dynamic shared memory for staging a head's scores, when they fit (up to 40K clusters).
+constexpr int64_t kMaxStaged = 160 << 10;
+
+template <typename Kernel>
+bool AllowStaging(Kernel kernel) {
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(kMaxStaged)) == cudaSuccess)
+    return true;
+  cudaGetLastError();
+  return false;
+}
+
+template <int G>
+cudaError_t LaunchSelectPlanTyped(const ScoreArgs& a, const TopKArgs& t, const PlanArgs& p,
+                                  float* ws, cudaStream_t stream) {
+  int64_t nb = 0;
+  if (const cudaError_t err = LaunchLogits<G>(a, ws, stream, nb); err != cudaSuccess) return err;
+  const int64_t logit_count = (int64_t{a.heads} * G * a.n + 1) / 2 * 2;
+  const auto* stats = reinterpret_cast<const float2*>(ws + logit_count);
+  static const bool staging_ok = AllowStaging(SelectPlanKernel<G>);
+  const int64_t bytes = sizeof(float) * a.n;
+  const bool stage = staging_ok && bytes <= kMaxStaged;
+  SelectPlanKernel<G><<<a.heads, kTopKThreads, stage ? bytes : 0, stream>>>(
+      ws, stats, static_cast<int>(nb), a.sizes, a.size_stride, a.n, a.scores, a.score_stride, t.k,
+      t.k2, t.out, t.out2, t.counts, t.counts2, t.out_stride, p, stage);
   return cudaGetLastError();
 }
 
 }  // namespace
 
 size_t ScoreWorkspaceBytes(int heads, int g, int64_t n) {
-  // logits, then float2 stats (8-byte aligned: the logit count is rounded up to even).
+  // logits, then float2 stats (8-byte aligned: the logit count is rounded up to even); Blocks(n)
+  // bounds the block count of every logits kernel.
   const int64_t logits = (int64_t{heads} * g * n + 1) / 2 * 2;
   return sizeof(float) * (logits + 2 * int64_t{heads} * Blocks(n) * g);
 }
@@ -401,16 +592,15 @@ size_t ScoreWorkspaceBytes(int heads, int g, int64_t n) {
 cudaError_t LaunchScoreClusters(const ScoreArgs& a, float* workspace, cudaStream_t stream) {
   if (a.n <= 0 || a.heads <= 0) return cudaSuccess;
   if (a.d % 4 != 0) return cudaErrorInvalidValue;
-  const ScoreArgs& b = a;
   switch (a.g) {
     case 1:
-      return LaunchScoreTyped<1>(b, workspace, stream);
+      return LaunchScoreTyped<1>(a, workspace, stream);
     case 2:
-      return LaunchScoreTyped<2>(b, workspace, stream);
+      return LaunchScoreTyped<2>(a, workspace, stream);
     case 4:
-      return LaunchScoreTyped<4>(b, workspace, stream);
+      return LaunchScoreTyped<4>(a, workspace, stream);
     case 8:
-      return LaunchScoreTyped<8>(b, workspace, stream);
+      return LaunchScoreTyped<8>(a, workspace, stream);
     default:
       return cudaErrorInvalidValue;
   }
@@ -418,18 +608,39 @@ cudaError_t LaunchScoreClusters(const ScoreArgs& a, float* workspace, cudaStream
 
 cudaError_t LaunchSelectTopK(const TopKArgs& a, cudaStream_t stream) {
   if (a.heads <= 0) return cudaSuccess;
-  // Stage each head's scores in shared memory when they fit (up to 40K clusters per head).
-  constexpr int64_t kMaxStaged = 160 << 10;
-  static const bool staging_ok =
-      cudaFuncSetAttribute(TopKKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(kMaxStaged)) == cudaSuccess;
-  if (!staging_ok) cudaGetLastError();
+  static const bool staging1 = AllowStaging(TopKKernel<1>);
+  static const bool staging2 = AllowStaging(TopKKernel<2>);
+  const bool two = a.out2 != nullptr;
   const int64_t bytes = sizeof(float) * a.n;
-  const bool stage = staging_ok && bytes <= kMaxStaged;
-  TopKKernel<<<a.heads, kTopKThreads, stage ? bytes : 0, stream>>>(
-      a.scores, a.n, a.score_stride, a.k, a.k2, a.out, a.out2, a.out_stride, a.counts, a.counts2,
-      stage);
+  const bool stage = (two ? staging2 : staging1) && bytes <= kMaxStaged;
+  if (two) {
+    TopKKernel<2><<<a.heads, kTopKThreads, stage ? bytes : 0, stream>>>(
+        a.scores, a.n, a.score_stride, a.k, a.k2, a.out, a.out2, a.out_stride, a.counts, a.counts2,
+        stage);
+  } else {
+    TopKKernel<1><<<a.heads, kTopKThreads, stage ? bytes : 0, stream>>>(
+        a.scores, a.n, a.score_stride, a.k, a.k2, a.out, a.out2, a.out_stride, a.counts, a.counts2,
+        stage);
+  }
   return cudaGetLastError();
+}
+
+cudaError_t LaunchScoreSelectPlan(const ScoreArgs& a, const TopKArgs& t, const PlanArgs& p,
+                                  float* workspace, cudaStream_t stream) {
+  if (a.heads <= 0) return cudaSuccess;
+  if (a.d % 4 != 0 || a.n <= 0) return cudaErrorInvalidValue;
+  switch (a.g) {
+    case 1:
+      return LaunchSelectPlanTyped<1>(a, t, p, workspace, stream);
+    case 2:
+      return LaunchSelectPlanTyped<2>(a, t, p, workspace, stream);
+    case 4:
+      return LaunchSelectPlanTyped<4>(a, t, p, workspace, stream);
+    case 8:
+      return LaunchSelectPlanTyped<8>(a, t, p, workspace, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace kvwave::gpu::cuda

@@ -8,6 +8,9 @@
 #include <functional>
 #include <random>
 #include <set>
+#include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "buffer/pinned_allocator.h"
@@ -196,8 +199,8 @@ TEST_F(CudaKernelsTest, ExactAttentionRejectsUnsupportedShape) {
 }
 
 TEST_F(CudaKernelsTest, ScoreClustersMatchesCpu) {
-  for (int g : {1, 4, 8}) {
-    const int heads = 3, d = 128;
+  for (auto [g, d] : {std::pair{1, 128}, {4, 128}, {8, 128}, {4, 64}, {8, 64}}) {
+    const int heads = 3;
     const int64_t n = 1000 + rng_() % 3000;
     std::vector<float> q = Random(heads * g * d), cen = Random(heads * n * d, 0.3f);
     std::vector<int32_t> sizes(heads * n);
@@ -227,7 +230,8 @@ TEST_F(CudaKernelsTest, ScoreClustersMatchesCpu) {
         if (std::isinf(ref[j])) {
           EXPECT_EQ(x, ref[j]);
         } else {
-          ASSERT_NEAR(x, ref[j], 1e-5 * std::abs(ref[j]) + 1e-9) << "g " << g << " j " << j;
+          ASSERT_NEAR(x, ref[j], 1e-5 * std::abs(ref[j]) + 1e-9)
+              << "g " << g << " d " << d << " j " << j;
         }
       }
     }
@@ -235,13 +239,22 @@ TEST_F(CudaKernelsTest, ScoreClustersMatchesCpu) {
 }
 
 TEST_F(CudaKernelsTest, SelectTopKMatchesCpu) {
-  for (int64_t n : {1, 37, 5000, 70000}) {
+  // Ties and empties, then distinct values (the radix select stops early on those), with and
+  // without the second list.
+  for (auto [n, ties, two] : {std::tuple{int64_t{1}, true, true},
+                              {37, true, true},
+                              {5000, true, true},
+                              {70000, true, true},
+                              {8192, false, true},
+                              {8192, false, false},
+                              {5000, true, false},
+                              {300, false, false}}) {
     const int heads = 4;
     std::vector<float> scores(heads * n);
     std::uniform_real_distribution<float> u(0.f, 1.f);
     for (auto& s : scores) {
       const uint32_t r = rng_() % 20;
-      s = r == 0 ? -INFINITY : (r == 1 ? 0.5f : u(rng_));  // empties and ties
+      s = ties && r == 0 ? -INFINITY : (ties && r == 1 ? 0.5f : u(rng_));
     }
     const int64_t k = std::max<int64_t>(1, n / 50), k2 = k + n / 5;
     TopKArgs a;
@@ -252,19 +265,26 @@ TEST_F(CudaKernelsTest, SelectTopKMatchesCpu) {
     a.k = k;
     a.k2 = k2;
     a.out = Poisoned<int32_t>(heads * std::max(k, k2));
-    a.out2 = Poisoned<int32_t>(heads * std::max(k, k2));
+    int32_t* out2_dev = Poisoned<int32_t>(heads * std::max(k, k2));
+    a.out2 = two ? out2_dev : nullptr;
     a.out_stride = std::max(k, k2);
     a.counts = Poisoned<int32_t>(heads);
     a.counts2 = Poisoned<int32_t>(heads);
     ASSERT_TRUE(backend_->SelectTopK(a).ok());
-    auto out = Download(a.out, heads * a.out_stride), out2 = Download(a.out2, heads * a.out_stride);
+    auto out = Download(a.out, heads * a.out_stride),
+         out2 = Download(out2_dev, heads * a.out_stride);
     auto counts = Download(a.counts, heads), counts2 = Download(a.counts2, heads);
     for (int h = 0; h < heads; ++h) {
       std::vector<int32_t> ref(k2);
       const int64_t got = cpu::TopK(scores.data() + h * n, n, k2, ref.data());
       const int64_t c1 = std::min(k, got);
       ASSERT_EQ(counts[h], c1) << "n " << n;
-      ASSERT_EQ(counts2[h], got - c1);
+      if (!two) {  // no second list: count 0, out2 untouched
+        EXPECT_EQ(counts2[h], 0);
+        for (int64_t i = 0; i < a.out_stride; ++i) ASSERT_EQ(out2[h * a.out_stride + i], -1);
+      } else {
+        ASSERT_EQ(counts2[h], got - c1);
+      }
       std::set<int32_t> want1(ref.begin(), ref.begin() + c1),
           want2(ref.begin() + c1, ref.begin() + got);
       std::vector<int32_t> g1(out.begin() + h * a.out_stride, out.begin() + h * a.out_stride + c1);
@@ -272,9 +292,214 @@ TEST_F(CudaKernelsTest, SelectTopKMatchesCpu) {
                               out2.begin() + h * a.out_stride + (got - c1));
       EXPECT_TRUE(std::is_sorted(g1.begin(), g1.end()));
       EXPECT_EQ(std::set<int32_t>(g1.begin(), g1.end()), want1) << "n " << n << " head " << h;
-      EXPECT_EQ(std::set<int32_t>(g2.begin(), g2.end()), want2) << "n " << n << " head " << h;
+      if (two)
+        EXPECT_EQ(std::set<int32_t>(g2.begin(), g2.end()), want2) << "n " << n << " head " << h;
     }
   }
+}
+
+// The wave buffer's fused op against the three ops it replaces, on random centroids and a random
+// cache table: the same scores, lists, counts, page list and record, bit for bit.
+TEST_F(CudaKernelsTest, ScoreSelectPlanMatchesSeparateOps) {
+  for (auto [g, d, n] :
+       {std::tuple{4, 128, int64_t{8192}}, {8, 64, 3000}, {1, 128, 50000}, {2, 64, 700}}) {
+    const int heads = 3, P = 2;
+    const int64_t k = std::max<int64_t>(1, n / 40), k2 = k + n / 4;
+    std::vector<float> q = Random(heads * g * d), cen = Random(heads * n * d, 0.3f);
+    std::vector<int32_t> sizes(heads * n), table(heads * n * P, -1), steady(heads);
+    std::vector<int64_t> row(heads * n);
+    int32_t slot = 0;
+    for (int h = 0; h < heads; ++h) {
+      int64_t r = 0;
+      steady[h] = int32_t(rng_() % 70);
+      for (int64_t c = 0; c < n; ++c) {
+        const int64_t uc = h * n + c;
+        sizes[uc] = (rng_() % 9 == 0) ? 0 : 1 + int(rng_() % (P * kMaxPageRows));
+        row[uc] = r;
+        r += (sizes[uc] + kMaxPageRows - 1) / kMaxPageRows * kMaxPageRows;
+        if (sizes[uc] > 0 && rng_() % 2 == 0)
+          for (int p = 0; p < (sizes[uc] + kMaxPageRows - 1) / kMaxPageRows; ++p)
+            table[uc * P + p] = slot++;
+      }
+    }
+    // The plan only computes addresses: distinct fake bases are enough to compare them.
+    std::vector<const void*> host(2 * heads);
+    for (int i = 0; i < 2 * heads; ++i)
+      host[i] = reinterpret_cast<const void*>(uintptr_t{1} << 40 | uintptr_t(i) << 32);
+    ScoreArgs sc;
+    sc.q = Upload(q);
+    sc.heads = heads;
+    sc.g = g;
+    sc.d = d;
+    sc.scale = 1.0f / std::sqrt(float(d));
+    sc.centroids = Upload(cen);
+    sc.centroid_stride = n * d;
+    sc.sizes = Upload(sizes);
+    sc.size_stride = n;
+    sc.n = n;
+    sc.score_stride = n;
+    const int64_t max_pages = k * P + 9;
+    struct Out {
+      float* scores;
+      int32_t *ret, *est, *counts, *counts2, *page_counts;
+      PageRef* pages;
+    };
+    auto run = [&](bool fused) {
+      Out o{Poisoned<float>(heads * n),
+            Poisoned<int32_t>(heads * k2),
+            Poisoned<int32_t>(heads * k2),
+            Poisoned<int32_t>(heads + 2 * heads * k),
+            Poisoned<int32_t>(heads),
+            Poisoned<int32_t>(heads),
+            Poisoned<PageRef>(heads * max_pages)};
+      ScoreArgs a = sc;
+      a.scores = o.scores;
+      TopKArgs t;
+      t.scores = o.scores;
+      t.heads = heads;
+      t.n = n;
+      t.score_stride = n;
+      t.k = k;
+      t.k2 = k2;
+      t.out = o.ret;
+      t.out2 = o.est;
+      t.out_stride = k2;
+      t.counts = o.counts;
+      t.counts2 = o.counts2;
+      PlanArgs pl;
+      pl.heads = heads;
+      pl.clusters = n;
+      pl.max_cluster_pages = P;
+      pl.retrieved = o.ret;
+      pl.counts = o.counts;
+      pl.list_stride = k2;
+      pl.table = Upload(table);
+      pl.sizes = sc.sizes;
+      pl.cluster_row = Upload(row);
+      pl.k_host = Upload(host);
+      pl.v_host = pl.k_host + heads;
+      pl.steady_k = reinterpret_cast<const void*>(uintptr_t{3} << 40);
+      pl.steady_v = reinterpret_cast<const void*>(uintptr_t{5} << 40);
+      pl.steady_rows = Upload(steady);
+      pl.steady_stride_rows = 80;
+      pl.pool_k = reinterpret_cast<const void*>(uintptr_t{7} << 40);
+      pl.pool_v = reinterpret_cast<const void*>(uintptr_t{9} << 40);
+      pl.row_bytes = 2 * d;
+      pl.max_pages_per_head = max_pages;
+      pl.pages = o.pages;
+      pl.page_counts = o.page_counts;
+      pl.info = o.counts + heads;
+      pl.info_stride = k;
+      if (fused) {
+        EXPECT_TRUE(backend_->ScoreSelectPlan(a, t, pl).ok());
+      } else {
+        EXPECT_TRUE(backend_->ScoreClusters(a).ok());
+        EXPECT_TRUE(backend_->SelectTopK(t).ok());
+        EXPECT_TRUE(backend_->PlanPages(pl).ok());
+      }
+      return o;
+    };
+    const Out x = run(false), y = run(true);
+    auto bytes_equal = [&](const void* a, const void* b, size_t n_bytes) {
+      auto va = Download(static_cast<const uint8_t*>(a), n_bytes);
+      auto vb = Download(static_cast<const uint8_t*>(b), n_bytes);
+      return va == vb;
+    };
+    const std::string where =
+        "g " + std::to_string(g) + " d " + std::to_string(d) + " n " + std::to_string(n);
+    EXPECT_TRUE(bytes_equal(x.scores, y.scores, sizeof(float) * heads * n)) << where;
+    auto counts = Download(x.counts, heads);
+    EXPECT_TRUE(bytes_equal(x.counts, y.counts, sizeof(int32_t) * (heads + 2 * heads * k)))
+        << where;  // counts, then the (cluster, exec page) record
+    EXPECT_TRUE(bytes_equal(x.ret, y.ret, sizeof(int32_t) * heads * k2)) << where;
+    EXPECT_TRUE(bytes_equal(x.est, y.est, sizeof(int32_t) * heads * k2)) << where;
+    EXPECT_TRUE(bytes_equal(x.counts2, y.counts2, sizeof(int32_t) * heads)) << where;
+    auto counts2 = Download(x.counts2, heads);
+    auto pc = Download(x.page_counts, heads);
+    EXPECT_TRUE(bytes_equal(x.page_counts, y.page_counts, sizeof(int32_t) * heads)) << where;
+    for (int h = 0; h < heads; ++h) {
+      EXPECT_EQ(counts[h], k) << where;
+      EXPECT_EQ(counts2[h], k2 - k) << where;
+      EXPECT_GT(pc[h], 0) << where;
+      EXPECT_TRUE(
+          bytes_equal(x.pages + h * max_pages, y.pages + h * max_pages, sizeof(PageRef) * pc[h]))
+          << where << " head " << h;
+    }
+  }
+}
+
+TEST_F(CudaKernelsTest, ScoreSelectPlanRejectsMismatchedLists) {
+  ScoreArgs sc;
+  sc.heads = 1, sc.g = 4, sc.d = 128, sc.n = 10;
+  sc.scores = Poisoned<float>(10);
+  TopKArgs t;
+  t.heads = 1, t.k = 2, t.n = 10;
+  t.out = Poisoned<int32_t>(2);
+  t.counts = Poisoned<int32_t>(1);
+  PlanArgs pl;
+  pl.heads = 1, pl.max_cluster_pages = 1, pl.row_bytes = 256;
+  pl.retrieved = t.out;
+  pl.counts = Poisoned<int32_t>(1);  // not t.counts
+  EXPECT_EQ(backend_->ScoreSelectPlan(sc, t, pl).code(), absl::StatusCode::kInvalidArgument);
+  pl.counts = t.counts;
+  t.out2 = Poisoned<int32_t>(2);  // a second list needs its counts
+  EXPECT_EQ(backend_->ScoreSelectPlan(sc, t, pl).code(), absl::StatusCode::kInvalidArgument);
+}
+
+// ExactAttention with an extra partial (the wave buffer's estimation zone, from another stream)
+// equals ExactAttention followed by MergeLse; a head with no pages gets the extra partial alone.
+TEST_F(CudaKernelsTest, ExactAttentionMergesExtraPartial) {
+  const int heads = 3, g = 4, d = 128;
+  const size_t row = d * 2;
+  std::vector<int> num_pages = {0, 3, 150};
+  std::vector<PageRef> pages;
+  std::vector<int32_t> offsets = {0};
+  for (int h = 0; h < heads; ++h) {
+    for (int p = 0; p < num_pages[h]; ++p) {
+      const int rows = 1 + int(rng_() % kMaxPageRows);
+      std::vector<float> kv = Random(2 * rows * d);
+      std::vector<uint16_t> bits(2 * rows * d);
+      FromFloat(kv.data(), DType::kBF16, bits.data(), bits.size());
+      const uint16_t* dev = Upload(bits);
+      pages.push_back({dev, dev + rows * d, rows, 0});
+    }
+    offsets.push_back(static_cast<int32_t>(pages.size()));
+  }
+  (void)row;
+  std::vector<float> xo = Random(heads * g * d), xl = Random(heads * g, 2.f);
+  xl[5] = -INFINITY;  // one row without an extra partial
+  ExactArgs a;
+  a.q = Upload(Random(heads * g * d));
+  a.heads = heads;
+  a.g = g;
+  a.d = d;
+  a.scale = 1.0f / std::sqrt(float(d));
+  a.pages = Upload(pages);
+  a.page_offsets = Upload(offsets);
+  a.max_pages_per_head = 150;
+  a.pages_per_split = 16;
+  a.out = Poisoned<float>(heads * g * d);
+  a.lse = Poisoned<float>(heads * g);
+  ASSERT_TRUE(backend_->ExactAttention(a).ok());
+  auto ref = Download(a.out, heads * g * d);
+  auto ref_lse = Download(a.lse, heads * g);
+  cpu::MergeLse(ref.data(), ref_lse.data(), xo.data(), xl.data(), heads * g, d);
+  ExactArgs b = a;
+  b.extra_out = Upload(xo);
+  b.extra_lse = Upload(xl);
+  ASSERT_TRUE(backend_->RecordEvent(0, 1).ok());  // "ready" on another stream
+  b.extra_event = 0;
+  b.out = Poisoned<float>(heads * g * d);
+  b.lse = Poisoned<float>(heads * g);
+  ASSERT_TRUE(backend_->ExactAttention(b).ok());
+  auto out = Download(b.out, heads * g * d);
+  auto lse = Download(b.lse, heads * g);
+  EXPECT_LT(RelErr(out.data(), ref.data(), heads * g * d), 1e-6);
+  for (int r = 0; r < heads * g; ++r)
+    EXPECT_NEAR(lse[r], ref_lse[r], 1e-5 * (1 + std::abs(ref_lse[r]))) << "row " << r;
+  for (int i = 0; i < g * d; ++i) ASSERT_EQ(out[i], xo[i]);  // head 0: no pages
+  b.extra_lse = nullptr;
+  EXPECT_EQ(backend_->ExactAttention(b).code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(CudaKernelsTest, EstimateAttentionMatchesCpu) {

@@ -25,7 +25,7 @@ struct Fixture {
 };
 
 void MakeFixture(const SyntheticShape& shape, double retrieval, double estimation,
-                 int64_t cache_divisor, Fixture& f) {
+                 int64_t cache_divisor, Fixture& f, bool fused = true) {
   auto backend = gpu::CudaBackend::Create({});
   ASSERT_TRUE(backend.ok()) << backend.status();
   f.backend = std::move(*backend);
@@ -41,6 +41,7 @@ void MakeFixture(const SyntheticShape& shape, double retrieval, double estimatio
   f.o.estimation = estimation;
   f.o.cache_bytes = f.kv->kv_bytes() / cache_divisor;
   f.o.max_cluster_pages = 4;
+  f.o.fused_select = fused;
   auto wb = WaveBuffer::Create(f.backend.get(), f.o, f.kv->Units());
   ASSERT_TRUE(wb.ok()) << wb.status();
   f.wb = std::move(*wb);
@@ -124,8 +125,11 @@ TEST(WaveBufferTest, MatchesCpuTripartiteAcrossSteps) {
 }
 
 // Calls queued back to back (no Finish in between): the committer lags the GPU by up to kRing
-// calls, so hits may go stale; every output must still match the CPU reference.
-TEST(WaveBufferTest, PipelinedCallsMatchCpu) {
+// calls, so hits may go stale; every output must still match the CPU reference. With the fused
+// select/plan/merge path (the default) and with one op per phase.
+class PipelinedTest : public ::testing::TestWithParam<bool> {};
+
+TEST_P(PipelinedTest, CallsMatchCpu) {
   if (!gpu::CudaBackend::DeviceAvailable()) GTEST_SKIP() << "no CUDA device";
   SyntheticShape shape;
   shape.layers = 5;
@@ -137,7 +141,7 @@ TEST(WaveBufferTest, PipelinedCallsMatchCpu) {
   shape.steady_rows = 5;
   shape.seed = std::random_device{}();
   Fixture f;  // a pool of 1/8 of the KV: smaller than the retrieved set of all layers
-  ASSERT_NO_FATAL_FAILURE(MakeFixture(shape, 0.08, 0.2, 8, f));
+  ASSERT_NO_FATAL_FAILURE(MakeFixture(shape, 0.08, 0.2, 8, f, GetParam()));
   auto* backend = &f.backend;
   auto* kv = &f.kv;
   auto* wb = &f.wb;
@@ -191,6 +195,11 @@ TEST(WaveBufferTest, PipelinedCallsMatchCpu) {
   EXPECT_GT(c.hit_clusters, 0);
   EXPECT_GT((*wb)->policy_stats().evicted, 0);
 }
+
+INSTANTIATE_TEST_SUITE_P(WaveBufferTest, PipelinedTest, ::testing::Bool(),
+                         [](const ::testing::TestParamInfo<bool>& i) {
+                           return i.param ? "Fused" : "Unfused";
+                         });
 
 }  // namespace
 }  // namespace kvwave::buffer
