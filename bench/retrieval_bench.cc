@@ -281,7 +281,8 @@ int RunRetrieval(int argc, char** argv) {
   app.add_option("--graph-refine-queue", f.graph.refine_queue, "graph: refinement queue (0=off)");
   app.add_option("--graph-connect-queue", f.graph.connect_queue, "graph: connect-pass queue");
   app.add_option("--graph-entries", f.graph.entry_points, "graph: entry points per search");
-  app.add_flag("--graph-prune-ip", f.graph.prune_by_ip, "graph: prune by inner product, not L2");
+  app.add_flag("--graph-prune-ip,!--graph-prune-l2", f.graph.prune_by_ip,
+               "graph: prune by inner product (default) or by L2");
   app.add_option("--graph-position-links", f.graph.position_links,
                  "graph: also link each key to its w neighbours in token order");
   app.add_option("--graph-seed", f.graph.seed, "graph: sampling seed");

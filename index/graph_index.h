@@ -7,8 +7,8 @@
 //      each by inner product (q.k, the attention score);
 //   2. project the query–key bipartite graph onto keys: each query's best key becomes a *pivot*,
 //      linked to that query's other N-1 keys; a pivot's candidates (the 8M nearest of them) are
-//      pruned to degree M by a relative-neighbourhood rule (L2 between keys, or inner product as
-//      RoarGraph does) and topped up to M with the pruned ones;
+//      pruned to degree M by a relative-neighbourhood rule (inner product, as RoarGraph does, by
+//      default; or L2 between keys) and topped up to M with the pruned ones;
 //   3. add reverse edges into free slots (degree stays <= M); token-order links: key i is also
 //      linked to keys i +- 1..position_links (keys are passed in token order; these edges may
 //      take a key past M), because RoPE makes a query's top keys come in runs of nearby positions;
@@ -46,7 +46,9 @@ struct GraphIndexOptions {
   int refine_queue = 100;       // key-key refinement search queue (0 = no refinement pass)
   int connect_queue = 48;       // queue size of the searches of the connectivity pass
   int entry_points = 1;         // keys every search starts from (scored first), >= 1
-  bool prune_by_ip = false;     // occlusion by inner product (RoarGraph's IP metric), not L2
+  // Occlusion by inner product (RoarGraph's IP metric) rather than L2. Measured (scan fraction
+  // at recall@100 0.95, L2 -> IP): dd16k 17.8% -> 16.6%; synth 128K, --ood 4: 4.1% -> 2.6%.
+  bool prune_by_ip = true;
   int position_links = 1;       // also link key i to i +- 1..w (keys in token order), <= 64
   uint64_t seed = 1;            // query sampling; the build is deterministic for a seed
 };
