@@ -53,6 +53,9 @@ struct CudaBackendOptions {
   int64_t workspace_bytes = int64_t{256} << 20;  // scratch shared by all ops
   int num_streams = 3;  // 0: compute; 1: copies; 2: side work (the wave buffer's estimation)
   int num_events = 64;  // for cross-stream ordering (RecordEvent)
+  // Programmatic dependent launch between the kernels of one op (ScoreSelectPlan): the second is
+  // scheduled while the first drains, and waits for it on the GPU (sm_90).
+  bool dependent_launch = true;
 };
 
 // Owner of one device allocation (device memory), freed on destruction.
@@ -287,6 +290,7 @@ class CudaBackend {
   std::unique_ptr<Impl> impl_;
   int64_t workspace_size_ = 0;
   int multiprocessors_ = 0;
+  bool dependent_launch_ = true;
 };
 
 }  // namespace kvwave::gpu

@@ -117,6 +117,7 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(
   std::unique_ptr<CudaBackend> backend(new CudaBackend(std::move(impl)));
   backend->workspace_size_ = options.workspace_bytes;
   backend->multiprocessors_ = prop.multiProcessorCount;
+  backend->dependent_launch_ = options.dependent_launch;
   return backend;
 }
 
@@ -200,7 +201,8 @@ absl::Status CudaBackend::ScoreSelectPlan(const ScoreArgs& a, const TopKArgs& t,
   KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
   KVWAVE_ASSIGN_OR_RETURN(float* ws,
                           impl_->Workspace(stream, cuda::ScoreWorkspaceBytes(a.heads, a.g, a.n)));
-  return FromCuda(cuda::LaunchScoreSelectPlan(a, t, p, ws, s), "ScoreSelectPlan");
+  return FromCuda(cuda::LaunchScoreSelectPlan(a, t, p, ws, dependent_launch_, multiprocessors_, s),
+                  "ScoreSelectPlan");
 }
 
 absl::Status CudaBackend::ExactAttention(const ExactArgs& a, int stream) {

@@ -55,6 +55,7 @@ struct Options {
   bool profile = true;  // one more pass with per-phase GPU timing
   bool probe = false;   // only the zero-copy read probe
   bool fuse = true;     // WaveBufferOptions::fused_select
+  bool pdl = true;      // CudaBackendOptions::dependent_launch
   std::string json;
 };
 
@@ -509,6 +510,8 @@ int Main(int argc, char** argv) {
   app.add_option("--batch", o.batch, "sequences decoded together (each its own KV)");
   app.add_option("--profile", o.profile, "extra pass timing each phase on the GPU");
   app.add_option("--pps", o.pps, "exact attention: pages per split");
+  app.add_option("--pdl", o.pdl,
+                 "programmatic dependent launch in the fused select (1) or not (0)");
   app.add_option("--fuse", o.fuse, "wave buffer: fused score/top-k/plan and merge (1) or not (0)");
   app.add_flag("--probe", o.probe, "only measure zero-copy read rates (scattered vs sequential)");
   app.add_option("--steps", o.steps);
@@ -518,7 +521,9 @@ int Main(int argc, char** argv) {
   o.heads = o.kv_heads * o.batch;
   o.contexts.clear();
   for (auto p : absl::StrSplit(contexts, ',')) o.contexts.push_back(std::stoll(std::string(p)));
-  auto backend = gpu::CudaBackend::Create({});
+  gpu::CudaBackendOptions bo;
+  bo.dependent_launch = o.pdl;
+  auto backend = gpu::CudaBackend::Create(bo);
   CHECK_OK(backend.status());
   gpu::CudaBackend* b = backend->get();
   const Bandwidth bw = MeasureBandwidth(b);
@@ -529,8 +534,8 @@ int Main(int argc, char** argv) {
       "queries rho=%.2f; cache %.0f%% of KV; retrieval %.1f%% + estimation %.1f%% of "
       "clusters\n",
       o.rho, 100 * o.cache, 100 * o.retrieval, 100 * o.estimation);
-  std::printf("# wave buffer: %s select/plan/merge, %d pages per split\n",
-              o.fuse ? "fused" : "unfused", o.pps);
+  std::printf("# wave buffer: %s select/plan/merge, %d pages per split, dependent launch %s\n",
+              o.fuse ? "fused" : "unfused", o.pps, o.pdl ? "on" : "off");
   std::printf("# measured: HBM %.0f GB/s (D2D copy, read+write), PCIe %.1f GB/s (pinned H2D)\n",
               bw.hbm / 1e9, bw.pcie / 1e9);
   TimeKMeans(b);

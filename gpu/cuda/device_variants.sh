@@ -24,6 +24,6 @@ variant() {  # name, env assignment (or -), bench args...
     timeout 240 env "$env" $B/kvwave-decode-bench "$@" 2>&1 | tee -a $V
   fi
 }
-variant fused - --contexts $C --steps 16
+variant default - --contexts $C --steps 16
+variant no-pdl - --pdl 0 --contexts $C --steps 16
 variant unfused - --fuse 0 --contexts $C --steps 16
-variant fused-pps16 - --pps 16 --contexts $C --steps 16

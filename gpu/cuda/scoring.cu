@@ -18,6 +18,8 @@
 // head that folds the statistics, computes the head's scores (kept in shared memory, and written
 // out), selects the top k (and the next k2 - k) and plans the pages (PlanHead, plan_block.cuh):
 // two launches fewer than ScoreClusters + SelectTopK + PlanPages.
+#include <cooperative_groups.h>
+
 #include <algorithm>
 #include <cmath>
 
@@ -117,6 +119,9 @@ __global__ void __launch_bounds__(kScoreThreads)
                       const float* __restrict__ cen, int64_t cen_stride,
                       const int32_t* __restrict__ sizes, int64_t size_stride, int64_t n,
                       float* __restrict__ logits, float2* __restrict__ stats) {
+  // A programmatic dependent (SelectPlanKernel) may be scheduled from now on; it waits for this
+  // grid's completion before it reads anything (a no-op without such a dependent).
+  asm volatile("griddepcontrol.launch_dependents;");
   constexpr int kPad = kTiledMaxD + 1;
   __shared__ float tile[kClustersPerBlock][kPad];
   __shared__ float qs[G][kTiledMaxD];
@@ -238,16 +243,27 @@ __device__ __forceinline__ uint32_t OrderKey(float f) {
 
 constexpr int kTopKWarps = kTopKThreads / 32;
 
-// Shared state of one block's selection(s): t = 0 the top want[0], t = 1 the top want[1]. Keys
-// (OrderKey of the finite scores) in [lo[t], hi[t]) are the candidates still undecided: every
-// key >= hi[t] is selected, and rem[t] of the candidates (highest keys, then lowest index).
+// State of a selection, t = 0 the top want[0], t = 1 the top want[1]. Keys (OrderKey of the
+// finite scores) in [lo[t], hi[t]) are the candidates still undecided: every key >= hi[t] is
+// selected, and rem[t] of the candidates (highest keys, then lowest index).
 struct SelectState {
   int want[2], rem[2];
   uint32_t lo[2];
   uint64_t hi[2];
-  int valid;
-  uint32_t kmin, kmax;
 };
+
+// Starts the selections over `valid` finite keys in [kmin, kmax]. One thread.
+__device__ void InitSelect(SelectState& st, bool* done, int kSel, int valid, uint32_t kmin,
+                           uint32_t kmax, int64_t k, int64_t k2) {
+  st.want[0] = static_cast<int>(min(k, int64_t{valid}));
+  st.want[1] = kSel == 2 ? static_cast<int>(min(max(k2, k), int64_t{valid})) : 0;
+  for (int t = 0; t < 2; ++t) {
+    st.rem[t] = st.want[t];
+    st.lo[t] = kmin;
+    st.hi[t] = uint64_t{kmax} + 1;
+  }
+  for (int t = 0; t < kSel; ++t) done[t] = st.want[t] <= 0;
+}
 
 // Adaptive radix select. Pass: the candidates of selection t fall into at most 256 bins of
 // 2^shift keys over [lo, hi) (bin = (key - lo) >> shift, shift the smallest that fits the span);
@@ -257,132 +273,120 @@ struct SelectState {
 // shrinks 256-fold a pass: it stops when the chosen bin holds exactly rem keys (all taken) or one
 // key value (ties by index), typically after two or three passes. (A division per key instead of
 // the shift, or warp-aggregated atomics on fixed 8-bit digits, cost ~30 us a call at 8K clusters
-// on the H200.) Called by all threads of the block.
+// on the H200.)
+__device__ __forceinline__ int BinShift(const SelectState& st, int t, uint32_t& span_m1) {
+  span_m1 = static_cast<uint32_t>(st.hi[t] - st.lo[t] - 1);  // the span - 1 fits in 32 bits
+  return max(0, 32 - __clz(span_m1) - 8);                    // (span_m1 >> shift) < 256
+}
+
+// Adds the histogram of s[0, n) (the undecided selections' candidates) to hist. All threads.
 template <int kSel>
-__device__ void RadixSelect(const float* s, int n, SelectState& st) {
+__device__ void HistogramPass(const float* s, int n, const SelectState& st, const bool* done,
+                              int (*hist)[256]) {
+  uint32_t lo[kSel], span_m1[kSel];
+  int shift[kSel];
+  bool on[kSel];
+#pragma unroll
+  for (int t = 0; t < kSel; ++t) {
+    lo[t] = st.lo[t];
+    shift[t] = BinShift(st, t, span_m1[t]);
+    on[t] = !done[t];
+  }
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float x = s[i];
+    if (!isfinite(x)) continue;
+    const uint32_t key = OrderKey(x);
+#pragma unroll
+    for (int t = 0; t < kSel; ++t) {
+      const uint32_t off = key - lo[t];
+      if (on[t] && key >= lo[t] && off <= span_m1[t]) atomicAdd(&hist[t][off >> shift[t]], 1);
+    }
+  }
+}
+
+// Called by all lanes of one warp for selection t, lane l holding the counts h8[j] of bins
+// 255 - 8l - j: finds the bin holding the rem-th largest candidate and narrows the range to it.
+__device__ void ChooseBin(SelectState& st, bool* done, int t, const int (&h8)[8]) {
+  const int lane = threadIdx.x % 32;
+  int mine = 0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) mine += h8[j];
+  int cum = mine;
+#pragma unroll
+  for (int off = 1; off < 32; off *= 2) {
+    const int o = __shfl_up_sync(0xffffffffu, cum, off);
+    if (lane >= off) cum += o;
+  }
+  const int r = st.rem[t];
+  const unsigned reach = __ballot_sync(0xffffffffu, cum >= r);
+  if (lane == __ffs(reach) - 1) {
+    int above = cum - mine, j = 0;
+    for (; j < 7; ++j) {
+      if (above + h8[j] >= r) break;
+      above += h8[j];
+    }
+    const int b = 255 - 8 * lane - j;
+    uint32_t span_m1;
+    const int shift = BinShift(st, t, span_m1);
+    // Bin b holds the keys lo + [b << shift, (b + 1) << shift), within the range.
+    const uint64_t lo = st.lo[t];
+    const uint64_t new_lo = lo + (uint64_t(b) << shift);
+    const uint64_t new_hi = min(st.hi[t], lo + (uint64_t(b + 1) << shift));
+    st.rem[t] = r - above;
+    st.lo[t] = static_cast<uint32_t>(new_lo);
+    st.hi[t] = new_hi;
+    if (h8[j] == r - above || new_hi - new_lo <= 1) done[t] = true;
+  }
+}
+
+// Runs the selections over s[0, n) in one block. All threads; st and done in shared memory.
+template <int kSel>
+__device__ void RadixSelect(const float* s, int n, SelectState& st, bool* done) {
   __shared__ int hist[kSel][256];
-  __shared__ bool done[kSel];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (threadIdx.x < kSel) done[threadIdx.x] = st.want[threadIdx.x] <= 0;
   for (int pass = 0; pass < 6; ++pass) {
     for (int i = threadIdx.x; i < kSel * 256; i += blockDim.x) hist[i / 256][i % 256] = 0;
     __syncthreads();
     bool all_done = true;
 #pragma unroll
     for (int t = 0; t < kSel; ++t) all_done = all_done && done[t];
-    if (all_done) break;             // uniform: read after the barrier
-    uint32_t lo[kSel], width[kSel];  // width - 1 fits in 32 bits
-    int shift[kSel];
-    bool on[kSel];
-#pragma unroll
-    for (int t = 0; t < kSel; ++t) {
-      lo[t] = st.lo[t];
-      width[t] = static_cast<uint32_t>(st.hi[t] - st.lo[t] - 1);  // (the span - 1)
-      shift[t] = max(0, 32 - __clz(width[t]) - 8);                // (width >> shift) < 256
-      on[t] = !done[t];
-    }
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-      const float x = s[i];
-      if (!isfinite(x)) continue;
-      const uint32_t key = OrderKey(x);
-#pragma unroll
-      for (int t = 0; t < kSel; ++t) {
-        const uint32_t off = key - lo[t];
-        if (on[t] && key >= lo[t] && off <= width[t]) atomicAdd(&hist[t][off >> shift[t]], 1);
-      }
-    }
+    if (all_done) break;  // uniform: read after the barrier
+    HistogramPass<kSel>(s, n, st, done, hist);
     __syncthreads();
-    // Warp t finds the bin holding the rem[t]-th largest: lane l owns bins 255-8l .. 248-8l.
     if (warp < kSel && !done[warp]) {
-      const int t = warp;
-      int mine = 0;
+      int h8[8];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) mine += hist[t][255 - 8 * lane - j];
-      int cum = mine;
-#pragma unroll
-      for (int off = 1; off < 32; off *= 2) {
-        const int o = __shfl_up_sync(0xffffffffu, cum, off);
-        if (lane >= off) cum += o;
-      }
-      const int r = st.rem[t];
-      const unsigned reach = __ballot_sync(0xffffffffu, cum >= r);
-      if (lane == __ffs(reach) - 1) {
-        int above = cum - mine;
-        int b = 255 - 8 * lane;
-        for (int j = 0; j < 8; ++j, --b) {
-          if (above + hist[t][b] >= r) break;
-          above += hist[t][b];
-        }
-        // Bin b holds the keys lo + [b << shift, (b + 1) << shift), within the range.
-        const uint64_t new_lo = uint64_t{lo[t]} + (uint64_t(b) << shift[t]);
-        const uint64_t new_hi = min(st.hi[t], uint64_t{lo[t]} + (uint64_t(b + 1) << shift[t]));
-        st.rem[t] = r - above;
-        st.lo[t] = static_cast<uint32_t>(new_lo);
-        st.hi[t] = new_hi;
-        if (hist[t][b] == r - above || new_hi - new_lo <= 1) done[t] = true;
-      }
+      for (int j = 0; j < 8; ++j) h8[j] = hist[warp][255 - 8 * lane - j];
+      ChooseBin(st, done, warp, h8);
     }
     __syncthreads();
   }
 }
 
-// Top-k of one head's scores s[0, n): the indices of the k largest finite scores (ties: lower
-// index first) to o0 and, with kSel == 2, of the next k2 - k to o1, both in increasing index
-// order; their counts to *n0 (and *n1). After the radix select, each warp takes a contiguous
-// chunk: one pass counts its keys above / inside the two candidate ranges, a scan over the warps
-// gives every warp its tie ranks and output offsets, and a second pass writes with ballots.
-// Called by all kTopKThreads threads of the block; n < 2^31.
+// Where a walk over the keys in index order stands: candidates of each range seen (ties), and
+// indices written to each list.
+struct WalkPos {
+  int tie0, tie1, o0, o1;
+};
+
+// Moves pos past a stretch of keys with counts c = (above R0, in R0, above R1, in R1).
+__device__ __forceinline__ void Advance(WalkPos& pos, const int* c, const SelectState& st) {
+  const bool on0 = st.want[0] > 0, on1 = st.want[1] > 0;
+  const int sel0 = c[0] + max(0, min(c[1], st.rem[0] - pos.tie0));
+  const int sel1 = c[2] + max(0, min(c[3], st.rem[1] - pos.tie1));
+  pos.tie0 += c[1];
+  pos.tie1 += c[3];
+  pos.o0 += on0 ? sel0 : 0;
+  pos.o1 += on1 ? sel1 - (on0 ? sel0 : 0) : 0;  // the top-k2 set contains the top-k set
+}
+
+// One warp counts the keys of s[lo, hi) above and inside the two ranges (c as in Advance).
 template <int kSel>
-__device__ void TopKHead(const float* s, int64_t n64, int64_t k, int64_t k2, int32_t* o0,
-                         int32_t* o1, int32_t* n0, int32_t* n1) {
-  __shared__ SelectState st;
-  __shared__ int cnt[kTopKWarps][4];   // per warp: above R0, in R0, above R1, in R1
-  __shared__ int base[kTopKWarps][4];  // per warp: ties of R0 before, ties of R1 before,
-                                       // out offset, out2 offset
-  const int n = static_cast<int>(n64);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (threadIdx.x == 0) st.valid = 0, st.kmin = 0xffffffffu, st.kmax = 0;
-  __syncthreads();
-  int local = 0;
-  uint32_t kmin = 0xffffffffu, kmax = 0;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    const float x = s[i];
-    if (!isfinite(x)) continue;
-    const uint32_t key = OrderKey(x);
-    ++local;
-    kmin = min(kmin, key);
-    kmax = max(kmax, key);
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) {
-    local += __shfl_xor_sync(0xffffffffu, local, off);
-    kmin = min(kmin, __shfl_xor_sync(0xffffffffu, kmin, off));
-    kmax = max(kmax, __shfl_xor_sync(0xffffffffu, kmax, off));
-  }
-  if (lane == 0) {  // one shared atomic each per warp
-    atomicAdd(&st.valid, local);
-    atomicMin(&st.kmin, kmin);
-    atomicMax(&st.kmax, kmax);
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const int valid = st.valid;
-    st.want[0] = static_cast<int>(min(k, int64_t{valid}));
-    st.want[1] = kSel == 2 ? static_cast<int>(min(max(k2, k), int64_t{valid})) : 0;
-    for (int t = 0; t < 2; ++t) {
-      st.rem[t] = st.want[t];
-      st.lo[t] = st.kmin;
-      st.hi[t] = uint64_t{st.kmax} + 1;
-    }
-  }
-  __syncthreads();
-  RadixSelect<kSel>(s, n, st);
+__device__ void CountStretch(const float* s, int lo, int hi, const SelectState& st, int* c) {
+  const int lane = threadIdx.x % 32;
   const bool on0 = st.want[0] > 0, on1 = kSel == 2 && st.want[1] > 0;
   const uint32_t lo0 = st.lo[0], lo1 = st.lo[1];
   const uint64_t hi0 = st.hi[0], hi1 = st.hi[1];
-  const int chunk = ((n + kTopKWarps - 1) / kTopKWarps + 31) / 32 * 32;
-  const int lo = min(n, warp * chunk), hi = min(n, lo + chunk);
-  int c[4] = {0, 0, 0, 0};
   for (int i0 = lo; i0 < hi; i0 += 32) {
     const int i = i0 + lane;
     const float x = i < hi ? s[i] : -INFINITY;
@@ -395,26 +399,16 @@ __device__ void TopKHead(const float* s, int64_t n64, int64_t k, int64_t k2, int
       c[3] += __popc(__ballot_sync(0xffffffffu, finite && on1 && key >= lo1 && key < hi1));
     }
   }
-  if (lane < 4) cnt[warp][lane] = c[lane];
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int tie0 = 0, tie1 = 0, o0s = 0, o1s = 0;
-    for (int w = 0; w < kTopKWarps; ++w) {
-      base[w][0] = tie0;
-      base[w][1] = tie1;
-      base[w][2] = o0s;
-      base[w][3] = o1s;
-      // Selected by this warp: keys above the range plus its share of the range's ties.
-      const int sel0 = cnt[w][0] + max(0, min(cnt[w][1], st.rem[0] - tie0));
-      const int sel1 = cnt[w][2] + max(0, min(cnt[w][3], st.rem[1] - tie1));
-      tie0 += cnt[w][1];
-      tie1 += cnt[w][3];
-      o0s += on0 ? sel0 : 0;
-      o1s += on1 ? sel1 - (on0 ? sel0 : 0) : 0;  // the top-k2 set contains the top-k set
-    }
-  }
-  __syncthreads();
-  int tie0 = base[warp][0], tie1 = base[warp][1], p0 = base[warp][2], p1 = base[warp][3];
+}
+
+// One warp writes the selected indices (index0 + i) of s[lo, hi), starting at pos.
+template <int kSel>
+__device__ void WriteStretch(const float* s, int lo, int hi, int index0, const SelectState& st,
+                             WalkPos pos, int32_t* o0, int32_t* o1) {
+  const int lane = threadIdx.x % 32;
+  const bool on0 = st.want[0] > 0, on1 = kSel == 2 && st.want[1] > 0;
+  const uint32_t lo0 = st.lo[0], lo1 = st.lo[1];
+  const uint64_t hi0 = st.hi[0], hi1 = st.hi[1];
   const int rem0 = st.rem[0], rem1 = st.rem[1];
   const unsigned below = (1u << lane) - 1;
   for (int i0 = lo; i0 < hi; i0 += 32) {
@@ -425,17 +419,85 @@ __device__ void TopKHead(const float* s, int64_t n64, int64_t k, int64_t k2, int
     const bool in0 = finite && on0 && key >= lo0 && key < hi0;
     const bool in1 = finite && on1 && key >= lo1 && key < hi1;
     const unsigned m0 = __ballot_sync(0xffffffffu, in0), m1 = __ballot_sync(0xffffffffu, in1);
-    const bool s0 = finite && on0 && (key >= hi0 || (in0 && tie0 + __popc(m0 & below) < rem0));
-    const bool s1 = finite && on1 && (key >= hi1 || (in1 && tie1 + __popc(m1 & below) < rem1));
-    tie0 += __popc(m0);
-    tie1 += __popc(m1);
+    const bool s0 = finite && on0 && (key >= hi0 || (in0 && pos.tie0 + __popc(m0 & below) < rem0));
+    const bool s1 = finite && on1 && (key >= hi1 || (in1 && pos.tie1 + __popc(m1 & below) < rem1));
+    pos.tie0 += __popc(m0);
+    pos.tie1 += __popc(m1);
     const bool only1 = s1 && !s0;
     const unsigned b0 = __ballot_sync(0xffffffffu, s0), b1 = __ballot_sync(0xffffffffu, only1);
-    if (s0) o0[p0 + __popc(b0 & below)] = i;
-    if (only1) o1[p1 + __popc(b1 & below)] = i;
-    p0 += __popc(b0);
-    p1 += __popc(b1);
+    if (s0) o0[pos.o0 + __popc(b0 & below)] = index0 + i;
+    if (only1) o1[pos.o1 + __popc(b1 & below)] = index0 + i;
+    pos.o0 += __popc(b0);
+    pos.o1 += __popc(b1);
   }
+}
+
+// Count, finite-key min and max of s[0, n), reduced over the block into *valid, *kmin, *kmax
+// (shared, initialised to 0, ~0u, 0 before a barrier). All threads.
+__device__ void KeyStats(const float* s, int n, int* valid, uint32_t* kmin, uint32_t* kmax) {
+  const int lane = threadIdx.x % 32;
+  int local = 0;
+  uint32_t mn = 0xffffffffu, mx = 0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float x = s[i];
+    if (!isfinite(x)) continue;
+    const uint32_t key = OrderKey(x);
+    ++local;
+    mn = min(mn, key);
+    mx = max(mx, key);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) {
+    local += __shfl_xor_sync(0xffffffffu, local, off);
+    mn = min(mn, __shfl_xor_sync(0xffffffffu, mn, off));
+    mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+  }
+  if (lane == 0) {  // one shared atomic each per warp
+    atomicAdd(valid, local);
+    atomicMin(kmin, mn);
+    atomicMax(kmax, mx);
+  }
+}
+
+// Top-k of one head's scores s[0, n): the indices of the k largest finite scores (ties: lower
+// index first) to o0 and, with kSel == 2, of the next k2 - k to o1, both in increasing index
+// order; their counts to *n0 (and *n1). After the radix select, each warp takes a contiguous
+// stretch: one pass counts its keys above / inside the two candidate ranges, a walk over the
+// warps' counts gives every warp its tie ranks and output offsets, and a second pass writes with
+// ballots. Called by all kTopKThreads threads of the block; n < 2^31.
+template <int kSel>
+__device__ void TopKHead(const float* s, int64_t n64, int64_t k, int64_t k2, int32_t* o0,
+                         int32_t* o1, int32_t* n0, int32_t* n1) {
+  __shared__ SelectState st;
+  __shared__ bool done[kSel];
+  __shared__ int valid;
+  __shared__ uint32_t kmin, kmax;
+  __shared__ int cnt[kTopKWarps][4];
+  __shared__ WalkPos base[kTopKWarps];
+  const int n = static_cast<int>(n64);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (threadIdx.x == 0) valid = 0, kmin = 0xffffffffu, kmax = 0;
+  __syncthreads();
+  KeyStats(s, n, &valid, &kmin, &kmax);
+  __syncthreads();
+  if (threadIdx.x == 0) InitSelect(st, done, kSel, valid, kmin, kmax, k, k2);
+  __syncthreads();
+  RadixSelect<kSel>(s, n, st, done);
+  const int chunk = ((n + kTopKWarps - 1) / kTopKWarps + 31) / 32 * 32;
+  const int lo = min(n, warp * chunk), hi = min(n, lo + chunk);
+  int c[4] = {0, 0, 0, 0};
+  CountStretch<kSel>(s, lo, hi, st, c);
+  if (lane < 4) cnt[warp][lane] = c[lane];
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    WalkPos pos{};
+    for (int w = 0; w < kTopKWarps; ++w) {
+      base[w] = pos;
+      Advance(pos, cnt[w], st);
+    }
+  }
+  __syncthreads();
+  WriteStretch<kSel>(s, lo, hi, 0, st, base[warp], o0, o1);
   if (threadIdx.x == 0) {
     *n0 = st.want[0];
     if (n1 != nullptr) *n1 = max(0, st.want[1] - st.want[0]);
@@ -464,57 +526,159 @@ __global__ void __launch_bounds__(kTopKThreads)
                  counts2 != nullptr ? counts2 + head : nullptr);
 }
 
-// One block per KV head: scores from the logits and statistics (to shared memory when `stage`,
-// and to `scores`), the top k (and, with out2, the next k2 - k), then the page plan of the top k.
-template <int G>
-__global__ void __launch_bounds__(kTopKThreads)
+// The fused selection can spread each KV head over a cluster of kC blocks (distributed shared
+// memory): block r scores clusters [r * per, (r + 1) * per) of the head and keeps them in shared
+// memory; the counts, key ranges and radix histograms are summed across the cluster's blocks
+// (every block reads all of them and reaches the same decisions); each block then writes the
+// selected indices of its slice at offsets from the lower-ranked blocks' counts, and block 0
+// plans the pages. One block per head would leave the selection's per-key work on 8 SMs.
+// kC = 1 (one block of 1024 threads per head) is the faster form below 24K clusters per head
+// or when heads x 8 blocks would not fit the GPU at once; kC = 8 (blocks of 512) beyond: at 8K
+// clusters per head (128K tokens) the cluster barriers cost more than the spread saves (score
+// phase 50 vs 45 us a layer), at 64K (1M tokens) it is 169 vs 270 us; batch 8 (64 heads) at
+// 128K 216 vs 141 us (bench/results/decode_variants_h200.txt).
+__host__ __device__ constexpr int SelThreads(int kC) { return kC == 1 ? 1024 : 512; }
+
+// What a block publishes to its cluster.
+struct ClusterPart {
+  int valid;
+  uint32_t kmin, kmax;
+  int tot[4];           // the slice's counts after the selection (as in Advance)
+  int hist[2][2][256];  // radix histograms, double-buffered by pass parity
+};
+
+template <int G, int kSel, int kC>
+__global__ void __launch_bounds__(SelThreads(kC))
     SelectPlanKernel(const float* __restrict__ logits, const float2* __restrict__ stats, int nb,
                      const int32_t* __restrict__ sizes, int64_t size_stride, int64_t n,
                      float* __restrict__ scores, int64_t score_stride, int64_t k, int64_t k2,
                      int32_t* out, int32_t* out2, int32_t* counts, int32_t* counts2,
                      int64_t out_stride, PlanArgs plan, bool stage) {
+  constexpr int kCluster = kC, kSelThreads = SelThreads(kC), kSelWarps = kSelThreads / 32;
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
   extern __shared__ float staged[];
   __shared__ float sm_m[G], sm_inv[G];
-  const int head = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __shared__ ClusterPart part;
+  __shared__ SelectState st;
+  __shared__ bool done[kSel];
+  __shared__ int cnt[kSelWarps][4];
+  __shared__ WalkPos base[kSelWarps];
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int head = blockIdx.x / kCluster;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // Launched as a programmatic dependent of the logits kernel: wait for it to complete (and its
+  // writes to be visible); a no-op for a plain launch.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
   if (warp < G) {
     const float2 f = FoldStats<G>(stats + int64_t{head} * nb * G, nb, warp);
     if (lane == 0) sm_m[warp] = f.x, sm_inv[warp] = f.y;
   }
+  if (threadIdx.x == 0) part.valid = 0, part.kmin = 0xffffffffu, part.kmax = 0;
   __syncthreads();
+  const int n32 = static_cast<int>(n);
+  const int per = (n32 + kCluster - 1) / kCluster;
+  const int s0 = min(n32, rank * per), len = min(n32, s0 + per) - s0;
   float* sh = scores + head * score_stride;
   constexpr int kU = 4;  // clusters a thread loads before it computes (latency, not bandwidth)
-  for (int64_t c0 = threadIdx.x; c0 < n; c0 += kU * blockDim.x) {
+  for (int c0 = threadIdx.x; c0 < len; c0 += kU * kSelThreads) {
     float lg[kU][G];
     bool live[kU];
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
-      const int64_t c = c0 + u * blockDim.x;
-      live[u] = c < n && sizes[head * size_stride + c] > 0;
+      const int64_t c = s0 + c0 + u * kSelThreads;
+      const bool in = c0 + u * kSelThreads < len;
+      live[u] = in && sizes[head * size_stride + c] > 0;
 #pragma unroll
-      for (int j = 0; j < G; ++j) lg[u][j] = c < n ? logits[(int64_t{head} * G + j) * n + c] : 0.f;
+      for (int j = 0; j < G; ++j) lg[u][j] = in ? logits[(int64_t{head} * G + j) * n + c] : 0.f;
     }
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
-      const int64_t c = c0 + u * blockDim.x;
-      if (c >= n) break;
+      const int i = c0 + u * kSelThreads;
+      if (i >= len) break;
       float score = 0.f;
 #pragma unroll
       for (int j = 0; j < G; ++j) score += __expf(lg[u][j] - sm_m[j]) * sm_inv[j];
       score = live[u] ? score : -INFINITY;
-      sh[c] = score;
-      if (stage) staged[c] = score;
+      sh[s0 + i] = score;
+      if (stage) staged[i] = score;
     }
   }
   __syncthreads();  // the block's global writes are visible to the block after the barrier
-  const float* sel = stage ? staged : sh;
-  if (out2 != nullptr) {
-    TopKHead<2>(sel, n, k, k2, out + head * out_stride, out2 + head * out_stride, counts + head,
-                counts2 + head);
-  } else {
-    TopKHead<1>(sel, n, k, 0, out + head * out_stride, nullptr, counts + head, nullptr);
+  const float* s = stage ? staged : sh + s0;  // this block's slice
+  KeyStats(s, len, &part.valid, &part.kmin, &part.kmax);
+  cluster.sync();
+  if (threadIdx.x == 0) {
+    int valid = 0;
+    uint32_t kmin = 0xffffffffu, kmax = 0;
+    for (int r = 0; r < kCluster; ++r) {
+      const ClusterPart* p = cluster.map_shared_rank(&part, r);
+      valid += p->valid;
+      kmin = min(kmin, p->kmin);
+      kmax = max(kmax, p->kmax);
+    }
+    InitSelect(st, done, kSel, valid, kmin, kmax, k, k2);
   }
   __syncthreads();
-  PlanHead<kTopKThreads>(plan, head);
+  // Radix passes. A pass zeroes the histogram buffer the other blocks last read two passes ago
+  // (they have all passed the cluster barrier of the pass in between).
+  for (int pass = 0; pass < 6; ++pass) {
+    int(*hist)[256] = part.hist[pass & 1];
+    for (int i = threadIdx.x; i < 2 * 256; i += blockDim.x) hist[i / 256][i % 256] = 0;
+    __syncthreads();
+    bool all_done = true;
+#pragma unroll
+    for (int t = 0; t < kSel; ++t) all_done = all_done && done[t];
+    if (all_done) break;  // uniform over the cluster: every block holds the same state
+    HistogramPass<kSel>(s, len, st, done, hist);
+    cluster.sync();
+    if (warp < kSel && !done[warp]) {
+      int h8[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) h8[j] = 0;
+      for (int r = 0; r < kCluster; ++r) {
+        const int* remote = cluster.map_shared_rank(&part.hist[pass & 1][warp][0], r);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) h8[j] += remote[255 - 8 * lane - j];
+      }
+      ChooseBin(st, done, warp, h8);
+    }
+    __syncthreads();
+  }
+  // This block's counts, published; its offsets from the lower-ranked blocks' counts.
+  const int chunk = ((len + kSelWarps - 1) / kSelWarps + 31) / 32 * 32;
+  const int lo = min(len, warp * chunk), hi = min(len, lo + chunk);
+  int c[4] = {0, 0, 0, 0};
+  CountStretch<kSel>(s, lo, hi, st, c);
+  if (lane < 4) cnt[warp][lane] = c[lane];
+  __syncthreads();
+  if (threadIdx.x < 4) {
+    int sum = 0;
+    for (int w = 0; w < kSelWarps; ++w) sum += cnt[w][threadIdx.x];
+    part.tot[threadIdx.x] = sum;
+  }
+  cluster.sync();
+  if (threadIdx.x == 0) {
+    WalkPos pos{};
+    for (int r = 0; r < rank; ++r) Advance(pos, cluster.map_shared_rank(&part, r)->tot, st);
+    for (int w = 0; w < kSelWarps; ++w) {
+      base[w] = pos;
+      Advance(pos, cnt[w], st);
+    }
+  }
+  __syncthreads();
+  WriteStretch<kSel>(s, lo, hi, s0, st, base[warp], out + head * out_stride,
+                     out2 != nullptr ? out2 + head * out_stride : nullptr);
+  // Every block's lists are written (the barrier orders them at cluster scope), and no block
+  // leaves while another may still read its shared memory.
+  cluster.sync();
+  if (rank != 0) return;
+  if (threadIdx.x == 0) {
+    counts[head] = st.want[0];
+    if (counts2 != nullptr) counts2[head] = max(0, st.want[1] - st.want[0]);
+  }
+  __syncthreads();
+  PlanHead<kSelThreads>(plan, head);
 }
 
 int64_t Blocks(int64_t n) { return (n + kClustersPerBlock - 1) / kClustersPerBlock; }
@@ -564,20 +728,46 @@ bool AllowStaging(Kernel kernel) {
   return false;
 }
 
-template <int G>
+template <int G, int kSel, int kC>
 cudaError_t LaunchSelectPlanTyped(const ScoreArgs& a, const TopKArgs& t, const PlanArgs& p,
-                                  float* ws, cudaStream_t stream) {
+                                  float* ws, bool dependent_launch, cudaStream_t stream) {
   int64_t nb = 0;
   if (const cudaError_t err = LaunchLogits<G>(a, ws, stream, nb); err != cudaSuccess) return err;
   const int64_t logit_count = (int64_t{a.heads} * G * a.n + 1) / 2 * 2;
   const auto* stats = reinterpret_cast<const float2*>(ws + logit_count);
-  static const bool staging_ok = AllowStaging(SelectPlanKernel<G>);
-  const int64_t bytes = sizeof(float) * a.n;
+  static const bool staging_ok = AllowStaging(SelectPlanKernel<G, kSel, kC>);
+  const int64_t bytes = sizeof(float) * ((a.n + kC - 1) / kC);
   const bool stage = staging_ok && bytes <= kMaxStaged;
-  SelectPlanKernel<G><<<a.heads, kTopKThreads, stage ? bytes : 0, stream>>>(
-      ws, stats, static_cast<int>(nb), a.sizes, a.size_stride, a.n, a.scores, a.score_stride, t.k,
-      t.k2, t.out, t.out2, t.counts, t.counts2, t.out_stride, p, stage);
-  return cudaGetLastError();
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(a.heads * kC);
+  config.blockDim = dim3(SelThreads(kC));
+  config.dynamicSmemBytes = stage ? bytes : 0;
+  config.stream = stream;
+  cudaLaunchAttribute attr[2];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = kC;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = dependent_launch ? 2 : 1;
+  return cudaLaunchKernelEx(&config, SelectPlanKernel<G, kSel, kC>, static_cast<const float*>(ws),
+                            stats, static_cast<int>(nb), a.sizes, a.size_stride, a.n, a.scores,
+                            a.score_stride, t.k, t.k2, t.out, t.out2, t.counts, t.counts2,
+                            t.out_stride, p, stage);
+}
+
+template <int G>
+cudaError_t LaunchSelectPlanG(const ScoreArgs& a, const TopKArgs& t, const PlanArgs& p, float* ws,
+                              bool dependent_launch, int sm_count, cudaStream_t stream) {
+  const bool spread = a.n >= 24576 && a.heads * 8 <= sm_count;  // see SelThreads
+  const bool two = t.out2 != nullptr;
+  if (spread)
+    return two ? LaunchSelectPlanTyped<G, 2, 8>(a, t, p, ws, dependent_launch, stream)
+               : LaunchSelectPlanTyped<G, 1, 8>(a, t, p, ws, dependent_launch, stream);
+  return two ? LaunchSelectPlanTyped<G, 2, 1>(a, t, p, ws, dependent_launch, stream)
+             : LaunchSelectPlanTyped<G, 1, 1>(a, t, p, ws, dependent_launch, stream);
 }
 
 }  // namespace
@@ -626,18 +816,19 @@ cudaError_t LaunchSelectTopK(const TopKArgs& a, cudaStream_t stream) {
 }
 
 cudaError_t LaunchScoreSelectPlan(const ScoreArgs& a, const TopKArgs& t, const PlanArgs& p,
-                                  float* workspace, cudaStream_t stream) {
+                                  float* workspace, bool dependent_launch, int sm_count,
+                                  cudaStream_t stream) {
   if (a.heads <= 0) return cudaSuccess;
   if (a.d % 4 != 0 || a.n <= 0) return cudaErrorInvalidValue;
   switch (a.g) {
     case 1:
-      return LaunchSelectPlanTyped<1>(a, t, p, workspace, stream);
+      return LaunchSelectPlanG<1>(a, t, p, workspace, dependent_launch, sm_count, stream);
     case 2:
-      return LaunchSelectPlanTyped<2>(a, t, p, workspace, stream);
+      return LaunchSelectPlanG<2>(a, t, p, workspace, dependent_launch, sm_count, stream);
     case 4:
-      return LaunchSelectPlanTyped<4>(a, t, p, workspace, stream);
+      return LaunchSelectPlanG<4>(a, t, p, workspace, dependent_launch, sm_count, stream);
     case 8:
-      return LaunchSelectPlanTyped<8>(a, t, p, workspace, stream);
+      return LaunchSelectPlanG<8>(a, t, p, workspace, dependent_launch, sm_count, stream);
     default:
       return cudaErrorInvalidValue;
   }
