@@ -269,10 +269,11 @@ class CudaBackend {
   [[nodiscard]] absl::Status SphericalKMeans(const KMeansArgs& args, int stream = 0);
   // Gathers `count` pages: for each i, copies rows_bytes[i] bytes from src[i] to dst[i] with the
   // GPU's threads (src may be mapped pinned host memory: one PCIe read, no staging).
-  // src, dst, bytes: device-accessible arrays of `count` entries.
+  // src, dst, bytes: device-accessible arrays of `count` entries. bulk: the SMs' bulk-copy
+  // engine reads instead (16-byte aligned pieces, sizes a multiple of 16, at most 16 KB).
   [[nodiscard]] absl::Status GatherPages(const void* const* src, void* const* dst,
                                          const int32_t* bytes, int64_t count, int64_t max_bytes,
-                                         int stream = 0);
+                                         int stream = 0, bool bulk = false);
   // See PlanArgs. REQUIRES: every listed cluster has at most max_cluster_pages pages.
   [[nodiscard]] absl::Status PlanPages(const PlanArgs& args, int stream = 0);
   // Keeps `stream` busy for about `ns` nanoseconds (a spinning kernel; for profiling).

@@ -263,9 +263,10 @@ absl::Status CudaBackend::SphericalKMeans(const KMeansArgs& a, int stream) {
 
 absl::Status CudaBackend::GatherPages(const void* const* src, void* const* dst,
                                       const int32_t* bytes, int64_t count, int64_t max_bytes,
-                                      int stream) {
+                                      int stream, bool bulk) {
   KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
-  return FromCuda(cuda::LaunchGatherPages(src, dst, bytes, count, max_bytes, s), "GatherPages");
+  return FromCuda(cuda::LaunchGatherPages(src, dst, bytes, count, max_bytes, bulk, s),
+                  "GatherPages");
 }
 
 absl::Status CudaBackend::PlanPages(const PlanArgs& a, int stream) {

@@ -33,8 +33,9 @@ cudaError_t LaunchEstimateAttention(const EstimateArgs& a, int64_t max_clusters,
 cudaError_t LaunchMergeLse(float* out_a, float* lse_a, const float* out_b, const float* lse_b,
                            int rows, int d, cudaStream_t stream);
 
+// bulk: read with the SMs' bulk-copy engine (cp.async.bulk, pieces <= 16 KB) instead of loads.
 cudaError_t LaunchGatherPages(const void* const* src, void* const* dst, const int32_t* bytes,
-                              int64_t count, int64_t max_bytes, cudaStream_t stream);
+                              int64_t count, int64_t max_bytes, bool bulk, cudaStream_t stream);
 
 // ---- scoring.cu ----
 size_t ScoreWorkspaceBytes(int heads, int g, int64_t n);

@@ -699,7 +699,10 @@ TEST_F(CudaKernelsTest, SphericalKMeansRejectsBadShape) {
   EXPECT_EQ(backend_->SphericalKMeans(a).code(), absl::StatusCode::kInvalidArgument);
 }
 
-TEST_F(CudaKernelsTest, GatherPagesCopiesFromPinnedHost) {
+class GatherPagesTest : public CudaKernelsTest, public ::testing::WithParamInterface<bool> {};
+
+// With the SMs' loads and with bulk copies (GetParam()).
+TEST_P(GatherPagesTest, CopiesFromPinnedHost) {
   const int count = 50, bytes = 2048;
   auto host = store::HostBuffer::Allocate(buffer::PinnedAllocator(), count * bytes);
   ASSERT_TRUE(host.ok()) << host.status();
@@ -715,13 +718,20 @@ TEST_F(CudaKernelsTest, GatherPagesCopiesFromPinnedHost) {
     dst_ptrs.push_back(dst + (count - 1 - i) * bytes);
     sizes.push_back(i % 3 == 0 ? bytes / 2 : bytes);
   }
-  ASSERT_TRUE(
-      backend_->GatherPages(Upload(src_ptrs), Upload(dst_ptrs), Upload(sizes), count, bytes).ok());
+  ASSERT_TRUE(backend_
+                  ->GatherPages(Upload(src_ptrs), Upload(dst_ptrs), Upload(sizes), count, bytes, 0,
+                                GetParam())
+                  .ok());
   auto got = Download(dst, count * bytes);
   for (int i = 0; i < count; ++i)
     for (int b = 0; b < sizes[i]; ++b)
       ASSERT_EQ(uint8_t(got[(count - 1 - i) * bytes + b]), want[i * bytes + b]) << i << " " << b;
 }
+
+INSTANTIATE_TEST_SUITE_P(CudaKernelsTest, GatherPagesTest, ::testing::Bool(),
+                         [](const ::testing::TestParamInfo<bool>& i) {
+                           return i.param ? "Bulk" : "Loads";
+                         });
 
 TEST(CudaBackendTest, RecoversFromDeviceOutOfMemory) {
   SKIP_WITHOUT_GPU();
