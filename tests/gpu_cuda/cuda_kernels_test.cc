@@ -199,9 +199,17 @@ TEST_F(CudaKernelsTest, ExactAttentionRejectsUnsupportedShape) {
 }
 
 TEST_F(CudaKernelsTest, ScoreClustersMatchesCpu) {
-  for (auto [g, d] : {std::pair{1, 128}, {4, 128}, {8, 128}, {4, 64}, {8, 64}}) {
+  // Small n: a block per 64 centroids; large n: each block walks many tiles (the pipelined path).
+  for (auto [g, d, big] : {std::tuple{1, 128, false},
+                           {4, 128, false},
+                           {8, 128, false},
+                           {4, 64, false},
+                           {8, 64, false},
+                           {4, 128, true},
+                           {8, 64, true},
+                           {1, 128, true}}) {
     const int heads = 3;
-    const int64_t n = 1000 + rng_() % 3000;
+    const int64_t n = big ? 40000 + rng_() % 3000 : 1000 + rng_() % 3000;
     std::vector<float> q = Random(heads * g * d), cen = Random(heads * n * d, 0.3f);
     std::vector<int32_t> sizes(heads * n);
     for (auto& s : sizes) s = (rng_() % 7 == 0) ? 0 : 1 + int(rng_() % 30);
