@@ -49,8 +49,8 @@ struct GraphIndexOptions {
   // Occlusion by inner product (RoarGraph's IP metric) rather than L2. Measured (scan fraction
   // at recall@100 0.95, L2 -> IP): dd16k 17.8% -> 16.6%; synth 128K, --ood 4: 4.1% -> 2.6%.
   bool prune_by_ip = true;
-  int position_links = 1;       // also link key i to i +- 1..w (keys in token order), <= 64
-  uint64_t seed = 1;            // query sampling; the build is deterministic for a seed
+  int position_links = 1;  // also link key i to i +- 1..w (keys in token order), <= 64
+  uint64_t seed = 1;       // query sampling; the build is deterministic for a seed
 };
 
 // Top-k keys of one search, best first, with the number of keys whose score was computed.
