@@ -15,13 +15,14 @@ namespace kvwave::buffer {
 namespace {
 
 constexpr int kPageRows = gpu::kMaxPageRows;
-constexpr int kComputeStream = 0, kRecordStream = 1, kSideStream = 2;
+constexpr int kComputeStream = 0, kRecordStream = 1, kSideStream = 2, kUpdateStream = 3;
 constexpr int kPlannedEvent = 0;                       // + slot: plan queued (stream C)
 constexpr int kRecordEvent = WaveBuffer::kRing;        // + slot: record on the host
-constexpr int kUpdateEvent = 2 * WaveBuffer::kRing;    // + slot: update staging read
+constexpr int kUpdateEvent = 2 * WaveBuffer::kRing;    // + slot: update done (stream U)
 constexpr int kForkEvent = 3 * WaveBuffer::kRing;      // estimation may start (stream C)
 constexpr int kJoinEvent = 3 * WaveBuffer::kRing + 1;  // estimation done (side stream)
-constexpr int kProfileEvent = 16;                      // 16..21
+constexpr int kDoneEvent = 4 * WaveBuffer::kRing;      // + slot: call done (stream C)
+constexpr int kProfileEvent = 5 * WaveBuffer::kRing;   // .. + 5
 
 size_t Align16(size_t x) { return (x + 15) & ~size_t{15}; }
 
@@ -68,6 +69,7 @@ WaveBuffer::~WaveBuffer() {
   for (auto& c : committers_) c->Drain();
   (void)backend_->Synchronize(kRecordStream);
   (void)backend_->Synchronize(kSideStream);
+  (void)backend_->Synchronize(kUpdateStream);
   (void)backend_->Synchronize(kComputeStream);
 }
 
@@ -154,6 +156,8 @@ absl::Status WaveBuffer::Init() {
   for (int l = 0; l < o_.layers; ++l)
     policies_.push_back(std::make_unique<WavePolicy>(pages_per_layer_, o_.heads, C, P));
   layer_mu_ = std::make_unique<std::mutex[]>(o_.layers);
+  last_call_slot_.assign(o_.layers, -1);
+  last_update_slot_.assign(o_.layers, -1);
   KVWAVE_ASSIGN_OR_RETURN(pool_k_, backend_->Allocate(std::max<size_t>(page_bytes_ * pool, 16)));
   KVWAVE_ASSIGN_OR_RETURN(pool_v_, backend_->Allocate(std::max<size_t>(page_bytes_ * pool, 16)));
   KVWAVE_ASSIGN_OR_RETURN(scores_, backend_->Allocate(sizeof(float) * o_.heads * C));
@@ -203,6 +207,14 @@ absl::Status WaveBuffer::Enqueue(int layer, const float* q, float* out, float* l
   };
   // Profiling: hold the stream while this call is queued, so that the phases time the kernels,
   // not the host's launch gaps.
+  // The layer's last update (its table and pool) and this slot's last update (reads of the
+  // execution buffer this call overwrites) run on stream U: wait for them.
+  if (last_update_slot_[layer] >= 0)
+    KVWAVE_RETURN_IF_ERROR(
+        backend_->WaitEvent(kComputeStream, kUpdateEvent + last_update_slot_[layer]));
+  if (s.update_pending)
+    KVWAVE_RETURN_IF_ERROR(backend_->WaitEvent(kComputeStream, kUpdateEvent + slot));
+  last_call_slot_[layer] = slot;
   if (o_.profile) KVWAVE_RETURN_IF_ERROR(backend_->Delay(int64_t{500} * 1000, kComputeStream));
   KVWAVE_RETURN_IF_ERROR(profile(0));
   gpu::ScoreArgs sc;
@@ -321,14 +333,16 @@ absl::Status WaveBuffer::Enqueue(int layer, const float* q, float* out, float* l
     x.extra_event = kJoinEvent;
     KVWAVE_RETURN_IF_ERROR(backend_->ExactAttention(x, kComputeStream));
     KVWAVE_RETURN_IF_ERROR(profile(4));
-    return profile(5);
+    KVWAVE_RETURN_IF_ERROR(profile(5));
+    return backend_->RecordEvent(kDoneEvent + slot, kComputeStream);
   }
   KVWAVE_RETURN_IF_ERROR(backend_->ExactAttention(x, kComputeStream));
   KVWAVE_RETURN_IF_ERROR(profile(4));
   KVWAVE_RETURN_IF_ERROR(backend_->WaitEvent(kComputeStream, kJoinEvent));
   KVWAVE_RETURN_IF_ERROR(backend_->MergeLse(out, lse, est_out_.as<float>(), est_lse_.as<float>(),
                                             o_.heads * o_.g, o_.d, kComputeStream));
-  return profile(5);
+  KVWAVE_RETURN_IF_ERROR(profile(5));
+  return backend_->RecordEvent(kDoneEvent + slot, kComputeStream);
 }
 
 void WaveBuffer::Commit(int layer, int slot_index) {
@@ -382,12 +396,20 @@ void WaveBuffer::Commit(int layer, int slot_index) {
   const PolicyStats after = policy.stats();
   add.stale_hits = add.hit_clusters - (after.hits - before.hits);
 
-  // The update: admission copies exec -> pool, then table writes (evictions, admissions).
-  auto* src = reinterpret_cast<const void**>(s.update.data() + s.layout.src);
-  auto* dst = reinterpret_cast<void**>(s.update.data() + s.layout.dst);
-  auto* bytes = reinterpret_cast<int32_t*>(s.update.data() + s.layout.bytes);
-  auto* index = reinterpret_cast<int64_t*>(s.update.data() + s.layout.index);
-  auto* value = reinterpret_cast<int32_t*>(s.update.data() + s.layout.value);
+  // The update: admission copies exec -> pool, then table writes (evictions, admissions), laid
+  // out for its actual sizes (one short H2D copy).
+  int64_t admitted_pages = 0;
+  for (int h = 0; h < o_.heads; ++h)
+    for (const CachedCluster& a : admitted[h])
+      admitted_pages += static_cast<int64_t>(a.slots.size());
+  const UpdateLayout layout(2 * admitted_pages,
+                            static_cast<int64_t>(evicted.size()) + admitted_pages);
+  KVWAVE_CHECK(layout.total <= s.layout.total);
+  auto* src = reinterpret_cast<const void**>(s.update.data() + layout.src);
+  auto* dst = reinterpret_cast<void**>(s.update.data() + layout.dst);
+  auto* bytes = reinterpret_cast<int32_t*>(s.update.data() + layout.bytes);
+  auto* index = reinterpret_cast<int64_t*>(s.update.data() + layout.index);
+  auto* value = reinterpret_cast<int32_t*>(s.update.data() + layout.value);
   int64_t n = 0, w = 0;
   for (const WavePolicy::Evicted& ev : evicted) {
     index[w] = ((int64_t{layer} * o_.heads + ev.unit) * C + ev.cluster) * P;
@@ -414,19 +436,25 @@ void WaveBuffer::Commit(int layer, int slot_index) {
   }
   KVWAVE_CHECK(n <= 2 * exec_pages_ && w <= max_updates_);
   if (n > 0 || w > 0) {
+    // On stream U, after this layer's latest call (which may still read the slots and table
+    // entries this update rewrites, and whose execution buffer it copies from); the layer's next
+    // call and this slot's next call wait for it (Enqueue). Off the compute stream, it overlaps
+    // the calls of other layers.
     std::lock_guard<std::mutex> lock(enqueue_mu_);  // between two calls, never inside one
     std::byte* blob = s.update_dev.as<std::byte>();
-    status = backend_->Copy(blob, s.update.data(), s.layout.total, kComputeStream);
+    status = backend_->WaitEvent(kUpdateStream, kDoneEvent + last_call_slot_[layer]);
+    if (status.ok()) status = backend_->Copy(blob, s.update.data(), layout.total, kUpdateStream);
     if (status.ok())
-      status = backend_->GatherPages(reinterpret_cast<const void* const*>(blob + s.layout.src),
-                                     reinterpret_cast<void* const*>(blob + s.layout.dst),
-                                     reinterpret_cast<const int32_t*>(blob + s.layout.bytes), n,
-                                     static_cast<int64_t>(page_bytes_), kComputeStream);
+      status = backend_->GatherPages(reinterpret_cast<const void* const*>(blob + layout.src),
+                                     reinterpret_cast<void* const*>(blob + layout.dst),
+                                     reinterpret_cast<const int32_t*>(blob + layout.bytes), n,
+                                     static_cast<int64_t>(page_bytes_), kUpdateStream);
     if (status.ok())
       status = backend_->ScatterInt32(
-          table_.as<int32_t>(), reinterpret_cast<const int64_t*>(blob + s.layout.index),
-          reinterpret_cast<const int32_t*>(blob + s.layout.value), w, kComputeStream);
-    if (status.ok()) status = backend_->RecordEvent(kUpdateEvent + slot_index, kComputeStream);
+          table_.as<int32_t>(), reinterpret_cast<const int64_t*>(blob + layout.index),
+          reinterpret_cast<const int32_t*>(blob + layout.value), w, kUpdateStream);
+    if (status.ok()) status = backend_->RecordEvent(kUpdateEvent + slot_index, kUpdateStream);
+    if (status.ok()) last_update_slot_[layer] = slot_index;
     s.update_pending = status.ok();
   }
   std::lock_guard<std::mutex> lock(mu_);
@@ -484,6 +512,7 @@ absl::Status WaveBuffer::Finish() {
   for (auto& c : committers_) c->Drain();
   KVWAVE_RETURN_IF_ERROR(backend_->Synchronize(kRecordStream));
   KVWAVE_RETURN_IF_ERROR(backend_->Synchronize(kSideStream));
+  KVWAVE_RETURN_IF_ERROR(backend_->Synchronize(kUpdateStream));
   KVWAVE_RETURN_IF_ERROR(backend_->Synchronize(kComputeStream));
   std::lock_guard<std::mutex> lock(mu_);
   return error_;

@@ -11,25 +11,30 @@
 // record of each layer's hits and misses; its decisions reach the GPU as table updates and
 // device-to-device admission copies from the execution buffer (no second PCIe read).
 //
-// Streams: C = 0 (compute), X = 1 (records to the host). W = the committer thread. Call n uses
-// ring slot n % kRing (execution buffer, records, staging).
+// Streams: C = 0 (compute), X = 1 (records to the host), S = 2 (estimation zone), U = 3 (cache
+// updates). W = the committer threads. Call n uses ring slot n % kRing (execution buffer, records,
+// staging).
 //
 //   C: |logits|scores + top-k + plan(table)|exact: steady+hits (HBM) + misses (PCIe,
 //   stashed)|merge| S:                                     |estimate (meta index, HBM)| X: |D2H
-//   record(n)| W:                                       |LRU: touch hits, admit misses, evict| C:
-//   ... layer n+1 ... |H2D update(n)|admission copies exec->pool|table scatter| layer n+2 ...
+//   record(n)| W:                                                   |LRU: touch hits, admit misses,
+//   evict| U:                          (after call n, beside calls n+1, n+2 ...) |H2D
+//   update(n)|admission
+//                                                  copies exec -> pool|table scatter|
 //
 // Ordering: the main thread queues a call's kernels and the committer queues an update under one
-// mutex, so an update never lands between a call's plan and its attention: every call sees a
-// table consistent with the pool's contents. A hit that an earlier update evicted after the call
-// was planned was still read correctly (stream order) and is simply not touched; a miss admitted
-// meanwhile counts as a hit. Call n + kRing waits (on the CPU) for job n to have queued its
-// update, which frees ring slot n % kRing; so the CPU policy may lag the GPU by kRing layers.
-// Call n's job runs on committer thread n % kRing: jobs of different layers run in parallel (each
-// layer has its own share of the pool and its own LRU), jobs of one layer one at a time.
+// mutex. An update waits (on U) for its layer's latest call, which may still read the pool slots
+// and table entries it rewrites; the layer's next call, and the next call of the same ring slot
+// (which overwrites the execution buffer the update copies from), wait for it (on C). So every
+// call sees a table consistent with the pool's contents, and the update's work overlaps the calls
+// of other layers instead of sitting between them. A hit that an earlier update evicted after the
+// call was planned was still read correctly and is simply not touched; a miss admitted meanwhile
+// counts as a hit. Call n + kRing waits (on the CPU) for job n to have queued its update, which
+// frees ring slot n % kRing; so the CPU policy may lag the GPU by kRing layers. Call n's job runs
+// on committer thread n % kRing: jobs of different layers run in parallel (each layer has its
+// own share of the pool and its own LRU), jobs of one layer one at a time.
 //
-// Events 0..3*kRing+1 of the backend are used here (and 16..21 when profiling); streams 0, 1 and
-// 2 (the estimation zone runs on stream 2, beside the exact attention).
+// Events 0..5*kRing+5 of the backend are used here; streams 0 to 3.
 // Thread-safety: one thread calls AttendLayer/Finish; the committer thread is internal.
 #ifndef KVWAVE_BUFFER_WAVE_BUFFER_H_
 #define KVWAVE_BUFFER_WAVE_BUFFER_H_
@@ -151,7 +156,10 @@ class WaveBuffer {
   uint64_t calls_ = 0;
   std::array<uint64_t, kRing>
       tickets_{};          // the last job of each slot (call n: committer n % kRing)
-  std::mutex enqueue_mu_;  // one call's kernels or one update at a time on stream 0
+  std::mutex enqueue_mu_;  // one call's kernels or one update's queueing at a time
+  // Under enqueue_mu_: per layer, the ring slot of its latest call and of its latest update (-1:
+  // none); their events (done, update) order the update stream against the compute stream.
+  std::vector<int> last_call_slot_, last_update_slot_;
   mutable std::mutex mu_;  // error_, counters_
   absl::Status error_;     // first error of a commit job
   WaveCounters counters_;

@@ -51,7 +51,9 @@ inline constexpr int kMaxPageRows = 8;
 struct CudaBackendOptions {
   int device = 0;
   int64_t workspace_bytes = int64_t{256} << 20;  // scratch shared by all ops
-  int num_streams = 3;  // 0: compute; 1: copies; 2: side work (the wave buffer's estimation)
+  // 0: compute; 1: copies; 2: side work (the wave buffer's estimation); 3: the wave buffer's
+  // cache updates.
+  int num_streams = 4;
   int num_events = 64;  // for cross-stream ordering (RecordEvent)
   // Programmatic dependent launch between the kernels of one op (ScoreSelectPlan): the second is
   // scheduled while the first drains, and waits for it on the GPU (sm_90).
