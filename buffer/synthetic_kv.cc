@@ -93,7 +93,10 @@ absl::StatusOr<std::unique_ptr<SyntheticKv>> SyntheticKv::Create(const Synthetic
           vs[c * d + e] += Bf16ToFloat(vb);
         }
       }
-      for (int e = 0; e < d; ++e) cen[c * d + e] /= float(n);
+      // The mean, rounded to bf16 like the keys: the wave buffer scores with a bf16 copy of the
+      // centroids (WaveBufferOptions::bf16_scores), which then ranks exactly as the reference.
+      for (int e = 0; e < d; ++e)
+        cen[c * d + e] = Bf16ToFloat(FloatToBf16(cen[c * d + e] / float(n)));
     }
     auto& sk = x.steady_k_[u];
     auto& sv = x.steady_v_[u];

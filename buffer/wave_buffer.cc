@@ -6,9 +6,11 @@
 #include <mutex>
 #include <span>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "buffer/pinned_allocator.h"
+#include "config/dtype.h"
 #include "config/status_macros.h"
 
 namespace kvwave::buffer {
@@ -114,6 +116,10 @@ absl::Status WaveBuffer::Init() {
   // Meta index, steady zone, layout tables: resident on the GPU.
   const size_t meta = sizeof(float) * U * C * d, steady = row_bytes_ * steady_stride_rows_ * U;
   KVWAVE_ASSIGN_OR_RETURN(centroids_, backend_->Allocate(meta));
+  if (o_.bf16_scores) {
+    KVWAVE_ASSIGN_OR_RETURN(centroids16_, backend_->Allocate(meta / 2));
+  }
+  std::vector<uint16_t> bf16(o_.bf16_scores ? C * d : 0);
   KVWAVE_ASSIGN_OR_RETURN(value_sums_, backend_->Allocate(meta));
   KVWAVE_ASSIGN_OR_RETURN(sizes_, backend_->Allocate(sizeof(int32_t) * U * C));
   KVWAVE_ASSIGN_OR_RETURN(cluster_row_, backend_->Allocate(sizeof(int64_t) * U * C));
@@ -132,6 +138,11 @@ absl::Status WaveBuffer::Init() {
     srows[u] = x.steady_rows;
     KVWAVE_RETURN_IF_ERROR(
         backend_->Copy(centroids_.as<float>() + u * C * d, x.centroids, sizeof(float) * C * d));
+    if (o_.bf16_scores) {  // pageable source: the copy has read it when Copy returns
+      FromFloat(x.centroids, DType::kBF16, bf16.data(), bf16.size());
+      KVWAVE_RETURN_IF_ERROR(backend_->Copy(centroids16_.as<uint16_t>() + u * C * d, bf16.data(),
+                                            sizeof(uint16_t) * C * d));
+    }
     KVWAVE_RETURN_IF_ERROR(
         backend_->Copy(value_sums_.as<float>() + u * C * d, x.value_sums, sizeof(float) * C * d));
     KVWAVE_RETURN_IF_ERROR(
@@ -224,6 +235,7 @@ absl::Status WaveBuffer::Enqueue(int layer, const float* q, float* out, float* l
   sc.d = o_.d;
   sc.scale = scale;
   sc.centroids = centroids_.as<float>() + unit0 * C * o_.d;
+  if (o_.bf16_scores) sc.centroids_bf16 = centroids16_.as<uint16_t>() + unit0 * C * o_.d;
   sc.centroid_stride = C * o_.d;
   sc.sizes = sizes_.as<int32_t>() + unit0 * C;
   sc.size_stride = C;

@@ -82,6 +82,11 @@ struct WaveBufferOptions {
   // estimation zone merged with the exact attention's splits; false: one op each
   // (ScoreClusters, SelectTopK, PlanPages, ExactAttention, MergeLse).
   bool fused_select = true;
+  // Score the clusters with a bf16 copy of the centroids (half the bytes of the logits' read;
+  // ScoreArgs::centroids_bf16): the ranking then equals the float32 one for centroids that bf16
+  // represents exactly (the wave index's, see SyntheticKv), else it may differ at near-ties. The
+  // estimation zone keeps the float32 centroids.
+  bool bf16_scores = true;
   bool profile = false;  // time each phase with events (synchronises every call)
 };
 
@@ -149,7 +154,8 @@ class WaveBuffer {
   int64_t r_ = 0, e_ = 0, list_stride_ = 0, steady_pages_ = 0, max_pages_per_head_ = 0;
   int64_t steady_stride_rows_ = 0, exec_pages_ = 0, max_updates_ = 0;
   size_t row_bytes_ = 0, page_bytes_ = 0;
-  gpu::DeviceBuffer centroids_, value_sums_, sizes_, cluster_row_, host_ptrs_, steady_rows_;
+  gpu::DeviceBuffer centroids_, centroids16_, value_sums_, sizes_, cluster_row_, host_ptrs_;
+  gpu::DeviceBuffer steady_rows_;
   gpu::DeviceBuffer steady_k_, steady_v_, pool_k_, pool_v_, table_, page_offsets_;
   gpu::DeviceBuffer scores_, est_out_, est_lse_;
   std::vector<std::unique_ptr<Slot>> slots_;

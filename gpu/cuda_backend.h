@@ -87,11 +87,15 @@ class DeviceBuffer {
 // Head h reads q + h*g*d, centroids + h*centroid_stride (float32 [n x d]), sizes + h*size_stride,
 // and writes scores + h*score_stride [n]: scores[j] = sum over its g query heads of the softmax,
 // over the non-empty clusters, of scale * q . centroid_j; -inf for empty clusters.
+// With centroids_bf16 set (d <= 128, a multiple of 8), the logits read that bf16 copy (same layout
+// and stride) instead of the float32 centroids: half the bytes of the largest read of a decode
+// step; the scores then equal those of the float32 centroids rounded to bf16.
 struct ScoreArgs {
   const float* q = nullptr;
   int heads = 0, g = 0, d = 0;
   float scale = 0;
   const float* centroids = nullptr;
+  const uint16_t* centroids_bf16 = nullptr;
   int64_t centroid_stride = 0;
   const int32_t* sizes = nullptr;
   int64_t size_stride = 0;

@@ -19,7 +19,7 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kTile = 4;
+constexpr int kTile = 4;  // rows a slot loads at once (8 measured slower on the H200: registers)
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 

@@ -173,6 +173,8 @@ absl::StatusOr<float> CudaBackend::ElapsedMs(int start_event, int end_event) {
 absl::Status CudaBackend::ScoreClusters(const ScoreArgs& a, int stream) {
   if (!GroupOk(a.g) || a.d <= 0 || a.d % 4 != 0 || a.heads < 0 || a.n < 0)
     return absl::InvalidArgumentError("ScoreClusters: g must be 1/2/4/8 and d a multiple of 4");
+  if (a.centroids_bf16 != nullptr && (a.d > 128 || a.d % 8 != 0))
+    return absl::InvalidArgumentError("ScoreClusters: bf16 centroids need d <= 128, d % 8 == 0");
   KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
   KVWAVE_ASSIGN_OR_RETURN(float* ws,
                           impl_->Workspace(stream, cuda::ScoreWorkspaceBytes(a.heads, a.g, a.n)));
@@ -190,7 +192,8 @@ absl::Status CudaBackend::SelectTopK(const TopKArgs& a, int stream) {
 absl::Status CudaBackend::ScoreSelectPlan(const ScoreArgs& a, const TopKArgs& t, const PlanArgs& p,
                                           int stream) {
   if (!GroupOk(a.g) || a.d <= 0 || a.d % 4 != 0 || a.heads < 0 || a.n <= 0 ||
-      a.n > (int64_t{1} << 31) - 1 || a.scores == nullptr)
+      a.n > (int64_t{1} << 31) - 1 || a.scores == nullptr ||
+      (a.centroids_bf16 != nullptr && (a.d > 128 || a.d % 8 != 0)))
     return absl::InvalidArgumentError("ScoreSelectPlan: bad score arguments");
   if (t.k < 0 || t.out == nullptr || t.counts == nullptr ||
       (t.out2 != nullptr && t.counts2 == nullptr) || t.heads != a.heads || t.n != a.n ||

@@ -52,10 +52,11 @@ struct Options {
   int heads = 8;  // kv_heads x batch: a batch's sequences are units of the same layer call
   double host_gib = 16, cache = 0.05, retrieval = 0.018, estimation = 0.232, rho = 0.9;
   int steps = 12, warmup = 6, pps = 16;
-  bool profile = true;  // one more pass with per-phase GPU timing
-  bool probe = false;   // only the zero-copy read probe
-  bool fuse = true;     // WaveBufferOptions::fused_select
-  bool pdl = true;      // CudaBackendOptions::dependent_launch
+  bool profile = true;      // one more pass with per-phase GPU timing
+  bool probe = false;       // only the zero-copy read probe
+  bool fuse = true;         // WaveBufferOptions::fused_select
+  bool pdl = true;          // CudaBackendOptions::dependent_launch
+  bool bf16_scores = true;  // WaveBufferOptions::bf16_scores
   std::string json;
 };
 
@@ -196,6 +197,7 @@ Row RunContext(gpu::CudaBackend* b, const Options& o, int64_t context, const Ban
   w.max_cluster_pages = 2;
   w.exact_pages_per_split = o.pps;
   w.fused_select = o.fuse;
+  w.bf16_scores = o.bf16_scores;
   auto wb = buffer::WaveBuffer::Create(b, w, (*kv)->Units());
   CHECK_OK(wb.status());
   row.pool_pages = (*wb)->pool_pages();
@@ -309,12 +311,13 @@ Row RunContext(gpu::CudaBackend* b, const Options& o, int64_t context, const Ban
   row.hit_ratio =
       double(total.hit_pages) / std::max<int64_t>(1, total.hit_pages + total.miss_pages);
   row.pcie_bytes = total.pcie_bytes / n_steps * scale;
-  // HBM bytes Attend must move per step: centroids + sizes of every cluster, value sums of the
-  // estimation zone, exact rows read (hits and steady from the pool; misses come over PCIe),
-  // the stash of the misses into the execution buffer, admission copies (read + write).
+  // HBM bytes Attend must move per step: centroids (bf16 or float32) + sizes of every cluster,
+  // centroids and value sums of the estimation zone (float32), exact rows read (hits and steady
+  // from the pool; misses come over PCIe), the stash of the misses into the execution buffer,
+  // admission copies (read + write).
   const double units = double(o.layers) * o.heads, rowb = o.d * 2.0;
-  const double meta =
-      units * shape.clusters * (o.d * 4.0 + 4) + units * estimation_clusters * o.d * 4.0;
+  const double meta = units * shape.clusters * (o.d * (o.bf16_scores ? 2.0 : 4.0) + 4) +
+                      units * estimation_clusters * o.d * 8.0;
   const double exact = 2 * rowb * total.exact_rows / n_steps * scale;
   const double miss = row.pcie_bytes;
   row.hbm_bytes = meta + exact + miss /*stash write*/ + 2 * miss /*admission*/;
@@ -519,6 +522,8 @@ int Main(int argc, char** argv) {
   app.add_option("--pdl", o.pdl,
                  "programmatic dependent launch in the fused select (1) or not (0)");
   app.add_option("--fuse", o.fuse, "wave buffer: fused score/top-k/plan and merge (1) or not (0)");
+  app.add_option("--bf16-scores", o.bf16_scores,
+                 "wave buffer: score clusters with bf16 centroids (1) or float32 (0)");
   app.add_flag("--probe", o.probe, "only measure zero-copy read rates (scattered vs sequential)");
   app.add_option("--steps", o.steps);
   app.add_option("--warmup", o.warmup);
@@ -540,8 +545,10 @@ int Main(int argc, char** argv) {
       "queries rho=%.2f; cache %.0f%% of KV; retrieval %.1f%% + estimation %.1f%% of "
       "clusters\n",
       o.rho, 100 * o.cache, 100 * o.retrieval, 100 * o.estimation);
-  std::printf("# wave buffer: %s select/plan/merge, %d pages per split, dependent launch %s\n",
-              o.fuse ? "fused" : "unfused", o.pps, o.pdl ? "on" : "off");
+  std::printf(
+      "# wave buffer: %s select/plan/merge, %d pages per split, dependent launch %s, scores "
+      "from %s centroids, cache updates on their own stream\n",
+      o.fuse ? "fused" : "unfused", o.pps, o.pdl ? "on" : "off", o.bf16_scores ? "bf16" : "f32");
   std::printf("# measured: HBM %.0f GB/s (D2D copy, read+write), PCIe %.1f GB/s (pinned H2D)\n",
               bw.hbm / 1e9, bw.pcie / 1e9);
   TimeKMeans(b);

@@ -25,5 +25,6 @@ variant() {  # name, env assignment (or -), bench args...
   fi
 }
 variant default - --contexts $C --steps 16
+variant f32-scores - --bf16-scores 0 --contexts $C --steps 16
 variant no-pdl - --pdl 0 --contexts $C --steps 16
 variant unfused - --fuse 0 --contexts $C --steps 16

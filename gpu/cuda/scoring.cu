@@ -4,9 +4,10 @@
 // ScoreClusters is two launches: a logits kernel writes scale*q.c for every (query head, cluster)
 // and per-block softmax statistics (max, sum of exp) over the non-empty clusters; ScoresKernel
 // folds the statistics per query head and sums the g softmax values of each cluster. For d <= 128
-// the logits kernel stages 64 centroids per block in shared memory (TiledLogitsKernel; a variant
-// keeping q in registers and reducing with warp butterflies measured 10-12 us slower per layer at
-// 128K on the H200, bench/results/decode_variants_h200.txt).
+// the logits kernel stages 64 centroids per block in shared memory (TiledLogitsKernel, reading
+// float32 or, with ScoreArgs::centroids_bf16, bf16 centroids; dots from 128-bit shared loads; a
+// variant keeping q in registers and reducing with warp butterflies measured 10-12 us slower per
+// layer at 128K on the H200, bench/results/decode_variants_h200.txt).
 //
 // SelectTopK is one block per KV head: an adaptive radix select (256 bins over the candidates'
 // key range, which shrinks 256-fold a pass; see RadixSelect) finds the key range holding the
@@ -113,41 +114,53 @@ __global__ void __launch_bounds__(kScoreThreads)
 // reads), then each thread takes (cluster, query head) pairs, reading q as broadcasts.
 constexpr int kTiledMaxD = 128;
 
-template <int G>
+// kBf16: the centroids are bf16 (half the bytes); the tile holds them as floats.
+template <int G, bool kBf16>
 __global__ void __launch_bounds__(kScoreThreads)
     TiledLogitsKernel(const float* __restrict__ q, int d, float scale,
-                      const float* __restrict__ cen, int64_t cen_stride,
+                      const void* __restrict__ cen_raw, int64_t cen_stride,
                       const int32_t* __restrict__ sizes, int64_t size_stride, int64_t n,
                       float* __restrict__ logits, float2* __restrict__ stats) {
   // A programmatic dependent (SelectPlanKernel) may be scheduled from now on; it waits for this
   // grid's completion before it reads anything (a no-op without such a dependent).
   asm volatile("griddepcontrol.launch_dependents;");
-  constexpr int kPad = kTiledMaxD + 1;
-  __shared__ float tile[kClustersPerBlock][kPad];
-  __shared__ float qs[G][kTiledMaxD];
+  // Rows padded by 4 floats: the 16-byte column reads of 8 consecutive clusters (one phase of a
+  // warp's 128-bit shared load) hit distinct banks.
+  constexpr int kPad = kTiledMaxD + 4;
+  __shared__ __align__(16) float tile[kClustersPerBlock][kPad];
+  __shared__ __align__(16) float qs[G][kTiledMaxD];
   __shared__ float xs[G][kClustersPerBlock];
   const int head = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t first = int64_t{blockIdx.x} * kClustersPerBlock;
   const int rows = static_cast<int>(min(int64_t{kClustersPerBlock}, n - first));
-  const int d4 = d / 4;
-  const float4* src = reinterpret_cast<const float4*>(cen + head * cen_stride + first * d);
-  // All of the thread's loads are issued before the first store (32 KB in flight a block).
-  constexpr int kLoads = kClustersPerBlock * kTiledMaxD / 4 / kScoreThreads;
-  float4 v[kLoads];
+  // All of the thread's loads (16 bytes: 4 floats or 8 bf16) are issued before the first store
+  // (32 or 16 KB in flight a block).
+  constexpr int kPer = kBf16 ? 8 : 4;  // elements a load
+  const int dv = d / kPer;             // loads a row
+  const uint4* src = reinterpret_cast<const uint4*>(
+      static_cast<const char*>(cen_raw) + (head * cen_stride + first * d) * (kBf16 ? 2 : 4));
+  constexpr int kLoads = kClustersPerBlock * kTiledMaxD / kPer / kScoreThreads;
+  uint4 v[kLoads];
 #pragma unroll
   for (int u = 0; u < kLoads; ++u) {
     const int i = threadIdx.x + u * kScoreThreads;
-    v[u] = i < rows * d4 ? __ldcs(src + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+    v[u] = i < rows * dv ? __ldcs(src + i) : make_uint4(0, 0, 0, 0);
   }
 #pragma unroll
   for (int u = 0; u < kLoads; ++u) {
     const int i = threadIdx.x + u * kScoreThreads;
-    if (i >= rows * d4) break;
-    const int r = i / d4, e = (i % d4) * 4;
-    tile[r][e] = v[u].x;
-    tile[r][e + 1] = v[u].y;
-    tile[r][e + 2] = v[u].z;
-    tile[r][e + 3] = v[u].w;
+    if (i >= rows * dv) break;
+    const int r = i / dv, e = (i % dv) * kPer;
+    auto* to = reinterpret_cast<float4*>(&tile[r][e]);
+    if constexpr (kBf16) {
+      to[0] = make_float4(__uint_as_float(v[u].x << 16), __uint_as_float(v[u].x & 0xffff0000u),
+                          __uint_as_float(v[u].y << 16), __uint_as_float(v[u].y & 0xffff0000u));
+      to[1] = make_float4(__uint_as_float(v[u].z << 16), __uint_as_float(v[u].z & 0xffff0000u),
+                          __uint_as_float(v[u].w << 16), __uint_as_float(v[u].w & 0xffff0000u));
+    } else {
+      to[0] = make_float4(__uint_as_float(v[u].x), __uint_as_float(v[u].y), __uint_as_float(v[u].z),
+                          __uint_as_float(v[u].w));
+    }
   }
   for (int i = threadIdx.x; i < G * d; i += blockDim.x)
     qs[i / d][i % d] = q[(int64_t{head} * G) * d + i];
@@ -159,9 +172,19 @@ __global__ void __launch_bounds__(kScoreThreads)
     const int c = idx % kClustersPerBlock, j = idx / kClustersPerBlock;
     float dot = 0.f;
     if (c < rows) {
-#pragma unroll 8
-      for (int e = 0; e < d; ++e) dot = fmaf(tile[c][e], qs[j][e], dot);
-      dot *= scale;
+      // 128-bit shared loads (q is a broadcast), four independent sums.
+      const float4* tc = reinterpret_cast<const float4*>(&tile[c][0]);
+      const float4* qj = reinterpret_cast<const float4*>(&qs[j][0]);
+      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma unroll 4
+      for (int e4 = 0; e4 < d / 4; ++e4) {
+        const float4 a = tc[e4], b = qj[e4];
+        s0 = fmaf(a.x, b.x, s0);
+        s1 = fmaf(a.y, b.y, s1);
+        s2 = fmaf(a.z, b.z, s2);
+        s3 = fmaf(a.w, b.w, s3);
+      }
+      dot = ((s0 + s1) + (s2 + s3)) * scale;
       logits[(int64_t{head} * G + j) * n + first + c] = dot;
     }
     xs[j][c] = live[c] ? dot : -INFINITY;
@@ -690,9 +713,14 @@ cudaError_t LaunchLogits(const ScoreArgs& a, float* ws, cudaStream_t stream, int
   float* logits = ws;
   const int64_t logit_count = (int64_t{a.heads} * G * a.n + 1) / 2 * 2;  // keeps stats 8-aligned
   float2* stats = reinterpret_cast<float2*>(ws + logit_count);
-  if (a.d <= kTiledMaxD) {
+  if (a.d <= kTiledMaxD && a.centroids_bf16 != nullptr) {
     nb = Blocks(a.n);
-    TiledLogitsKernel<G><<<dim3(nb, a.heads), kScoreThreads, 0, stream>>>(
+    TiledLogitsKernel<G, true><<<dim3(nb, a.heads), kScoreThreads, 0, stream>>>(
+        a.q, a.d, a.scale, a.centroids_bf16, a.centroid_stride, a.sizes, a.size_stride, a.n, logits,
+        stats);
+  } else if (a.d <= kTiledMaxD) {
+    nb = Blocks(a.n);
+    TiledLogitsKernel<G, false><<<dim3(nb, a.heads), kScoreThreads, 0, stream>>>(
         a.q, a.d, a.scale, a.centroids, a.centroid_stride, a.sizes, a.size_stride, a.n, logits,
         stats);
   } else {

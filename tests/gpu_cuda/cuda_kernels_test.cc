@@ -199,18 +199,27 @@ TEST_F(CudaKernelsTest, ExactAttentionRejectsUnsupportedShape) {
 }
 
 TEST_F(CudaKernelsTest, ScoreClustersMatchesCpu) {
-  // Small n: a block per 64 centroids; large n: each block walks many tiles (the pipelined path).
-  for (auto [g, d, big] : {std::tuple{1, 128, false},
-                           {4, 128, false},
-                           {8, 128, false},
-                           {4, 64, false},
-                           {8, 64, false},
-                           {4, 128, true},
-                           {8, 64, true},
-                           {1, 128, true}}) {
+  // Small n: a block per 64 centroids; large n: many blocks a head. bf16: the logits read a bf16
+  // copy of the centroids, which the reference gets rounded the same way.
+  for (auto [g, d, big, bf16] : {std::tuple{1, 128, false, false},
+                                 {4, 128, false, false},
+                                 {8, 128, false, false},
+                                 {4, 64, false, false},
+                                 {8, 64, false, false},
+                                 {4, 128, true, false},
+                                 {8, 64, true, false},
+                                 {1, 128, true, false},
+                                 {4, 128, false, true},
+                                 {8, 64, false, true},
+                                 {4, 128, true, true}}) {
     const int heads = 3;
     const int64_t n = big ? 40000 + rng_() % 3000 : 1000 + rng_() % 3000;
     std::vector<float> q = Random(heads * g * d), cen = Random(heads * n * d, 0.3f);
+    std::vector<uint16_t> cen16(bf16 ? cen.size() : 0);
+    if (bf16) {
+      FromFloat(cen.data(), DType::kBF16, cen16.data(), cen.size());
+      for (size_t i = 0; i < cen.size(); ++i) cen[i] = Bf16ToFloat(cen16[i]);
+    }
     std::vector<int32_t> sizes(heads * n);
     for (auto& s : sizes) s = (rng_() % 7 == 0) ? 0 : 1 + int(rng_() % 30);
     ScoreArgs a;
@@ -219,7 +228,8 @@ TEST_F(CudaKernelsTest, ScoreClustersMatchesCpu) {
     a.g = g;
     a.d = d;
     a.scale = 1.0f / std::sqrt(float(d));
-    a.centroids = Upload(cen);
+    a.centroids = bf16 ? Poisoned<float>(1) : Upload(cen);
+    if (bf16) a.centroids_bf16 = Upload(cen16);
     a.centroid_stride = n * d;
     a.sizes = Upload(sizes);
     a.size_stride = n;
@@ -239,7 +249,7 @@ TEST_F(CudaKernelsTest, ScoreClustersMatchesCpu) {
           EXPECT_EQ(x, ref[j]);
         } else {
           ASSERT_NEAR(x, ref[j], 1e-5 * std::abs(ref[j]) + 1e-9)
-              << "g " << g << " d " << d << " j " << j;
+              << "g " << g << " d " << d << " j " << j << " bf16 " << bf16;
         }
       }
     }
@@ -345,6 +355,11 @@ TEST_F(CudaKernelsTest, ScoreSelectPlanMatchesSeparateOps) {
     sc.d = d;
     sc.scale = 1.0f / std::sqrt(float(d));
     sc.centroids = Upload(cen);
+    if (n == 8192) {  // the bf16 copy the wave buffer scores with, in both forms
+      std::vector<uint16_t> cen16(cen.size());
+      FromFloat(cen.data(), DType::kBF16, cen16.data(), cen.size());
+      sc.centroids_bf16 = Upload(cen16);
+    }
     sc.centroid_stride = n * d;
     sc.sizes = Upload(sizes);
     sc.size_stride = n;
