@@ -64,7 +64,102 @@ struct OodSums {
   double keys_in = 0, keys_held_out = 0, queries = 0, key_norm = 0, query_norm = 0;
   int64_t groups = 0;
   std::vector<SweepPoint> ivf_real, ivf_keys;  // IVF sweeps, real queries vs keys as queries
+  // How spread a query's top-k is (real decode queries [0] vs held-out keys as queries [1]),
+  // summed over queries: the fewest IVF lists holding 95% of its top-k, the keys in those lists
+  // (over n: the scan of an IVF that ranked its lists perfectly), the fewest aligned windows of
+  // kWindow positions holding 95% of it, and the share of the variance of q.k over the keys
+  // that comes from the keys' low-variance directions (key PCA beyond kLowRank).
+  double lists95[2] = {0, 0}, oracle_scan[2] = {0, 0}, windows95[2] = {0, 0};
+  double lowvar_share[2] = {0, 0}, spread_queries[2] = {0, 0};
+  // How fixed that low-variance part is: per query head, |mean a|^2 / mean |a|^2 with
+  // a_j = sqrt(lambda_j) (q . e_j), j >= kLowRank (1 = the same for every query), summed over
+  // heads.
+  double lowvar_fixed[2] = {0, 0}, lowvar_heads[2] = {0, 0};
+  double nlist = 0, nwindows = 0;
 };
+
+constexpr int64_t kWindow = 1024;
+constexpr int kLowRank = 16;
+
+// Fewest groups (by label) that together hold >= 95% of `top`; also their total size.
+int FewestGroups95(const std::vector<int32_t>& top, const std::vector<int32_t>& label_of_key,
+                   const std::vector<int64_t>& group_size, int64_t* keys_in_them) {
+  std::vector<std::pair<int, int32_t>> counts;  // (count, label)
+  for (int32_t id : top) {
+    const int32_t l = label_of_key[id];
+    auto it =
+        std::find_if(counts.begin(), counts.end(), [l](const auto& c) { return c.second == l; });
+    if (it == counts.end()) {
+      counts.emplace_back(1, l);
+    } else {
+      ++it->first;
+    }
+  }
+  std::sort(counts.begin(), counts.end(), [&](const auto& a, const auto& b) {
+    return a.first != b.first ? a.first > b.first : group_size[a.second] < group_size[b.second];
+  });
+  const int need = static_cast<int>(std::ceil(0.95 * static_cast<double>(top.size()) - 1e-9));
+  int held = 0, groups = 0;
+  *keys_in_them = 0;
+  for (const auto& [count, l] : counts) {
+    if (held >= need) break;
+    held += count;
+    ++groups;
+    *keys_in_them += group_size[l];
+  }
+  return groups;
+}
+
+void AddSpread(const GroupData& g, const GroundTruth& truth, const float* queries,
+               const std::vector<int32_t>& list_of_key, const std::vector<int64_t>& list_size,
+               const Eigen& key_pca, int which, OodSums* ood) {
+  {
+    const int d = g.d;
+    const int64_t nq = static_cast<int64_t>(truth.top.size());
+    for (int64_t first = 0; first < nq; first += g.num_queries) {  // one block per query head
+      std::vector<double> mean(static_cast<size_t>(d), 0.0);
+      double norm2 = 0;
+      const int64_t last = std::min(nq, first + g.num_queries);
+      for (int64_t i = first; i < last; ++i) {
+        for (int j = kLowRank; j < d; ++j) {
+          double proj = 0;
+          for (int c = 0; c < d; ++c) proj += queries[i * d + c] * key_pca.vectors[c * d + j];
+          const double a = std::sqrt(std::max(key_pca.values[j], 0.0)) * proj;
+          mean[j] += a;
+          norm2 += a * a;
+        }
+      }
+      double mean2 = 0;
+      for (double m : mean) mean2 += m * m;
+      const double count = static_cast<double>(last - first);
+      ood->lowvar_fixed[which] += norm2 > 0 ? (mean2 / (count * count)) / (norm2 / count) : 0;
+      ood->lowvar_heads[which] += 1;
+    }
+  }
+  std::vector<int32_t> window_of_key(static_cast<size_t>(g.n));
+  std::vector<int64_t> window_size((g.n + kWindow - 1) / kWindow, 0);
+  for (int64_t i = 0; i < g.n; ++i) {
+    window_of_key[i] = static_cast<int32_t>(i / kWindow);
+    ++window_size[i / kWindow];
+  }
+  const int d = g.d;
+  for (size_t i = 0; i < truth.top.size(); ++i) {
+    int64_t keys = 0, unused = 0;
+    ood->lists95[which] += FewestGroups95(truth.top[i], list_of_key, list_size, &keys);
+    ood->oracle_scan[which] += static_cast<double>(keys) / static_cast<double>(g.n);
+    ood->windows95[which] += FewestGroups95(truth.top[i], window_of_key, window_size, &unused);
+    double low = 0, all = 0;
+    for (int j = 0; j < d; ++j) {
+      double proj = 0;
+      for (int c = 0; c < d; ++c) proj += queries[i * d + c] * key_pca.vectors[c * d + j];
+      const double part = std::max(key_pca.values[j], 0.0) * proj * proj;
+      all += part;
+      if (j >= kLowRank) low += part;
+    }
+    ood->lowvar_share[which] += all > 0 ? low / all : 0;
+    ood->spread_queries[which] += 1;
+  }
+}
 
 double MeanMahalanobis(const GaussianFit& fit, const std::vector<float>& rows, int d,
                        int64_t limit) {
@@ -103,8 +198,20 @@ absl::Status MeasureOod(const GroupData& g, const std::vector<float>& decode_all
       SweepIndex(ivf.get(), decode_all.data(), nq, g.d, g.n, truth, 0, &ood->ivf_real));
   const GroundTruth key_truth =
       ExactGroundTruth(g.keys.data(), g.n, g.d, g.held_out_keys.data(), g.num_queries, f.topk);
-  return SweepIndex(ivf.get(), g.held_out_keys.data(), g.num_queries, g.d, g.n, key_truth, 0,
-                    &ood->ivf_keys);
+  KVWAVE_RETURN_IF_ERROR(SweepIndex(ivf.get(), g.held_out_keys.data(), g.num_queries, g.d, g.n,
+                                    key_truth, 0, &ood->ivf_keys));
+  std::vector<int32_t> list_of_key;
+  int64_t nlist = 0;
+  KVWAVE_RETURN_IF_ERROR(
+      FaissIvfLists(g.keys.data(), g.n, g.d, f.ivf_keys_per_list, &list_of_key, &nlist));
+  std::vector<int64_t> list_size(static_cast<size_t>(nlist), 0);
+  for (int32_t l : list_of_key) ++list_size[l];
+  const Eigen key_pca = SymmetricEigen(ComputeMoments(g.keys.data(), g.n, g.d).cov, g.d);
+  AddSpread(g, truth, decode_all.data(), list_of_key, list_size, key_pca, 0, ood);
+  AddSpread(g, key_truth, g.held_out_keys.data(), list_of_key, list_size, key_pca, 1, ood);
+  ood->nlist += static_cast<double>(nlist);
+  ood->nwindows += static_cast<double>((g.n + kWindow - 1) / kWindow);
+  return absl::OkStatus();
 }
 
 std::string FormatOod(const OodSums& o, int topk) {
@@ -123,6 +230,17 @@ std::string FormatOod(const OodSums& o, int topk) {
                         "# OOD: IVF scan fraction for recall@%d >= 0.95: real queries %.4f, "
                         "held-out keys as queries %.4f (%.1fx)\n",
                         topk, real, keys, keys > 0 ? real / keys : -1.0);
+  auto spread = [&](int w) {
+    const double q = o.spread_queries[w];
+    return absl::StrFormat(
+        "IVF lists holding 95%% of the top-%d %.1f of %.0f (their keys %.4f of all), "
+        "windows of %d positions %.1f of %.0f, q.k variance from key PCA dims >= %d %.3f "
+        "(fixed part %.3f)",
+        topk, o.lists95[w] / q, o.nlist / n, o.oracle_scan[w] / q, kWindow, o.windows95[w] / q,
+        o.nwindows / n, kLowRank, o.lowvar_share[w] / q, o.lowvar_fixed[w] / o.lowvar_heads[w]);
+  };
+  absl::StrAppend(&out, "# spread, real queries:    ", spread(0), "\n",
+                  "# spread, held-out keys:   ", spread(1), "\n");
   out += "# IVF with held-out keys as queries:\n";
   for (absl::string_view line : absl::StrSplit(FormatTable(o.ivf_keys), '\n')) {
     if (!line.empty()) absl::StrAppend(&out, "#   ", line, "\n");
@@ -233,14 +351,14 @@ absl::Status Run(const RetrievalFlags& f) {
       "# trace %s: %ld tokens, %ld layers (axis 0 of the files), %ld q heads over %ld kv heads, "
       "d=%ld\n# layers (axis indices) %s; keys [0, %ld), queries the last %ld positions; top-%d\n"
       "# graph: N=%d M=%d build queries=%ld alpha=%.2f refine queue=%d connect queue=%d "
-      "entries=%d prune-ip=%d position-links=%d per-query-head=%d\n",
+      "entries=%d recent-entries=%d prune-ip=%d position-links=%d per-query-head=%d\n",
       f.trace.c_str(), static_cast<long>(trace.tokens), static_cast<long>(trace.layers),
       static_cast<long>(trace.q_heads), static_cast<long>(trace.kv_heads),
       static_cast<long>(trace.head_dim), absl::StrJoin(layers, ",").c_str(),
       static_cast<long>(trace.tokens - f.queries), static_cast<long>(f.queries), f.topk,
       f.graph.query_neighbors, f.graph.max_degree, static_cast<long>(f.graph.max_queries),
       f.graph.prune_alpha, f.graph.refine_queue, f.graph.connect_queue, f.graph.entry_points,
-      f.graph.prune_by_ip, f.graph.position_links, f.graph_per_query_head);
+      f.graph.recent_entries, f.graph.prune_by_ip, f.graph.position_links, f.graph_per_query_head);
   omp_set_num_threads(1);  // FAISS searches on one thread, like everything else timed here
   std::vector<SweepPoint> points;
   OodSums ood;
@@ -285,6 +403,8 @@ int RunRetrieval(int argc, char** argv) {
   app.add_option("--graph-refine-queue", f.graph.refine_queue, "graph: refinement queue (0=off)");
   app.add_option("--graph-connect-queue", f.graph.connect_queue, "graph: connect-pass queue");
   app.add_option("--graph-entries", f.graph.entry_points, "graph: entry points per search");
+  app.add_option("--graph-recent-entries", f.graph.recent_entries,
+                 "graph: searches also start from the last N keys");
   app.add_flag("--graph-prune-ip,!--graph-prune-l2", f.graph.prune_by_ip,
                "graph: prune by inner product (default) or by L2");
   app.add_option("--graph-position-links", f.graph.position_links,

@@ -18,6 +18,8 @@ struct SynthFlags {
   int64_t tokens = 131072;
   SynthShape shape;
   double ood = 1.0;
+  double ood_lowvar = 0.0;
+  double ood_lowvar_spread = 1.0;
   uint64_t seed = 1;
   int64_t calibrate_tokens = 16384;
 };
@@ -44,9 +46,13 @@ absl::Status Run(const SynthFlags& f) {
     }
     model = DefaultModel(f.shape, f.seed);
   }
-  KVWAVE_RETURN_IF_ERROR(WriteSynthTrace(model, f.tokens, f.ood, f.seed, f.out));
-  std::printf("# wrote %s_{q,k,v}.npy + .json: %ld tokens, %ld layers, ood %.2f\n", f.out.c_str(),
-              static_cast<long>(f.tokens), static_cast<long>(model.shape.layers), f.ood);
+  KVWAVE_RETURN_IF_ERROR(
+      WriteSynthTrace(model, f.tokens, f.ood, f.seed, f.out, f.ood_lowvar, f.ood_lowvar_spread));
+  std::printf(
+      "# wrote %s_{q,k,v}.npy + .json: %ld tokens, %ld layers, ood %.2f, ood-lowvar %.2f "
+      "(spread %.2f)\n",
+      f.out.c_str(), static_cast<long>(f.tokens), static_cast<long>(model.shape.layers), f.ood,
+      f.ood_lowvar, f.ood_lowvar_spread);
   return absl::OkStatus();
 }
 
@@ -61,6 +67,13 @@ int RunSynth(int argc, char** argv) {
   app.add_option("--head-dim", f.shape.head_dim, "head dim (ignored with --calibrate)");
   app.add_option("--rank", f.shape.rank, "rank of the low-rank covariances");
   app.add_option("--ood", f.ood, "query-mean scale: 1 = as calibrated, larger = more OOD");
+  app.add_option("--ood-lowvar", f.ood_lowvar,
+                 "add to every query this times |query mean| in the span of the keys' "
+                 "least-variance principal directions (0 = off)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--ood-lowvar-spread", f.ood_lowvar_spread,
+                 "how much the --ood-lowvar direction varies per token (0 = fixed per head)")
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--calibrate", f.calibrate, "real trace PREFIX to fit the model to");
   app.add_option("--calibrate-tokens", f.calibrate_tokens, "positions of it used for the fit");
   app.add_option("--seed", f.seed, "random seed");

@@ -382,11 +382,13 @@ absl::StatusOr<GraphIndex> GraphIndex::Build(const float* keys, int64_t n, const
   if (options.query_neighbors < 2 || options.max_degree < 1 || options.max_degree > 256 ||
       options.connect_queue < 1 || options.refine_queue < 0 || options.max_queries < 0 ||
       options.entry_points < 1 || options.position_links < 0 || options.position_links > 64 ||
+      options.recent_entries < 0 || options.recent_entries > 4096 ||
       !(options.prune_alpha > 0.0f)) {
     return absl::InvalidArgumentError(
         "graph index: need query_neighbors >= 2, 1 <= max_degree <= 256, connect_queue >= 1, "
         "refine_queue >= 0, "
-        "max_queries >= 0, entry_points >= 1, 0 <= position_links <= 64, prune_alpha > 0");
+        "max_queries >= 0, entry_points >= 1, 0 <= position_links <= 64, "
+        "0 <= recent_entries <= 4096, prune_alpha > 0");
   }
   GraphIndex g;
   g.n_ = n;
@@ -415,6 +417,13 @@ absl::StatusOr<GraphIndex> GraphIndex::Build(const float* keys, int64_t n, const
   g.entries_ = EntryPoints(keys, n, d, queries, rows, knn, nn, options.entry_points);
   if (options.refine_queue > 0) Refine(keys, n, d, g.entries_, norms, options, &adj);
   g.Connect(&adj, options);
+  g.search_entries_ = g.entries_;
+  for (int64_t i = n - 1; i >= std::max<int64_t>(0, n - options.recent_entries); --i) {
+    const int32_t key = static_cast<int32_t>(i);
+    if (std::find(g.entries_.begin(), g.entries_.end(), key) == g.entries_.end()) {
+      g.search_entries_.push_back(key);
+    }
+  }
   g.offsets_.assign(1, 0);
   for (const auto& list : adj) {
     g.targets_.insert(g.targets_.end(), list.begin(), list.end());
@@ -458,8 +467,8 @@ GraphSearchResult GraphIndex::Search(const float* q, int k, int queue_size,
   queue_size = static_cast<int>(std::clamp<int64_t>(queue_size, k, n_));
   const auto neighbors = [this](int32_t u) { return Neighbors(u); };
   result.scanned =
-      BeamSearch(keys_.data(), n_, d_, std::span<const int32_t>(entries_), q, queue_size, neighbors,
-                 scratch->visited_, scratch->epoch_, scratch->queue_);
+      BeamSearch(keys_.data(), n_, d_, std::span<const int32_t>(search_entries_), q, queue_size,
+                 neighbors, scratch->visited_, scratch->epoch_, scratch->queue_);
   const size_t count = std::min<size_t>(static_cast<size_t>(k), scratch->queue_.size());
   result.ids.reserve(count);
   result.scores.reserve(count);

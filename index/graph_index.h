@@ -21,8 +21,9 @@
 //   keys) of `entry_points` sampled queries spread evenly over
 //      the sample (so over heads and positions), deduplicated; with entry_points = 1, the key with
 //      the largest inner product with the mean sampled query.
-// Search scores every entry point (they count as scanned keys), seeds the queue with them, and runs
-// a beam search over the graph with a bounded queue (size L >= k), maximising q.k.
+// Search scores every entry point and the last recent_entries keys (they count as scanned keys),
+// seeds the queue with them, and runs a beam search over the graph with a bounded queue
+// (size L >= k), maximising q.k.
 //
 // Thread-safety: a built GraphIndex is immutable; Search is const and safe from many threads as
 // long as each thread passes its own GraphSearchScratch (or uses the overload that allocates one).
@@ -50,7 +51,10 @@ struct GraphIndexOptions {
   // at recall@100 0.95, L2 -> IP): dd16k 17.8% -> 16.6%; synth 128K, --ood 4: 4.1% -> 2.6%.
   bool prune_by_ip = true;
   int position_links = 1;  // also link key i to i +- 1..w (keys in token order), <= 64
-  uint64_t seed = 1;       // query sampling; the build is deterministic for a seed
+  // Searches also start from the last `recent_entries` keys (the most recent tokens, which decode
+  // queries attend to), scored first like the entry points. Search only; the build ignores it.
+  int recent_entries = 0;
+  uint64_t seed = 1;  // query sampling; the build is deterministic for a seed
 };
 
 // Top-k keys of one search, best first, with the number of keys whose score was computed.
@@ -111,7 +115,8 @@ class GraphIndex {
 
   int64_t n_ = 0;
   int d_ = 0;
-  std::vector<int32_t> entries_;  // entries_[0] is the one the connectivity pass starts from
+  std::vector<int32_t> entries_;         // entries_[0] is the one the connectivity pass starts from
+  std::vector<int32_t> search_entries_;  // entries_, then the recent keys not among them
   int64_t connect_edges_ = 0;
   std::vector<float> keys_;       // [n x d]
   std::vector<int64_t> offsets_;  // [n + 1], CSR

@@ -396,6 +396,24 @@ class Graph final : public AnnIndex {
 
 std::unique_ptr<AnnIndex> MakeFlatScan() { return std::make_unique<FlatScan>(); }
 std::unique_ptr<AnnIndex> MakeFaissFlat() { return std::make_unique<FaissFlat>(); }
+absl::Status FaissIvfLists(const float* keys, int64_t n, int d, int keys_per_list,
+                           std::vector<int32_t>* list_of_key, int64_t* nlist) {
+  *nlist = std::max<int64_t>(1, (n + keys_per_list - 1) / keys_per_list);
+  try {
+    faiss::IndexFlatIP quantizer(d);
+    faiss::IndexIVFFlat index(&quantizer, d, *nlist, faiss::METRIC_INNER_PRODUCT);
+    index.cp.seed = 1234;  // as FaissIvf::Build
+    index.verbose = false;
+    index.train(n, keys);
+    std::vector<faiss::Index::idx_t> labels(static_cast<size_t>(n));
+    quantizer.assign(n, keys, labels.data());
+    list_of_key->assign(labels.begin(), labels.end());
+  } catch (const std::exception& e) {
+    return FromException("faiss IVF lists", e);
+  }
+  return absl::OkStatus();
+}
+
 std::unique_ptr<AnnIndex> MakeFaissIvf(int keys_per_list) {
   return std::make_unique<FaissIvf>(keys_per_list);
 }

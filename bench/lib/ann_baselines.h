@@ -43,6 +43,10 @@ std::unique_ptr<AnnIndex> MakeFlatScan();   // own SIMD scan (index/distance.h) 
 std::unique_ptr<AnnIndex> MakeFaissFlat();  // faiss::IndexFlatIP
 // faiss::IndexIVFFlat, METRIC_INNER_PRODUCT, nlist = ceil(n / keys_per_list); knob = nprobe.
 std::unique_ptr<AnnIndex> MakeFaissIvf(int keys_per_list);
+// The list (0..nlist-1) of every key in the IVF MakeFaissIvf(keys_per_list) builds over the same
+// keys (same k-means, same seed), for measuring how a query's top keys spread over the lists.
+[[nodiscard]] absl::Status FaissIvfLists(const float* keys, int64_t n, int d, int keys_per_list,
+                                         std::vector<int32_t>* list_of_key, int64_t* nlist);
 // hnswlib over InnerProductSpace; knob = ef.
 std::unique_ptr<AnnIndex> MakeHnsw(int m, int ef_construction);
 // Quest: per page of page_tokens keys the element-wise min and max; a query ranks pages by the

@@ -242,10 +242,72 @@ void Sample(const GaussianPart& p, const float* z, float mean_scale, int d, int 
   }
 }
 
+// The --ood-lowvar pass over one (layer, KV head), after its keys and queries are written: U =
+// the principal directions of the generated (post-RoPE, all positions) keys outside their top
+// kLowVarSkip, the directions in which keys vary least and which a k-means of the keys, following
+// the large directions, does not resolve. Each query of query head j gets
+// ood_lowvar * ood * |pre-RoPE query mean| * U (w_j + s xi) / sqrt(1 + s^2) added, with w_j a fixed
+// random unit vector per query head (the head's own bias), xi ~ N(0, I / dim U) per token and
+// s = ood_lowvar_spread (how much the direction varies from token to token), so that
+// its top keys are those whose small variations in U align with it, wherever they sit in
+// position and in the k-means lists.
+constexpr int kLowVarSkip = 16;
+
+void AddLowVarianceQueryPart(const SynthModel& model, const KvHeadModel& head, int64_t layer,
+                             int64_t g, int64_t tokens, double ood, double ood_lowvar,
+                             double ood_lowvar_spread, uint64_t seed, uint16_t* q,
+                             const uint16_t* k) {
+  const SynthShape& s = model.shape;
+  const int d = static_cast<int>(s.head_dim);
+  const int p = d - std::min(kLowVarSkip, d - 1);
+  const int64_t group = s.q_heads / s.kv_heads;
+  std::vector<float> keys(static_cast<size_t>(tokens) * d);
+  for (int64_t t = 0; t < tokens; ++t) {
+    ToFloat(k + ((layer * tokens + t) * s.kv_heads + g) * d, DType::kF16, keys.data() + t * d, d);
+  }
+  const Eigen e = SymmetricEigen(ComputeMoments(keys.data(), tokens, d).cov, d);  // descending
+  std::vector<float> basis(static_cast<size_t>(d) * p);  // [d x p], the p least-variance ones
+  for (int i = 0; i < d; ++i) {
+    for (int c = 0; c < p; ++c)
+      basis[i * p + c] = static_cast<float>(e.vectors[i * d + (d - 1 - c)]);
+  }
+  std::mt19937_64 rng(seed ^ (0x51ed27ULL * (layer * s.kv_heads + g + 1)));
+  std::normal_distribution<float> normal;
+  for (int64_t j = 0; j < group; ++j) {
+    double mean_norm = 0;
+    for (float x : head.query[j].mean) mean_norm += double{x} * x;
+    const float scale = static_cast<float>(ood_lowvar * ood * std::sqrt(mean_norm) /
+                                           std::sqrt(1.0 + ood_lowvar_spread * ood_lowvar_spread));
+    std::vector<float> w(static_cast<size_t>(p));
+    double w2 = 0;
+    for (float& x : w) {
+      x = normal(rng);
+      w2 += double{x} * x;
+    }
+    for (float& x : w) x = static_cast<float>(x / std::sqrt(w2));
+    const int64_t h = g * group + j;
+    std::vector<float> x(static_cast<size_t>(d)), c(static_cast<size_t>(p));
+    for (int64_t t = 0; t < tokens; ++t) {
+      uint16_t* row = q + ((layer * tokens + t) * s.q_heads + h) * d;
+      ToFloat(row, DType::kF16, x.data(), d);
+      for (int a = 0; a < p; ++a) {
+        c[a] = w[a] + static_cast<float>(ood_lowvar_spread) * normal(rng) /
+                          std::sqrt(static_cast<float>(p));
+      }
+      for (int i = 0; i < d; ++i) {
+        float add = 0;
+        for (int a = 0; a < p; ++a) add += basis[i * p + a] * c[a];
+        x[i] += scale * add;
+      }
+      FromFloat(x.data(), DType::kF16, row, d);
+    }
+  }
+}
+
 // One (layer, KV head) of the trace: keys, values and the group's queries, as float16.
 void GenerateHead(const SynthModel& model, const KvHeadModel& head, int64_t layer, int64_t g,
-                  int64_t tokens, double ood, uint64_t seed, uint16_t* q, uint16_t* k,
-                  uint16_t* v) {
+                  int64_t tokens, double ood, double ood_lowvar, double ood_lowvar_spread,
+                  uint64_t seed, uint16_t* q, uint16_t* k, uint16_t* v) {
   const SynthShape& s = model.shape;
   const int d = static_cast<int>(s.head_dim), r = s.rank;
   const int64_t group = s.q_heads / s.kv_heads;
@@ -287,12 +349,17 @@ void GenerateHead(const SynthModel& model, const KvHeadModel& head, int64_t laye
       }
     }
   });
+  if (ood_lowvar > 0) {
+    AddLowVarianceQueryPart(model, head, layer, g, tokens, ood, ood_lowvar, ood_lowvar_spread, seed,
+                            q, k);
+  }
 }
 
 }  // namespace
 
 absl::Status WriteSynthTrace(const SynthModel& model, int64_t tokens, double ood, uint64_t seed,
-                             const std::string& prefix) {
+                             const std::string& prefix, double ood_lowvar,
+                             double ood_lowvar_spread) {
   const SynthShape& s = model.shape;
   if (tokens < 2) return absl::InvalidArgumentError("synth: need at least 2 tokens");
   std::vector<uint16_t> q(static_cast<size_t>(s.layers * tokens * s.q_heads * s.head_dim));
@@ -300,8 +367,8 @@ absl::Status WriteSynthTrace(const SynthModel& model, int64_t tokens, double ood
   std::vector<uint16_t> v(k.size());
   for (int64_t l = 0; l < s.layers; ++l) {
     for (int64_t g = 0; g < s.kv_heads; ++g) {
-      GenerateHead(model, model.heads[l * s.kv_heads + g], l, g, tokens, ood, seed, q.data(),
-                   k.data(), v.data());
+      GenerateHead(model, model.heads[l * s.kv_heads + g], l, g, tokens, ood, ood_lowvar,
+                   ood_lowvar_spread, seed, q.data(), k.data(), v.data());
     }
   }
   KVWAVE_RETURN_IF_ERROR(trace::WriteNpy(prefix + "_q.npy", DType::kF16,
@@ -311,12 +378,13 @@ absl::Status WriteSynthTrace(const SynthModel& model, int64_t tokens, double ood
   KVWAVE_RETURN_IF_ERROR(trace::WriteNpy(prefix + "_v.npy", DType::kF16,
                                          {s.layers, tokens, s.kv_heads, s.head_dim}, v.data()));
   std::ofstream json(prefix + ".json");
-  json << absl::StrCat("{\n \"synthetic\": true,\n \"tokens\": ", tokens,
-                       ",\n \"layers\": ", s.layers, ",\n \"q_heads\": ", s.q_heads,
-                       ",\n \"kv_heads\": ", s.kv_heads, ",\n \"head_dim\": ", s.head_dim,
-                       ",\n \"rank\": ", s.rank, ",\n \"ood\": ", ood, ",\n \"seed\": ", seed,
-                       ",\n \"rope\": \"rotate-half, base ", s.rope_base,
-                       ", positions 0..N-1\"\n}\n");
+  json << absl::StrCat(
+      "{\n \"synthetic\": true,\n \"tokens\": ", tokens, ",\n \"layers\": ", s.layers,
+      ",\n \"q_heads\": ", s.q_heads, ",\n \"kv_heads\": ", s.kv_heads,
+      ",\n \"head_dim\": ", s.head_dim, ",\n \"rank\": ", s.rank, ",\n \"ood\": ", ood,
+      ",\n \"ood_lowvar\": ", ood_lowvar, ",\n \"ood_lowvar_spread\": ", ood_lowvar_spread,
+      ",\n \"seed\": ", seed, ",\n \"rope\": \"rotate-half, base ", s.rope_base,
+      ", positions 0..N-1\"\n}\n");
   if (!json.good()) return absl::InternalError(prefix + ".json: write failed");
   return absl::OkStatus();
 }

@@ -4,7 +4,8 @@
 // model of pre-RoPE queries whose latents are coupled to the key latents of the same position
 // (which, with RoPE, makes recent keys score high), and per-dimension Gaussian values. RoPE
 // (rotate-half) is applied at the true positions. Fitted to a real trace by un-rotating its
-// post-RoPE vectors; `ood` scales the query mean (1 = as fitted, larger = further from keys).
+// post-RoPE vectors; `ood` scales the query mean (1 = as fitted, larger = further from keys), and
+// `ood_lowvar` pushes queries into the keys' directions of least variance (WriteSynthTrace).
 //
 // Thread-safety: a SynthModel is immutable once built; Generate may run concurrently.
 #ifndef KVWAVE_BENCH_LIB_SYNTH_MODEL_H_
@@ -60,9 +61,17 @@ struct SynthModel {
 // A model with random parameters of plausible scale (no trace to calibrate to).
 SynthModel DefaultModel(const SynthShape& shape, uint64_t seed);
 
-// Writes PREFIX_{q,k,v}.npy (float16) and PREFIX.json with `tokens` positions.
+// Writes PREFIX_{q,k,v}.npy (float16) and PREFIX.json with `tokens` positions. `ood` scales the
+// pre-RoPE query mean. `ood_lowvar` (0 = off) adds to every query a part of norm about
+// ood_lowvar * ood * |pre-RoPE query mean| in the span of the generated keys' least-variance
+// principal directions (post-RoPE, over all positions): the OOD effect RetrievalAttention
+// describes, queries reaching into directions where the keys barely vary, so their top keys by
+// q.k spread over all of the keys' k-means lists. `ood_lowvar_spread` is how much that part's
+// direction varies from token to token (0 = a fixed direction per query head). Details in
+// synth_model.cc.
 [[nodiscard]] absl::Status WriteSynthTrace(const SynthModel& model, int64_t tokens, double ood,
-                                           uint64_t seed, const std::string& prefix);
+                                           uint64_t seed, const std::string& prefix,
+                                           double ood_lowvar = 0.0, double ood_lowvar_spread = 1.0);
 
 }  // namespace kvwave::bench
 

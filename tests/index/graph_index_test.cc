@@ -204,6 +204,30 @@ TEST(GraphIndexTest, SearchHeadsMatchesSerialSearch) {
   EXPECT_FALSE(SearchHeads(graphs, heads.data(), 3, 5, 32, &out).ok());
 }
 
+TEST(GraphIndexTest, RecentEntriesAreScoredAndFullQueueStaysExact) {
+  const int d = 16;
+  const int64_t n = 500;
+  const std::vector<float> keys = RandomRows(n, d, 81, 0.0f);
+  const std::vector<float> queries = RandomRows(300, d, 82, 0.7f);
+  GraphIndexOptions options;
+  options.query_neighbors = 16;
+  options.max_degree = 8;
+  auto plain = GraphIndex::Build(keys.data(), n, queries.data(), 300, d, options);
+  options.recent_entries = 7;
+  auto recent = GraphIndex::Build(keys.data(), n, queries.data(), 300, d, options);
+  ASSERT_TRUE(plain.ok() && recent.ok());
+  ASSERT_EQ(plain->num_edges(), recent->num_edges());  // the build ignores it
+  const std::vector<float> tests = RandomRows(10, d, 83, 0.7f);
+  for (int i = 0; i < 10; ++i) {
+    const float* q = tests.data() + i * d;
+    GraphSearchResult r = recent->Search(q, 10, static_cast<int>(n));
+    EXPECT_EQ(r.scanned, n);  // entries and recent keys are scored once each
+    EXPECT_EQ(r.ids, ReferenceTopK(keys, n, d, q, 10)) << "query " << i;
+    // With the smallest queue the last keys are still scored: at least as many as the entries.
+    EXPECT_GE(recent->Search(q, 1, 1).scanned, 7);
+  }
+}
+
 TEST(GraphIndexTest, RejectsBadArguments) {
   const std::vector<float> rows = RandomRows(10, 4, 61, 0.0f);
   EXPECT_FALSE(GraphIndex::Build(rows.data(), 0, rows.data(), 10, 4, {}).ok());
@@ -213,6 +237,10 @@ TEST(GraphIndexTest, RejectsBadArguments) {
   bad.max_degree = 0;
   auto s = GraphIndex::Build(rows.data(), 10, rows.data(), 10, 4, bad);
   EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument);
+  GraphIndexOptions bad_recent;
+  bad_recent.recent_entries = -1;
+  EXPECT_EQ(GraphIndex::Build(rows.data(), 10, rows.data(), 10, 4, bad_recent).status().code(),
+            absl::StatusCode::kInvalidArgument);
   GraphIndexOptions no_entry;
   no_entry.entry_points = 0;
   EXPECT_EQ(GraphIndex::Build(rows.data(), 10, rows.data(), 10, 4, no_entry).status().code(),
