@@ -216,8 +216,6 @@ absl::Status WaveBuffer::Enqueue(int layer, const float* q, float* out, float* l
   auto profile = [&](int i) {
     return o_.profile ? backend_->RecordEvent(kProfileEvent + i, kComputeStream) : absl::OkStatus();
   };
-  // Profiling: hold the stream while this call is queued, so that the phases time the kernels,
-  // not the host's launch gaps.
   // The layer's last update (its table and pool) and this slot's last update (reads of the
   // execution buffer this call overwrites) run on stream U: wait for them.
   if (last_update_slot_[layer] >= 0)
@@ -226,6 +224,8 @@ absl::Status WaveBuffer::Enqueue(int layer, const float* q, float* out, float* l
   if (s.update_pending)
     KVWAVE_RETURN_IF_ERROR(backend_->WaitEvent(kComputeStream, kUpdateEvent + slot));
   last_call_slot_[layer] = slot;
+  // Profiling: hold the stream while this call is queued, so that the phases time the kernels,
+  // not the host's launch gaps.
   if (o_.profile) KVWAVE_RETURN_IF_ERROR(backend_->Delay(int64_t{500} * 1000, kComputeStream));
   KVWAVE_RETURN_IF_ERROR(profile(0));
   gpu::ScoreArgs sc;
