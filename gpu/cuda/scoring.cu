@@ -20,9 +20,13 @@
 // out), selects the top k (and the next k2 - k) and plans the pages (PlanHead, plan_block.cuh):
 // two launches fewer than ScoreClusters + SelectTopK + PlanPages.
 #include <cooperative_groups.h>
+#include <cuda_bf16.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 
 #include "gpu/cuda/launchers.h"
 #include "gpu/cuda/plan_block.cuh"
@@ -203,6 +207,158 @@ __global__ void __launch_bounds__(kScoreThreads)
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) z += __shfl_xor_sync(0xffffffffu, z, off);
     if (lane == 0) stats[(int64_t{head} * gridDim.x + blockIdx.x) * G + j] = make_float2(mx, z);
+  }
+}
+
+// Logits on the tensor cores (bf16 centroids, d = 64 or 128): a warp takes 16 centroids at a time
+// as the A operand of mma.m16n8k16 (bf16 in, fp32 accumulate) and the block's query heads as B.
+// q is fp32: it enters as three bf16 parts (hi + lo + lo2 = q to ~24 bits), 3G columns of B, so
+// that a logit is as exact as a float dot (a bf16 centroid times a bf16 part is exact in fp32).
+// Since a dot product does not care in which order its terms come, the k axis is permuted so that
+// each thread's A fragment is whole 16-byte loads: thread (group r, index i) loads dims
+// [32u + 8i, 32u + 8i + 8) of rows r and r + 8 for u < d / 32, and k-step 2u + w takes dims
+// 32u + 8i + 4w + {0, 1} into slots {2i, 2i + 1} and + {2, 3} into slots {2i + 8, 2i + 9}; B
+// is laid out the same way. The centroid loads are coalesced (4 threads read 64 contiguous bytes
+// of a row) and issued for all of the warp's tiles before the first mma; no shared-memory tile.
+constexpr int kMmaWarps = 8;
+constexpr int kMmaTiles = 2;  // 16-centroid tiles a warp
+constexpr int kMmaClustersPerBlock = kMmaWarps * kMmaTiles * 16;
+
+__device__ __forceinline__ float Bf16Part(float x, int part) {
+  const float hi = __bfloat162float(__float2bfloat16_rn(x));
+  if (part == 0) return hi;
+  const float r = x - hi;  // exact
+  const float lo = __bfloat162float(__float2bfloat16_rn(r));
+  return part == 1 ? lo : __bfloat162float(__float2bfloat16_rn(r - lo));
+}
+
+__device__ __forceinline__ uint32_t PackBf16(float lo_half, float hi_half) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo_half, hi_half);
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  return u;
+}
+
+__device__ __forceinline__ void MmaBf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                        uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <int G, int D>
+__global__ void __launch_bounds__(kScoreThreads, 2)
+    MmaLogitsKernel(const float* __restrict__ q, float scale, const uint16_t* __restrict__ cen,
+                    int64_t cen_stride, const int32_t* __restrict__ sizes, int64_t size_stride,
+                    int64_t n, float* __restrict__ logits, float2* __restrict__ stats) {
+  asm volatile("griddepcontrol.launch_dependents;");  // see TiledLogitsKernel
+  constexpr int kCols = 3 * G, kNT = (kCols + 7) / 8, kU = D / 32, kK = D / 16;
+  constexpr int kIt = (16 * G + 31) / 32;  // (row, query head) results a lane folds, per tile
+  const int head = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int grp = lane / 4, tig = lane % 4;
+  uint32_t b[kNT][kK][2];
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+    const int col = nt * 8 + grp, part = col / G, j = col % G;
+    const float* qj = q + (int64_t{head} * G + j) * D;
+#pragma unroll
+    for (int ks = 0; ks < kK; ++ks) {
+      const int dim = 32 * (ks / 2) + 8 * tig + 4 * (ks % 2);
+      float x[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) x[e] = col < kCols ? Bf16Part(qj[dim + e], part) : 0.f;
+      b[nt][ks][0] = PackBf16(x[0], x[1]);
+      b[nt][ks][1] = PackBf16(x[2], x[3]);
+    }
+  }
+  const uint4* c_head = reinterpret_cast<const uint4*>(cen + head * cen_stride);
+  const int32_t* s_head = sizes + head * size_stride;
+  const int64_t first = int64_t{blockIdx.x} * kMmaClustersPerBlock;
+  uint4 ld[kMmaTiles][2][kU];
+#pragma unroll
+  for (int t = 0; t < kMmaTiles; ++t) {
+    const int64_t c0 = first + (t * kMmaWarps + warp) * 16;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t c = c0 + grp + 8 * h;
+#pragma unroll
+      for (int u = 0; u < kU; ++u)
+        ld[t][h][u] = c < n ? __ldcs(c_head + c * (D / 8) + 4 * u + tig) : make_uint4(0, 0, 0, 0);
+    }
+  }
+  __shared__ float cs[kMmaWarps][16][kNT * 8 + 1];
+  float m[kIt], z[kIt];
+#pragma unroll
+  for (int it = 0; it < kIt; ++it) m[it] = -INFINITY, z[it] = 0.f;
+#pragma unroll
+  for (int t = 0; t < kMmaTiles; ++t) {
+    const int64_t c0 = first + (t * kMmaWarps + warp) * 16;
+    if (c0 >= n) break;  // warp-uniform
+    float acc[kNT][4];
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < kK; ++ks) {
+      const uint4& r1 = ld[t][0][ks / 2];
+      const uint4& r2 = ld[t][1][ks / 2];
+      const bool w = ks % 2;
+      const uint32_t a0 = w ? r1.z : r1.x, a1 = w ? r2.z : r2.x;
+      const uint32_t a2 = w ? r1.w : r1.y, a3 = w ? r2.w : r2.y;
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) MmaBf16(acc[nt], a0, a1, a2, a3, b[nt][ks][0], b[nt][ks][1]);
+    }
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        cs[warp][grp][nt * 8 + 2 * tig + e] = acc[nt][e];
+        cs[warp][grp + 8][nt * 8 + 2 * tig + e] = acc[nt][2 + e];
+      }
+    __syncwarp();
+#pragma unroll
+    for (int it = 0; it < kIt; ++it) {
+      const int idx = lane + 32 * it, row = idx % 16, j = idx / 16;
+      const int64_t c = c0 + row;
+      if (j < G && c < n) {
+        const float x = (cs[warp][row][j] + cs[warp][row][G + j] + cs[warp][row][2 * G + j]) * scale;
+        logits[(int64_t{head} * G + j) * n + c] = x;
+        if (s_head[c] > 0) {
+          const float mn = fmaxf(m[it], x);
+          z[it] = z[it] * __expf(m[it] - mn) + __expf(x - mn);
+          m[it] = mn;
+        }
+      }
+    }
+    __syncwarp();
+  }
+  // Fold (m, z) over the 16 lanes that share a query head, then over the warps.
+  __shared__ float2 sm[kMmaWarps][G];
+#pragma unroll
+  for (int it = 0; it < kIt; ++it) {
+#pragma unroll
+    for (int off = 8; off > 0; off /= 2) {
+      const float om = __shfl_xor_sync(0xffffffffu, m[it], off);
+      const float oz = __shfl_xor_sync(0xffffffffu, z[it], off);
+      const float mn = fmaxf(m[it], om);
+      if (mn != -INFINITY) z[it] = z[it] * __expf(m[it] - mn) + oz * __expf(om - mn);
+      m[it] = mn;
+    }
+    const int j = lane / 16 + 2 * it;
+    if (lane % 16 == 0 && j < G) sm[warp][j] = make_float2(m[it], z[it]);
+  }
+  __syncthreads();
+  if (threadIdx.x < G) {
+    const int j = threadIdx.x;
+    float mx = -INFINITY, zz = 0.f;
+    for (int w = 0; w < kMmaWarps; ++w) mx = fmaxf(mx, sm[w][j].x);
+    if (mx != -INFINITY)
+      for (int w = 0; w < kMmaWarps; ++w)
+        if (sm[w][j].x != -INFINITY) zz += sm[w][j].y * __expf(sm[w][j].x - mx);
+    stats[(int64_t{head} * gridDim.x + blockIdx.x) * G + j] = make_float2(mx, zz);
   }
 }
 
@@ -562,6 +718,23 @@ __global__ void __launch_bounds__(kTopKThreads)
 // 128K 216 vs 141 us (bench/results/decode_variants_h200.txt).
 __host__ __device__ constexpr int SelThreads(int kC) { return kC == 1 ? 1024 : 512; }
 
+#ifdef KVWAVE_PROFILE_SELECT
+// Profiling build only: SM cycles of each phase of SelectPlanKernel (block 0), summed over calls.
+__device__ unsigned long long g_select_prof[16];
+#define KVWAVE_PROF(i)                                                                   \
+  do {                                                                                   \
+    if (blockIdx.x == 0 && threadIdx.x == 0) {                                           \
+      const long long t_ = clock64();                                                    \
+      atomicAdd(&g_select_prof[i], static_cast<unsigned long long>(t_ - prof_t));        \
+      prof_t = t_;                                                                       \
+    }                                                                                    \
+  } while (0)
+#else
+#define KVWAVE_PROF(i) \
+  do {                 \
+  } while (0)
+#endif
+
 // What a block publishes to its cluster.
 struct ClusterPart {
   int valid;
@@ -590,15 +763,20 @@ __global__ void __launch_bounds__(SelThreads(kC))
   const int rank = static_cast<int>(cluster.block_rank());
   const int head = blockIdx.x / kCluster;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#ifdef KVWAVE_PROFILE_SELECT
+  long long prof_t = clock64();
+#endif
   // Launched as a programmatic dependent of the logits kernel: wait for it to complete (and its
   // writes to be visible); a no-op for a plain launch.
   asm volatile("griddepcontrol.wait;" ::: "memory");
+  KVWAVE_PROF(0);
   if (warp < G) {
     const float2 f = FoldStats<G>(stats + int64_t{head} * nb * G, nb, warp);
     if (lane == 0) sm_m[warp] = f.x, sm_inv[warp] = f.y;
   }
   if (threadIdx.x == 0) part.valid = 0, part.kmin = 0xffffffffu, part.kmax = 0;
   __syncthreads();
+  KVWAVE_PROF(1);
   const int n32 = static_cast<int>(n);
   const int per = (n32 + kCluster - 1) / kCluster;
   const int s0 = min(n32, rank * per), len = min(n32, s0 + per) - s0;
@@ -628,6 +806,7 @@ __global__ void __launch_bounds__(SelThreads(kC))
     }
   }
   __syncthreads();  // the block's global writes are visible to the block after the barrier
+  KVWAVE_PROF(2);
   const float* s = stage ? staged : sh + s0;  // this block's slice
   KeyStats(s, len, &part.valid, &part.kmin, &part.kmax);
   cluster.sync();
@@ -643,6 +822,7 @@ __global__ void __launch_bounds__(SelThreads(kC))
     InitSelect(st, done, kSel, valid, kmin, kmax, k, k2);
   }
   __syncthreads();
+  KVWAVE_PROF(3);
   // Radix passes. A pass zeroes the histogram buffer the other blocks last read two passes ago
   // (they have all passed the cluster barrier of the pass in between).
   for (int pass = 0; pass < 6; ++pass) {
@@ -667,7 +847,11 @@ __global__ void __launch_bounds__(SelThreads(kC))
       ChooseBin(st, done, warp, h8);
     }
     __syncthreads();
+#ifdef KVWAVE_PROFILE_SELECT
+    if (blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(&g_select_prof[15], 1ull);
+#endif
   }
+  KVWAVE_PROF(4);
   // This block's counts, published; its offsets from the lower-ranked blocks' counts.
   const int chunk = ((len + kSelWarps - 1) / kSelWarps + 31) / 32 * 32;
   const int lo = min(len, warp * chunk), hi = min(len, lo + chunk);
@@ -681,6 +865,7 @@ __global__ void __launch_bounds__(SelThreads(kC))
     part.tot[threadIdx.x] = sum;
   }
   cluster.sync();
+  KVWAVE_PROF(5);
   if (threadIdx.x == 0) {
     WalkPos pos{};
     for (int r = 0; r < rank; ++r) Advance(pos, cluster.map_shared_rank(&part, r)->tot, st);
@@ -690,11 +875,13 @@ __global__ void __launch_bounds__(SelThreads(kC))
     }
   }
   __syncthreads();
+  KVWAVE_PROF(6);
   WriteStretch<kSel>(s, lo, hi, s0, st, base[warp], out + head * out_stride,
                      out2 != nullptr ? out2 + head * out_stride : nullptr);
   // Every block's lists are written (the barrier orders them at cluster scope), and no block
   // leaves while another may still read its shared memory.
   cluster.sync();
+  KVWAVE_PROF(7);
   if (rank != 0) return;
   if (threadIdx.x == 0) {
     counts[head] = st.want[0];
@@ -702,6 +889,193 @@ __global__ void __launch_bounds__(SelThreads(kC))
   }
   __syncthreads();
   PlanHead<kSelThreads>(plan, head);
+  __syncthreads();
+  KVWAVE_PROF(8);
+}
+
+// SelectPlanKernel's one-block-per-head form with everything in one block's shared memory and
+// fewer passes: the scores pass also stages the scores, counts the finite ones and finds their
+// key range, and packs each cluster's size and cache hit (PlanArgs::table) into 16 bits; after
+// the radix select each thread walks a contiguous chunk of the clusters, and two block-wide scans
+// (the keys above / inside the two candidate ranges, then the pages and missed pages of the
+// retrieved clusters) give every thread where its selected indices, pages and execution pages go,
+// so the lists are written and the pages planned in the same walk (no second read of the list,
+// no serial walk over the warps). Same outputs as SelectPlanKernel + PlanHead, byte for byte.
+// Dynamic shared memory: n floats + n uint16.
+constexpr int kFlatHitBit = 1 << 15;
+
+template <int G, int kSel>
+__global__ void __launch_bounds__(kTopKThreads)
+    SelectPlanFlatKernel(const float* __restrict__ logits, const float2* __restrict__ stats,
+                         int nb, const int32_t* __restrict__ sizes, int64_t size_stride, int64_t n,
+                         float* __restrict__ scores, int64_t score_stride, int64_t k, int64_t k2,
+                         int32_t* out, int32_t* out2, int32_t* counts, int32_t* counts2,
+                         int64_t out_stride, PlanArgs plan) {
+  extern __shared__ float staged[];
+  __shared__ float sm_m[G], sm_inv[G];
+  __shared__ SelectState st;
+  __shared__ bool done[kSel];
+  __shared__ int valid, steady_pages;
+  __shared__ uint32_t kmin, kmax;
+  using Scan4 = cub::BlockScan<int4, kTopKThreads, cub::BLOCK_SCAN_WARP_SCANS>;
+  using Scan2 = cub::BlockScan<int2, kTopKThreads, cub::BLOCK_SCAN_WARP_SCANS>;
+  __shared__ union {
+    typename Scan4::TempStorage s4;
+    typename Scan2::TempStorage s2;
+  } scan_tmp;
+  const int head = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int n32 = static_cast<int>(n);
+  auto* info = reinterpret_cast<uint16_t*>(staged + n32);  // size | kFlatHitBit when cached
+#ifdef KVWAVE_PROFILE_SELECT
+  long long prof_t = clock64();
+#endif
+  asm volatile("griddepcontrol.wait;" ::: "memory");  // see SelectPlanKernel
+  KVWAVE_PROF(0);
+  if (warp < G) {
+    const float2 f = FoldStats<G>(stats + int64_t{head} * nb * G, nb, warp);
+    if (lane == 0) sm_m[warp] = f.x, sm_inv[warp] = f.y;
+  }
+  if (threadIdx.x == 0) valid = 0, kmin = 0xffffffffu, kmax = 0;
+  const int sp = PlanSteady(plan, head);
+  if (threadIdx.x == 0) steady_pages = sp;
+  __syncthreads();
+  KVWAVE_PROF(1);
+  const int64_t unit = plan.unit0 + head;
+  const int32_t* psize = plan.sizes + unit * plan.clusters;
+  const int32_t* table = plan.table + unit * plan.clusters * plan.max_cluster_pages;
+  float* sh = scores + head * score_stride;
+  int local = 0;
+  uint32_t mn = 0xffffffffu, mx = 0;
+  constexpr int kU = 4;  // as in SelectPlanKernel
+  for (int c0 = threadIdx.x; c0 < n32; c0 += kU * kTopKThreads) {
+    float lg[kU][G];
+    bool live[kU];
+    int32_t sz[kU], slot[kU];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int c = c0 + u * kTopKThreads;
+      const bool in = c < n32;
+      live[u] = in && sizes[head * size_stride + c] > 0;
+      sz[u] = in ? psize[c] : 0;
+      slot[u] = in ? table[int64_t{c} * plan.max_cluster_pages] : -1;
+#pragma unroll
+      for (int j = 0; j < G; ++j) lg[u][j] = in ? logits[(int64_t{head} * G + j) * n + c] : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int c = c0 + u * kTopKThreads;
+      if (c >= n32) break;
+      float score = 0.f;
+#pragma unroll
+      for (int j = 0; j < G; ++j) score += __expf(lg[u][j] - sm_m[j]) * sm_inv[j];
+      score = live[u] ? score : -INFINITY;
+      sh[c] = score;
+      staged[c] = score;
+      info[c] = static_cast<uint16_t>(sz[u] | (slot[u] >= 0 ? kFlatHitBit : 0));
+      if (isfinite(score)) {
+        const uint32_t key = OrderKey(score);
+        ++local;
+        mn = min(mn, key);
+        mx = max(mx, key);
+      }
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) {
+    local += __shfl_xor_sync(0xffffffffu, local, off);
+    mn = min(mn, __shfl_xor_sync(0xffffffffu, mn, off));
+    mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+  }
+  if (lane == 0) {
+    atomicAdd(&valid, local);
+    atomicMin(&kmin, mn);
+    atomicMax(&kmax, mx);
+  }
+  __syncthreads();
+  KVWAVE_PROF(2);
+  if (threadIdx.x == 0) InitSelect(st, done, kSel, valid, kmin, kmax, k, k2);
+  __syncthreads();
+  KVWAVE_PROF(3);
+  RadixSelect<kSel>(staged, n32, st, done);
+  KVWAVE_PROF(4);
+
+  // This thread's chunk; what it holds above / inside the two candidate ranges.
+  const int per = (n32 + kTopKThreads - 1) / kTopKThreads;
+  const int lo = min(n32, static_cast<int>(threadIdx.x) * per), hi = min(n32, lo + per);
+  const bool on0 = st.want[0] > 0, on1 = kSel == 2 && st.want[1] > 0;
+  const uint32_t lo0 = st.lo[0], lo1 = st.lo[1];
+  const uint64_t hi0 = st.hi[0], hi1 = st.hi[1];
+  const int rem0 = st.rem[0], rem1 = st.rem[1];
+  int4 c = make_int4(0, 0, 0, 0);
+  for (int i = lo; i < hi; ++i) {
+    const float x = staged[i];
+    if (!isfinite(x)) continue;
+    const uint32_t key = OrderKey(x);
+    c.x += on0 && key >= hi0;
+    c.y += on0 && key >= lo0 && key < hi0;
+    c.z += on1 && key >= hi1;
+    c.w += on1 && key >= lo1 && key < hi1;
+  }
+  int4 before;
+  Scan4(scan_tmp.s4).ExclusiveScan(c, before, make_int4(0, 0, 0, 0), [](int4 a, int4 b) {
+    return make_int4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+  });
+  // Selected before this chunk: the keys above the range and the first rem of those inside.
+  const int sel0 = on0 ? before.x + min(before.y, rem0) : 0;
+  const int sel1 = on1 ? before.z + min(before.w, rem1) : 0;
+  // Walks the chunk, calling f(i, in top k, in top k2) for each finite key.
+  auto walk = [&](auto&& f) {
+    int tie0 = before.y, tie1 = before.w;
+    for (int i = lo; i < hi; ++i) {
+      const float x = staged[i];
+      if (!isfinite(x)) continue;
+      const uint32_t key = OrderKey(x);
+      const bool in0 = on0 && key >= lo0 && key < hi0, in1 = on1 && key >= lo1 && key < hi1;
+      const bool s0 = on0 && (key >= hi0 || (in0 && tie0 < rem0));
+      const bool s1 = on1 && (key >= hi1 || (in1 && tie1 < rem1));
+      tie0 += in0;
+      tie1 += in1;
+      f(i, s0, s1);
+    }
+  };
+  int2 pm = make_int2(0, 0);  // pages, missed pages of the chunk's retrieved clusters
+  walk([&](int i, bool s0, bool) {
+    if (!s0) return;
+    const int pages = ((info[i] & (kFlatHitBit - 1)) + kMaxPageRows - 1) / kMaxPageRows;
+    pm.x += pages;
+    pm.y += (info[i] & kFlatHitBit) ? 0 : pages;
+  });
+  __syncthreads();  // scan_tmp is reused
+  KVWAVE_PROF(5);
+  int2 pbefore, ptotal;
+  Scan2(scan_tmp.s2).ExclusiveScan(
+      pm, pbefore, make_int2(0, 0), [](int2 a, int2 b) { return make_int2(a.x + b.x, a.y + b.y); },
+      ptotal);
+  KVWAVE_PROF(6);
+  int32_t* o0 = out + head * out_stride;
+  int32_t* o1 = out2 != nullptr ? out2 + head * out_stride : nullptr;
+  int q0 = sel0, q1 = sel1 - sel0;
+  int at = steady_pages + pbefore.x;
+  int64_t exec = int64_t{head} * plan.info_stride * plan.max_cluster_pages + pbefore.y;
+  walk([&](int i, bool s0, bool s1) {
+    if (s0) {
+      const int size = info[i] & (kFlatHitBit - 1), pages = (size + kMaxPageRows - 1) / kMaxPageRows;
+      const bool hit = info[i] & kFlatHitBit;
+      o0[q0] = i;
+      PlanCluster(plan, head, q0, i, size, hit, at, exec);
+      ++q0;
+      at += pages;
+      exec += hit ? 0 : pages;
+    } else if (s1) {
+      o1[q1++] = i;
+    }
+  });
+  if (threadIdx.x == 0) {
+    counts[head] = st.want[0];
+    if (counts2 != nullptr) counts2[head] = max(0, st.want[1] - st.want[0]);
+    plan.page_counts[head] = steady_pages + ptotal.x;
+  }
+  KVWAVE_PROF(7);
 }
 
 int64_t Blocks(int64_t n) { return (n + kClustersPerBlock - 1) / kClustersPerBlock; }
@@ -713,7 +1087,22 @@ cudaError_t LaunchLogits(const ScoreArgs& a, float* ws, cudaStream_t stream, int
   float* logits = ws;
   const int64_t logit_count = (int64_t{a.heads} * G * a.n + 1) / 2 * 2;  // keeps stats 8-aligned
   float2* stats = reinterpret_cast<float2*>(ws + logit_count);
-  if (a.d <= kTiledMaxD && a.centroids_bf16 != nullptr) {
+  static const bool mma = [] {
+    const char* e = std::getenv("KVWAVE_MMA_LOGITS");
+    return e == nullptr || e[0] != '0';
+  }();
+  if (mma && a.centroids_bf16 != nullptr && (a.d == 128 || a.d == 64)) {
+    nb = (a.n + kMmaClustersPerBlock - 1) / kMmaClustersPerBlock;
+    const dim3 grid(nb, a.heads);
+    if (a.d == 128)
+      MmaLogitsKernel<G, 128><<<grid, kScoreThreads, 0, stream>>>(
+          a.q, a.scale, a.centroids_bf16, a.centroid_stride, a.sizes, a.size_stride, a.n, logits,
+          stats);
+    else
+      MmaLogitsKernel<G, 64><<<grid, kScoreThreads, 0, stream>>>(
+          a.q, a.scale, a.centroids_bf16, a.centroid_stride, a.sizes, a.size_stride, a.n, logits,
+          stats);
+  } else if (a.d <= kTiledMaxD && a.centroids_bf16 != nullptr) {
     nb = Blocks(a.n);
     TiledLogitsKernel<G, true><<<dim3(nb, a.heads), kScoreThreads, 0, stream>>>(
         a.q, a.d, a.scale, a.centroids_bf16, a.centroid_stride, a.sizes, a.size_stride, a.n, logits,
@@ -780,10 +1169,68 @@ cudaError_t LaunchSelectPlanTyped(const ScoreArgs& a, const TopKArgs& t, const P
   attr[1].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attr;
   config.numAttrs = dependent_launch ? 2 : 1;
-  return cudaLaunchKernelEx(&config, SelectPlanKernel<G, kSel, kC>, static_cast<const float*>(ws),
-                            stats, static_cast<int>(nb), a.sizes, a.size_stride, a.n, a.scores,
-                            a.score_stride, t.k, t.k2, t.out, t.out2, t.counts, t.counts2,
-                            t.out_stride, p, stage);
+  const cudaError_t err = cudaLaunchKernelEx(
+      &config, SelectPlanKernel<G, kSel, kC>, static_cast<const float*>(ws), stats,
+      static_cast<int>(nb), a.sizes, a.size_stride, a.n, a.scores, a.score_stride, t.k, t.k2,
+      t.out, t.out2, t.counts, t.counts2, t.out_stride, p, stage);
+#ifdef KVWAVE_PROFILE_SELECT
+  static int calls = 0;
+  if (++calls % 512 == 0) {
+    unsigned long long h[16];
+    cudaDeviceSynchronize();
+    cudaMemcpyFromSymbol(h, g_select_prof, sizeof(h));
+    fprintf(stderr, "select profile n=%lld kC=%d (cycles/call, 512 calls): ", (long long)a.n, kC);
+    const char* names[] = {"wait", "fold", "scores", "keystats", "radix", "count", "walk",
+                           "write", "plan"};
+    for (int i = 0; i < 9; ++i) fprintf(stderr, "%s %llu ", names[i], h[i] / 512);
+    fprintf(stderr, "passes %.2f\n", h[15] / 512.0);
+    const unsigned long long zero[16] = {};
+    cudaMemcpyToSymbol(g_select_prof, zero, sizeof(zero));
+  }
+#endif
+  return err;
+}
+
+// Dynamic shared memory of SelectPlanFlatKernel: n scores, n packed sizes (4-byte aligned end).
+int64_t FlatBytes(int64_t n) { return sizeof(float) * n + (sizeof(uint16_t) * n + 3) / 4 * 4; }
+
+template <int G, int kSel>
+cudaError_t LaunchSelectPlanFlat(const ScoreArgs& a, const TopKArgs& t, const PlanArgs& p,
+                                 float* ws, bool dependent_launch, cudaStream_t stream) {
+  int64_t nb = 0;
+  if (const cudaError_t err = LaunchLogits<G>(a, ws, stream, nb); err != cudaSuccess) return err;
+  const int64_t logit_count = (int64_t{a.heads} * G * a.n + 1) / 2 * 2;
+  const auto* stats = reinterpret_cast<const float2*>(ws + logit_count);
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(a.heads);
+  config.blockDim = dim3(kTopKThreads);
+  config.dynamicSmemBytes = FlatBytes(a.n);
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = dependent_launch ? 1 : 0;
+  const cudaError_t err = cudaLaunchKernelEx(
+      &config, SelectPlanFlatKernel<G, kSel>, static_cast<const float*>(ws), stats,
+      static_cast<int>(nb), a.sizes, a.size_stride, a.n, a.scores, a.score_stride, t.k, t.k2,
+      t.out, t.out2, t.counts, t.counts2, t.out_stride, p);
+#ifdef KVWAVE_PROFILE_SELECT
+  static int calls = 0;
+  if (++calls % 512 == 0) {
+    unsigned long long h[16];
+    cudaDeviceSynchronize();
+    cudaMemcpyFromSymbol(h, g_select_prof, sizeof(h));
+    fprintf(stderr, "flat select profile n=%lld (cycles/call, 512 calls): ", (long long)a.n);
+    const char* names[] = {"wait", "fold+steady", "scores", "init", "radix", "count", "scan2",
+                           "write+plan"};
+    for (int i = 0; i < 8; ++i) fprintf(stderr, "%s %llu ", names[i], h[i] / 512);
+    fprintf(stderr, "passes %.2f\n", h[15] / 512.0);
+    const unsigned long long zero[16] = {};
+    cudaMemcpyToSymbol(g_select_prof, zero, sizeof(zero));
+  }
+#endif
+  return err;
 }
 
 template <int G>
@@ -791,6 +1238,16 @@ cudaError_t LaunchSelectPlanG(const ScoreArgs& a, const TopKArgs& t, const PlanA
                               bool dependent_launch, int sm_count, cudaStream_t stream) {
   const bool spread = a.n >= 24576 && a.heads * 8 <= sm_count;  // see SelThreads
   const bool two = t.out2 != nullptr;
+  static const bool flat_on = [] {
+    const char* e = std::getenv("KVWAVE_FLAT_SELECT");
+    return e == nullptr || e[0] != '0';
+  }();
+  static const bool flat1 = AllowStaging(SelectPlanFlatKernel<G, 1>);
+  static const bool flat2 = AllowStaging(SelectPlanFlatKernel<G, 2>);
+  if (flat_on && !spread && (two ? flat2 : flat1) && FlatBytes(a.n) <= kMaxStaged &&
+      int64_t{p.max_cluster_pages} * kMaxPageRows < kFlatHitBit)
+    return two ? LaunchSelectPlanFlat<G, 2>(a, t, p, ws, dependent_launch, stream)
+               : LaunchSelectPlanFlat<G, 1>(a, t, p, ws, dependent_launch, stream);
   if (spread)
     return two ? LaunchSelectPlanTyped<G, 2, 8>(a, t, p, ws, dependent_launch, stream)
                : LaunchSelectPlanTyped<G, 1, 8>(a, t, p, ws, dependent_launch, stream);
