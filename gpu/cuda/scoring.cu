@@ -743,6 +743,139 @@ struct ClusterPart {
   int hist[2][2][256];  // radix histograms, double-buffered by pass parity
 };
 
+// The selection and plan of SelectPlanKernel after the scores, shared with the fused kernel: s is
+// this block's slice of the head's scores (cluster indices s0 .. s0 + len - 1). All threads of
+// every block of the cluster.
+template <int kSel, int kC>
+__device__ void ClusterSelectPlan(const float* s, int s0, int len, int head, int64_t k, int64_t k2,
+                                  int32_t* out, int32_t* out2, int32_t* counts, int32_t* counts2,
+                                  int64_t out_stride, const PlanArgs& plan) {
+  constexpr int kCluster = kC, kSelThreads = SelThreads(kC), kSelWarps = kSelThreads / 32;
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  __shared__ ClusterPart part;
+  __shared__ SelectState st;
+  __shared__ bool done[kSel];
+  __shared__ int cnt[kSelWarps][4];
+  __shared__ WalkPos base[kSelWarps];
+  // Remote reads gathered in parallel (thread r reads rank r; one DSMEM round trip, not kC).
+  __shared__ int rank_valid[kCluster];
+  __shared__ uint32_t rank_kmin[kCluster], rank_kmax[kCluster];
+  __shared__ int4 rank_tot[kCluster];
+  __shared__ int sum_hist[kSel][256];
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#ifdef KVWAVE_PROFILE_SELECT
+  long long prof_t = clock64();
+#endif
+  if (threadIdx.x == 0) part.valid = 0, part.kmin = 0xffffffffu, part.kmax = 0;
+  __syncthreads();
+  KeyStats(s, len, &part.valid, &part.kmin, &part.kmax);
+  cluster.sync();
+  if (threadIdx.x < kCluster) {
+    const ClusterPart* p = cluster.map_shared_rank(&part, static_cast<int>(threadIdx.x));
+    rank_valid[threadIdx.x] = p->valid;
+    rank_kmin[threadIdx.x] = p->kmin;
+    rank_kmax[threadIdx.x] = p->kmax;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int valid = 0;
+    uint32_t kmin = 0xffffffffu, kmax = 0;
+    for (int r = 0; r < kCluster; ++r) {
+      valid += rank_valid[r];
+      kmin = min(kmin, rank_kmin[r]);
+      kmax = max(kmax, rank_kmax[r]);
+    }
+    InitSelect(st, done, kSel, valid, kmin, kmax, k, k2);
+  }
+  __syncthreads();
+  KVWAVE_PROF(3);
+  // Radix passes. A pass zeroes the histogram buffer the other blocks last read two passes ago
+  // (they have all passed the cluster barrier of the pass in between).
+  for (int pass = 0; pass < 6; ++pass) {
+    int(*hist)[256] = part.hist[pass & 1];
+    for (int i = threadIdx.x; i < 2 * 256; i += blockDim.x) hist[i / 256][i % 256] = 0;
+    __syncthreads();
+    bool all_done = true;
+#pragma unroll
+    for (int t = 0; t < kSel; ++t) all_done = all_done && done[t];
+    if (all_done) break;  // uniform over the cluster: every block holds the same state
+    HistogramPass<kSel>(s, len, st, done, hist);
+    cluster.sync();
+    if (kCluster > 1) {  // thread i sums bin i % 256 of selection i / 256 over the ranks
+      for (int i = threadIdx.x; i < kSel * 256; i += kSelThreads) {
+        int sum = 0;
+#pragma unroll
+        for (int r = 0; r < kCluster; ++r)
+          sum += cluster.map_shared_rank(&part.hist[pass & 1][i / 256][0], r)[i % 256];
+        sum_hist[i / 256][i % 256] = sum;
+      }
+      __syncthreads();
+    }
+    if (warp < kSel && !done[warp]) {
+      const int* h = kCluster > 1 ? &sum_hist[warp][0] : &hist[warp][0];
+      int h8[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) h8[j] = h[255 - 8 * lane - j];
+      ChooseBin(st, done, warp, h8);
+    }
+    __syncthreads();
+#ifdef KVWAVE_PROFILE_SELECT
+    if (blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(&g_select_prof[15], 1ull);
+#endif
+  }
+  KVWAVE_PROF(4);
+  // This block's counts, published; its offsets from the lower-ranked blocks' counts.
+  const int chunk = ((len + kSelWarps - 1) / kSelWarps + 31) / 32 * 32;
+  const int lo = min(len, warp * chunk), hi = min(len, lo + chunk);
+  int c[4] = {0, 0, 0, 0};
+  CountStretch<kSel>(s, lo, hi, st, c);
+  if (lane < 4) cnt[warp][lane] = c[lane];
+  __syncthreads();
+  if (threadIdx.x < 4) {
+    int sum = 0;
+    for (int w = 0; w < kSelWarps; ++w) sum += cnt[w][threadIdx.x];
+    part.tot[threadIdx.x] = sum;
+  }
+  cluster.sync();
+  KVWAVE_PROF(5);
+  if (threadIdx.x < rank) {
+    const int* t = cluster.map_shared_rank(&part, static_cast<int>(threadIdx.x))->tot;
+    rank_tot[threadIdx.x] = make_int4(t[0], t[1], t[2], t[3]);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    WalkPos pos{};
+    for (int r = 0; r < rank; ++r) {
+      const int t[4] = {rank_tot[r].x, rank_tot[r].y, rank_tot[r].z, rank_tot[r].w};
+      Advance(pos, t, st);
+    }
+    for (int w = 0; w < kSelWarps; ++w) {
+      base[w] = pos;
+      Advance(pos, cnt[w], st);
+    }
+  }
+  __syncthreads();
+  KVWAVE_PROF(6);
+  WriteStretch<kSel>(s, lo, hi, s0, st, base[warp], out + head * out_stride,
+                     out2 != nullptr ? out2 + head * out_stride : nullptr);
+  // Every block's lists are written (the barrier orders them at cluster scope), and no block
+  // leaves while another may still read its shared memory.
+  cluster.sync();
+  KVWAVE_PROF(7);
+  if (rank != 0) return;
+  if (threadIdx.x == 0) {
+    counts[head] = st.want[0];
+    if (counts2 != nullptr) counts2[head] = max(0, st.want[1] - st.want[0]);
+  }
+  __syncthreads();
+  PlanHead<kSelThreads>(plan, head);
+  __syncthreads();
+  KVWAVE_PROF(8);
+}
+
+
 template <int G, int kSel, int kC>
 __global__ void __launch_bounds__(SelThreads(kC))
     SelectPlanKernel(const float* __restrict__ logits, const float2* __restrict__ stats, int nb,
@@ -750,16 +883,11 @@ __global__ void __launch_bounds__(SelThreads(kC))
                      float* __restrict__ scores, int64_t score_stride, int64_t k, int64_t k2,
                      int32_t* out, int32_t* out2, int32_t* counts, int32_t* counts2,
                      int64_t out_stride, PlanArgs plan, bool stage) {
-  constexpr int kCluster = kC, kSelThreads = SelThreads(kC), kSelWarps = kSelThreads / 32;
+  constexpr int kCluster = kC, kSelThreads = SelThreads(kC);
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
   extern __shared__ float staged[];
   __shared__ float sm_m[G], sm_inv[G];
-  __shared__ ClusterPart part;
-  __shared__ SelectState st;
-  __shared__ bool done[kSel];
-  __shared__ int cnt[kSelWarps][4];
-  __shared__ WalkPos base[kSelWarps];
   const int rank = static_cast<int>(cluster.block_rank());
   const int head = blockIdx.x / kCluster;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -774,7 +902,6 @@ __global__ void __launch_bounds__(SelThreads(kC))
     const float2 f = FoldStats<G>(stats + int64_t{head} * nb * G, nb, warp);
     if (lane == 0) sm_m[warp] = f.x, sm_inv[warp] = f.y;
   }
-  if (threadIdx.x == 0) part.valid = 0, part.kmin = 0xffffffffu, part.kmax = 0;
   __syncthreads();
   KVWAVE_PROF(1);
   const int n32 = static_cast<int>(n);
@@ -807,90 +934,175 @@ __global__ void __launch_bounds__(SelThreads(kC))
   }
   __syncthreads();  // the block's global writes are visible to the block after the barrier
   KVWAVE_PROF(2);
-  const float* s = stage ? staged : sh + s0;  // this block's slice
-  KeyStats(s, len, &part.valid, &part.kmin, &part.kmax);
-  cluster.sync();
-  if (threadIdx.x == 0) {
-    int valid = 0;
-    uint32_t kmin = 0xffffffffu, kmax = 0;
-    for (int r = 0; r < kCluster; ++r) {
-      const ClusterPart* p = cluster.map_shared_rank(&part, r);
-      valid += p->valid;
-      kmin = min(kmin, p->kmin);
-      kmax = max(kmax, p->kmax);
-    }
-    InitSelect(st, done, kSel, valid, kmin, kmax, k, k2);
-  }
-  __syncthreads();
-  KVWAVE_PROF(3);
-  // Radix passes. A pass zeroes the histogram buffer the other blocks last read two passes ago
-  // (they have all passed the cluster barrier of the pass in between).
-  for (int pass = 0; pass < 6; ++pass) {
-    int(*hist)[256] = part.hist[pass & 1];
-    for (int i = threadIdx.x; i < 2 * 256; i += blockDim.x) hist[i / 256][i % 256] = 0;
-    __syncthreads();
-    bool all_done = true;
-#pragma unroll
-    for (int t = 0; t < kSel; ++t) all_done = all_done && done[t];
-    if (all_done) break;  // uniform over the cluster: every block holds the same state
-    HistogramPass<kSel>(s, len, st, done, hist);
-    cluster.sync();
-    if (warp < kSel && !done[warp]) {
-      int h8[8];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) h8[j] = 0;
-      for (int r = 0; r < kCluster; ++r) {
-        const int* remote = cluster.map_shared_rank(&part.hist[pass & 1][warp][0], r);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) h8[j] += remote[255 - 8 * lane - j];
-      }
-      ChooseBin(st, done, warp, h8);
-    }
-    __syncthreads();
+  ClusterSelectPlan<kSel, kC>(stage ? staged : sh + s0, s0, len, head, k, k2, out, out2, counts,
+                              counts2, out_stride, plan);
+}
+
+// Scoring, selection and plan in one launch (bf16 centroids, d = 64 or 128): a cluster of kC
+// blocks per KV head, block r taking clusters [r * per, (r + 1) * per) of the head. The block
+// computes its slice's logits on the tensor cores (as MmaLogitsKernel) into shared memory, its
+// per-query-head softmax statistics go to the cluster (distributed shared memory), every block
+// folds them into the head's, scores its slice in place and then runs ClusterSelectPlan. No logits
+// in global memory and no second launch; the per-key work of the selection is spread over kC
+// SMs. Dynamic shared memory: G x per floats (per a multiple of 16).
+template <int G, int kSel, int D, int kC>
+__global__ void __launch_bounds__(SelThreads(kC))
+    FusedSelectPlanKernel(const float* __restrict__ q, float scale,
+                          const uint16_t* __restrict__ cen, int64_t cen_stride,
+                          const int32_t* __restrict__ sizes, int64_t size_stride, int64_t n,
+                          int per, float* __restrict__ scores, int64_t score_stride, int64_t k,
+                          int64_t k2, int32_t* out, int32_t* out2, int32_t* counts,
+                          int32_t* counts2, int64_t out_stride, PlanArgs plan) {
+  constexpr int kThreads = SelThreads(kC), kWarps = kThreads / 32;
+  constexpr int kCols = 3 * G, kNT = (kCols + 7) / 8, kU = D / 32, kK = D / 16;
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  extern __shared__ float lg[];  // [G][per]: logits, then row 0 the scores
+  __shared__ float cs[kWarps][16][kNT * 8 + 1];
+  __shared__ float2 warp_stats[kWarps][G];
+  __shared__ float2 block_stats[G];  // read by the whole cluster
+  __shared__ float sm_m[G], sm_inv[G];
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int head = blockIdx.x / kC, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int grp = lane / 4, tig = lane % 4;
+  const int n32 = static_cast<int>(n);
+  const int s0 = min(n32, rank * per), len = min(n32, s0 + per) - s0;
 #ifdef KVWAVE_PROFILE_SELECT
-    if (blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(&g_select_prof[15], 1ull);
+  long long prof_t = clock64();
 #endif
+  uint32_t b[kNT][kK][2];  // q as B fragments (see MmaLogitsKernel)
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+    const int col = nt * 8 + grp, part = col / G, j = col % G;
+    const float* qj = q + (int64_t{head} * G + j) * D;
+#pragma unroll
+    for (int ks = 0; ks < kK; ++ks) {
+      const int dim = 32 * (ks / 2) + 8 * tig + 4 * (ks % 2);
+      float x[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) x[e] = col < kCols ? Bf16Part(qj[dim + e], part) : 0.f;
+      b[nt][ks][0] = PackBf16(x[0], x[1]);
+      b[nt][ks][1] = PackBf16(x[2], x[3]);
+    }
   }
-  KVWAVE_PROF(4);
-  // This block's counts, published; its offsets from the lower-ranked blocks' counts.
-  const int chunk = ((len + kSelWarps - 1) / kSelWarps + 31) / 32 * 32;
-  const int lo = min(len, warp * chunk), hi = min(len, lo + chunk);
-  int c[4] = {0, 0, 0, 0};
-  CountStretch<kSel>(s, lo, hi, st, c);
-  if (lane < 4) cnt[warp][lane] = c[lane];
-  __syncthreads();
-  if (threadIdx.x < 4) {
-    int sum = 0;
-    for (int w = 0; w < kSelWarps; ++w) sum += cnt[w][threadIdx.x];
-    part.tot[threadIdx.x] = sum;
-  }
-  cluster.sync();
-  KVWAVE_PROF(5);
-  if (threadIdx.x == 0) {
-    WalkPos pos{};
-    for (int r = 0; r < rank; ++r) Advance(pos, cluster.map_shared_rank(&part, r)->tot, st);
-    for (int w = 0; w < kSelWarps; ++w) {
-      base[w] = pos;
-      Advance(pos, cnt[w], st);
+  const uint4* c_head = reinterpret_cast<const uint4*>(cen + head * cen_stride);
+  constexpr int kTiles = 2;  // 16-centroid tiles a warp loads at once
+  for (int t0 = warp * kTiles * 16; t0 < len; t0 += kWarps * kTiles * 16) {
+    uint4 ld[kTiles][2][kU];
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int i = t0 + t * 16 + grp + 8 * h;
+#pragma unroll
+        for (int u = 0; u < kU; ++u)
+          ld[t][h][u] = i < len ? __ldcs(c_head + int64_t{s0 + i} * (D / 8) + 4 * u + tig)
+                                : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) {
+      const int i0 = t0 + t * 16;
+      if (i0 >= len) break;  // warp-uniform
+      float acc[kNT][4];
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < kK; ++ks) {
+        const uint4& r1 = ld[t][0][ks / 2];
+        const uint4& r2 = ld[t][1][ks / 2];
+        const bool w = ks % 2;
+        const uint32_t a0 = w ? r1.z : r1.x, a1 = w ? r2.z : r2.x;
+        const uint32_t a2 = w ? r1.w : r1.y, a3 = w ? r2.w : r2.y;
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt)
+          MmaBf16(acc[nt], a0, a1, a2, a3, b[nt][ks][0], b[nt][ks][1]);
+      }
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          cs[warp][grp][nt * 8 + 2 * tig + e] = acc[nt][e];
+          cs[warp][grp + 8][nt * 8 + 2 * tig + e] = acc[nt][2 + e];
+        }
+      __syncwarp();
+      for (int idx = lane; idx < 16 * G; idx += 32) {
+        const int row = idx % 16, j = idx / 16;
+        if (i0 + row < len)
+          lg[j * per + i0 + row] =
+              (cs[warp][row][j] + cs[warp][row][G + j] + cs[warp][row][2 * G + j]) * scale;
+      }
+      __syncwarp();
     }
   }
   __syncthreads();
-  KVWAVE_PROF(6);
-  WriteStretch<kSel>(s, lo, hi, s0, st, base[warp], out + head * out_stride,
-                     out2 != nullptr ? out2 + head * out_stride : nullptr);
-  // Every block's lists are written (the barrier orders them at cluster scope), and no block
-  // leaves while another may still read its shared memory.
-  cluster.sync();
-  KVWAVE_PROF(7);
-  if (rank != 0) return;
-  if (threadIdx.x == 0) {
-    counts[head] = st.want[0];
-    if (counts2 != nullptr) counts2[head] = max(0, st.want[1] - st.want[0]);
+  KVWAVE_PROF(9);
+  // The slice's softmax statistics per query head (live clusters only), to the cluster.
+  const int32_t* s_head = sizes + head * size_stride;
+  float m[G], z[G];
+#pragma unroll
+  for (int j = 0; j < G; ++j) m[j] = -INFINITY, z[j] = 0.f;
+  for (int i = threadIdx.x; i < len; i += kThreads) {
+    if (s_head[s0 + i] <= 0) continue;
+#pragma unroll
+    for (int j = 0; j < G; ++j) {
+      const float x = lg[j * per + i], mn = fmaxf(m[j], x);
+      z[j] = z[j] * __expf(m[j] - mn) + __expf(x - mn);
+      m[j] = mn;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < G; ++j) {
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) {
+      const float om = __shfl_xor_sync(0xffffffffu, m[j], off);
+      const float oz = __shfl_xor_sync(0xffffffffu, z[j], off);
+      const float mn = fmaxf(m[j], om);
+      if (mn != -INFINITY) z[j] = z[j] * __expf(m[j] - mn) + oz * __expf(om - mn);
+      m[j] = mn;
+    }
+    if (lane == 0) warp_stats[warp][j] = make_float2(m[j], z[j]);
   }
   __syncthreads();
-  PlanHead<kSelThreads>(plan, head);
+  if (threadIdx.x < G) {
+    const int j = threadIdx.x;
+    float mx = -INFINITY, zz = 0.f;
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, warp_stats[w][j].x);
+    if (mx != -INFINITY)
+      for (int w = 0; w < kWarps; ++w)
+        if (warp_stats[w][j].x != -INFINITY) zz += warp_stats[w][j].y * __expf(warp_stats[w][j].x - mx);
+    block_stats[j] = make_float2(mx, zz);
+  }
+  KVWAVE_PROF(10);
+  cluster.sync();
+  KVWAVE_PROF(11);
+  if (threadIdx.x < G) {  // the head's statistics, folded in rank order by every block alike
+    const int j = threadIdx.x;
+    float mx = -INFINITY, zz = 0.f;
+    for (int r = 0; r < kC; ++r) mx = fmaxf(mx, cluster.map_shared_rank(block_stats, r)[j].x);
+    if (mx != -INFINITY)
+      for (int r = 0; r < kC; ++r) {
+        const float2 x = cluster.map_shared_rank(block_stats, r)[j];
+        if (x.x != -INFINITY) zz += x.y * __expf(x.x - mx);
+      }
+    sm_m[j] = mx;
+    sm_inv[j] = zz > 0.f ? 1.f / zz : 0.f;
+  }
   __syncthreads();
-  KVWAVE_PROF(8);
+  float* sh = scores + head * score_stride;
+  for (int i = threadIdx.x; i < len; i += kThreads) {
+    float score = 0.f;
+#pragma unroll
+    for (int j = 0; j < G; ++j) score += __expf(lg[j * per + i] - sm_m[j]) * sm_inv[j];
+    score = s_head[s0 + i] > 0 ? score : -INFINITY;
+    sh[s0 + i] = score;
+    lg[i] = score;  // row 0, in place: this thread read it above
+  }
+  __syncthreads();
+  KVWAVE_PROF(12);
+  ClusterSelectPlan<kSel, kC>(lg, s0, len, head, k, k2, out, out2, counts, counts2, out_stride,
+                              plan);
 }
 
 // SelectPlanKernel's one-block-per-head form with everything in one block's shared memory and
@@ -1233,9 +1445,125 @@ cudaError_t LaunchSelectPlanFlat(const ScoreArgs& a, const TopKArgs& t, const Pl
   return err;
 }
 
+// The fused kernel's slice per block (a multiple of the 16-centroid tile) and shared memory.
+template <int kC>
+int FusedPer(int64_t n) {
+  return static_cast<int>(((n + kC - 1) / kC + 15) / 16 * 16);
+}
+
+template <int G, int kSel, int D, int kC>
+cudaError_t LaunchFusedTyped(const ScoreArgs& a, const TopKArgs& t, const PlanArgs& p,
+                             cudaStream_t stream) {
+  const int per = FusedPer<kC>(a.n);
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(a.heads * kC);
+  config.blockDim = dim3(SelThreads(kC));
+  config.dynamicSmemBytes = sizeof(float) * G * per;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = kC;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  const cudaError_t err = cudaLaunchKernelEx(
+      &config, FusedSelectPlanKernel<G, kSel, D, kC>, a.q, a.scale, a.centroids_bf16,
+      a.centroid_stride, a.sizes, a.size_stride, a.n, per, a.scores, a.score_stride, t.k, t.k2,
+      t.out, t.out2, t.counts, t.counts2, t.out_stride, p);
+#ifdef KVWAVE_PROFILE_SELECT
+  static int calls = 0;
+  if (++calls % 512 == 0) {
+    unsigned long long h[16];
+    cudaDeviceSynchronize();
+    cudaMemcpyFromSymbol(h, g_select_prof, sizeof(h));
+    fprintf(stderr, "fused profile n=%lld kC=%d (cycles/call, 512 calls): ", (long long)a.n, kC);
+    const char* names[] = {"", "", "", "keystats", "radix", "count", "walk", "write", "plan",
+                           "q+logits", "stats", "csync", "scores"};
+    for (int i = 3; i < 13; ++i) fprintf(stderr, "%s %llu ", names[i], h[i] / 512);
+    fprintf(stderr, "passes %.2f\n", h[15] / 512.0);
+    const unsigned long long zero[16] = {};
+    cudaMemcpyToSymbol(g_select_prof, zero, sizeof(zero));
+  }
+#endif
+  return err;
+}
+
+// Whether FusedSelectPlanKernel<..., kC> can run `heads` clusters at once with this shared memory
+// (attributes set on first use; cached per size).
+template <typename Kernel>
+bool FusedFits(Kernel kernel, int kC, int heads, size_t smem) {
+  static const bool attrs = [&] {
+    bool ok = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   static_cast<int>(kMaxStaged)) == cudaSuccess;
+    if (kC > 8)
+      ok = ok && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) ==
+                     cudaSuccess;
+    cudaGetLastError();
+    return ok;
+  }();
+  if (!attrs || smem > static_cast<size_t>(kMaxStaged)) return false;
+  static thread_local size_t last_smem = 0;
+  static thread_local int last_clusters = 0;
+  if (smem != last_smem) {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(heads * kC);
+    config.blockDim = dim3(SelThreads(kC));
+    config.dynamicSmemBytes = smem;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = kC;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    config.attrs = attr;
+    config.numAttrs = 1;
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+      cudaGetLastError();
+      clusters = 0;
+    }
+    last_smem = smem;
+    last_clusters = clusters;
+  }
+  return last_clusters >= heads;
+}
+
+// The fused kernel when it applies (bf16 centroids, d 64 or 128, every head's cluster resident at
+// once); sets *launched. kC from KVWAVE_FUSED_KC (8 or 16; default 16, else 8, whichever fits).
+template <int G, int kSel, int D>
+cudaError_t MaybeLaunchFused(const ScoreArgs& a, const TopKArgs& t, const PlanArgs& p,
+                             cudaStream_t stream, bool* launched) {
+  static const int want = [] {
+    const char* e = std::getenv("KVWAVE_FUSED_KC");
+    return e == nullptr ? 16 : std::atoi(e);
+  }();
+  *launched = false;
+  if (want >= 16 && FusedFits(FusedSelectPlanKernel<G, kSel, D, 16>, 16, a.heads,
+                              sizeof(float) * G * FusedPer<16>(a.n))) {
+    *launched = true;
+    return LaunchFusedTyped<G, kSel, D, 16>(a, t, p, stream);
+  }
+  if (want >= 8 && FusedFits(FusedSelectPlanKernel<G, kSel, D, 8>, 8, a.heads,
+                             sizeof(float) * G * FusedPer<8>(a.n))) {
+    *launched = true;
+    return LaunchFusedTyped<G, kSel, D, 8>(a, t, p, stream);
+  }
+  return cudaSuccess;
+}
+
 template <int G>
 cudaError_t LaunchSelectPlanG(const ScoreArgs& a, const TopKArgs& t, const PlanArgs& p, float* ws,
                               bool dependent_launch, int sm_count, cudaStream_t stream) {
+  if (a.centroids_bf16 != nullptr && (a.d == 128 || a.d == 64)) {
+    bool launched = false;
+    const bool two = t.out2 != nullptr;
+    const cudaError_t err =
+        a.d == 128 ? (two ? MaybeLaunchFused<G, 2, 128>(a, t, p, stream, &launched)
+                          : MaybeLaunchFused<G, 1, 128>(a, t, p, stream, &launched))
+                   : (two ? MaybeLaunchFused<G, 2, 64>(a, t, p, stream, &launched)
+                          : MaybeLaunchFused<G, 1, 64>(a, t, p, stream, &launched));
+    if (launched || err != cudaSuccess) return err;
+  }
   const bool spread = a.n >= 24576 && a.heads * 8 <= sm_count;  // see SelThreads
   const bool two = t.out2 != nullptr;
   static const bool flat_on = [] {
