@@ -62,14 +62,15 @@ __device__ __forceinline__ void PlanCluster(const PlanArgs& a, int h, int i, int
   rec[1] = hit ? -1 : static_cast<int32_t>(exec);
 }
 
+// steady_pages >= 0: the steady pages are already written (by another block), this many.
 template <int kThreads>
-__device__ void PlanHead(const PlanArgs& a, int h) {
+__device__ void PlanHead(const PlanArgs& a, int h, int steady_pages_written = -1) {
   using Scan = cub::BlockScan<int2, kThreads, cub::BLOCK_SCAN_WARP_SCANS>;
   __shared__ typename Scan::TempStorage scan_tmp;
   __shared__ int2 carry;  // pages so far (after the steady ones), exec pages so far
   const int64_t unit = a.unit0 + h;
   const int P = a.max_cluster_pages;
-  const int steady_pages = PlanSteady(a, h);
+  const int steady_pages = steady_pages_written >= 0 ? steady_pages_written : PlanSteady(a, h);
   if (threadIdx.x == 0) carry = make_int2(steady_pages, 0);
   __syncthreads();
 

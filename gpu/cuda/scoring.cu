@@ -3,11 +3,13 @@
 //
 // ScoreClusters is two launches: a logits kernel writes scale*q.c for every (query head, cluster)
 // and per-block softmax statistics (max, sum of exp) over the non-empty clusters; ScoresKernel
-// folds the statistics per query head and sums the g softmax values of each cluster. For d <= 128
-// the logits kernel stages 64 centroids per block in shared memory (TiledLogitsKernel, reading
-// float32 or, with ScoreArgs::centroids_bf16, bf16 centroids; dots from 128-bit shared loads; a
-// variant keeping q in registers and reducing with warp butterflies measured 10-12 us slower per
-// layer at 128K on the H200, bench/results/decode_variants_h200.txt).
+// folds the statistics per query head and sums the g softmax values of each cluster. With bf16
+// centroids (ScoreArgs::centroids_bf16) and d = 64 or 128 the logits run on the tensor cores
+// (MmaLogitsKernel: q enters as three bf16 parts, so the logits are as exact as float dots);
+// otherwise, for d <= 128, 64 centroids per block are staged in shared memory
+// (TiledLogitsKernel). On the H200 at 128K the tensor-core form cut the score phase 43.6 -> 39.8
+// us a layer; a warp-butterfly variant was 10-12 us slower than the tiled one
+// (bench/results/decode_variants_h200.txt).
 //
 // SelectTopK is one block per KV head: an adaptive radix select (256 bins over the candidates'
 // key range, which shrinks 256-fold a pass; see RadixSelect) finds the key range holding the
@@ -15,17 +17,21 @@
 // then two coalesced walks over per-warp contiguous chunks (count, then write with ballots) emit
 // the selected indices in increasing index order.
 //
-// ScoreSelectPlan (the wave buffer's critical path): the logits kernel, then one block per KV
-// head that folds the statistics, computes the head's scores (kept in shared memory, and written
-// out), selects the top k (and the next k2 - k) and plans the pages (PlanHead, plan_block.cuh):
-// two launches fewer than ScoreClusters + SelectTopK + PlanPages.
+// ScoreSelectPlan (the wave buffer's critical path) scores, selects the top k (and the next
+// k2 - k) and plans the pages (PlanHead, plan_block.cuh) in as few launches as it can:
+// - bf16 centroids, d = 64 or 128, and a cluster of 8 blocks per KV head resident for every head
+//   (batch 1 up to 1M tokens on the H200): one launch, FusedSelectPlanKernel (logits in shared
+//   memory, statistics and histograms over distributed shared memory; 128K: 38.0 -> 33.5 us).
+// - else the logits kernel, then SelectPlanKernel: one block per KV head (or a cluster of 8 from
+//   24K clusters per head) that folds the statistics, scores, selects and plans.
+// Profiling builds (-DKVWAVE_PROFILE_SELECT, gpu/cuda/profile_build.sh) print the SM cycles of
+// each phase of the selection kernels every 512 calls.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 
 #include "gpu/cuda/launchers.h"
@@ -735,6 +741,28 @@ __device__ unsigned long long g_select_prof[16];
   } while (0)
 #endif
 
+__device__ __forceinline__ int4 Add4(int4 a, int4 b) {
+  return make_int4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+}
+__device__ __forceinline__ int4 ShflUp4(int4 v, int off) {
+  return make_int4(__shfl_up_sync(0xffffffffu, v.x, off), __shfl_up_sync(0xffffffffu, v.y, off),
+                   __shfl_up_sync(0xffffffffu, v.z, off), __shfl_up_sync(0xffffffffu, v.w, off));
+}
+__device__ __forceinline__ int4 ShflXor4(int4 v, int off) {
+  return make_int4(__shfl_xor_sync(0xffffffffu, v.x, off), __shfl_xor_sync(0xffffffffu, v.y, off),
+                   __shfl_xor_sync(0xffffffffu, v.z, off), __shfl_xor_sync(0xffffffffu, v.w, off));
+}
+
+// Where a walk stands after keys with counts pre = (above R0, in R0, above R1, in R1): the same
+// as Advance over every stretch before (ties are taken lowest index first, so the selected ones
+// among pre.y ties are the first min(pre.y, rem)).
+__device__ __forceinline__ WalkPos PosFromPrefix(int4 pre, const SelectState& st) {
+  const bool on0 = st.want[0] > 0, on1 = st.want[1] > 0;
+  const int sel0 = on0 ? pre.x + min(pre.y, st.rem[0]) : 0;
+  const int sel1 = on1 ? pre.z + min(pre.w, st.rem[1]) : 0;
+  return WalkPos{pre.y, pre.w, sel0, on1 ? sel1 - sel0 : 0};
+}
+
 // What a block publishes to its cluster.
 struct ClusterPart {
   int valid;
@@ -749,7 +777,8 @@ struct ClusterPart {
 template <int kSel, int kC>
 __device__ void ClusterSelectPlan(const float* s, int s0, int len, int head, int64_t k, int64_t k2,
                                   int32_t* out, int32_t* out2, int32_t* counts, int32_t* counts2,
-                                  int64_t out_stride, const PlanArgs& plan) {
+                                  int64_t out_stride, const PlanArgs& plan,
+                                  int steady_pages = -1) {
   constexpr int kCluster = kC, kSelThreads = SelThreads(kC), kSelWarps = kSelThreads / 32;
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
@@ -845,16 +874,21 @@ __device__ void ClusterSelectPlan(const float* s, int s0, int len, int head, int
     rank_tot[threadIdx.x] = make_int4(t[0], t[1], t[2], t[3]);
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
-    WalkPos pos{};
-    for (int r = 0; r < rank; ++r) {
-      const int t[4] = {rank_tot[r].x, rank_tot[r].y, rank_tot[r].z, rank_tot[r].w};
-      Advance(pos, t, st);
+  if (warp == 0) {  // every warp's start: prefix sums over the lower ranks and warps
+    int4 mine = make_int4(0, 0, 0, 0), rk = mine;
+    if (lane < kSelWarps) mine = make_int4(cnt[lane][0], cnt[lane][1], cnt[lane][2], cnt[lane][3]);
+    if (lane < rank) rk = rank_tot[lane];
+    int4 inc = mine;
+#pragma unroll
+    for (int off = 1; off < 32; off *= 2) {
+      const int4 o = ShflUp4(inc, off);
+      if (lane >= off) inc = Add4(inc, o);
     }
-    for (int w = 0; w < kSelWarps; ++w) {
-      base[w] = pos;
-      Advance(pos, cnt[w], st);
-    }
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) rk = Add4(rk, ShflXor4(rk, off));
+    const int4 pre = Add4(rk, make_int4(inc.x - mine.x, inc.y - mine.y, inc.z - mine.z,
+                                        inc.w - mine.w));
+    if (lane < kSelWarps) base[lane] = PosFromPrefix(pre, st);
   }
   __syncthreads();
   KVWAVE_PROF(6);
@@ -870,7 +904,7 @@ __device__ void ClusterSelectPlan(const float* s, int s0, int len, int head, int
     if (counts2 != nullptr) counts2[head] = max(0, st.want[1] - st.want[0]);
   }
   __syncthreads();
-  PlanHead<kSelThreads>(plan, head);
+  PlanHead<kSelThreads>(plan, head, steady_pages);
   __syncthreads();
   KVWAVE_PROF(8);
 }
@@ -970,6 +1004,20 @@ __global__ void __launch_bounds__(SelThreads(kC))
 #ifdef KVWAVE_PROFILE_SELECT
   long long prof_t = clock64();
 #endif
+  // Loads needed after the logits, issued first: the sizes of the thread's first two clusters
+  // (liveness), and for block 0 the steady row count. The last block writes the steady pages.
+  const int32_t* s_head = sizes + head * size_stride;
+  int32_t pre[2];
+#pragma unroll
+  for (int u = 0; u < 2; ++u) {
+    const int i = threadIdx.x + u * kThreads;
+    pre[u] = i < len ? s_head[s0 + i] : 0;
+  }
+  const int steady_rows = rank == 0 && threadIdx.x == 0 ? plan.steady_rows[plan.unit0 + head] : 0;
+  if (rank == kC - 1) PlanSteady(plan, head);
+  auto live = [&](int u, int i) {  // cluster s0 + i is the thread's u-th
+    return (u == 0 ? pre[0] : u == 1 ? pre[1] : s_head[s0 + i]) > 0;
+  };
   uint32_t b[kNT][kK][2];  // q as B fragments (see MmaLogitsKernel)
 #pragma unroll
   for (int nt = 0; nt < kNT; ++nt) {
@@ -1039,12 +1087,11 @@ __global__ void __launch_bounds__(SelThreads(kC))
   __syncthreads();
   KVWAVE_PROF(9);
   // The slice's softmax statistics per query head (live clusters only), to the cluster.
-  const int32_t* s_head = sizes + head * size_stride;
   float m[G], z[G];
 #pragma unroll
   for (int j = 0; j < G; ++j) m[j] = -INFINITY, z[j] = 0.f;
-  for (int i = threadIdx.x; i < len; i += kThreads) {
-    if (s_head[s0 + i] <= 0) continue;
+  for (int i = threadIdx.x, u = 0; i < len; i += kThreads, ++u) {
+    if (!live(u, i)) continue;
 #pragma unroll
     for (int j = 0; j < G; ++j) {
       const float x = lg[j * per + i], mn = fmaxf(m[j], x);
@@ -1091,203 +1138,18 @@ __global__ void __launch_bounds__(SelThreads(kC))
   }
   __syncthreads();
   float* sh = scores + head * score_stride;
-  for (int i = threadIdx.x; i < len; i += kThreads) {
+  for (int i = threadIdx.x, u = 0; i < len; i += kThreads, ++u) {
     float score = 0.f;
 #pragma unroll
     for (int j = 0; j < G; ++j) score += __expf(lg[j * per + i] - sm_m[j]) * sm_inv[j];
-    score = s_head[s0 + i] > 0 ? score : -INFINITY;
+    score = live(u, i) ? score : -INFINITY;
     sh[s0 + i] = score;
     lg[i] = score;  // row 0, in place: this thread read it above
   }
   __syncthreads();
   KVWAVE_PROF(12);
   ClusterSelectPlan<kSel, kC>(lg, s0, len, head, k, k2, out, out2, counts, counts2, out_stride,
-                              plan);
-}
-
-// SelectPlanKernel's one-block-per-head form with everything in one block's shared memory and
-// fewer passes: the scores pass also stages the scores, counts the finite ones and finds their
-// key range, and packs each cluster's size and cache hit (PlanArgs::table) into 16 bits; after
-// the radix select each thread walks a contiguous chunk of the clusters, and two block-wide scans
-// (the keys above / inside the two candidate ranges, then the pages and missed pages of the
-// retrieved clusters) give every thread where its selected indices, pages and execution pages go,
-// so the lists are written and the pages planned in the same walk (no second read of the list,
-// no serial walk over the warps). Same outputs as SelectPlanKernel + PlanHead, byte for byte.
-// Dynamic shared memory: n floats + n uint16.
-constexpr int kFlatHitBit = 1 << 15;
-
-template <int G, int kSel>
-__global__ void __launch_bounds__(kTopKThreads)
-    SelectPlanFlatKernel(const float* __restrict__ logits, const float2* __restrict__ stats,
-                         int nb, const int32_t* __restrict__ sizes, int64_t size_stride, int64_t n,
-                         float* __restrict__ scores, int64_t score_stride, int64_t k, int64_t k2,
-                         int32_t* out, int32_t* out2, int32_t* counts, int32_t* counts2,
-                         int64_t out_stride, PlanArgs plan) {
-  extern __shared__ float staged[];
-  __shared__ float sm_m[G], sm_inv[G];
-  __shared__ SelectState st;
-  __shared__ bool done[kSel];
-  __shared__ int valid, steady_pages;
-  __shared__ uint32_t kmin, kmax;
-  using Scan4 = cub::BlockScan<int4, kTopKThreads, cub::BLOCK_SCAN_WARP_SCANS>;
-  using Scan2 = cub::BlockScan<int2, kTopKThreads, cub::BLOCK_SCAN_WARP_SCANS>;
-  __shared__ union {
-    typename Scan4::TempStorage s4;
-    typename Scan2::TempStorage s2;
-  } scan_tmp;
-  const int head = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int n32 = static_cast<int>(n);
-  auto* info = reinterpret_cast<uint16_t*>(staged + n32);  // size | kFlatHitBit when cached
-#ifdef KVWAVE_PROFILE_SELECT
-  long long prof_t = clock64();
-#endif
-  asm volatile("griddepcontrol.wait;" ::: "memory");  // see SelectPlanKernel
-  KVWAVE_PROF(0);
-  if (warp < G) {
-    const float2 f = FoldStats<G>(stats + int64_t{head} * nb * G, nb, warp);
-    if (lane == 0) sm_m[warp] = f.x, sm_inv[warp] = f.y;
-  }
-  if (threadIdx.x == 0) valid = 0, kmin = 0xffffffffu, kmax = 0;
-  const int sp = PlanSteady(plan, head);
-  if (threadIdx.x == 0) steady_pages = sp;
-  __syncthreads();
-  KVWAVE_PROF(1);
-  const int64_t unit = plan.unit0 + head;
-  const int32_t* psize = plan.sizes + unit * plan.clusters;
-  const int32_t* table = plan.table + unit * plan.clusters * plan.max_cluster_pages;
-  float* sh = scores + head * score_stride;
-  int local = 0;
-  uint32_t mn = 0xffffffffu, mx = 0;
-  constexpr int kU = 4;  // as in SelectPlanKernel
-  for (int c0 = threadIdx.x; c0 < n32; c0 += kU * kTopKThreads) {
-    float lg[kU][G];
-    bool live[kU];
-    int32_t sz[kU], slot[kU];
-#pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      const int c = c0 + u * kTopKThreads;
-      const bool in = c < n32;
-      live[u] = in && sizes[head * size_stride + c] > 0;
-      sz[u] = in ? psize[c] : 0;
-      slot[u] = in ? table[int64_t{c} * plan.max_cluster_pages] : -1;
-#pragma unroll
-      for (int j = 0; j < G; ++j) lg[u][j] = in ? logits[(int64_t{head} * G + j) * n + c] : 0.f;
-    }
-#pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      const int c = c0 + u * kTopKThreads;
-      if (c >= n32) break;
-      float score = 0.f;
-#pragma unroll
-      for (int j = 0; j < G; ++j) score += __expf(lg[u][j] - sm_m[j]) * sm_inv[j];
-      score = live[u] ? score : -INFINITY;
-      sh[c] = score;
-      staged[c] = score;
-      info[c] = static_cast<uint16_t>(sz[u] | (slot[u] >= 0 ? kFlatHitBit : 0));
-      if (isfinite(score)) {
-        const uint32_t key = OrderKey(score);
-        ++local;
-        mn = min(mn, key);
-        mx = max(mx, key);
-      }
-    }
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) {
-    local += __shfl_xor_sync(0xffffffffu, local, off);
-    mn = min(mn, __shfl_xor_sync(0xffffffffu, mn, off));
-    mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-  }
-  if (lane == 0) {
-    atomicAdd(&valid, local);
-    atomicMin(&kmin, mn);
-    atomicMax(&kmax, mx);
-  }
-  __syncthreads();
-  KVWAVE_PROF(2);
-  if (threadIdx.x == 0) InitSelect(st, done, kSel, valid, kmin, kmax, k, k2);
-  __syncthreads();
-  KVWAVE_PROF(3);
-  RadixSelect<kSel>(staged, n32, st, done);
-  KVWAVE_PROF(4);
-
-  // This thread's chunk; what it holds above / inside the two candidate ranges.
-  const int per = (n32 + kTopKThreads - 1) / kTopKThreads;
-  const int lo = min(n32, static_cast<int>(threadIdx.x) * per), hi = min(n32, lo + per);
-  const bool on0 = st.want[0] > 0, on1 = kSel == 2 && st.want[1] > 0;
-  const uint32_t lo0 = st.lo[0], lo1 = st.lo[1];
-  const uint64_t hi0 = st.hi[0], hi1 = st.hi[1];
-  const int rem0 = st.rem[0], rem1 = st.rem[1];
-  int4 c = make_int4(0, 0, 0, 0);
-  for (int i = lo; i < hi; ++i) {
-    const float x = staged[i];
-    if (!isfinite(x)) continue;
-    const uint32_t key = OrderKey(x);
-    c.x += on0 && key >= hi0;
-    c.y += on0 && key >= lo0 && key < hi0;
-    c.z += on1 && key >= hi1;
-    c.w += on1 && key >= lo1 && key < hi1;
-  }
-  int4 before;
-  Scan4(scan_tmp.s4).ExclusiveScan(c, before, make_int4(0, 0, 0, 0), [](int4 a, int4 b) {
-    return make_int4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
-  });
-  // Selected before this chunk: the keys above the range and the first rem of those inside.
-  const int sel0 = on0 ? before.x + min(before.y, rem0) : 0;
-  const int sel1 = on1 ? before.z + min(before.w, rem1) : 0;
-  // Walks the chunk, calling f(i, in top k, in top k2) for each finite key.
-  auto walk = [&](auto&& f) {
-    int tie0 = before.y, tie1 = before.w;
-    for (int i = lo; i < hi; ++i) {
-      const float x = staged[i];
-      if (!isfinite(x)) continue;
-      const uint32_t key = OrderKey(x);
-      const bool in0 = on0 && key >= lo0 && key < hi0, in1 = on1 && key >= lo1 && key < hi1;
-      const bool s0 = on0 && (key >= hi0 || (in0 && tie0 < rem0));
-      const bool s1 = on1 && (key >= hi1 || (in1 && tie1 < rem1));
-      tie0 += in0;
-      tie1 += in1;
-      f(i, s0, s1);
-    }
-  };
-  int2 pm = make_int2(0, 0);  // pages, missed pages of the chunk's retrieved clusters
-  walk([&](int i, bool s0, bool) {
-    if (!s0) return;
-    const int pages = ((info[i] & (kFlatHitBit - 1)) + kMaxPageRows - 1) / kMaxPageRows;
-    pm.x += pages;
-    pm.y += (info[i] & kFlatHitBit) ? 0 : pages;
-  });
-  __syncthreads();  // scan_tmp is reused
-  KVWAVE_PROF(5);
-  int2 pbefore, ptotal;
-  Scan2(scan_tmp.s2).ExclusiveScan(
-      pm, pbefore, make_int2(0, 0), [](int2 a, int2 b) { return make_int2(a.x + b.x, a.y + b.y); },
-      ptotal);
-  KVWAVE_PROF(6);
-  int32_t* o0 = out + head * out_stride;
-  int32_t* o1 = out2 != nullptr ? out2 + head * out_stride : nullptr;
-  int q0 = sel0, q1 = sel1 - sel0;
-  int at = steady_pages + pbefore.x;
-  int64_t exec = int64_t{head} * plan.info_stride * plan.max_cluster_pages + pbefore.y;
-  walk([&](int i, bool s0, bool s1) {
-    if (s0) {
-      const int size = info[i] & (kFlatHitBit - 1), pages = (size + kMaxPageRows - 1) / kMaxPageRows;
-      const bool hit = info[i] & kFlatHitBit;
-      o0[q0] = i;
-      PlanCluster(plan, head, q0, i, size, hit, at, exec);
-      ++q0;
-      at += pages;
-      exec += hit ? 0 : pages;
-    } else if (s1) {
-      o1[q1++] = i;
-    }
-  });
-  if (threadIdx.x == 0) {
-    counts[head] = st.want[0];
-    if (counts2 != nullptr) counts2[head] = max(0, st.want[1] - st.want[0]);
-    plan.page_counts[head] = steady_pages + ptotal.x;
-  }
-  KVWAVE_PROF(7);
+                              plan, (steady_rows + kMaxPageRows - 1) / kMaxPageRows);
 }
 
 int64_t Blocks(int64_t n) { return (n + kClustersPerBlock - 1) / kClustersPerBlock; }
@@ -1299,11 +1161,7 @@ cudaError_t LaunchLogits(const ScoreArgs& a, float* ws, cudaStream_t stream, int
   float* logits = ws;
   const int64_t logit_count = (int64_t{a.heads} * G * a.n + 1) / 2 * 2;  // keeps stats 8-aligned
   float2* stats = reinterpret_cast<float2*>(ws + logit_count);
-  static const bool mma = [] {
-    const char* e = std::getenv("KVWAVE_MMA_LOGITS");
-    return e == nullptr || e[0] != '0';
-  }();
-  if (mma && a.centroids_bf16 != nullptr && (a.d == 128 || a.d == 64)) {
+  if (a.centroids_bf16 != nullptr && (a.d == 128 || a.d == 64)) {
     nb = (a.n + kMmaClustersPerBlock - 1) / kMmaClustersPerBlock;
     const dim3 grid(nb, a.heads);
     if (a.d == 128)
@@ -1403,49 +1261,10 @@ cudaError_t LaunchSelectPlanTyped(const ScoreArgs& a, const TopKArgs& t, const P
   return err;
 }
 
-// Dynamic shared memory of SelectPlanFlatKernel: n scores, n packed sizes (4-byte aligned end).
-int64_t FlatBytes(int64_t n) { return sizeof(float) * n + (sizeof(uint16_t) * n + 3) / 4 * 4; }
+// The fused kernel's blocks per KV head, and its slice per block (a multiple of the 16-centroid
+// tile).
+constexpr int kFusedCluster = 8;
 
-template <int G, int kSel>
-cudaError_t LaunchSelectPlanFlat(const ScoreArgs& a, const TopKArgs& t, const PlanArgs& p,
-                                 float* ws, bool dependent_launch, cudaStream_t stream) {
-  int64_t nb = 0;
-  if (const cudaError_t err = LaunchLogits<G>(a, ws, stream, nb); err != cudaSuccess) return err;
-  const int64_t logit_count = (int64_t{a.heads} * G * a.n + 1) / 2 * 2;
-  const auto* stats = reinterpret_cast<const float2*>(ws + logit_count);
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(a.heads);
-  config.blockDim = dim3(kTopKThreads);
-  config.dynamicSmemBytes = FlatBytes(a.n);
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attr;
-  config.numAttrs = dependent_launch ? 1 : 0;
-  const cudaError_t err = cudaLaunchKernelEx(
-      &config, SelectPlanFlatKernel<G, kSel>, static_cast<const float*>(ws), stats,
-      static_cast<int>(nb), a.sizes, a.size_stride, a.n, a.scores, a.score_stride, t.k, t.k2,
-      t.out, t.out2, t.counts, t.counts2, t.out_stride, p);
-#ifdef KVWAVE_PROFILE_SELECT
-  static int calls = 0;
-  if (++calls % 512 == 0) {
-    unsigned long long h[16];
-    cudaDeviceSynchronize();
-    cudaMemcpyFromSymbol(h, g_select_prof, sizeof(h));
-    fprintf(stderr, "flat select profile n=%lld (cycles/call, 512 calls): ", (long long)a.n);
-    const char* names[] = {"wait", "fold+steady", "scores", "init", "radix", "count", "scan2",
-                           "write+plan"};
-    for (int i = 0; i < 8; ++i) fprintf(stderr, "%s %llu ", names[i], h[i] / 512);
-    fprintf(stderr, "passes %.2f\n", h[15] / 512.0);
-    const unsigned long long zero[16] = {};
-    cudaMemcpyToSymbol(g_select_prof, zero, sizeof(zero));
-  }
-#endif
-  return err;
-}
-
-// The fused kernel's slice per block (a multiple of the 16-centroid tile) and shared memory.
 template <int kC>
 int FusedPer(int64_t n) {
   return static_cast<int>(((n + kC - 1) / kC + 15) / 16 * 16);
@@ -1528,27 +1347,15 @@ bool FusedFits(Kernel kernel, int kC, int heads, size_t smem) {
   return last_clusters >= heads;
 }
 
-// The fused kernel when it applies (bf16 centroids, d 64 or 128, every head's cluster resident at
-// once); sets *launched. kC from KVWAVE_FUSED_KC (8 or 16; default 16, else 8, whichever fits).
+// The fused kernel when it applies (bf16 centroids, d 64 or 128, every head's cluster of 8 blocks
+// resident at once); sets *launched. (Clusters of 12 or 16 blocks would spread the logits' loads
+// over more SMs, but 8 of them do not fit the H200's GPCs at once.)
 template <int G, int kSel, int D>
 cudaError_t MaybeLaunchFused(const ScoreArgs& a, const TopKArgs& t, const PlanArgs& p,
                              cudaStream_t stream, bool* launched) {
-  static const int want = [] {
-    const char* e = std::getenv("KVWAVE_FUSED_KC");
-    return e == nullptr ? 16 : std::atoi(e);
-  }();
-  *launched = false;
-  if (want >= 16 && FusedFits(FusedSelectPlanKernel<G, kSel, D, 16>, 16, a.heads,
-                              sizeof(float) * G * FusedPer<16>(a.n))) {
-    *launched = true;
-    return LaunchFusedTyped<G, kSel, D, 16>(a, t, p, stream);
-  }
-  if (want >= 8 && FusedFits(FusedSelectPlanKernel<G, kSel, D, 8>, 8, a.heads,
-                             sizeof(float) * G * FusedPer<8>(a.n))) {
-    *launched = true;
-    return LaunchFusedTyped<G, kSel, D, 8>(a, t, p, stream);
-  }
-  return cudaSuccess;
+  *launched = FusedFits(FusedSelectPlanKernel<G, kSel, D, kFusedCluster>, kFusedCluster, a.heads,
+                        sizeof(float) * G * FusedPer<kFusedCluster>(a.n));
+  return *launched ? LaunchFusedTyped<G, kSel, D, kFusedCluster>(a, t, p, stream) : cudaSuccess;
 }
 
 template <int G>
@@ -1566,16 +1373,6 @@ cudaError_t LaunchSelectPlanG(const ScoreArgs& a, const TopKArgs& t, const PlanA
   }
   const bool spread = a.n >= 24576 && a.heads * 8 <= sm_count;  // see SelThreads
   const bool two = t.out2 != nullptr;
-  static const bool flat_on = [] {
-    const char* e = std::getenv("KVWAVE_FLAT_SELECT");
-    return e == nullptr || e[0] != '0';
-  }();
-  static const bool flat1 = AllowStaging(SelectPlanFlatKernel<G, 1>);
-  static const bool flat2 = AllowStaging(SelectPlanFlatKernel<G, 2>);
-  if (flat_on && !spread && (two ? flat2 : flat1) && FlatBytes(a.n) <= kMaxStaged &&
-      int64_t{p.max_cluster_pages} * kMaxPageRows < kFlatHitBit)
-    return two ? LaunchSelectPlanFlat<G, 2>(a, t, p, ws, dependent_launch, stream)
-               : LaunchSelectPlanFlat<G, 1>(a, t, p, ws, dependent_launch, stream);
   if (spread)
     return two ? LaunchSelectPlanTyped<G, 2, 8>(a, t, p, ws, dependent_launch, stream)
                : LaunchSelectPlanTyped<G, 1, 8>(a, t, p, ws, dependent_launch, stream);
