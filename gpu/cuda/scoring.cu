@@ -45,6 +45,33 @@ constexpr int kClustersPerBlock = 64;  // 8 warps x 2 batches of kBatch
 constexpr int kBatch = 4;
 constexpr int kTopKThreads = 1024;
 
+// Softmax statistics (max, sum of exp) of a set from those of its `count` parts (at(i) -> part
+// i's float2), in part order; empty parts (max -inf) are skipped.
+template <typename At>
+__device__ __forceinline__ float2 FoldParts(int count, At at) {
+  float mx = -INFINITY, zz = 0.f;
+  for (int i = 0; i < count; ++i) mx = fmaxf(mx, at(i).x);
+  if (mx != -INFINITY)
+    for (int i = 0; i < count; ++i) {
+      const float2 x = at(i);
+      if (x.x != -INFINITY) zz += x.y * __expf(x.x - mx);
+    }
+  return make_float2(mx, zz);
+}
+
+// A lane's statistics (m, z) folded with those of the lanes kFirst, kFirst / 2, ..., 1 apart.
+template <int kFirst>
+__device__ __forceinline__ void ButterflyStats(float& m, float& z) {
+#pragma unroll
+  for (int off = kFirst; off > 0; off /= 2) {
+    const float om = __shfl_xor_sync(0xffffffffu, m, off);
+    const float oz = __shfl_xor_sync(0xffffffffu, z, off);
+    const float mn = fmaxf(m, om);
+    if (mn != -INFINITY) z = z * __expf(m - mn) + oz * __expf(om - mn);
+    m = mn;
+  }
+}
+
 template <int G>
 __global__ void __launch_bounds__(kScoreThreads)
     LogitsKernel(const float* __restrict__ q, int d, float scale, const float* __restrict__ cen,
@@ -110,12 +137,8 @@ __global__ void __launch_bounds__(kScoreThreads)
   __syncthreads();
   if (threadIdx.x < G) {
     const int j = threadIdx.x;
-    float mx = -INFINITY, zz = 0.f;
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, sm[w][j].x);
-    if (mx != -INFINITY)
-      for (int w = 0; w < kWarps; ++w)
-        if (sm[w][j].x != -INFINITY) zz += sm[w][j].y * __expf(sm[w][j].x - mx);
-    stats[(int64_t{head} * gridDim.x + blockIdx.x) * G + j] = make_float2(mx, zz);
+    stats[(int64_t{head} * gridDim.x + blockIdx.x) * G + j] =
+        FoldParts(kWarps, [&](int w) { return sm[w][j]; });
   }
 }
 
@@ -254,17 +277,15 @@ __device__ __forceinline__ void MmaBf16(float (&c)[4], uint32_t a0, uint32_t a1,
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// B columns (3 bf16 parts per query head, padded to n8 tiles) for G query heads.
+__host__ __device__ constexpr int MmaTilesN(int g) { return (3 * g + 7) / 8; }
+
+// q of KV head `head` (G query heads x D) as the B fragments of every k-step. Whole warp.
 template <int G, int D>
-__global__ void __launch_bounds__(kScoreThreads, 2)
-    MmaLogitsKernel(const float* __restrict__ q, float scale, const uint16_t* __restrict__ cen,
-                    int64_t cen_stride, const int32_t* __restrict__ sizes, int64_t size_stride,
-                    int64_t n, float* __restrict__ logits, float2* __restrict__ stats) {
-  asm volatile("griddepcontrol.launch_dependents;");  // see TiledLogitsKernel
-  constexpr int kCols = 3 * G, kNT = (kCols + 7) / 8, kU = D / 32, kK = D / 16;
-  constexpr int kIt = (16 * G + 31) / 32;  // (row, query head) results a lane folds, per tile
-  const int head = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int grp = lane / 4, tig = lane % 4;
-  uint32_t b[kNT][kK][2];
+__device__ __forceinline__ void QFragments(const float* __restrict__ q, int head,
+                                           uint32_t (&b)[MmaTilesN(G)][D / 16][2]) {
+  constexpr int kCols = 3 * G, kNT = MmaTilesN(G), kK = D / 16;
+  const int lane = threadIdx.x % 32, grp = lane / 4, tig = lane % 4;
 #pragma unroll
   for (int nt = 0; nt < kNT; ++nt) {
     const int col = nt * 8 + grp, part = col / G, j = col % G;
@@ -279,21 +300,79 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
       b[nt][ks][1] = PackBf16(x[2], x[3]);
     }
   }
+}
+
+// The lane's A-fragment loads of the 16 centroids c0 .. c0 + 15 (zeros from `end` on).
+template <int D>
+__device__ __forceinline__ void LoadTile(const uint4* __restrict__ rows, int64_t c0, int64_t end,
+                                         uint4 (&ld)[2][D / 32]) {
+  const int lane = threadIdx.x % 32, grp = lane / 4, tig = lane % 4;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t c = c0 + grp + 8 * h;
+#pragma unroll
+    for (int u = 0; u < D / 32; ++u)
+      ld[h][u] = c < end ? __ldcs(rows + c * (D / 8) + 4 * u + tig) : make_uint4(0, 0, 0, 0);
+  }
+}
+
+// A tile's dot products with every B column into the warp's cs[16][8 * MmaTilesN(G) + 1];
+// LogitOf then adds the three parts of (row, query head j). Whole warp; cs is ready on return.
+template <int G, int D>
+__device__ __forceinline__ void TileDots(const uint4 (&ld)[2][D / 32],
+                                         const uint32_t (&b)[MmaTilesN(G)][D / 16][2],
+                                         float (*cs)[MmaTilesN(G) * 8 + 1]) {
+  constexpr int kNT = MmaTilesN(G);
+  const int lane = threadIdx.x % 32, grp = lane / 4, tig = lane % 4;
+  float acc[kNT][4];
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    const uint4& r1 = ld[0][ks / 2];
+    const uint4& r2 = ld[1][ks / 2];
+    const bool w = ks % 2;
+    const uint32_t a0 = w ? r1.z : r1.x, a1 = w ? r2.z : r2.x;
+    const uint32_t a2 = w ? r1.w : r1.y, a3 = w ? r2.w : r2.y;
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) MmaBf16(acc[nt], a0, a1, a2, a3, b[nt][ks][0], b[nt][ks][1]);
+  }
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      cs[grp][nt * 8 + 2 * tig + e] = acc[nt][e];
+      cs[grp + 8][nt * 8 + 2 * tig + e] = acc[nt][2 + e];
+    }
+  __syncwarp();
+}
+
+template <int G>
+__device__ __forceinline__ float LogitOf(const float (*cs)[MmaTilesN(G) * 8 + 1], int row, int j,
+                                         float scale) {
+  return (cs[row][j] + cs[row][G + j] + cs[row][2 * G + j]) * scale;
+}
+
+template <int G, int D>
+__global__ void __launch_bounds__(kScoreThreads, 2)
+    MmaLogitsKernel(const float* __restrict__ q, float scale, const uint16_t* __restrict__ cen,
+                    int64_t cen_stride, const int32_t* __restrict__ sizes, int64_t size_stride,
+                    int64_t n, float* __restrict__ logits, float2* __restrict__ stats) {
+  asm volatile("griddepcontrol.launch_dependents;");  // see TiledLogitsKernel
+  constexpr int kNT = MmaTilesN(G), kU = D / 32, kK = D / 16;
+  constexpr int kIt = (16 * G + 31) / 32;  // (row, query head) results a lane folds, per tile
+  const int head = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  uint32_t b[kNT][kK][2];
+  QFragments<G, D>(q, head, b);
   const uint4* c_head = reinterpret_cast<const uint4*>(cen + head * cen_stride);
   const int32_t* s_head = sizes + head * size_stride;
   const int64_t first = int64_t{blockIdx.x} * kMmaClustersPerBlock;
   uint4 ld[kMmaTiles][2][kU];
 #pragma unroll
-  for (int t = 0; t < kMmaTiles; ++t) {
-    const int64_t c0 = first + (t * kMmaWarps + warp) * 16;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t c = c0 + grp + 8 * h;
-#pragma unroll
-      for (int u = 0; u < kU; ++u)
-        ld[t][h][u] = c < n ? __ldcs(c_head + c * (D / 8) + 4 * u + tig) : make_uint4(0, 0, 0, 0);
-    }
-  }
+  for (int t = 0; t < kMmaTiles; ++t)
+    LoadTile<D>(c_head, first + (t * kMmaWarps + warp) * 16, n, ld[t]);
   __shared__ float cs[kMmaWarps][16][kNT * 8 + 1];
   float m[kIt], z[kIt];
 #pragma unroll
@@ -302,35 +381,13 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
   for (int t = 0; t < kMmaTiles; ++t) {
     const int64_t c0 = first + (t * kMmaWarps + warp) * 16;
     if (c0 >= n) break;  // warp-uniform
-    float acc[kNT][4];
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
-#pragma unroll
-    for (int ks = 0; ks < kK; ++ks) {
-      const uint4& r1 = ld[t][0][ks / 2];
-      const uint4& r2 = ld[t][1][ks / 2];
-      const bool w = ks % 2;
-      const uint32_t a0 = w ? r1.z : r1.x, a1 = w ? r2.z : r2.x;
-      const uint32_t a2 = w ? r1.w : r1.y, a3 = w ? r2.w : r2.y;
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) MmaBf16(acc[nt], a0, a1, a2, a3, b[nt][ks][0], b[nt][ks][1]);
-    }
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        cs[warp][grp][nt * 8 + 2 * tig + e] = acc[nt][e];
-        cs[warp][grp + 8][nt * 8 + 2 * tig + e] = acc[nt][2 + e];
-      }
-    __syncwarp();
+    TileDots<G, D>(ld[t], b, cs[warp]);
 #pragma unroll
     for (int it = 0; it < kIt; ++it) {
       const int idx = lane + 32 * it, row = idx % 16, j = idx / 16;
       const int64_t c = c0 + row;
       if (j < G && c < n) {
-        const float x = (cs[warp][row][j] + cs[warp][row][G + j] + cs[warp][row][2 * G + j]) * scale;
+        const float x = LogitOf<G>(cs[warp], row, j, scale);
         logits[(int64_t{head} * G + j) * n + c] = x;
         if (s_head[c] > 0) {
           const float mn = fmaxf(m[it], x);
@@ -345,26 +402,15 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
   __shared__ float2 sm[kMmaWarps][G];
 #pragma unroll
   for (int it = 0; it < kIt; ++it) {
-#pragma unroll
-    for (int off = 8; off > 0; off /= 2) {
-      const float om = __shfl_xor_sync(0xffffffffu, m[it], off);
-      const float oz = __shfl_xor_sync(0xffffffffu, z[it], off);
-      const float mn = fmaxf(m[it], om);
-      if (mn != -INFINITY) z[it] = z[it] * __expf(m[it] - mn) + oz * __expf(om - mn);
-      m[it] = mn;
-    }
+    ButterflyStats<8>(m[it], z[it]);
     const int j = lane / 16 + 2 * it;
     if (lane % 16 == 0 && j < G) sm[warp][j] = make_float2(m[it], z[it]);
   }
   __syncthreads();
   if (threadIdx.x < G) {
     const int j = threadIdx.x;
-    float mx = -INFINITY, zz = 0.f;
-    for (int w = 0; w < kMmaWarps; ++w) mx = fmaxf(mx, sm[w][j].x);
-    if (mx != -INFINITY)
-      for (int w = 0; w < kMmaWarps; ++w)
-        if (sm[w][j].x != -INFINITY) zz += sm[w][j].y * __expf(sm[w][j].x - mx);
-    stats[(int64_t{head} * gridDim.x + blockIdx.x) * G + j] = make_float2(mx, zz);
+    stats[(int64_t{head} * gridDim.x + blockIdx.x) * G + j] =
+        FoldParts(kMmaWarps, [&](int w) { return sm[w][j]; });
   }
 }
 
@@ -381,14 +427,7 @@ __device__ float2 FoldStats(const float2* __restrict__ st, int nb, int j) {
     zz = zz * __expf(mx - mn) + x.y * __expf(x.x - mn);
     mx = mn;
   }
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) {
-    const float om = __shfl_xor_sync(0xffffffffu, mx, off);
-    const float oz = __shfl_xor_sync(0xffffffffu, zz, off);
-    const float mn = fmaxf(mx, om);
-    if (mn != -INFINITY) zz = zz * __expf(mx - mn) + oz * __expf(om - mn);
-    mx = mn;
-  }
+  ButterflyStats<16>(mx, zz);
   return make_float2(mx, zz > 0.f ? 1.f / zz : 0.f);
 }
 
@@ -727,13 +766,13 @@ __host__ __device__ constexpr int SelThreads(int kC) { return kC == 1 ? 1024 : 5
 #ifdef KVWAVE_PROFILE_SELECT
 // Profiling build only: SM cycles of each phase of SelectPlanKernel (block 0), summed over calls.
 __device__ unsigned long long g_select_prof[16];
-#define KVWAVE_PROF(i)                                                                   \
-  do {                                                                                   \
-    if (blockIdx.x == 0 && threadIdx.x == 0) {                                           \
-      const long long t_ = clock64();                                                    \
-      atomicAdd(&g_select_prof[i], static_cast<unsigned long long>(t_ - prof_t));        \
-      prof_t = t_;                                                                       \
-    }                                                                                    \
+#define KVWAVE_PROF(i)                                                            \
+  do {                                                                            \
+    if (blockIdx.x == 0 && threadIdx.x == 0) {                                    \
+      const long long t_ = clock64();                                             \
+      atomicAdd(&g_select_prof[i], static_cast<unsigned long long>(t_ - prof_t)); \
+      prof_t = t_;                                                                \
+    }                                                                             \
   } while (0)
 #else
 #define KVWAVE_PROF(i) \
@@ -777,8 +816,7 @@ struct ClusterPart {
 template <int kSel, int kC>
 __device__ void ClusterSelectPlan(const float* s, int s0, int len, int head, int64_t k, int64_t k2,
                                   int32_t* out, int32_t* out2, int32_t* counts, int32_t* counts2,
-                                  int64_t out_stride, const PlanArgs& plan,
-                                  int steady_pages = -1) {
+                                  int64_t out_stride, const PlanArgs& plan, int steady_pages = -1) {
   constexpr int kCluster = kC, kSelThreads = SelThreads(kC), kSelWarps = kSelThreads / 32;
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
@@ -886,8 +924,8 @@ __device__ void ClusterSelectPlan(const float* s, int s0, int len, int head, int
     }
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) rk = Add4(rk, ShflXor4(rk, off));
-    const int4 pre = Add4(rk, make_int4(inc.x - mine.x, inc.y - mine.y, inc.z - mine.z,
-                                        inc.w - mine.w));
+    const int4 pre =
+        Add4(rk, make_int4(inc.x - mine.x, inc.y - mine.y, inc.z - mine.z, inc.w - mine.w));
     if (lane < kSelWarps) base[lane] = PosFromPrefix(pre, st);
   }
   __syncthreads();
@@ -908,7 +946,6 @@ __device__ void ClusterSelectPlan(const float* s, int s0, int len, int head, int
   __syncthreads();
   KVWAVE_PROF(8);
 }
-
 
 template <int G, int kSel, int kC>
 __global__ void __launch_bounds__(SelThreads(kC))
@@ -988,7 +1025,7 @@ __global__ void __launch_bounds__(SelThreads(kC))
                           int64_t k2, int32_t* out, int32_t* out2, int32_t* counts,
                           int32_t* counts2, int64_t out_stride, PlanArgs plan) {
   constexpr int kThreads = SelThreads(kC), kWarps = kThreads / 32;
-  constexpr int kCols = 3 * G, kNT = (kCols + 7) / 8, kU = D / 32, kK = D / 16;
+  constexpr int kNT = MmaTilesN(G), kU = D / 32, kK = D / 16;
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
   extern __shared__ float lg[];  // [G][per]: logits, then row 0 the scores
@@ -998,7 +1035,6 @@ __global__ void __launch_bounds__(SelThreads(kC))
   __shared__ float sm_m[G], sm_inv[G];
   const int rank = static_cast<int>(cluster.block_rank());
   const int head = blockIdx.x / kC, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int grp = lane / 4, tig = lane % 4;
   const int n32 = static_cast<int>(n);
   const int s0 = min(n32, rank * per), len = min(n32, s0 + per) - s0;
 #ifdef KVWAVE_PROFILE_SELECT
@@ -1019,67 +1055,22 @@ __global__ void __launch_bounds__(SelThreads(kC))
     return (u == 0 ? pre[0] : u == 1 ? pre[1] : s_head[s0 + i]) > 0;
   };
   uint32_t b[kNT][kK][2];  // q as B fragments (see MmaLogitsKernel)
-#pragma unroll
-  for (int nt = 0; nt < kNT; ++nt) {
-    const int col = nt * 8 + grp, part = col / G, j = col % G;
-    const float* qj = q + (int64_t{head} * G + j) * D;
-#pragma unroll
-    for (int ks = 0; ks < kK; ++ks) {
-      const int dim = 32 * (ks / 2) + 8 * tig + 4 * (ks % 2);
-      float x[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) x[e] = col < kCols ? Bf16Part(qj[dim + e], part) : 0.f;
-      b[nt][ks][0] = PackBf16(x[0], x[1]);
-      b[nt][ks][1] = PackBf16(x[2], x[3]);
-    }
-  }
-  const uint4* c_head = reinterpret_cast<const uint4*>(cen + head * cen_stride);
+  QFragments<G, D>(q, head, b);
+  const uint4* rows =
+      reinterpret_cast<const uint4*>(cen + head * cen_stride) + int64_t{s0} * (D / 8);
   constexpr int kTiles = 2;  // 16-centroid tiles a warp loads at once
   for (int t0 = warp * kTiles * 16; t0 < len; t0 += kWarps * kTiles * 16) {
     uint4 ld[kTiles][2][kU];
 #pragma unroll
-    for (int t = 0; t < kTiles; ++t)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int i = t0 + t * 16 + grp + 8 * h;
-#pragma unroll
-        for (int u = 0; u < kU; ++u)
-          ld[t][h][u] = i < len ? __ldcs(c_head + int64_t{s0 + i} * (D / 8) + 4 * u + tig)
-                                : make_uint4(0, 0, 0, 0);
-      }
+    for (int t = 0; t < kTiles; ++t) LoadTile<D>(rows, t0 + t * 16, len, ld[t]);
 #pragma unroll
     for (int t = 0; t < kTiles; ++t) {
       const int i0 = t0 + t * 16;
       if (i0 >= len) break;  // warp-uniform
-      float acc[kNT][4];
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
-#pragma unroll
-      for (int ks = 0; ks < kK; ++ks) {
-        const uint4& r1 = ld[t][0][ks / 2];
-        const uint4& r2 = ld[t][1][ks / 2];
-        const bool w = ks % 2;
-        const uint32_t a0 = w ? r1.z : r1.x, a1 = w ? r2.z : r2.x;
-        const uint32_t a2 = w ? r1.w : r1.y, a3 = w ? r2.w : r2.y;
-#pragma unroll
-        for (int nt = 0; nt < kNT; ++nt)
-          MmaBf16(acc[nt], a0, a1, a2, a3, b[nt][ks][0], b[nt][ks][1]);
-      }
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          cs[warp][grp][nt * 8 + 2 * tig + e] = acc[nt][e];
-          cs[warp][grp + 8][nt * 8 + 2 * tig + e] = acc[nt][2 + e];
-        }
-      __syncwarp();
+      TileDots<G, D>(ld[t], b, cs[warp]);
       for (int idx = lane; idx < 16 * G; idx += 32) {
         const int row = idx % 16, j = idx / 16;
-        if (i0 + row < len)
-          lg[j * per + i0 + row] =
-              (cs[warp][row][j] + cs[warp][row][G + j] + cs[warp][row][2 * G + j]) * scale;
+        if (i0 + row < len) lg[j * per + i0 + row] = LogitOf<G>(cs[warp], row, j, scale);
       }
       __syncwarp();
     }
@@ -1101,40 +1092,23 @@ __global__ void __launch_bounds__(SelThreads(kC))
   }
 #pragma unroll
   for (int j = 0; j < G; ++j) {
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) {
-      const float om = __shfl_xor_sync(0xffffffffu, m[j], off);
-      const float oz = __shfl_xor_sync(0xffffffffu, z[j], off);
-      const float mn = fmaxf(m[j], om);
-      if (mn != -INFINITY) z[j] = z[j] * __expf(m[j] - mn) + oz * __expf(om - mn);
-      m[j] = mn;
-    }
+    ButterflyStats<16>(m[j], z[j]);
     if (lane == 0) warp_stats[warp][j] = make_float2(m[j], z[j]);
   }
   __syncthreads();
   if (threadIdx.x < G) {
     const int j = threadIdx.x;
-    float mx = -INFINITY, zz = 0.f;
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, warp_stats[w][j].x);
-    if (mx != -INFINITY)
-      for (int w = 0; w < kWarps; ++w)
-        if (warp_stats[w][j].x != -INFINITY) zz += warp_stats[w][j].y * __expf(warp_stats[w][j].x - mx);
-    block_stats[j] = make_float2(mx, zz);
+    block_stats[j] = FoldParts(kWarps, [&](int w) { return warp_stats[w][j]; });
   }
   KVWAVE_PROF(10);
   cluster.sync();
   KVWAVE_PROF(11);
   if (threadIdx.x < G) {  // the head's statistics, folded in rank order by every block alike
     const int j = threadIdx.x;
-    float mx = -INFINITY, zz = 0.f;
-    for (int r = 0; r < kC; ++r) mx = fmaxf(mx, cluster.map_shared_rank(block_stats, r)[j].x);
-    if (mx != -INFINITY)
-      for (int r = 0; r < kC; ++r) {
-        const float2 x = cluster.map_shared_rank(block_stats, r)[j];
-        if (x.x != -INFINITY) zz += x.y * __expf(x.x - mx);
-      }
-    sm_m[j] = mx;
-    sm_inv[j] = zz > 0.f ? 1.f / zz : 0.f;
+    const float2 f =
+        FoldParts(kC, [&](int r) { return cluster.map_shared_rank(block_stats, r)[j]; });
+    sm_m[j] = f.x;
+    sm_inv[j] = f.y > 0.f ? 1.f / f.y : 0.f;
   }
   __syncthreads();
   float* sh = scores + head * score_stride;
@@ -1165,13 +1139,13 @@ cudaError_t LaunchLogits(const ScoreArgs& a, float* ws, cudaStream_t stream, int
     nb = (a.n + kMmaClustersPerBlock - 1) / kMmaClustersPerBlock;
     const dim3 grid(nb, a.heads);
     if (a.d == 128)
-      MmaLogitsKernel<G, 128><<<grid, kScoreThreads, 0, stream>>>(
-          a.q, a.scale, a.centroids_bf16, a.centroid_stride, a.sizes, a.size_stride, a.n, logits,
-          stats);
+      MmaLogitsKernel<G, 128>
+          <<<grid, kScoreThreads, 0, stream>>>(a.q, a.scale, a.centroids_bf16, a.centroid_stride,
+                                               a.sizes, a.size_stride, a.n, logits, stats);
     else
-      MmaLogitsKernel<G, 64><<<grid, kScoreThreads, 0, stream>>>(
-          a.q, a.scale, a.centroids_bf16, a.centroid_stride, a.sizes, a.size_stride, a.n, logits,
-          stats);
+      MmaLogitsKernel<G, 64><<<grid, kScoreThreads, 0, stream>>>(a.q, a.scale, a.centroids_bf16,
+                                                                 a.centroid_stride, a.sizes,
+                                                                 a.size_stride, a.n, logits, stats);
   } else if (a.d <= kTiledMaxD && a.centroids_bf16 != nullptr) {
     nb = Blocks(a.n);
     TiledLogitsKernel<G, true><<<dim3(nb, a.heads), kScoreThreads, 0, stream>>>(
@@ -1215,6 +1189,47 @@ bool AllowStaging(Kernel kernel) {
   return false;
 }
 
+// A launch of clusters of `cluster` blocks along x, optionally as a programmatic dependent of the
+// stream's previous kernel. Not copyable: config.attrs points into the object.
+struct ClusterLaunch {
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute attr[2];
+  ClusterLaunch(int blocks, int threads, size_t smem, int cluster, cudaStream_t stream,
+                bool dependent) {
+    config.gridDim = dim3(blocks);
+    config.blockDim = dim3(threads);
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = cluster;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[1].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attr;
+    config.numAttrs = dependent ? 2 : 1;
+  }
+  ClusterLaunch(const ClusterLaunch&) = delete;
+  ClusterLaunch& operator=(const ClusterLaunch&) = delete;
+};
+
+#ifdef KVWAVE_PROFILE_SELECT
+// Every 512 calls: the average cycles of phases [first, last) of g_select_prof, then zeroes it.
+void MaybePrintSelectProfile(const char* what, int64_t n, int kC, const char* const* names,
+                             int first, int last) {
+  static int calls = 0;
+  if (++calls % 512 != 0) return;
+  unsigned long long h[16];
+  cudaDeviceSynchronize();
+  cudaMemcpyFromSymbol(h, g_select_prof, sizeof(h));
+  fprintf(stderr, "%s profile n=%lld kC=%d (cycles/call, 512 calls): ", what, (long long)n, kC);
+  for (int i = first; i < last; ++i) fprintf(stderr, "%s %llu ", names[i], h[i] / 512);
+  fprintf(stderr, "passes %.2f\n", h[15] / 512.0);
+  const unsigned long long zero[16] = {};
+  cudaMemcpyToSymbol(g_select_prof, zero, sizeof(zero));
+}
+#endif
+
 template <int G, int kSel, int kC>
 cudaError_t LaunchSelectPlanTyped(const ScoreArgs& a, const TopKArgs& t, const PlanArgs& p,
                                   float* ws, bool dependent_launch, cudaStream_t stream) {
@@ -1225,38 +1240,15 @@ cudaError_t LaunchSelectPlanTyped(const ScoreArgs& a, const TopKArgs& t, const P
   static const bool staging_ok = AllowStaging(SelectPlanKernel<G, kSel, kC>);
   const int64_t bytes = sizeof(float) * ((a.n + kC - 1) / kC);
   const bool stage = staging_ok && bytes <= kMaxStaged;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(a.heads * kC);
-  config.blockDim = dim3(SelThreads(kC));
-  config.dynamicSmemBytes = stage ? bytes : 0;
-  config.stream = stream;
-  cudaLaunchAttribute attr[2];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = kC;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[1].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attr;
-  config.numAttrs = dependent_launch ? 2 : 1;
+  ClusterLaunch l(a.heads * kC, SelThreads(kC), stage ? bytes : 0, kC, stream, dependent_launch);
   const cudaError_t err = cudaLaunchKernelEx(
-      &config, SelectPlanKernel<G, kSel, kC>, static_cast<const float*>(ws), stats,
-      static_cast<int>(nb), a.sizes, a.size_stride, a.n, a.scores, a.score_stride, t.k, t.k2,
-      t.out, t.out2, t.counts, t.counts2, t.out_stride, p, stage);
+      &l.config, SelectPlanKernel<G, kSel, kC>, static_cast<const float*>(ws), stats,
+      static_cast<int>(nb), a.sizes, a.size_stride, a.n, a.scores, a.score_stride, t.k, t.k2, t.out,
+      t.out2, t.counts, t.counts2, t.out_stride, p, stage);
 #ifdef KVWAVE_PROFILE_SELECT
-  static int calls = 0;
-  if (++calls % 512 == 0) {
-    unsigned long long h[16];
-    cudaDeviceSynchronize();
-    cudaMemcpyFromSymbol(h, g_select_prof, sizeof(h));
-    fprintf(stderr, "select profile n=%lld kC=%d (cycles/call, 512 calls): ", (long long)a.n, kC);
-    const char* names[] = {"wait", "fold", "scores", "keystats", "radix", "count", "walk",
-                           "write", "plan"};
-    for (int i = 0; i < 9; ++i) fprintf(stderr, "%s %llu ", names[i], h[i] / 512);
-    fprintf(stderr, "passes %.2f\n", h[15] / 512.0);
-    const unsigned long long zero[16] = {};
-    cudaMemcpyToSymbol(g_select_prof, zero, sizeof(zero));
-  }
+  const char* names[] = {"wait",  "fold", "scores", "keystats", "radix",
+                         "count", "walk", "write",  "plan"};
+  MaybePrintSelectProfile("select", a.n, kC, names, 0, 9);
 #endif
   return err;
 }
@@ -1274,70 +1266,31 @@ template <int G, int kSel, int D, int kC>
 cudaError_t LaunchFusedTyped(const ScoreArgs& a, const TopKArgs& t, const PlanArgs& p,
                              cudaStream_t stream) {
   const int per = FusedPer<kC>(a.n);
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(a.heads * kC);
-  config.blockDim = dim3(SelThreads(kC));
-  config.dynamicSmemBytes = sizeof(float) * G * per;
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = kC;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
+  ClusterLaunch l(a.heads * kC, SelThreads(kC), sizeof(float) * G * per, kC, stream, false);
   const cudaError_t err = cudaLaunchKernelEx(
-      &config, FusedSelectPlanKernel<G, kSel, D, kC>, a.q, a.scale, a.centroids_bf16,
+      &l.config, FusedSelectPlanKernel<G, kSel, D, kC>, a.q, a.scale, a.centroids_bf16,
       a.centroid_stride, a.sizes, a.size_stride, a.n, per, a.scores, a.score_stride, t.k, t.k2,
       t.out, t.out2, t.counts, t.counts2, t.out_stride, p);
 #ifdef KVWAVE_PROFILE_SELECT
-  static int calls = 0;
-  if (++calls % 512 == 0) {
-    unsigned long long h[16];
-    cudaDeviceSynchronize();
-    cudaMemcpyFromSymbol(h, g_select_prof, sizeof(h));
-    fprintf(stderr, "fused profile n=%lld kC=%d (cycles/call, 512 calls): ", (long long)a.n, kC);
-    const char* names[] = {"", "", "", "keystats", "radix", "count", "walk", "write", "plan",
-                           "q+logits", "stats", "csync", "scores"};
-    for (int i = 3; i < 13; ++i) fprintf(stderr, "%s %llu ", names[i], h[i] / 512);
-    fprintf(stderr, "passes %.2f\n", h[15] / 512.0);
-    const unsigned long long zero[16] = {};
-    cudaMemcpyToSymbol(g_select_prof, zero, sizeof(zero));
-  }
+  const char* names[] = {"",      "",     "",         "keystats", "radix", "count", "walk",
+                         "write", "plan", "q+logits", "stats",    "csync", "scores"};
+  MaybePrintSelectProfile("fused", a.n, kC, names, 3, 13);
 #endif
   return err;
 }
 
 // Whether FusedSelectPlanKernel<..., kC> can run `heads` clusters at once with this shared memory
-// (attributes set on first use; cached per size).
+// (its limit raised on first use; cached per size).
 template <typename Kernel>
 bool FusedFits(Kernel kernel, int kC, int heads, size_t smem) {
-  static const bool attrs = [&] {
-    bool ok = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                   static_cast<int>(kMaxStaged)) == cudaSuccess;
-    if (kC > 8)
-      ok = ok && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) ==
-                     cudaSuccess;
-    cudaGetLastError();
-    return ok;
-  }();
+  static const bool attrs = AllowStaging(kernel);
   if (!attrs || smem > static_cast<size_t>(kMaxStaged)) return false;
   static thread_local size_t last_smem = 0;
   static thread_local int last_clusters = 0;
   if (smem != last_smem) {
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(heads * kC);
-    config.blockDim = dim3(SelThreads(kC));
-    config.dynamicSmemBytes = smem;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = kC;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    config.attrs = attr;
-    config.numAttrs = 1;
+    ClusterLaunch l(heads * kC, SelThreads(kC), smem, kC, nullptr, false);
     int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &l.config) != cudaSuccess) {
       cudaGetLastError();
       clusters = 0;
     }
@@ -1364,11 +1317,11 @@ cudaError_t LaunchSelectPlanG(const ScoreArgs& a, const TopKArgs& t, const PlanA
   if (a.centroids_bf16 != nullptr && (a.d == 128 || a.d == 64)) {
     bool launched = false;
     const bool two = t.out2 != nullptr;
-    const cudaError_t err =
-        a.d == 128 ? (two ? MaybeLaunchFused<G, 2, 128>(a, t, p, stream, &launched)
-                          : MaybeLaunchFused<G, 1, 128>(a, t, p, stream, &launched))
-                   : (two ? MaybeLaunchFused<G, 2, 64>(a, t, p, stream, &launched)
-                          : MaybeLaunchFused<G, 1, 64>(a, t, p, stream, &launched));
+    const cudaError_t err = a.d == 128
+                                ? (two ? MaybeLaunchFused<G, 2, 128>(a, t, p, stream, &launched)
+                                       : MaybeLaunchFused<G, 1, 128>(a, t, p, stream, &launched))
+                                : (two ? MaybeLaunchFused<G, 2, 64>(a, t, p, stream, &launched)
+                                       : MaybeLaunchFused<G, 1, 64>(a, t, p, stream, &launched));
     if (launched || err != cudaSuccess) return err;
   }
   const bool spread = a.n >= 24576 && a.heads * 8 <= sm_count;  // see SelThreads
