@@ -21,8 +21,7 @@ constexpr int kComputeStream = 0, kRecordStream = 1, kSideStream = 2, kUpdateStr
 constexpr int kPlannedEvent = 0;                       // + slot: plan queued (stream C)
 constexpr int kRecordEvent = WaveBuffer::kRing;        // + slot: record on the host
 constexpr int kUpdateEvent = 2 * WaveBuffer::kRing;    // + slot: update done (stream U)
-constexpr int kForkEvent = 3 * WaveBuffer::kRing;      // estimation may start (stream C)
-constexpr int kJoinEvent = 3 * WaveBuffer::kRing + 1;  // estimation done (side stream)
+constexpr int kJoinEvent = 3 * WaveBuffer::kRing + 1;  // estimation done (S; unfused path)
 constexpr int kDoneEvent = 4 * WaveBuffer::kRing;      // + slot: call done (stream C)
 constexpr int kProfileEvent = 5 * WaveBuffer::kRing;   // .. + 5
 
@@ -175,6 +174,8 @@ absl::Status WaveBuffer::Init() {
   const size_t rows = sizeof(float) * o_.heads * o_.g;
   KVWAVE_ASSIGN_OR_RETURN(est_out_, backend_->Allocate(rows * d));
   KVWAVE_ASSIGN_OR_RETURN(est_lse_, backend_->Allocate(rows));
+  KVWAVE_ASSIGN_OR_RETURN(est_ready_, backend_->Allocate(sizeof(uint32_t) * o_.heads * o_.g));
+  KVWAVE_RETURN_IF_ERROR(backend_->Memset(est_ready_.data(), 0, est_ready_.size()));
 
   store::HostAllocator* pinned = PinnedAllocator();
   const size_t list = sizeof(int32_t) * o_.heads * list_stride_;
@@ -302,9 +303,10 @@ absl::Status WaveBuffer::Enqueue(int layer, const float* q, float* out, float* l
   KVWAVE_RETURN_IF_ERROR(profile(3));
 
   // The estimation zone runs on the side stream, beside the exact attention (which mostly waits
-  // for PCIe); the merge joins them.
-  KVWAVE_RETURN_IF_ERROR(backend_->RecordEvent(kForkEvent, kComputeStream));
-  KVWAVE_RETURN_IF_ERROR(backend_->WaitEvent(kSideStream, kForkEvent));
+  // for PCIe); the exact attention's last block of each head merges it, once its ready words
+  // carry this call's number (no event between the two on stream C).
+  KVWAVE_RETURN_IF_ERROR(backend_->WaitEvent(kSideStream, kPlannedEvent + slot));
+  const uint32_t seq = static_cast<uint32_t>(calls_) + 1;
   gpu::EstimateArgs e;
   e.q = q;
   e.heads = o_.heads;
@@ -320,8 +322,12 @@ absl::Status WaveBuffer::Enqueue(int layer, const float* q, float* out, float* l
   e.list_stride = list_stride_;
   e.out = est_out_.as<float>();
   e.lse = est_lse_.as<float>();
+  if (o_.fused_select) {
+    e.ready = est_ready_.as<uint32_t>();
+    e.ready_seq = seq;
+  }
   KVWAVE_RETURN_IF_ERROR(backend_->EstimateAttention(e, kSideStream));
-  KVWAVE_RETURN_IF_ERROR(backend_->RecordEvent(kJoinEvent, kSideStream));
+  if (!o_.fused_select) KVWAVE_RETURN_IF_ERROR(backend_->RecordEvent(kJoinEvent, kSideStream));
 
   gpu::ExactArgs x;
   x.q = q;
@@ -342,7 +348,8 @@ absl::Status WaveBuffer::Enqueue(int layer, const float* q, float* out, float* l
   if (o_.fused_select) {  // the estimation zone is merged with the splits
     x.extra_out = est_out_.as<float>();
     x.extra_lse = est_lse_.as<float>();
-    x.extra_event = kJoinEvent;
+    x.extra_ready = est_ready_.as<uint32_t>();
+    x.extra_seq = seq;
     KVWAVE_RETURN_IF_ERROR(backend_->ExactAttention(x, kComputeStream));
     KVWAVE_RETURN_IF_ERROR(profile(4));
     KVWAVE_RETURN_IF_ERROR(profile(5));

@@ -15,12 +15,13 @@
 // updates). W = the committer threads. Call n uses ring slot n % kRing (execution buffer, records,
 // staging).
 //
-//   C: |logits|scores + top-k + plan(table)|exact: steady+hits (HBM) + misses (PCIe,
-//   stashed)|merge| S:                                     |estimate (meta index, HBM)| X: |D2H
-//   record(n)| W:                                                   |LRU: touch hits, admit misses,
-//   evict| U:                          (after call n, beside calls n+1, n+2 ...) |H2D
-//   update(n)|admission
-//                                                  copies exec -> pool|table scatter|
+//   C: |logits|scores + top-k + plan(table)|exact: steady+hits (HBM) + misses (PCIe, stashed),
+//                                           |   the last block of each head merges S's estimate|
+//   S:                                      |estimate (meta index, HBM) -> ready words|
+//   X:                                      |D2H record(n)|
+//   W:                                                    |LRU: touch hits, admit misses, evict|
+//   U:                 (after call n, beside calls n+1, n+2 ...) |H2D update(n)|admission copies
+//                                                                 exec -> pool|table scatter|
 //
 // Ordering: the main thread queues a call's kernels and the committer queues an update under one
 // mutex. An update waits (on U) for its layer's latest call, which may still read the pool slots
@@ -158,6 +159,7 @@ class WaveBuffer {
   gpu::DeviceBuffer steady_rows_;
   gpu::DeviceBuffer steady_k_, steady_v_, pool_k_, pool_v_, table_, page_offsets_;
   gpu::DeviceBuffer scores_, est_out_, est_lse_;
+  gpu::DeviceBuffer est_ready_;  // [heads x g]: number of the call whose estimate row is written
   std::vector<std::unique_ptr<Slot>> slots_;
   uint64_t calls_ = 0;
   std::array<uint64_t, kRing>

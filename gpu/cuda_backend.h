@@ -123,7 +123,9 @@ struct TopKArgs {
 // pages[page_offsets[h] .. page_offsets[h+1]) (or, when page_counts is set, over
 // pages[page_offsets[h] .. page_offsets[h] + page_counts[h])) with its g query rows q + h*g*d,
 // and writes out + h*g*d (float32 [g x d]) and lse + h*g. pages, page_offsets and page_counts
-// are device-accessible. kv_type: kBF16 or kF16; d: 64 or 128; g: 1, 2, 4 or 8.
+// are device-accessible. kv_type: kBF16 or kF16; d: 64 or 128; g: 1, 2, 4 or 8. One launch: the
+// blocks of a head split its pages, and the last of them to finish folds the splits' partials
+// (flash-decoding's LSE merge) into out/lse.
 struct ExactArgs {
   const float* q = nullptr;
   int heads = 0, g = 0, d = 0;
@@ -137,11 +139,14 @@ struct ExactArgs {
   void* stash_k = nullptr;                // pages of kMaxPageRows rows (see PageRef::stash)
   void* stash_v = nullptr;
   // Optional: one more partial result (out [heads x g x d], lse [heads x g]; the wave buffer's
-  // estimation zone) merged into out/lse with the splits; the merge waits for event extra_event
-  // (>= 0) first, so it may come from another stream.
+  // estimation zone) merged into out/lse with the splits. It may come from another stream: row r
+  // (= h*g + j) is read once the device word extra_ready[r] equals extra_seq (see
+  // EstimateArgs::ready); the kernel waits for that on the GPU (and traps after 5 s, a producer
+  // that never signals being a bug). Required with extra_out.
   const float* extra_out = nullptr;
   const float* extra_lse = nullptr;
-  int extra_event = -1;
+  const uint32_t* extra_ready = nullptr;
+  uint32_t extra_seq = 0;
   float* out = nullptr;
   float* lse = nullptr;
 };
@@ -198,6 +203,10 @@ struct EstimateArgs {
   int64_t list_stride = 0;
   float* out = nullptr;
   float* lse = nullptr;
+  // Optional (device words [heads x g]): once row r of out/lse is written, ready[r] = ready_seq,
+  // for an ExactAttention on another stream that merges this result (ExactArgs::extra_ready).
+  uint32_t* ready = nullptr;
+  uint32_t ready_seq = 0;
 };
 
 // Spherical k-means assignment: assignment[i] = argmax_j x_i . c_j (ties: lower j) for n rows

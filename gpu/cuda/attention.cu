@@ -5,7 +5,10 @@
 // A key row of D bf16/f16 elements is read by D/8 lanes with 16-byte loads (a "slot"), so a warp
 // holds 32/(D/8) slots and each slot walks its own pages, four rows at a time, keeping an online
 // softmax in base 2 (scores pre-scaled by log2 e). The block then merges its slots in shared
-// memory and writes one (out, lse) partial per query head; MergeSplitsKernel folds the splits.
+// memory and writes one (out, lse) partial per query head; the last block of a head to finish
+// (an arrival counter per head) folds the head's partials, and the optional extra partial of
+// another stream once its ready words say so, into out/lse: no second launch. The estimation
+// zone's kernel ends the same way and signals those ready words.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -67,12 +70,131 @@ __device__ void CombineSlots(const float (*sm_m)[G], const float (*sm_l)[G],
   }
 }
 
+// The end of a split kernel (exact or estimation attention): where the partials are, and what the
+// last block of each head does with them.
+struct FoldArgs {
+  int splits = 0;
+  float* part_out = nullptr;     // [heads x splits x G x D], normalised
+  float* part_lse = nullptr;     // [heads x splits x G], natural log
+  uint32_t* arrivals = nullptr;     // [heads], zero before the launch and left zero
+  const float* extra_out = nullptr;  // optional partial [heads x G x D] ...
+  const float* extra_lse = nullptr;
+  const uint32_t* extra_ready = nullptr;  // ... whose row r is read once extra_ready[r] == extra_seq
+  uint32_t extra_seq = 0;
+  float* out = nullptr;  // [heads x G x D]
+  float* lse = nullptr;  // [heads x G]
+  uint32_t* ready = nullptr;  // optional: ready[r] = ready_seq once row r is written
+  uint32_t ready_seq = 0;
+};
+
+constexpr int kFoldChunk = 64;                          // splits' lse staged at once
+constexpr uint64_t kReadyTimeoutNs = 5'000'000'000ull;  // a producer that never signals: trap
+
+__device__ __forceinline__ uint32_t LoadAcquire(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void StoreRelease(uint32_t* p, uint32_t v) {
+  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ uint64_t GlobalNs() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Folds one more partial (lse ls, normalised value v) into an online (m, l, o).
+__device__ __forceinline__ void FoldOne(float ls, float v, float& m, float& l, float& o) {
+  if (ls == -INFINITY) return;
+  if (ls > m) {
+    const float c = expf(m - ls);  // 0 when m is -inf
+    l *= c;
+    o *= c;
+    m = ls;
+  }
+  const float w = expf(ls - m);
+  l += w;
+  o = fmaf(w, v, o);
+}
+
+// Called by every block of a split kernel after writing its partial of `head` (all threads). The
+// head's last block to arrive folds the partials, and the extra partial, into out/lse.
+template <int D, int G>
+__device__ void FoldSplitsIfLast(const FoldArgs& f, int head) {
+  __shared__ bool last;
+  __shared__ float sm_lse[kFoldChunk][G];
+  __threadfence();  // this thread's part of the partial, before the arrival that publishes it
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(f.arrivals + head, 1u) == static_cast<uint32_t>(f.splits - 1);
+    if (last) f.arrivals[head] = 0;  // every block of the head has arrived: reset for the next op
+    __threadfence();
+  }
+  __syncthreads();
+  if (!last) return;
+  if (f.extra_ready != nullptr && threadIdx.x < G) {
+    const uint32_t* word = f.extra_ready + head * G + threadIdx.x;
+    const uint64_t t0 = GlobalNs();
+    while (LoadAcquire(word) != f.extra_seq) {
+      if (GlobalNs() - t0 > kReadyTimeoutNs) __trap();
+      __nanosleep(128);
+    }
+    __threadfence();
+  }
+  __syncthreads();
+  constexpr int kOut = (G * D + kThreads - 1) / kThreads;
+  float m[kOut], l[kOut], o[kOut];
+#pragma unroll
+  for (int k = 0; k < kOut; ++k) {
+    m[k] = -INFINITY;
+    l[k] = 0.f;
+    o[k] = 0.f;
+  }
+  const int64_t base = int64_t{head} * f.splits;
+  for (int s0 = 0; s0 < f.splits; s0 += kFoldChunk) {
+    const int n = min(kFoldChunk, f.splits - s0);
+    for (int i = threadIdx.x; i < n * G; i += kThreads)
+      sm_lse[i / G][i % G] = __ldcg(f.part_lse + (base + s0) * G + i);
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kOut; ++k) {
+      const int idx = threadIdx.x + k * kThreads, j = idx / D, e = idx % D;
+      if (idx >= G * D) break;
+      for (int s = 0; s < n; ++s) {
+        const float ls = sm_lse[s][j];
+        if (ls == -INFINITY) continue;
+        FoldOne(ls, __ldcg(f.part_out + ((base + s0 + s) * G + j) * D + e), m[k], l[k], o[k]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int k = 0; k < kOut; ++k) {
+    const int idx = threadIdx.x + k * kThreads, j = idx / D, e = idx % D;
+    if (idx >= G * D) break;
+    const int64_t row = int64_t{head} * G + j;
+    if (f.extra_out != nullptr)
+      FoldOne(__ldcg(f.extra_lse + row), __ldcg(f.extra_out + row * D + e), m[k], l[k], o[k]);
+    const bool empty = !(l[k] > 0.f);
+    f.out[row * D + e] = empty ? 0.f : o[k] / l[k];
+    if (e == 0) f.lse[row] = empty ? -INFINITY : m[k] + logf(l[k]);
+  }
+  if (f.ready != nullptr) {
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x < G) StoreRelease(f.ready + head * G + threadIdx.x, f.ready_seq);
+  }
+}
+
 template <int D, int G, bool kBf16>
 __global__ void __launch_bounds__(kThreads)
     ExactKernel(const float* __restrict__ q, float scale2, const PageRef* __restrict__ pages,
                 const int32_t* __restrict__ offsets, const int32_t* __restrict__ counts,
                 int64_t pps, uint4* __restrict__ stash_k, uint4* __restrict__ stash_v,
-                float* __restrict__ part_out, float* __restrict__ part_lse) {
+                const FoldArgs fold) {
   constexpr int kLanesPerKey = D / 8;
   constexpr int kKeysPerWarp = 32 / kLanesPerKey;
   constexpr int kSlots = kWarps * kKeysPerWarp;
@@ -198,7 +320,9 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   const int64_t part = (int64_t{head} * splits + split) * G;
-  CombineSlots<D, G, kSlots>(sm_m, sm_l, sm_acc, part_out + part * D, part_lse + part);
+  CombineSlots<D, G, kSlots>(sm_m, sm_l, sm_acc, fold.part_out + part * D,
+                             fold.part_lse + part);
+  FoldSplitsIfLast<D, G>(fold, head);
 }
 
 // Estimation zone: one warp per listed cluster at a time; lanes cover D with float4.
@@ -208,7 +332,7 @@ __global__ void __launch_bounds__(kThreads)
                    const float* __restrict__ value_sums, const int32_t* __restrict__ sizes,
                    int64_t cluster_stride, const int32_t* __restrict__ clusters,
                    const int32_t* __restrict__ counts, int64_t list_stride, int64_t cps,
-                   float* __restrict__ part_out, float* __restrict__ part_lse) {
+                   const FoldArgs fold) {
   constexpr int kLanes = D / 4;
   const int head = blockIdx.y, split = blockIdx.x, splits = gridDim.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -275,38 +399,9 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   const int64_t part = (int64_t{head} * splits + split) * G;
-  CombineSlots<D, G, kWarps>(sm_m, sm_l, sm_acc, part_out + part * D, part_lse + part);
-}
-
-// Folds `splits` partials of each (head, query head) row, and the optional extra partial
-// (out_x [rows x d], lse_x [rows]): grid rows, block d threads.
-__global__ void MergeSplitsKernel(const float* __restrict__ part_out,
-                                  const float* __restrict__ part_lse, int splits, int g, int d,
-                                  const float* __restrict__ out_x, const float* __restrict__ lse_x,
-                                  float* __restrict__ out, float* __restrict__ lse) {
-  const int row = blockIdx.x;  // head * g + j
-  const int head = row / g, j = row % g;
-  const float lx = lse_x != nullptr ? lse_x[row] : -INFINITY;
-  float mx = lx;
-  for (int s = 0; s < splits; ++s) mx = fmaxf(mx, part_lse[(int64_t{head} * splits + s) * g + j]);
-  for (int e = threadIdx.x; e < d; e += blockDim.x) {
-    float z = 0.f, o = 0.f;
-    if (mx != -INFINITY) {
-      for (int s = 0; s < splits; ++s) {
-        const int64_t p = (int64_t{head} * splits + s) * g + j;
-        const float w = __expf(part_lse[p] - mx);
-        z += w;
-        o += w * part_out[p * d + e];
-      }
-      if (lx != -INFINITY) {
-        const float w = __expf(lx - mx);
-        z += w;
-        o += w * out_x[int64_t{row} * d + e];
-      }
-    }
-    out[int64_t{row} * d + e] = z > 0.f ? o / z : 0.f;
-    if (e == 0) lse[row] = z > 0.f ? mx + logf(z) : -INFINITY;
-  }
+  CombineSlots<D, G, kWarps>(sm_m, sm_l, sm_acc, fold.part_out + part * D,
+                             fold.part_lse + part);
+  FoldSplitsIfLast<D, G>(fold, head);
 }
 
 __global__ void MergeLseKernel(float* __restrict__ out_a, float* __restrict__ lse_a,
@@ -392,41 +487,49 @@ __global__ void GatherBulkKernel(const void* const* __restrict__ src, void* cons
   }
 }
 
+FoldArgs SplitFold(float* ws, int heads, int g, int d, int splits, uint32_t* arrivals, float* out,
+                   float* lse) {
+  FoldArgs f;
+  f.splits = splits;
+  f.part_out = ws;
+  f.part_lse = ws + int64_t{heads} * splits * g * d;
+  f.arrivals = arrivals;
+  f.out = out;
+  f.lse = lse;
+  return f;
+}
+
 template <int D, int G>
 cudaError_t LaunchExactTyped(const ExactArgs& a, int splits, int64_t pps, float* ws,
-                             cudaEvent_t extra_ready, cudaStream_t stream) {
-  float* part_out = ws;
-  float* part_lse = ws + int64_t{a.heads} * splits * G * D;
+                             uint32_t* arrivals, cudaStream_t stream) {
+  FoldArgs f = SplitFold(ws, a.heads, G, D, splits, arrivals, a.out, a.lse);
+  f.extra_out = a.extra_out;
+  f.extra_lse = a.extra_lse;
+  f.extra_ready = a.extra_ready;
+  f.extra_seq = a.extra_seq;
   const dim3 grid(splits, a.heads);
   const float scale2 = a.scale * kLog2e;
   auto* sk = static_cast<uint4*>(a.stash_k);
   auto* sv = static_cast<uint4*>(a.stash_v);
   if (a.kv_type == DType::kBF16) {
-    ExactKernel<D, G, true><<<grid, kThreads, 0, stream>>>(
-        a.q, scale2, a.pages, a.page_offsets, a.page_counts, pps, sk, sv, part_out, part_lse);
+    ExactKernel<D, G, true><<<grid, kThreads, 0, stream>>>(a.q, scale2, a.pages, a.page_offsets,
+                                                           a.page_counts, pps, sk, sv, f);
   } else {
-    ExactKernel<D, G, false><<<grid, kThreads, 0, stream>>>(
-        a.q, scale2, a.pages, a.page_offsets, a.page_counts, pps, sk, sv, part_out, part_lse);
+    ExactKernel<D, G, false><<<grid, kThreads, 0, stream>>>(a.q, scale2, a.pages, a.page_offsets,
+                                                            a.page_counts, pps, sk, sv, f);
   }
-  if (extra_ready != nullptr) {
-    if (const cudaError_t err = cudaStreamWaitEvent(stream, extra_ready); err != cudaSuccess)
-      return err;
-  }
-  MergeSplitsKernel<<<a.heads * G, D, 0, stream>>>(part_out, part_lse, splits, G, D, a.extra_out,
-                                                   a.extra_lse, a.out, a.lse);
   return cudaGetLastError();
 }
 
 template <int D, int G>
 cudaError_t LaunchEstimateTyped(const EstimateArgs& a, int splits, int64_t cps, float* ws,
-                                cudaStream_t stream) {
-  float* part_out = ws;
-  float* part_lse = ws + int64_t{a.heads} * splits * G * D;
+                                uint32_t* arrivals, cudaStream_t stream) {
+  FoldArgs f = SplitFold(ws, a.heads, G, D, splits, arrivals, a.out, a.lse);
+  f.ready = a.ready;
+  f.ready_seq = a.ready_seq;
   EstimateKernel<D, G><<<dim3(splits, a.heads), kThreads, 0, stream>>>(
       a.q, a.scale * kLog2e, a.centroids, a.value_sums, a.sizes, a.cluster_stride, a.clusters,
-      a.counts, a.list_stride, cps, part_out, part_lse);
-  MergeSplitsKernel<<<a.heads * G, D, 0, stream>>>(part_out, part_lse, splits, G, D, nullptr,
-                                                   nullptr, a.out, a.lse);
+      a.counts, a.list_stride, cps, f);
   return cudaGetLastError();
 }
 
@@ -451,17 +554,17 @@ bool Dispatch(int d, int g, cudaError_t& err, Args&&... args) {
 
 template <int D, int G>
 struct ExactRunner {
-  static cudaError_t Run(const ExactArgs& a, int splits, int64_t pps, float* ws, cudaEvent_t x,
+  static cudaError_t Run(const ExactArgs& a, int splits, int64_t pps, float* ws, uint32_t* arrivals,
                          cudaStream_t s) {
-    return LaunchExactTyped<D, G>(a, splits, pps, ws, x, s);
+    return LaunchExactTyped<D, G>(a, splits, pps, ws, arrivals, s);
   }
 };
 
 template <int D, int G>
 struct EstimateRunner {
   static cudaError_t Run(const EstimateArgs& a, int splits, int64_t cps, float* ws,
-                         cudaStream_t s) {
-    return LaunchEstimateTyped<D, G>(a, splits, cps, ws, s);
+                         uint32_t* arrivals, cudaStream_t s) {
+    return LaunchEstimateTyped<D, G>(a, splits, cps, ws, arrivals, s);
   }
 };
 
@@ -489,10 +592,10 @@ size_t ExactWorkspaceBytes(int heads, int g, int d, int splits) {
 }
 
 cudaError_t LaunchExactAttention(const ExactArgs& a, int splits, float* workspace,
-                                 cudaEvent_t extra_ready, cudaStream_t stream) {
+                                 uint32_t* arrivals, cudaStream_t stream) {
   const int64_t pps = CeilDiv(std::max<int64_t>(a.max_pages_per_head, 1), splits);
   cudaError_t err = cudaErrorInvalidValue;
-  Dispatch<ExactRunner>(a.d, a.g, err, a, splits, pps, workspace, extra_ready, stream);
+  Dispatch<ExactRunner>(a.d, a.g, err, a, splits, pps, workspace, arrivals, stream);
   return err;
 }
 
@@ -508,10 +611,10 @@ size_t EstimateWorkspaceBytes(int heads, int g, int d, int splits) {
 }
 
 cudaError_t LaunchEstimateAttention(const EstimateArgs& a, int64_t max_clusters, int splits,
-                                    float* workspace, cudaStream_t stream) {
+                                    float* workspace, uint32_t* arrivals, cudaStream_t stream) {
   const int64_t cps = CeilDiv(std::max<int64_t>(max_clusters, 1), splits);
   cudaError_t err = cudaErrorInvalidValue;
-  Dispatch<EstimateRunner>(a.d, a.g, err, a, splits, cps, workspace, stream);
+  Dispatch<EstimateRunner>(a.d, a.g, err, a, splits, cps, workspace, arrivals, stream);
   return err;
 }
 

@@ -34,8 +34,12 @@ struct CudaBackend::Impl {
   std::vector<cudaEvent_t> events;
   void* workspace = nullptr;
   size_t region_bytes = 0;  // workspace share of each stream
+  // Per stream, the split kernels' arrival counters (one per head of an op; zero between ops).
+  static constexpr int kArrivalWords = 4096;
+  uint32_t* arrivals = nullptr;
 
   ~Impl() {
+    if (arrivals != nullptr) cudaFree(arrivals);
     if (workspace != nullptr) cudaFree(workspace);
     for (cudaEvent_t e : events) cudaEventDestroy(e);
     for (cudaStream_t s : streams) cudaStreamDestroy(s);
@@ -56,6 +60,13 @@ struct CudaBackend::Impl {
       return absl::ResourceExhaustedError(
           absl::StrCat("op needs ", bytes, " workspace bytes, stream region holds ", region_bytes));
     return reinterpret_cast<float*>(static_cast<char*>(workspace) + region_bytes * i);
+  }
+  // The arrival counters of stream i (a valid stream), if an op of `heads` heads fits them.
+  absl::StatusOr<uint32_t*> Arrivals(int i, int heads) const {
+    if (heads > kArrivalWords)
+      return absl::InvalidArgumentError(
+          absl::StrCat("op has ", heads, " heads, at most ", kArrivalWords, " per launch"));
+    return arrivals + int64_t{kArrivalWords} * i;
   }
 };
 
@@ -114,6 +125,9 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(
         FromCuda(cudaMalloc(&impl->workspace, impl->region_bytes * options.num_streams),
                  "cudaMalloc(workspace)"));
   }
+  const size_t arrival_bytes = sizeof(uint32_t) * Impl::kArrivalWords * options.num_streams;
+  KVWAVE_RETURN_IF_ERROR(FromCuda(cudaMalloc(&impl->arrivals, arrival_bytes), "cudaMalloc"));
+  KVWAVE_RETURN_IF_ERROR(FromCuda(cudaMemset(impl->arrivals, 0, arrival_bytes), "cudaMemset"));
   std::unique_ptr<CudaBackend> backend(new CudaBackend(std::move(impl)));
   backend->workspace_size_ = options.workspace_bytes;
   backend->multiprocessors_ = prop.multiProcessorCount;
@@ -219,14 +233,13 @@ absl::Status CudaBackend::ExactAttention(const ExactArgs& a, int stream) {
       cuda::ExactSplits(a.heads, a.max_pages_per_head, a.pages_per_split, multiprocessors_);
   KVWAVE_ASSIGN_OR_RETURN(
       float* ws, impl_->Workspace(stream, cuda::ExactWorkspaceBytes(a.heads, a.g, a.d, splits)));
-  cudaEvent_t extra_ready = nullptr;
-  if (a.extra_event >= 0) {
-    KVWAVE_ASSIGN_OR_RETURN(extra_ready, impl_->Event(a.extra_event));
-  }
-  if ((a.extra_out == nullptr) != (a.extra_lse == nullptr))
-    return absl::InvalidArgumentError("ExactAttention: extra_out and extra_lse go together");
+  KVWAVE_ASSIGN_OR_RETURN(uint32_t * arrivals, impl_->Arrivals(stream, a.heads));
+  if ((a.extra_out == nullptr) != (a.extra_lse == nullptr) ||
+      (a.extra_out == nullptr) != (a.extra_ready == nullptr))
+    return absl::InvalidArgumentError(
+        "ExactAttention: extra_out, extra_lse and extra_ready go together");
   if (a.heads == 0) return absl::OkStatus();
-  return FromCuda(cuda::LaunchExactAttention(a, splits, ws, extra_ready, s), "ExactAttention");
+  return FromCuda(cuda::LaunchExactAttention(a, splits, ws, arrivals, s), "ExactAttention");
 }
 
 absl::Status CudaBackend::EstimateAttention(const EstimateArgs& a, int stream) {
@@ -236,8 +249,9 @@ absl::Status CudaBackend::EstimateAttention(const EstimateArgs& a, int stream) {
   const int splits = cuda::EstimateSplits(a.heads, a.list_stride, multiprocessors_);
   KVWAVE_ASSIGN_OR_RETURN(
       float* ws, impl_->Workspace(stream, cuda::EstimateWorkspaceBytes(a.heads, a.g, a.d, splits)));
+  KVWAVE_ASSIGN_OR_RETURN(uint32_t * arrivals, impl_->Arrivals(stream, a.heads));
   if (a.heads == 0) return absl::OkStatus();
-  return FromCuda(cuda::LaunchEstimateAttention(a, a.list_stride, splits, ws, s),
+  return FromCuda(cuda::LaunchEstimateAttention(a, a.list_stride, splits, ws, arrivals, s),
                   "EstimateAttention");
 }
 

@@ -21,14 +21,15 @@ int ExactSplits(int heads, int64_t max_pages_per_head, int pages_per_split, int 
 size_t ExactWorkspaceBytes(int heads, int g, int d, int splits);
 // True when (d, g, kv_type) has an instantiated kernel.
 bool ExactSupported(int d, int g, DType kv_type);
-// extra_ready: when not null, the merge of the splits (and of a.extra_out/extra_lse) waits for it.
+// arrivals: a.heads device words, zero, left zero (the splits' arrival counters; one set per
+// stream, as the workspace).
 cudaError_t LaunchExactAttention(const ExactArgs& a, int splits, float* workspace,
-                                 cudaEvent_t extra_ready, cudaStream_t stream);
+                                 uint32_t* arrivals, cudaStream_t stream);
 
 int EstimateSplits(int heads, int64_t max_clusters, int sm_count);
 size_t EstimateWorkspaceBytes(int heads, int g, int d, int splits);
 cudaError_t LaunchEstimateAttention(const EstimateArgs& a, int64_t max_clusters, int splits,
-                                    float* workspace, cudaStream_t stream);
+                                    float* workspace, uint32_t* arrivals, cudaStream_t stream);
 
 cudaError_t LaunchMergeLse(float* out_a, float* lse_a, const float* out_b, const float* lse_b,
                            int rows, int d, cudaStream_t stream);

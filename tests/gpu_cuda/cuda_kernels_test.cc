@@ -81,7 +81,8 @@ double RelErr(const float* a, const float* b, size_t n) {
 // Runs exact attention over `heads` heads of random pages (rows 1..8) vs the CPU backend.
 void CheckExact(CudaKernelsTest* t, std::mt19937& rng, int d, int g, DType type, bool pinned,
                 std::vector<DeviceBuffer>& keep, CudaBackend* backend,
-                const std::function<std::vector<float>(size_t)>& random) {
+                const std::function<std::vector<float>(size_t)>& random,
+                int pages_per_split = 16) {
   const int heads = 3;
   const size_t row = d * ElementSize(type);
   std::vector<int> num_pages = {0, 1 + int(rng() % 5), 40 + int(rng() % 300)};
@@ -130,7 +131,7 @@ void CheckExact(CudaKernelsTest* t, std::mt19937& rng, int d, int g, DType type,
   a.pages = t->Upload(pages);
   a.page_offsets = t->Upload(offsets);
   a.max_pages_per_head = *std::max_element(num_pages.begin(), num_pages.end());
-  a.pages_per_split = 16;  // several splits
+  a.pages_per_split = pages_per_split;  // several splits (2: more than one fold chunk of 64)
   a.out = t->Poisoned<float>(heads * g * d);
   a.lse = t->Poisoned<float>(heads * g);
   uint16_t* stash_k = nullptr;
@@ -182,7 +183,8 @@ TEST_F(CudaKernelsTest, ExactAttentionMatchesCpu) {
   for (int d : {64, 128})
     for (int g : {1, 2, 4, 8})
       for (DType type : {DType::kBF16, DType::kF16})
-        CheckExact(this, rng_, d, g, type, false, keep_, backend_.get(), random);
+        for (int pps : {16, 2})
+          CheckExact(this, rng_, d, g, type, false, keep_, backend_.get(), random, pps);
 }
 
 TEST_F(CudaKernelsTest, ExactAttentionReadsPinnedHostZeroCopy) {
@@ -496,9 +498,10 @@ TEST_F(CudaKernelsTest, ScoreSelectPlanRejectsMismatchedLists) {
 
 // ExactAttention with an extra partial (the wave buffer's estimation zone, from another stream)
 // equals ExactAttention followed by MergeLse; a head with no pages gets the extra partial alone.
+// The partial's ready words are set by a copy on stream 1 queued behind a 2 ms delay, after the
+// attention was queued on stream 0: the kernel must wait for them, not read the stale partial.
 TEST_F(CudaKernelsTest, ExactAttentionMergesExtraPartial) {
   const int heads = 3, g = 4, d = 128;
-  const size_t row = d * 2;
   std::vector<int> num_pages = {0, 3, 150};
   std::vector<PageRef> pages;
   std::vector<int32_t> offsets = {0};
@@ -513,7 +516,6 @@ TEST_F(CudaKernelsTest, ExactAttentionMergesExtraPartial) {
     }
     offsets.push_back(static_cast<int32_t>(pages.size()));
   }
-  (void)row;
   std::vector<float> xo = Random(heads * g * d), xl = Random(heads * g, 2.f);
   xl[5] = -INFINITY;  // one row without an extra partial
   ExactArgs a;
@@ -532,22 +534,41 @@ TEST_F(CudaKernelsTest, ExactAttentionMergesExtraPartial) {
   auto ref = Download(a.out, heads * g * d);
   auto ref_lse = Download(a.lse, heads * g);
   cpu::MergeLse(ref.data(), ref_lse.data(), xo.data(), xl.data(), heads * g, d);
-  ExactArgs b = a;
-  b.extra_out = Upload(xo);
-  b.extra_lse = Upload(xl);
-  ASSERT_TRUE(backend_->RecordEvent(0, 1).ok());  // "ready" on another stream
-  b.extra_event = 0;
-  b.out = Poisoned<float>(heads * g * d);
-  b.lse = Poisoned<float>(heads * g);
-  ASSERT_TRUE(backend_->ExactAttention(b).ok());
-  auto out = Download(b.out, heads * g * d);
-  auto lse = Download(b.lse, heads * g);
-  EXPECT_LT(RelErr(out.data(), ref.data(), heads * g * d), 1e-6);
-  for (int r = 0; r < heads * g; ++r)
-    EXPECT_NEAR(lse[r], ref_lse[r], 1e-5 * (1 + std::abs(ref_lse[r]))) << "row " << r;
-  for (int i = 0; i < g * d; ++i) ASSERT_EQ(out[i], xo[i]);  // head 0: no pages
-  b.extra_lse = nullptr;
-  EXPECT_EQ(backend_->ExactAttention(b).code(), absl::StatusCode::kInvalidArgument);
+  for (uint32_t seq : {1u, 2u}) {
+    ExactArgs b = a;
+    // Until the producer signals, the device holds a wrong partial and stale ready words.
+    float* extra_out = Upload(Random(heads * g * d));
+    float* extra_lse = Upload(Random(heads * g));
+    uint32_t* ready = Upload(std::vector<uint32_t>(heads * g, seq - 1));
+    b.extra_out = extra_out;
+    b.extra_lse = extra_lse;
+    b.extra_ready = ready;
+    b.extra_seq = seq;
+    b.out = Poisoned<float>(heads * g * d);
+    b.lse = Poisoned<float>(heads * g);
+    const float* xo_dev = Upload(xo);
+    const float* xl_dev = Upload(xl);
+    const uint32_t* words = Upload(std::vector<uint32_t>(heads * g, seq));
+    ASSERT_TRUE(backend_->Synchronize(0).ok());
+    // Stream 1, the producer: a delay, then the partial, then its ready words (device-to-device
+    // copies, which do not block the host).
+    ASSERT_TRUE(backend_->Delay(int64_t{2} * 1000 * 1000, 1).ok());
+    ASSERT_TRUE(backend_->Copy(extra_out, xo_dev, sizeof(float) * xo.size(), 1).ok());
+    ASSERT_TRUE(backend_->Copy(extra_lse, xl_dev, sizeof(float) * xl.size(), 1).ok());
+    ASSERT_TRUE(backend_->Copy(ready, words, sizeof(uint32_t) * heads * g, 1).ok());
+    ASSERT_TRUE(backend_->ExactAttention(b).ok());  // stream 0, queued while stream 1 waits
+    auto out = Download(b.out, heads * g * d);
+    auto lse = Download(b.lse, heads * g);
+    ASSERT_TRUE(backend_->Synchronize(1).ok());
+    EXPECT_LT(RelErr(out.data(), ref.data(), heads * g * d), 1e-6) << "seq " << seq;
+    for (int r = 0; r < heads * g; ++r)
+      EXPECT_NEAR(lse[r], ref_lse[r], 1e-5 * (1 + std::abs(ref_lse[r]))) << "row " << r;
+    for (int i = 0; i < g * d; ++i) ASSERT_EQ(out[i], xo[i]);  // head 0: no pages
+  }
+  ExactArgs c = a;
+  c.extra_out = Upload(xo);
+  c.extra_lse = Upload(xl);  // no ready words
+  EXPECT_EQ(backend_->ExactAttention(c).code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(CudaKernelsTest, EstimateAttentionMatchesCpu) {
@@ -577,9 +598,12 @@ TEST_F(CudaKernelsTest, EstimateAttentionMatchesCpu) {
       a.list_stride = stride;
       a.out = Poisoned<float>(heads * g * d);
       a.lse = Poisoned<float>(heads * g);
+      a.ready = Upload(std::vector<uint32_t>(heads * g, 0));
+      a.ready_seq = 7u + g + d;
       ASSERT_TRUE(backend_->EstimateAttention(a).ok());
       auto out = Download(a.out, heads * g * d);
       auto lse = Download(a.lse, heads * g);
+      for (uint32_t w : Download(a.ready, heads * g)) EXPECT_EQ(w, a.ready_seq);
       for (int h = 0; h < heads; ++h) {
         std::vector<float> ref(g * d), ref_lse(g);
         ASSERT_TRUE(
