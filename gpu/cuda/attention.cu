@@ -106,26 +106,17 @@ __device__ __forceinline__ uint64_t GlobalNs() {
   return t;
 }
 
-// Folds one more partial (lse ls, normalised value v) into an online (m, l, o).
-__device__ __forceinline__ void FoldOne(float ls, float v, float& m, float& l, float& o) {
-  if (ls == -INFINITY) return;
-  if (ls > m) {
-    const float c = expf(m - ls);  // 0 when m is -inf
-    l *= c;
-    o *= c;
-    m = ls;
-  }
-  const float w = expf(ls - m);
-  l += w;
-  o = fmaf(w, v, o);
-}
-
 // Called by every block of a split kernel after writing its partial of `head` (all threads). The
-// head's last block to arrive folds the partials, and the extra partial, into out/lse.
+// head's last block to arrive folds the partials, and the extra partial, into out/lse: per chunk
+// of splits, the rows' running maxima and the splits' weights go to shared memory, and each thread
+// accumulates four adjacent elements of one row with independent (pipelined) loads.
 template <int D, int G>
 __device__ void FoldSplitsIfLast(const FoldArgs& f, int head) {
+  constexpr int kVecs = G * D / 4;  // float4 outputs of the head
+  constexpr int kPerThread = (kVecs + kThreads - 1) / kThreads;
   __shared__ bool last;
-  __shared__ float sm_lse[kFoldChunk][G];
+  __shared__ float sm_w[kFoldChunk][G];  // a chunk's lse, then its weights
+  __shared__ float sm_m[G], sm_l[G], sm_c[G], sm_x[G];
   __threadfence();  // this thread's part of the partial, before the arrival that publishes it
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -135,6 +126,62 @@ __device__ void FoldSplitsIfLast(const FoldArgs& f, int head) {
   }
   __syncthreads();
   if (!last) return;
+  if (threadIdx.x < G) {
+    sm_m[threadIdx.x] = -INFINITY;
+    sm_l[threadIdx.x] = 0.f;
+  }
+  float4 acc[kPerThread];
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) acc[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+  const int64_t base = int64_t{head} * f.splits;
+  const auto* parts = reinterpret_cast<const float4*>(f.part_out);
+  for (int s0 = 0; s0 < f.splits; s0 += kFoldChunk) {
+    const int n = min(kFoldChunk, f.splits - s0);
+    for (int i = threadIdx.x; i < n * G; i += kThreads)
+      sm_w[i / G][i % G] = __ldcg(f.part_lse + (base + s0) * G + i);
+    __syncthreads();
+    if (threadIdx.x < G) {  // the row's new maximum, and the factor for what was summed so far
+      const int j = threadIdx.x;
+      float mx = sm_m[j];
+      for (int s = 0; s < n; ++s) mx = fmaxf(mx, sm_w[s][j]);
+      sm_c[j] = sm_m[j] == -INFINITY ? 0.f : expf(sm_m[j] - mx);
+      sm_m[j] = mx;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < n * G; i += kThreads) {
+      const int j = i % G;
+      sm_w[i / G][j] = sm_m[j] == -INFINITY ? 0.f : expf(sm_w[i / G][j] - sm_m[j]);
+    }
+    __syncthreads();
+    if (threadIdx.x < G) {
+      float l = sm_l[threadIdx.x] * sm_c[threadIdx.x];
+      for (int s = 0; s < n; ++s) l += sm_w[s][threadIdx.x];
+      sm_l[threadIdx.x] = l;
+    }
+#pragma unroll
+    for (int k = 0; k < kPerThread; ++k) {
+      const int v = threadIdx.x + k * kThreads, j = v / (D / 4), e4 = v % (D / 4);
+      if (v >= kVecs) break;
+      float4 a = acc[k];
+      const float c = sm_c[j];
+      a.x *= c;
+      a.y *= c;
+      a.z *= c;
+      a.w *= c;
+      const float4* src = parts + ((base + s0) * G + j) * (D / 4) + e4;
+#pragma unroll 8
+      for (int s = 0; s < n; ++s) {
+        const float4 p = __ldcg(src + int64_t{s} * G * (D / 4));
+        const float w = sm_w[s][j];
+        a.x = fmaf(w, p.x, a.x);
+        a.y = fmaf(w, p.y, a.y);
+        a.z = fmaf(w, p.z, a.z);
+        a.w = fmaf(w, p.w, a.w);
+      }
+      acc[k] = a;
+    }
+    __syncthreads();
+  }
   if (f.extra_ready != nullptr && threadIdx.x < G) {
     const uint32_t* word = f.extra_ready + head * G + threadIdx.x;
     const uint64_t t0 = GlobalNs();
@@ -144,43 +191,34 @@ __device__ void FoldSplitsIfLast(const FoldArgs& f, int head) {
     }
     __threadfence();
   }
+  if (threadIdx.x < G) {  // the extra partial's weight; sm_c: the splits' factor
+    const int j = threadIdx.x;
+    const float lx = f.extra_out != nullptr ? __ldcg(f.extra_lse + head * G + j) : -INFINITY;
+    const float m = sm_m[j], mx = fmaxf(m, lx);
+    const float cs = m == -INFINITY ? 0.f : expf(m - mx);
+    const float cx = lx == -INFINITY ? 0.f : expf(lx - mx);
+    const float l = sm_l[j] * cs + cx;
+    const bool empty = !(l > 0.f);
+    sm_c[j] = empty ? 0.f : cs / l;
+    sm_x[j] = empty ? 0.f : cx / l;
+    f.lse[int64_t{head} * G + j] = empty ? -INFINITY : mx + logf(l);
+  }
   __syncthreads();
-  constexpr int kOut = (G * D + kThreads - 1) / kThreads;
-  float m[kOut], l[kOut], o[kOut];
 #pragma unroll
-  for (int k = 0; k < kOut; ++k) {
-    m[k] = -INFINITY;
-    l[k] = 0.f;
-    o[k] = 0.f;
-  }
-  const int64_t base = int64_t{head} * f.splits;
-  for (int s0 = 0; s0 < f.splits; s0 += kFoldChunk) {
-    const int n = min(kFoldChunk, f.splits - s0);
-    for (int i = threadIdx.x; i < n * G; i += kThreads)
-      sm_lse[i / G][i % G] = __ldcg(f.part_lse + (base + s0) * G + i);
-    __syncthreads();
-#pragma unroll
-    for (int k = 0; k < kOut; ++k) {
-      const int idx = threadIdx.x + k * kThreads, j = idx / D, e = idx % D;
-      if (idx >= G * D) break;
-      for (int s = 0; s < n; ++s) {
-        const float ls = sm_lse[s][j];
-        if (ls == -INFINITY) continue;
-        FoldOne(ls, __ldcg(f.part_out + ((base + s0 + s) * G + j) * D + e), m[k], l[k], o[k]);
-      }
+  for (int k = 0; k < kPerThread; ++k) {
+    const int v = threadIdx.x + k * kThreads, j = v / (D / 4), e4 = v % (D / 4);
+    if (v >= kVecs) break;
+    const int64_t at = (int64_t{head} * G + j) * (D / 4) + e4;
+    const float cs = sm_c[j], cx = sm_x[j];
+    float4 r = make_float4(acc[k].x * cs, acc[k].y * cs, acc[k].z * cs, acc[k].w * cs);
+    if (cx != 0.f) {
+      const float4 x = __ldcg(reinterpret_cast<const float4*>(f.extra_out) + at);
+      r.x = fmaf(cx, x.x, r.x);
+      r.y = fmaf(cx, x.y, r.y);
+      r.z = fmaf(cx, x.z, r.z);
+      r.w = fmaf(cx, x.w, r.w);
     }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int k = 0; k < kOut; ++k) {
-    const int idx = threadIdx.x + k * kThreads, j = idx / D, e = idx % D;
-    if (idx >= G * D) break;
-    const int64_t row = int64_t{head} * G + j;
-    if (f.extra_out != nullptr)
-      FoldOne(__ldcg(f.extra_lse + row), __ldcg(f.extra_out + row * D + e), m[k], l[k], o[k]);
-    const bool empty = !(l[k] > 0.f);
-    f.out[row * D + e] = empty ? 0.f : o[k] / l[k];
-    if (e == 0) f.lse[row] = empty ? -INFINITY : m[k] + logf(l[k]);
+    reinterpret_cast<float4*>(f.out)[at] = r;
   }
   if (f.ready != nullptr) {
     __threadfence();
