@@ -3,8 +3,10 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <mutex>
 #include <span>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -52,6 +54,8 @@ struct WaveBuffer::Slot {
   gpu::DeviceBuffer update_dev;
   // Pinned host: the record of the call (counts, then (cluster, exec page) pairs), the update.
   store::HostBuffer record, update;
+  store::HostBuffer host_ready;  // chained: [heads] words, the plan's seq once the record is in
+  uint32_t seq = 0;              // the number of the slot's latest call
   UpdateLayout layout{0, 0};
   bool update_pending = false;  // an update was queued from `update` (event kUpdateEvent + slot)
 };
@@ -176,6 +180,25 @@ absl::Status WaveBuffer::Init() {
   KVWAVE_ASSIGN_OR_RETURN(est_lse_, backend_->Allocate(rows));
   KVWAVE_ASSIGN_OR_RETURN(est_ready_, backend_->Allocate(sizeof(uint32_t) * o_.heads * o_.g));
   KVWAVE_RETURN_IF_ERROR(backend_->Memset(est_ready_.data(), 0, est_ready_.size()));
+  if (o_.fused_select && o_.chain) {  // the chained launches' own scratch (see gpu::ChainArgs)
+    KVWAVE_ASSIGN_OR_RETURN(pages_ready_, backend_->Allocate(sizeof(uint32_t) * o_.heads));
+    KVWAVE_RETURN_IF_ERROR(backend_->Memset(pages_ready_.data(), 0, pages_ready_.size()));
+    KVWAVE_ASSIGN_OR_RETURN(arrivals_, backend_->Allocate(sizeof(uint32_t) * 2 * o_.heads));
+    KVWAVE_RETURN_IF_ERROR(backend_->Memset(arrivals_.data(), 0, arrivals_.size()));
+    gpu::ExactArgs x;
+    x.heads = o_.heads;
+    x.g = o_.g;
+    x.d = o_.d;
+    x.max_pages_per_head = max_pages_per_head_;
+    x.pages_per_split = o_.exact_pages_per_split;
+    KVWAVE_ASSIGN_OR_RETURN(exact_scratch_, backend_->Allocate(backend_->ExactScratchBytes(x)));
+    gpu::EstimateArgs e;
+    e.heads = o_.heads;
+    e.g = o_.g;
+    e.d = o_.d;
+    e.list_stride = list_stride_;
+    KVWAVE_ASSIGN_OR_RETURN(est_scratch_, backend_->Allocate(backend_->EstimateScratchBytes(e)));
+  }
 
   store::HostAllocator* pinned = PinnedAllocator();
   const size_t list = sizeof(int32_t) * o_.heads * list_stride_;
@@ -192,6 +215,9 @@ absl::Status WaveBuffer::Init() {
     KVWAVE_ASSIGN_OR_RETURN(s->exec_k, backend_->Allocate(page_bytes_ * exec_pages_));
     KVWAVE_ASSIGN_OR_RETURN(s->exec_v, backend_->Allocate(page_bytes_ * exec_pages_));
     KVWAVE_ASSIGN_OR_RETURN(s->record, store::HostBuffer::Allocate(pinned, record));
+    KVWAVE_ASSIGN_OR_RETURN(s->host_ready,
+                            store::HostBuffer::Allocate(pinned, sizeof(uint32_t) * o_.heads));
+    std::memset(s->host_ready.data(), 0, s->host_ready.size());
     s->layout = UpdateLayout(2 * exec_pages_, max_updates_);
     KVWAVE_ASSIGN_OR_RETURN(s->update, store::HostBuffer::Allocate(pinned, s->layout.total));
     KVWAVE_ASSIGN_OR_RETURN(s->update_dev, backend_->Allocate(s->layout.total));
@@ -213,6 +239,9 @@ int32_t WaveBuffer::RowsOfPage(int64_t unit, int32_t c, int32_t page) const {
 absl::Status WaveBuffer::Enqueue(int layer, const float* q, float* out, float* lse, Slot& s) {
   const int slot = static_cast<int>(calls_ % kRing);
   const int64_t C = o_.clusters, unit0 = int64_t{layer} * o_.heads;
+  const uint32_t seq = static_cast<uint32_t>(calls_) + 1;  // this call's number in ready words
+  const bool chain = o_.fused_select && o_.chain;
+  s.seq = seq;
   const float scale = 1.0f / std::sqrt(static_cast<float>(o_.d));
   auto profile = [&](int i) {
     return o_.profile ? backend_->RecordEvent(kProfileEvent + i, kComputeStream) : absl::OkStatus();
@@ -281,6 +310,14 @@ absl::Status WaveBuffer::Enqueue(int layer, const float* q, float* out, float* l
   pl.page_counts = s.page_counts.as<int32_t>();
   pl.info = s.counts.as<int32_t>() + o_.heads;
   pl.info_stride = std::max<int64_t>(r_, 1);
+  if (chain) {  // the plan writes the record straight to the host and says when (host_ready)
+    auto* record = reinterpret_cast<int32_t*>(s.record.data());
+    pl.record_counts = record;
+    pl.info = record + o_.heads;
+    pl.pages_ready = pages_ready_.as<uint32_t>();
+    pl.host_ready = reinterpret_cast<uint32_t*>(s.host_ready.data());
+    pl.seq = seq;
+  }
   if (o_.fused_select) {
     // Scores, both zones' lists and the plan in one op (profiled as "score"; top-k and plan 0).
     KVWAVE_RETURN_IF_ERROR(backend_->ScoreSelectPlan(sc, t, pl, kComputeStream));
@@ -293,20 +330,26 @@ absl::Status WaveBuffer::Enqueue(int layer, const float* q, float* out, float* l
     KVWAVE_RETURN_IF_ERROR(profile(2));
     KVWAVE_RETURN_IF_ERROR(backend_->PlanPages(pl, kComputeStream));
   }
-  // The record (counts + (cluster, exec page) pairs) goes to the host on stream X, overlapping
-  // the attention below.
-  KVWAVE_RETURN_IF_ERROR(backend_->RecordEvent(kPlannedEvent + slot, kComputeStream));
-  KVWAVE_RETURN_IF_ERROR(backend_->WaitEvent(kRecordStream, kPlannedEvent + slot));
-  KVWAVE_RETURN_IF_ERROR(
-      backend_->Copy(s.record.data(), s.counts.data(), s.record.size(), kRecordStream));
-  KVWAVE_RETURN_IF_ERROR(backend_->RecordEvent(kRecordEvent + slot, kRecordStream));
+  // Chained: estimation and exact attention follow on stream C as dependent launches, their
+  // blocks resident while the selection runs (the exact attention's waiting for its head's
+  // pages_ready word); no event between them. Else the record (counts + (cluster, exec page)
+  // pairs) goes to the host on stream X and the estimation zone runs on stream S, both after an
+  // event.
+  int est_stream = kComputeStream;
+  if (!chain) {
+    KVWAVE_RETURN_IF_ERROR(backend_->RecordEvent(kPlannedEvent + slot, kComputeStream));
+    KVWAVE_RETURN_IF_ERROR(backend_->WaitEvent(kRecordStream, kPlannedEvent + slot));
+    KVWAVE_RETURN_IF_ERROR(
+        backend_->Copy(s.record.data(), s.counts.data(), s.record.size(), kRecordStream));
+    KVWAVE_RETURN_IF_ERROR(backend_->RecordEvent(kRecordEvent + slot, kRecordStream));
+    KVWAVE_RETURN_IF_ERROR(backend_->WaitEvent(kSideStream, kPlannedEvent + slot));
+    est_stream = kSideStream;
+  }
   KVWAVE_RETURN_IF_ERROR(profile(3));
 
-  // The estimation zone runs on the side stream, beside the exact attention (which mostly waits
-  // for PCIe); the exact attention's last block of each head merges it, once its ready words
-  // carry this call's number (no event between the two on stream C).
-  KVWAVE_RETURN_IF_ERROR(backend_->WaitEvent(kSideStream, kPlannedEvent + slot));
-  const uint32_t seq = static_cast<uint32_t>(calls_) + 1;
+  // The estimation zone runs beside the exact attention (which mostly waits for PCIe); with the
+  // fused select, the exact attention's last block of each head merges it once its ready words
+  // carry this call's number.
   gpu::EstimateArgs e;
   e.q = q;
   e.heads = o_.heads;
@@ -326,7 +369,17 @@ absl::Status WaveBuffer::Enqueue(int layer, const float* q, float* out, float* l
     e.ready = est_ready_.as<uint32_t>();
     e.ready_seq = seq;
   }
-  KVWAVE_RETURN_IF_ERROR(backend_->EstimateAttention(e, kSideStream));
+  gpu::ChainArgs est_chain, exact_chain;
+  if (chain) {
+    est_chain.scratch = est_scratch_.as<float>();
+    est_chain.arrivals = arrivals_.as<uint32_t>();
+    e.chain = &est_chain;
+    exact_chain.scratch = exact_scratch_.as<float>();
+    exact_chain.arrivals = arrivals_.as<uint32_t>() + o_.heads;
+    exact_chain.pages_ready = pages_ready_.as<uint32_t>();
+    exact_chain.seq = seq;
+  }
+  KVWAVE_RETURN_IF_ERROR(backend_->EstimateAttention(e, est_stream));
   if (!o_.fused_select) KVWAVE_RETURN_IF_ERROR(backend_->RecordEvent(kJoinEvent, kSideStream));
 
   gpu::ExactArgs x;
@@ -350,6 +403,7 @@ absl::Status WaveBuffer::Enqueue(int layer, const float* q, float* out, float* l
     x.extra_lse = est_lse_.as<float>();
     x.extra_ready = est_ready_.as<uint32_t>();
     x.extra_seq = seq;
+    if (chain) x.chain = &exact_chain;
     KVWAVE_RETURN_IF_ERROR(backend_->ExactAttention(x, kComputeStream));
     KVWAVE_RETURN_IF_ERROR(profile(4));
     KVWAVE_RETURN_IF_ERROR(profile(5));
@@ -364,10 +418,38 @@ absl::Status WaveBuffer::Enqueue(int layer, const float* q, float* out, float* l
   return backend_->RecordEvent(kDoneEvent + slot, kComputeStream);
 }
 
+absl::Status WaveBuffer::WaitForRecord(int slot_index) {
+  if (!(o_.fused_select && o_.chain)) return backend_->SynchronizeEvent(kRecordEvent + slot_index);
+  // Chained: the plan wrote the record to the host, then each head's word. Poll them; should the
+  // call end without them (it failed), the event says so.
+  const Slot& s = *slots_[slot_index];
+  const auto* words = reinterpret_cast<const uint32_t*>(s.host_ready.data());
+  auto arrived = [&] {
+    for (int h = 0; h < o_.heads; ++h)
+      if (__atomic_load_n(words + h, __ATOMIC_ACQUIRE) != s.seq) return false;
+    return true;
+  };
+  for (int spin = 0;; ++spin) {
+    if (arrived()) return absl::OkStatus();
+    if (spin % 64 == 63) {
+      KVWAVE_ASSIGN_OR_RETURN(const bool done, backend_->QueryEvent(kDoneEvent + slot_index));
+      if (done) {
+        if (arrived()) return absl::OkStatus();
+        return absl::InternalError("wave buffer: a call ended without its record");
+      }
+    }
+    if (spin < 4096) {
+      std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
+    }
+  }
+}
+
 void WaveBuffer::Commit(int layer, int slot_index) {
   const auto t0 = Clock::now();
   Slot& s = *slots_[slot_index];
-  absl::Status status = backend_->SynchronizeEvent(kRecordEvent + slot_index);
+  absl::Status status = WaitForRecord(slot_index);
   // The staging of this slot's previous update must have been copied to the device.
   if (status.ok() && s.update_pending)
     status = backend_->SynchronizeEvent(kUpdateEvent + slot_index);

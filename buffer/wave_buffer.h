@@ -88,6 +88,12 @@ struct WaveBufferOptions {
   // represents exactly (the wave index's, see SyntheticKv), else it may differ at near-ties. The
   // estimation zone keeps the float32 centroids.
   bool bf16_scores = true;
+  // With fused_select: the estimation and exact attention queued as dependent launches behind the
+  // selection on the compute stream (sm_90 programmatic dependent launch: their blocks wait on
+  // the GPU for each head's plan), and the record written by the plan straight to the host;
+  // false: an event after the selection, the estimation on the side stream, the record copied on
+  // stream X.
+  bool chain = true;
   bool profile = false;  // time each phase with events (synchronises every call)
 };
 
@@ -139,6 +145,8 @@ class WaveBuffer {
   absl::Status Init();
   absl::Status Enqueue(int layer, const float* q, float* out, float* lse, Slot& slot);
   void Commit(int layer, int slot_index);
+  // Blocks until the record of the slot's latest call is on the host.
+  absl::Status WaitForRecord(int slot_index);
   int32_t PagesOf(int64_t unit, int32_t c) const;
   int32_t RowsOfPage(int64_t unit, int32_t c, int32_t page) const;
 
@@ -159,7 +167,9 @@ class WaveBuffer {
   gpu::DeviceBuffer steady_rows_;
   gpu::DeviceBuffer steady_k_, steady_v_, pool_k_, pool_v_, table_, page_offsets_;
   gpu::DeviceBuffer scores_, est_out_, est_lse_;
-  gpu::DeviceBuffer est_ready_;  // [heads x g]: number of the call whose estimate row is written
+  gpu::DeviceBuffer est_ready_;
+  // Chained launches: [heads] pages_ready words, 2 x [heads] arrival words, scratch.
+  gpu::DeviceBuffer pages_ready_, arrivals_, exact_scratch_, est_scratch_;  // [heads x g]: number of the call whose estimate row is written
   std::vector<std::unique_ptr<Slot>> slots_;
   uint64_t calls_ = 0;
   std::array<uint64_t, kRing>

@@ -119,6 +119,19 @@ struct TopKArgs {
   int32_t* counts2 = nullptr;
 };
 
+// Dependent launch (sm_90): an op queued with a ChainArgs starts while the op before it on the
+// stream is still running, so that its blocks are resident when their inputs are ready. Which
+// inputs it waits for is said per op (ExactArgs: head h's page list, once pages_ready[h] ==
+// seq; EstimateArgs: the op before it completing). Overlapping ops cannot share the stream's
+// workspace: each brings its own scratch (ExactScratchBytes / EstimateScratchBytes) and arrival
+// words (zero, left zero; one per head).
+struct ChainArgs {
+  float* scratch = nullptr;
+  uint32_t* arrivals = nullptr;
+  const uint32_t* pages_ready = nullptr;  // ExactAttention only; null: wait for the op before
+  uint32_t seq = 0;
+};
+
 // Arguments of ExactAttention over an execution buffer. Head h attends over
 // pages[page_offsets[h] .. page_offsets[h+1]) (or, when page_counts is set, over
 // pages[page_offsets[h] .. page_offsets[h] + page_counts[h])) with its g query rows q + h*g*d,
@@ -149,6 +162,8 @@ struct ExactArgs {
   uint32_t extra_seq = 0;
   float* out = nullptr;
   float* lse = nullptr;
+  // Optional, for a launch that overlaps the op before it on the stream (ChainArgs).
+  const ChainArgs* chain = nullptr;
 };
 
 // Arguments of PlanPages: for `heads` units of one layer, turns each head's retrieved clusters
@@ -186,6 +201,13 @@ struct PlanArgs {
   int32_t* page_counts = nullptr;  // [heads]
   int32_t* info = nullptr;         // [heads x info_stride x 2]
   int64_t info_stride = 0;         // >= counts[h]
+  // Optional (ScoreSelectPlan only): once head h's plan is written, counts[h] is copied to
+  // record_counts[h] (may be mapped host memory; then info may be too), pages_ready[h] (device)
+  // and host_ready[h] (mapped host memory, written after a system-wide fence) are set to seq.
+  int32_t* record_counts = nullptr;
+  uint32_t* pages_ready = nullptr;
+  uint32_t* host_ready = nullptr;
+  uint32_t seq = 0;
 };
 
 // Arguments of EstimateAttention: head h uses centroids/value_sums + h*cluster_stride*d,
@@ -207,6 +229,7 @@ struct EstimateArgs {
   // for an ExactAttention on another stream that merges this result (ExactArgs::extra_ready).
   uint32_t* ready = nullptr;
   uint32_t ready_seq = 0;
+  const ChainArgs* chain = nullptr;  // optional, see ChainArgs (pages_ready unused)
 };
 
 // Spherical k-means assignment: assignment[i] = argmax_j x_i . c_j (ties: lower j) for n rows
@@ -257,10 +280,12 @@ class CudaBackend {
   [[nodiscard]] absl::Status Memset(void* dst, int value, size_t bytes, int stream = 0);
   [[nodiscard]] absl::Status Synchronize(int stream = 0);
   // Event `event` (0 <= event < num_events) marks the work queued so far on `stream`; WaitEvent
-  // makes later work on `stream` wait for it; EventQuery reports whether it has completed.
+  // makes later work on `stream` wait for it.
   [[nodiscard]] absl::Status RecordEvent(int event, int stream);
   [[nodiscard]] absl::Status WaitEvent(int stream, int event);
   [[nodiscard]] absl::Status SynchronizeEvent(int event);
+  // True once the event's work has completed; an error if that work failed.
+  [[nodiscard]] absl::StatusOr<bool> QueryEvent(int event);
   // Milliseconds between two recorded events (both completed).
   [[nodiscard]] absl::StatusOr<float> ElapsedMs(int start_event, int end_event);
 
@@ -276,6 +301,9 @@ class CudaBackend {
                                              const PlanArgs& plan, int stream = 0);
   [[nodiscard]] absl::Status ExactAttention(const ExactArgs& args, int stream = 0);
   [[nodiscard]] absl::Status EstimateAttention(const EstimateArgs& args, int stream = 0);
+  // Scratch bytes of ExactAttention / EstimateAttention (ChainArgs::scratch).
+  size_t ExactScratchBytes(const ExactArgs& args) const;
+  size_t EstimateScratchBytes(const EstimateArgs& args) const;
   // In place: (out_a, lse_a) <- merge((out_a, lse_a), (out_b, lse_b)) for `rows` heads of dim d.
   [[nodiscard]] absl::Status MergeLse(float* out_a, float* lse_a, const float* out_b,
                                       const float* lse_b, int rows, int d, int stream = 0);

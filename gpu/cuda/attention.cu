@@ -16,6 +16,7 @@
 #include <cmath>
 
 #include "gpu/cuda/launchers.h"
+#include "gpu/cuda/sync.cuh"
 
 namespace kvwave::gpu::cuda {
 namespace {
@@ -88,23 +89,6 @@ struct FoldArgs {
 };
 
 constexpr int kFoldChunk = 64;                          // splits' lse staged at once
-constexpr uint64_t kReadyTimeoutNs = 5'000'000'000ull;  // a producer that never signals: trap
-
-__device__ __forceinline__ uint32_t LoadAcquire(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ void StoreRelease(uint32_t* p, uint32_t v) {
-  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
-__device__ __forceinline__ uint64_t GlobalNs() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
 
 // Called by every block of a split kernel after writing its partial of `head` (all threads). The
 // head's last block to arrive folds the partials, and the extra partial, into out/lse: per chunk
@@ -182,15 +166,8 @@ __device__ void FoldSplitsIfLast(const FoldArgs& f, int head) {
     }
     __syncthreads();
   }
-  if (f.extra_ready != nullptr && threadIdx.x < G) {
-    const uint32_t* word = f.extra_ready + head * G + threadIdx.x;
-    const uint64_t t0 = GlobalNs();
-    while (LoadAcquire(word) != f.extra_seq) {
-      if (GlobalNs() - t0 > kReadyTimeoutNs) __trap();
-      __nanosleep(128);
-    }
-    __threadfence();
-  }
+  if (f.extra_ready != nullptr && threadIdx.x < G)
+    WaitForWord(f.extra_ready + head * G + threadIdx.x, f.extra_seq);
   if (threadIdx.x < G) {  // the extra partial's weight; sm_c: the splits' factor
     const int j = threadIdx.x;
     const float lx = f.extra_out != nullptr ? __ldcg(f.extra_lse + head * G + j) : -INFINITY;
@@ -232,11 +209,19 @@ __global__ void __launch_bounds__(kThreads)
     ExactKernel(const float* __restrict__ q, float scale2, const PageRef* __restrict__ pages,
                 const int32_t* __restrict__ offsets, const int32_t* __restrict__ counts,
                 int64_t pps, uint4* __restrict__ stash_k, uint4* __restrict__ stash_v,
-                const FoldArgs fold) {
+                const uint32_t* __restrict__ pages_ready, uint32_t seq, const FoldArgs fold) {
   constexpr int kLanesPerKey = D / 8;
   constexpr int kKeysPerWarp = 32 / kLanesPerKey;
   constexpr int kSlots = kWarps * kKeysPerWarp;
   const int head = blockIdx.y, split = blockIdx.x, splits = gridDim.x;
+  // A dependent launch: this head's page list is ready once its word says so (or, without
+  // words, once the op before has completed; a no-op for a plain launch).
+  if (pages_ready != nullptr) {
+    if (threadIdx.x == 0) WaitForWord(pages_ready + head, seq);
+    __syncthreads();
+  } else {
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+  }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int sub = lane / kLanesPerKey, sl = lane % kLanesPerKey;
   const int64_t head_end = counts != nullptr ? offsets[head] + counts[head] : offsets[head + 1];
@@ -373,6 +358,10 @@ __global__ void __launch_bounds__(kThreads)
                    const FoldArgs fold) {
   constexpr int kLanes = D / 4;
   const int head = blockIdx.y, split = blockIdx.x, splits = gridDim.x;
+  // In a chain of dependent launches: let the next op's blocks be scheduled now, then wait for
+  // the op before (both no-ops for a plain launch).
+  asm volatile("griddepcontrol.launch_dependents;");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const bool active = lane < kLanes;
   const int64_t begin = split * cps;
@@ -525,6 +514,24 @@ __global__ void GatherBulkKernel(const void* const* __restrict__ src, void* cons
   }
 }
 
+// A launch of kThreads-thread blocks, optionally as a programmatic dependent of the stream's
+// previous kernel. Not copyable: config.attrs points into the object.
+struct Launch {
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute attr[1];
+  Launch(dim3 grid, cudaStream_t stream, bool dependent) {
+    config.gridDim = grid;
+    config.blockDim = dim3(kThreads);
+    config.stream = stream;
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attr;
+    config.numAttrs = dependent ? 1 : 0;
+  }
+  Launch(const Launch&) = delete;
+  Launch& operator=(const Launch&) = delete;
+};
+
 FoldArgs SplitFold(float* ws, int heads, int g, int d, int splits, uint32_t* arrivals, float* out,
                    float* lse) {
   FoldArgs f;
@@ -545,18 +552,17 @@ cudaError_t LaunchExactTyped(const ExactArgs& a, int splits, int64_t pps, float*
   f.extra_lse = a.extra_lse;
   f.extra_ready = a.extra_ready;
   f.extra_seq = a.extra_seq;
-  const dim3 grid(splits, a.heads);
   const float scale2 = a.scale * kLog2e;
   auto* sk = static_cast<uint4*>(a.stash_k);
   auto* sv = static_cast<uint4*>(a.stash_v);
-  if (a.kv_type == DType::kBF16) {
-    ExactKernel<D, G, true><<<grid, kThreads, 0, stream>>>(a.q, scale2, a.pages, a.page_offsets,
-                                                           a.page_counts, pps, sk, sv, f);
-  } else {
-    ExactKernel<D, G, false><<<grid, kThreads, 0, stream>>>(a.q, scale2, a.pages, a.page_offsets,
-                                                            a.page_counts, pps, sk, sv, f);
-  }
-  return cudaGetLastError();
+  const uint32_t* ready = a.chain != nullptr ? a.chain->pages_ready : nullptr;
+  const uint32_t seq = a.chain != nullptr ? a.chain->seq : 0;
+  Launch l(dim3(splits, a.heads), stream, a.chain != nullptr);
+  return a.kv_type == DType::kBF16
+             ? cudaLaunchKernelEx(&l.config, ExactKernel<D, G, true>, a.q, scale2, a.pages,
+                                  a.page_offsets, a.page_counts, pps, sk, sv, ready, seq, f)
+             : cudaLaunchKernelEx(&l.config, ExactKernel<D, G, false>, a.q, scale2, a.pages,
+                                  a.page_offsets, a.page_counts, pps, sk, sv, ready, seq, f);
 }
 
 template <int D, int G>
@@ -565,10 +571,10 @@ cudaError_t LaunchEstimateTyped(const EstimateArgs& a, int splits, int64_t cps, 
   FoldArgs f = SplitFold(ws, a.heads, G, D, splits, arrivals, a.out, a.lse);
   f.ready = a.ready;
   f.ready_seq = a.ready_seq;
-  EstimateKernel<D, G><<<dim3(splits, a.heads), kThreads, 0, stream>>>(
-      a.q, a.scale * kLog2e, a.centroids, a.value_sums, a.sizes, a.cluster_stride, a.clusters,
-      a.counts, a.list_stride, cps, f);
-  return cudaGetLastError();
+  Launch l(dim3(splits, a.heads), stream, a.chain != nullptr);
+  return cudaLaunchKernelEx(&l.config, EstimateKernel<D, G>, a.q, a.scale * kLog2e, a.centroids,
+                            a.value_sums, a.sizes, a.cluster_stride, a.clusters, a.counts,
+                            a.list_stride, cps, f);
 }
 
 // Dispatches to F::template Run<D, G>(args...) for the supported (d, g); false otherwise.

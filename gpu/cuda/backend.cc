@@ -171,6 +171,14 @@ absl::Status CudaBackend::WaitEvent(int stream, int event) {
   return FromCuda(cudaStreamWaitEvent(s, e, 0), "cudaStreamWaitEvent");
 }
 
+absl::StatusOr<bool> CudaBackend::QueryEvent(int event) {
+  KVWAVE_ASSIGN_OR_RETURN(cudaEvent_t e, impl_->Event(event));
+  const cudaError_t err = cudaEventQuery(e);
+  if (err == cudaErrorNotReady) return false;
+  KVWAVE_RETURN_IF_ERROR(FromCuda(err, "cudaEventQuery"));
+  return true;
+}
+
 absl::Status CudaBackend::SynchronizeEvent(int event) {
   KVWAVE_ASSIGN_OR_RETURN(cudaEvent_t e, impl_->Event(event));
   return FromCuda(cudaEventSynchronize(e), "cudaEventSynchronize");
@@ -231,9 +239,18 @@ absl::Status CudaBackend::ExactAttention(const ExactArgs& a, int stream) {
   KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
   const int splits =
       cuda::ExactSplits(a.heads, a.max_pages_per_head, a.pages_per_split, multiprocessors_);
-  KVWAVE_ASSIGN_OR_RETURN(
-      float* ws, impl_->Workspace(stream, cuda::ExactWorkspaceBytes(a.heads, a.g, a.d, splits)));
-  KVWAVE_ASSIGN_OR_RETURN(uint32_t * arrivals, impl_->Arrivals(stream, a.heads));
+  float* ws = nullptr;
+  uint32_t* arrivals = nullptr;
+  if (a.chain != nullptr) {
+    if (a.chain->scratch == nullptr || a.chain->arrivals == nullptr)
+      return absl::InvalidArgumentError("ExactAttention: a chained launch brings its scratch");
+    ws = a.chain->scratch;
+    arrivals = a.chain->arrivals;
+  } else {
+    KVWAVE_ASSIGN_OR_RETURN(
+        ws, impl_->Workspace(stream, cuda::ExactWorkspaceBytes(a.heads, a.g, a.d, splits)));
+    KVWAVE_ASSIGN_OR_RETURN(arrivals, impl_->Arrivals(stream, a.heads));
+  }
   if ((a.extra_out == nullptr) != (a.extra_lse == nullptr) ||
       (a.extra_out == nullptr) != (a.extra_ready == nullptr))
     return absl::InvalidArgumentError(
@@ -247,12 +264,32 @@ absl::Status CudaBackend::EstimateAttention(const EstimateArgs& a, int stream) {
     return absl::InvalidArgumentError("EstimateAttention: d must be 64/128 and g 1/2/4/8");
   KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
   const int splits = cuda::EstimateSplits(a.heads, a.list_stride, multiprocessors_);
-  KVWAVE_ASSIGN_OR_RETURN(
-      float* ws, impl_->Workspace(stream, cuda::EstimateWorkspaceBytes(a.heads, a.g, a.d, splits)));
-  KVWAVE_ASSIGN_OR_RETURN(uint32_t * arrivals, impl_->Arrivals(stream, a.heads));
+  float* ws = nullptr;
+  uint32_t* arrivals = nullptr;
+  if (a.chain != nullptr) {
+    if (a.chain->scratch == nullptr || a.chain->arrivals == nullptr)
+      return absl::InvalidArgumentError("EstimateAttention: a chained launch brings its scratch");
+    ws = a.chain->scratch;
+    arrivals = a.chain->arrivals;
+  } else {
+    KVWAVE_ASSIGN_OR_RETURN(
+        ws, impl_->Workspace(stream, cuda::EstimateWorkspaceBytes(a.heads, a.g, a.d, splits)));
+    KVWAVE_ASSIGN_OR_RETURN(arrivals, impl_->Arrivals(stream, a.heads));
+  }
   if (a.heads == 0) return absl::OkStatus();
   return FromCuda(cuda::LaunchEstimateAttention(a, a.list_stride, splits, ws, arrivals, s),
                   "EstimateAttention");
+}
+
+size_t CudaBackend::ExactScratchBytes(const ExactArgs& a) const {
+  const int splits =
+      cuda::ExactSplits(a.heads, a.max_pages_per_head, a.pages_per_split, multiprocessors_);
+  return cuda::ExactWorkspaceBytes(a.heads, a.g, a.d, splits);
+}
+
+size_t CudaBackend::EstimateScratchBytes(const EstimateArgs& a) const {
+  const int splits = cuda::EstimateSplits(a.heads, a.list_stride, multiprocessors_);
+  return cuda::EstimateWorkspaceBytes(a.heads, a.g, a.d, splits);
 }
 
 absl::Status CudaBackend::MergeLse(float* out_a, float* lse_a, const float* out_b,

@@ -55,6 +55,7 @@ struct Options {
   bool profile = true;      // one more pass with per-phase GPU timing
   bool probe = false;       // only the zero-copy read probe
   bool fuse = true;         // WaveBufferOptions::fused_select
+  bool chain = true;        // WaveBufferOptions::chain
   bool pdl = true;          // CudaBackendOptions::dependent_launch
   bool bf16_scores = true;  // WaveBufferOptions::bf16_scores
   std::string json;
@@ -197,6 +198,7 @@ Row RunContext(gpu::CudaBackend* b, const Options& o, int64_t context, const Ban
   w.max_cluster_pages = 2;
   w.exact_pages_per_split = o.pps;
   w.fused_select = o.fuse;
+  w.chain = o.chain;
   w.bf16_scores = o.bf16_scores;
   auto wb = buffer::WaveBuffer::Create(b, w, (*kv)->Units());
   CHECK_OK(wb.status());
@@ -522,6 +524,9 @@ int Main(int argc, char** argv) {
   app.add_option("--pdl", o.pdl,
                  "programmatic dependent launch in the fused select (1) or not (0)");
   app.add_option("--fuse", o.fuse, "wave buffer: fused score/top-k/plan and merge (1) or not (0)");
+  app.add_option("--chain", o.chain,
+                 "wave buffer: estimation and exact attention as dependent launches behind the "
+                 "selection (1) or after an event (0)");
   app.add_option("--bf16-scores", o.bf16_scores,
                  "wave buffer: score clusters with bf16 centroids (1) or float32 (0)");
   app.add_flag("--probe", o.probe, "only measure zero-copy read rates (scattered vs sequential)");
@@ -546,9 +551,11 @@ int Main(int argc, char** argv) {
       "clusters\n",
       o.rho, 100 * o.cache, 100 * o.retrieval, 100 * o.estimation);
   std::printf(
-      "# wave buffer: %s select/plan/merge, %d pages per split, dependent launch %s, scores "
-      "from %s centroids, cache updates on their own stream\n",
-      o.fuse ? "fused" : "unfused", o.pps, o.pdl ? "on" : "off", o.bf16_scores ? "bf16" : "f32");
+      "# wave buffer: %s select/plan/merge, %d pages per split, dependent launch %s, attention "
+      "%s, scores from %s centroids, cache updates on their own stream\n",
+      o.fuse ? "fused" : "unfused", o.pps, o.pdl ? "on" : "off",
+      o.fuse && o.chain ? "chained behind the selection" : "after an event",
+      o.bf16_scores ? "bf16" : "f32");
   std::printf("# measured: HBM %.0f GB/s (D2D copy, read+write), PCIe %.1f GB/s (pinned H2D)\n",
               bw.hbm / 1e9, bw.pcie / 1e9);
   TimeKMeans(b);

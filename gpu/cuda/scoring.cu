@@ -36,6 +36,7 @@
 
 #include "gpu/cuda/launchers.h"
 #include "gpu/cuda/plan_block.cuh"
+#include "gpu/cuda/sync.cuh"
 
 namespace kvwave::gpu::cuda {
 namespace {
@@ -943,6 +944,17 @@ __device__ void ClusterSelectPlan(const float* s, int s0, int len, int head, int
   }
   __syncthreads();
   PlanHead<kSelThreads>(plan, head, steady_pages);
+  if (plan.pages_ready != nullptr) {  // publish the head's plan (see PlanArgs)
+    if (threadIdx.x == 0 && plan.record_counts != nullptr) plan.record_counts[head] = st.want[0];
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) StoreRelease(plan.pages_ready + head, plan.seq);
+    if (plan.host_ready != nullptr) {
+      __threadfence_system();
+      __syncthreads();
+      if (threadIdx.x == 0) StoreReleaseSystem(plan.host_ready + head, plan.seq);
+    }
+  }
   __syncthreads();
   KVWAVE_PROF(8);
 }
@@ -966,7 +978,9 @@ __global__ void __launch_bounds__(SelThreads(kC))
   long long prof_t = clock64();
 #endif
   // Launched as a programmatic dependent of the logits kernel: wait for it to complete (and its
-  // writes to be visible); a no-op for a plain launch.
+  // writes to be visible); a no-op for a plain launch. A dependent of this kernel (the wave
+  // buffer's chained attention) may be scheduled from now on: it waits for ready words.
+  asm volatile("griddepcontrol.launch_dependents;");
   asm volatile("griddepcontrol.wait;" ::: "memory");
   KVWAVE_PROF(0);
   if (warp < G) {
@@ -1040,6 +1054,9 @@ __global__ void __launch_bounds__(SelThreads(kC))
 #ifdef KVWAVE_PROFILE_SELECT
   long long prof_t = clock64();
 #endif
+  // A dependent of this kernel (the wave buffer's chained attention) may be scheduled from now
+  // on: it waits for ready words, not for this grid.
+  asm volatile("griddepcontrol.launch_dependents;");
   // Loads needed after the logits, issued first: the sizes of the thread's first two clusters
   // (liveness), and for block 0 the steady row count. The last block writes the steady pages.
   const int32_t* s_head = sizes + head * size_stride;

@@ -380,7 +380,12 @@ TEST_F(CudaKernelsTest, ScoreSelectPlanMatchesSeparateOps) {
       int32_t *ret, *est, *counts, *counts2, *page_counts;
       PageRef* pages;
     };
-    auto run = [&](bool fused) {
+    // publish: the plan also writes the record (counts, info) to pinned host memory and sets
+    // the ready words (PlanArgs::record_counts ..., the wave buffer's chained mode).
+    std::vector<store::HostBuffer> host_bufs;
+    uint32_t* pages_ready = Upload(std::vector<uint32_t>(heads, 0));
+    const uint32_t seq = 41;
+    auto run = [&](bool fused, bool publish = false) {
       Out o{Poisoned<float>(heads * n),
             Poisoned<int32_t>(heads * k2),
             Poisoned<int32_t>(heads * k2),
@@ -426,6 +431,19 @@ TEST_F(CudaKernelsTest, ScoreSelectPlanMatchesSeparateOps) {
       pl.page_counts = o.page_counts;
       pl.info = o.counts + heads;
       pl.info_stride = k;
+      if (publish) {
+        for (size_t bytes : {sizeof(int32_t) * (heads + 2 * heads * k), sizeof(uint32_t) * heads}) {
+          auto hb = store::HostBuffer::Allocate(buffer::PinnedAllocator(), bytes);
+          EXPECT_TRUE(hb.ok()) << hb.status();
+          std::memset(hb->data(), 0xFF, bytes);
+          host_bufs.push_back(std::move(*hb));
+        }
+        pl.record_counts = reinterpret_cast<int32_t*>(host_bufs[0].data());
+        pl.info = pl.record_counts + heads;
+        pl.host_ready = reinterpret_cast<uint32_t*>(host_bufs[1].data());
+        pl.pages_ready = pages_ready;
+        pl.seq = seq;
+      }
       if (fused) {
         EXPECT_TRUE(backend_->ScoreSelectPlan(a, t, pl).ok());
       } else {
@@ -435,7 +453,7 @@ TEST_F(CudaKernelsTest, ScoreSelectPlanMatchesSeparateOps) {
       }
       return o;
     };
-    const Out x = run(false), y = run(true);
+    const Out x = run(false), y = run(true), z = run(true, true);
     auto bytes_equal = [&](const void* a, const void* b, size_t n_bytes) {
       auto va = Download(static_cast<const uint8_t*>(a), n_bytes);
       auto vb = Download(static_cast<const uint8_t*>(b), n_bytes);
@@ -460,6 +478,15 @@ TEST_F(CudaKernelsTest, ScoreSelectPlanMatchesSeparateOps) {
     EXPECT_TRUE(bytes_equal(x.counts, y.counts, sizeof(int32_t) * (heads + 2 * heads * k)))
         << where;  // counts, then the (cluster, exec page) record
     EXPECT_TRUE(bytes_equal(x.ret, y.ret, sizeof(int32_t) * heads * k2)) << where;
+    {  // the published record and words
+      auto rec = Download(x.counts, heads + 2 * heads * k);
+      EXPECT_EQ(std::memcmp(host_bufs[0].data(), rec.data(), sizeof(int32_t) * rec.size()), 0)
+          << where;
+      for (int h = 0; h < heads; ++h)
+        EXPECT_EQ(reinterpret_cast<const uint32_t*>(host_bufs[1].data())[h], seq) << where;
+      for (uint32_t w : Download(pages_ready, heads)) EXPECT_EQ(w, seq) << where;
+      EXPECT_TRUE(bytes_equal(x.pages, z.pages, sizeof(PageRef) * heads * max_pages)) << where;
+    }
     EXPECT_TRUE(bytes_equal(x.est, y.est, sizeof(int32_t) * heads * k2)) << where;
     EXPECT_TRUE(bytes_equal(x.counts2, y.counts2, sizeof(int32_t) * heads)) << where;
     auto counts2 = Download(x.counts2, heads);
@@ -568,6 +595,79 @@ TEST_F(CudaKernelsTest, ExactAttentionMergesExtraPartial) {
   ExactArgs c = a;
   c.extra_out = Upload(xo);
   c.extra_lse = Upload(xl);  // no ready words
+  EXPECT_EQ(backend_->ExactAttention(c).code(), absl::StatusCode::kInvalidArgument);
+}
+
+// A chained ExactAttention (dependent launch, own scratch and arrival words) reads head h's page
+// list only once pages_ready[h] == seq: here the list is written, then the words set, by copies on
+// stream 1 behind a 2 ms delay, after the attention was queued on stream 0. Until then the list
+// holds other (valid) pages, so reading it early gives a wrong result. Twice: the arrival words
+// must be left zero for the next launch.
+TEST_F(CudaKernelsTest, ExactAttentionChainedWaitsForPageWords) {
+  const int heads = 3, g = 2, d = 128;
+  std::vector<int> num_pages = {7, 1, 60};
+  std::vector<PageRef> pages, decoys;
+  std::vector<int32_t> offsets = {0};
+  for (int h = 0; h < heads; ++h) {
+    for (int p = 0; p < num_pages[h]; ++p) {
+      for (auto* list : {&pages, &decoys}) {
+        const int rows = 1 + int(rng_() % kMaxPageRows);
+        std::vector<float> kv = Random(2 * rows * d);
+        std::vector<uint16_t> bits(2 * rows * d);
+        FromFloat(kv.data(), DType::kBF16, bits.data(), bits.size());
+        const uint16_t* dev = Upload(bits);
+        list->push_back({dev, dev + rows * d, rows, 0});
+      }
+    }
+    offsets.push_back(static_cast<int32_t>(pages.size()));
+  }
+  ExactArgs a;
+  a.q = Upload(Random(heads * g * d));
+  a.heads = heads;
+  a.g = g;
+  a.d = d;
+  a.scale = 1.0f / std::sqrt(float(d));
+  a.pages = Upload(pages);
+  a.page_offsets = Upload(offsets);
+  a.max_pages_per_head = 60;
+  a.pages_per_split = 4;
+  a.out = Poisoned<float>(heads * g * d);
+  a.lse = Poisoned<float>(heads * g);
+  ASSERT_TRUE(backend_->ExactAttention(a).ok());
+  const auto ref = Download(a.out, heads * g * d);
+  const auto ref_lse = Download(a.lse, heads * g);
+  ChainArgs chain;
+  auto scratch = backend_->Allocate(backend_->ExactScratchBytes(a));
+  ASSERT_TRUE(scratch.ok());
+  chain.scratch = scratch->as<float>();
+  chain.arrivals = Upload(std::vector<uint32_t>(heads, 0));
+  uint32_t* words = Upload(std::vector<uint32_t>(heads, 0));
+  chain.pages_ready = words;
+  const PageRef* real = Upload(pages);
+  for (uint32_t seq : {1u, 2u}) {
+    ExactArgs b = a;
+    auto* list = const_cast<PageRef*>(Upload(decoys));
+    b.pages = list;
+    b.chain = &chain;
+    chain.seq = seq;
+    b.out = Poisoned<float>(heads * g * d);
+    b.lse = Poisoned<float>(heads * g);
+    const uint32_t* set = Upload(std::vector<uint32_t>(heads, seq));
+    ASSERT_TRUE(backend_->Synchronize(0).ok());
+    ASSERT_TRUE(backend_->Delay(int64_t{2} * 1000 * 1000, 1).ok());
+    ASSERT_TRUE(backend_->Copy(list, real, sizeof(PageRef) * pages.size(), 1).ok());
+    ASSERT_TRUE(backend_->Copy(words, set, sizeof(uint32_t) * heads, 1).ok());
+    ASSERT_TRUE(backend_->ExactAttention(b).ok());
+    const auto out = Download(b.out, heads * g * d);
+    const auto lse = Download(b.lse, heads * g);
+    ASSERT_TRUE(backend_->Synchronize(1).ok());
+    EXPECT_LT(RelErr(out.data(), ref.data(), heads * g * d), 1e-6) << "seq " << seq;
+    for (int r = 0; r < heads * g; ++r) EXPECT_NEAR(lse[r], ref_lse[r], 1e-5f) << "row " << r;
+    for (uint32_t w : Download(chain.arrivals, heads)) EXPECT_EQ(w, 0u);
+  }
+  ExactArgs c = a;
+  ChainArgs bare;  // a chained launch without its own scratch
+  c.chain = &bare;
   EXPECT_EQ(backend_->ExactAttention(c).code(), absl::StatusCode::kInvalidArgument);
 }
 

@@ -25,7 +25,7 @@ struct Fixture {
 };
 
 void MakeFixture(const SyntheticShape& shape, double retrieval, double estimation,
-                 int64_t cache_divisor, Fixture& f, bool fused = true) {
+                 int64_t cache_divisor, Fixture& f, bool fused = true, bool chain = true) {
   auto backend = gpu::CudaBackend::Create({});
   ASSERT_TRUE(backend.ok()) << backend.status();
   f.backend = std::move(*backend);
@@ -42,6 +42,7 @@ void MakeFixture(const SyntheticShape& shape, double retrieval, double estimatio
   f.o.cache_bytes = f.kv->kv_bytes() / cache_divisor;
   f.o.max_cluster_pages = 4;
   f.o.fused_select = fused;
+  f.o.chain = chain;
   auto wb = WaveBuffer::Create(f.backend.get(), f.o, f.kv->Units());
   ASSERT_TRUE(wb.ok()) << wb.status();
   f.wb = std::move(*wb);
@@ -126,8 +127,10 @@ TEST(WaveBufferTest, MatchesCpuTripartiteAcrossSteps) {
 
 // Calls queued back to back (no Finish in between): the committer lags the GPU by up to kRing
 // calls, so hits may go stale; every output must still match the CPU reference. With the fused
-// select/plan/merge path (the default) and with one op per phase.
-class PipelinedTest : public ::testing::TestWithParam<bool> {};
+// select/plan/merge path, its attention chained behind the selection (the default) or after an
+// event, and with one op per phase.
+enum class Pipeline { kUnfused, kFusedEvent, kFusedChained };
+class PipelinedTest : public ::testing::TestWithParam<Pipeline> {};
 
 TEST_P(PipelinedTest, CallsMatchCpu) {
   if (!gpu::CudaBackend::DeviceAvailable()) GTEST_SKIP() << "no CUDA device";
@@ -141,7 +144,8 @@ TEST_P(PipelinedTest, CallsMatchCpu) {
   shape.steady_rows = 5;
   shape.seed = std::random_device{}();
   Fixture f;  // a pool of 1/8 of the KV: smaller than the retrieved set of all layers
-  ASSERT_NO_FATAL_FAILURE(MakeFixture(shape, 0.08, 0.2, 8, f, GetParam()));
+  ASSERT_NO_FATAL_FAILURE(MakeFixture(shape, 0.08, 0.2, 8, f, GetParam() != Pipeline::kUnfused,
+                                      GetParam() == Pipeline::kFusedChained));
   auto* backend = &f.backend;
   auto* kv = &f.kv;
   auto* wb = &f.wb;
@@ -196,9 +200,13 @@ TEST_P(PipelinedTest, CallsMatchCpu) {
   EXPECT_GT((*wb)->policy_stats().evicted, 0);
 }
 
-INSTANTIATE_TEST_SUITE_P(WaveBufferTest, PipelinedTest, ::testing::Bool(),
-                         [](const ::testing::TestParamInfo<bool>& i) {
-                           return i.param ? "Fused" : "Unfused";
+INSTANTIATE_TEST_SUITE_P(WaveBufferTest, PipelinedTest,
+                         ::testing::Values(Pipeline::kUnfused, Pipeline::kFusedEvent,
+                                           Pipeline::kFusedChained),
+                         [](const ::testing::TestParamInfo<Pipeline>& i) {
+                           return i.param == Pipeline::kUnfused      ? "Unfused"
+                                  : i.param == Pipeline::kFusedEvent ? "FusedEvent"
+                                                                     : "FusedChained";
                          });
 
 }  // namespace
