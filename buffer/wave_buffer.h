@@ -93,7 +93,7 @@ struct WaveBufferOptions {
   // the GPU for each head's plan), and the record written by the plan straight to the host;
   // false: an event after the selection, the estimation on the side stream, the record copied on
   // stream X.
-  bool chain = true;
+  bool chain = false;
   bool profile = false;  // time each phase with events (synchronises every call)
 };
 
