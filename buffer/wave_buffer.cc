@@ -3,10 +3,8 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <cstring>
 #include <mutex>
 #include <span>
-#include <thread>
 #include <utility>
 #include <vector>
 
@@ -54,8 +52,6 @@ struct WaveBuffer::Slot {
   gpu::DeviceBuffer update_dev;
   // Pinned host: the record of the call (counts, then (cluster, exec page) pairs), the update.
   store::HostBuffer record, update;
-  store::HostBuffer host_ready;  // chained: [heads] words, the plan's seq once the record is in
-  uint32_t seq = 0;              // the number of the slot's latest call
   UpdateLayout layout{0, 0};
   bool update_pending = false;  // an update was queued from `update` (event kUpdateEvent + slot)
 };
@@ -215,9 +211,6 @@ absl::Status WaveBuffer::Init() {
     KVWAVE_ASSIGN_OR_RETURN(s->exec_k, backend_->Allocate(page_bytes_ * exec_pages_));
     KVWAVE_ASSIGN_OR_RETURN(s->exec_v, backend_->Allocate(page_bytes_ * exec_pages_));
     KVWAVE_ASSIGN_OR_RETURN(s->record, store::HostBuffer::Allocate(pinned, record));
-    KVWAVE_ASSIGN_OR_RETURN(s->host_ready,
-                            store::HostBuffer::Allocate(pinned, sizeof(uint32_t) * o_.heads));
-    std::memset(s->host_ready.data(), 0, s->host_ready.size());
     s->layout = UpdateLayout(2 * exec_pages_, max_updates_);
     KVWAVE_ASSIGN_OR_RETURN(s->update, store::HostBuffer::Allocate(pinned, s->layout.total));
     KVWAVE_ASSIGN_OR_RETURN(s->update_dev, backend_->Allocate(s->layout.total));
@@ -241,7 +234,6 @@ absl::Status WaveBuffer::Enqueue(int layer, const float* q, float* out, float* l
   const int64_t C = o_.clusters, unit0 = int64_t{layer} * o_.heads;
   const uint32_t seq = static_cast<uint32_t>(calls_) + 1;  // this call's number in ready words
   const bool chain = o_.fused_select && o_.chain;
-  s.seq = seq;
   const float scale = 1.0f / std::sqrt(static_cast<float>(o_.d));
   auto profile = [&](int i) {
     return o_.profile ? backend_->RecordEvent(kProfileEvent + i, kComputeStream) : absl::OkStatus();
@@ -310,12 +302,11 @@ absl::Status WaveBuffer::Enqueue(int layer, const float* q, float* out, float* l
   pl.page_counts = s.page_counts.as<int32_t>();
   pl.info = s.counts.as<int32_t>() + o_.heads;
   pl.info_stride = std::max<int64_t>(r_, 1);
-  if (chain) {  // the plan writes the record straight to the host and says when (host_ready)
+  if (chain) {  // the plan writes the record straight to the host (complete with the call)
     auto* record = reinterpret_cast<int32_t*>(s.record.data());
     pl.record_counts = record;
     pl.info = record + o_.heads;
     pl.pages_ready = pages_ready_.as<uint32_t>();
-    pl.host_ready = reinterpret_cast<uint32_t*>(s.host_ready.data());
     pl.seq = seq;
   }
   if (o_.fused_select) {
@@ -330,9 +321,9 @@ absl::Status WaveBuffer::Enqueue(int layer, const float* q, float* out, float* l
     KVWAVE_RETURN_IF_ERROR(profile(2));
     KVWAVE_RETURN_IF_ERROR(backend_->PlanPages(pl, kComputeStream));
   }
-  // Chained: estimation and exact attention follow on stream C as dependent launches, their
-  // blocks resident while the selection runs (the exact attention's waiting for its head's
-  // pages_ready word); no event between them. Else the record (counts + (cluster, exec page)
+  // Chained: estimation and exact attention follow on stream C as dependent launches, scheduled
+  // as the selection ends (the exact attention's blocks wait for their head's pages_ready word);
+  // no event between them. Else the record (counts + (cluster, exec page)
   // pairs) goes to the host on stream X and the estimation zone runs on stream S, both after an
   // event.
   int est_stream = kComputeStream;
@@ -419,31 +410,9 @@ absl::Status WaveBuffer::Enqueue(int layer, const float* q, float* out, float* l
 }
 
 absl::Status WaveBuffer::WaitForRecord(int slot_index) {
-  if (!(o_.fused_select && o_.chain)) return backend_->SynchronizeEvent(kRecordEvent + slot_index);
-  // Chained: the plan wrote the record to the host, then each head's word. Poll them; should the
-  // call end without them (it failed), the event says so.
-  const Slot& s = *slots_[slot_index];
-  const auto* words = reinterpret_cast<const uint32_t*>(s.host_ready.data());
-  auto arrived = [&] {
-    for (int h = 0; h < o_.heads; ++h)
-      if (__atomic_load_n(words + h, __ATOMIC_ACQUIRE) != s.seq) return false;
-    return true;
-  };
-  for (int spin = 0;; ++spin) {
-    if (arrived()) return absl::OkStatus();
-    if (spin % 64 == 63) {
-      KVWAVE_ASSIGN_OR_RETURN(const bool done, backend_->QueryEvent(kDoneEvent + slot_index));
-      if (done) {
-        if (arrived()) return absl::OkStatus();
-        return absl::InternalError("wave buffer: a call ended without its record");
-      }
-    }
-    if (spin < 4096) {
-      std::this_thread::yield();
-    } else {
-      std::this_thread::sleep_for(std::chrono::microseconds(20));
-    }
-  }
+  // Chained, the plan wrote the record straight to the host: it is complete with the call.
+  return backend_->SynchronizeEvent(
+      (o_.fused_select && o_.chain ? kDoneEvent : kRecordEvent) + slot_index);
 }
 
 void WaveBuffer::Commit(int layer, int slot_index) {

@@ -15,10 +15,12 @@
 // updates). W = the committer threads. Call n uses ring slot n % kRing (execution buffer, records,
 // staging).
 //
-//   C: |logits|scores + top-k + plan(table)|exact: steady+hits (HBM) + misses (PCIe, stashed),
-//                                           |   the last block of each head merges S's estimate|
-//   S:                                      |estimate (meta index, HBM) -> ready words|
-//   X:                                      |D2H record(n)|
+//   C: |logits|scores + top-k + plan(table), record -> host|estimate (meta index, HBM)
+//                                                         |exact: steady+hits (HBM) + misses (PCIe,
+//                                                         |stashed); the last block of each head
+//                                                         |merges the estimate (ready words)|
+//      (chained: estimate and exact are programmatic dependents of the selection, no event
+//      between them; unchained, an event, the estimate on S and a D2H copy of the record on X)
 //   W:                                                    |LRU: touch hits, admit misses, evict|
 //   U:                 (after call n, beside calls n+1, n+2 ...) |H2D update(n)|admission copies
 //                                                                 exec -> pool|table scatter|
@@ -89,11 +91,12 @@ struct WaveBufferOptions {
   // estimation zone keeps the float32 centroids.
   bool bf16_scores = true;
   // With fused_select: the estimation and exact attention queued as dependent launches behind the
-  // selection on the compute stream (sm_90 programmatic dependent launch: their blocks wait on
-  // the GPU for each head's plan), and the record written by the plan straight to the host;
-  // false: an event after the selection, the estimation on the side stream, the record copied on
-  // stream X.
-  bool chain = false;
+  // selection on the compute stream (sm_90 programmatic dependent launch: scheduled as the
+  // selection ends, no event or launch gap in between; the exact attention's blocks wait on the
+  // GPU for their head's plan), and the record written by the plan straight to pinned host
+  // memory, read once the call is done. false: an event after the selection, the estimation on
+  // the side stream, the record copied on stream X.
+  bool chain = true;
   bool profile = false;  // time each phase with events (synchronises every call)
 };
 

@@ -119,12 +119,13 @@ struct TopKArgs {
   int32_t* counts2 = nullptr;
 };
 
-// Dependent launch (sm_90): an op queued with a ChainArgs starts while the op before it on the
-// stream is still running, so that its blocks are resident when their inputs are ready. Which
-// inputs it waits for is said per op (ExactArgs: head h's page list, once pages_ready[h] ==
-// seq; EstimateArgs: the op before it completing). Overlapping ops cannot share the stream's
-// workspace: each brings its own scratch (ExactScratchBytes / EstimateScratchBytes) and arrival
-// words (zero, left zero; one per head).
+// Dependent launch (sm_90): an op queued with a ChainArgs is a programmatic dependent of the
+// kernel before it on the stream: its blocks are scheduled once that kernel's blocks have all
+// triggered (ScoreSelectPlan: as each head's plan is written; EstimateAttention: at its start),
+// with no launch gap, and they wait on the GPU for their inputs (ExactArgs: head h's page list,
+// once pages_ready[h] == seq; EstimateArgs: the kernel before completing). Ops that may overlap
+// cannot share the stream's workspace: each brings its own scratch (ExactScratchBytes /
+// EstimateScratchBytes) and arrival words (zero, left zero; one per head).
 struct ChainArgs {
   float* scratch = nullptr;
   uint32_t* arrivals = nullptr;
@@ -201,12 +202,11 @@ struct PlanArgs {
   int32_t* page_counts = nullptr;  // [heads]
   int32_t* info = nullptr;         // [heads x info_stride x 2]
   int64_t info_stride = 0;         // >= counts[h]
-  // Optional (ScoreSelectPlan only): once head h's plan is written, counts[h] is copied to
-  // record_counts[h] (may be mapped host memory; then info may be too), pages_ready[h] (device)
-  // and host_ready[h] (mapped host memory, written after a system-wide fence) are set to seq.
+  // Optional (ScoreSelectPlan only): counts[h] is also written to record_counts[h] (which, like
+  // info, may be mapped host memory: complete when the op is), and once head h's plan is written
+  // pages_ready[h] (device) is set to seq.
   int32_t* record_counts = nullptr;
   uint32_t* pages_ready = nullptr;
-  uint32_t* host_ready = nullptr;
   uint32_t seq = 0;
 };
 
@@ -284,8 +284,6 @@ class CudaBackend {
   [[nodiscard]] absl::Status RecordEvent(int event, int stream);
   [[nodiscard]] absl::Status WaitEvent(int stream, int event);
   [[nodiscard]] absl::Status SynchronizeEvent(int event);
-  // True once the event's work has completed; an error if that work failed.
-  [[nodiscard]] absl::StatusOr<bool> QueryEvent(int event);
   // Milliseconds between two recorded events (both completed).
   [[nodiscard]] absl::StatusOr<float> ElapsedMs(int start_event, int end_event);
 

@@ -171,14 +171,6 @@ absl::Status CudaBackend::WaitEvent(int stream, int event) {
   return FromCuda(cudaStreamWaitEvent(s, e, 0), "cudaStreamWaitEvent");
 }
 
-absl::StatusOr<bool> CudaBackend::QueryEvent(int event) {
-  KVWAVE_ASSIGN_OR_RETURN(cudaEvent_t e, impl_->Event(event));
-  const cudaError_t err = cudaEventQuery(e);
-  if (err == cudaErrorNotReady) return false;
-  KVWAVE_RETURN_IF_ERROR(FromCuda(err, "cudaEventQuery"));
-  return true;
-}
-
 absl::Status CudaBackend::SynchronizeEvent(int event) {
   KVWAVE_ASSIGN_OR_RETURN(cudaEvent_t e, impl_->Event(event));
   return FromCuda(cudaEventSynchronize(e), "cudaEventSynchronize");

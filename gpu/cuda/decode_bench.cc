@@ -55,7 +55,7 @@ struct Options {
   bool profile = true;      // one more pass with per-phase GPU timing
   bool probe = false;       // only the zero-copy read probe
   bool fuse = true;         // WaveBufferOptions::fused_select
-  bool chain = false;       // WaveBufferOptions::chain
+  bool chain = true;        // WaveBufferOptions::chain
   bool pdl = true;          // CudaBackendOptions::dependent_launch
   bool bf16_scores = true;  // WaveBufferOptions::bf16_scores
   std::string json;
