@@ -411,8 +411,8 @@ absl::Status WaveBuffer::Enqueue(int layer, const float* q, float* out, float* l
 
 absl::Status WaveBuffer::WaitForRecord(int slot_index) {
   // Chained, the plan wrote the record straight to the host: it is complete with the call.
-  return backend_->SynchronizeEvent(
-      (o_.fused_select && o_.chain ? kDoneEvent : kRecordEvent) + slot_index);
+  return backend_->SynchronizeEvent((o_.fused_select && o_.chain ? kDoneEvent : kRecordEvent) +
+                                    slot_index);
 }
 
 void WaveBuffer::Commit(int layer, int slot_index) {

@@ -172,7 +172,8 @@ class WaveBuffer {
   gpu::DeviceBuffer scores_, est_out_, est_lse_;
   gpu::DeviceBuffer est_ready_;
   // Chained launches: [heads] pages_ready words, 2 x [heads] arrival words, scratch.
-  gpu::DeviceBuffer pages_ready_, arrivals_, exact_scratch_, est_scratch_;  // [heads x g]: number of the call whose estimate row is written
+  gpu::DeviceBuffer pages_ready_, arrivals_, exact_scratch_,
+      est_scratch_;  // [heads x g]: number of the call whose estimate row is written
   std::vector<std::unique_ptr<Slot>> slots_;
   uint64_t calls_ = 0;
   std::array<uint64_t, kRing>

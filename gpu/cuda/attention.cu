@@ -75,20 +75,20 @@ __device__ void CombineSlots(const float (*sm_m)[G], const float (*sm_l)[G],
 // last block of each head does with them.
 struct FoldArgs {
   int splits = 0;
-  float* part_out = nullptr;     // [heads x splits x G x D], normalised
-  float* part_lse = nullptr;     // [heads x splits x G], natural log
-  uint32_t* arrivals = nullptr;     // [heads], zero before the launch and left zero
+  float* part_out = nullptr;         // [heads x splits x G x D], normalised
+  float* part_lse = nullptr;         // [heads x splits x G], natural log
+  uint32_t* arrivals = nullptr;      // [heads], zero before the launch and left zero
   const float* extra_out = nullptr;  // optional partial [heads x G x D] ...
   const float* extra_lse = nullptr;
-  const uint32_t* extra_ready = nullptr;  // ... whose row r is read once extra_ready[r] == extra_seq
+  const uint32_t* extra_ready = nullptr;  // ... row r read once extra_ready[r] == extra_seq
   uint32_t extra_seq = 0;
-  float* out = nullptr;  // [heads x G x D]
-  float* lse = nullptr;  // [heads x G]
+  float* out = nullptr;       // [heads x G x D]
+  float* lse = nullptr;       // [heads x G]
   uint32_t* ready = nullptr;  // optional: ready[r] = ready_seq once row r is written
   uint32_t ready_seq = 0;
 };
 
-constexpr int kFoldChunk = 64;                          // splits' lse staged at once
+constexpr int kFoldChunk = 64;  // splits' lse staged at once
 
 // Called by every block of a split kernel after writing its partial of `head` (all threads). The
 // head's last block to arrive folds the partials, and the extra partial, into out/lse: per chunk
@@ -343,8 +343,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   const int64_t part = (int64_t{head} * splits + split) * G;
-  CombineSlots<D, G, kSlots>(sm_m, sm_l, sm_acc, fold.part_out + part * D,
-                             fold.part_lse + part);
+  CombineSlots<D, G, kSlots>(sm_m, sm_l, sm_acc, fold.part_out + part * D, fold.part_lse + part);
   FoldSplitsIfLast<D, G>(fold, head);
 }
 
@@ -426,8 +425,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   const int64_t part = (int64_t{head} * splits + split) * G;
-  CombineSlots<D, G, kWarps>(sm_m, sm_l, sm_acc, fold.part_out + part * D,
-                             fold.part_lse + part);
+  CombineSlots<D, G, kWarps>(sm_m, sm_l, sm_acc, fold.part_out + part * D, fold.part_lse + part);
   FoldSplitsIfLast<D, G>(fold, head);
 }
 

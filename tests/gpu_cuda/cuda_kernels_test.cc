@@ -81,8 +81,7 @@ double RelErr(const float* a, const float* b, size_t n) {
 // Runs exact attention over `heads` heads of random pages (rows 1..8) vs the CPU backend.
 void CheckExact(CudaKernelsTest* t, std::mt19937& rng, int d, int g, DType type, bool pinned,
                 std::vector<DeviceBuffer>& keep, CudaBackend* backend,
-                const std::function<std::vector<float>(size_t)>& random,
-                int pages_per_split = 16) {
+                const std::function<std::vector<float>(size_t)>& random, int pages_per_split = 16) {
   const int heads = 3;
   const size_t row = d * ElementSize(type);
   std::vector<int> num_pages = {0, 1 + int(rng() % 5), 40 + int(rng() % 300)};
