@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "gpu/cuda/launch_config.h"
 #include "gpu/cuda/launchers.h"
 #include "gpu/cuda/sync.cuh"
 
@@ -512,24 +513,6 @@ __global__ void GatherBulkKernel(const void* const* __restrict__ src, void* cons
   }
 }
 
-// A launch of kThreads-thread blocks, optionally as a programmatic dependent of the stream's
-// previous kernel. Not copyable: config.attrs points into the object.
-struct Launch {
-  cudaLaunchConfig_t config = {};
-  cudaLaunchAttribute attr[1];
-  Launch(dim3 grid, cudaStream_t stream, bool dependent) {
-    config.gridDim = grid;
-    config.blockDim = dim3(kThreads);
-    config.stream = stream;
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    config.attrs = attr;
-    config.numAttrs = dependent ? 1 : 0;
-  }
-  Launch(const Launch&) = delete;
-  Launch& operator=(const Launch&) = delete;
-};
-
 FoldArgs SplitFold(float* ws, int heads, int g, int d, int splits, uint32_t* arrivals, float* out,
                    float* lse) {
   FoldArgs f;
@@ -555,7 +538,7 @@ cudaError_t LaunchExactTyped(const ExactArgs& a, int splits, int64_t pps, float*
   auto* sv = static_cast<uint4*>(a.stash_v);
   const uint32_t* ready = a.chain != nullptr ? a.chain->pages_ready : nullptr;
   const uint32_t seq = a.chain != nullptr ? a.chain->seq : 0;
-  Launch l(dim3(splits, a.heads), stream, a.chain != nullptr);
+  LaunchConfig l(dim3(splits, a.heads), kThreads, 0, stream, 0, a.chain != nullptr);
   return a.kv_type == DType::kBF16
              ? cudaLaunchKernelEx(&l.config, ExactKernel<D, G, true>, a.q, scale2, a.pages,
                                   a.page_offsets, a.page_counts, pps, sk, sv, ready, seq, f)
@@ -569,7 +552,7 @@ cudaError_t LaunchEstimateTyped(const EstimateArgs& a, int splits, int64_t cps, 
   FoldArgs f = SplitFold(ws, a.heads, G, D, splits, arrivals, a.out, a.lse);
   f.ready = a.ready;
   f.ready_seq = a.ready_seq;
-  Launch l(dim3(splits, a.heads), stream, a.chain != nullptr);
+  LaunchConfig l(dim3(splits, a.heads), kThreads, 0, stream, 0, a.chain != nullptr);
   return cudaLaunchKernelEx(&l.config, EstimateKernel<D, G>, a.q, a.scale * kLog2e, a.centroids,
                             a.value_sums, a.sizes, a.cluster_stride, a.clusters, a.counts,
                             a.list_stride, cps, f);

@@ -68,6 +68,20 @@ struct CudaBackend::Impl {
           absl::StrCat("op has ", heads, " heads, at most ", kArrivalWords, " per launch"));
     return arrivals + int64_t{kArrivalWords} * i;
   }
+  // A split kernel's scratch (`bytes`) and arrival words: the chained op's own, else stream i's.
+  absl::Status SplitScratch(const ChainArgs* chain, int i, size_t bytes, int heads, float** ws,
+                            uint32_t** words) const {
+    if (chain != nullptr) {
+      if (chain->scratch == nullptr || chain->arrivals == nullptr)
+        return absl::InvalidArgumentError("a chained launch brings its scratch and arrival words");
+      *ws = chain->scratch;
+      *words = chain->arrivals;
+      return absl::OkStatus();
+    }
+    KVWAVE_ASSIGN_OR_RETURN(*ws, Workspace(i, bytes));
+    KVWAVE_ASSIGN_OR_RETURN(*words, Arrivals(i, heads));
+    return absl::OkStatus();
+  }
 };
 
 DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
@@ -233,16 +247,9 @@ absl::Status CudaBackend::ExactAttention(const ExactArgs& a, int stream) {
       cuda::ExactSplits(a.heads, a.max_pages_per_head, a.pages_per_split, multiprocessors_);
   float* ws = nullptr;
   uint32_t* arrivals = nullptr;
-  if (a.chain != nullptr) {
-    if (a.chain->scratch == nullptr || a.chain->arrivals == nullptr)
-      return absl::InvalidArgumentError("ExactAttention: a chained launch brings its scratch");
-    ws = a.chain->scratch;
-    arrivals = a.chain->arrivals;
-  } else {
-    KVWAVE_ASSIGN_OR_RETURN(
-        ws, impl_->Workspace(stream, cuda::ExactWorkspaceBytes(a.heads, a.g, a.d, splits)));
-    KVWAVE_ASSIGN_OR_RETURN(arrivals, impl_->Arrivals(stream, a.heads));
-  }
+  KVWAVE_RETURN_IF_ERROR(impl_->SplitScratch(a.chain, stream,
+                                             cuda::ExactWorkspaceBytes(a.heads, a.g, a.d, splits),
+                                             a.heads, &ws, &arrivals));
   if ((a.extra_out == nullptr) != (a.extra_lse == nullptr) ||
       (a.extra_out == nullptr) != (a.extra_ready == nullptr))
     return absl::InvalidArgumentError(
@@ -258,16 +265,9 @@ absl::Status CudaBackend::EstimateAttention(const EstimateArgs& a, int stream) {
   const int splits = cuda::EstimateSplits(a.heads, a.list_stride, multiprocessors_);
   float* ws = nullptr;
   uint32_t* arrivals = nullptr;
-  if (a.chain != nullptr) {
-    if (a.chain->scratch == nullptr || a.chain->arrivals == nullptr)
-      return absl::InvalidArgumentError("EstimateAttention: a chained launch brings its scratch");
-    ws = a.chain->scratch;
-    arrivals = a.chain->arrivals;
-  } else {
-    KVWAVE_ASSIGN_OR_RETURN(
-        ws, impl_->Workspace(stream, cuda::EstimateWorkspaceBytes(a.heads, a.g, a.d, splits)));
-    KVWAVE_ASSIGN_OR_RETURN(arrivals, impl_->Arrivals(stream, a.heads));
-  }
+  KVWAVE_RETURN_IF_ERROR(
+      impl_->SplitScratch(a.chain, stream, cuda::EstimateWorkspaceBytes(a.heads, a.g, a.d, splits),
+                          a.heads, &ws, &arrivals));
   if (a.heads == 0) return absl::OkStatus();
   return FromCuda(cuda::LaunchEstimateAttention(a, a.list_stride, splits, ws, arrivals, s),
                   "EstimateAttention");

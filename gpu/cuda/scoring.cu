@@ -34,6 +34,7 @@
 #include <cstdio>
 #include <cstring>
 
+#include "gpu/cuda/launch_config.h"
 #include "gpu/cuda/launchers.h"
 #include "gpu/cuda/plan_block.cuh"
 #include "gpu/cuda/sync.cuh"
@@ -1201,30 +1202,6 @@ bool AllowStaging(Kernel kernel) {
   return false;
 }
 
-// A launch of clusters of `cluster` blocks along x, optionally as a programmatic dependent of the
-// stream's previous kernel. Not copyable: config.attrs points into the object.
-struct ClusterLaunch {
-  cudaLaunchConfig_t config = {};
-  cudaLaunchAttribute attr[2];
-  ClusterLaunch(int blocks, int threads, size_t smem, int cluster, cudaStream_t stream,
-                bool dependent) {
-    config.gridDim = dim3(blocks);
-    config.blockDim = dim3(threads);
-    config.dynamicSmemBytes = smem;
-    config.stream = stream;
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = cluster;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[1].val.programmaticStreamSerializationAllowed = 1;
-    config.attrs = attr;
-    config.numAttrs = dependent ? 2 : 1;
-  }
-  ClusterLaunch(const ClusterLaunch&) = delete;
-  ClusterLaunch& operator=(const ClusterLaunch&) = delete;
-};
-
 #ifdef KVWAVE_PROFILE_SELECT
 // Every 512 calls: the average cycles of phases [first, last) of g_select_prof, then zeroes it.
 void MaybePrintSelectProfile(const char* what, int64_t n, int kC, const char* const* names,
@@ -1252,7 +1229,8 @@ cudaError_t LaunchSelectPlanTyped(const ScoreArgs& a, const TopKArgs& t, const P
   static const bool staging_ok = AllowStaging(SelectPlanKernel<G, kSel, kC>);
   const int64_t bytes = sizeof(float) * ((a.n + kC - 1) / kC);
   const bool stage = staging_ok && bytes <= kMaxStaged;
-  ClusterLaunch l(a.heads * kC, SelThreads(kC), stage ? bytes : 0, kC, stream, dependent_launch);
+  LaunchConfig l(dim3(a.heads * kC), SelThreads(kC), stage ? bytes : 0, stream, kC,
+                 dependent_launch);
   const cudaError_t err = cudaLaunchKernelEx(
       &l.config, SelectPlanKernel<G, kSel, kC>, static_cast<const float*>(ws), stats,
       static_cast<int>(nb), a.sizes, a.size_stride, a.n, a.scores, a.score_stride, t.k, t.k2, t.out,
@@ -1278,7 +1256,7 @@ template <int G, int kSel, int D, int kC>
 cudaError_t LaunchFusedTyped(const ScoreArgs& a, const TopKArgs& t, const PlanArgs& p,
                              cudaStream_t stream) {
   const int per = FusedPer<kC>(a.n);
-  ClusterLaunch l(a.heads * kC, SelThreads(kC), sizeof(float) * G * per, kC, stream, false);
+  LaunchConfig l(dim3(a.heads * kC), SelThreads(kC), sizeof(float) * G * per, stream, kC, false);
   const cudaError_t err = cudaLaunchKernelEx(
       &l.config, FusedSelectPlanKernel<G, kSel, D, kC>, a.q, a.scale, a.centroids_bf16,
       a.centroid_stride, a.sizes, a.size_stride, a.n, per, a.scores, a.score_stride, t.k, t.k2,
@@ -1300,7 +1278,7 @@ bool FusedFits(Kernel kernel, int kC, int heads, size_t smem) {
   static thread_local size_t last_smem = 0;
   static thread_local int last_clusters = 0;
   if (smem != last_smem) {
-    ClusterLaunch l(heads * kC, SelThreads(kC), smem, kC, nullptr, false);
+    LaunchConfig l(dim3(heads * kC), SelThreads(kC), smem, nullptr, kC, false);
     int clusters = 0;
     if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &l.config) != cudaSuccess) {
       cudaGetLastError();

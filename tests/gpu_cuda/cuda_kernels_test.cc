@@ -63,6 +63,43 @@ class CudaKernelsTest : public ::testing::Test {
     for (auto& x : v) x = dist(rng_);
     return v;
   }
+  // Random bf16 K/V pages of 1..kMaxPageRows rows of d, num_pages[h] for head h, on the device;
+  // offsets (heads + 1) into the returned list.
+  std::vector<PageRef> RandomPages(const std::vector<int>& num_pages, int d,
+                                   std::vector<int32_t>* offsets) {
+    std::vector<PageRef> pages;
+    *offsets = {0};
+    for (int n : num_pages) {
+      for (int p = 0; p < n; ++p) {
+        const int rows = 1 + int(rng_() % kMaxPageRows);
+        std::vector<float> kv = Random(2 * rows * d);
+        std::vector<uint16_t> bits(2 * rows * d);
+        FromFloat(kv.data(), DType::kBF16, bits.data(), bits.size());
+        const uint16_t* dev = Upload(bits);
+        pages.push_back({dev, dev + rows * d, rows, 0});
+      }
+      offsets->push_back(static_cast<int32_t>(pages.size()));
+    }
+    return pages;
+  }
+  // ExactAttention of random queries over those pages; out and lse poisoned.
+  ExactArgs ExactOver(const std::vector<PageRef>& pages, const std::vector<int32_t>& offsets, int g,
+                      int d, int64_t max_pages_per_head, int pages_per_split) {
+    const int heads = static_cast<int>(offsets.size()) - 1;
+    ExactArgs a;
+    a.q = Upload(Random(heads * g * d));
+    a.heads = heads;
+    a.g = g;
+    a.d = d;
+    a.scale = 1.0f / std::sqrt(float(d));
+    a.pages = Upload(pages);
+    a.page_offsets = Upload(offsets);
+    a.max_pages_per_head = max_pages_per_head;
+    a.pages_per_split = pages_per_split;
+    a.out = Poisoned<float>(heads * g * d);
+    a.lse = Poisoned<float>(heads * g);
+    return a;
+  }
   std::unique_ptr<CudaBackend> backend_;
   std::vector<DeviceBuffer> keep_;
   std::mt19937 rng_{std::random_device{}()};
@@ -524,34 +561,11 @@ TEST_F(CudaKernelsTest, ScoreSelectPlanRejectsMismatchedLists) {
 // attention was queued on stream 0: the kernel must wait for them, not read the stale partial.
 TEST_F(CudaKernelsTest, ExactAttentionMergesExtraPartial) {
   const int heads = 3, g = 4, d = 128;
-  std::vector<int> num_pages = {0, 3, 150};
-  std::vector<PageRef> pages;
-  std::vector<int32_t> offsets = {0};
-  for (int h = 0; h < heads; ++h) {
-    for (int p = 0; p < num_pages[h]; ++p) {
-      const int rows = 1 + int(rng_() % kMaxPageRows);
-      std::vector<float> kv = Random(2 * rows * d);
-      std::vector<uint16_t> bits(2 * rows * d);
-      FromFloat(kv.data(), DType::kBF16, bits.data(), bits.size());
-      const uint16_t* dev = Upload(bits);
-      pages.push_back({dev, dev + rows * d, rows, 0});
-    }
-    offsets.push_back(static_cast<int32_t>(pages.size()));
-  }
+  std::vector<int32_t> offsets;
+  const std::vector<PageRef> pages = RandomPages({0, 3, 150}, d, &offsets);
   std::vector<float> xo = Random(heads * g * d), xl = Random(heads * g, 2.f);
   xl[5] = -INFINITY;  // one row without an extra partial
-  ExactArgs a;
-  a.q = Upload(Random(heads * g * d));
-  a.heads = heads;
-  a.g = g;
-  a.d = d;
-  a.scale = 1.0f / std::sqrt(float(d));
-  a.pages = Upload(pages);
-  a.page_offsets = Upload(offsets);
-  a.max_pages_per_head = 150;
-  a.pages_per_split = 16;
-  a.out = Poisoned<float>(heads * g * d);
-  a.lse = Poisoned<float>(heads * g);
+  const ExactArgs a = ExactOver(pages, offsets, g, d, 150, 16);
   ASSERT_TRUE(backend_->ExactAttention(a).ok());
   auto ref = Download(a.out, heads * g * d);
   auto ref_lse = Download(a.lse, heads * g);
@@ -600,34 +614,10 @@ TEST_F(CudaKernelsTest, ExactAttentionMergesExtraPartial) {
 // must be left zero for the next launch.
 TEST_F(CudaKernelsTest, ExactAttentionChainedWaitsForPageWords) {
   const int heads = 3, g = 2, d = 128;
-  std::vector<int> num_pages = {7, 1, 60};
-  std::vector<PageRef> pages, decoys;
-  std::vector<int32_t> offsets = {0};
-  for (int h = 0; h < heads; ++h) {
-    for (int p = 0; p < num_pages[h]; ++p) {
-      for (auto* list : {&pages, &decoys}) {
-        const int rows = 1 + int(rng_() % kMaxPageRows);
-        std::vector<float> kv = Random(2 * rows * d);
-        std::vector<uint16_t> bits(2 * rows * d);
-        FromFloat(kv.data(), DType::kBF16, bits.data(), bits.size());
-        const uint16_t* dev = Upload(bits);
-        list->push_back({dev, dev + rows * d, rows, 0});
-      }
-    }
-    offsets.push_back(static_cast<int32_t>(pages.size()));
-  }
-  ExactArgs a;
-  a.q = Upload(Random(heads * g * d));
-  a.heads = heads;
-  a.g = g;
-  a.d = d;
-  a.scale = 1.0f / std::sqrt(float(d));
-  a.pages = Upload(pages);
-  a.page_offsets = Upload(offsets);
-  a.max_pages_per_head = 60;
-  a.pages_per_split = 4;
-  a.out = Poisoned<float>(heads * g * d);
-  a.lse = Poisoned<float>(heads * g);
+  std::vector<int32_t> offsets;
+  const std::vector<PageRef> pages = RandomPages({7, 1, 60}, d, &offsets);
+  const std::vector<PageRef> decoys = RandomPages({7, 1, 60}, d, &offsets);
+  const ExactArgs a = ExactOver(pages, offsets, g, d, 60, 4);
   ASSERT_TRUE(backend_->ExactAttention(a).ok());
   const auto ref = Download(a.out, heads * g * d);
   const auto ref_lse = Download(a.lse, heads * g);
