@@ -323,9 +323,8 @@ absl::Status WaveBuffer::Enqueue(int layer, const float* q, float* out, float* l
   }
   // Chained: estimation and exact attention follow on stream C as dependent launches, scheduled
   // as the selection ends (the exact attention's blocks wait for their head's pages_ready word);
-  // no event between them. Else the record (counts + (cluster, exec page)
-  // pairs) goes to the host on stream X and the estimation zone runs on stream S, both after an
-  // event.
+  // no event between them. Else the record (counts + (cluster, exec page) pairs) goes to the
+  // host on stream X and the estimation zone runs on stream S, both after an event.
   int est_stream = kComputeStream;
   if (!chain) {
     KVWAVE_RETURN_IF_ERROR(backend_->RecordEvent(kPlannedEvent + slot, kComputeStream));
