@@ -9,6 +9,7 @@
 
 #include <cerrno>
 #include <chrono>
+#include <csignal>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -63,6 +64,10 @@ Server::~Server() {
 }
 
 absl::Status Server::Start() {
+  // Connections write replies with write(2) (asio's stream_descriptor: no MSG_NOSIGNAL). A client
+  // that vanishes while its replies are written must cost only its connection (EPIPE), so
+  // SIGPIPE is ignored process-wide; left at its default it killed the daemon.
+  std::signal(SIGPIPE, SIG_IGN);
   if (absl::Status st = ListenUnix(); !st.ok()) return st;
   if (settings_.tcp_port > 0) {
     if (absl::Status st = ListenTcp(); !st.ok()) return st;

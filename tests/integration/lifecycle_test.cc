@@ -76,6 +76,32 @@ TEST(LifecycleTest, ClientKilledMidRequestReleasesItsContexts) {
   EXPECT_TRUE(observer->Ping().ok());
 }
 
+// A client that queues requests and closes its socket before their replies are written: the
+// daemon's writes to it fail (EPIPE) and cost only that connection. (A daemon that let SIGPIPE
+// kill it failed this, and ClientKilledMidRequestReleasesItsContexts now and then.)
+TEST(LifecycleTest, ClientGoneBeforeItsRepliesLeavesTheDaemonUp) {
+  auto daemon = StartDaemon();
+  ASSERT_NE(daemon, nullptr);
+  auto observer = Connect(daemon->socket_path());
+  std::string burst;  // pings in one write; the replies outlast the connection
+  for (uint64_t i = 0; i < 4000; ++i) {
+    rpc::FrameHeader h;
+    h.type = pb::PING;
+    h.request_id = i + 2;
+    auto frame = rpc::EncodeFrame(h, pb::PingRequest());
+    ASSERT_TRUE(frame.ok());
+    burst += *frame;
+  }
+  for (int round = 0; round < 40; ++round) {
+    RawConnection c(daemon->socket_path());
+    ASSERT_TRUE(c.Hello(0)) << "round " << round << (daemon->Running() ? "" : ": kvwaved is gone");
+    ASSERT_TRUE(c.SendBytes(burst.data(), burst.size())) << round;
+  }  // closed here, with replies still being written
+  EXPECT_TRUE(Eventually([&] { return StatsOf(*observer).sessions == 1; }));
+  EXPECT_TRUE(daemon->Running());
+  EXPECT_TRUE(observer->Ping().ok());
+}
+
 TEST(LifecycleTest, ThousandClientsConnectAndVanish) {
   auto daemon = StartDaemon();
   ASSERT_NE(daemon, nullptr);
