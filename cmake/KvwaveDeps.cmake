@@ -11,6 +11,7 @@ find_package(CLI11 REQUIRED)         # command lines
 find_package(toml11 REQUIRED)        # config files
 find_package(PkgConfig REQUIRED)
 pkg_check_modules(XXHASH REQUIRED IMPORTED_TARGET libxxhash)  # prefix chain hash, checksums
+pkg_check_modules(HIREDIS REQUIRED IMPORTED_TARGET hiredis)    # remote tier (Redis Cluster)
 find_path(HNSWLIB_INCLUDE_DIR hnswlib/hnswlib.h REQUIRED)     # HNSW baseline (bench)
 add_library(kvwave_hnswlib INTERFACE)
 target_include_directories(kvwave_hnswlib SYSTEM INTERFACE ${HNSWLIB_INCLUDE_DIR})

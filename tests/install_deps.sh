@@ -6,7 +6,7 @@ packages=(
   build-essential cmake ninja-build pkg-config
   libabsl-dev libtbb-dev libfaiss-dev libopenblas-dev libboost-dev librocksdb-dev
   libprotobuf-dev protobuf-compiler libgtest-dev libhnswlib-dev libspdlog-dev libcli11-dev
-  libtoml11-dev libxxhash-dev
+  libtoml11-dev libxxhash-dev libhiredis-dev redis-server
   python3-dev python3-numpy python3-pytest pybind11-dev python3-torch
   clang libclang-rt-14-dev gnuplot-nox
 )
