@@ -9,6 +9,7 @@
 #include "absl/synchronization/mutex.h"
 #include "config/status_macros.h"
 #include "engine/engine.h"
+#include "engine/finite.h"
 #include "engine/head_ops.h"
 #include "engine/prefix_cache.h"
 #include "spdlog/spdlog.h"
@@ -42,6 +43,7 @@ class EngineImpl final : public Engine {
   }
 
   ~EngineImpl() override {
+    if (prefix_cache_ == nullptr) return;  // Init failed: nothing was opened
     absl::Status s = prefix_cache_->Flush();
     if (!s.ok()) spdlog::error("engine: final flush: {}", s.ToString());
     absl::MutexLock lock(&mu_);
@@ -50,11 +52,22 @@ class EngineImpl final : public Engine {
 
   absl::StatusOr<OpenResult> Open(const OpenOptions& options) override {
     KVWAVE_RETURN_IF_ERROR(store::Validate(options.shape));
+    // Everything the context will hold is charged before it is built (issue 15, item 10).
+    KVWAVE_ASSIGN_OR_RETURN(
+        store::MemoryCharge charge,
+        Reserve(store::Context::SkeletonBytes(options.shape, options.token_ids.size(),
+                                              settings_.prefill_segment_tokens)));
     const uint64_t id = next_id_.fetch_add(1, std::memory_order_relaxed);
     auto ctx = std::make_shared<store::Context>(id, options.shape, store::DefaultHostAllocator());
+    ctx->add_charge(std::move(charge));
     int64_t matched = 0;
     if (!options.token_ids.empty()) {
       matched = prefix_cache_->Attach(*ctx, options.token_ids, options.prefix_namespace);
+      KVWAVE_ASSIGN_OR_RETURN(
+          store::MemoryCharge attached,
+          Reserve(store::Context::AttachedBytes(options.shape,
+                                                matched / settings_.prefill_segment_tokens)));
+      ctx->add_charge(std::move(attached));
     }
     absl::MutexLock lock(&mu_);
     contexts_[id] = std::move(ctx);
@@ -223,6 +236,8 @@ absl::Status EngineImpl::Append(ContextId id, int32_t layer_index, int64_t n,
   KVWAVE_RETURN_IF_ERROR(CheckSize("k (bytes)", k.size(), n * token_bytes));
   KVWAVE_RETURN_IF_ERROR(CheckSize("v (bytes)", v.size(), n * token_bytes));
   if (n == 0) return absl::OkStatus();
+  KVWAVE_RETURN_IF_ERROR(CheckFinite("k", k, shape.dtype));
+  KVWAVE_RETURN_IF_ERROR(CheckFinite("v", v, shape.dtype));
   const HeadParams p = Params(*ctx);
   const size_t row_bytes = static_cast<size_t>(token_bytes / shape.kv_heads);
 
@@ -289,6 +304,7 @@ absl::Status EngineImpl::Attend(ContextId id, int32_t layer_index, std::span<con
   KVWAVE_RETURN_IF_ERROR(CheckSize("q", q.size(), qd));
   KVWAVE_RETURN_IF_ERROR(CheckSize("out", out.size(), qd));
   KVWAVE_RETURN_IF_ERROR(CheckSize("lse", lse.size(), shape.q_heads));
+  KVWAVE_RETURN_IF_ERROR(CheckFinite("q", q));
   if (!(budget.retrieval >= 0 && budget.estimation >= 0 &&
         budget.retrieval + budget.estimation <= 1.0 + 1e-9)) {
     return absl::InvalidArgumentError("budgets must be >= 0 and sum to at most 1");
@@ -331,6 +347,7 @@ absl::Status EngineImpl::Retrieve(ContextId id, int32_t layer_index, std::span<c
   KVWAVE_RETURN_IF_ERROR(
       CheckSize("positions", positions.size(), size_t{1} * shape.q_heads * options.k));
   KVWAVE_RETURN_IF_ERROR(CheckSize("scores", scores.size(), size_t{1} * shape.q_heads * options.k));
+  KVWAVE_RETURN_IF_ERROR(CheckFinite("q", q));
   const HeadParams p = Params(*ctx);
   const store::Context::Layer& layer = ctx->layer(layer_index);
   std::shared_lock lock(layer.mu);

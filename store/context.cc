@@ -113,4 +113,25 @@ Context::Context(uint64_t id, const ModelShape& shape, HostAllocator* allocator)
   }
 }
 
+int64_t Context::SkeletonBytes(const ModelShape& shape, size_t token_ids, int64_t block_tokens) {
+  // Per heap allocation, what glibc malloc adds (header and rounding), at least.
+  constexpr int64_t kMallocOverhead = 16;
+  const int64_t layers = shape.layers, heads = int64_t{shape.layers} * shape.kv_heads;
+  int64_t bytes = sizeof(Context) + layers * (sizeof(std::unique_ptr<Layer>) + sizeof(Layer) +
+                                              2 * kMallocOverhead) +
+                  heads * static_cast<int64_t>(sizeof(HeadKv));
+  if (token_ids > 0) {
+    const int64_t blocks = block_tokens > 0 ? static_cast<int64_t>(token_ids) / block_tokens : 0;
+    bytes += sizeof(PrefixState) + static_cast<int64_t>(token_ids) * sizeof(int32_t) +
+             blocks * static_cast<int64_t>(sizeof(BlockHash) + sizeof(BlockSegments) +
+                                           sizeof(int32_t) + sizeof(BlockPin));
+  }
+  return bytes;
+}
+
+int64_t Context::AttachedBytes(const ModelShape& shape, int64_t blocks) {
+  return blocks * shape.layers * shape.kv_heads *
+         static_cast<int64_t>(sizeof(std::shared_ptr<const Segment>));
+}
+
 }  // namespace kvwave::store

@@ -93,6 +93,16 @@ class Context {
 
   Context(uint64_t id, const ModelShape& shape, HostAllocator* allocator);
 
+  // Memory an Open makes the daemon hold before any token is appended, charged to the budget
+  // before the context is built: its layers and heads and, with `token_ids` ids, its prefix
+  // state (the ids, one hash and bookkeeping per block of `block_tokens`).
+  static int64_t SkeletonBytes(const ModelShape& shape, size_t token_ids, int64_t block_tokens);
+  // Memory of `blocks` attached shared blocks: one segment pointer per (block, layer, KV head)
+  // (the segments themselves are charged once, by whoever sealed or reloaded them).
+  static int64_t AttachedBytes(const ModelShape& shape, int64_t blocks);
+  // Takes the charge covering the two above; released with the context.
+  void add_charge(MemoryCharge charge) { charge_.Merge(std::move(charge)); }
+
   uint64_t id() const { return id_; }
   const ModelShape& shape() const { return shape_; }
   Layer& layer(int32_t l) { return *layers_[l]; }
@@ -108,6 +118,7 @@ class Context {
  private:
   const uint64_t id_;
   const ModelShape shape_;
+  MemoryCharge charge_;  // SkeletonBytes + AttachedBytes; declared first, released last
   std::vector<std::unique_ptr<Layer>> layers_;
   std::unique_ptr<PrefixState> prefix_;  // null without token ids
   // Acquire/release: a thread that sees decoding() also sees the seal that set it.

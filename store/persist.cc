@@ -5,6 +5,9 @@
 #include <rocksdb/options.h>
 #include <rocksdb/write_batch.h>
 
+#include <algorithm>
+#include <filesystem>
+#include <system_error>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -55,6 +58,70 @@ rocksdb::ReadOptions SegmentReadOptions() {
   return ro;
 }
 
+// True for the names of RocksDB files that hold data: table (.sst), blob (.blob) and WAL (.log)
+// files, which are numbered, and MANIFEST-NNNNNN.
+bool IsDataFile(const std::string& name) {
+  if (name.starts_with("MANIFEST-")) return true;
+  const size_t dot = name.rfind('.');
+  if (dot == 0 || dot == std::string::npos) return false;
+  const std::string ext = name.substr(dot);
+  if (ext != ".sst" && ext != ".blob" && ext != ".log") return false;
+  return std::all_of(name.begin(), name.begin() + dot, [](char c) { return c >= '0' && c <= '9'; });
+}
+
+// Refuses a directory that holds RocksDB data files but no CURRENT (the file naming the live
+// MANIFEST). RocksDB would take it for a missing database, create a new empty one there and
+// delete the old files as obsolete: the cache would be silently wiped. Nothing is touched here.
+absl::Status CheckNotOrphaned(const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (!fs::is_directory(path, ec) || fs::exists(fs::path(path) / "CURRENT", ec)) {
+    return absl::OkStatus();  // missing (created fresh) or a database RocksDB can try to open
+  }
+  int64_t data_files = 0;
+  std::string example, newest_manifest;
+  for (const auto& entry : fs::directory_iterator(path, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (!IsDataFile(name)) continue;
+    ++data_files;
+    if (example.empty()) example = name;
+    if (name.starts_with("MANIFEST-") && name > newest_manifest) newest_manifest = name;
+  }
+  if (ec) {
+    return absl::UnavailableError(
+        absl::StrCat("persist: cannot list ", path, ": ", ec.message()));
+  }
+  if (data_files == 0) return absl::OkStatus();
+  std::string restore =
+      newest_manifest.empty()
+          ? std::string("no MANIFEST is left, so try `ldb repair --db=") + path + "`"
+          : absl::StrCat("if ", newest_manifest, " is intact, `echo ", newest_manifest, " > ",
+                         path, "/CURRENT` restores it (else try `ldb repair --db=", path, "`)");
+  return absl::FailedPreconditionError(absl::StrCat(
+      "persist: ", path, " holds ", data_files, " RocksDB data file(s) (e.g. ", example,
+      ") but no CURRENT file; opening it would create an empty database and delete them, so "
+      "nothing was opened or changed. To recover the cache: ",
+      restore, ". To start with an empty cache instead: move ", path, " aside."));
+}
+
+// Adds what to do about the errors RocksDB gives when a store cannot be opened.
+absl::Status ExplainOpenError(absl::Status s, const std::string& path) {
+  if (s.ok()) return s;
+  const absl::string_view m = s.message();
+  std::string hint;
+  if (m.find("While lock file") != absl::string_view::npos ||
+      m.find("/LOCK:") != absl::string_view::npos) {
+    hint = "another process (a second kvwaved?) has this persist.path open";
+  } else if (absl::IsDataLoss(s)) {
+    hint = absl::StrCat("the store is damaged; nothing was changed. Move ", path,
+                        " aside to start with an empty cache, or try `ldb repair --db=", path,
+                        "` on a copy");
+  } else {
+    hint = "check that persist.path is a writable directory";
+  }
+  return absl::Status(s.code(), absl::StrCat(m, " (", hint, ")"));
+}
+
 }  // namespace
 
 absl::StatusOr<Durability> ParseDurability(absl::string_view name) {
@@ -71,12 +138,15 @@ absl::StatusOr<std::unique_ptr<PersistStore>> PersistStore::Open(PersistOptions 
     return absl::InvalidArgumentError("persist: bad sync interval or queue size");
   }
   auto store = std::unique_ptr<PersistStore>(new PersistStore(std::move(options)));
+  const std::string& path = store->options_.path;
+  KVWAVE_RETURN_IF_ERROR(CheckNotOrphaned(path));
   rocksdb::DB* db = nullptr;
-  KVWAVE_RETURN_IF_ERROR(
-      FromRocksDb(rocksdb::DB::Open(DbOptions(store->options_), store->options_.path, &db),
-                  absl::StrCat("open ", store->options_.path)));
+  KVWAVE_RETURN_IF_ERROR(ExplainOpenError(
+      FromRocksDb(rocksdb::DB::Open(DbOptions(store->options_), path, &db),
+                  absl::StrCat("open ", path)),
+      path));
   store->db_.reset(db);
-  KVWAVE_RETURN_IF_ERROR(store->CleanOrphans());
+  KVWAVE_RETURN_IF_ERROR(ExplainOpenError(store->CleanOrphans(), path));
   if (store->options_.write_behind) {
     store->writer_ = std::thread([s = store.get()] { s->WriterLoop(); });
   }
