@@ -184,6 +184,7 @@ absl::Status Client::Impl::Hello() {
   req.set_max_version(rpc::kProtocolVersion);
   req.set_client_name(options_.client_name);
   req.set_token(options_.token);
+  for (const std::string& credential : options_.credentials) req.add_credentials(credential);
   int fd_to_pass = -1;
   if (options_.tcp_port == 0 && options_.shared_memory_bytes > 0) {
     KVWAVE_ASSIGN_OR_RETURN(

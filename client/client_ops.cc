@@ -64,7 +64,8 @@ absl::StatusOr<OpenResult> Client::Open(const OpenOptions& options) {
   req.set_prefix_namespace(options.prefix_namespace);
   pb::OpenResponse resp;
   KVWAVE_RETURN_IF_ERROR(impl_->Call(pb::OPEN, req, resp));
-  return OpenResult{resp.context_id(), resp.matched_tokens()};
+  return OpenResult{resp.context_id(), resp.matched_tokens(),
+                    static_cast<PrefixAccess>(resp.prefix_access())};
 }
 
 absl::Status Client::Append(ContextId ctx, int32_t layer, int64_t n, std::span<const std::byte> k,

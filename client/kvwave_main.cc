@@ -17,7 +17,23 @@ struct Common {
   std::string host = "127.0.0.1";
   int port = 0;
   std::string token;
+  std::vector<std::string> credentials;
+  std::string credential_file;
 };
+
+// Tokens one per line (blank lines and lines starting with '#' skipped): keeps them out of argv.
+absl::Status ReadCredentialFile(const std::string& path, std::vector<std::string>& out) {
+  std::FILE* f = std::fopen(path.c_str(), "r");
+  if (f == nullptr) return absl::NotFoundError("cannot open credential file " + path);
+  char line[4096];
+  while (std::fgets(line, sizeof(line), f) != nullptr) {
+    std::string token(line);
+    while (!token.empty() && (token.back() == '\n' || token.back() == '\r')) token.pop_back();
+    if (!token.empty() && token[0] != '#') out.push_back(std::move(token));
+  }
+  std::fclose(f);
+  return absl::OkStatus();
+}
 
 absl::StatusOr<std::unique_ptr<Client>> Dial(const Common& c) {
   ClientOptions o;
@@ -25,6 +41,12 @@ absl::StatusOr<std::unique_ptr<Client>> Dial(const Common& c) {
   o.tcp_host = c.host;
   o.tcp_port = c.port;
   o.token = c.token;
+  o.credentials = c.credentials;
+  if (!c.credential_file.empty()) {
+    if (absl::Status st = ReadCredentialFile(c.credential_file, o.credentials); !st.ok()) {
+      return st;
+    }
+  }
   o.shared_memory_bytes = 1 << 20;
   o.client_name = "kvwave-cli";
   return Client::Connect(o);
@@ -130,6 +152,11 @@ int Main(int argc, char** argv) {
   app.add_option("--host", common.host, "TCP host (with --port)");
   app.add_option("--port", common.port, "TCP port (0 = use the Unix socket)");
   app.add_option("--token", common.token, "TCP shared secret");
+  app.add_option("--credential", common.credentials,
+                 "trust-model token (trust.admin_token, a namespace's write/read token); "
+                 "repeatable; visible in ps: prefer --credential-file");
+  app.add_option("--credential-file", common.credential_file,
+                 "file of trust-model tokens, one per line");
 
   int count = 10;
   auto* ping = app.add_subcommand("ping", "check that kvwaved answers; print the round trip");
@@ -137,9 +164,11 @@ int Main(int argc, char** argv) {
   bool prometheus = false;
   auto* stats = app.add_subcommand("stats", "per-operation counts and latency, memory, sessions");
   stats->add_flag("--prometheus", prometheus, "print the Prometheus text instead");
-  auto* contexts = app.add_subcommand("contexts", "list open contexts");
+  auto* contexts = app.add_subcommand(
+      "contexts", "list open contexts (every session's with an administrative credential)");
   uint64_t drop_id = 0;
-  auto* drop = app.add_subcommand("drop", "close a context (whichever session owns it)");
+  auto* drop = app.add_subcommand(
+      "drop", "close a context of any session (needs an administrative credential)");
   drop->add_option("id", drop_id, "context id")->required();
 
   DemoOptions demo_options;

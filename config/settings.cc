@@ -3,10 +3,12 @@
 #include <cmath>
 #include <sstream>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "config/status_macros.h"
+#include "config/trust_settings.h"
 #include "toml.hpp"
 
 namespace kvwave::config {
@@ -263,6 +265,38 @@ const std::vector<Entry>& Table() {
         true,
         "log level of every subsystem"},
        &Settings::log_level},
+      // trust: see rpc/auth.h and the README's "Trust model"; namespace bindings are the
+      // [trust.namespace.NAME] tables of config/trust_settings.h.
+      {{"trust.admin_uids",
+        T::kString,
+        std::string("self"),
+        0,
+        0,
+        {},
+        false,
+        "Unix-socket peer uids (SO_PEERCRED) with administrative rights: list or drop any "
+        "context; \"1000, 1001\", \"self\" = kvwaved's own uid, \"\" = none"},
+       &Settings::admin_uids},
+      {{"trust.admin_token",
+        T::kString,
+        std::string(),
+        0,
+        0,
+        {},
+        false,
+        "a Hello credential (Unix socket or TCP) with administrative rights; empty = none"},
+       &Settings::admin_token},
+      {{"trust.unlisted_namespaces",
+        T::kString,
+        std::string("per_uid"),
+        0,
+        0,
+        {"per_uid", "shared", "off"},
+        false,
+        "prefix namespaces without a [trust.namespace.NAME] table: per_uid = shared only among "
+        "Unix peers of one uid (TCP sessions form one more scope); shared = every session reads "
+        "and writes them (no protection from poisoning); off = not shared at all"},
+       &Settings::unlisted_namespaces},
   };
   return table;
 }
@@ -372,6 +406,10 @@ absl::Status ApplyToml(const toml::value& root, Settings& s) {
     }
     for (const auto& [name, v] : body.as_table()) {
       std::string full = absl::StrCat(section, ".", name);
+      if (absl::StrCat(full, ".") == kNamespaceTablePrefix) {
+        KVWAVE_RETURN_IF_ERROR(ApplyNamespaceToml(v, s));
+        continue;
+      }
       const Entry* e = Find(full);
       if (e == nullptr) return absl::InvalidArgumentError("unknown setting '" + full + "'");
       KVWAVE_ASSIGN_OR_RETURN(Value value, FromToml(e->key, v));
@@ -388,6 +426,10 @@ absl::Status ApplyOverrides(std::span<const std::string> overrides, Settings& s)
       return absl::InvalidArgumentError("override '" + o + "' is not key=value");
     }
     std::string name = o.substr(0, eq);
+    if (absl::StartsWith(name, kNamespaceTablePrefix)) {
+      KVWAVE_RETURN_IF_ERROR(ApplyNamespaceOverride(name, o.substr(eq + 1), s));
+      continue;
+    }
     const Entry* e = Find(name);
     if (e == nullptr) return absl::InvalidArgumentError("unknown setting '" + name + "'");
     KVWAVE_ASSIGN_OR_RETURN(Value value, ParseText(e->key, o.substr(eq + 1)));
@@ -409,6 +451,7 @@ absl::Status ValidateTogether(const Settings& s) {
     return absl::InvalidArgumentError(
         "store.sink_tokens must be below store.prefill_segment_tokens");
   }
+  KVWAVE_RETURN_IF_ERROR(ValidateTrust(s));
   return absl::OkStatus();
 }
 
@@ -506,6 +549,7 @@ std::string PrintDefaults() {
                     e.key.reloadable ? " Reloadable (SIGHUP)." : "", "\n", name.substr(dot + 1),
                     " = ", Render(defaults, e), "\n");
   }
+  absl::StrAppend(&out, NamespaceTableHelp());
   return out;
 }
 

@@ -18,6 +18,24 @@
 
 namespace kvwave::config {
 
+// A set of uids or gids as written in the settings: "1000, 1001", "self" (the effective id of
+// the process that loads the settings: the daemon), "*" (any), "" (none).
+struct IdSet {
+  bool any = false;
+  std::vector<uint32_t> ids;
+  bool Contains(uint32_t id) const;
+};
+// `self` replaces the word "self". An unparsable entry is an error naming it.
+[[nodiscard]] absl::StatusOr<IdSet> ParseIdSet(absl::string_view text, uint32_t self);
+
+// [trust.namespace.NAME]: binds prefix namespace NAME to the credentials that may read (attach
+// its shared blocks) or write (register and persist blocks in it; writing implies reading).
+struct NamespaceRule {
+  std::string name;
+  IdSet write_uids, write_gids, read_uids, read_gids;  // Unix-socket peers (SO_PEERCRED)
+  std::string write_token, read_token;                 // Hello credentials (any transport)
+};
+
 struct Settings {
   // store
   int64_t memory_limit_bytes = int64_t{8} << 30;
@@ -51,6 +69,11 @@ struct Settings {
   std::string durability = "async";  // none | async | sync
   // logging
   std::string log_level = "info";  // trace debug info warn error off
+  // trust (rpc/auth.h): who may share prefix blocks in which namespace; who is an administrator
+  std::string admin_uids = "self";              // Unix-socket peers with administrative rights
+  std::string admin_token;                      // a Hello credential with administrative rights
+  std::string unlisted_namespaces = "per_uid";  // per_uid | shared | off
+  std::vector<NamespaceRule> namespaces;        // [trust.namespace.NAME] tables, by name
 };
 
 using Value = std::variant<int64_t, double, bool, std::string>;

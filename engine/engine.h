@@ -35,6 +35,10 @@ namespace kvwave::engine {
 
 using ContextId = uint64_t;
 
+// What a context may do with the shared prefix blocks of its namespace. Ordered: writing implies
+// reading.
+enum class PrefixAccess { kNone = 0, kRead = 1, kWrite = 2 };
+
 struct OpenOptions {
   store::ModelShape shape;
   // Optional: the context's token ids. Full blocks of prefill_segment_tokens ids are shared: Open
@@ -42,6 +46,10 @@ struct OpenOptions {
   // registered for others (and persisted when persist.path is set). Empty = no sharing.
   std::vector<int32_t> token_ids;
   std::string prefix_namespace;
+  // Decided by the caller (kvwaved: rpc/auth.h TrustPolicy::DecideNamespace): kRead attaches
+  // blocks registered in prefix_namespace but keeps the blocks this context seals private; kWrite
+  // also registers (shares, persists) them; kNone = as without token ids.
+  PrefixAccess prefix_access = PrefixAccess::kWrite;
 };
 
 struct OpenResult {

@@ -1,6 +1,9 @@
 // Engine implementation: the context table, argument checks, locking, memory reservation, and
 // fan-out of per-head work (engine/head_ops.h) over KV heads with oneTBB.
+#include <sys/random.h>
+
 #include <atomic>
+#include <cerrno>
 #include <mutex>
 #include <shared_mutex>
 
@@ -57,21 +60,25 @@ class EngineImpl final : public Engine {
         store::MemoryCharge charge,
         Reserve(store::Context::SkeletonBytes(options.shape, options.token_ids.size(),
                                               settings_.prefill_segment_tokens)));
-    const uint64_t id = next_id_.fetch_add(1, std::memory_order_relaxed);
+    const uint64_t id = NewContextId();
     auto ctx = std::make_shared<store::Context>(id, options.shape, store::DefaultHostAllocator());
     ctx->add_charge(std::move(charge));
     int64_t matched = 0;
-    if (!options.token_ids.empty()) {
-      matched = prefix_cache_->Attach(*ctx, options.token_ids, options.prefix_namespace);
+    if (!options.token_ids.empty() && options.prefix_access != PrefixAccess::kNone) {
+      matched = prefix_cache_->Attach(*ctx, options.token_ids, options.prefix_namespace,
+                                      options.prefix_access == PrefixAccess::kWrite);
       KVWAVE_ASSIGN_OR_RETURN(
           store::MemoryCharge attached,
           Reserve(store::Context::AttachedBytes(options.shape,
                                                 matched / settings_.prefill_segment_tokens)));
       ctx->add_charge(std::move(attached));
     }
-    absl::MutexLock lock(&mu_);
-    contexts_[id] = std::move(ctx);
-    return OpenResult{id, matched};
+    {
+      absl::MutexLock lock(&mu_);
+      if (contexts_.try_emplace(id, ctx).second) return OpenResult{id, matched};
+    }
+    ctx.reset();  // two Opens drew the same unused id at once (p ~ 2^-64): start again
+    return Open(options);
   }
 
   absl::Status Flush() override { return prefix_cache_->Flush(); }
@@ -132,6 +139,22 @@ class EngineImpl final : public Engine {
   const config::Settings& settings() const override { return settings_; }
 
  private:
+  // A random nonzero id not in use: ids are not guessable from one another (getrandom(2), the
+  // kernel's CSPRNG), so a session cannot name another's context by counting.
+  ContextId NewContextId() {
+    for (;;) {
+      ContextId id = 0;
+      auto* p = reinterpret_cast<char*>(&id);
+      for (size_t got = 0; got < sizeof(id);) {
+        const ssize_t n = getrandom(p + got, sizeof(id) - got, 0);
+        if (n > 0) got += static_cast<size_t>(n);
+        KVWAVE_CHECK(n > 0 || errno == EINTR);  // getrandom with flags 0 cannot fail otherwise
+      }
+      absl::MutexLock lock(&mu_);
+      if (id != 0 && !contexts_.contains(id)) return id;
+    }
+  }
+
   static absl::Status UnknownContext(ContextId id) {
     return absl::NotFoundError(absl::StrCat("unknown context ", id));
   }
@@ -206,8 +229,7 @@ class EngineImpl final : public Engine {
   std::unique_ptr<PrefixCache> prefix_cache_;  // outlives contexts_ (declared before it)
   absl::Mutex mu_;
   absl::flat_hash_map<ContextId, std::shared_ptr<store::Context>> contexts_ ABSL_GUARDED_BY(mu_);
-  // Relaxed: ids only need to be unique; counters are statistics.
-  std::atomic<uint64_t> next_id_{1};
+  // Relaxed: counters are statistics.
   std::atomic<int64_t> segments_sealed_{0}, tokens_appended_{0}, attend_calls_{0},
       retrieve_calls_{0};
 };

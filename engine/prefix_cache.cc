@@ -56,8 +56,9 @@ std::string PrefixCache::ModelId(const store::ModelShape& shape) const {
 }
 
 int64_t PrefixCache::Attach(store::Context& ctx, std::vector<int32_t> token_ids,
-                            const std::string& name_space) {
+                            const std::string& name_space, bool may_register) {
   auto prefix = std::make_unique<store::PrefixState>();
+  prefix->may_register = may_register;
   prefix->model_id = ModelId(ctx.shape());
   prefix->name_space = name_space;
   prefix->hashes = store::PrefixBlockHashes(token_ids, settings_.prefill_segment_tokens, name_space,
@@ -92,7 +93,7 @@ int64_t PrefixCache::Attach(store::Context& ctx, std::vector<int32_t> token_ids,
 
 absl::Status PrefixCache::OnLayerSealed(store::Context& ctx, int32_t layer_index) {
   store::PrefixState* prefix = ctx.prefix();
-  if (prefix == nullptr || ctx.decoding()) return absl::OkStatus();
+  if (prefix == nullptr || !prefix->may_register || ctx.decoding()) return absl::OkStatus();
   const int64_t block_tokens = settings_.prefill_segment_tokens;
   store::Context::Layer& layer = ctx.layer(layer_index);
   const auto& last = layer.heads[0].segments.back();

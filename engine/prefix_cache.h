@@ -45,10 +45,12 @@ class PrefixCache {
   ~PrefixCache();
 
   // Sets up ctx's prefix state from token ids and attaches the longest cached prefix: its
-  // segments go into every head, tails start after it. Returns the matched token count.
+  // segments go into every head, tails start after it. Returns the matched token count. Blocks
+  // the context seals later are registered only if `may_register` (the opener may write the
+  // namespace; engine::OpenOptions::prefix_access).
   // REQUIRES: ctx is not yet visible to other threads.
-  int64_t Attach(store::Context& ctx, std::vector<int32_t> token_ids,
-                 const std::string& name_space);
+  int64_t Attach(store::Context& ctx, std::vector<int32_t> token_ids, const std::string& name_space,
+                 bool may_register);
 
   // Called after layer `layer` sealed one segment per head (the last one in each head).
   // REQUIRES: the layer's lock held exclusively.

@@ -181,7 +181,8 @@ void Server::AcceptTcp() {
 
 void Server::Adopt(int fd, bool local) {
   if (fd < 0) return;
-  auto session = std::make_shared<Session>(service_.NewSessionId(), local);
+  auto session = std::make_shared<Session>(service_.NewSessionId(), local,
+                                           local ? ReadPeerCredentials(fd) : PeerCredentials{});
   {
     absl::MutexLock lock(&mu_);
     const int64_t limit = max_sessions_.load(std::memory_order_relaxed);

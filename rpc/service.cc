@@ -38,6 +38,7 @@ Service::Service(engine::Engine& engine, const config::Settings& settings)
     : engine_(engine),
       max_frame_bytes_(static_cast<uint64_t>(settings.max_frame_bytes)),
       tcp_token_(settings.tcp_token),
+      trust_(settings),
       default_deadline_ms_(settings.default_deadline_ms),
       retrieval_budget_(settings.retrieval_budget),
       estimation_budget_(settings.estimation_budget) {}
@@ -150,6 +151,7 @@ std::string Service::HandleHello(Session& session, const Frame& frame, std::vect
   pb::HelloResponse resp;
   absl::Status status = ParseBody(frame.body, req);
   SharedRegion region;
+  Principal principal;
   if (status.ok() && (req.min_version() > kProtocolVersion ||
                       (req.max_version() != 0 && req.max_version() < kProtocolVersion))) {
     status = absl::FailedPreconditionError(absl::StrCat("client speaks versions ",
@@ -159,6 +161,16 @@ std::string Service::HandleHello(Session& session, const Frame& frame, std::vect
   if (status.ok() && !session.local() && !tcp_token_.empty() &&
       !ConstantTimeEquals(req.token(), tcp_token_)) {
     status = absl::PermissionDeniedError("bad token");
+  }
+  if (status.ok()) {
+    const std::vector<std::string> credentials(req.credentials().begin(), req.credentials().end());
+    absl::StatusOr<Principal> who =
+        trust_.Authenticate(session.local(), session.peer(), credentials);
+    if (who.ok()) {
+      principal = *std::move(who);
+    } else {
+      status = who.status();
+    }
   }
   if (status.ok() && req.has_shared_memory()) {
     if (!session.local() || fds.empty()) {
@@ -186,7 +198,7 @@ std::string Service::HandleHello(Session& session, const Frame& frame, std::vect
     resp.set_default_deadline_ms(
         static_cast<uint32_t>(default_deadline_ms_.load(std::memory_order_relaxed)));
     resp.set_server_version("kvwaved 0.1.0");
-    session.CompleteHello(std::move(region));
+    session.CompleteHello(std::move(region), std::move(principal));
     absl::MutexLock lock(&mu_);
     sessions_[session.id()] = &session;
   }
@@ -229,6 +241,11 @@ absl::StatusOr<store::ModelShape> Service::OwnedShape(const Session& session, ui
         absl::StrCat("layer ", layer, " out of range [0, ", shape->layers, ")"));
   }
   return *shape;
+}
+
+absl::Status Service::CheckOwnerOrAdmin(const Session& session, uint64_t ctx) const {
+  if (session.principal().admin || session.Shape(ctx).has_value()) return absl::OkStatus();
+  return absl::NotFoundError(absl::StrCat("context ", ctx, " is not open in this session"));
 }
 
 absl::Status Service::DoPing(Call&, const pb::PingRequest& req, pb::PingResponse& resp) {
@@ -284,7 +301,12 @@ absl::Status Service::DoOpen(Call& call, const pb::OpenRequest& req, pb::OpenRes
   options.shape.head_dim = s.head_dim();
   KVWAVE_RETURN_IF_ERROR(store::Validate(options.shape));
   options.token_ids.assign(req.token_ids().begin(), req.token_ids().end());
-  options.prefix_namespace = req.prefix_namespace();
+  if (!options.token_ids.empty()) {
+    // The trust decision is made here, at the boundary, and handed to the engine explicitly.
+    NamespaceGrant grant = trust_.DecideNamespace(call.session.principal(), req.prefix_namespace());
+    options.prefix_namespace = std::move(grant.scope);
+    options.prefix_access = grant.access;
+  }
   KVWAVE_ASSIGN_OR_RETURN(engine::OpenResult opened, engine_.Open(options));
   call.session.AddContext(opened.id, options.shape);
   {
@@ -293,6 +315,9 @@ absl::Status Service::DoOpen(Call& call, const pb::OpenRequest& req, pb::OpenRes
   }
   resp.set_context_id(opened.id);
   resp.set_matched_tokens(opened.matched_tokens);
+  resp.set_prefix_access(options.token_ids.empty()
+                             ? pb::PREFIX_NONE
+                             : static_cast<pb::PrefixAccess>(options.prefix_access));
   return absl::OkStatus();
 }
 
@@ -308,7 +333,8 @@ absl::Status Service::DoClose(Call& call, const pb::CloseRequest& req, pb::Close
   return engine_.Close(req.context_id());
 }
 
-absl::Status Service::DoDrop(Call&, const pb::DropRequest& req, pb::DropResponse&) {
+absl::Status Service::DoDrop(Call& call, const pb::DropRequest& req, pb::DropResponse&) {
+  KVWAVE_RETURN_IF_ERROR(CheckOwnerOrAdmin(call.session, req.context_id()));
   {
     absl::MutexLock lock(&mu_);
     auto owner = owners_.find(req.context_id());
@@ -337,15 +363,18 @@ void Service::FillInfo(const engine::ContextInfo& info, pb::ContextInfo* out) {
   out->set_session_id(owner == owners_.end() ? 0 : owner->second);
 }
 
-absl::Status Service::DoInfo(Call&, const pb::InfoRequest& req, pb::InfoResponse& resp) {
+absl::Status Service::DoInfo(Call& call, const pb::InfoRequest& req, pb::InfoResponse& resp) {
+  KVWAVE_RETURN_IF_ERROR(CheckOwnerOrAdmin(call.session, req.context_id()));
   KVWAVE_ASSIGN_OR_RETURN(engine::ContextInfo info, engine_.Info(req.context_id()));
   FillInfo(info, resp.mutable_info());
   return absl::OkStatus();
 }
 
-absl::Status Service::DoList(Call&, const pb::ListContextsRequest&,
+absl::Status Service::DoList(Call& call, const pb::ListContextsRequest&,
                              pb::ListContextsResponse& resp) {
-  for (engine::ContextId id : engine_.ListContexts()) {
+  std::vector<engine::ContextId> ids =
+      call.session.principal().admin ? engine_.ListContexts() : call.session.ContextIds();
+  for (engine::ContextId id : ids) {
     absl::StatusOr<engine::ContextInfo> info = engine_.Info(id);
     if (!info.ok()) continue;  // closed meanwhile
     FillInfo(*info, resp.add_contexts());

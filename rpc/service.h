@@ -24,6 +24,7 @@
 #include "absl/synchronization/mutex.h"
 #include "config/settings.h"
 #include "engine/engine.h"
+#include "rpc/auth.h"
 #include "rpc/frame.h"
 #include "rpc/kvwave_rpc.pb.h"
 #include "rpc/session.h"
@@ -89,11 +90,15 @@ class Service {
 
   absl::StatusOr<store::ModelShape> OwnedShape(const Session& session, uint64_t ctx,
                                                int32_t layer) const;
+  // NOT_FOUND unless `session` owns `ctx` or is an administrator; the same error whether or not
+  // the context exists, so another session's context ids cannot be probed.
+  absl::Status CheckOwnerOrAdmin(const Session& session, uint64_t ctx) const;
   void FillInfo(const engine::ContextInfo& info, pb::ContextInfo* out);
 
   engine::Engine& engine_;
   const uint64_t max_frame_bytes_;
   const std::string tcp_token_;
+  const TrustPolicy trust_;
   std::atomic<int64_t> default_deadline_ms_;
   std::atomic<double> retrieval_budget_;
   std::atomic<double> estimation_budget_;

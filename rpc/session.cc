@@ -1,5 +1,7 @@
 #include "rpc/session.h"
 
+#include <algorithm>
+
 namespace kvwave::rpc {
 
 void Session::AddContext(engine::ContextId id, const store::ModelShape& shape) {
@@ -25,6 +27,17 @@ std::vector<engine::ContextId> Session::TakeContexts() {
   ids.reserve(contexts_.size());
   for (const auto& [id, shape] : contexts_) ids.push_back(id);
   contexts_.clear();
+  return ids;
+}
+
+std::vector<engine::ContextId> Session::ContextIds() const {
+  std::vector<engine::ContextId> ids;
+  {
+    absl::MutexLock lock(&mu_);
+    ids.reserve(contexts_.size());
+    for (const auto& [id, shape] : contexts_) ids.push_back(id);
+  }
+  std::sort(ids.begin(), ids.end());
   return ids;
 }
 

@@ -77,6 +77,7 @@ struct PrefixState {
   std::string name_space;
   std::string model_id;
   std::vector<BlockHash> hashes;  // one per full block of token_ids
+  bool may_register = true;       // false: attach shared blocks, never register this one's
   absl::Mutex mu;
   PrefixAttachment attachment ABSL_GUARDED_BY(mu);          // blocks [0, attachment.blocks.size())
   std::vector<BlockSegments> building ABSL_GUARDED_BY(mu);  // [block][layer * kv_heads + head]

@@ -79,8 +79,10 @@ py::dict InfoDict(const kc::ContextInfo& i) {
 class PyClient {
  public:
   PyClient(const std::string& socket_path, size_t shared_memory_bytes, const std::string& host,
-           int port, const std::string& token, int deadline_ms) {
+           int port, const std::string& token, int deadline_ms,
+           std::vector<std::string> credentials) {
     kc::ClientOptions o;
+    o.credentials = std::move(credentials);
     o.socket_path = socket_path;
     o.shared_memory_bytes = shared_memory_bytes;
     o.tcp_host = host;
@@ -269,10 +271,14 @@ class PyClient {
 PYBIND11_MODULE(kvwave, m) {
   m.doc() = "kvwave client: talk to kvwaved (KV-cache store) with numpy arrays";
   py::class_<PyClient>(m, "Client")
-      .def(py::init<const std::string&, size_t, const std::string&, int, const std::string&, int>(),
+      .def(py::init<const std::string&, size_t, const std::string&, int, const std::string&, int,
+                    std::vector<std::string>>(),
            py::arg("socket_path") = "/tmp/kvwaved.sock",
            py::arg("shared_memory_bytes") = size_t{64} << 20, py::arg("tcp_host") = "127.0.0.1",
-           py::arg("tcp_port") = 0, py::arg("token") = "", py::arg("deadline_ms") = 0)
+           py::arg("tcp_port") = 0, py::arg("token") = "", py::arg("deadline_ms") = 0,
+           py::arg("credentials") = std::vector<std::string>{},
+           "credentials: trust-model tokens presented at connect (trust.admin_token, a "
+           "namespace's write_token or read_token); connecting fails if one matches none.")
       .def("ping", &PyClient::Ping)
       .def("open", &PyClient::Open, py::arg("layers"), py::arg("q_heads"), py::arg("kv_heads"),
            py::arg("head_dim"), py::arg("dtype") = "f16",

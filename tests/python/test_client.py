@@ -74,3 +74,11 @@ def test_stats_and_contexts(daemon):
     c.drop(ctx)
     with pytest.raises(KeyError):
         c.close(ctx)
+
+
+def test_credentials_are_presented_and_unknown_ones_refused(daemon):
+    # The daemon has no trust.* tokens configured: any credential matches none and is refused at
+    # connect (PERMISSION_DENIED); none at all connects as before.
+    with pytest.raises(Exception, match="PERMISSION_DENIED"):
+        kvwave.Client(daemon, credentials=["not-a-configured-token-0123456789"])
+    assert kvwave.Client(daemon, credentials=[]).ping() is None

@@ -45,6 +45,10 @@ struct ClientOptions {
   std::string tcp_host = "127.0.0.1";
   int tcp_port = 0;
   std::string token;
+  // Credentials of kvwaved's trust model, presented at Hello on either transport (README, "Trust
+  // model"): trust.admin_token, or the write_token / read_token of a [trust.namespace.NAME].
+  // Connect fails (PERMISSION_DENIED) if one matches no configured token.
+  std::vector<std::string> credentials;
   // Size of the shared-memory region (Unix socket only); 0 = send tensors inline.
   size_t shared_memory_bytes = size_t{64} << 20;
   // Deadline of each request; 0 = the server's default. The client gives up waiting for a reply
@@ -76,9 +80,18 @@ struct OpenOptions {
   std::string prefix_namespace;
 };
 
+// What the session may do with the shared prefix blocks of the namespace it opened in (decided by
+// kvwaved's trust model; kNone when no token ids were given).
+enum class PrefixAccess {
+  kNone = 0,   // not shared
+  kRead = 1,   // attaches shared blocks; the blocks it seals stay private
+  kWrite = 2,  // also registers (shares, persists) the blocks it seals
+};
+
 struct OpenResult {
   ContextId id = 0;
   int64_t matched_tokens = 0;
+  PrefixAccess prefix_access = PrefixAccess::kNone;
 };
 
 // Negative = the server's default budget.
@@ -168,9 +181,12 @@ class Client {
   absl::Status Gather(ContextId ctx, int32_t layer, std::span<const int64_t> positions,
                       std::span<std::byte> k, std::span<std::byte> v);
   absl::Status Close(ContextId ctx);
+  // Info and Drop of a context this session did not open are NOT_FOUND, unless the session holds
+  // administrative rights (trust.admin_uids / trust.admin_token); so is ListContexts of all.
   absl::StatusOr<ContextInfo> Info(ContextId ctx);
+  // This session's contexts; every session's for an administrator.
   absl::StatusOr<std::vector<ContextInfo>> ListContexts();
-  // Administrative: closes a context whichever session owns it.
+  // Closes a context of this session; an administrator's closes any session's.
   absl::Status Drop(ContextId ctx);
   absl::StatusOr<ServerStats> Stats();
 
