@@ -3,7 +3,10 @@
 // served nor persisted across a restart), namespaces and per-uid scopes never see each other's
 // blocks, contexts belong to their session (others get NOT_FOUND, exactly as for an id that does
 // not exist) while an administrator may list and drop them, and context ids are not sequential.
+#include <grp.h>
 #include <netinet/in.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
 
 #include <cmath>
 #include <filesystem>
@@ -304,6 +307,71 @@ TEST(TrustTest, ContextsBelongToTheirSessionAndAdminsMayListAndDropThem) {
   o.socket_path = socket;
   o.credentials = {"not-a-configured-token-000"};
   EXPECT_EQ(client::Client::Connect(o).status().code(), absl::StatusCode::kPermissionDenied);
+  std::filesystem::remove_all(dir);
+}
+
+// Runs `checks` in a child process as uid/gid 65534 (nobody); returns its exit code (0 = every
+// check held, else the number of the first that failed; 100+ = could not become nobody).
+template <typename Checks>
+int AsNobody(Checks checks) {
+  const pid_t pid = fork();
+  if (pid == 0) {
+    if (setgroups(0, nullptr) != 0 || setgid(65534) != 0 || setuid(65534) != 0) _exit(100);
+    _exit(checks());
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 200;
+}
+
+// The SO_PEERCRED path with a real second uid: its namespace rights come from its uid, it sees
+// nothing of root's per-uid scope or contexts, and it is not an administrator.
+TEST(TrustTest, ASecondUidIsAuthorisedByItsPeerCredentials) {
+  if (geteuid() != 0) GTEST_SKIP() << "needs root to connect as a second uid";
+  const std::string dir = FreshDir("uid");
+  auto daemon =
+      StartDaemon({"persist.path=" + dir, "persist.durability=sync",
+                   "store.prefill_segment_tokens=" + std::to_string(kBlock),
+                   "store.recent_tokens=" + std::to_string(kRecent), "store.sink_tokens=2",
+                   "trust.namespace.team.write_uids=65534", "trust.namespace.team.read_uids=self"});
+  ASSERT_NE(daemon, nullptr);
+  const std::string socket = daemon->socket_path();
+  ASSERT_EQ(chmod(socket.c_str(), 0666), 0);  // let nobody reach the socket
+  auto root = ConnectAs(socket, 0, {});
+  ASSERT_NE(root, nullptr);
+  EXPECT_EQ(Write(*root, "scratch", 5, kTruth).prefix_access, client::PrefixAccess::kWrite);
+  EXPECT_EQ(Write(*root, "team", 6, kJunk).prefix_access, client::PrefixAccess::kRead);
+  auto ctx = root->Open({kShape, {}, ""});
+  ASSERT_TRUE(ctx.ok());
+  const client::ContextId id = ctx->id;
+
+  const int failed = AsNobody([&]() -> int {
+    client::ClientOptions o;
+    o.socket_path = socket;
+    o.shared_memory_bytes = size_t{4} << 20;
+    auto c = client::Client::Connect(o);
+    if (!c.ok()) return 1;
+    auto scratch = (*c)->Open({kShape, DocTokens(5), "scratch"});  // root's per-uid scope
+    if (!scratch.ok() || scratch->matched_tokens != 0) return 2;
+    if ((*c)->Info(id).status().code() != absl::StatusCode::kNotFound) return 3;
+    if ((*c)->Drop(id).code() != absl::StatusCode::kNotFound) return 4;
+    auto list = (*c)->ListContexts();  // not an administrator: only its own context
+    if (!list.ok() || list->size() != 1 || (*list)[0].id != scratch->id) return 5;
+    auto team = (*c)->Open({kShape, DocTokens(6), "team"});  // a writer by uid
+    if (!team.ok() || team->prefix_access != client::PrefixAccess::kWrite) return 6;
+    for (int l = 0; l < kLayers; ++l) {
+      std::vector<float> k = Rows(kTruth, l, false), v = Rows(kTruth, l, true);
+      if (!(*c)->Append(team->id, l, kTokens, std::as_bytes(std::span(k)),
+                        std::as_bytes(std::span(v)))
+               .ok()) {
+        return 7;
+      }
+    }
+    return 0;
+  });
+  EXPECT_EQ(failed, 0) << "check " << failed << " failed in the child running as nobody";
+  // root reads "team" by uid: the blocks nobody wrote, not root's own junk.
+  EXPECT_EQ(Read(*root, "team", 6, kTruth).first, 2 * kBlock);
   std::filesystem::remove_all(dir);
 }
 
