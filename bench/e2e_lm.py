@@ -49,7 +49,7 @@ def import_binding():
 class Daemon:
     """Starts kvwaved on a temporary socket unless one is given; stops it on exit."""
 
-    def __init__(self, socket_path):
+    def __init__(self, socket_path, settings=()):
         self.proc, self.dir = None, None
         self.socket = socket_path
         if socket_path:
@@ -57,7 +57,8 @@ class Daemon:
         binary = os.environ.get('KVWAVED') or find_one(['build*/**/rpc/kvwaved', 'build*/**/kvwaved'], 'kvwaved')
         self.dir = tempfile.mkdtemp(prefix='kvwave-e2e-')
         self.socket = os.path.join(self.dir, 'kvwaved.sock')
-        self.proc = subprocess.Popen([binary, '--set', f'rpc.socket_path={self.socket}', '--set', 'log.level=warn'],
+        extra = [a for kv in settings for a in ('--set', kv)]  # e.g. 'attend.retrieval_budget=0.05'
+        self.proc = subprocess.Popen([binary, '--set', f'rpc.socket_path={self.socket}', '--set', 'log.level=warn'] + extra,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         for _ in range(300):
             if os.path.exists(self.socket):
