@@ -210,9 +210,9 @@ std::string NamespaceTableHelp() {
       "# Override on the command line as trust.namespace.NAME.FIELD=value.\n"
       "# [trust.namespace.example]\n";
   for (const FieldSpec& f : kFields) {
-    const bool token = f.field == Field::kWriteToken || f.field == Field::kReadToken;
-    absl::StrAppend(&out, "# ", f.name, " = \"\"", token ? "  " : "      ", "# ", f.description,
-                    "\n");
+    const std::string line = absl::StrCat("# ", f.name, " = \"\"");
+    absl::StrAppend(&out, line, std::string(22 - std::min<size_t>(line.size(), 21), ' '), "# ",
+                    f.description, "\n");
   }
   return out;
 }
