@@ -29,6 +29,9 @@ absl::StatusOr<std::unique_ptr<PrefixCache>> PrefixCache::Create(const config::S
   options.path = settings.persist_path;
   options.durability = cache->durability_;
   KVWAVE_ASSIGN_OR_RETURN(cache->persist_, store::PersistStore::Open(options));
+  if (!cache->persist_->startup_warning().empty()) {
+    spdlog::warn("{}", cache->persist_->startup_warning());
+  }
   cache->registry_ = std::make_unique<store::PrefixRegistry>(
       [self](const store::BlockHash& hash) -> absl::StatusOr<store::BlockSegments> {
         KVWAVE_ASSIGN_OR_RETURN(store::LoadedBlock block,

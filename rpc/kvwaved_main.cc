@@ -87,6 +87,8 @@ int Main(int argc, char** argv) {
     return 0;
   }
   if (!flags.socket_path.empty()) flags.overrides.push_back("rpc.socket_path=" + flags.socket_path);
+  // The engine and store log through spdlog's default logger: to stderr like the daemon's own.
+  spdlog::set_default_logger(Logger("engine"));
   auto log = Logger("kvwaved");
   absl::StatusOr<config::Settings> loaded = config::Load(flags.config_path, flags.overrides);
   if (!loaded.ok()) {

@@ -1,15 +1,21 @@
 #include "store/persist.h"
 
 #include <rocksdb/db.h>
+#include <rocksdb/env.h>
 #include <rocksdb/listener.h>
+#include <rocksdb/metadata.h>
 #include <rocksdb/options.h>
 #include <rocksdb/write_batch.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
+#include <ctime>
 #include <filesystem>
 #include <system_error>
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "config/status_macros.h"
 #include "store/segment_codec.h"
@@ -58,15 +64,24 @@ rocksdb::ReadOptions SegmentReadOptions() {
   return ro;
 }
 
-// True for the names of RocksDB files that hold data: table (.sst), blob (.blob) and WAL (.log)
-// files, which are numbered, and MANIFEST-NNNNNN.
+// The number of a RocksDB table (NNNNNN.sst), blob (.blob) or WAL (.log) file with extension
+// `ext`, or -1 when `name` is not one.
+int64_t NumberedFile(const std::string& name, absl::string_view ext) {
+  if (name.size() <= ext.size() || !absl::EndsWith(name, ext)) return -1;
+  const size_t digits = name.size() - ext.size();
+  if (digits > 18) return -1;
+  int64_t n = 0;
+  for (size_t i = 0; i < digits; ++i) {
+    if (name[i] < '0' || name[i] > '9') return -1;
+    n = n * 10 + (name[i] - '0');
+  }
+  return n;
+}
+
+// True for the names of RocksDB files that hold data: table, blob and WAL files, and MANIFESTs.
 bool IsDataFile(const std::string& name) {
-  if (name.starts_with("MANIFEST-")) return true;
-  const size_t dot = name.rfind('.');
-  if (dot == 0 || dot == std::string::npos) return false;
-  const std::string ext = name.substr(dot);
-  if (ext != ".sst" && ext != ".blob" && ext != ".log") return false;
-  return std::all_of(name.begin(), name.begin() + dot, [](char c) { return c >= '0' && c <= '9'; });
+  return name.starts_with("MANIFEST-") || NumberedFile(name, ".sst") >= 0 ||
+         NumberedFile(name, ".blob") >= 0 || NumberedFile(name, ".log") >= 0;
 }
 
 // Refuses a directory that holds RocksDB data files but no CURRENT (the file naming the live
@@ -88,15 +103,14 @@ absl::Status CheckNotOrphaned(const std::string& path) {
     if (name.starts_with("MANIFEST-") && name > newest_manifest) newest_manifest = name;
   }
   if (ec) {
-    return absl::UnavailableError(
-        absl::StrCat("persist: cannot list ", path, ": ", ec.message()));
+    return absl::UnavailableError(absl::StrCat("persist: cannot list ", path, ": ", ec.message()));
   }
   if (data_files == 0) return absl::OkStatus();
   std::string restore =
       newest_manifest.empty()
           ? std::string("no MANIFEST is left, so try `ldb repair --db=") + path + "`"
-          : absl::StrCat("if ", newest_manifest, " is intact, `echo ", newest_manifest, " > ",
-                         path, "/CURRENT` restores it (else try `ldb repair --db=", path, "`)");
+          : absl::StrCat("if ", newest_manifest, " is intact, `echo ", newest_manifest, " > ", path,
+                         "/CURRENT` restores it (else try `ldb repair --db=", path, "`)");
   return absl::FailedPreconditionError(absl::StrCat(
       "persist: ", path, " holds ", data_files, " RocksDB data file(s) (e.g. ", example,
       ") but no CURRENT file; opening it would create an empty database and delete them, so "
@@ -122,6 +136,92 @@ absl::Status ExplainOpenError(absl::Status s, const std::string& path) {
   return absl::Status(s.code(), absl::StrCat(m, " (", hint, ")"));
 }
 
+// Table and blob files that the MANIFEST does not reference are deleted by RocksDB when it opens
+// a database read-write. After a crash during a flush or compaction that is right (their data is
+// still in the WAL or the inputs), but after a damaged (e.g. truncated) MANIFEST it would delete
+// the whole cache. So before that open, with the store's LOCK held (no writer can be active),
+// the database is opened read-only (which changes no data file), and every unreferenced table or
+// blob file is moved into <path>/unreferenced-<UTC time>/ together with a copy of the MANIFESTs
+// and CURRENT, instead of letting RocksDB delete it. Returns a warning naming what was moved
+// (empty when nothing was), or RocksDB's error when even a read-only open fails.
+absl::StatusOr<std::string> SetAsideUnreferenced(const PersistOptions& o) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::path dir(o.path);
+  if (!fs::exists(dir / "CURRENT", ec)) return std::string();  // a new store
+  rocksdb::Options options = DbOptions(o);
+  options.create_if_missing = false;
+  rocksdb::FileLock* lock = nullptr;
+  KVWAVE_RETURN_IF_ERROR(ExplainOpenError(
+      FromRocksDb(options.env->LockFile((dir / "LOCK").string(), &lock), "open " + o.path),
+      o.path));
+  absl::flat_hash_set<int64_t> live;
+  rocksdb::DB* raw = nullptr;
+  absl::Status opened =
+      FromRocksDb(rocksdb::DB::OpenForReadOnly(options, o.path, &raw), "open " + o.path);
+  if (opened.ok()) {
+    std::unique_ptr<rocksdb::DB> db(raw);
+    rocksdb::ColumnFamilyMetaData meta;
+    db->GetColumnFamilyMetaData(&meta);
+    for (const auto& level : meta.levels) {
+      for (const auto& f : level.files) live.insert(static_cast<int64_t>(f.file_number));
+    }
+    for (const auto& b : meta.blob_files) live.insert(static_cast<int64_t>(b.blob_file_number));
+    opened = FromRocksDb(db->Close(), "close (read-only) " + o.path);
+  }
+  std::vector<fs::path> unreferenced;
+  if (opened.ok()) {
+    for (const auto& entry : fs::directory_iterator(dir, ec)) {
+      const std::string name = entry.path().filename().string();
+      int64_t n = NumberedFile(name, ".sst");
+      if (n < 0) n = NumberedFile(name, ".blob");
+      if (n >= 0 && !live.contains(n)) unreferenced.push_back(entry.path());
+    }
+    if (ec)
+      opened = absl::UnavailableError(absl::StrCat("persist: list ", o.path, ": ", ec.message()));
+  }
+  std::string warning;
+  if (opened.ok() && !unreferenced.empty()) {
+    char stamp[32];
+    const std::time_t now = std::time(nullptr);
+    std::tm tm{};
+    gmtime_r(&now, &tm);
+    std::strftime(stamp, sizeof(stamp), "%Y%m%dT%H%M%SZ", &tm);
+    const fs::path aside = dir / absl::StrCat("unreferenced-", stamp, "-", getpid());
+    fs::create_directory(aside, ec);
+    int64_t bytes = 0;
+    for (const auto& entry : fs::directory_iterator(dir, ec)) {
+      const std::string name = entry.path().filename().string();
+      if (name == "CURRENT" || name.starts_with("MANIFEST-")) {
+        fs::copy_file(entry.path(), aside / name, ec);
+        if (ec) break;
+      }
+    }
+    for (const fs::path& f : unreferenced) {
+      if (ec) break;
+      bytes += static_cast<int64_t>(fs::file_size(f, ec));
+      fs::rename(f, aside / f.filename(), ec);
+    }
+    if (ec) {
+      opened = absl::UnavailableError(absl::StrCat("persist: could not move unreferenced files of ",
+                                                   o.path, " to ", aside.string(), ": ",
+                                                   ec.message(), "; nothing was deleted"));
+    } else {
+      warning = absl::StrCat(
+          "persist: ", unreferenced.size(), " table/blob file(s) (", bytes, " bytes) in ", o.path,
+          " are not referenced by its MANIFEST (a crash during a flush, or a damaged MANIFEST); "
+          "moved to ",
+          aside.string(),
+          " (with a copy of the MANIFEST and CURRENT) instead of letting RocksDB delete them. "
+          "If cached blocks are missing, stop kvwaved and try `ldb repair` on a copy; else "
+          "delete that directory.");
+    }
+  }
+  options.env->UnlockFile(lock).PermitUncheckedError();
+  KVWAVE_RETURN_IF_ERROR(ExplainOpenError(std::move(opened), o.path));
+  return warning;
+}
+
 }  // namespace
 
 absl::StatusOr<Durability> ParseDurability(absl::string_view name) {
@@ -140,11 +240,12 @@ absl::StatusOr<std::unique_ptr<PersistStore>> PersistStore::Open(PersistOptions 
   auto store = std::unique_ptr<PersistStore>(new PersistStore(std::move(options)));
   const std::string& path = store->options_.path;
   KVWAVE_RETURN_IF_ERROR(CheckNotOrphaned(path));
+  KVWAVE_ASSIGN_OR_RETURN(store->startup_warning_, SetAsideUnreferenced(store->options_));
   rocksdb::DB* db = nullptr;
-  KVWAVE_RETURN_IF_ERROR(ExplainOpenError(
-      FromRocksDb(rocksdb::DB::Open(DbOptions(store->options_), path, &db),
-                  absl::StrCat("open ", path)),
-      path));
+  KVWAVE_RETURN_IF_ERROR(
+      ExplainOpenError(FromRocksDb(rocksdb::DB::Open(DbOptions(store->options_), path, &db),
+                                   absl::StrCat("open ", path)),
+                       path));
   store->db_.reset(db);
   KVWAVE_RETURN_IF_ERROR(ExplainOpenError(store->CleanOrphans(), path));
   if (store->options_.write_behind) {

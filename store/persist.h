@@ -12,6 +12,11 @@
 // the WAL on CommitBlock and DeleteBlock (one fsync per block: it also covers the segments
 // written before it), so a committed block survives kill -9 and power loss.
 //
+// Opening never destroys what it could not read: a directory with data files but no CURRENT is
+// refused (RocksDB would start an empty database there and delete them), a database RocksDB
+// cannot open is an error naming RocksDB's (nothing is changed), and table or blob files that
+// the MANIFEST does not reference are moved to <path>/unreferenced-<time>/ (startup_warning()).
+//
 // Corruption: a record whose checksum, size or layout does not verify (or that RocksDB reports
 // corrupt) is never served: its whole block is deleted, counted (stats().corrupt_records) and
 // the read returns DataLoss.
@@ -144,6 +149,9 @@ class PersistStore {
 
   PersistStats stats() const;
   const PersistOptions& options() const { return options_; }
+  // What Open had to do to protect the store, for the log (empty when nothing): table or blob
+  // files its MANIFEST did not reference were moved aside rather than deleted.
+  const std::string& startup_warning() const { return startup_warning_; }
   // Test hook: the raw database (to damage records on purpose).
   rocksdb::DB* TEST_db() { return db_.get(); }
 
@@ -167,6 +175,7 @@ class PersistStore {
   bool WriterIdle() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return queue_.empty() && !busy_; }
 
   const PersistOptions options_;
+  std::string startup_warning_;
   std::unique_ptr<rocksdb::DB> db_;
 
   mutable absl::Mutex mu_;
