@@ -137,13 +137,14 @@ def main():
     ap.add_argument('--json', default='')
     ap.add_argument('--socket', default='', help='a running kvwaved (default: start one)')
     ap.add_argument('--methods', default='all', help="'all', 'full' or comma list of method names")
+    ap.add_argument('--threads', type=int, default=os.cpu_count(), help='torch CPU threads')
     args = ap.parse_args()
 
     sys.path.insert(0, os.path.abspath(args.model))
     import torch
     import torch.nn.functional as F
     import qkdump as qk  # the model definition, imported from the shared data folder
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(args.threads)
     kv = import_binding()
     tokens = np.fromfile(args.tokens, '<u2').astype(np.int64)
     C, S = args.context, args.steps

@@ -28,6 +28,7 @@ Rows (--methods; 'all' = every one of them):
   topk-wave   per query head, exact attention over the top-k keys found by the daemon's Retrieve (wave
               index, default cluster budget) and fetched by Gather; k = the defaults' exactly attended keys
   tri:R:E     kvwaved Attend at retrieval budget R, estimation budget E (any number of these)
+  proto:NAME  a prototype ranking of bench/quality_rank.py (kvwave emulated in torch; see there)
 --drop builds the same instances with the answer-bearing needles removed: a control that must score ~0.
 
 Needs numpy and torch (Debian: python3-numpy python3-torch; run with /usr/bin/python3), the built Python
@@ -283,6 +284,11 @@ def make_methods(names, client, runner, exact_fn):
             out.append(Quest(name, client, runner))
         elif name == 'topk-wave':
             out.append(TopkWave(name, client, runner))
+        elif name.startswith('proto:'):  # a prototype ranking of bench/quality_rank.py (torch, no daemon)
+            import quality_rank
+            m = quality_rank.make(name[len('proto:'):])
+            m.name = name
+            out.append(m)
         elif name.startswith('tri:'):
             _, r, e = name.split(':')
             out.append(Tripartite(name, client, runner, float(r), float(e)))
@@ -353,7 +359,7 @@ def main():
     model = model.to(qk.DEV).eval()
     R = evaluate.Runner(qk, model, args.ctx)
 
-    need_daemon = any(m != 'full' for m in names)
+    need_daemon = any(m != 'full' and not m.startswith('proto:') for m in names)
     daemon, client, settings = None, None, {}
     if need_daemon:
         kv = e2e_lm.import_binding()
