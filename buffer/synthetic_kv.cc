@@ -1,11 +1,10 @@
 #include "buffer/synthetic_kv.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
-#include "config/dtype.h"
 #include "config/status_macros.h"
-#include "gpu/attention_cpu.h"
 #include "tbb/parallel_for.h"
 
 namespace kvwave::buffer {
@@ -28,131 +27,162 @@ struct Rng {
   }
 };
 
+// One segment of `n` tokens at `first` (with `sinks` steady tokens) for unit seed `seed`.
+absl::StatusOr<std::shared_ptr<const store::Segment>> MakeSegment(
+    const SyntheticShape& s, int64_t first, int32_t n, int32_t sinks, uint64_t size_seed,
+    uint64_t seed, store::HostAllocator* allocator, store::MemoryBudget& budget) {
+  Rng sizes_rng{size_seed}, rng{seed};
+  const int d = s.d;
+  const int32_t clustered = n - sinks;
+  // Cluster sizes summing to `clustered`.
+  std::vector<int32_t> sizes;
+  for (int32_t left = clustered; left > 0;) {
+    int32_t z = s.vary_sizes ? 1 + int32_t(sizes_rng.Next() % (2 * s.cluster_tokens - 1))
+                             : s.cluster_tokens;
+    if (s.big_cluster_every > 0 && sizes.size() % s.big_cluster_every == 0) z *= 8;
+    z = std::min(z, left);
+    sizes.push_back(z);
+    left -= z;
+  }
+  const int32_t C = static_cast<int32_t>(sizes.size());
+  std::vector<int32_t> assignment(clustered);
+  std::vector<float> centroids(int64_t{C} * d, 0.f), centre(d);
+  std::vector<uint16_t> k(int64_t{n} * d), v(int64_t{n} * d);
+  auto put = [&](int64_t t, const float* ks) {
+    for (int e = 0; e < d; ++e) {
+      k[t * d + e] = FloatToBf16(ks[e]);
+      v[t * d + e] = FloatToBf16(rng.Normal());
+    }
+  };
+  for (int32_t t = 0; t < sinks; ++t) {
+    for (auto& z : centre) z = s.center_sd * rng.Normal();
+    put(t, centre.data());
+  }
+  // Members of each cluster at random positions: a random permutation of the clustered tokens.
+  std::vector<int32_t> order(clustered);
+  for (int32_t i = 0; i < clustered; ++i) order[i] = i;
+  for (int32_t i = clustered - 1; i > 0; --i) std::swap(order[i], order[rng.Next() % (i + 1)]);
+  std::vector<float> row(d);
+  for (int32_t c = 0, at = 0; c < C; ++c) {
+    for (auto& z : centre) z = s.center_sd * rng.Normal();
+    for (int32_t j = 0; j < sizes[c]; ++j, ++at) {
+      const int32_t i = order[at];
+      assignment[i] = c;
+      for (int e = 0; e < d; ++e) row[e] = centre[e] + s.noise_sd * rng.Normal();
+      put(sinks + i, row.data());
+      for (int e = 0; e < d; ++e) centroids[int64_t{c} * d + e] += Bf16ToFloat(k[(sinks + i) * int64_t{d} + e]);
+    }
+    // The mean rounded to bf16 like the keys: bf16 scoring then ranks as float32 does.
+    for (int e = 0; e < d; ++e) {
+      float& x = centroids[int64_t{c} * d + e];
+      x = Bf16ToFloat(FloatToBf16(x / float(sizes[c])));
+    }
+  }
+  std::vector<std::byte> kb(int64_t{n} * d * ElementSize(DType::kBF16)), vb(kb.size());
+  std::memcpy(kb.data(), k.data(), kb.size());
+  std::memcpy(vb.data(), v.data(), vb.size());
+  store::SegmentInput in;
+  in.first_position = first;
+  in.num_tokens = n;
+  in.steady_tokens = sinks;
+  in.head_dim = d;
+  in.dtype = DType::kBF16;
+  in.page_tokens = 8;
+  in.keys = kb.data();
+  in.values = vb.data();
+  in.num_clusters = C;
+  in.assignment = assignment;
+  in.centroids = centroids;
+  in.sizes = sizes;
+  KVWAVE_ASSIGN_OR_RETURN(
+      store::MemoryCharge charge,
+      budget.Reserve(store::Segment::MaxBytes(n, d, DType::kBF16, 8, 1)));
+  return store::Segment::Build(in, allocator, charge);
+}
+
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<SyntheticKv>> SyntheticKv::Create(const SyntheticShape& shape,
-                                                                 store::HostAllocator* allocator) {
-  auto kv = std::unique_ptr<SyntheticKv>(new SyntheticKv);
-  SyntheticKv& x = *kv;
-  x.s_ = shape;
-  const int d = shape.d;
-  const int64_t U = kv->units(), C = shape.clusters;
-  x.row_bytes_ = d * sizeof(uint16_t);
-  x.rows_.resize(U);
-  x.row_offset_.resize(U);
-  x.cluster_row_.resize(U);
-  x.sizes_.resize(U);
-  int64_t total = 0;
-  for (int64_t u = 0; u < U; ++u) {
-    Rng rng{shape.seed * 1000003 + u};
-    auto& sizes = x.sizes_[u];
-    auto& crow = x.cluster_row_[u];
-    sizes.resize(C);
-    crow.resize(C);
-    int64_t rows = 0, tokens = 0;
-    for (int64_t c = 0; c < C; ++c) {
-      sizes[c] = shape.vary_sizes ? 1 + int32_t(rng.Next() % (2 * shape.cluster_tokens - 1))
-                                  : shape.cluster_tokens;
-      crow[c] = rows;
-      rows += (sizes[c] + 7) / 8 * 8;
-      tokens += sizes[c];
+absl::StatusOr<std::unique_ptr<SyntheticContext>> SyntheticContext::Create(
+    const SyntheticShape& shape, store::HostAllocator* allocator, const SyntheticContext* prefix,
+    int prefix_segments) {
+  if (shape.layers < 1 || shape.heads < 1 || shape.d < 8 || shape.tokens < 0 ||
+      shape.tail_tokens < 0 || shape.segment_tokens < 1 || shape.sink_tokens < 0 ||
+      shape.cluster_tokens < 1)
+    return absl::InvalidArgumentError("SyntheticContext: bad shape");
+  auto x = std::unique_ptr<SyntheticContext>(new SyntheticContext);
+  x->s_ = shape;
+  x->allocator_ = allocator;
+  const int64_t sealed = std::max<int64_t>(0, shape.tokens - shape.tail_tokens);
+  std::vector<int64_t> starts;
+  for (int64_t p = 0; p < sealed; p += shape.segment_tokens) starts.push_back(p);
+  const int64_t U = int64_t{shape.layers} * shape.heads, S = static_cast<int64_t>(starts.size());
+  std::vector<std::shared_ptr<const store::Segment>> segs(U * S);
+  std::vector<absl::Status> errors(U * S);
+  tbb::parallel_for(int64_t{0}, U * S, [&](int64_t i) {
+    const int64_t u = i / S, j = i % S;
+    const int l = static_cast<int>(u / shape.heads), h = static_cast<int>(u % shape.heads);
+    if (prefix != nullptr && j < prefix_segments) {
+      segs[i] = prefix->layers_[l][h].segments[j];
+      return;
     }
-    x.rows_[u] = rows;
-    x.row_offset_[u] = total;
-    total += rows;
-    if (u == 0) x.tokens_per_unit_ = tokens + shape.steady_rows;
-  }
-  KVWAVE_ASSIGN_OR_RETURN(x.k_, store::HostBuffer::Allocate(allocator, total * x.row_bytes_));
-  KVWAVE_ASSIGN_OR_RETURN(x.v_, store::HostBuffer::Allocate(allocator, total * x.row_bytes_));
-  x.centroids_.resize(U);
-  x.value_sums_.resize(U);
-  x.steady_k_.resize(U);
-  x.steady_v_.resize(U);
-  tbb::parallel_for(int64_t{0}, U, [&](int64_t u) {
-    Rng rng{shape.seed * 7919 + u * 104729 + 17};
-    auto* k = reinterpret_cast<uint16_t*>(x.k_.data()) + x.row_offset_[u] * d;
-    auto* v = reinterpret_cast<uint16_t*>(x.v_.data()) + x.row_offset_[u] * d;
-    std::memset(k, 0, x.rows_[u] * x.row_bytes_);
-    std::memset(v, 0, x.rows_[u] * x.row_bytes_);
-    auto& cen = x.centroids_[u];
-    auto& vs = x.value_sums_[u];
-    cen.assign(C * d, 0.f);
-    vs.assign(C * d, 0.f);
-    std::vector<float> centre(d);
-    for (int64_t c = 0; c < C; ++c) {
-      for (auto& z : centre) z = shape.center_sd * rng.Normal();
-      const int32_t n = x.sizes_[u][c];
-      for (int32_t t = 0; t < n; ++t) {
-        const int64_t row = x.cluster_row_[u][c] + t;
-        for (int e = 0; e < d; ++e) {
-          const uint16_t kb = FloatToBf16(centre[e] + shape.noise_sd * rng.Normal());
-          const uint16_t vb = FloatToBf16(rng.Normal());
-          k[row * d + e] = kb;
-          v[row * d + e] = vb;
-          cen[c * d + e] += Bf16ToFloat(kb);
-          vs[c * d + e] += Bf16ToFloat(vb);
-        }
-      }
-      // The mean, rounded to bf16 like the keys: the wave buffer scores with a bf16 copy of the
-      // centroids (WaveBufferOptions::bf16_scores), which then ranks exactly as the reference.
-      for (int e = 0; e < d; ++e)
-        cen[c * d + e] = Bf16ToFloat(FloatToBf16(cen[c * d + e] / float(n)));
+    const int64_t first = starts[j];
+    const int32_t n = static_cast<int32_t>(std::min(shape.segment_tokens, sealed - first));
+    const int32_t sinks = j == 0 ? std::min<int32_t>(shape.sink_tokens, n - 1) : 0;
+    // Cluster sizes depend on the segment only: every head of a layer has as many clusters (as
+    // k-means with a fixed tokens-per-cluster gives), so the budgets agree across heads.
+    auto seg = MakeSegment(shape, first, n, std::max(sinks, 0), shape.seed * 31337 + j,
+                           shape.seed * 1000003 + u * 7919 + j * 104729, allocator, x->budget_);
+    if (!seg.ok()) {
+      errors[i] = seg.status();
+      return;
     }
-    auto& sk = x.steady_k_[u];
-    auto& sv = x.steady_v_[u];
-    sk.resize(int64_t{shape.steady_rows} * d);
-    sv.resize(sk.size());
-    for (size_t i = 0; i < sk.size(); ++i) {
-      sk[i] = FloatToBf16(shape.center_sd * rng.Normal());
-      sv[i] = FloatToBf16(rng.Normal());
-    }
+    segs[i] = std::move(*seg);
   });
-  return kv;
+  for (const auto& e : errors) KVWAVE_RETURN_IF_ERROR(e);
+  const size_t row_bytes = static_cast<size_t>(shape.d) * 2;
+  x->layers_.resize(shape.layers);
+  for (int l = 0; l < shape.layers; ++l) {
+    for (int h = 0; h < shape.heads; ++h) {
+      store::HeadKv head(store::Tail(shape.d, DType::kBF16, allocator));
+      const int64_t u = int64_t{l} * shape.heads + h;
+      for (int64_t j = 0; j < S; ++j) head.segments.push_back(segs[u * S + j]);
+      head.tail.StartAt(sealed);
+      const int64_t n = shape.tokens - sealed;
+      if (n > 0) {
+        Rng rng{shape.seed * 31 + u};
+        std::vector<uint16_t> k(n * shape.d), v(n * shape.d);
+        for (auto& z : k) z = FloatToBf16(shape.center_sd * rng.Normal());
+        for (auto& z : v) z = FloatToBf16(rng.Normal());
+        KVWAVE_ASSIGN_OR_RETURN(store::MemoryCharge charge,
+                                x->budget_.Reserve(static_cast<int64_t>(2 * n * row_bytes)));
+        KVWAVE_RETURN_IF_ERROR(head.tail.Append(reinterpret_cast<const std::byte*>(k.data()),
+                                                reinterpret_cast<const std::byte*>(v.data()), n,
+                                                row_bytes, std::move(charge)));
+      }
+      x->layers_[l].push_back(std::move(head));
+    }
+  }
+  return x;
 }
 
-std::vector<UnitLayout> SyntheticKv::Units() const {
-  std::vector<UnitLayout> out(units());
-  for (int64_t u = 0; u < units(); ++u) {
-    UnitLayout& l = out[u];
-    l.k = k(u);
-    l.v = v(u);
-    l.cluster_row = cluster_row_[u].data();
-    l.sizes = sizes_[u].data();
-    l.centroids = centroids_[u].data();
-    l.value_sums = value_sums_[u].data();
-    l.steady_k = reinterpret_cast<const std::byte*>(steady_k_[u].data());
-    l.steady_v = reinterpret_cast<const std::byte*>(steady_v_[u].data());
-    l.steady_rows = s_.steady_rows;
+absl::Status SyntheticContext::AppendToken(int l, uint64_t seed) {
+  Rng rng{seed};
+  const size_t row_bytes = static_cast<size_t>(s_.d) * 2;
+  std::vector<uint16_t> k(s_.d), v(s_.d);
+  for (store::HeadKv& head : layers_[l]) {
+    for (auto& z : k) z = FloatToBf16(s_.center_sd * rng.Normal());
+    for (auto& z : v) z = FloatToBf16(rng.Normal());
+    KVWAVE_ASSIGN_OR_RETURN(store::MemoryCharge charge,
+                            budget_.Reserve(static_cast<int64_t>(2 * row_bytes)));
+    KVWAVE_RETURN_IF_ERROR(head.tail.Append(reinterpret_cast<const std::byte*>(k.data()),
+                                            reinterpret_cast<const std::byte*>(v.data()), 1,
+                                            row_bytes, std::move(charge)));
   }
-  return out;
-}
-
-absl::Status SyntheticKv::ReferenceAttend(int64_t unit, const float* q, int64_t r, int64_t e,
-                                          float* out, float* lse) const {
-  namespace cpu = gpu::cpu;
-  const int g = s_.g, d = s_.d;
-  const int64_t C = s_.clusters;
-  const float scale = 1.0f / std::sqrt(float(d));
-  std::vector<float> logits(g * C), scores(C);
-  cpu::CentroidLogits(q, g, d, scale, centroids_[unit].data(), C, logits.data());
-  cpu::GroupSoftmaxSum(logits.data(), g, C, sizes_[unit].data(), scores.data());
-  std::vector<int32_t> order(r + e);
-  const int64_t got = cpu::TopK(scores.data(), C, r + e, order.data());
-  const int64_t nr = std::min(r, got);
-  std::vector<cpu::KvSpan> spans;
-  spans.push_back({steady_k_[unit].data(), steady_v_[unit].data(), s_.steady_rows});
-  for (int64_t i = 0; i < nr; ++i) {
-    const int32_t c = order[i];
-    const int64_t row = cluster_row_[unit][c];
-    spans.push_back({k(unit) + row * row_bytes_, v(unit) + row * row_bytes_, sizes_[unit][c]});
-  }
-  KVWAVE_RETURN_IF_ERROR(cpu::ExactAttention(q, g, d, scale, DType::kBF16, spans, out, lse));
-  std::vector<float> eo(g * d), el(g);
-  KVWAVE_RETURN_IF_ERROR(cpu::EstimateAttention(
-      q, g, d, scale, centroids_[unit].data(), value_sums_[unit].data(), sizes_[unit].data(), C,
-      std::span<const int32_t>(order.data() + nr, got - nr), eo.data(), el.data()));
-  cpu::MergeLse(out, lse, eo.data(), el.data(), g, d);
   return absl::OkStatus();
+}
+
+int64_t SyntheticContext::layer_bytes() const {
+  return 2 * s_.tokens * s_.heads * int64_t{s_.d} * 2;
 }
 
 }  // namespace kvwave::buffer

@@ -1,65 +1,62 @@
-// Synthetic clustered KV for the decode benchmark and the wave-buffer tests: every (layer, KV
-// head) unit holds `clusters` clusters laid out cluster-contiguous in pinned host memory (the
-// store::Segment layout: each cluster starts on a page of 8 rows, zero padding), with keys drawn
-// around random cluster centres, random values, the exact centroids and value sums, and a steady
-// zone. The clustering is the generating one (an oracle index), not k-means. Also the CPU
-// reference of tripartite attention over it, built from gpu/attention_cpu.h.
+// Synthetic clustered contexts for the wave buffer's tests and the decode benchmark: one context
+// of `layers` x `heads` store::HeadKv, its sealed segments built by store::Segment::Build from
+// keys drawn around random cluster centres with the generating clustering as the index (an oracle
+// index, not k-means: a 1M-token context builds in seconds), random values, the context's sink
+// tokens in the first segment and an unsealed tail. Segments of another context can be shared as
+// a prefix (the same Segment objects). Rows live in the given allocator (pinned for the GPU).
 //
-// Thread-safety: immutable after Create; const methods are thread-safe.
+// Thread-safety: none (tests and benchmarks build and then read); const methods are thread-safe.
 #ifndef KVWAVE_BUFFER_SYNTHETIC_KV_H_
 #define KVWAVE_BUFFER_SYNTHETIC_KV_H_
 
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "buffer/wave_buffer.h"
+#include "config/dtype.h"
+#include "store/context.h"
 #include "store/host_memory.h"
+#include "store/segment.h"
 
 namespace kvwave::buffer {
 
 struct SyntheticShape {
-  int layers = 1, heads = 8, g = 4, d = 128;
-  int64_t clusters = 1024;  // per unit
-  int cluster_tokens = 16;  // mean tokens per cluster
-  bool vary_sizes = false;  // sizes uniform in [1, 2*cluster_tokens - 1] instead of fixed
-  int steady_rows = 64;     // sinks + local window, kept on the GPU
+  int layers = 1, heads = 8, d = 128;
+  int64_t tokens = 8192;            // sealed + tail
+  int64_t segment_tokens = 8192;    // tokens per sealed segment (the last may be shorter)
+  int64_t tail_tokens = 64;         // left unsealed at the end
+  int sink_tokens = 4;              // the first segment's steady rows
+  int cluster_tokens = 16;          // mean tokens per cluster
+  bool vary_sizes = true;           // cluster sizes uniform in [1, 2*cluster_tokens - 1]
+  int big_cluster_every = 0;        // > 0: every n-th cluster has 8x the tokens (multi-page)
   float center_sd = 1.0f, noise_sd = 0.5f;
   uint64_t seed = 1;
 };
 
-class SyntheticKv {
+class SyntheticContext {
  public:
-  // K/V rows go to `allocator` (pinned for the GPU path).
-  [[nodiscard]] static absl::StatusOr<std::unique_ptr<SyntheticKv>> Create(
-      const SyntheticShape& shape, store::HostAllocator* allocator);
+  // `prefix`: optional, a context whose first `prefix_segments` segments of every (layer, head)
+  // this one shares (same objects); the shapes must agree on those segments.
+  [[nodiscard]] static absl::StatusOr<std::unique_ptr<SyntheticContext>> Create(
+      const SyntheticShape& shape, store::HostAllocator* allocator,
+      const SyntheticContext* prefix = nullptr, int prefix_segments = 0);
 
-  std::vector<UnitLayout> Units() const;
   const SyntheticShape& shape() const { return s_; }
-  int64_t units() const { return int64_t{s_.layers} * s_.heads; }
-  int64_t rows(int64_t unit) const { return rows_[unit]; }  // clustered rows incl. padding
-  const std::byte* k(int64_t unit) const { return k_.data() + row_offset_[unit] * row_bytes_; }
-  const std::byte* v(int64_t unit) const { return v_.data() + row_offset_[unit] * row_bytes_; }
-  // Tokens per unit (steady + clustered) and K+V bytes of all units (real rows only).
-  int64_t tokens_per_unit() const { return tokens_per_unit_; }
-  int64_t kv_bytes() const { return 2 * tokens_per_unit_ * units() * int64_t(row_bytes_); }
-
-  // CPU tripartite attention of unit's g query heads q [g x d]: steady + top-r clusters exact,
-  // next e clusters estimated, merged. out [g x d], lse [g].
-  [[nodiscard]] absl::Status ReferenceAttend(int64_t unit, const float* q, int64_t r, int64_t e,
-                                             float* out, float* lse) const;
+  std::span<const store::HeadKv> layer(int l) const { return layers_[l]; }
+  std::vector<store::HeadKv>& mutable_layer(int l) { return layers_[l]; }
+  // Appends one token to every head of layer l (random K and V, around a random centre).
+  [[nodiscard]] absl::Status AppendToken(int l, uint64_t seed);
+  // K+V bytes of one layer's rows (real tokens only).
+  int64_t layer_bytes() const;
 
  private:
+  SyntheticContext() : budget_(int64_t{1} << 62) {}
   SyntheticShape s_;
-  size_t row_bytes_ = 0;
-  int64_t tokens_per_unit_ = 0;
-  store::HostBuffer k_, v_;
-  std::vector<int64_t> rows_, row_offset_;
-  std::vector<std::vector<int64_t>> cluster_row_;
-  std::vector<std::vector<int32_t>> sizes_;
-  std::vector<std::vector<float>> centroids_, value_sums_;
-  std::vector<std::vector<uint16_t>> steady_k_, steady_v_;
+  store::HostAllocator* allocator_ = nullptr;
+  store::MemoryBudget budget_;
+  std::vector<std::vector<store::HeadKv>> layers_;
 };
 
 }  // namespace kvwave::buffer

@@ -1,52 +1,48 @@
-// The wave buffer: a GPU page pool caching clusters of KV pages that live in pinned host memory,
-// plus the per-layer decode pipeline of tripartite attention on the GPU (steady zone + retrieval
-// zone attended exactly, estimation zone from the meta index).
+// The wave buffer: tripartite attention on the GPU for live, growing contexts, with one GPU page
+// pool caching clusters of KV pages that live in pinned host memory.
 //
-// Resident on the GPU: the meta index (centroids, value sums, sizes of every cluster of every
-// (layer, KV head) unit), the steady zone (sink + local tokens), the page pool, and the cache
-// table (cluster -> pool slots), so that a layer's attention needs no CPU round trip: the GPU
-// ranks the clusters, looks up hits in the table, reads the misses straight from pinned host
-// memory (zero-copy, once) and stashes them in an execution buffer as it attends to them. The
-// CPU's part (the LRU replacement policy) runs behind, on the committer thread, from a compact
-// record of each layer's hits and misses; its decisions reach the GPU as table updates and
-// device-to-device admission copies from the execution buffer (no second PCIe read).
+// Spaces. A space is one layer of one context (its KV heads). Sync(space, heads) brings the GPU's
+// copy in line with the layer's host state: every sealed segment not yet joined joins the space's
+// meta index (centroids, bf16 centroids, value sums, sizes, cache keys; any cluster count per
+// segment, any cluster size), and the steady zone (the context's sink rows + its unsealed tail)
+// is mirrored in a device ring that each Sync extends by the rows appended since (one row per
+// head per decode step). A space's arrays grow by doubling. CloseSpace drops it; a segment no
+// space holds any more leaves the cache (its pages are freed, its keys reused).
 //
-// Streams: C = 0 (compute), X = 1 (records to the host), S = 2 (estimation zone), U = 3 (cache
-// updates). W = the committer threads. Call n uses ring slot n % kRing (execution buffer, records,
-// staging).
+// Segments are named by identity (the store::Segment object): a prefix block attached by several
+// contexts is registered once, its clusters get one set of cache keys, and its cached pages serve
+// every context that attends it. (Each space keeps its own copy of the block's meta index, so
+// that a head's clusters are contiguous for the scoring kernels.)
 //
-//   C: |logits|scores + top-k + plan(table), record -> host|estimate (meta index, HBM)
-//                                                         |exact: steady+hits (HBM) + misses (PCIe,
-//                                                         |stashed); the last block of each head
-//                                                         |merges the estimate (ready words)|
-//      (chained: estimate and exact are programmatic dependents of the selection, no event
-//      between them; unchained, an event, the estimate on S and a D2H copy of the record on X)
-//   W:                                                    |LRU: touch hits, admit misses, evict|
-//   U:                 (after call n, beside calls n+1, n+2 ...) |H2D update(n)|admission copies
-//                                                                 exec -> pool|table scatter|
+// A call (AttendLayer) runs one fused, chained pipeline on the compute stream: scores + top-k of
+// both zones + page plan in one kernel (ScoreSelectPlan) that writes a compact record straight
+// to pinned host memory, then the estimation zone and the exact attention as programmatic
+// dependents (no event or launch gap between them); the exact attention reads steady rows and
+// cached clusters from HBM and the misses straight from pinned host memory (zero-copy, once),
+// stashing them in the call's execution buffer, and its last block per head folds in the
+// estimation zone. Budgets come with each call. The CPU's part (the LRU over the one page pool
+// shared by all spaces) runs behind on committer threads from the record; its decisions (table
+// writes, device-to-device admission copies from the execution buffer) are queued on the compute
+// stream between calls, so every call sees a table consistent with the pool.
 //
-// Ordering: the main thread queues a call's kernels and the committer queues an update under one
-// mutex. An update waits (on U) for its layer's latest call, which may still read the pool slots
-// and table entries it rewrites; the layer's next call, and the next call of the same ring slot
-// (which overwrites the execution buffer the update copies from), wait for it (on C). So every
-// call sees a table consistent with the pool's contents, and the update's work overlaps the calls
-// of other layers instead of sitting between them. A hit that an earlier update evicted after the
-// call was planned was still read correctly and is simply not touched; a miss admitted meanwhile
-// counts as a hit. Call n + kRing waits (on the CPU) for job n to have queued its update, which
-// frees ring slot n % kRing; so the CPU policy may lag the GPU by kRing layers. Call n's job runs
-// on committer thread n % kRing: jobs of different layers run in parallel (each layer has its
-// own share of the pool and its own LRU), jobs of one layer one at a time.
+// Resources: a WaveBuffer owns its CudaBackend (streams, events, workspace), its slots (per
+// in-flight call: lists, page lists, execution buffer, pinned record and staging) and scratch.
 //
-// Events 0..5*kRing+5 of the backend are used here; streams 0 to 3.
-// Thread-safety: one thread calls AttendLayer/Finish; the committer thread is internal.
+// Thread-safety: every method is thread-safe. Calls on different spaces may come from different
+// threads at once (their kernels are queued one call at a time under a mutex; a space is synced
+// and queued under its own mutex). The host rows a Sync reads (segments, tail) must not change
+// until that call is complete (AttendHost returns complete; after AttendLayer, Finish).
 #ifndef KVWAVE_BUFFER_WAVE_BUFFER_H_
 #define KVWAVE_BUFFER_WAVE_BUFFER_H_
 
-#include <array>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <mutex>
+#include <span>
+#include <unordered_map>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -54,138 +50,180 @@
 #include "buffer/wave_policy.h"
 #include "config/dtype.h"
 #include "gpu/cuda_backend.h"
+#include "store/context.h"
 #include "store/host_memory.h"
+#include "store/segment.h"
 
 namespace kvwave::buffer {
 
-// One (layer, KV head): where its clusters and meta index are. All host pointers stay valid for
-// the WaveBuffer's life; k and v must be pinned mapped memory (PinnedHostAllocator).
-struct UnitLayout {
-  const std::byte* k = nullptr;  // cluster-contiguous rows of d elements (store::Segment layout)
-  const std::byte* v = nullptr;
-  const int64_t* cluster_row = nullptr;  // [C] first row of each cluster (page aligned)
-  const int32_t* sizes = nullptr;        // [C] tokens of each cluster
-  const float* centroids = nullptr;      // [C x d]
-  const float* value_sums = nullptr;     // [C x d]
-  const std::byte* steady_k = nullptr;   // [steady_rows x d], copied to the GPU
-  const std::byte* steady_v = nullptr;
-  int32_t steady_rows = 0;
-};
-
 struct WaveBufferOptions {
-  int layers = 0, heads = 0, g = 0, d = 0;
-  DType dtype = DType::kBF16;
-  int64_t clusters = 0;            // per unit
-  double retrieval = 0.018;        // fraction of clusters attended exactly
-  double estimation = 0.232;       // next fraction, estimated
-  int64_t cache_bytes = 0;         // page pool (K and V)
-  int max_cluster_pages = 4;       // bound of pages per cluster (sizes the execution buffer)
-  int exact_pages_per_split = 16;  // exact attention: pages per block (0: backend default)
-  // Scores, top-k of both zones and plan in one op (CudaBackend::ScoreSelectPlan), and the
-  // estimation zone merged with the exact attention's splits; false: one op each
-  // (ScoreClusters, SelectTopK, PlanPages, ExactAttention, MergeLse).
-  bool fused_select = true;
-  // Score the clusters with a bf16 copy of the centroids (half the bytes of the logits' read;
-  // ScoreArgs::centroids_bf16): the ranking then equals the float32 one for centroids that bf16
-  // represents exactly (the wave index's, see SyntheticKv), else it may differ at near-ties. The
-  // estimation zone keeps the float32 centroids.
+  int device = 0;
+  int heads = 0, g = 0, d = 0;  // KV heads of a space, query heads per KV head, head dim
+  DType dtype = DType::kBF16;   // of K and V (bf16 or f16)
+  int64_t cache_bytes = 0;      // page pool (K and V)
+  int exact_pages_per_split = 16;
+  // Score the clusters with a bf16 copy of the centroids (half the bytes of the largest read of
+  // a call): the ranking equals the float32 one except at near-ties (the estimation zone keeps
+  // the float32 centroids). false: float32 scores, the CPU backend's ranking.
   bool bf16_scores = true;
-  // With fused_select: the estimation and exact attention queued as dependent launches behind the
-  // selection on the compute stream (sm_90 programmatic dependent launch: scheduled as the
-  // selection ends, no event or launch gap in between; the exact attention's blocks wait on the
-  // GPU for their head's plan), and the record written by the plan straight to pinned host
-  // memory, read once the call is done. false: an event after the selection, the estimation on
-  // the side stream, the record copied on stream X.
-  bool chain = true;
-  bool profile = false;  // time each phase with events (synchronises every call)
+  int64_t workspace_bytes = int64_t{256} << 20;  // the backend's (scoring logits)
+  // Pinned staging per slot for the rows a Sync uploads (larger uploads copy row runs directly).
+  int64_t staging_bytes = int64_t{1} << 20;
 };
 
-// Cumulative counts since Create (hits/misses are known once the committer has processed a call:
-// read them after Finish()).
+// Budgets of one call: fractions of a head's clusters.
+struct WaveBudget {
+  double retrieval = 0.018;
+  double estimation = 0.232;
+};
+
+// Clusters of the retrieval and estimation zones for `total` clusters (the engine's formula).
+struct ZoneCounts {
+  int64_t retrieval = 0, estimation = 0;
+};
+ZoneCounts ZoneClusters(const WaveBudget& budget, int64_t total);
+
+// What one call attended, summed over its heads (known once the call is complete).
+struct WaveCallStats {
+  int64_t steady_tokens = 0;
+  int64_t retrieved_tokens = 0;
+  int64_t retrieved_clusters = 0;
+  int64_t estimated_clusters = 0;
+  int64_t total_clusters = 0;
+};
+
+// Cumulative counts since Create (hits/misses are counted by the committer: read them after
+// Finish()).
 struct WaveCounters {
   int64_t calls = 0;
   int64_t hit_clusters = 0, miss_clusters = 0;
   int64_t hit_pages = 0, miss_pages = 0;
-  int64_t stale_hits = 0;     // hits whose cluster an earlier commit evicted before this one ran
-  int64_t pcie_bytes = 0;     // K and V rows read from host memory
-  int64_t exact_rows = 0;     // rows attended exactly (steady + retrieval)
-  double enqueue_us = 0;      // main thread: queueing a call's kernels
-  double wait_us = 0;         // main thread: waiting for the committer to free a ring slot
-  double record_wait_us = 0;  // committer thread: waiting for a call's record to reach the host
-  double commit_us = 0;       // committer thread: policy + queueing the update
-  // With WaveBufferOptions::profile: GPU time of each phase (ms), summed over calls.
-  // estimate_ms: waiting for the estimation zone (side stream) after the exact part, + merge.
-  double score_ms = 0, topk_ms = 0, plan_ms = 0, exact_ms = 0, estimate_ms = 0;
+  int64_t stale_hits = 0;    // hits whose cluster an earlier commit evicted before this one ran
+  int64_t pcie_bytes = 0;    // K and V rows read from host memory by calls
+  int64_t upload_bytes = 0;  // meta index and steady rows uploaded by Syncs
+  int64_t exact_rows = 0;    // rows attended exactly (steady + retrieval)
+  double enqueue_us = 0;     // queueing a call's kernels (and its Sync)
+  double wait_us = 0;        // waiting for a free slot
+  double commit_us = 0;      // committer threads: policy + queueing the update
+};
+
+// The cache's bookkeeping, for checking that it returns to its baseline.
+struct WaveAccounting {
+  int64_t pool_pages = 0, free_pages = 0, cached_clusters = 0;
+  int64_t spaces = 0, segments = 0;  // segments registered (held by at least one space)
+  int64_t keys = 0, table_entries = 0;  // cache keys and page-table entries in use
+  int64_t busy_slots = 0;
 };
 
 class WaveBuffer {
  public:
-  static constexpr int kRing = 4;
+  static constexpr int kSlots = 8;
+  using SpaceId = int64_t;
 
-  // units: [layers x heads], unit = layer * heads + head. Every cluster must fit in
-  // max_cluster_pages pages.
   [[nodiscard]] static absl::StatusOr<std::unique_ptr<WaveBuffer>> Create(
-      gpu::CudaBackend* backend, const WaveBufferOptions& options, std::vector<UnitLayout> units);
+      const WaveBufferOptions& options);
   ~WaveBuffer();
+  WaveBuffer(const WaveBuffer&) = delete;
+  WaveBuffer& operator=(const WaveBuffer&) = delete;
 
-  // Tripartite attention of one layer: q [heads x g x d] float32 on the device; out [heads x g x
-  // d] and lse [heads x g] on the device. Queued on stream 0; returns without waiting for the GPU
-  // (unless the committer lags kRing calls behind).
-  [[nodiscard]] absl::Status AttendLayer(int layer, const float* q, float* out, float* lse);
-  // Waits for the committer and both streams; reports the first error of a commit job.
+  [[nodiscard]] absl::StatusOr<SpaceId> OpenSpace();
+  // Waits for the space's calls, drops it and releases the segments no other space holds.
+  [[nodiscard]] absl::Status CloseSpace(SpaceId space);
+
+  // Tripartite attention of one space: q [heads x g x d] float32, out [heads x g x d], lse
+  // [heads x g], all on the device. With `heads` (the layer's KV heads, whose lock the caller
+  // holds), the space is synced first. Queued; returns without waiting for the GPU.
+  [[nodiscard]] absl::Status AttendLayer(SpaceId space, std::span<const store::HeadKv> heads,
+                                         const float* q, float* out, float* lse,
+                                         const WaveBudget& budget);
+  // The same with host q / out / lse; returns once the results are in out and lse.
+  [[nodiscard]] absl::Status AttendHost(SpaceId space, std::span<const store::HeadKv> heads,
+                                        const float* q, float* out, float* lse,
+                                        const WaveBudget& budget, WaveCallStats* stats);
+  // Waits for every queued call and commit; reports the first error of a commit job.
   [[nodiscard]] absl::Status Finish();
 
   WaveCounters counters() const;
-  PolicyStats policy_stats() const;  // summed over the layers' policies
-  int64_t pool_pages() const { return pages_per_layer_ * o_.layers; }
-  int64_t retrieval_clusters() const { return r_; }
-  int64_t estimation_clusters() const { return e_; }
+  PolicyStats policy_stats() const { return policy_->stats(); }
+  WaveAccounting accounting() const;
+  int64_t pool_pages() const { return pool_pages_; }
+  const WaveBufferOptions& options() const { return o_; }
+  gpu::CudaBackend* backend() const { return backend_.get(); }
 
  private:
-  struct Slot;  // one ring slot
-  WaveBuffer(gpu::CudaBackend* backend, const WaveBufferOptions& options,
-             std::vector<UnitLayout> units);
+  struct Slot;
+  struct Space;
+  struct Registered;  // one segment's keys and table entries
+  explicit WaveBuffer(const WaveBufferOptions& options);
   absl::Status Init();
-  absl::Status Enqueue(int layer, const float* q, float* out, float* lse, Slot& slot);
-  void Commit(int layer, int slot_index);
-  // Blocks until the record of the slot's latest call is on the host.
-  absl::Status WaitForRecord(int slot_index);
-  int32_t PagesOf(int64_t unit, int32_t c) const;
-  int32_t RowsOfPage(int64_t unit, int32_t c, int32_t page) const;
 
-  gpu::CudaBackend* backend_;
+  // ---- wave_space.cc ----
+  // Brings `space` in line with `heads`, queueing uploads on the compute stream (staging rows in
+  // `slot`). Caller holds space.mu and enqueue_mu_.
+  absl::Status Sync(Space& space, std::span<const store::HeadKv> heads, Slot& slot);
+  absl::Status JoinSegments(Space& space, std::span<const store::HeadKv> heads);
+  absl::Status GrowSpace(Space& space, int64_t clusters);
+  absl::Status SyncSteady(Space& space, std::span<const store::HeadKv> heads, Slot& slot);
+  // Registers a segment (or takes one more reference); returns its first key.
+  absl::StatusOr<int32_t> Acquire(const std::shared_ptr<const store::Segment>& seg);
+  // Drops one reference of each; the ones left with none leave the cache. Caller holds no lock.
+  absl::Status Release(std::vector<const store::Segment*> segments);
+  absl::Status GrowKeys(int64_t keys, int64_t entries);
+
+  // ---- wave_buffer.cc ----
+  absl::StatusOr<int> AcquireSlot();
+  void FreeSlot(int slot);
+  absl::Status EnsureSlot(Slot& s, int64_t list_stride, int64_t max_pages, int64_t exec_pages,
+                          int64_t record_ints);
+  absl::Status EnsureScratch(int64_t clusters, int64_t max_pages, int64_t list_stride);
+  // Queues one call (caller holds enqueue_mu_ and space.mu).
+  absl::Status Enqueue(Space& space, const float* q, float* out, float* lse,
+                       const WaveBudget& budget, int slot);
+  void Commit(int slot);
+  absl::Status Call(SpaceId id, std::span<const store::HeadKv> heads, const float* q, float* out,
+                    float* lse, const WaveBudget& budget, bool host, WaveCallStats* stats);
+  void Fail(const absl::Status& status);
+
   WaveBufferOptions o_;
-  std::vector<UnitLayout> units_;
-  // The pool is split evenly between the layers (each retrieves the same fraction of its
-  // clusters): layer l owns slots [l * pages_per_layer_, (l + 1) * pages_per_layer_), with its own
-  // LRU policy, so that the commits of different layers run in parallel on kRing committer
-  // threads. layer_mu_[l] orders a layer's policy decisions and the updates they queue.
-  int64_t pages_per_layer_ = 0;
-  std::vector<std::unique_ptr<WavePolicy>> policies_;
-  std::unique_ptr<std::mutex[]> layer_mu_;
-  int64_t r_ = 0, e_ = 0, list_stride_ = 0, steady_pages_ = 0, max_pages_per_head_ = 0;
-  int64_t steady_stride_rows_ = 0, exec_pages_ = 0, max_updates_ = 0;
+  std::unique_ptr<gpu::CudaBackend> backend_;
   size_t row_bytes_ = 0, page_bytes_ = 0;
-  gpu::DeviceBuffer centroids_, centroids16_, value_sums_, sizes_, cluster_row_, host_ptrs_;
-  gpu::DeviceBuffer steady_rows_;
-  gpu::DeviceBuffer steady_k_, steady_v_, pool_k_, pool_v_, table_, page_offsets_;
-  gpu::DeviceBuffer scores_, est_out_, est_lse_;
-  gpu::DeviceBuffer est_ready_;
-  // Chained launches: [heads] pages_ready words, 2 x [heads] arrival words, scratch.
-  gpu::DeviceBuffer pages_ready_, arrivals_, exact_scratch_,
-      est_scratch_;  // [heads x g]: number of the call whose estimate row is written
+  int64_t pool_pages_ = 0;
+  std::unique_ptr<WavePolicy> policy_;
+  gpu::DeviceBuffer pool_k_, pool_v_;
+
+  // Cache keys (one per registered cluster) and page-table entries (one per page of a key).
+  // Device: page_base_ [key_cap], key_k_ / key_v_ [key_cap] host row addresses, table_
+  // [entry_cap] (pool slot or -1). Host mirrors for the committer. Guarded by reg_mu_ (the
+  // device arrays' pointers change only under enqueue_mu_ too).
+  mutable std::mutex reg_mu_;
+  std::unordered_map<const store::Segment*, std::unique_ptr<Registered>> registered_;
+  std::map<int64_t, int64_t> free_keys_, free_entries_;  // start -> length
+  int64_t key_cap_ = 0, entry_cap_ = 0, keys_used_ = 0, entries_used_ = 0;
+  std::vector<int64_t> key_entry_;   // [key_cap]
+  std::vector<int32_t> key_rows_;    // [key_cap] cluster size
+  gpu::DeviceBuffer page_base_, key_k_, key_v_, table_;
+
+  mutable std::mutex spaces_mu_;
+  std::unordered_map<SpaceId, std::shared_ptr<Space>> spaces_;
+  SpaceId next_space_ = 1;
+
+  // The instance's scratch for chained calls (sized by the largest call so far).
+  gpu::DeviceBuffer scores_, est_out_, est_lse_, est_ready_, pages_ready_, arrivals_,
+      exact_scratch_, est_scratch_;
+  int64_t scratch_heads_ = 0, scores_size_ = 0;
+
   std::vector<std::unique_ptr<Slot>> slots_;
-  uint64_t calls_ = 0;
-  std::array<uint64_t, kRing>
-      tickets_{};          // the last job of each slot (call n: committer n % kRing)
-  std::mutex enqueue_mu_;  // one call's kernels or one update's queueing at a time
-  // Under enqueue_mu_: per layer, the ring slot of its latest call and of its latest update (-1:
-  // none); their events (done, update) order the update stream against the compute stream.
-  std::vector<int> last_call_slot_, last_update_slot_;
+  mutable std::mutex slot_mu_;
+  std::condition_variable slot_cv_;
+  std::vector<int> free_slots_;
+
+  std::mutex enqueue_mu_;  // one call's (or one update's) GPU work queued at a time
+  uint32_t seq_ = 0;       // under enqueue_mu_: number of the latest call (ready words)
+
   mutable std::mutex mu_;  // error_, counters_
-  absl::Status error_;     // first error of a commit job
+  absl::Status error_;
   WaveCounters counters_;
-  std::vector<std::unique_ptr<AsyncCommitter>> committers_;  // last: joined first
+  std::vector<std::unique_ptr<AsyncCommitter>> committers_;  // [kSlots]; last: joined first
 };
 
 }  // namespace kvwave::buffer

@@ -1,6 +1,7 @@
 #include "buffer/wave_policy.h"
 
 #include <algorithm>
+#include <limits>
 
 #include "config/status_macros.h"
 
@@ -12,9 +13,55 @@ WavePolicy::WavePolicy(int64_t num_pages, int64_t units, int64_t clusters, int m
                units * clusters < (int64_t{1} << 31) && max_pages >= 1);
   const int64_t keys = units * clusters;
   node_.assign(keys, Node{});
+  entry_.resize(keys);
+  for (int64_t k = 0; k < keys; ++k) entry_[k] = k * max_pages;
   slots_.assign(keys * max_pages, -1);
   free_.reserve(num_pages);
   for (int64_t i = num_pages - 1; i >= 0; --i) free_.push_back(static_cast<int32_t>(i));
+}
+
+WavePolicy::WavePolicy(int64_t num_pages)
+    : num_pages_(num_pages),
+      clusters_((int64_t{1} << 31) - 1),
+      max_pages_(std::numeric_limits<int64_t>::max()) {
+  KVWAVE_CHECK(num_pages >= 0 && num_pages < (int64_t{1} << 31));
+  free_.reserve(num_pages);
+  for (int64_t i = num_pages - 1; i >= 0; --i) free_.push_back(static_cast<int32_t>(i));
+}
+
+void WavePolicy::RegisterKeys(int32_t key0, int32_t n, const int64_t* entries) {
+  absl::MutexLock lock(&mu_);
+  KVWAVE_CHECK(key0 >= 0 && n >= 0);
+  const size_t end = static_cast<size_t>(key0) + n;
+  if (node_.size() < end) {
+    node_.resize(end, Node{});
+    entry_.resize(end, 0);
+  }
+  for (int32_t i = 0; i < n; ++i) {
+    KVWAVE_CHECK(node_[key0 + i].pages == 0);
+    node_[key0 + i] = Node{};
+    entry_[key0 + i] = entries[i];
+  }
+}
+
+int64_t WavePolicy::DropKeys(int32_t key0, int32_t n, std::vector<int32_t>* evicted) {
+  absl::MutexLock lock(&mu_);
+  int64_t freed = 0;
+  for (int32_t key = key0; key < key0 + n && key < static_cast<int64_t>(node_.size()); ++key) {
+    Node& x = node_[key];
+    if (x.pages == 0) continue;
+    for (int p = 0; p < x.pages; ++p) {
+      free_.push_back(slots_[entry_[key] + p]);
+      slots_[entry_[key] + p] = -1;
+    }
+    freed += x.pages;
+    Unlink(key);
+    x.pages = 0;
+    --cached_;
+    ++stats_.evicted;
+    if (evicted != nullptr) evicted->push_back(key);
+  }
+  return freed;
 }
 
 void WavePolicy::Unlink(int32_t key) {
@@ -47,7 +94,7 @@ bool WavePolicy::EvictOne(uint32_t epoch, std::vector<Evicted>* evicted) {
   const int32_t key = tail_;
   Node& x = node_[key];
   if (x.epoch == epoch) return false;  // everything left was touched by this commit
-  for (int p = 0; p < x.pages; ++p) free_.push_back(slots_[int64_t{key} * max_pages_ + p]);
+  for (int p = 0; p < x.pages; ++p) free_.push_back(slots_[entry_[key] + p]);
   if (evicted != nullptr)
     evicted->push_back(
         {static_cast<int32_t>(key / clusters_), static_cast<int32_t>(key % clusters_)});
@@ -106,8 +153,10 @@ std::vector<std::vector<CachedCluster>> WavePolicy::CommitMany(std::span<const C
         continue;
       }
       CachedCluster a{m.cluster, {}};
+      const int64_t e = entry_[key];
+      if (slots_.size() < static_cast<size_t>(e + m.pages)) slots_.resize(e + m.pages, -1);
       for (int p = 0; p < m.pages; ++p) {
-        slots_[int64_t{key} * max_pages_ + p] = free_.back();
+        slots_[e + p] = free_.back();
         a.slots.push_back(free_.back());
         free_.pop_back();
       }
@@ -127,6 +176,11 @@ PolicyStats WavePolicy::stats() const {
   return stats_;
 }
 
+int64_t WavePolicy::cached_clusters() const {
+  absl::MutexLock lock(&mu_);
+  return cached_;
+}
+
 int64_t WavePolicy::free_pages() const {
   absl::MutexLock lock(&mu_);
   return static_cast<int64_t>(free_.size());
@@ -139,7 +193,7 @@ bool WavePolicy::CheckInvariants() const {
   for (int32_t key = head_, prev = -1; key >= 0; prev = key, key = node_[key].next) {
     if (node_[key].prev != prev || node_[key].pages == 0 || ++listed > cached_) return false;
     for (int p = 0; p < node_[key].pages; ++p) {
-      const int32_t s = slots_[int64_t{key} * max_pages_ + p];
+      const int32_t s = slots_[entry_[key] + p];
       if (s < 0 || s >= num_pages_ || used[s]) return false;
       used[s] = 1;
       ++held;

@@ -1,7 +1,11 @@
 // Replacement policy of the wave buffer's GPU page pool, CUDA-free (what CI tests on the CPU).
 //
-// The pool holds num_pages page slots shared by every (layer, KV head) "unit". A cached cluster
-// owns the slots of all its pages. Classify() splits a unit's retrieved clusters into hits (with
+// The pool holds num_pages page slots shared by every cluster it may cache. Clusters are named by
+// keys: either (unit, cluster) pairs of a fixed layout (the first constructor: key = unit *
+// clusters + cluster), or keys registered and dropped at run time (the second: the wave buffer's
+// segments joining and leaving; unit 0, cluster = key). A cached cluster owns the slots of all its
+// pages; key k's slots are kept at slot entries [entry(k), entry(k) + pages), the same numbering
+// as the GPU's table, so a cluster may have any number of pages. Classify() splits a unit's retrieved clusters into hits (with
 // their slots) and misses; Commit() then marks the hits most recently used and admits the misses,
 // evicting least-recently-used clusters as needed. A miss that cannot be admitted (it needs more
 // pages than the pool has, or every slot is held by clusters of the same commit) is counted as an
@@ -44,6 +48,15 @@ class WavePolicy {
   // on every decode step: no hashing, no node allocation, neighbours of a layer's entries mostly
   // in the same cache lines).
   WavePolicy(int64_t num_pages, int64_t units, int64_t clusters, int max_pages);
+  // A pool of num_pages slots with no keys yet (RegisterKeys); no bound on a cluster's pages.
+  explicit WavePolicy(int64_t num_pages);
+
+  // Keys [key0, key0 + n) become usable; key key0 + i keeps its slots from slot entry entries[i]
+  // (entries of different live keys must not overlap). REQUIRES: the keys are not registered.
+  void RegisterKeys(int32_t key0, int32_t n, const int64_t* entries);
+  // Evicts the cached ones of keys [key0, key0 + n) (appending them to `evicted` when set) and
+  // unregisters them: their slots are free. Returns the pages freed.
+  int64_t DropKeys(int32_t key0, int32_t n, std::vector<int32_t>* evicted = nullptr);
 
   // Splits `clusters` of `unit` into hits (appended to `hits`) and misses (appended to `misses`,
   // with the page count pages_of(cluster)). Does not change the LRU order.
@@ -54,9 +67,8 @@ class WavePolicy {
     for (int32_t c : clusters) {
       const int64_t key = Key(unit, c);
       if (node_[key].pages > 0) {
-        hits.push_back({c,
-                        {slots_.begin() + key * max_pages_,
-                         slots_.begin() + key * max_pages_ + node_[key].pages}});
+        const int64_t e = entry_[key];
+        hits.push_back({c, {slots_.begin() + e, slots_.begin() + e + node_[key].pages}});
       } else {
         misses.push_back({c, static_cast<int32_t>(pages_of(c))});
       }
@@ -87,6 +99,7 @@ class WavePolicy {
   PolicyStats stats() const;
   int64_t num_pages() const { return num_pages_; }
   int64_t free_pages() const;
+  int64_t cached_clusters() const;
   // Every slot held by a cached cluster, checked for double use (tests).
   bool CheckInvariants() const;
 
@@ -99,7 +112,7 @@ class WavePolicy {
   bool EvictOne(uint32_t epoch, std::vector<Evicted>* evicted) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const int64_t num_pages_, clusters_;
-  const int max_pages_;
+  const int64_t max_pages_;
   mutable absl::Mutex mu_;
   // Per key, in one 16-byte record (one cache miss per touched cluster): LRU links (-1: none),
   // the commit that last touched it, pages held (0: not cached). Slots: [max_pages_] per key.
@@ -110,7 +123,8 @@ class WavePolicy {
   };
   void Prefetch(std::span<const CommitItem> items) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::vector<Node> node_ ABSL_GUARDED_BY(mu_);
-  std::vector<int32_t> slots_ ABSL_GUARDED_BY(mu_);
+  std::vector<int64_t> entry_ ABSL_GUARDED_BY(mu_);  // [keys]: first slot entry
+  std::vector<int32_t> slots_ ABSL_GUARDED_BY(mu_);  // [entries]
   int32_t head_ ABSL_GUARDED_BY(mu_) = -1;  // most recent
   int32_t tail_ ABSL_GUARDED_BY(mu_) = -1;  // least recent
   int64_t cached_ ABSL_GUARDED_BY(mu_) = 0;

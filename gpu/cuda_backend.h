@@ -167,37 +167,68 @@ struct ExactArgs {
   const ChainArgs* chain = nullptr;
 };
 
-// Arguments of PlanPages: for `heads` units of one layer, turns each head's retrieved clusters
-// (from SelectTopK) into the page list of ExactAttention, reading the GPU-resident cache table.
-// Head h is unit unit0 + h. A cluster c of unit u is cached when table[(u*C + c)*P] >= 0; then
-// its page p lives in pool slot table[(u*C + c)*P + p]. Otherwise its page p is read from host
-// memory (k_host[u] + (cluster_row[u*C + c] + p*kMaxPageRows) rows, zero-copy) and stashed into
-// execution page exec_first(h, i) + p where exec_first(h, i) = h*info_stride*P + (pages of the
-// head's earlier missed clusters). Output per head h: pages[h*max_pages_per_head ..) = its steady
-// pages then every retrieved cluster's pages in list order; page_counts[h]; and for the i-th
-// retrieved cluster c, info[2*(h*info_stride + i)] = c and info[.. + 1] = -1 when it was a hit,
-// else its first exec page (a compact record for the CPU's replacement policy).
+// One KV head's steady zone on the device (attended exactly by every call): the context's sink
+// rows (sink_rows rows at sink_k / sink_v) and its tail, positions [first, first + rows), held in
+// a ring of ring_rows rows (a multiple of kMaxPageRows): position p at row p % ring_rows of
+// ring_k / ring_v. Its pages: the sinks' in kMaxPageRows-row pages, then the tail cut at positions
+// that are multiples of kMaxPageRows (so that no page wraps around the ring).
+struct SteadyZone {
+  const void* sink_k = nullptr;
+  const void* sink_v = nullptr;
+  const void* ring_k = nullptr;
+  const void* ring_v = nullptr;
+  int64_t first = 0;
+  int32_t sink_rows = 0;
+  int32_t rows = 0;
+  int32_t ring_rows = 0;
+  int32_t pad = 0;
+  int64_t pad2 = 0;  // 64 bytes: copied with 16-byte pieces
+};
+
+// Pages of a steady zone (host and device).
+#ifdef __CUDACC__
+#define KVWAVE_HOST_DEVICE __host__ __device__
+#else
+#define KVWAVE_HOST_DEVICE
+#endif
+KVWAVE_HOST_DEVICE inline int64_t SteadyZonePages(const SteadyZone& z) {
+  const int64_t sink = (z.sink_rows + kMaxPageRows - 1) / kMaxPageRows;
+  if (z.rows <= 0) return sink;
+  return sink + (z.first % kMaxPageRows + z.rows + kMaxPageRows - 1) / kMaxPageRows;
+}
+
+// Arguments of PlanPages: for `heads` KV heads, turns each head's retrieved clusters (from
+// SelectTopK) into the page list of ExactAttention, reading the GPU-resident cache table.
+// Head h's cluster c has sizes[h*size_stride + c] rows and the global key keys[h*key_stride + c]
+// (the cache's name for it: one key per (segment, cluster), shared by every context that attends
+// the segment). Key k's pages have table entries table[page_base[k] + p]; the cluster is cached
+// when table[page_base[k]] >= 0, and then its page p lives in pool slot table[page_base[k] + p].
+// Otherwise its page p is read from host memory (key_k[k] + p*kMaxPageRows rows, zero-copy) and
+// stashed into execution page exec_first(h, i) + p, where exec_first(h, i) = h*exec_stride +
+// (pages of the head's earlier missed clusters). Output per head h: pages[h*max_pages_per_head
+// ..) = its steady pages (steady[h]) then every retrieved cluster's pages in list order;
+// page_counts[h]; and for the i-th retrieved cluster, info[2*(h*info_stride + i)] = its key and
+// info[.. + 1] = -1 when it was a hit, else its first exec page (a compact record for the CPU's
+// replacement policy).
 struct PlanArgs {
   int heads = 0;
-  int64_t unit0 = 0;
-  int64_t clusters = 0;                // C, per unit
-  int max_cluster_pages = 0;           // P
   const int32_t* retrieved = nullptr;  // [heads x list_stride]
   const int32_t* counts = nullptr;     // [heads]
   int64_t list_stride = 0;
-  const int32_t* table = nullptr;        // [units x C x P]
-  const int32_t* sizes = nullptr;        // [units x C]
-  const int64_t* cluster_row = nullptr;  // [units x C]
-  const void* const* k_host = nullptr;   // [units]
-  const void* const* v_host = nullptr;
-  const void* steady_k = nullptr;  // unit u's steady rows at row u*steady_stride_rows
-  const void* steady_v = nullptr;
-  const int32_t* steady_rows = nullptr;  // [units]
-  int64_t steady_stride_rows = 0;
+  const int32_t* sizes = nullptr;  // [heads x size_stride]
+  int64_t size_stride = 0;
+  const int32_t* keys = nullptr;  // [heads x key_stride]
+  int64_t key_stride = 0;
+  const int64_t* page_base = nullptr;   // [keys]
+  const int32_t* table = nullptr;       // [table entries]
+  const void* const* key_k = nullptr;   // [keys]: host address of the cluster's first key row
+  const void* const* key_v = nullptr;   // [keys]
+  const SteadyZone* steady = nullptr;   // [heads]
   const void* pool_k = nullptr;  // slot s at s*kMaxPageRows rows
   const void* pool_v = nullptr;
   int64_t row_bytes = 0;
   int64_t max_pages_per_head = 0;
+  int64_t exec_stride = 0;         // execution pages per head
   PageRef* pages = nullptr;        // [heads x max_pages_per_head]
   int32_t* page_counts = nullptr;  // [heads]
   int32_t* info = nullptr;         // [heads x info_stride x 2]
@@ -265,6 +296,9 @@ class CudaBackend {
  public:
   // True when a CUDA device can be used (tests skip otherwise).
   static bool DeviceAvailable();
+  // True when kernels can read p at the same address: device memory, or pinned host memory mapped
+  // into the device's address space (buffer/pinned_allocator.h).
+  static bool DeviceAccessible(const void* p);
   // Creates streams, events and the workspace. Errors: no device, out of device memory (the
   // error is cleared, so a later Create with sane sizes works).
   [[nodiscard]] static absl::StatusOr<std::unique_ptr<CudaBackend>> Create(
@@ -278,6 +312,9 @@ class CudaBackend {
   [[nodiscard]] absl::StatusOr<DeviceBuffer> Allocate(size_t bytes);
   [[nodiscard]] absl::Status Copy(void* dst, const void* src, size_t bytes, int stream = 0);
   [[nodiscard]] absl::Status Memset(void* dst, int value, size_t bytes, int stream = 0);
+  // `height` rows of `width` bytes, src rows src_pitch bytes apart, dst rows dst_pitch apart.
+  [[nodiscard]] absl::Status Copy2D(void* dst, size_t dst_pitch, const void* src, size_t src_pitch,
+                                    size_t width, size_t height, int stream = 0);
   [[nodiscard]] absl::Status Synchronize(int stream = 0);
   // Event `event` (0 <= event < num_events) marks the work queued so far on `stream`; WaitEvent
   // makes later work on `stream` wait for it.
@@ -315,7 +352,7 @@ class CudaBackend {
   [[nodiscard]] absl::Status GatherPages(const void* const* src, void* const* dst,
                                          const int32_t* bytes, int64_t count, int64_t max_bytes,
                                          int stream = 0, bool bulk = false);
-  // See PlanArgs. REQUIRES: every listed cluster has at most max_cluster_pages pages.
+  // See PlanArgs. REQUIRES: max_pages_per_head and exec_stride bound every head's pages.
   [[nodiscard]] absl::Status PlanPages(const PlanArgs& args, int stream = 0);
   // Keeps `stream` busy for about `ns` nanoseconds (a spinning kernel; for profiling).
   [[nodiscard]] absl::Status Delay(int64_t ns, int stream = 0);

@@ -106,6 +106,17 @@ bool CudaBackend::DeviceAvailable() {
   return ok;
 }
 
+bool CudaBackend::DeviceAccessible(const void* p) {
+  cudaPointerAttributes attr;
+  if (cudaPointerGetAttributes(&attr, p) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return (attr.type == cudaMemoryTypeHost || attr.type == cudaMemoryTypeDevice ||
+          attr.type == cudaMemoryTypeManaged) &&
+         attr.devicePointer == p;
+}
+
 CudaBackend::CudaBackend(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 CudaBackend::~CudaBackend() = default;
 
@@ -161,6 +172,15 @@ absl::Status CudaBackend::Copy(void* dst, const void* src, size_t bytes, int str
   KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
   if (bytes == 0) return absl::OkStatus();
   return FromCuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, s), "cudaMemcpyAsync");
+}
+
+absl::Status CudaBackend::Copy2D(void* dst, size_t dst_pitch, const void* src, size_t src_pitch,
+                                 size_t width, size_t height, int stream) {
+  KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
+  if (width == 0 || height == 0) return absl::OkStatus();
+  return FromCuda(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, height,
+                                    cudaMemcpyDefault, s),
+                  "cudaMemcpy2DAsync");
 }
 
 absl::Status CudaBackend::Memset(void* dst, int value, size_t bytes, int stream) {
@@ -227,7 +247,8 @@ absl::Status CudaBackend::ScoreSelectPlan(const ScoreArgs& a, const TopKArgs& t,
       (t.out2 != nullptr && t.counts2 == nullptr) || t.heads != a.heads || t.n != a.n ||
       p.heads != a.heads || p.retrieved != t.out || p.counts != t.counts)
     return absl::InvalidArgumentError("ScoreSelectPlan: bad top-k or plan arguments");
-  if (p.max_cluster_pages < 1 || p.clusters < 0 || p.row_bytes <= 0 || p.row_bytes % 16 != 0)
+  if (p.row_bytes <= 0 || p.row_bytes % 16 != 0 || p.keys == nullptr || p.page_base == nullptr ||
+      p.table == nullptr || p.steady == nullptr || p.sizes == nullptr)
     return absl::InvalidArgumentError("ScoreSelectPlan: bad plan arguments");
   KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
   KVWAVE_ASSIGN_OR_RETURN(float* ws,
@@ -316,8 +337,8 @@ absl::Status CudaBackend::GatherPages(const void* const* src, void* const* dst,
 }
 
 absl::Status CudaBackend::PlanPages(const PlanArgs& a, int stream) {
-  if (a.heads < 0 || a.max_cluster_pages < 1 || a.clusters < 0 || a.row_bytes <= 0 ||
-      a.row_bytes % 16 != 0)
+  if (a.heads < 0 || a.row_bytes <= 0 || a.row_bytes % 16 != 0 ||
+      (a.heads > 0 && (a.steady == nullptr || a.counts == nullptr)))
     return absl::InvalidArgumentError("PlanPages: bad arguments");
   KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
   return FromCuda(cuda::LaunchPlanPages(a, s), "PlanPages");

@@ -1054,7 +1054,7 @@ __global__ void __launch_bounds__(SelThreads(kC))
   long long prof_t = clock64();
 #endif
   // Loads needed after the logits, issued first: the sizes of the thread's first two clusters
-  // (liveness), and for block 0 the steady row count. The last block writes the steady pages.
+  // (liveness), and for block 0 the steady page count. The last block writes the steady pages.
   const int32_t* s_head = sizes + head * size_stride;
   int32_t pre[2];
 #pragma unroll
@@ -1062,7 +1062,8 @@ __global__ void __launch_bounds__(SelThreads(kC))
     const int i = threadIdx.x + u * kThreads;
     pre[u] = i < len ? s_head[s0 + i] : 0;
   }
-  const int steady_rows = rank == 0 && threadIdx.x == 0 ? plan.steady_rows[plan.unit0 + head] : 0;
+  const int steady_pages =
+      rank == 0 && threadIdx.x == 0 ? static_cast<int>(SteadyZonePages(plan.steady[head])) : 0;
   if (rank == kC - 1) PlanSteady(plan, head);
   auto live = [&](int u, int i) {  // cluster s0 + i is the thread's u-th
     return (u == 0 ? pre[0] : u == 1 ? pre[1] : s_head[s0 + i]) > 0;
@@ -1136,7 +1137,7 @@ __global__ void __launch_bounds__(SelThreads(kC))
   __syncthreads();
   KVWAVE_PROF(12);
   ClusterSelectPlan<kSel, kC>(lg, s0, len, head, k, k2, out, out2, counts, counts2, out_stride,
-                              plan, (steady_rows + kMaxPageRows - 1) / kMaxPageRows);
+                              plan, steady_pages);
 }
 
 int64_t Blocks(int64_t n) { return (n + kClustersPerBlock - 1) / kClustersPerBlock; }

@@ -389,10 +389,34 @@ TEST_F(CudaKernelsTest, ScoreSelectPlanMatchesSeparateOps) {
             table[uc * P + p] = slot++;
       }
     }
-    // The plan only computes addresses: distinct fake bases are enough to compare them.
+    // The plan only computes addresses: distinct fake bases are enough to compare them. Key of
+    // head h's cluster c: h*n + c, its pages' table entries from key*P.
     std::vector<const void*> host(2 * heads);
     for (int i = 0; i < 2 * heads; ++i)
       host[i] = reinterpret_cast<const void*>(uintptr_t{1} << 40 | uintptr_t(i) << 32);
+    std::vector<int32_t> keys(heads * n);
+    std::vector<int64_t> page_base(heads * n);
+    std::vector<const void*> key_k(heads * n), key_v(heads * n);
+    for (int h = 0; h < heads; ++h) {
+      for (int64_t c = 0; c < n; ++c) {
+        const int64_t uc = h * n + c;
+        keys[uc] = static_cast<int32_t>(uc);
+        page_base[uc] = uc * P;
+        key_k[uc] = static_cast<const char*>(host[h]) + row[uc] * 2 * d;
+        key_v[uc] = static_cast<const char*>(host[heads + h]) + row[uc] * 2 * d;
+      }
+    }
+    std::vector<SteadyZone> zones(heads);
+    for (int h = 0; h < heads; ++h) {
+      zones[h].sink_k = reinterpret_cast<const void*>(uintptr_t{11} << 40 | uintptr_t(h) << 32);
+      zones[h].sink_v = reinterpret_cast<const void*>(uintptr_t{13} << 40 | uintptr_t(h) << 32);
+      zones[h].ring_k = reinterpret_cast<const void*>(uintptr_t{3} << 40 | uintptr_t(h) << 32);
+      zones[h].ring_v = reinterpret_cast<const void*>(uintptr_t{5} << 40 | uintptr_t(h) << 32);
+      zones[h].sink_rows = int32_t(rng_() % 6);
+      zones[h].ring_rows = 80;
+      zones[h].rows = steady[h];
+      zones[h].first = int64_t(rng_() % 1000);
+    }
     ScoreArgs sc;
     sc.q = Upload(q);
     sc.heads = heads;
@@ -410,7 +434,7 @@ TEST_F(CudaKernelsTest, ScoreSelectPlanMatchesSeparateOps) {
     sc.size_stride = n;
     sc.n = n;
     sc.score_stride = n;
-    const int64_t max_pages = k * P + 9;
+    const int64_t max_pages = k * P + 12;
     struct Out {
       float* scores;
       int32_t *ret, *est, *counts, *counts2, *page_counts;
@@ -445,20 +469,19 @@ TEST_F(CudaKernelsTest, ScoreSelectPlanMatchesSeparateOps) {
       t.counts2 = two ? o.counts2 : nullptr;
       PlanArgs pl;
       pl.heads = heads;
-      pl.clusters = n;
-      pl.max_cluster_pages = P;
       pl.retrieved = o.ret;
       pl.counts = o.counts;
       pl.list_stride = k2;
       pl.table = Upload(table);
       pl.sizes = sc.sizes;
-      pl.cluster_row = Upload(row);
-      pl.k_host = Upload(host);
-      pl.v_host = pl.k_host + heads;
-      pl.steady_k = reinterpret_cast<const void*>(uintptr_t{3} << 40);
-      pl.steady_v = reinterpret_cast<const void*>(uintptr_t{5} << 40);
-      pl.steady_rows = Upload(steady);
-      pl.steady_stride_rows = 80;
+      pl.size_stride = n;
+      pl.keys = Upload(keys);
+      pl.key_stride = n;
+      pl.page_base = Upload(page_base);
+      pl.key_k = Upload(key_k);
+      pl.key_v = Upload(key_v);
+      pl.steady = Upload(zones);
+      pl.exec_stride = k * P;
       pl.pool_k = reinterpret_cast<const void*>(uintptr_t{7} << 40);
       pl.pool_v = reinterpret_cast<const void*>(uintptr_t{9} << 40);
       pl.row_bytes = 2 * d;
@@ -546,7 +569,7 @@ TEST_F(CudaKernelsTest, ScoreSelectPlanRejectsMismatchedLists) {
   t.out = Poisoned<int32_t>(2);
   t.counts = Poisoned<int32_t>(1);
   PlanArgs pl;
-  pl.heads = 1, pl.max_cluster_pages = 1, pl.row_bytes = 256;
+  pl.heads = 1, pl.row_bytes = 256;
   pl.retrieved = t.out;
   pl.counts = Poisoned<int32_t>(1);  // not t.counts
   EXPECT_EQ(backend_->ScoreSelectPlan(sc, t, pl).code(), absl::StatusCode::kInvalidArgument);

@@ -1,213 +1,306 @@
-// The GPU wave buffer end to end: tripartite attention of every (layer, KV head) against the CPU
-// backend's tripartite attention over the same synthetic clusters, step after step while the
-// cache fills and evicts; hit/miss accounting. Skipped without a GPU.
+// The dynamic GPU wave buffer against the CPU backend's tripartite attention (engine/head_ops.h,
+// float32) and a float64 full-attention reference: live contexts that grow by decode appends and
+// seal new segments, several contexts at once from several threads, shared prefix segments,
+// multi-page clusters, budgets 0 / default / 100%, and the cache's accounting back to its baseline
+// after every scenario. Seeds are printed (KVWAVE_TEST_SEED overrides). Skipped without a GPU.
 #include "buffer/wave_buffer.h"
 
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "buffer/pinned_allocator.h"
 #include "buffer/synthetic_kv.h"
+#include "engine/head_ops.h"
 
 namespace kvwave::buffer {
 namespace {
 
-// A wave buffer over synthetic clusters of `shape` (pinned host memory), with the given budgets
-// and a page pool of 1/cache_divisor of the KV.
-struct Fixture {
-  std::unique_ptr<gpu::CudaBackend> backend;
-  std::unique_ptr<SyntheticKv> kv;
-  std::unique_ptr<WaveBuffer> wb;
-  WaveBufferOptions o;
+uint64_t Seed() {
+  const char* env = std::getenv("KVWAVE_TEST_SEED");
+  const uint64_t seed = env != nullptr ? std::strtoull(env, nullptr, 10) : std::random_device{}();
+  std::printf("seed %llu (KVWAVE_TEST_SEED)\n", static_cast<unsigned long long>(seed));
+  return seed;
+}
+
+std::vector<float> RandomQ(std::mt19937_64& rng, size_t n) {
+  std::normal_distribution<float> dist(0.f, 1.f);
+  std::vector<float> q(n);
+  for (float& x : q) x = dist(rng);
+  return q;
+}
+
+double RelError(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!std::isfinite(a[i])) return 1e30;
+    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+    den += double(b[i]) * b[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+// Float64 attention of g query heads over every token of one head (sealed rows and tail).
+void FullAttention64(const store::HeadKv& head, const float* q, int g, int d, float* out) {
+  std::vector<const std::byte*> ks, vs;
+  for (const auto& seg : head.segments)
+    for (int64_t r = 0; r < seg->num_rows(); ++r)
+      if (seg->token_of_row(r) >= 0) ks.push_back(seg->key_row(r)), vs.push_back(seg->value_row(r));
+  for (int64_t t = 0; t < head.tail.size(); ++t)
+    ks.push_back(head.tail.key_row(t)), vs.push_back(head.tail.value_row(t));
+  const double scale = 1.0 / std::sqrt(double(d));
+  std::vector<float> k(d), v(d);
+  for (int j = 0; j < g; ++j) {
+    std::vector<double> logit(ks.size());
+    double m = -1e300;
+    for (size_t t = 0; t < ks.size(); ++t) {
+      ToFloat(ks[t], DType::kBF16, k.data(), d);
+      double dot = 0;
+      for (int e = 0; e < d; ++e) dot += double(q[j * d + e]) * k[e];
+      logit[t] = dot * scale;
+      m = std::max(m, logit[t]);
+    }
+    std::vector<double> acc(d, 0.0);
+    double z = 0;
+    for (size_t t = 0; t < ks.size(); ++t) {
+      const double w = std::exp(logit[t] - m);
+      z += w;
+      ToFloat(vs[t], DType::kBF16, v.data(), d);
+      for (int e = 0; e < d; ++e) acc[e] += w * v[e];
+    }
+    for (int e = 0; e < d; ++e) out[j * d + e] = static_cast<float>(acc[e] / z);
+  }
+}
+
+class WaveBufferTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!gpu::CudaBackend::DeviceAvailable()) GTEST_SKIP() << "skipped: no CUDA device";
+    seed_ = Seed();
+    rng_.seed(seed_);
+  }
+  std::unique_ptr<WaveBuffer> MakeBuffer(int heads, int g, int64_t cache_bytes,
+                                         bool bf16_scores = true) {
+    WaveBufferOptions o;
+    o.heads = heads;
+    o.g = g;
+    o.d = 128;
+    o.cache_bytes = cache_bytes;
+    o.bf16_scores = bf16_scores;
+    auto wb = WaveBuffer::Create(o);
+    EXPECT_TRUE(wb.ok()) << wb.status();
+    return wb.ok() ? std::move(*wb) : nullptr;
+  }
+  // Attends layer l of ctx on the GPU and on the CPU; returns the relative error.
+  double Compare(WaveBuffer& wb, WaveBuffer::SpaceId space, const SyntheticContext& ctx, int l,
+                 const WaveBudget& budget, int g, double* full_error = nullptr) {
+    const auto heads = ctx.layer(l);
+    const int H = static_cast<int>(heads.size()), d = ctx.shape().d;
+    const std::vector<float> q = RandomQ(rng_, size_t(H) * g * d);
+    std::vector<float> out(q.size(), std::nanf("")), lse(size_t(H) * g, std::nanf(""));
+    WaveCallStats stats;
+    const absl::Status st = wb.AttendHost(space, heads, q.data(), out.data(), lse.data(), budget,
+                                          &stats);
+    EXPECT_TRUE(st.ok()) << st;
+    std::vector<float> ref(q.size()), ref_lse(lse.size()), full(q.size());
+    engine::HeadParams p;
+    p.head_dim = d;
+    p.dtype = DType::kBF16;
+    p.group = g;
+    engine::AttendBudget b{budget.retrieval, budget.estimation};
+    engine::AttendStats cpu_stats;
+    for (int h = 0; h < H; ++h) {
+      EXPECT_TRUE(engine::AttendHead(p, heads[h], q.data() + h * g * d, b, ref.data() + h * g * d,
+                                     ref_lse.data() + h * g, &cpu_stats)
+                      .ok());
+      if (full_error != nullptr) FullAttention64(heads[h], q.data() + h * g * d, g, d, full.data() + h * g * d);
+    }
+    EXPECT_EQ(stats.retrieved_clusters, cpu_stats.retrieved_clusters);
+    EXPECT_EQ(stats.retrieved_tokens, cpu_stats.retrieved_tokens);
+    EXPECT_EQ(stats.steady_tokens, cpu_stats.steady_tokens);
+    EXPECT_EQ(stats.total_clusters, cpu_stats.total_clusters);
+    if (full_error != nullptr) *full_error = RelError(out, full);
+    const double lse_err = RelError(lse, ref_lse);
+    EXPECT_LT(lse_err, 1e-4) << "lse";
+    return RelError(out, ref);
+  }
+  void ExpectBaseline(const WaveBuffer& wb) {
+    const WaveAccounting a = wb.accounting();
+    EXPECT_EQ(a.spaces, 0);
+    EXPECT_EQ(a.segments, 0);
+    EXPECT_EQ(a.keys, 0);
+    EXPECT_EQ(a.table_entries, 0);
+    EXPECT_EQ(a.cached_clusters, 0);
+    EXPECT_EQ(a.free_pages, a.pool_pages);
+    EXPECT_EQ(a.busy_slots, 0);
+  }
+  uint64_t seed_ = 0;
+  std::mt19937_64 rng_;
 };
 
-void MakeFixture(const SyntheticShape& shape, double retrieval, double estimation,
-                 int64_t cache_divisor, Fixture& f, bool fused = true, bool chain = true) {
-  auto backend = gpu::CudaBackend::Create({});
-  ASSERT_TRUE(backend.ok()) << backend.status();
-  f.backend = std::move(*backend);
-  auto kv = SyntheticKv::Create(shape, PinnedAllocator());
-  ASSERT_TRUE(kv.ok()) << kv.status();
-  f.kv = std::move(*kv);
-  f.o.layers = shape.layers;
-  f.o.heads = shape.heads;
-  f.o.g = shape.g;
-  f.o.d = shape.d;
-  f.o.clusters = shape.clusters;
-  f.o.retrieval = retrieval;
-  f.o.estimation = estimation;
-  f.o.cache_bytes = f.kv->kv_bytes() / cache_divisor;
-  f.o.max_cluster_pages = 4;
-  f.o.fused_select = fused;
-  f.o.chain = chain;
-  auto wb = WaveBuffer::Create(f.backend.get(), f.o, f.kv->Units());
-  ASSERT_TRUE(wb.ok()) << wb.status();
-  f.wb = std::move(*wb);
+SyntheticShape Shape(int layers, int heads, int64_t tokens, uint64_t seed) {
+  SyntheticShape s;
+  s.layers = layers;
+  s.heads = heads;
+  s.tokens = tokens;
+  s.segment_tokens = 2048;
+  s.tail_tokens = 70;
+  s.big_cluster_every = 7;  // clusters of up to 8 x 31 rows: many pages each
+  s.seed = seed;
+  return s;
 }
 
-TEST(WaveBufferTest, MatchesCpuTripartiteAcrossSteps) {
-  if (!gpu::CudaBackend::DeviceAvailable()) GTEST_SKIP() << "no CUDA device";
-  SyntheticShape shape;
-  shape.layers = 3;
-  shape.heads = 4;
-  shape.g = 4;
-  shape.d = 128;
-  shape.clusters = 600;
-  shape.vary_sizes = true;  // partial pages
-  shape.steady_rows = 12;
-  shape.seed = std::random_device{}();
-  Fixture f;
-  ASSERT_NO_FATAL_FAILURE(MakeFixture(shape, 0.05, 0.3, 10, f));
-  auto* backend = &f.backend;
-  auto* kv = &f.kv;
-  auto* wb = &f.wb;
-  const WaveBufferOptions& o = f.o;
-  const int n = o.heads * o.g * o.d;
-  auto q_dev = (*backend)->Allocate(sizeof(float) * n);
-  auto out_dev = (*backend)->Allocate(sizeof(float) * n);
-  auto lse_dev = (*backend)->Allocate(sizeof(float) * o.heads * o.g);
-  ASSERT_TRUE(q_dev.ok() && out_dev.ok() && lse_dev.ok());
-  std::mt19937 rng(shape.seed);
-  std::normal_distribution<float> normal(0.f, 2.f);
-  std::vector<float> q(n), out(n), lse(o.heads * o.g);
-  int64_t hits = 0, misses = 0;
-  for (int step = 0; step < 6; ++step) {
-    if (step % 2 == 0)
-      for (auto& x : q) x = normal(rng);  // odd steps repeat the query: all hits
-    for (int layer = 0; layer < o.layers; ++layer) {
-      ASSERT_TRUE((*backend)->Copy(q_dev->data(), q.data(), sizeof(float) * n).ok());
-      ASSERT_TRUE((*backend)->Memset(out_dev->data(), 0xFF, sizeof(float) * n).ok());
-      const WaveCounters before = (*wb)->counters();
-      ASSERT_TRUE(
-          (*wb)
-              ->AttendLayer(layer, q_dev->as<float>(), out_dev->as<float>(), lse_dev->as<float>())
-              .ok());
-      ASSERT_TRUE((*wb)->Finish().ok());
-      WaveCounters st = (*wb)->counters();
-      st.hit_clusters -= before.hit_clusters;
-      st.miss_clusters -= before.miss_clusters;
-      EXPECT_EQ(st.stale_hits, 0);  // Finish after every call: the policy never lags
-      ASSERT_TRUE((*backend)->Copy(out.data(), out_dev->data(), sizeof(float) * n).ok());
-      ASSERT_TRUE((*backend)->Copy(lse.data(), lse_dev->data(), sizeof(float) * lse.size()).ok());
-      ASSERT_TRUE((*backend)->Synchronize().ok());
-      if (step % 2 == 1) {
-        EXPECT_EQ(st.miss_clusters, 0) << "repeated query, step " << step;
-      }
-      hits += st.hit_clusters;
-      misses += st.miss_clusters;
-      EXPECT_EQ(st.hit_clusters + st.miss_clusters, o.heads * (*wb)->retrieval_clusters());
-      for (int h = 0; h < o.heads; ++h) {
-        std::vector<float> ref(o.g * o.d), ref_lse(o.g);
-        ASSERT_TRUE((*kv)
-                        ->ReferenceAttend(int64_t{layer} * o.heads + h, q.data() + h * o.g * o.d,
-                                          (*wb)->retrieval_clusters(), (*wb)->estimation_clusters(),
-                                          ref.data(), ref_lse.data())
-                        .ok());
-        double num = 0, den = 0;
-        for (int i = 0; i < o.g * o.d; ++i) {
-          ASSERT_TRUE(std::isfinite(out[h * o.g * o.d + i]));
-          num += std::pow(double(out[h * o.g * o.d + i]) - ref[i], 2);
-          den += double(ref[i]) * ref[i];
+// Decode steps on a growing context: every step appends a token to each layer and attends it; a
+// new segment is sealed midway (k-means on the CPU, engine::SealHead) and joins the space.
+TEST_F(WaveBufferTest, LiveContextMatchesCpuAcrossDecodeAndSealing) {
+  const int L = 2, H = 4, g = 4;
+  auto ctx = SyntheticContext::Create(Shape(L, H, 5000, seed_), PinnedAllocator());
+  ASSERT_TRUE(ctx.ok()) << ctx.status();
+  auto wb = MakeBuffer(H, g, (*ctx)->layer_bytes() * L / 10);
+  ASSERT_NE(wb, nullptr);
+  std::vector<WaveBuffer::SpaceId> spaces;
+  for (int l = 0; l < L; ++l) spaces.push_back(*wb->OpenSpace());
+  store::MemoryBudget budget(int64_t{1} << 40);
+  engine::HeadParams seal;
+  seal.head_dim = 128;
+  seal.dtype = DType::kBF16;
+  seal.group = g;
+  seal.allocator = PinnedAllocator();
+  for (int step = 0; step < 24; ++step) {
+    for (int l = 0; l < L; ++l) {
+      ASSERT_TRUE((*ctx)->AppendToken(l, seed_ + step * 131 + l).ok());
+      if (step == 12) {  // seal 64 tail tokens into a new segment on every head of the layer
+        for (store::HeadKv& head : (*ctx)->mutable_layer(l)) {
+          auto charge = budget.Reserve(engine::SealReserveBytes(seal, 64));
+          ASSERT_TRUE(charge.ok());
+          ASSERT_TRUE(engine::SealHead(seal, 64, head, *charge).ok());
         }
-        EXPECT_LT(std::sqrt(num / den), 1e-4) << "step " << step << " layer " << layer;
-        for (int j = 0; j < o.g; ++j)
-          EXPECT_NEAR(lse[h * o.g + j], ref_lse[j], 1e-4 * (1 + std::abs(ref_lse[j])));
       }
+      const double err = Compare(*wb, spaces[l], **ctx, l, WaveBudget{}, g);
+      EXPECT_LT(err, 2e-3) << "step " << step << " layer " << l;
     }
   }
-  EXPECT_GT(hits, 0);
-  EXPECT_GT(misses, 0);
-  const PolicyStats ps = (*wb)->policy_stats();
-  EXPECT_GT(ps.evicted, 0);  // a 10% cache over 3 query sets must evict
-  EXPECT_TRUE((*wb)->Finish().ok());
-}
-
-// Calls queued back to back (no Finish in between): the committer lags the GPU by up to kRing
-// calls, so hits may go stale; every output must still match the CPU reference. With the fused
-// select/plan/merge path, its attention chained behind the selection (the default) or after an
-// event, and with one op per phase.
-enum class Pipeline { kUnfused, kFusedEvent, kFusedChained };
-class PipelinedTest : public ::testing::TestWithParam<Pipeline> {};
-
-TEST_P(PipelinedTest, CallsMatchCpu) {
-  if (!gpu::CudaBackend::DeviceAvailable()) GTEST_SKIP() << "no CUDA device";
-  SyntheticShape shape;
-  shape.layers = 5;
-  shape.heads = 2;
-  shape.g = 4;
-  shape.d = 64;
-  shape.clusters = 400;
-  shape.vary_sizes = true;
-  shape.steady_rows = 5;
-  shape.seed = std::random_device{}();
-  Fixture f;  // a pool of 1/8 of the KV: smaller than the retrieved set of all layers
-  ASSERT_NO_FATAL_FAILURE(MakeFixture(shape, 0.08, 0.2, 8, f, GetParam() != Pipeline::kUnfused,
-                                      GetParam() == Pipeline::kFusedChained));
-  auto* backend = &f.backend;
-  auto* kv = &f.kv;
-  auto* wb = &f.wb;
-  const WaveBufferOptions& o = f.o;
-  const int n = o.heads * o.g * o.d, steps = 6, calls = steps * o.layers;
-  auto q_dev = (*backend)->Allocate(sizeof(float) * n * calls);
-  auto out_dev = (*backend)->Allocate(sizeof(float) * n * calls);
-  auto lse_dev = (*backend)->Allocate(sizeof(float) * o.heads * o.g * calls);
-  ASSERT_TRUE(q_dev.ok() && out_dev.ok() && lse_dev.ok());
-  std::mt19937 rng(shape.seed);
-  std::normal_distribution<float> normal(0.f, 2.f);
-  std::vector<float> q(size_t(n) * calls), out(q.size()), lse(size_t(o.heads) * o.g * calls);
-  for (int step = 0; step < steps; ++step)
-    for (int i = 0; i < n * o.layers; ++i)  // steps 2k and 2k+1 share queries: hits
-      q[(size_t(step) * o.layers) * n + i] =
-          step % 2 ? q[(size_t(step - 1) * o.layers) * n + i] : normal(rng);
-  ASSERT_TRUE((*backend)->Copy(q_dev->data(), q.data(), sizeof(float) * q.size()).ok());
-  for (int call = 0; call < calls; ++call) {
-    ASSERT_TRUE((*wb)
-                    ->AttendLayer(call % o.layers, q_dev->as<float>() + size_t(call) * n,
-                                  out_dev->as<float>() + size_t(call) * n,
-                                  lse_dev->as<float>() + size_t(call) * o.heads * o.g)
-                    .ok());
-  }
-  ASSERT_TRUE((*wb)->Finish().ok());
-  ASSERT_TRUE((*backend)->Copy(out.data(), out_dev->data(), sizeof(float) * out.size()).ok());
-  ASSERT_TRUE((*backend)->Copy(lse.data(), lse_dev->data(), sizeof(float) * lse.size()).ok());
-  ASSERT_TRUE((*backend)->Synchronize().ok());
-  for (int call = 0; call < calls; ++call) {
-    const int layer = call % o.layers;
-    for (int h = 0; h < o.heads; ++h) {
-      std::vector<float> ref(o.g * o.d), ref_lse(o.g);
-      const size_t at = size_t(call) * n + size_t(h) * o.g * o.d;
-      ASSERT_TRUE((*kv)
-                      ->ReferenceAttend(int64_t{layer} * o.heads + h, q.data() + at,
-                                        (*wb)->retrieval_clusters(), (*wb)->estimation_clusters(),
-                                        ref.data(), ref_lse.data())
-                      .ok());
-      double num = 0, den = 0;
-      for (int i = 0; i < o.g * o.d; ++i) {
-        num += std::pow(double(out[at + i]) - ref[i], 2);
-        den += double(ref[i]) * ref[i];
-      }
-      EXPECT_LT(std::sqrt(num / den), 1e-4) << "call " << call << " head " << h;
-    }
-  }
-  const WaveCounters c = (*wb)->counters();
-  EXPECT_EQ(c.calls, calls);
-  EXPECT_EQ(c.hit_clusters + c.miss_clusters,
-            int64_t{calls} * o.heads * (*wb)->retrieval_clusters());
+  ASSERT_TRUE(wb->Finish().ok());
+  const WaveCounters c = wb->counters();
   EXPECT_GT(c.hit_clusters, 0);
-  EXPECT_GT((*wb)->policy_stats().evicted, 0);
+  EXPECT_GT(c.miss_clusters, 0);
+  for (auto s : spaces) ASSERT_TRUE(wb->CloseSpace(s).ok());
+  ExpectBaseline(*wb);
 }
 
-INSTANTIATE_TEST_SUITE_P(WaveBufferTest, PipelinedTest,
-                         ::testing::Values(Pipeline::kUnfused, Pipeline::kFusedEvent,
-                                           Pipeline::kFusedChained),
-                         [](const ::testing::TestParamInfo<Pipeline>& i) {
-                           return i.param == Pipeline::kUnfused      ? "Unfused"
-                                  : i.param == Pipeline::kFusedEvent ? "FusedEvent"
-                                                                     : "FusedChained";
-                         });
+// Budgets 0 (steady zone only), default and 100% (every cluster exact: full attention, checked
+// against float64), float32 scores, a pool too small for one call's clusters (overflow).
+TEST_F(WaveBufferTest, BudgetsZeroDefaultAndFull) {
+  const int H = 2, g = 8;
+  auto ctx = SyntheticContext::Create(Shape(1, H, 3000, seed_), PinnedAllocator());
+  ASSERT_TRUE(ctx.ok()) << ctx.status();
+  for (int64_t cache : {(*ctx)->layer_bytes() / 4, int64_t{64} << 10}) {
+    auto wb = MakeBuffer(H, g, cache, /*bf16_scores=*/cache < 100000);
+    ASSERT_NE(wb, nullptr);
+    auto space = wb->OpenSpace();
+    ASSERT_TRUE(space.ok());
+    for (int rep = 0; rep < 3; ++rep) {
+      double full = 0;
+      EXPECT_LT(Compare(*wb, *space, **ctx, 0, WaveBudget{0, 0}, g), 2e-3) << "budget 0";
+      EXPECT_LT(Compare(*wb, *space, **ctx, 0, WaveBudget{}, g), 2e-3) << "default";
+      EXPECT_LT(Compare(*wb, *space, **ctx, 0, WaveBudget{1.0, 0}, g, &full), 2e-3) << "100%";
+      EXPECT_LT(full, 2e-3) << "100% vs float64 full attention";
+      EXPECT_LT(Compare(*wb, *space, **ctx, 0, WaveBudget{0, 1.0}, g), 2e-3) << "all estimated";
+    }
+    ASSERT_TRUE(wb->Finish().ok());
+    ASSERT_TRUE(wb->CloseSpace(*space).ok());
+    ExpectBaseline(*wb);
+  }
+}
+
+// Contexts sharing a prefix (the same segment objects) in one pool, attended from several
+// threads at once: the shared segments are registered once, results match the CPU, and closing
+// everything returns the cache to its baseline.
+TEST_F(WaveBufferTest, SharedPrefixesFromSeveralThreads) {
+  const int H = 4, g = 4, kContexts = 4;
+  auto base = SyntheticContext::Create(Shape(1, H, 6000, seed_), PinnedAllocator());
+  ASSERT_TRUE(base.ok()) << base.status();
+  std::vector<std::unique_ptr<SyntheticContext>> ctxs;
+  for (int i = 0; i < kContexts; ++i) {
+    auto c = SyntheticContext::Create(Shape(1, H, 4500 + 700 * i, seed_ + 1 + i),
+                                      PinnedAllocator(), base->get(), 2);
+    ASSERT_TRUE(c.ok()) << c.status();
+    ctxs.push_back(std::move(*c));
+  }
+  auto wb = MakeBuffer(H, g, (*base)->layer_bytes() / 3);
+  ASSERT_NE(wb, nullptr);
+  std::vector<WaveBuffer::SpaceId> spaces;
+  for (int i = 0; i < kContexts; ++i) spaces.push_back(*wb->OpenSpace());
+  std::vector<std::thread> threads;
+  std::vector<double> worst(kContexts, 0);
+  std::vector<uint64_t> seeds(kContexts);
+  for (int i = 0; i < kContexts; ++i) seeds[i] = rng_();
+  for (int i = 0; i < kContexts; ++i) {
+    threads.emplace_back([&, i] {
+      std::mt19937_64 rng(seeds[i]);
+      for (int step = 0; step < 12; ++step) {
+        const auto heads = ctxs[i]->layer(0);
+        const std::vector<float> q = RandomQ(rng, size_t(H) * g * 128);
+        std::vector<float> out(q.size()), lse(size_t(H) * g), ref(q.size()), ref_lse(lse.size());
+        if (!wb->AttendHost(spaces[i], heads, q.data(), out.data(), lse.data(), WaveBudget{},
+                            nullptr)
+                 .ok()) {
+          worst[i] = 1e30;
+          return;
+        }
+        engine::HeadParams p;
+        p.head_dim = 128;
+        p.dtype = DType::kBF16;
+        p.group = g;
+        for (int h = 0; h < H; ++h)
+          (void)engine::AttendHead(p, heads[h], q.data() + h * g * 128, engine::AttendBudget{},
+                                   ref.data() + h * g * 128, ref_lse.data() + h * g, nullptr);
+        worst[i] = std::max(worst[i], RelError(out, ref));
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int i = 0; i < kContexts; ++i) EXPECT_LT(worst[i], 2e-3) << "context " << i;
+  ASSERT_TRUE(wb->Finish().ok());
+  // 2 shared segments + each context's own, per head.
+  int64_t own = 0;
+  for (const auto& c : ctxs) own += static_cast<int64_t>(c->layer(0)[0].segments.size()) - 2;
+  EXPECT_EQ(wb->accounting().segments, H * (2 + own));
+  EXPECT_GT(wb->counters().hit_clusters, 0);
+  for (int i = 0; i < kContexts; ++i) {
+    ASSERT_TRUE(wb->CloseSpace(spaces[i]).ok());
+    if (i == 0) EXPECT_EQ(wb->accounting().segments, H * (2 + own - (int64_t(ctxs[0]->layer(0)[0].segments.size()) - 2)));
+  }
+  ExpectBaseline(*wb);
+}
+
+TEST_F(WaveBufferTest, BadInputIsRejected) {
+  auto wb = MakeBuffer(2, 4, 1 << 20);
+  ASSERT_NE(wb, nullptr);
+  std::vector<float> q(2 * 4 * 128), out(q.size()), lse(8);
+  EXPECT_EQ(wb->AttendHost(12345, {}, q.data(), out.data(), lse.data(), WaveBudget{}, nullptr)
+                .code(),
+            absl::StatusCode::kNotFound);
+  auto space = wb->OpenSpace();
+  ASSERT_TRUE(space.ok());
+  auto ctx = SyntheticContext::Create(Shape(1, 3, 3000, seed_), PinnedAllocator());
+  ASSERT_TRUE(ctx.ok());
+  EXPECT_EQ(wb->AttendHost(*space, (*ctx)->layer(0), q.data(), out.data(), lse.data(),
+                           WaveBudget{}, nullptr)
+                .code(),
+            absl::StatusCode::kInvalidArgument);  // 3 heads for a 2-head buffer
+  EXPECT_EQ(wb->AttendHost(*space, {}, q.data(), out.data(), lse.data(), WaveBudget{1.5, 0},
+                           nullptr)
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(wb->CloseSpace(*space).ok());
+  EXPECT_EQ(wb->CloseSpace(*space).code(), absl::StatusCode::kNotFound);
+  ExpectBaseline(*wb);
+}
 
 }  // namespace
 }  // namespace kvwave::buffer

@@ -1,0 +1,69 @@
+// Private parts of the wave buffer shared by wave_buffer.cc (calls, commits) and wave_space.cc
+// (spaces, segment registration, Sync). Not for use outside buffer/.
+#ifndef KVWAVE_BUFFER_WAVE_BUFFER_INTERNAL_H_
+#define KVWAVE_BUFFER_WAVE_BUFFER_INTERNAL_H_
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "buffer/wave_buffer.h"
+
+namespace kvwave::buffer {
+
+inline constexpr int kPageRows = gpu::kMaxPageRows;
+inline constexpr int kComputeStream = 0;
+inline constexpr int kDoneEvent = 0;  // + slot: the slot's call is complete (stream C)
+
+inline int64_t PagesOfRows(int64_t rows) { return (rows + kPageRows - 1) / kPageRows; }
+inline size_t Align16(size_t x) { return (x + 15) & ~size_t{15}; }
+
+// A segment held by at least one space: its cluster keys [key0, key0 + clusters) and page-table
+// entries [entry0, entry0 + entries).
+struct WaveBuffer::Registered {
+  std::shared_ptr<const store::Segment> segment;
+  int32_t key0 = 0, clusters = 0;
+  int64_t entry0 = 0, entries = 0;
+  int refs = 0;
+};
+
+// One layer of one context on the GPU.
+struct WaveBuffer::Space {
+  std::mutex mu;  // Sync + Enqueue of this space, one call at a time
+  bool closed = false;
+  // Per head: the segments joined (in order) and its cluster count; clusters_ = the largest (the
+  // heads' arrays are padded to it with empty clusters).
+  std::vector<std::vector<const store::Segment*>> joined;
+  std::vector<int64_t> head_clusters, head_pages;
+  int64_t clusters = 0, capacity = 0, max_cluster_pages = 0;
+  // Meta index: [heads x capacity (x d)].
+  gpu::DeviceBuffer centroids, centroids16, value_sums, sizes, keys;
+  // Steady zone: sinks [heads x sink_cap rows], tail ring [heads x ring_cap rows], zones [heads].
+  gpu::DeviceBuffer sink_k, sink_v, ring_k, ring_v, zones;
+  int64_t sink_cap = 0, ring_cap = 0;
+  int32_t sink_rows = 0;
+  std::vector<gpu::SteadyZone> zone_host;  // as last uploaded
+  bool zones_dirty = true;
+};
+
+// One in-flight call's resources. Free when its owner and its commit job are done with it.
+struct WaveBuffer::Slot {
+  int index = 0;
+  int holders = 0;  // under slot_mu_
+  // Device: both zones' lists, counts, page list, execution buffer, q/out/lse for host calls.
+  gpu::DeviceBuffer ret, est, counts, counts2, pages, page_counts, exec_k, exec_v, q, out, lse;
+  int64_t list_cap = 0, pages_cap = 0, exec_cap = 0, offsets_for = -1;
+  // Pinned host: the record (counts, then (key, exec page) pairs), the update blob, the staging
+  // of Sync's rows, the host call's q / out / lse.
+  store::HostBuffer record, update, staging, io;
+  // The call: heads' retrieved lists in the record are info_stride apart; planned: a record was
+  // written (else no cluster was retrieved).
+  int64_t info_stride = 1;
+  bool planned = false;
+  int64_t steady_rows = 0, estimated = 0, total_clusters = 0;
+};
+
+}  // namespace kvwave::buffer
+
+#endif  // KVWAVE_BUFFER_WAVE_BUFFER_INTERNAL_H_
