@@ -70,7 +70,8 @@ absl::StatusOr<std::shared_ptr<const store::Segment>> MakeSegment(
       assignment[i] = c;
       for (int e = 0; e < d; ++e) row[e] = centre[e] + s.noise_sd * rng.Normal();
       put(sinks + i, row.data());
-      for (int e = 0; e < d; ++e) centroids[int64_t{c} * d + e] += Bf16ToFloat(k[(sinks + i) * int64_t{d} + e]);
+      for (int e = 0; e < d; ++e)
+        centroids[int64_t{c} * d + e] += Bf16ToFloat(k[(sinks + i) * int64_t{d} + e]);
     }
     // The mean rounded to bf16 like the keys: bf16 scoring then ranks as float32 does.
     for (int e = 0; e < d; ++e) {
@@ -94,9 +95,8 @@ absl::StatusOr<std::shared_ptr<const store::Segment>> MakeSegment(
   in.assignment = assignment;
   in.centroids = centroids;
   in.sizes = sizes;
-  KVWAVE_ASSIGN_OR_RETURN(
-      store::MemoryCharge charge,
-      budget.Reserve(store::Segment::MaxBytes(n, d, DType::kBF16, 8, 1)));
+  KVWAVE_ASSIGN_OR_RETURN(store::MemoryCharge charge,
+                          budget.Reserve(store::Segment::MaxBytes(n, d, DType::kBF16, 8, 1)));
   return store::Segment::Build(in, allocator, charge);
 }
 
@@ -122,7 +122,7 @@ absl::StatusOr<std::unique_ptr<SyntheticContext>> SyntheticContext::Create(
     const int64_t u = i / S, j = i % S;
     const int l = static_cast<int>(u / shape.heads), h = static_cast<int>(u % shape.heads);
     if (prefix != nullptr && j < prefix_segments) {
-      segs[i] = prefix->layers_[l][h].segments[j];
+      segs[i] = prefix->ctx_->layer(l).heads[h].segments[j];
       return;
     }
     const int64_t first = starts[j];
@@ -140,10 +140,17 @@ absl::StatusOr<std::unique_ptr<SyntheticContext>> SyntheticContext::Create(
   });
   for (const auto& e : errors) KVWAVE_RETURN_IF_ERROR(e);
   const size_t row_bytes = static_cast<size_t>(shape.d) * 2;
-  x->layers_.resize(shape.layers);
+  store::ModelShape ms;
+  ms.layers = shape.layers;
+  ms.kv_heads = shape.heads;
+  ms.q_heads = shape.q_heads > 0 ? shape.q_heads : 4 * shape.heads;
+  ms.head_dim = shape.d;
+  ms.dtype = DType::kBF16;
+  x->ctx_ = std::make_unique<store::Context>(shape.id, ms, allocator);
   for (int l = 0; l < shape.layers; ++l) {
+    x->ctx_->layer(l).tokens = shape.tokens;
     for (int h = 0; h < shape.heads; ++h) {
-      store::HeadKv head(store::Tail(shape.d, DType::kBF16, allocator));
+      store::HeadKv& head = x->ctx_->layer(l).heads[h];
       const int64_t u = int64_t{l} * shape.heads + h;
       for (int64_t j = 0; j < S; ++j) head.segments.push_back(segs[u * S + j]);
       head.tail.StartAt(sealed);
@@ -159,7 +166,6 @@ absl::StatusOr<std::unique_ptr<SyntheticContext>> SyntheticContext::Create(
                                                 reinterpret_cast<const std::byte*>(v.data()), n,
                                                 row_bytes, std::move(charge)));
       }
-      x->layers_[l].push_back(std::move(head));
     }
   }
   return x;
@@ -169,7 +175,7 @@ absl::Status SyntheticContext::AppendToken(int l, uint64_t seed) {
   Rng rng{seed};
   const size_t row_bytes = static_cast<size_t>(s_.d) * 2;
   std::vector<uint16_t> k(s_.d), v(s_.d);
-  for (store::HeadKv& head : layers_[l]) {
+  for (store::HeadKv& head : ctx_->layer(l).heads) {
     for (auto& z : k) z = FloatToBf16(s_.center_sd * rng.Normal());
     for (auto& z : v) z = FloatToBf16(rng.Normal());
     KVWAVE_ASSIGN_OR_RETURN(store::MemoryCharge charge,

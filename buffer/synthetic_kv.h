@@ -24,15 +24,17 @@ namespace kvwave::buffer {
 
 struct SyntheticShape {
   int layers = 1, heads = 8, d = 128;
-  int64_t tokens = 8192;            // sealed + tail
-  int64_t segment_tokens = 8192;    // tokens per sealed segment (the last may be shorter)
-  int64_t tail_tokens = 64;         // left unsealed at the end
-  int sink_tokens = 4;              // the first segment's steady rows
-  int cluster_tokens = 16;          // mean tokens per cluster
-  bool vary_sizes = true;           // cluster sizes uniform in [1, 2*cluster_tokens - 1]
-  int big_cluster_every = 0;        // > 0: every n-th cluster has 8x the tokens (multi-page)
+  int64_t tokens = 8192;          // sealed + tail
+  int64_t segment_tokens = 8192;  // tokens per sealed segment (the last may be shorter)
+  int64_t tail_tokens = 64;       // left unsealed at the end
+  int sink_tokens = 4;            // the first segment's steady rows
+  int cluster_tokens = 16;        // mean tokens per cluster
+  bool vary_sizes = true;         // cluster sizes uniform in [1, 2*cluster_tokens - 1]
+  int big_cluster_every = 0;      // > 0: every n-th cluster has 8x the tokens (multi-page)
   float center_sd = 1.0f, noise_sd = 0.5f;
   uint64_t seed = 1;
+  int q_heads = 0;  // of the context's ModelShape (0: 4 per KV head)
+  uint64_t id = 1;  // the context's id
 };
 
 class SyntheticContext {
@@ -44,8 +46,10 @@ class SyntheticContext {
       const SyntheticContext* prefix = nullptr, int prefix_segments = 0);
 
   const SyntheticShape& shape() const { return s_; }
-  std::span<const store::HeadKv> layer(int l) const { return layers_[l]; }
-  std::vector<store::HeadKv>& mutable_layer(int l) { return layers_[l]; }
+  // The context (its ModelShape: the shape's layers, KV heads, d, bf16; q_heads).
+  const store::Context& context() const { return *ctx_; }
+  std::span<const store::HeadKv> layer(int l) const { return ctx_->layer(l).heads; }
+  std::vector<store::HeadKv>& mutable_layer(int l) { return ctx_->layer(l).heads; }
   // Appends one token to every head of layer l (random K and V, around a random centre).
   [[nodiscard]] absl::Status AppendToken(int l, uint64_t seed);
   // K+V bytes of one layer's rows (real tokens only).
@@ -56,7 +60,7 @@ class SyntheticContext {
   SyntheticShape s_;
   store::HostAllocator* allocator_ = nullptr;
   store::MemoryBudget budget_;
-  std::vector<std::vector<store::HeadKv>> layers_;
+  std::unique_ptr<store::Context> ctx_;
 };
 
 }  // namespace kvwave::buffer

@@ -50,8 +50,8 @@ absl::Status Fit(gpu::CudaBackend& b, gpu::DeviceBuffer& buf, size_t bytes) {
 absl::Status FitHost(store::HostBuffer& buf, size_t bytes) {
   if (buf.size() >= bytes && buf.data() != nullptr) return absl::OkStatus();
   buf.Reset();
-  KVWAVE_ASSIGN_OR_RETURN(buf, store::HostBuffer::Allocate(PinnedAllocator(),
-                                                           std::max<size_t>(bytes, 64)));
+  KVWAVE_ASSIGN_OR_RETURN(
+      buf, store::HostBuffer::Allocate(PinnedAllocator(), std::max<size_t>(bytes, 64)));
   return absl::OkStatus();
 }
 
@@ -92,8 +92,10 @@ absl::Status WaveBuffer::Init() {
   page_bytes_ = row_bytes_ * kPageRows;
   pool_pages_ = o_.cache_bytes / static_cast<int64_t>(2 * page_bytes_);
   policy_ = std::make_unique<WavePolicy>(pool_pages_);
-  KVWAVE_ASSIGN_OR_RETURN(pool_k_, backend_->Allocate(std::max<size_t>(page_bytes_ * pool_pages_, 16)));
-  KVWAVE_ASSIGN_OR_RETURN(pool_v_, backend_->Allocate(std::max<size_t>(page_bytes_ * pool_pages_, 16)));
+  KVWAVE_ASSIGN_OR_RETURN(pool_k_,
+                          backend_->Allocate(std::max<size_t>(page_bytes_ * pool_pages_, 16)));
+  KVWAVE_ASSIGN_OR_RETURN(pool_v_,
+                          backend_->Allocate(std::max<size_t>(page_bytes_ * pool_pages_, 16)));
   {
     std::lock_guard<std::mutex> lock(enqueue_mu_);
     std::lock_guard<std::mutex> reg(reg_mu_);
@@ -467,26 +469,41 @@ void WaveBuffer::Commit(int slot_index) {
   FreeSlot(slot_index);
 }
 
-absl::Status WaveBuffer::Call(SpaceId id, std::span<const store::HeadKv> heads, const float* q,
-                              float* out, float* lse, const WaveBudget& budget, bool host,
-                              WaveCallStats* stats) {
+int WaveBuffer::TryAcquireSlot() {
+  std::lock_guard<std::mutex> lock(slot_mu_);
+  if (free_slots_.empty()) return -1;
+  const int slot = free_slots_.back();
+  free_slots_.pop_back();
+  return slot;
+}
+
+absl::Status WaveBuffer::Begin(int slot, SpaceId id, std::span<const store::HeadKv> heads,
+                               const float* q, float* out, float* lse, const WaveBudget& budget,
+                               bool host) {
+  Slot& s = *slots_[slot];
+  auto give_back = [&](absl::Status status) {
+    // Nothing will commit this slot; what was queued is left to finish on the stream.
+    (void)backend_->Synchronize(kComputeStream);
+    std::lock_guard<std::mutex> lock(slot_mu_);
+    s.holders = 0;
+    free_slots_.push_back(slot);
+    slot_cv_.notify_one();
+    return status;
+  };
   if (!(budget.retrieval >= 0 && budget.retrieval <= 1 && budget.estimation >= 0 &&
         budget.estimation <= 1))
-    return absl::InvalidArgumentError("wave buffer: budgets are fractions in [0, 1]");
+    return give_back(absl::InvalidArgumentError("wave buffer: budgets are fractions in [0, 1]"));
   std::shared_ptr<Space> sp;
   {
     std::lock_guard<std::mutex> lock(spaces_mu_);
     auto it = spaces_.find(id);
-    if (it == spaces_.end()) return absl::NotFoundError(absl::StrCat("no wave space ", id));
-    sp = it->second;
+    if (it != spaces_.end()) sp = it->second;
   }
+  if (sp == nullptr) return give_back(absl::NotFoundError(absl::StrCat("no wave space ", id)));
   {
     std::lock_guard<std::mutex> lock(mu_);
-    KVWAVE_RETURN_IF_ERROR(error_);
+    if (!error_.ok()) return give_back(error_);
   }
-  const auto t0 = Clock::now();
-  KVWAVE_ASSIGN_OR_RETURN(const int slot, AcquireSlot());
-  Slot& s = *slots_[slot];
   s.holders = host ? 2 : 1;  // the commit job, and the host call until it has read its results
   const auto t1 = Clock::now();
   const size_t qn = static_cast<size_t>(o_.heads) * o_.g * o_.d, rows = qn / o_.d;
@@ -515,24 +532,20 @@ absl::Status WaveBuffer::Call(SpaceId id, std::span<const store::HeadKv> heads, 
       committers_[slot]->Submit([this, slot] { Commit(slot); });
     }
   }
-  const auto t2 = Clock::now();
   {
     std::lock_guard<std::mutex> lock(mu_);
-    counters_.wait_us += Us(t0, t1);
-    counters_.enqueue_us += Us(t1, t2);
+    counters_.enqueue_us += Us(t1, Clock::now());
     if (status.ok()) ++counters_.calls;
   }
-  if (!status.ok()) {
-    // Nothing will commit this slot; what was queued is left to finish on the stream.
-    (void)backend_->Synchronize(kComputeStream);
-    std::lock_guard<std::mutex> lock(slot_mu_);
-    s.holders = 0;
-    free_slots_.push_back(slot);
-    slot_cv_.notify_one();
-    return status;
-  }
-  if (!host) return absl::OkStatus();
-  status = backend_->SynchronizeEvent(kDoneEvent + slot);
+  if (!status.ok()) return give_back(status);
+  return absl::OkStatus();
+}
+
+absl::Status WaveBuffer::End(int slot, float* out, float* lse, WaveCallStats* stats) {
+  Slot& s = *slots_[slot];
+  const size_t qn = static_cast<size_t>(o_.heads) * o_.g * o_.d, rows = qn / o_.d;
+  const auto* io = reinterpret_cast<const float*>(s.io.data());
+  absl::Status status = backend_->SynchronizeEvent(kDoneEvent + slot);
   if (status.ok()) {
     std::memcpy(out, io + qn, sizeof(float) * qn);
     std::memcpy(lse, io + 2 * qn, sizeof(float) * rows);
@@ -559,13 +572,52 @@ absl::Status WaveBuffer::Call(SpaceId id, std::span<const store::HeadKv> heads, 
 absl::Status WaveBuffer::AttendLayer(SpaceId space, std::span<const store::HeadKv> heads,
                                      const float* q, float* out, float* lse,
                                      const WaveBudget& budget) {
-  return Call(space, heads, q, out, lse, budget, false, nullptr);
+  const auto t0 = Clock::now();
+  KVWAVE_ASSIGN_OR_RETURN(const int slot, AcquireSlot());
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    counters_.wait_us += Us(t0, Clock::now());
+  }
+  return Begin(slot, space, heads, q, out, lse, budget, false);
 }
 
 absl::Status WaveBuffer::AttendHost(SpaceId space, std::span<const store::HeadKv> heads,
                                     const float* q, float* out, float* lse,
                                     const WaveBudget& budget, WaveCallStats* stats) {
-  return Call(space, heads, q, out, lse, budget, true, stats);
+  const HostCall call{space, heads, q, out, lse, budget, stats};
+  return AttendHostBatch(std::span<const HostCall>(&call, 1));
+}
+
+absl::Status WaveBuffer::AttendHostBatch(std::span<const HostCall> calls) {
+  // Every call is queued as soon as a slot is free; a caller that finds none first completes the
+  // calls it holds (so that callers never wait on each other's slots), then waits.
+  std::vector<std::pair<int, const HostCall*>> pending;
+  absl::Status status;
+  auto complete = [&] {
+    for (const auto& [slot, c] : pending) {
+      const absl::Status st = End(slot, c->out, c->lse, c->stats);
+      if (status.ok()) status = st;
+    }
+    pending.clear();
+  };
+  for (const HostCall& c : calls) {
+    int slot = TryAcquireSlot();
+    if (slot < 0) {
+      complete();
+      const auto t0 = Clock::now();
+      KVWAVE_ASSIGN_OR_RETURN(slot, AcquireSlot());
+      std::lock_guard<std::mutex> lock(mu_);
+      counters_.wait_us += Us(t0, Clock::now());
+    }
+    const absl::Status st = Begin(slot, c.space, c.heads, c.q, c.out, c.lse, c.budget, true);
+    if (!st.ok()) {
+      if (status.ok()) status = st;
+      break;
+    }
+    pending.emplace_back(slot, &c);
+  }
+  complete();
+  return status;
 }
 
 absl::Status WaveBuffer::Finish() {

@@ -110,7 +110,7 @@ struct WaveCounters {
 // The cache's bookkeeping, for checking that it returns to its baseline.
 struct WaveAccounting {
   int64_t pool_pages = 0, free_pages = 0, cached_clusters = 0;
-  int64_t spaces = 0, segments = 0;  // segments registered (held by at least one space)
+  int64_t spaces = 0, segments = 0;     // segments registered (held by at least one space)
   int64_t keys = 0, table_entries = 0;  // cache keys and page-table entries in use
   int64_t busy_slots = 0;
 };
@@ -140,6 +140,17 @@ class WaveBuffer {
   [[nodiscard]] absl::Status AttendHost(SpaceId space, std::span<const store::HeadKv> heads,
                                         const float* q, float* out, float* lse,
                                         const WaveBudget& budget, WaveCallStats* stats);
+  // Several host calls (different spaces), queued back to back and completed together.
+  struct HostCall {
+    SpaceId space = 0;
+    std::span<const store::HeadKv> heads;
+    const float* q = nullptr;
+    float* out = nullptr;
+    float* lse = nullptr;
+    WaveBudget budget;
+    WaveCallStats* stats = nullptr;
+  };
+  [[nodiscard]] absl::Status AttendHostBatch(std::span<const HostCall> calls);
   // Waits for every queued call and commit; reports the first error of a commit job.
   [[nodiscard]] absl::Status Finish();
 
@@ -172,7 +183,13 @@ class WaveBuffer {
 
   // ---- wave_buffer.cc ----
   absl::StatusOr<int> AcquireSlot();
+  int TryAcquireSlot();  // -1: none free
   void FreeSlot(int slot);
+  // Syncs and queues one call on an acquired slot (which it gives back on error); End waits for
+  // a host call's results, copies them out and frees the slot.
+  absl::Status Begin(int slot, SpaceId id, std::span<const store::HeadKv> heads, const float* q,
+                     float* out, float* lse, const WaveBudget& budget, bool host);
+  absl::Status End(int slot, float* out, float* lse, WaveCallStats* stats);
   absl::Status EnsureSlot(Slot& s, int64_t list_stride, int64_t max_pages, int64_t exec_pages,
                           int64_t record_ints);
   absl::Status EnsureScratch(int64_t clusters, int64_t max_pages, int64_t list_stride);
@@ -180,8 +197,6 @@ class WaveBuffer {
   absl::Status Enqueue(Space& space, const float* q, float* out, float* lse,
                        const WaveBudget& budget, int slot);
   void Commit(int slot);
-  absl::Status Call(SpaceId id, std::span<const store::HeadKv> heads, const float* q, float* out,
-                    float* lse, const WaveBudget& budget, bool host, WaveCallStats* stats);
   void Fail(const absl::Status& status);
 
   WaveBufferOptions o_;
@@ -199,8 +214,8 @@ class WaveBuffer {
   std::unordered_map<const store::Segment*, std::unique_ptr<Registered>> registered_;
   std::map<int64_t, int64_t> free_keys_, free_entries_;  // start -> length
   int64_t key_cap_ = 0, entry_cap_ = 0, keys_used_ = 0, entries_used_ = 0;
-  std::vector<int64_t> key_entry_;   // [key_cap]
-  std::vector<int32_t> key_rows_;    // [key_cap] cluster size
+  std::vector<int64_t> key_entry_;  // [key_cap]
+  std::vector<int32_t> key_rows_;   // [key_cap] cluster size
   gpu::DeviceBuffer page_base_, key_k_, key_v_, table_;
 
   mutable std::mutex spaces_mu_;

@@ -5,11 +5,12 @@
 // clusters + cluster), or keys registered and dropped at run time (the second: the wave buffer's
 // segments joining and leaving; unit 0, cluster = key). A cached cluster owns the slots of all its
 // pages; key k's slots are kept at slot entries [entry(k), entry(k) + pages), the same numbering
-// as the GPU's table, so a cluster may have any number of pages. Classify() splits a unit's retrieved clusters into hits (with
-// their slots) and misses; Commit() then marks the hits most recently used and admits the misses,
-// evicting least-recently-used clusters as needed. A miss that cannot be admitted (it needs more
-// pages than the pool has, or every slot is held by clusters of the same commit) is counted as an
-// overflow: it is still attended that step from the execution buffer, never dropped.
+// as the GPU's table, so a cluster may have any number of pages. Classify() splits a unit's
+// retrieved clusters into hits (with their slots) and misses; Commit() then marks the hits most
+// recently used and admits the misses, evicting least-recently-used clusters as needed. A miss that
+// cannot be admitted (it needs more pages than the pool has, or every slot is held by clusters of
+// the same commit) is counted as an overflow: it is still attended that step from the execution
+// buffer, never dropped.
 //
 // Thread-safety: all methods are thread-safe (one mutex); Classify takes it shared.
 #ifndef KVWAVE_BUFFER_WAVE_POLICY_H_
@@ -125,8 +126,8 @@ class WavePolicy {
   std::vector<Node> node_ ABSL_GUARDED_BY(mu_);
   std::vector<int64_t> entry_ ABSL_GUARDED_BY(mu_);  // [keys]: first slot entry
   std::vector<int32_t> slots_ ABSL_GUARDED_BY(mu_);  // [entries]
-  int32_t head_ ABSL_GUARDED_BY(mu_) = -1;  // most recent
-  int32_t tail_ ABSL_GUARDED_BY(mu_) = -1;  // least recent
+  int32_t head_ ABSL_GUARDED_BY(mu_) = -1;           // most recent
+  int32_t tail_ ABSL_GUARDED_BY(mu_) = -1;           // least recent
   int64_t cached_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<int32_t> free_ ABSL_GUARDED_BY(mu_);
   uint32_t epoch_ ABSL_GUARDED_BY(mu_) = 0;

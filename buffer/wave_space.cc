@@ -107,10 +107,10 @@ absl::Status WaveBuffer::GrowKeys(int64_t keys, int64_t entries) {
     if (cap >= (int64_t{1} << 31)) return absl::ResourceExhaustedError("wave buffer: cache keys");
     KVWAVE_RETURN_IF_ERROR(GrowArray(*backend_, page_base_, sizeof(int64_t) * key_cap_,
                                      sizeof(int64_t) * cap, 0, retired));
-    KVWAVE_RETURN_IF_ERROR(GrowArray(*backend_, key_k_, sizeof(void*) * key_cap_,
-                                     sizeof(void*) * cap, 0, retired));
-    KVWAVE_RETURN_IF_ERROR(GrowArray(*backend_, key_v_, sizeof(void*) * key_cap_,
-                                     sizeof(void*) * cap, 0, retired));
+    KVWAVE_RETURN_IF_ERROR(
+        GrowArray(*backend_, key_k_, sizeof(void*) * key_cap_, sizeof(void*) * cap, 0, retired));
+    KVWAVE_RETURN_IF_ERROR(
+        GrowArray(*backend_, key_v_, sizeof(void*) * key_cap_, sizeof(void*) * cap, 0, retired));
     GiveRange(free_keys_, key_cap_, cap - key_cap_);
     key_entry_.resize(cap, 0);
     key_rows_.resize(cap, 0);
@@ -323,7 +323,8 @@ absl::Status WaveBuffer::JoinSegments(Space& sp, std::span<const store::HeadKv> 
           b.Copy(sp.keys.as<int32_t>() + at, keys.data(), sizeof(int32_t) * C, kComputeStream));
       sp.head_clusters[h] += C;
       std::lock_guard<std::mutex> lock(mu_);
-      counters_.upload_bytes += static_cast<int64_t>((8 + (o_.bf16_scores ? 2 : 0)) * C * d + 8 * C);
+      counters_.upload_bytes +=
+          static_cast<int64_t>((8 + (o_.bf16_scores ? 2 : 0)) * C * d + 8 * C);
     }
   }
   sp.clusters = need;
@@ -336,8 +337,8 @@ absl::Status WaveBuffer::SyncSteady(Space& sp, std::span<const store::HeadKv> he
   int64_t rows_max = 0;
   for (int h = 0; h < H; ++h) rows_max = std::max<int64_t>(rows_max, heads[h].tail.size());
   if (rows_max > sp.ring_cap) {  // a larger ring: every head's tail is uploaded anew
-    const int64_t cap = PagesOfRows(std::max<int64_t>({rows_max + 64, 2 * sp.ring_cap, 128})) *
-                        kPageRows;
+    const int64_t cap =
+        PagesOfRows(std::max<int64_t>({rows_max + 64, 2 * sp.ring_cap, 128})) * kPageRows;
     KVWAVE_ASSIGN_OR_RETURN(gpu::DeviceBuffer k, b.Allocate(row_bytes_ * cap * H));
     KVWAVE_ASSIGN_OR_RETURN(gpu::DeviceBuffer v, b.Allocate(row_bytes_ * cap * H));
     if (sp.ring_cap > 0) KVWAVE_RETURN_IF_ERROR(b.Synchronize(kComputeStream));
@@ -403,8 +404,7 @@ absl::Status WaveBuffer::SyncSteady(Space& sp, std::span<const store::HeadKv> he
   size_t data_bytes = 0;
   for (const Run& r : runs) data_bytes += Align16(r.bytes);
   if (arrays + data_bytes > slot.staging.size()) {
-    for (const Run& r : runs)
-      KVWAVE_RETURN_IF_ERROR(b.Copy(r.dst, r.src, r.bytes, kComputeStream));
+    for (const Run& r : runs) KVWAVE_RETURN_IF_ERROR(b.Copy(r.dst, r.src, r.bytes, kComputeStream));
     return absl::OkStatus();
   }
   std::byte* blob = slot.staging.data();
@@ -421,15 +421,15 @@ absl::Status WaveBuffer::SyncSteady(Space& sp, std::span<const store::HeadKv> he
     max_bytes = std::max<int64_t>(max_bytes, static_cast<int64_t>(runs[i].bytes));
     data += Align16(runs[i].bytes);
   }
-  return b.GatherPages(reinterpret_cast<const void* const*>(src), reinterpret_cast<void* const*>(dst),
-                       bytes, static_cast<int64_t>(count), max_bytes, kComputeStream);
+  return b.GatherPages(reinterpret_cast<const void* const*>(src),
+                       reinterpret_cast<void* const*>(dst), bytes, static_cast<int64_t>(count),
+                       max_bytes, kComputeStream);
 }
 
 absl::Status WaveBuffer::Sync(Space& sp, std::span<const store::HeadKv> heads, Slot& slot) {
   if (static_cast<int>(heads.size()) != o_.heads)
-    return absl::InvalidArgumentError(
-        absl::StrCat("wave buffer: ", heads.size(), " heads given, the buffer's spaces have ",
-                     o_.heads));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "wave buffer: ", heads.size(), " heads given, the buffer's spaces have ", o_.heads));
   KVWAVE_RETURN_IF_ERROR(JoinSegments(sp, heads));
   return SyncSteady(sp, heads, slot);
 }

@@ -178,9 +178,9 @@ absl::Status CudaBackend::Copy2D(void* dst, size_t dst_pitch, const void* src, s
                                  size_t width, size_t height, int stream) {
   KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
   if (width == 0 || height == 0) return absl::OkStatus();
-  return FromCuda(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, height,
-                                    cudaMemcpyDefault, s),
-                  "cudaMemcpy2DAsync");
+  return FromCuda(
+      cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, height, cudaMemcpyDefault, s),
+      "cudaMemcpy2DAsync");
 }
 
 absl::Status CudaBackend::Memset(void* dst, int value, size_t bytes, int stream) {

@@ -103,8 +103,8 @@ class WaveBufferTest : public ::testing::Test {
     const std::vector<float> q = RandomQ(rng_, size_t(H) * g * d);
     std::vector<float> out(q.size(), std::nanf("")), lse(size_t(H) * g, std::nanf(""));
     WaveCallStats stats;
-    const absl::Status st = wb.AttendHost(space, heads, q.data(), out.data(), lse.data(), budget,
-                                          &stats);
+    const absl::Status st =
+        wb.AttendHost(space, heads, q.data(), out.data(), lse.data(), budget, &stats);
     EXPECT_TRUE(st.ok()) << st;
     std::vector<float> ref(q.size()), ref_lse(lse.size()), full(q.size());
     engine::HeadParams p;
@@ -117,7 +117,8 @@ class WaveBufferTest : public ::testing::Test {
       EXPECT_TRUE(engine::AttendHead(p, heads[h], q.data() + h * g * d, b, ref.data() + h * g * d,
                                      ref_lse.data() + h * g, &cpu_stats)
                       .ok());
-      if (full_error != nullptr) FullAttention64(heads[h], q.data() + h * g * d, g, d, full.data() + h * g * d);
+      if (full_error != nullptr)
+        FullAttention64(heads[h], q.data() + h * g * d, g, d, full.data() + h * g * d);
     }
     EXPECT_EQ(stats.retrieved_clusters, cpu_stats.retrieved_clusters);
     EXPECT_EQ(stats.retrieved_tokens, cpu_stats.retrieved_tokens);
@@ -226,8 +227,8 @@ TEST_F(WaveBufferTest, SharedPrefixesFromSeveralThreads) {
   ASSERT_TRUE(base.ok()) << base.status();
   std::vector<std::unique_ptr<SyntheticContext>> ctxs;
   for (int i = 0; i < kContexts; ++i) {
-    auto c = SyntheticContext::Create(Shape(1, H, 4500 + 700 * i, seed_ + 1 + i),
-                                      PinnedAllocator(), base->get(), 2);
+    auto c = SyntheticContext::Create(Shape(1, H, 4500 + 700 * i, seed_ + 1 + i), PinnedAllocator(),
+                                      base->get(), 2);
     ASSERT_TRUE(c.ok()) << c.status();
     ctxs.push_back(std::move(*c));
   }
@@ -273,8 +274,60 @@ TEST_F(WaveBufferTest, SharedPrefixesFromSeveralThreads) {
   EXPECT_GT(wb->counters().hit_clusters, 0);
   for (int i = 0; i < kContexts; ++i) {
     ASSERT_TRUE(wb->CloseSpace(spaces[i]).ok());
-    if (i == 0) EXPECT_EQ(wb->accounting().segments, H * (2 + own - (int64_t(ctxs[0]->layer(0)[0].segments.size()) - 2)));
+    if (i == 0)
+      EXPECT_EQ(wb->accounting().segments,
+                H * (2 + own - (int64_t(ctxs[0]->layer(0)[0].segments.size()) - 2)));
   }
+  ExpectBaseline(*wb);
+}
+
+// One batch of calls on several contexts (different lengths) against the CPU, twice (the second
+// pass hits what the first admitted).
+TEST_F(WaveBufferTest, BatchOfContextsMatchesCpu) {
+  const int H = 8, g = 4, B = 6;
+  std::vector<std::unique_ptr<SyntheticContext>> ctxs;
+  int64_t bytes = 0;
+  for (int i = 0; i < B; ++i) {
+    auto c =
+        SyntheticContext::Create(Shape(1, H, 1500 + 900 * i, seed_ + 7 * i), PinnedAllocator());
+    ASSERT_TRUE(c.ok()) << c.status();
+    bytes += (*c)->layer_bytes();
+    ctxs.push_back(std::move(*c));
+  }
+  auto wb = MakeBuffer(H, g, bytes / 5);
+  ASSERT_NE(wb, nullptr);
+  std::vector<WaveBuffer::SpaceId> spaces;
+  for (int i = 0; i < B; ++i) spaces.push_back(*wb->OpenSpace());
+  for (int pass = 0; pass < 2; ++pass) {
+    std::vector<std::vector<float>> q(B), out(B), lse(B);
+    std::vector<WaveBuffer::HostCall> calls(B);
+    std::vector<WaveCallStats> stats(B);
+    for (int i = 0; i < B; ++i) {
+      q[i] = RandomQ(rng_, size_t(H) * g * 128);
+      out[i].assign(q[i].size(), std::nanf(""));
+      lse[i].assign(size_t(H) * g, std::nanf(""));
+      calls[i] = {spaces[i],     ctxs[i]->layer(0),     q[i].data(), out[i].data(),
+                  lse[i].data(), WaveBudget{0.05, 0.2}, &stats[i]};
+    }
+    ASSERT_TRUE(wb->AttendHostBatch(calls).ok());
+    engine::HeadParams p;
+    p.head_dim = 128;
+    p.dtype = DType::kBF16;
+    p.group = g;
+    for (int i = 0; i < B; ++i) {
+      std::vector<float> ref(q[i].size()), ref_lse(lse[i].size());
+      for (int h = 0; h < H; ++h)
+        ASSERT_TRUE(engine::AttendHead(p, ctxs[i]->layer(0)[h], q[i].data() + h * g * 128,
+                                       engine::AttendBudget{0.05, 0.2}, ref.data() + h * g * 128,
+                                       ref_lse.data() + h * g, nullptr)
+                        .ok());
+      EXPECT_LT(RelError(out[i], ref), 2e-3) << "pass " << pass << " context " << i;
+      EXPECT_GT(stats[i].retrieved_clusters, 0);
+    }
+  }
+  ASSERT_TRUE(wb->Finish().ok());
+  EXPECT_GT(wb->counters().hit_clusters, 0);
+  for (auto s : spaces) ASSERT_TRUE(wb->CloseSpace(s).ok());
   ExpectBaseline(*wb);
 }
 
@@ -282,21 +335,21 @@ TEST_F(WaveBufferTest, BadInputIsRejected) {
   auto wb = MakeBuffer(2, 4, 1 << 20);
   ASSERT_NE(wb, nullptr);
   std::vector<float> q(2 * 4 * 128), out(q.size()), lse(8);
-  EXPECT_EQ(wb->AttendHost(12345, {}, q.data(), out.data(), lse.data(), WaveBudget{}, nullptr)
-                .code(),
-            absl::StatusCode::kNotFound);
+  EXPECT_EQ(
+      wb->AttendHost(12345, {}, q.data(), out.data(), lse.data(), WaveBudget{}, nullptr).code(),
+      absl::StatusCode::kNotFound);
   auto space = wb->OpenSpace();
   ASSERT_TRUE(space.ok());
   auto ctx = SyntheticContext::Create(Shape(1, 3, 3000, seed_), PinnedAllocator());
   ASSERT_TRUE(ctx.ok());
-  EXPECT_EQ(wb->AttendHost(*space, (*ctx)->layer(0), q.data(), out.data(), lse.data(),
-                           WaveBudget{}, nullptr)
-                .code(),
-            absl::StatusCode::kInvalidArgument);  // 3 heads for a 2-head buffer
-  EXPECT_EQ(wb->AttendHost(*space, {}, q.data(), out.data(), lse.data(), WaveBudget{1.5, 0},
+  EXPECT_EQ(wb->AttendHost(*space, (*ctx)->layer(0), q.data(), out.data(), lse.data(), WaveBudget{},
                            nullptr)
                 .code(),
-            absl::StatusCode::kInvalidArgument);
+            absl::StatusCode::kInvalidArgument);  // 3 heads for a 2-head buffer
+  EXPECT_EQ(
+      wb->AttendHost(*space, {}, q.data(), out.data(), lse.data(), WaveBudget{1.5, 0}, nullptr)
+          .code(),
+      absl::StatusCode::kInvalidArgument);
   ASSERT_TRUE(wb->CloseSpace(*space).ok());
   EXPECT_EQ(wb->CloseSpace(*space).code(), absl::StatusCode::kNotFound);
   ExpectBaseline(*wb);
