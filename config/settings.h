@@ -67,6 +67,16 @@ struct Settings {
   // persistence
   std::string persist_path;          // empty = no persistence
   std::string durability = "async";  // none | async | sync
+  // remote tier (Redis Cluster; remote/remote_tier.h)
+  std::string remote_redis;          // seed nodes "host:port,host:port"
+  std::string remote_mode = "off";   // off | read | readwrite
+  int64_t remote_connect_timeout_ms = 200;
+  int64_t remote_command_timeout_ms = 1000;
+  int64_t remote_down_retry_ms = 2000;
+  int64_t remote_queue_bytes = int64_t{1} << 30;
+  int64_t remote_max_value_bytes = int64_t{8} << 20;
+  std::string remote_user;
+  std::string remote_password;
   // logging
   std::string log_level = "info";  // trace debug info warn error off
   // trust (rpc/auth.h): who may share prefix blocks in which namespace; who is an administrator

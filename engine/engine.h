@@ -110,6 +110,20 @@ struct EngineStats {
   int64_t persist_bytes_written = 0;
   int64_t persist_corrupt_records = 0;  // detected, dropped, never served
   int64_t persist_errors = 0;           // blocks that could not be written
+  // The remote tier (Redis Cluster), all zero when remote.mode is off.
+  int64_t remote_blocks_written = 0;
+  int64_t remote_bytes_written = 0;
+  int64_t remote_parts_sent = 0;
+  int64_t remote_write_errors = 0;
+  int64_t remote_queue_dropped = 0;
+  int64_t remote_blocks_fetched = 0;
+  int64_t remote_bytes_read = 0;
+  int64_t remote_blocks_partial = 0;
+  int64_t remote_blocks_corrupt = 0;
+  int64_t remote_blocks_version_mismatch = 0;
+  int64_t remote_unavailable = 0;
+  int64_t remote_nodes = 0;
+  int64_t remote_nodes_down = 0;
 };
 
 class Engine {

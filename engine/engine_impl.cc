@@ -133,6 +133,19 @@ class EngineImpl final : public Engine {
     s.persist_bytes_written = p.persist.segment_bytes_written;
     s.persist_corrupt_records = p.persist.corrupt_records;
     s.persist_errors = p.persist_errors;
+    s.remote_blocks_written = p.remote.blocks_written;
+    s.remote_bytes_written = p.remote.bytes_written;
+    s.remote_parts_sent = p.remote.parts_sent;
+    s.remote_write_errors = p.remote.write_errors;
+    s.remote_queue_dropped = p.remote.queue_dropped;
+    s.remote_blocks_fetched = p.remote.blocks_fetched;
+    s.remote_bytes_read = p.remote.bytes_read;
+    s.remote_blocks_partial = p.remote.blocks_partial;
+    s.remote_blocks_corrupt = p.remote.blocks_corrupt;
+    s.remote_blocks_version_mismatch = p.remote.blocks_version_mismatch;
+    s.remote_unavailable = p.remote.unavailable;
+    s.remote_nodes = p.remote.cluster.nodes;
+    s.remote_nodes_down = p.remote.cluster.nodes_down;
     return s;
   }
 

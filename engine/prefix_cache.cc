@@ -5,12 +5,30 @@
 #include "spdlog/spdlog.h"
 
 namespace kvwave::engine {
+namespace {
+
+absl::StatusOr<remote::RemoteTierOptions> RemoteOptions(const config::Settings& s) {
+  remote::RemoteTierOptions o;
+  KVWAVE_ASSIGN_OR_RETURN(o.cluster.seeds, remote::ParseSeeds(s.remote_redis));
+  o.cluster.connect_timeout_ms = s.remote_connect_timeout_ms;
+  o.cluster.command_timeout_ms = s.remote_command_timeout_ms;
+  o.cluster.down_retry_ms = s.remote_down_retry_ms;
+  o.cluster.user = s.remote_user;
+  o.cluster.password = s.remote_password;
+  o.write = s.remote_mode == "readwrite";
+  o.queue_max_bytes = s.remote_queue_bytes;
+  o.max_value_bytes = s.remote_max_value_bytes;
+  return o;
+}
+
+}  // namespace
 
 PrefixCache::PrefixCache(const config::Settings& settings, store::HostAllocator* allocator,
                          store::MemoryBudget* budget)
     : settings_(settings), allocator_(allocator), budget_(budget) {}
 
 PrefixCache::~PrefixCache() {
+  remote_.reset();   // drains the remote write-behind queue
   persist_.reset();  // drains the write-behind queue while the registry still exists
   registry_.reset();
 }
@@ -20,6 +38,12 @@ absl::StatusOr<std::unique_ptr<PrefixCache>> PrefixCache::Create(const config::S
                                                                  store::MemoryBudget* budget) {
   std::unique_ptr<PrefixCache> cache(new PrefixCache(settings, allocator, budget));
   PrefixCache* self = cache.get();
+  if (settings.remote_mode != "off") {
+    KVWAVE_ASSIGN_OR_RETURN(remote::RemoteTierOptions options, RemoteOptions(settings));
+    KVWAVE_ASSIGN_OR_RETURN(cache->remote_, remote::RemoteTier::Create(std::move(options)));
+    spdlog::info("remote: Redis Cluster tier {} via {}", settings.remote_mode,
+                 settings.remote_redis);
+  }
   if (settings.persist_path.empty()) {
     cache->registry_ = std::make_unique<store::PrefixRegistry>();
     return cache;
@@ -71,6 +95,8 @@ int64_t PrefixCache::Attach(store::Context& ctx, std::vector<int32_t> token_ids,
   if (!attachment.reload_error.ok()) {
     spdlog::warn("prefix: match stopped at a block that did not reload: {}",
                  attachment.reload_error.ToString());
+  } else if (remote_ != nullptr && attachment.blocks.size() < prefix->hashes.size()) {
+    AttachRemote(ctx, *prefix, attachment);
   }
   const int64_t matched = attachment.matched_tokens;
   const int32_t kv_heads = ctx.shape().kv_heads;
@@ -92,6 +118,37 @@ int64_t PrefixCache::Attach(store::Context& ctx, std::vector<int32_t> token_ids,
   }
   ctx.set_prefix(std::move(prefix));
   return matched;
+}
+
+store::BlockRecord PrefixCache::MakeRecord(const store::Context& ctx,
+                                           const store::PrefixState& prefix, size_t block) const {
+  const int64_t block_tokens = settings_.prefill_segment_tokens;
+  store::BlockRecord record;
+  record.hash = prefix.hashes[block];
+  record.parent = block > 0 ? prefix.hashes[block - 1] : store::BlockHash{};
+  record.shape = ctx.shape();
+  record.name_space = prefix.name_space;
+  record.model_id = prefix.model_id;
+  record.first_position = static_cast<int64_t>(block) * block_tokens;
+  record.tokens.assign(prefix.token_ids.begin() + record.first_position,
+                       prefix.token_ids.begin() + record.first_position + block_tokens);
+  return record;
+}
+
+void PrefixCache::AttachRemote(const store::Context& ctx, const store::PrefixState& prefix,
+                               store::PrefixAttachment& attachment) {
+  std::vector<store::BlockRecord> wanted;
+  for (size_t b = attachment.blocks.size(); b < prefix.hashes.size(); ++b) {
+    wanted.push_back(MakeRecord(ctx, prefix, b));
+  }
+  std::vector<store::BlockSegments> found = remote_->FetchRun(wanted, allocator_, *budget_);
+  for (size_t i = 0; i < found.size(); ++i) {
+    const store::BlockRecord& r = wanted[i];
+    store::BlockInfo info{r.hash, r.first_position, static_cast<int32_t>(r.tokens.size()),
+                          ctx.shape().kv_heads};
+    attachment.blocks.push_back(registry_->Insert(info, std::move(found[i]), /*persisted=*/false));
+    attachment.matched_tokens = r.first_position + info.num_tokens;
+  }
 }
 
 absl::Status PrefixCache::OnLayerSealed(store::Context& ctx, int32_t layer_index) {
@@ -129,17 +186,13 @@ absl::Status PrefixCache::RegisterBlock(store::Context& ctx, store::PrefixState&
   prefix.attachment.blocks.push_back(registry_->Insert(info, segs, /*persisted=*/false));
   prefix.attachment.matched_tokens = info.first_position + block_tokens;
   blocks_registered_.fetch_add(1, std::memory_order_relaxed);
-  if (persist_ == nullptr) return absl::OkStatus();
+  if (persist_ == nullptr && (remote_ == nullptr || !remote_->writes())) return absl::OkStatus();
 
-  store::BlockRecord record;
-  record.hash = info.hash;
-  record.parent = block > 0 ? prefix.hashes[block - 1] : store::BlockHash{};
-  record.shape = ctx.shape();
-  record.name_space = prefix.name_space;
-  record.model_id = prefix.model_id;
-  record.first_position = info.first_position;
-  record.tokens.assign(prefix.token_ids.begin() + info.first_position,
-                       prefix.token_ids.begin() + info.first_position + block_tokens);
+  store::BlockRecord record = MakeRecord(ctx, prefix, block);
+  if (remote_ != nullptr && remote_->writes()) {
+    (void)remote_->Enqueue(record, segs);  // written behind; a full queue drops it (counted)
+  }
+  if (persist_ == nullptr) return absl::OkStatus();
   store::PrefixRegistry* registry = registry_.get();
   if (durability_ == store::Durability::kSync) {
     absl::Status s = persist_->PutBlock(record, segs);
@@ -175,7 +228,9 @@ absl::Status PrefixCache::RegisterBlock(store::Context& ctx, store::PrefixState&
 int64_t PrefixCache::Evict(int64_t bytes) { return registry_->Evict(bytes); }
 
 absl::Status PrefixCache::Flush() {
-  return persist_ == nullptr ? absl::OkStatus() : persist_->Flush();
+  absl::Status s = persist_ == nullptr ? absl::OkStatus() : persist_->Flush();
+  if (remote_ != nullptr) s.Update(remote_->Flush());
+  return s;
 }
 
 PrefixCacheStats PrefixCache::Stats() const {
@@ -183,6 +238,8 @@ PrefixCacheStats PrefixCache::Stats() const {
   s.registry = registry_->stats();
   if (persist_ != nullptr) s.persist = persist_->stats();
   s.persistent = persist_ != nullptr;
+  if (remote_ != nullptr) s.remote = remote_->stats();
+  s.remote_on = remote_ != nullptr;
   s.blocks_registered = blocks_registered_.load(std::memory_order_relaxed);
   s.persist_errors = persist_errors_.load(std::memory_order_relaxed);
   return s;

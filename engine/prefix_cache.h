@@ -10,6 +10,9 @@
 //   memory limit reached -> Evict: unreferenced blocks leave DRAM, LRU first; persisted ones
 //                           come back on demand
 //   restart              -> the registry is reloaded from RocksDB at Create
+//   remote tier (remote.mode, remote/remote_tier.h): Attach continues past the local run with
+//                           the blocks found in the Redis Cluster; a registered block is also
+//                           queued for writing there (readwrite; never waited for)
 //
 // Only contexts opened with token ids take part; blocks are prefill_segment_tokens long.
 // Thread-safety: all methods are thread-safe.
@@ -22,6 +25,7 @@
 
 #include "absl/status/statusor.h"
 #include "config/settings.h"
+#include "remote/remote_tier.h"
 #include "store/context.h"
 #include "store/host_memory.h"
 #include "store/persist.h"
@@ -33,6 +37,8 @@ struct PrefixCacheStats {
   store::PrefixRegistryStats registry;
   store::PersistStats persist;
   bool persistent = false;
+  remote::RemoteStats remote;
+  bool remote_on = false;
   int64_t blocks_registered = 0;
   int64_t persist_errors = 0;
 };
@@ -69,6 +75,12 @@ class PrefixCache {
   absl::Status RegisterBlock(store::Context& ctx, store::PrefixState& prefix, size_t block)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(prefix.mu);
   std::string ModelId(const store::ModelShape& shape) const;
+  // Extends `attachment` with the blocks of `prefix` that follow it in the remote tier.
+  void AttachRemote(const store::Context& ctx, const store::PrefixState& prefix,
+                    store::PrefixAttachment& attachment);
+  // The registry record of block `block` (what the persistence and remote tiers store).
+  store::BlockRecord MakeRecord(const store::Context& ctx, const store::PrefixState& prefix,
+                                size_t block) const;
 
   const config::Settings settings_;
   store::HostAllocator* allocator_;
@@ -77,6 +89,7 @@ class PrefixCache {
   // Destruction order matters: persist_ drains its queue, whose callbacks use registry_.
   std::unique_ptr<store::PrefixRegistry> registry_;
   std::unique_ptr<store::PersistStore> persist_;
+  std::unique_ptr<remote::RemoteTier> remote_;                     // null when remote.mode is off
   std::atomic<int64_t> blocks_registered_{0}, persist_errors_{0};  // relaxed: statistics
 };
 

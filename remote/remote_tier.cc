@@ -1,0 +1,337 @@
+#include "remote/remote_tier.h"
+
+#include <algorithm>
+#include <map>
+#include <random>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "config/status_macros.h"
+#include "remote/block_format.h"
+#include "spdlog/spdlog.h"
+#include "store/segment_codec.h"
+
+namespace kvwave::remote {
+namespace {
+
+int64_t SegmentBytes(const store::BlockSegments& segments) {
+  int64_t bytes = 0;
+  for (const auto& s : segments) bytes += s->bytes();
+  return bytes;
+}
+
+uint64_t FreshGeneration() {
+  thread_local std::mt19937_64 rng(std::random_device{}());
+  return rng();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<RemoteTier>> RemoteTier::Create(RemoteTierOptions options) {
+  if (options.max_value_bytes < static_cast<int64_t>(kPartOverheadBytes) + 1024) {
+    return absl::InvalidArgumentError("remote: max value bytes too small");
+  }
+  std::unique_ptr<RemoteTier> tier(new RemoteTier(std::move(options)));
+  KVWAVE_ASSIGN_OR_RETURN(tier->cluster_, RedisCluster::Create(tier->options_.cluster));
+  if (tier->options_.write) tier->writer_ = std::thread([t = tier.get()] { t->WriterLoop(); });
+  return tier;
+}
+
+RemoteTier::~RemoteTier() {
+  {
+    absl::MutexLock lock(&mu_);
+    stop_ = true;
+  }
+  if (writer_.joinable()) writer_.join();
+}
+
+// --- Writes ---
+
+bool RemoteTier::Enqueue(store::BlockRecord record, store::BlockSegments segments) {
+  const int64_t bytes = SegmentBytes(segments);
+  absl::MutexLock lock(&mu_);
+  if (!options_.write || stop_ ||
+      (queued_bytes_ > 0 && queued_bytes_ + bytes > options_.queue_max_bytes)) {
+    queue_dropped_.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+  queued_bytes_ += bytes;
+  queue_.push_back(Job{std::move(record), std::move(segments), bytes});
+  return true;
+}
+
+absl::Status RemoteTier::Flush() {
+  absl::MutexLock lock(&mu_);
+  mu_.Await(absl::Condition(
+      +[](RemoteTier* t)
+           ABSL_EXCLUSIVE_LOCKS_REQUIRED(t->mu_) { return t->queue_.empty() && !t->busy_; },
+      this));
+  return std::exchange(write_error_, absl::OkStatus());
+}
+
+void RemoteTier::WriterLoop() {
+  for (;;) {
+    Job job;
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(
+          +[](RemoteTier* t)
+               ABSL_EXCLUSIVE_LOCKS_REQUIRED(t->mu_) { return t->stop_ || !t->queue_.empty(); },
+          this));
+      if (queue_.empty()) return;  // stopping, and drained
+      job = std::move(queue_.front());
+      queue_.pop_front();
+      busy_ = true;
+    }
+    absl::Status s = WriteBlock(job.record, job.segments);
+    job.segments.clear();  // release the pins on the segments before reporting idle
+    absl::MutexLock lock(&mu_);
+    busy_ = false;
+    queued_bytes_ -= job.bytes;
+    if (!s.ok()) {
+      write_errors_.fetch_add(1, std::memory_order_relaxed);
+      if (write_error_.ok()) write_error_ = s;
+      spdlog::warn("remote: block {} not written: {}", job.record.hash.ToHex(), s.ToString());
+    }
+  }
+}
+
+absl::Status RemoteTier::WriteParts(int slot, std::vector<std::string>& keys,
+                                    std::vector<std::string>& values) {
+  if (keys.empty()) return absl::OkStatus();
+  std::vector<Command> cmds;
+  cmds.reserve(keys.size());
+  int64_t bytes = 0;
+  for (size_t i = 0; i < keys.size(); ++i) {
+    cmds.push_back({"SET", keys[i], values[i]});
+    bytes += static_cast<int64_t>(values[i].size());
+  }
+  const int64_t n = static_cast<int64_t>(keys.size());
+  KVWAVE_ASSIGN_OR_RETURN(std::vector<Reply> replies, cluster_->Pipeline(slot, cmds, [this, n] {
+    parts_sent_.fetch_add(n, std::memory_order_relaxed);
+  }));
+  for (const Reply& r : replies) {
+    if (r.is_error() || r.str() != "OK") {
+      // e.g. OOM (maxmemory with a no-eviction policy), or a node that lost its slots.
+      return absl::UnavailableError(absl::StrCat("remote: part write refused: ", r.str()));
+    }
+  }
+  bytes_written_.fetch_add(bytes, std::memory_order_relaxed);
+  keys.clear();
+  values.clear();
+  return absl::OkStatus();
+}
+
+absl::Status RemoteTier::WriteBlock(const store::BlockRecord& record,
+                                    const store::BlockSegments& segments) {
+  if (static_cast<int64_t>(segments.size()) != record.segments()) {
+    return absl::InvalidArgumentError("remote: segment count does not match the block's shape");
+  }
+  const int slot = BlockSlot(record.hash);
+  Manifest manifest;
+  manifest.record = record;
+  manifest.generation = FreshGeneration();
+  const uint64_t max_payload = static_cast<uint64_t>(options_.max_value_bytes) - kPartOverheadBytes;
+  std::vector<std::string> keys, values;
+  int64_t window = 0;
+  std::string encoded;
+  uint32_t part = 0;
+  for (uint32_t s = 0; s < segments.size(); ++s) {
+    store::EncodeSegmentTo(*segments[s], &encoded);
+    manifest.segment_bytes.push_back(encoded.size());
+    for (uint64_t off = 0; off < encoded.size(); off += max_payload, ++part) {
+      const absl::string_view chunk = absl::string_view(encoded).substr(
+          off, std::min<uint64_t>(max_payload, encoded.size() - off));
+      PartRef ref;
+      values.push_back(EncodePart(record.hash, part, s, off, chunk, &ref));
+      keys.push_back(PartKey(record.name_space, record.hash, manifest.generation, part));
+      manifest.parts.push_back(ref);
+      window += static_cast<int64_t>(values.back().size());
+      if (window >= options_.write_window_bytes) {
+        KVWAVE_RETURN_IF_ERROR(WriteParts(slot, keys, values));
+        window = 0;
+      }
+    }
+  }
+  KVWAVE_RETURN_IF_ERROR(WriteParts(slot, keys, values));
+  // Every part is acknowledged: now the block becomes visible.
+  const std::string value = EncodeManifest(manifest);
+  const std::string key = ManifestKey(record.name_space, record.hash);
+  KVWAVE_ASSIGN_OR_RETURN(Reply r, cluster_->Run({"SET", key, value}));
+  if (r.is_error() || r.str() != "OK") {
+    return absl::UnavailableError(absl::StrCat("remote: manifest write refused: ", r.str()));
+  }
+  bytes_written_.fetch_add(static_cast<int64_t>(value.size()), std::memory_order_relaxed);
+  blocks_written_.fetch_add(1, std::memory_order_relaxed);
+  return absl::OkStatus();
+}
+
+// --- Reads ---
+
+void RemoteTier::CountFailure(const absl::Status& s) {
+  if (IsVersionMismatch(s)) {
+    blocks_version_mismatch_.fetch_add(1, std::memory_order_relaxed);
+  } else if (absl::IsNotFound(s)) {
+    blocks_partial_.fetch_add(1, std::memory_order_relaxed);
+  } else if (absl::IsDataLoss(s)) {
+    blocks_corrupt_.fetch_add(1, std::memory_order_relaxed);
+  } else if (absl::IsUnavailable(s)) {
+    unavailable_.fetch_add(1, std::memory_order_relaxed);
+  }
+  if (!absl::IsResourceExhausted(s)) spdlog::warn("remote: block skipped: {}", s.ToString());
+}
+
+absl::StatusOr<store::BlockSegments> RemoteTier::ReadBlock(const store::BlockRecord& expected,
+                                                           absl::string_view manifest_value,
+                                                           store::HostAllocator* allocator,
+                                                           store::MemoryBudget& budget) {
+  KVWAVE_ASSIGN_OR_RETURN(Manifest m, DecodeManifest(manifest_value));
+  if (m.record != expected) {
+    return absl::DataLossError(
+        absl::StrCat("remote block ", expected.hash.ToHex(), ": not the prefix asked for"));
+  }
+  const int slot = BlockSlot(expected.hash);
+  const size_t segments = m.segment_bytes.size();
+  // first_part[s]: index of segment s's first part (parts are in segment order).
+  std::vector<uint32_t> first_part(segments + 1, 0);
+  for (const PartRef& p : m.parts) ++first_part[p.segment + 1];
+  for (size_t s = 0; s < segments; ++s) first_part[s + 1] += first_part[s];
+  store::BlockSegments out(segments);
+  std::string assembled;
+  for (size_t s0 = 0; s0 < segments;) {
+    // A window of whole segments, about write_window_bytes of parts.
+    size_t s1 = s0;
+    uint64_t window = 0;
+    while (s1 < segments &&
+           (s1 == s0 || window < static_cast<uint64_t>(options_.write_window_bytes))) {
+      window += m.segment_bytes[s1++];
+    }
+    std::vector<std::string> keys;
+    for (uint32_t p = first_part[s0]; p < first_part[s1]; ++p) {
+      keys.push_back(PartKey(expected.name_space, expected.hash, m.generation, p));
+    }
+    std::vector<Command> cmds;
+    for (const std::string& k : keys) cmds.push_back({"GET", k});
+    KVWAVE_ASSIGN_OR_RETURN(std::vector<Reply> replies, cluster_->Pipeline(slot, cmds));
+    for (size_t s = s0; s < s1; ++s) {
+      std::vector<absl::string_view> payloads;
+      for (uint32_t p = first_part[s]; p < first_part[s + 1]; ++p) {
+        const Reply& r = replies[p - first_part[s0]];
+        if (r.is_nil()) {
+          return absl::NotFoundError(
+              absl::StrCat("remote block ", expected.hash.ToHex(), ": part ", p, " is missing"));
+        }
+        if (!r.is_string()) {
+          return absl::UnavailableError(absl::StrCat("remote: part read failed: ", r.str()));
+        }
+        bytes_read_.fetch_add(static_cast<int64_t>(r.str().size()), std::memory_order_relaxed);
+        KVWAVE_ASSIGN_OR_RETURN(absl::string_view payload,
+                                DecodePart(r.str(), expected.hash, p, m.parts[p]));
+        payloads.push_back(payload);
+      }
+      absl::string_view encoded;
+      if (payloads.size() == 1) {
+        encoded = payloads[0];
+      } else {
+        assembled.clear();
+        for (absl::string_view v : payloads) assembled.append(v.data(), v.size());
+        encoded = assembled;
+      }
+      KVWAVE_ASSIGN_OR_RETURN(out[s], store::DecodeSegment(encoded, allocator, budget));
+      if (out[s]->first_position() != expected.first_position ||
+          out[s]->num_tokens() != static_cast<int32_t>(expected.tokens.size()) ||
+          out[s]->head_dim() != expected.shape.head_dim) {
+        return absl::DataLossError(absl::StrCat("remote block ", expected.hash.ToHex(),
+                                                ": segment ", s, " does not fit the block"));
+      }
+    }
+    s0 = s1;
+  }
+  return out;
+}
+
+std::vector<store::BlockSegments> RemoteTier::FetchRun(std::span<const store::BlockRecord> expected,
+                                                       store::HostAllocator* allocator,
+                                                       store::MemoryBudget& budget) {
+  lookups_.fetch_add(1, std::memory_order_relaxed);
+  std::vector<store::BlockSegments> out;
+  if (expected.empty()) return out;
+  // 1. Manifests of every wanted block, one pipeline per node, nodes in parallel.
+  std::vector<std::string> keys;
+  for (const store::BlockRecord& r : expected) keys.push_back(ManifestKey(r.name_space, r.hash));
+  std::vector<Command> cmds;
+  for (const std::string& k : keys) cmds.push_back({"GET", k});
+  std::vector<absl::StatusOr<Reply>> manifests = cluster_->RunMany(cmds);
+  size_t run = 0;
+  for (; run < manifests.size(); ++run) {
+    const absl::StatusOr<Reply>& r = manifests[run];
+    if (!r.ok() || (r->is_error())) {
+      unavailable_.fetch_add(1, std::memory_order_relaxed);
+      break;
+    }
+    if (r->is_nil() || !r->is_string()) break;  // not there (never written, or evicted)
+  }
+  if (run == 0) return out;
+  // 2. The run's blocks: one thread per node, each block one pipeline (windowed).
+  std::map<std::string, std::vector<size_t>> by_node;
+  for (size_t i = 0; i < run; ++i) {
+    absl::StatusOr<std::string> node = cluster_->NodeOfSlot(BlockSlot(expected[i].hash));
+    if (!node.ok()) {
+      run = i;
+      break;
+    }
+    by_node[*node].push_back(i);
+  }
+  std::vector<absl::StatusOr<store::BlockSegments>> blocks;
+  for (size_t i = 0; i < run; ++i) blocks.emplace_back(absl::UnknownError("not read"));
+  std::atomic<size_t> first_bad{run};  // blocks past a failed one are not read
+  auto read_node = [&](const std::vector<size_t>& indices) {
+    for (size_t i : indices) {
+      if (i >= first_bad.load(std::memory_order_relaxed)) return;
+      blocks[i] = ReadBlock(expected[i], manifests[i]->str(), allocator, budget);
+      if (!blocks[i].ok()) {
+        CountFailure(blocks[i].status());
+        size_t bad = first_bad.load(std::memory_order_relaxed);
+        while (i < bad && !first_bad.compare_exchange_weak(bad, i, std::memory_order_relaxed)) {
+        }
+        return;
+      }
+    }
+  };
+  if (by_node.size() == 1) {
+    read_node(by_node.begin()->second);
+  } else {
+    std::vector<std::thread> threads;
+    for (const auto& [node, indices] : by_node) {
+      threads.emplace_back([&read_node, &indices = indices] { read_node(indices); });
+    }
+    for (std::thread& t : threads) t.join();
+  }
+  for (size_t i = 0; i < run && blocks[i].ok(); ++i) out.push_back(*std::move(blocks[i]));
+  blocks_fetched_.fetch_add(static_cast<int64_t>(out.size()), std::memory_order_relaxed);
+  return out;
+}
+
+RemoteStats RemoteTier::stats() const {
+  RemoteStats s;
+  s.blocks_written = blocks_written_.load(std::memory_order_relaxed);
+  s.bytes_written = bytes_written_.load(std::memory_order_relaxed);
+  s.parts_sent = parts_sent_.load(std::memory_order_relaxed);
+  s.write_errors = write_errors_.load(std::memory_order_relaxed);
+  s.queue_dropped = queue_dropped_.load(std::memory_order_relaxed);
+  s.lookups = lookups_.load(std::memory_order_relaxed);
+  s.blocks_fetched = blocks_fetched_.load(std::memory_order_relaxed);
+  s.bytes_read = bytes_read_.load(std::memory_order_relaxed);
+  s.blocks_partial = blocks_partial_.load(std::memory_order_relaxed);
+  s.blocks_corrupt = blocks_corrupt_.load(std::memory_order_relaxed);
+  s.blocks_version_mismatch = blocks_version_mismatch_.load(std::memory_order_relaxed);
+  s.unavailable = unavailable_.load(std::memory_order_relaxed);
+  {
+    absl::MutexLock lock(&mu_);
+    s.queued_bytes = queued_bytes_;
+  }
+  s.cluster = cluster_->stats();
+  return s;
+}
+
+}  // namespace kvwave::remote
