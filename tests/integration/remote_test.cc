@@ -267,7 +267,7 @@ TEST_F(RemoteTest, CorruptValuesAreDetectedCountedNotServed) {
   ASSERT_EQ(manifests.size(), static_cast<size_t>(kBlocks));
   // Flip one byte in the middle of a part of block 2.
   const remote::Manifest& m2 = manifests[2].second;
-  const std::string key = remote::PartKey(kNamespace, m2.record.hash, m2.generation, 1);
+  const std::string key = remote::PartKey(m2.record.name_space, m2.record.hash, m2.generation, 1);
   auto byte = redis_->Run({"GETRANGE", key, "100", "100"});
   ASSERT_TRUE(byte.ok() && byte->str().size() == 1) << byte.status();
   const std::string flipped(1, static_cast<char>(byte->str()[0] ^ 0x01));
