@@ -18,23 +18,60 @@ namespace kc = kvwave::client;
 
 namespace {
 
-[[noreturn]] void Raise(const absl::Status& st) {
-  const std::string msg = st.ToString();
-  switch (st.code()) {
+// A failed call, carried as a C++ exception to pybind11's dispatcher, whose translator (below,
+// run with the GIL held) raises the Python exception. Throwing it needs no GIL, so a status is
+// safe to raise from anywhere; PyErr_* and py::error_already_set are never used without the GIL
+// (with the GIL released they crashed the interpreter when kvwaved went away).
+class StatusError : public std::exception {
+ public:
+  explicit StatusError(absl::Status status)
+      : status_(std::move(status)), message_(status_.ToString()) {}
+  const char* what() const noexcept override { return message_.c_str(); }
+  absl::StatusCode code() const { return status_.code(); }
+
+ private:
+  absl::Status status_;
+  std::string message_;
+};
+
+// Python exception types of the module: kvwave.Error (a RuntimeError) for statuses without a
+// closer built-in, and kvwave.ResourceExhaustedError (an Error) at a server limit.
+PyObject* g_error = nullptr;
+PyObject* g_resource_exhausted = nullptr;
+
+// UNAVAILABLE (kvwaved gone, connection refused or broken) -> ConnectionError,
+// DEADLINE_EXCEEDED -> TimeoutError, INVALID_ARGUMENT / OUT_OF_RANGE -> ValueError,
+// NOT_FOUND -> KeyError, PERMISSION_DENIED / UNAUTHENTICATED -> PermissionError,
+// RESOURCE_EXHAUSTED -> kvwave.ResourceExhaustedError, anything else -> kvwave.Error.
+PyObject* ExceptionType(absl::StatusCode code) {
+  switch (code) {
+    case absl::StatusCode::kUnavailable:
+      return PyExc_ConnectionError;
+    case absl::StatusCode::kDeadlineExceeded:
+      return PyExc_TimeoutError;
     case absl::StatusCode::kInvalidArgument:
     case absl::StatusCode::kOutOfRange:
-      throw py::value_error(msg);
+      return PyExc_ValueError;
     case absl::StatusCode::kNotFound:
-      throw py::key_error(msg);
-    case absl::StatusCode::kDeadlineExceeded:
-      PyErr_SetString(PyExc_TimeoutError, msg.c_str());
-      throw py::error_already_set();
-    case absl::StatusCode::kUnavailable:
-      PyErr_SetString(PyExc_ConnectionError, msg.c_str());
-      throw py::error_already_set();
+      return PyExc_KeyError;
+    case absl::StatusCode::kPermissionDenied:
+    case absl::StatusCode::kUnauthenticated:
+      return PyExc_PermissionError;
+    case absl::StatusCode::kResourceExhausted:
+      return g_resource_exhausted;
     default:
-      throw std::runtime_error(msg);
+      return g_error;
   }
+}
+
+[[noreturn]] void Raise(const absl::Status& st) { throw StatusError(st); }
+
+// Runs fn (a client call) with the GIL released and returns its result; errors are raised by the
+// caller once the GIL is back.
+template <typename Fn>
+auto WithoutGil(Fn&& fn) {
+  py::gil_scoped_release release;
+  return fn();
 }
 
 void Check(const absl::Status& st) {
@@ -90,17 +127,11 @@ class PyClient {
     o.token = token;
     o.deadline_ms = deadline_ms;
     o.client_name = "kvwave-python";
-    absl::StatusOr<std::unique_ptr<kc::Client>> c;
-    {
-      py::gil_scoped_release release;
-      c = kc::Client::Connect(o);
-    }
-    client_ = Value(std::move(c));
+    client_ = Value(WithoutGil([&] { return kc::Client::Connect(o); }));
   }
 
   void Ping() {
-    py::gil_scoped_release release;
-    Check(client_->Ping());
+    Check(WithoutGil([&] { return client_->Ping(); }));
   }
 
   py::tuple Open(int layers, int q_heads, int kv_heads, int head_dim, const std::string& dtype,
@@ -109,12 +140,7 @@ class PyClient {
     o.shape = {layers, q_heads, kv_heads, head_dim, ParseType(dtype)};
     o.token_ids = std::move(token_ids);
     o.prefix_namespace = ns;
-    absl::StatusOr<kc::OpenResult> r;
-    {
-      py::gil_scoped_release release;
-      r = client_->Open(o);
-    }
-    kc::OpenResult opened = Value(std::move(r));
+    kc::OpenResult opened = Value(WithoutGil([&] { return client_->Open(o); }));
     return py::make_tuple(opened.id, opened.matched_tokens);
   }
 
@@ -126,13 +152,12 @@ class PyClient {
       throw py::value_error("k and v must be [n, kv_heads, head_dim] with the same n");
     }
     const int64_t n = k.shape(0);
-    py::gil_scoped_release release;
-    Check(client_->Append(ctx, layer, n, Bytes(k), Bytes(v)));
+    const std::span<const std::byte> kb = Bytes(k), vb = Bytes(v);
+    Check(WithoutGil([&] { return client_->Append(ctx, layer, n, kb, vb); }));
   }
 
   void Seal(uint64_t ctx) {
-    py::gil_scoped_release release;
-    Check(client_->Seal(ctx));
+    Check(WithoutGil([&] { return client_->Seal(ctx); }));
   }
 
   py::tuple Attend(uint64_t ctx, int layer, F32Array q, double retrieval, double estimation) {
@@ -144,8 +169,9 @@ class PyClient {
     {
       std::span<float> o(out.mutable_data(), out.size()), l(lse.mutable_data(), lse.size());
       std::span<const float> qs(q.data(), q.size());
-      py::gil_scoped_release release;
-      Check(client_->Attend(ctx, layer, qs, {retrieval, estimation}, o, l, &stats));
+      Check(WithoutGil([&] {
+        return client_->Attend(ctx, layer, qs, {retrieval, estimation}, o, l, &stats);
+      }));
     }
     py::dict s;
     s["steady_tokens"] = stats.steady_tokens;
@@ -175,18 +201,13 @@ class PyClient {
       std::span<int64_t> p(positions.mutable_data(), positions.size());
       std::span<float> s(scores.mutable_data(), scores.size());
       std::span<const float> qs(q.data(), q.size());
-      py::gil_scoped_release release;
-      Check(client_->Retrieve(ctx, layer, qs, o, p, s, &stats));
+      Check(WithoutGil([&] { return client_->Retrieve(ctx, layer, qs, o, p, s, &stats); }));
     }
     return py::make_tuple(positions, scores, stats.keys_scored, stats.keys_total);
   }
 
   py::tuple Gather(uint64_t ctx, int layer, I64Array positions) {
-    kc::ContextInfo info;
-    {
-      py::gil_scoped_release release;
-      info = Value(client_->Info(ctx));
-    }
+    const kc::ContextInfo info = Value(WithoutGil([&] { return client_->Info(ctx); }));
     const int64_t n = positions.size();
     const auto dtype = info.shape.dtype == kvwave::DType::kF32   ? py::dtype("float32")
                        : info.shape.dtype == kvwave::DType::kF16 ? py::dtype("float16")
@@ -197,45 +218,29 @@ class PyClient {
       std::span<std::byte> ks(static_cast<std::byte*>(k.mutable_data()), k.nbytes());
       std::span<std::byte> vs(static_cast<std::byte*>(v.mutable_data()), v.nbytes());
       std::span<const int64_t> ps(positions.data(), n);
-      py::gil_scoped_release release;
-      Check(client_->Gather(ctx, layer, ps, ks, vs));
+      Check(WithoutGil([&] { return client_->Gather(ctx, layer, ps, ks, vs); }));
     }
     return py::make_tuple(k, v);
   }
 
   void Close(uint64_t ctx) {
-    py::gil_scoped_release release;
-    Check(client_->Close(ctx));
+    Check(WithoutGil([&] { return client_->Close(ctx); }));
   }
   void Drop(uint64_t ctx) {
-    py::gil_scoped_release release;
-    Check(client_->Drop(ctx));
+    Check(WithoutGil([&] { return client_->Drop(ctx); }));
   }
   py::dict Info(uint64_t ctx) {
-    absl::StatusOr<kc::ContextInfo> i;
-    {
-      py::gil_scoped_release release;
-      i = client_->Info(ctx);
-    }
-    return InfoDict(Value(std::move(i)));
+    return InfoDict(Value(WithoutGil([&] { return client_->Info(ctx); })));
   }
   py::list Contexts() {
-    absl::StatusOr<std::vector<kc::ContextInfo>> list;
-    {
-      py::gil_scoped_release release;
-      list = client_->ListContexts();
-    }
     py::list out;
-    for (const auto& i : Value(std::move(list))) out.append(InfoDict(i));
+    for (const auto& i : Value(WithoutGil([&] { return client_->ListContexts(); }))) {
+      out.append(InfoDict(i));
+    }
     return out;
   }
   py::dict Stats() {
-    absl::StatusOr<kc::ServerStats> st;
-    {
-      py::gil_scoped_release release;
-      st = client_->Stats();
-    }
-    kc::ServerStats s = Value(std::move(st));
+    kc::ServerStats s = Value(WithoutGil([&] { return client_->Stats(); }));
     py::dict d, ops;
     for (const auto& o : s.ops) {
       py::dict e;
@@ -270,6 +275,21 @@ class PyClient {
 
 PYBIND11_MODULE(kvwave, m) {
   m.doc() = "kvwave client: talk to kvwaved (KV-cache store) with numpy arrays";
+  g_error = PyErr_NewExceptionWithDoc("kvwave.Error",
+                                      "A kvwaved call failed (the message names its status).",
+                                      PyExc_RuntimeError, nullptr);
+  g_resource_exhausted =
+      PyErr_NewExceptionWithDoc("kvwave.ResourceExhaustedError",
+                                "kvwaved refused a call at one of its limits.", g_error, nullptr);
+  m.add_object("Error", py::handle(g_error));
+  m.add_object("ResourceExhaustedError", py::handle(g_resource_exhausted));
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const StatusError& e) {
+      PyErr_SetString(ExceptionType(e.code()), e.what());
+    }
+  });
   py::class_<PyClient>(m, "Client")
       .def(py::init<const std::string&, size_t, const std::string&, int, const std::string&, int,
                     std::vector<std::string>>(),
