@@ -56,6 +56,15 @@ std::unique_ptr<AnnIndex> MakeMethod(const std::string& name, const RetrievalFla
   if (name == "quest") return MakeQuest(f.quest_page);
   if (name == "wave") return MakeWave(f.wave_cluster);
   if (name == "graph") return MakeGraph(f.graph);
+  if (name == "graph-old") {  // the build as it was before the blocked top-N (issue 19)
+    index::GraphIndexOptions old = f.graph;
+    old.blocked_topn = false;
+    old.max_queries = 65536;
+    old.refine_queue = 100;
+    old.pivots_per_query = 1;
+    old.prune_pool = 8;
+    return MakeGraph(old, "graph-old");
+  }
   return nullptr;
 }
 
@@ -298,6 +307,7 @@ absl::Status RunGroup(const trace::Trace& trace, int64_t layer, int64_t kv_head,
   }
   for (const std::string& name : f.methods) {
     const bool per_head = name == "graph" && f.graph_per_query_head;
+    // "graph-old" is the graph's build before issue 19, for old-vs-new in one run.
     std::unique_ptr<AnnIndex> shared;
     double shared_build_us = 0;
     for (int h = 0; h < group; ++h) {
@@ -308,7 +318,7 @@ absl::Status RunGroup(const trace::Trace& trace, int64_t layer, int64_t kv_head,
         if (own == nullptr) return absl::InvalidArgumentError("unknown method " + name);
         const float* pre = per_head ? g.prefill[h].data() : prefill_all.data();
         int64_t m = per_head ? g.n : g.n * group;
-        if (name == "graph" && f.graph_oracle) {
+        if (name.starts_with("graph") && f.graph_oracle) {
           pre = per_head ? g.decode[h].data() : decode_all.data();
           m = per_head ? g.num_queries : g.num_queries * group;
         }
@@ -410,6 +420,10 @@ int RunRetrieval(int argc, char** argv) {
   app.add_option("--graph-position-links", f.graph.position_links,
                  "graph: also link each key to its w neighbours in token order");
   app.add_option("--graph-seed", f.graph.seed, "graph: sampling seed");
+  app.add_option("--graph-prune-pool", f.graph.prune_pool, "graph: occlusion pool, x M");
+  app.add_option("--graph-pivots", f.graph.pivots_per_query, "graph: pivots per sampled query");
+  app.add_flag("--graph-blocked-topn,!--graph-rowwise-topn", f.graph.blocked_topn,
+               "graph: exact top-N by the blocked kernel (default) or the previous one");
   app.add_flag("--graph-per-query-head", f.graph_per_query_head, "one graph per query head");
   app.add_flag("--graph-oracle", f.graph_oracle,
                "diagnostic: build the graph from the decode queries it is tested with");

@@ -1,14 +1,17 @@
 #include "index/graph_index.h"
 
-#include <immintrin.h>
+#include <sys/resource.h>
 
 #include <algorithm>
+#include <chrono>
 #include <limits>
 #include <numeric>
 #include <random>
 
 #include "absl/strings/str_cat.h"
+#include "config/status_macros.h"
 #include "index/distance.h"
+#include "index/exact_topn.h"
 #include "oneapi/tbb/blocked_range.h"
 #include "oneapi/tbb/parallel_for.h"
 
@@ -19,6 +22,13 @@ using AdjacencyLists = std::vector<std::vector<int32_t>>;
 
 // Rows of the m prefill queries used for the build: all of them, or `limit` drawn without
 // replacement (partial Fisher-Yates on mt19937_64, whose sequence the standard fixes), sorted.
+double ProcessCpuSeconds() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  const auto seconds = [](const timeval& t) { return t.tv_sec + 1e-6 * t.tv_usec; };
+  return seconds(usage.ru_utime) + seconds(usage.ru_stime);
+}
+
 std::vector<int64_t> SampleRows(int64_t m, int64_t limit, uint64_t seed) {
   std::vector<int64_t> rows(static_cast<size_t>(m));
   std::iota(rows.begin(), rows.end(), 0);
@@ -31,105 +41,6 @@ std::vector<int64_t> SampleRows(int64_t m, int64_t limit, uint64_t seed) {
   rows.resize(static_cast<size_t>(limit));
   std::sort(rows.begin(), rows.end());
   return rows;
-}
-
-// out[h * n + i] = qs[h] . keys[i] for 4 queries, 4 keys at a time (16 AVX2 accumulators), so each
-// loaded key and query vector feeds 4 FMAs instead of 1. REQUIRES: d % 8 == 0.
-void DotBlock4(const float* qs, const float* keys, int64_t n, int d, float* out) {
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    __m256 acc[4][4];
-    for (auto& row : acc) {
-      for (auto& a : row) a = _mm256_setzero_ps();
-    }
-    for (int j = 0; j < d; j += 8) {
-      __m256 k[4], q[4];
-      for (int r = 0; r < 4; ++r) k[r] = _mm256_loadu_ps(keys + (i + r) * d + j);
-      for (int h = 0; h < 4; ++h) q[h] = _mm256_loadu_ps(qs + h * d + j);
-      for (int h = 0; h < 4; ++h) {
-        for (int r = 0; r < 4; ++r) acc[h][r] = _mm256_fmadd_ps(q[h], k[r], acc[h][r]);
-      }
-    }
-    for (int h = 0; h < 4; ++h) {
-      // Horizontal sums of the 4 accumulators of query h into one __m128.
-      __m256 s01 = _mm256_hadd_ps(acc[h][0], acc[h][1]);
-      __m256 s23 = _mm256_hadd_ps(acc[h][2], acc[h][3]);
-      __m256 s = _mm256_hadd_ps(s01, s23);
-      __m128 sum = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-      _mm_storeu_ps(out + h * n + i, sum);
-    }
-  }
-  for (; i < n; ++i) {
-    for (int h = 0; h < 4; ++h) out[h * n + i] = Dot(qs + h * d, keys + i * d, d);
-  }
-}
-
-// out[0, nn) = the nn largest of scores[0, n), best first (ties by lower index), like TopKIndices
-// but in one pass: a min-heap of the best nn so far, and an AVX2 compare of 8 scores at a time
-// against its smallest, which rejects almost every score (the build's exact top-N of many
-// queries over many keys spends most of its time here otherwise). REQUIRES: 1 <= nn <= n.
-void TopNInto(const float* scores, int64_t n, int nn, std::vector<std::pair<float, int32_t>>* heap,
-              int32_t* out) {
-  // Min-heap by (score, then higher index = worse): front() is the entry to replace first.
-  const auto worse = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
-    return a.first > b.first || (a.first == b.first && a.second < b.second);
-  };
-  heap->clear();
-  for (int32_t i = 0; i < nn; ++i) heap->emplace_back(scores[i], i);
-  std::make_heap(heap->begin(), heap->end(), worse);
-  float threshold = heap->front().first;
-  const auto offer = [&](int64_t i) {
-    if (scores[i] > threshold) {  // equal scores keep the lower index already in the heap
-      std::pop_heap(heap->begin(), heap->end(), worse);
-      heap->back() = {scores[i], static_cast<int32_t>(i)};
-      std::push_heap(heap->begin(), heap->end(), worse);
-      threshold = heap->front().first;
-    }
-  };
-  int64_t i = nn;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 block = _mm256_loadu_ps(scores + i);
-    int mask = _mm256_movemask_ps(_mm256_cmp_ps(block, _mm256_set1_ps(threshold), _CMP_GT_OQ));
-    while (mask != 0) {
-      offer(i + __builtin_ctz(static_cast<unsigned>(mask)));
-      mask &= mask - 1;
-    }
-  }
-  for (; i < n; ++i) offer(i);
-  std::sort_heap(heap->begin(), heap->end(), worse);  // best first
-  for (int r = 0; r < nn; ++r) out[r] = (*heap)[r].second;
-}
-
-// knn[j * nn + r] = the r-th best key of query rows[j] by q.k (exact). Parallel over query blocks.
-std::vector<int32_t> ExactNeighbors(const float* keys, int64_t n, const float* queries,
-                                    const std::vector<int64_t>& rows, int d, int nn) {
-  constexpr int kBlock = 16;
-  const int64_t m = static_cast<int64_t>(rows.size());
-  std::vector<int32_t> knn(static_cast<size_t>(m * nn));
-  const int64_t blocks = (m + kBlock - 1) / kBlock;
-  tbb::parallel_for(tbb::blocked_range<int64_t>(0, blocks, 1), [&](const auto& range) {
-    std::vector<float> qs(size_t{kBlock} * d), scores(static_cast<size_t>(kBlock * n));
-    std::vector<std::pair<float, int32_t>> heap;
-    heap.reserve(static_cast<size_t>(nn));
-    for (int64_t b = range.begin(); b < range.end(); ++b) {
-      const int64_t first = b * kBlock;
-      const int count = static_cast<int>(std::min<int64_t>(kBlock, m - first));
-      for (int i = 0; i < count; ++i) {
-        std::copy_n(queries + rows[first + i] * d, d, qs.data() + int64_t{i} * d);
-      }
-      if (d % 8 == 0) {
-        for (int i = 0; i < count; i += 4) {  // rows past `count` are stale but unused
-          DotBlock4(qs.data() + int64_t{i} * d, keys, n, d, scores.data() + i * n);
-        }
-      } else {
-        DotRowsMulti(qs.data(), count, keys, n, d, scores.data());
-      }
-      for (int i = 0; i < count; ++i) {
-        TopNInto(scores.data() + i * n, n, nn, &heap, knn.data() + (first + i) * nn);
-      }
-    }
-  });
-  return knn;
 }
 
 float SquaredL2(const float* a, const float* b, float norm_a, float norm_b, int d) {
@@ -146,22 +57,43 @@ float PruneDistance(const float* a, const float* b, float norm_a, float norm_b, 
 
 std::vector<int32_t> PruneCandidates(int32_t p, std::vector<int32_t> cand, const float* keys,
                                      const std::vector<float>& norms, int d, int m, float alpha,
-                                     bool by_ip) {
-  std::sort(cand.begin(), cand.end());
-  cand.erase(std::unique(cand.begin(), cand.end()), cand.end());
-  std::erase(cand, p);
+                                     bool by_ip, int pool_factor) {
+  // Distinct candidates other than p, marked in a per-thread array (no sort: the pool below is
+  // ordered by (distance, id), so the order of `cand` does not matter).
+  thread_local std::vector<uint8_t> seen;
+  if (seen.size() < norms.size()) seen.assign(norms.size(), 0);
+  seen[p] = 1;
+  size_t distinct = 0;
+  for (int32_t c : cand) {
+    if (!seen[c]) {
+      seen[c] = 1;
+      cand[distinct++] = c;
+    }
+  }
+  cand.resize(distinct);
+  seen[p] = 0;
+  for (int32_t c : cand) seen[c] = 0;
   const float* kp = keys + int64_t{p} * d;
   std::vector<std::pair<float, int32_t>> by_dist;
   by_dist.reserve(cand.size());
-  for (int32_t c : cand) {
+  constexpr size_t kAhead = 8;  // candidate rows are scattered over the keys: prefetch them
+  for (size_t i = 0; i < cand.size(); ++i) {
+    if (i + kAhead < cand.size()) {
+      const char* row = reinterpret_cast<const char*>(keys + int64_t{cand[i + kAhead]} * d);
+      for (int64_t b = 0; b < int64_t{d} * 4; b += 64) __builtin_prefetch(row + b);
+    }
+    const int32_t c = cand[i];
     by_dist.emplace_back(PruneDistance(kp, keys + int64_t{c} * d, norms[p], norms[c], d, by_ip), c);
   }
   // Only the 8m nearest go through the O(candidates x m) occlusion test: a pivot chosen by many
   // queries has thousands of candidates, and the far ones are rarely kept (Vamana prunes a pool of
   // similar size).
-  const size_t pool = std::min(by_dist.size(), static_cast<size_t>(8) * m);
-  std::partial_sort(by_dist.begin(), by_dist.begin() + pool, by_dist.end());
-  by_dist.resize(pool);
+  const size_t pool = std::min(by_dist.size(), static_cast<size_t>(pool_factor) * m);
+  if (pool < by_dist.size()) {
+    std::nth_element(by_dist.begin(), by_dist.begin() + pool, by_dist.end());
+    by_dist.resize(pool);
+  }
+  std::sort(by_dist.begin(), by_dist.end());
   std::vector<int32_t> kept, occluded;
   const float alpha2 = by_ip ? 1.0f : alpha * alpha;  // alpha scales L2 distances only
   for (const auto& [dist_pc, c] : by_dist) {
@@ -205,17 +137,31 @@ void AddReverseEdges(const AdjacencyLists& forward, int max_degree, AdjacencyLis
 AdjacencyLists ProjectOntoKeys(const std::vector<int32_t>& knn, int nn, const float* keys,
                                int64_t n, int d, const std::vector<float>& norms,
                                const GraphIndexOptions& options) {
+  // cand[p]: the other N - 1 keys of every sampled query that has p among its best `pivots`.
   AdjacencyLists cand(static_cast<size_t>(n));
   const int64_t queries = static_cast<int64_t>(knn.size()) / nn;
+  const int pivots = std::min(options.pivots_per_query, nn);
+  {
+    std::vector<int32_t> lists(static_cast<size_t>(n), 0);
+    for (int64_t j = 0; j < queries; ++j) {
+      for (int p = 0; p < pivots; ++p) ++lists[knn[j * nn + p]];
+    }
+    for (int64_t p = 0; p < n; ++p) cand[p].reserve(static_cast<size_t>(lists[p]) * (nn - 1));
+  }
   for (int64_t j = 0; j < queries; ++j) {
     const int32_t* row = knn.data() + j * nn;
-    cand[row[0]].insert(cand[row[0]].end(), row + 1, row + nn);
+    for (int p = 0; p < pivots; ++p) {
+      auto& list = cand[row[p]];
+      list.insert(list.end(), row, row + p);
+      list.insert(list.end(), row + p + 1, row + nn);
+    }
   }
   AdjacencyLists adj(static_cast<size_t>(n));
   tbb::parallel_for(int64_t{0}, n, [&](int64_t p) {
     if (!cand[p].empty()) {
       adj[p] = PruneCandidates(static_cast<int32_t>(p), std::move(cand[p]), keys, norms, d,
-                               options.max_degree, options.prune_alpha, options.prune_by_ip);
+                               options.max_degree, options.prune_alpha, options.prune_by_ip,
+                               options.prune_pool);
     }
   });
   AddReverseEdges(AdjacencyLists(adj), options.max_degree, &adj);
@@ -319,8 +265,9 @@ void Refine(const float* keys, int64_t n, int d, std::span<const int32_t> entrie
           cand.push_back(e.id);
         }
       }
-      added[u] = PruneCandidates(static_cast<int32_t>(u), std::move(cand), keys, norms, d,
-                                 free_slots, options.prune_alpha, options.prune_by_ip);
+      added[u] =
+          PruneCandidates(static_cast<int32_t>(u), std::move(cand), keys, norms, d, free_slots,
+                          options.prune_alpha, options.prune_by_ip, options.prune_pool);
     }
   });
   for (int64_t u = 0; u < n; ++u) {
@@ -382,14 +329,20 @@ absl::StatusOr<GraphIndex> GraphIndex::Build(const float* keys, int64_t n, const
   if (options.query_neighbors < 2 || options.max_degree < 1 || options.max_degree > 256 ||
       options.connect_queue < 1 || options.refine_queue < 0 || options.max_queries < 0 ||
       options.entry_points < 1 || options.position_links < 0 || options.position_links > 64 ||
-      options.recent_entries < 0 || options.recent_entries > 4096 ||
-      !(options.prune_alpha > 0.0f)) {
+      options.recent_entries < 0 || options.recent_entries > 4096 || options.pivots_per_query < 1 ||
+      options.prune_pool < 1 || !(options.prune_alpha > 0.0f)) {
     return absl::InvalidArgumentError(
         "graph index: need query_neighbors >= 2, 1 <= max_degree <= 256, connect_queue >= 1, "
         "refine_queue >= 0, "
         "max_queries >= 0, entry_points >= 1, 0 <= position_links <= 64, "
-        "0 <= recent_entries <= 4096, prune_alpha > 0");
+        "0 <= recent_entries <= 4096, pivots_per_query >= 1, prune_pool >= 1, prune_alpha > 0");
   }
+  using Clock = std::chrono::steady_clock;
+  const auto since = [](Clock::time_point t) {
+    return std::chrono::duration<double>(Clock::now() - t).count();
+  };
+  const Clock::time_point start = Clock::now();
+  const double cpu_start = ProcessCpuSeconds();
   GraphIndex g;
   g.n_ = n;
   g.d_ = d;
@@ -400,8 +353,27 @@ absl::StatusOr<GraphIndex> GraphIndex::Build(const float* keys, int64_t n, const
   for (int64_t i = 0; i < n; ++i) norms[i] = Dot(keys + i * d, keys + i * d, d);
   AdjacencyLists adj;
   std::vector<int32_t> knn;
+  Clock::time_point t = Clock::now();
+  double cpu = ProcessCpuSeconds();
+  const auto cpu_since = [&cpu]() {
+    const double now = ProcessCpuSeconds(), spent = now - cpu;
+    cpu = now;
+    return spent;
+  };
   if (nn >= 2) {
-    knn = ExactNeighbors(keys, n, queries, rows, d, nn);
+    std::vector<float> sample(rows.size() * static_cast<size_t>(d));
+    for (size_t i = 0; i < rows.size(); ++i) {
+      std::copy_n(queries + rows[i] * d, d, sample.data() + i * d);
+    }
+    knn.resize(rows.size() * static_cast<size_t>(nn));
+    const int64_t m_sample = static_cast<int64_t>(rows.size());
+    KVWAVE_RETURN_IF_ERROR(
+        options.blocked_topn
+            ? ExactTopN(keys, n, sample.data(), m_sample, d, nn, knn.data())
+            : ExactTopNRowwise(keys, n, sample.data(), m_sample, d, nn, knn.data()));
+    g.profile_.exact_neighbors = since(t);
+    g.profile_.cpu_exact_neighbors = cpu_since();
+    t = Clock::now();
     adj = ProjectOntoKeys(knn, nn, keys, n, d, norms, options);
   } else {
     adj.resize(static_cast<size_t>(n));
@@ -415,8 +387,15 @@ absl::StatusOr<GraphIndex> GraphIndex::Build(const float* keys, int64_t n, const
     }
   }
   g.entries_ = EntryPoints(keys, n, d, queries, rows, knn, nn, options.entry_points);
+  g.profile_.project = since(t);
+  g.profile_.cpu_project = cpu_since();
+  t = Clock::now();
   if (options.refine_queue > 0) Refine(keys, n, d, g.entries_, norms, options, &adj);
+  g.profile_.refine = since(t);
+  g.profile_.cpu_refine = cpu_since();
+  t = Clock::now();
   g.Connect(&adj, options);
+  g.profile_.connect = since(t);
   g.search_entries_ = g.entries_;
   for (int64_t i = n - 1; i >= std::max<int64_t>(0, n - options.recent_entries); --i) {
     const int32_t key = static_cast<int32_t>(i);
@@ -429,6 +408,8 @@ absl::StatusOr<GraphIndex> GraphIndex::Build(const float* keys, int64_t n, const
     g.targets_.insert(g.targets_.end(), list.begin(), list.end());
     g.offsets_.push_back(static_cast<int64_t>(g.targets_.size()));
   }
+  g.profile_.total = since(start);
+  g.profile_.process_cpu = ProcessCpuSeconds() - cpu_start;
   return g;
 }
 
@@ -458,6 +439,73 @@ void GraphIndex::Connect(std::vector<std::vector<int32_t>>* adj, const GraphInde
     }
     MarkReachable(*adj, u, &reached);
   }
+}
+
+namespace {
+
+absl::Status CheckKeyList(const std::vector<int32_t>& keys, int64_t n, const char* what) {
+  std::vector<char> seen(static_cast<size_t>(n), 0);
+  for (int32_t k : keys) {
+    if (k < 0 || k >= n)
+      return absl::InvalidArgumentError(absl::StrCat("graph: ", what, " out of range"));
+    if (seen[k]++) return absl::InvalidArgumentError(absl::StrCat("graph: ", what, " repeated"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<GraphIndex> GraphIndex::FromParts(const float* keys, int64_t n, int d,
+                                                 GraphParts parts) {
+  if (n < 1 || d < 1 || parts.n != n || parts.d != d) {
+    return absl::InvalidArgumentError(absl::StrCat("graph: stored for n=", parts.n, " d=", parts.d,
+                                                   ", keys have n=", n, " d=", d));
+  }
+  if (n > std::numeric_limits<int32_t>::max()) {
+    return absl::InvalidArgumentError("graph: more than 2^31 keys");
+  }
+  if (parts.offsets.size() != static_cast<size_t>(n) + 1 || parts.offsets.front() != 0 ||
+      parts.offsets.back() != static_cast<int64_t>(parts.targets.size())) {
+    return absl::InvalidArgumentError("graph: offsets do not match the edges");
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    if (parts.offsets[i + 1] < parts.offsets[i]) {
+      return absl::InvalidArgumentError("graph: offsets decrease");
+    }
+  }
+  for (int32_t t : parts.targets) {
+    if (t < 0 || t >= n) return absl::InvalidArgumentError("graph: edge target out of range");
+  }
+  if (parts.entries.empty() || parts.search_entries.size() < parts.entries.size() ||
+      !std::equal(parts.entries.begin(), parts.entries.end(), parts.search_entries.begin())) {
+    return absl::InvalidArgumentError("graph: search entries must start with the entry points");
+  }
+  KVWAVE_RETURN_IF_ERROR(CheckKeyList(parts.search_entries, n, "search entry"));
+  if (parts.connect_edges < 0 || parts.connect_edges > static_cast<int64_t>(parts.targets.size())) {
+    return absl::InvalidArgumentError("graph: connect edge count out of range");
+  }
+  GraphIndex g;
+  g.n_ = n;
+  g.d_ = d;
+  g.keys_.assign(keys, keys + n * d);
+  g.entries_ = std::move(parts.entries);
+  g.search_entries_ = std::move(parts.search_entries);
+  g.offsets_ = std::move(parts.offsets);
+  g.targets_ = std::move(parts.targets);
+  g.connect_edges_ = parts.connect_edges;
+  return g;
+}
+
+GraphParts GraphIndex::ToParts() const {
+  GraphParts parts;
+  parts.n = n_;
+  parts.d = d_;
+  parts.offsets = offsets_;
+  parts.targets = targets_;
+  parts.entries = entries_;
+  parts.search_entries = search_entries_;
+  parts.connect_edges = connect_edges_;
+  return parts;
 }
 
 GraphSearchResult GraphIndex::Search(const float* q, int k, int queue_size,

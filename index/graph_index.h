@@ -4,9 +4,12 @@
 // neighbourhoods leads a query's search astray. This graph is built from the *queries* instead
 // (the idea RoarGraph describes for cross-modal search):
 //   1. take a sample of the prefill queries of the KV group and find, exactly, the top-N keys of
-//      each by inner product (q.k, the attention score);
-//   2. project the query–key bipartite graph onto keys: each query's best key becomes a *pivot*,
-//      linked to that query's other N-1 keys; a pivot's candidates (the 8M nearest of them) are
+//      each by inner product (q.k, the attention score): a blocked matrix product with a running
+//      top-N per query (index/exact_topn.h);
+//   2. project the query–key bipartite graph onto keys: each query's best key (or its best
+//      `pivots_per_query` keys: more pivots from fewer sampled queries give as good a graph for
+//      less work in step 1) becomes a *pivot*, linked to that query's other N-1 keys; a pivot's
+//      candidates (the prune_pool * M nearest of them) are
 //      pruned to degree M by a relative-neighbourhood rule (inner product, as RoarGraph does, by
 //      default; or L2 between keys) and topped up to M with the pruned ones;
 //   3. add reverse edges into free slots (degree stays <= M); token-order links: key i is also
@@ -40,13 +43,20 @@
 namespace kvwave::index {
 
 struct GraphIndexOptions {
-  int query_neighbors = 100;    // N: exact top-N keys found per sampled prefill query
-  int max_degree = 32;          // M: out-degree bound of the projected graph
-  int64_t max_queries = 65536;  // sampled prefill queries used to build (0 = use all of them)
-  float prune_alpha = 1.0f;     // RNG rule: drop c if alpha * |s - c| < |p - c| for a kept s
-  int refine_queue = 100;       // key-key refinement search queue (0 = no refinement pass)
-  int connect_queue = 48;       // queue size of the searches of the connectivity pass
-  int entry_points = 1;         // keys every search starts from (scored first), >= 1
+  int query_neighbors = 100;  // N: exact top-N keys found per sampled prefill query
+  int max_degree = 32;        // M: out-degree bound of the projected graph
+  // Sampled prefill queries used to build (0 = all of them). 4,096 with 16 pivots each (and a
+  // pool of 16 M) gives the recall at a fixed beam of 65,536 queries with one pivot (dd16k,
+  // within 0.002) for 1/16 of the exact top-N's work (bench/results/graph_build_dd16k.txt).
+  int64_t max_queries = 4096;
+  float prune_alpha = 1.0f;  // RNG rule: drop c if alpha * |s - c| < |p - c| for a kept s
+  // The nearest prune_pool * M candidates of a pivot go through the occlusion test. 16 (was 8)
+  // keeps the recall at a fixed beam of the 65,536-query build with 4,096 queries x 16 pivots.
+  int prune_pool = 16;
+  int refine_queue = 32;   // key-key refinement search queue (0 = no refinement pass); 100 gave
+                           // the same recall (within 0.002) for 2x the time
+  int connect_queue = 48;  // queue size of the searches of the connectivity pass
+  int entry_points = 1;    // keys every search starts from (scored first), >= 1
   // Occlusion by inner product (RoarGraph's IP metric) rather than L2. Measured (scan fraction
   // at recall@100 0.95, L2 -> IP): dd16k 17.8% -> 16.6%; synth 128K, --ood 4: 4.1% -> 2.6%.
   bool prune_by_ip = true;
@@ -54,7 +64,25 @@ struct GraphIndexOptions {
   // Searches also start from the last `recent_entries` keys (the most recent tokens, which decode
   // queries attend to), scored first like the entry points. Search only; the build ignores it.
   int recent_entries = 0;
+  // Each sampled query's best `pivots_per_query` keys become pivots (1: RoarGraph's projection,
+  // the best key only), each linked to the query's other N - 1 keys.
+  int pivots_per_query = 16;
+  // Step 1 by the blocked kernel (index/exact_topn.h); false: the previous row-at-a-time kernel,
+  // kept for the benchmark's old-vs-new comparison. Same answer either way.
+  bool blocked_topn = true;
   uint64_t seed = 1;  // query sampling; the build is deterministic for a seed
+};
+
+// Wall time of each step of a build and the process's CPU time over it, in seconds (for
+// benchmarks; not part of the graph).
+struct GraphBuildProfile {
+  double exact_neighbors = 0;  // step 1: exact top-N of the sampled queries
+  double project = 0;          // step 2 + reverse edges + token-order links
+  double refine = 0;           // step 3b: key-key refinement
+  double connect = 0;          // step 4
+  double total = 0;
+  // CPU seconds of the whole process (all threads) over the build and over steps 1, 2 and 3b.
+  double process_cpu = 0, cpu_exact_neighbors = 0, cpu_project = 0, cpu_refine = 0;
 };
 
 // Top-k keys of one search, best first, with the number of keys whose score was computed.
@@ -62,6 +90,21 @@ struct GraphSearchResult {
   std::vector<int32_t> ids;
   std::vector<float> scores;
   int64_t scanned = 0;
+};
+
+// The stored form of a built graph, without its keys (those are the segment's, in token order):
+// CSR adjacency, the entry points and the search's starting keys (index/graph_codec.h encodes
+// it).
+struct GraphParts {
+  int64_t n = 0;
+  int32_t d = 0;
+  std::vector<int64_t> offsets;         // [n + 1], offsets[0] = 0, non-decreasing
+  std::vector<int32_t> targets;         // [offsets[n]], each in [0, n)
+  std::vector<int32_t> entries;         // >= 1 distinct keys in [0, n)
+  std::vector<int32_t> search_entries;  // entries, then recent keys; distinct, in [0, n)
+  int64_t connect_edges = 0;
+
+  bool operator==(const GraphParts&) const = default;
 };
 
 // Per-thread search state (visited marks, the queue). Reusable across searches and indexes.
@@ -90,6 +133,12 @@ class GraphIndex {
                                                         const float* queries, int64_t m, int d,
                                                         const GraphIndexOptions& options);
 
+  // A graph from its stored parts over keys [n x d] (float32, token order; copied). Checks every
+  // invariant of GraphParts and that n and d match. Errors: InvalidArgument naming the mismatch.
+  [[nodiscard]] static absl::StatusOr<GraphIndex> FromParts(const float* keys, int64_t n, int d,
+                                                            GraphParts parts);
+  GraphParts ToParts() const;
+
   // Beam search for the top-k keys of q by q.k. queue_size is clamped to [k, n]; a larger queue
   // scores more keys and finds more of the true top-k. REQUIRES: q has dim() floats, k >= 1.
   GraphSearchResult Search(const float* q, int k, int queue_size,
@@ -105,6 +154,7 @@ class GraphIndex {
   }
   int64_t num_edges() const { return static_cast<int64_t>(targets_.size()); }
   int64_t connect_edges() const { return connect_edges_; }  // edges added by the connect pass
+  const GraphBuildProfile& build_profile() const { return profile_; }
   // Bytes held: the float32 key copy plus the adjacency (offsets and targets).
   int64_t MemoryBytes() const;
 
@@ -118,6 +168,7 @@ class GraphIndex {
   std::vector<int32_t> entries_;         // entries_[0] is the one the connectivity pass starts from
   std::vector<int32_t> search_entries_;  // entries_, then the recent keys not among them
   int64_t connect_edges_ = 0;
+  GraphBuildProfile profile_;
   std::vector<float> keys_;       // [n x d]
   std::vector<int64_t> offsets_;  // [n + 1], CSR
   std::vector<int32_t> targets_;  // out-neighbours of key i: targets_[offsets_[i], offsets_[i+1])

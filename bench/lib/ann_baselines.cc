@@ -363,13 +363,23 @@ class Wave final : public BlockScan {
 
 class Graph final : public AnnIndex {
  public:
-  explicit Graph(const index::GraphIndexOptions& options) : options_(options) {}
-  std::string name() const override { return "graph"; }
+  Graph(const index::GraphIndexOptions& options, std::string name)
+      : options_(options), name_(std::move(name)) {}
+  std::string name() const override { return name_; }
   absl::Status Build(const float* keys, int64_t n, int d, const float* prefill_queries,
                      int64_t m) override {
     KVWAVE_ASSIGN_OR_RETURN(index::GraphIndex g,
                             index::GraphIndex::Build(keys, n, prefill_queries, m, d, options_));
     graph_ = std::make_unique<index::GraphIndex>(std::move(g));
+    const index::GraphBuildProfile& p = graph_->build_profile();
+    std::fprintf(stderr,
+                 "  %s build %.3f s (us/token %.1f): exact top-N %.3f, project %.3f, "
+                 "refine %.3f, connect %.3f (%ld connect edges); process CPU %.3f s "
+                 "(us/token on 2 idle cores %.1f; CPU top-N %.3f project %.3f refine %.3f)\n",
+                 name_.c_str(), p.total, 1e6 * p.total / static_cast<double>(n), p.exact_neighbors,
+                 p.project, p.refine, p.connect, static_cast<long>(graph_->connect_edges()),
+                 p.process_cpu, 1e6 * p.process_cpu / 2 / static_cast<double>(n),
+                 p.cpu_exact_neighbors, p.cpu_project, p.cpu_refine);
     return absl::OkStatus();
   }
   std::vector<int> Knobs() const override {
@@ -387,6 +397,7 @@ class Graph final : public AnnIndex {
 
  private:
   index::GraphIndexOptions options_;
+  std::string name_;
   std::unique_ptr<index::GraphIndex> graph_;
   index::GraphSearchScratch scratch_;
   int queue_ = 128;
@@ -426,8 +437,9 @@ std::unique_ptr<AnnIndex> MakeQuest(int page_tokens) {
 std::unique_ptr<AnnIndex> MakeWave(int tokens_per_cluster) {
   return std::make_unique<Wave>(tokens_per_cluster);
 }
-std::unique_ptr<AnnIndex> MakeGraph(const index::GraphIndexOptions& options) {
-  return std::make_unique<Graph>(options);
+std::unique_ptr<AnnIndex> MakeGraph(const index::GraphIndexOptions& options,
+                                    const std::string& name) {
+  return std::make_unique<Graph>(options, name);
 }
 
 }  // namespace kvwave::bench

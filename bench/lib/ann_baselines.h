@@ -56,8 +56,9 @@ std::unique_ptr<AnnIndex> MakeQuest(int page_tokens);
 // Wave index (index::ClusterKeys): rank clusters by q.centroid, score the members of the top
 // clusters. Knob = clusters scored, in per-mille of all clusters.
 std::unique_ptr<AnnIndex> MakeWave(int tokens_per_cluster);
-// RetrievalAttention graph; knob = the beam-search queue size.
-std::unique_ptr<AnnIndex> MakeGraph(const index::GraphIndexOptions& options);
+// RetrievalAttention graph; knob = the beam-search queue size. `name` labels its rows.
+std::unique_ptr<AnnIndex> MakeGraph(const index::GraphIndexOptions& options,
+                                    const std::string& name = "graph");
 
 }  // namespace kvwave::bench
 
