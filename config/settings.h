@@ -32,8 +32,9 @@ struct IdSet {
 // its shared blocks) or write (register and persist blocks in it; writing implies reading).
 struct NamespaceRule {
   std::string name;
-  IdSet write_uids, write_gids, read_uids, read_gids;  // Unix-socket peers (SO_PEERCRED)
-  std::string write_token, read_token;                 // Hello credentials (any transport)
+  // Unix-socket peers (SO_PEERCRED); a gid matches the peer's primary or a supplementary group.
+  IdSet write_uids, write_gids, read_uids, read_gids;
+  std::string write_token, read_token;  // Hello credentials (any transport)
 };
 
 struct Settings {

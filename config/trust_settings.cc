@@ -26,9 +26,9 @@ struct FieldSpec {
 };
 constexpr FieldSpec kFields[] = {
     {"write_uids", Field::kWriteUids, "Unix-socket peer uids that may write (and read)"},
-    {"write_gids", Field::kWriteGids, "Unix-socket peer gids (primary) that may write (and read)"},
+    {"write_gids", Field::kWriteGids, "Unix-socket peer groups that may write (and read)"},
     {"read_uids", Field::kReadUids, "Unix-socket peer uids that may read"},
-    {"read_gids", Field::kReadGids, "Unix-socket peer gids (primary) that may read"},
+    {"read_gids", Field::kReadGids, "Unix-socket peer groups that may read"},
     {"write_token", Field::kWriteToken, "Hello credential that may write (and read)"},
     {"read_token", Field::kReadToken, "Hello credential that may read"},
 };

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 
 #include "absl/strings/str_cat.h"
 
@@ -22,6 +23,15 @@ bool TokenEquals(const std::string& presented, const std::string& configured) {
 
 PrefixAccess Max(PrefixAccess a, PrefixAccess b) { return a < b ? b : a; }
 
+// True when the peer's primary or a supplementary group is in `gids`.
+bool InAny(const PeerCredentials& peer, const config::IdSet& gids) {
+  if (gids.any) return true;
+  for (uint32_t g : gids.ids) {
+    if (peer.InGroup(g)) return true;
+  }
+  return false;
+}
+
 }  // namespace
 
 PeerCredentials ReadPeerCredentials(int fd) {
@@ -34,7 +44,23 @@ PeerCredentials ReadPeerCredentials(int fd) {
     out.gid = cred.gid;
     out.pid = cred.pid;
   }
+  if (!out.known) return out;
+  // The kernel copies the peer's groups as of connect(2); ERANGE tells the size needed.
+  std::vector<gid_t> groups(64);
+  for (int attempt = 0; attempt < 4; ++attempt) {
+    socklen_t bytes = static_cast<socklen_t>(groups.size() * sizeof(gid_t));
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups.data(), &bytes) == 0) {
+      out.groups.assign(groups.begin(), groups.begin() + bytes / sizeof(gid_t));
+      break;
+    }
+    if (errno != ERANGE) break;
+    groups.resize(bytes / sizeof(gid_t) + 1);
+  }
   return out;
+}
+
+bool PeerCredentials::InGroup(uint32_t g) const {
+  return g == gid || std::find(groups.begin(), groups.end(), g) != groups.end();
 }
 
 TrustPolicy::TrustPolicy(const config::Settings& settings)
@@ -85,9 +111,9 @@ NamespaceGrant TrustPolicy::DecideNamespace(const Principal& who, absl::string_v
   if (rule != rules_.end()) {
     const size_t index = static_cast<size_t>(rule - rules_.begin());
     if (who.peer.known) {
-      if (rule->write_uids.Contains(who.peer.uid) || rule->write_gids.Contains(who.peer.gid)) {
+      if (rule->write_uids.Contains(who.peer.uid) || InAny(who.peer, rule->write_gids)) {
         grant.access = PrefixAccess::kWrite;
-      } else if (rule->read_uids.Contains(who.peer.uid) || rule->read_gids.Contains(who.peer.gid)) {
+      } else if (rule->read_uids.Contains(who.peer.uid) || InAny(who.peer, rule->read_gids)) {
         grant.access = PrefixAccess::kRead;
       }
     }

@@ -1,6 +1,7 @@
 // The trust model of kvwaved: who a session is (its Principal, fixed at Hello) and what it may do.
 //
-//   Unix socket  the kernel's peer credentials (SO_PEERCRED: uid, primary gid), read at accept;
+//   Unix socket  the kernel's peer credentials (SO_PEERCRED: uid, gid; SO_PEERGROUPS: the
+//                supplementary groups), read at accept;
 //                reaching the socket at all is governed by its file permissions (0660).
 //   TCP          the daemon token (rpc.tcp_token) admits the session; it has no uid.
 //   Either       Hello may carry credentials (tokens): trust.admin_token, and the write_token /
@@ -35,11 +36,15 @@ namespace kvwave::rpc {
 struct PeerCredentials {
   bool known = false;  // false over TCP (and if SO_PEERCRED failed)
   uint32_t uid = 0;
-  uint32_t gid = 0;  // the primary (effective) gid; supplementary groups are not consulted
+  uint32_t gid = 0;              // the primary (effective) gid
+  std::vector<uint32_t> groups;  // supplementary gids (SO_PEERGROUPS; empty if unavailable)
   int32_t pid = 0;
+
+  bool InGroup(uint32_t g) const;  // primary or supplementary
 };
 
-// SO_PEERCRED of a connected Unix socket; unknown (known = false) if the call fails.
+// SO_PEERCRED (and SO_PEERGROUPS) of a connected Unix socket; unknown (known = false) if
+// SO_PEERCRED fails.
 PeerCredentials ReadPeerCredentials(int fd);
 
 using engine::PrefixAccess;  // kNone < kRead < kWrite; writing implies reading

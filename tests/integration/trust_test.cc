@@ -316,7 +316,8 @@ template <typename Checks>
 int AsNobody(Checks checks) {
   const pid_t pid = fork();
   if (pid == 0) {
-    if (setgroups(0, nullptr) != 0 || setgid(65534) != 0 || setuid(65534) != 0) _exit(100);
+    const gid_t groups[] = {4242};  // a supplementary group, bound to namespace "grp" below
+    if (setgroups(1, groups) != 0 || setgid(65534) != 0 || setuid(65534) != 0) _exit(100);
     _exit(checks());
   }
   int status = 0;
@@ -324,8 +325,9 @@ int AsNobody(Checks checks) {
   return WIFEXITED(status) ? WEXITSTATUS(status) : 200;
 }
 
-// The SO_PEERCRED path with a real second uid: its namespace rights come from its uid, it sees
-// nothing of root's per-uid scope or contexts, and it is not an administrator.
+// The SO_PEERCRED path with a real second uid: its namespace rights come from its uid and its
+// supplementary groups, it sees nothing of root's per-uid scope or contexts, and it is not an
+// administrator.
 TEST(TrustTest, ASecondUidIsAuthorisedByItsPeerCredentials) {
   if (geteuid() != 0) GTEST_SKIP() << "needs root to connect as a second uid";
   const std::string dir = FreshDir("uid");
@@ -333,7 +335,8 @@ TEST(TrustTest, ASecondUidIsAuthorisedByItsPeerCredentials) {
       StartDaemon({"persist.path=" + dir, "persist.durability=sync",
                    "store.prefill_segment_tokens=" + std::to_string(kBlock),
                    "store.recent_tokens=" + std::to_string(kRecent), "store.sink_tokens=2",
-                   "trust.namespace.team.write_uids=65534", "trust.namespace.team.read_uids=self"});
+                   "trust.namespace.team.write_uids=65534", "trust.namespace.team.read_uids=self",
+                   "trust.namespace.grp.read_gids=4242"});
   ASSERT_NE(daemon, nullptr);
   const std::string socket = daemon->socket_path();
   ASSERT_EQ(chmod(socket.c_str(), 0666), 0);  // let nobody reach the socket
@@ -357,6 +360,8 @@ TEST(TrustTest, ASecondUidIsAuthorisedByItsPeerCredentials) {
     if ((*c)->Drop(id).code() != absl::StatusCode::kNotFound) return 4;
     auto list = (*c)->ListContexts();  // not an administrator: only its own context
     if (!list.ok() || list->size() != 1 || (*list)[0].id != scratch->id) return 5;
+    auto grp = (*c)->Open({kShape, DocTokens(6), "grp"});  // a reader by supplementary group
+    if (!grp.ok() || grp->prefix_access != client::PrefixAccess::kRead) return 8;
     auto team = (*c)->Open({kShape, DocTokens(6), "team"});  // a writer by uid
     if (!team.ok() || team->prefix_access != client::PrefixAccess::kWrite) return 6;
     for (int l = 0; l < kLayers; ++l) {

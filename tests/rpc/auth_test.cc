@@ -33,7 +33,15 @@ config::Settings PolicySettings(const std::string& unlisted) {
   return *s;
 }
 
-PeerCredentials Peer(uint32_t uid, uint32_t gid) { return {true, uid, gid, 1}; }
+PeerCredentials Peer(uint32_t uid, uint32_t gid, std::vector<uint32_t> groups = {}) {
+  PeerCredentials p;
+  p.known = true;
+  p.uid = uid;
+  p.gid = gid;
+  p.groups = std::move(groups);
+  p.pid = 1;
+  return p;
+}
 
 Principal Who(const TrustPolicy& p, bool local, PeerCredentials peer,
               std::vector<std::string> credentials = {}) {
@@ -51,16 +59,18 @@ TEST(TrustPolicyTest, BoundNamespaceGrantsByUidGidAndToken) {
     PrefixAccess want;
   };
   const std::vector<Case> cases = {
-      {true, Peer(100, 1), {}, PrefixAccess::kWrite},        // write uid
-      {true, Peer(1, 500), {}, PrefixAccess::kWrite},        // write gid
-      {true, Peer(200, 1), {}, PrefixAccess::kRead},         // read uid
-      {true, Peer(1, 600), {}, PrefixAccess::kRead},         // read gid
-      {true, Peer(1, 1), {}, PrefixAccess::kNone},           // a stranger
-      {true, Peer(200, 1), {kWrite}, PrefixAccess::kWrite},  // token raises a reader
-      {false, {}, {kRead}, PrefixAccess::kRead},             // TCP with the read token
-      {false, {}, {}, PrefixAccess::kNone},                  // TCP: no uid, no token
-      {false, Peer(100, 500), {}, PrefixAccess::kNone},      // TCP ignores any peer given
-      {true, Peer(0, 0), {kAdmin}, PrefixAccess::kNone},     // admin is not a namespace right
+      {true, Peer(100, 1), {}, PrefixAccess::kWrite},         // write uid
+      {true, Peer(1, 500), {}, PrefixAccess::kWrite},         // write gid
+      {true, Peer(200, 1), {}, PrefixAccess::kRead},          // read uid
+      {true, Peer(1, 600), {}, PrefixAccess::kRead},          // read gid
+      {true, Peer(1, 1, {3, 600}), {}, PrefixAccess::kRead},  // supplementary read gid
+      {true, Peer(1, 1, {500}), {}, PrefixAccess::kWrite},    // supplementary write gid
+      {true, Peer(1, 1, {2, 3}), {}, PrefixAccess::kNone},    // a stranger
+      {true, Peer(200, 1), {kWrite}, PrefixAccess::kWrite},   // token raises a reader
+      {false, {}, {kRead}, PrefixAccess::kRead},              // TCP with the read token
+      {false, {}, {}, PrefixAccess::kNone},                   // TCP: no uid, no token
+      {false, Peer(100, 500), {}, PrefixAccess::kNone},       // TCP ignores any peer given
+      {true, Peer(0, 0), {kAdmin}, PrefixAccess::kNone},      // admin is not a namespace right
   };
   for (size_t i = 0; i < cases.size(); ++i) {
     const Case& c = cases[i];
@@ -112,6 +122,9 @@ TEST(TrustPolicyTest, PeerCredentialsOfASocketPairAreOurs) {
   EXPECT_EQ(c.uid, geteuid());
   EXPECT_EQ(c.gid, getegid());
   EXPECT_EQ(c.pid, getpid());
+  std::vector<gid_t> mine(static_cast<size_t>(getgroups(0, nullptr)));
+  mine.resize(static_cast<size_t>(getgroups(static_cast<int>(mine.size()), mine.data())));
+  EXPECT_EQ(c.groups, std::vector<uint32_t>(mine.begin(), mine.end()));
   close(fds[0]);
   close(fds[1]);
   EXPECT_FALSE(ReadPeerCredentials(-1).known);
