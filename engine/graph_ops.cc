@@ -1,0 +1,141 @@
+#include "engine/graph_ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "config/status_macros.h"
+#include "index/distance.h"
+
+namespace kvwave::engine {
+namespace {
+
+// The best (score, position) pairs seen for one query head; ties rank the lower position first.
+class Best {
+ public:
+  void Add(float score, int64_t position) { items_.emplace_back(score, position); }
+  void Emit(int32_t k, int64_t* positions, float* scores) {
+    const int64_t m = std::min<int64_t>(k, static_cast<int64_t>(items_.size()));
+    std::partial_sort(items_.begin(), items_.begin() + m, items_.end(),
+                      [](const auto& a, const auto& b) {
+                        return a.first > b.first || (a.first == b.first && a.second < b.second);
+                      });
+    for (int64_t i = 0; i < k; ++i) {
+      positions[i] = i < m ? items_[i].second : -1;
+      scores[i] = i < m ? items_[i].first : -std::numeric_limits<float>::infinity();
+    }
+  }
+
+ private:
+  std::vector<std::pair<float, int64_t>> items_;
+};
+
+// Scores `rows` consecutive key rows exactly for every query head; position_of_row(r) < 0 skips
+// a row (padding).
+void ScoreExactly(const HeadParams& p, const float* q, float scale, const std::byte* k0,
+                  int64_t rows, const auto& position_of_row, std::vector<Best>& best,
+                  std::vector<float>& buf, int64_t& scored) {
+  if (rows <= 0) return;
+  buf.resize(static_cast<size_t>(rows * p.head_dim + p.group * rows));
+  float* keys = buf.data();
+  float* dots = keys + rows * p.head_dim;
+  ToFloat(k0, p.dtype, keys, static_cast<size_t>(rows * p.head_dim));
+  index::DotRowsMulti(q, p.group, keys, rows, p.head_dim, dots);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t pos = position_of_row(r);
+    if (pos < 0) continue;
+    for (int h = 0; h < p.group; ++h) best[h].Add(dots[h * rows + r] * scale, pos);
+  }
+  scored += rows;
+}
+
+}  // namespace
+
+std::vector<float> SegmentKeysInTokenOrder(const store::Segment& segment) {
+  const int d = segment.head_dim();
+  std::vector<float> keys(static_cast<size_t>(segment.num_tokens()) * d);
+  for (int32_t t = 0; t < segment.num_tokens(); ++t) {
+    ToFloat(segment.key_row(segment.row_of_token(t)), segment.dtype(),
+            keys.data() + static_cast<size_t>(t) * d, static_cast<size_t>(d));
+  }
+  return keys;
+}
+
+absl::StatusOr<std::shared_ptr<const index::GraphIndex>> BuildSegmentGraph(
+    const store::Segment& segment, std::span<const float> queries,
+    const index::GraphIndexOptions& options) {
+  const int d = segment.head_dim();
+  if (queries.empty() || queries.size() % static_cast<size_t>(d) != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("graph of a segment: ", queries.size(), " query floats for head_dim ", d));
+  }
+  const std::vector<float> keys = SegmentKeysInTokenOrder(segment);
+  KVWAVE_ASSIGN_OR_RETURN(
+      index::GraphIndex graph,
+      index::GraphIndex::Build(keys.data(), segment.num_tokens(), queries.data(),
+                               static_cast<int64_t>(queries.size() / d), d, options));
+  return std::make_shared<const index::GraphIndex>(std::move(graph));
+}
+
+absl::Status RetrieveGraphHead(const HeadParams& p, const store::HeadKv& head,
+                               std::span<const std::shared_ptr<const index::GraphIndex>> graphs,
+                               const float* q, int32_t k, int32_t beam, int64_t* positions,
+                               float* scores, RetrieveStats* stats) {
+  if (graphs.size() != head.segments.size() || k < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("graph retrieval: ", graphs.size(),
+                                                   " graphs for ", head.segments.size(),
+                                                   " segments, k=", k));
+  }
+  for (size_t s = 0; s < graphs.size(); ++s) {
+    if (graphs[s] != nullptr &&
+        (graphs[s]->size() != head.segments[s]->num_tokens() || graphs[s]->dim() != p.head_dim)) {
+      return absl::InvalidArgumentError("graph retrieval: a graph does not match its segment");
+    }
+  }
+  const float scale = 1.0f / std::sqrt(static_cast<float>(p.head_dim));
+  std::vector<Best> best(static_cast<size_t>(p.group));
+  std::vector<float> buf;
+  int64_t scored = 0, graph_scanned = 0, total = head.tail.size();  // scored: rows, all heads
+  const int64_t tail0 = head.tail.first_position();
+  ScoreExactly(
+      p, q, scale, head.tail.key_row(0), head.tail.size(), [tail0](int64_t r) { return tail0 + r; },
+      best, buf, scored);
+  index::GraphSearchScratch scratch;
+  for (size_t s = 0; s < head.segments.size(); ++s) {
+    const store::Segment& seg = *head.segments[s];
+    total += seg.num_tokens();
+    const auto position_of_row = [&seg](int64_t r) -> int64_t {
+      const int32_t t = seg.token_of_row(r);
+      return t < 0 ? -1 : seg.first_position() + t;
+    };
+    // The sinks (steady rows, first in the segment) are always scored exactly.
+    ScoreExactly(p, q, scale, seg.key_row(0), seg.steady_tokens(), position_of_row, best, buf,
+                 scored);
+    if (graphs[s] == nullptr) {
+      ScoreExactly(
+          p, q, scale, seg.key_row(seg.steady_tokens()), seg.num_rows() - seg.steady_tokens(),
+          [&](int64_t r) { return position_of_row(r + seg.steady_tokens()); }, best, buf, scored);
+      continue;
+    }
+    for (int h = 0; h < p.group; ++h) {
+      const index::GraphSearchResult r = graphs[s]->Search(q + static_cast<int64_t>(h) * p.head_dim,
+                                                           k, std::max(beam, k), &scratch);
+      graph_scanned += r.scanned;
+      for (size_t i = 0; i < r.ids.size(); ++i) {
+        if (r.ids[i] < seg.steady_tokens()) continue;  // scored exactly above
+        best[h].Add(r.scores[i] * scale, seg.first_position() + r.ids[i]);
+      }
+    }
+  }
+  for (int h = 0; h < p.group; ++h) best[h].Emit(k, positions + h * k, scores + h * k);
+  if (stats != nullptr) {
+    // An exact row is scored for every query head of the group; a search counts its own keys.
+    stats->keys_scored += scored * p.group + graph_scanned;
+    stats->keys_total += total * p.group;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kvwave::engine

@@ -1,0 +1,51 @@
+// RetrievalAttention's graph beside the wave index, per sealed segment of one (layer, KV head):
+// building it from the segment's keys and the prefill queries of the same tokens, and the graph
+// retrieval of one head (issue 19). The engine's hooks (queries on Append, a graph per segment
+// built with the background seal, Retrieve method = graph, settings index.graph*) are to call
+// these; they are not wired yet.
+//
+// A segment's graph is over all its tokens in token order (graph id t = the segment's token t,
+// position first_position + t; sinks included), built exactly as `kvwave-bench retrieval` builds
+// it (index::GraphIndex::Build on float32 keys and the same options and seed), so the two agree.
+//
+// Thread-safety: stateless functions; a built graph is immutable and may be searched from many
+// threads. RetrieveGraphHead needs the head's layer lock held shared, like RetrieveHead.
+#ifndef KVWAVE_ENGINE_GRAPH_OPS_H_
+#define KVWAVE_ENGINE_GRAPH_OPS_H_
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/head_ops.h"
+#include "index/graph_index.h"
+#include "store/segment.h"
+
+namespace kvwave::engine {
+
+// Keys of the segment's tokens [0, num_tokens) in token order, as float32 [num_tokens x d].
+std::vector<float> SegmentKeysInTokenOrder(const store::Segment& segment);
+
+// Builds the segment's graph from `queries` [m x head_dim] float32: prefill queries of the
+// segment's tokens (any of the KV group's query heads, any order; Build samples
+// options.max_queries of them). Errors: no queries, m * head_dim != queries.size(), bad options.
+[[nodiscard]] absl::StatusOr<std::shared_ptr<const index::GraphIndex>> BuildSegmentGraph(
+    const store::Segment& segment, std::span<const float> queries,
+    const index::GraphIndexOptions& options);
+
+// Top-k positions (and scores q.k / sqrt(d)) per query head of the group, like RetrieveHead:
+// the tail and the first segment's sinks are scored exactly; a segment with a graph
+// (graphs[i] for head.segments[i], non-null) by a beam search of queue max(beam, k); a segment
+// without one by an exact scan. positions, scores: [group x k], best first, padded with -1 and
+// -inf. Adds the keys scored to stats. Errors: graphs.size() != head.segments.size(), k < 1,
+// a graph whose size differs from its segment's tokens.
+[[nodiscard]] absl::Status RetrieveGraphHead(
+    const HeadParams& p, const store::HeadKv& head,
+    std::span<const std::shared_ptr<const index::GraphIndex>> graphs, const float* q, int32_t k,
+    int32_t beam, int64_t* positions, float* scores, RetrieveStats* stats);
+
+}  // namespace kvwave::engine
+
+#endif  // KVWAVE_ENGINE_GRAPH_OPS_H_
