@@ -65,6 +65,17 @@ struct Settings {
   int64_t metrics_port = 0;  // 0 = no Prometheus endpoint
   int64_t default_deadline_ms = 30000;
   int64_t max_sessions = 4096;
+  // rpc limits (issue 15): what a peer can make kvwaved hold, and for how long
+  std::string tcp_bind = "127.0.0.1";      // address of the TCP listener
+  std::string metrics_bind = "127.0.0.1";  // address of the Prometheus endpoint
+  int64_t metrics_max_connections = 16;
+  int64_t preauth_max_frame_bytes = int64_t{64} << 10;  // frame limit before Hello succeeds
+  int64_t handshake_timeout_ms = 10000;
+  int64_t idle_timeout_ms = 0;  // 0 = never
+  int64_t max_queued_reply_bytes = int64_t{64} << 20;  // per connection
+  int64_t max_in_flight_per_connection = 256;
+  int64_t max_region_bytes = int64_t{64} << 30;   // one session's shared region
+  int64_t max_mapped_bytes = int64_t{1} << 40;    // all sessions' regions together
   // persistence
   std::string persist_path;          // empty = no persistence
   std::string durability = "async";  // none | async | sync

@@ -2,6 +2,8 @@
 
 #include <unistd.h>
 
+#include <new>
+
 #include "absl/strings/str_cat.h"
 #include "boost/asio/bind_executor.hpp"
 #include "boost/asio/post.hpp"
@@ -15,16 +17,25 @@ namespace asio = boost::asio;
 
 namespace {
 constexpr size_t kReadChunk = size_t{256} << 10;
+// Before Hello a peer is not authenticated: read in small pieces (a Hello is a few dozen bytes).
+constexpr size_t kPreAuthReadChunk = size_t{16} << 10;
+// Fds kept before Hello; a Hello passes one. More are closed at once (and the Hello refused).
 constexpr size_t kMaxPendingFds = 4;
+
+// Lines a peer can make repeat: at most one a second each.
+LogRateLimiter bad_frame_log;
+LogRateLimiter timeout_log;
 }  // namespace
 
 Connection::Connection(Server& server, int fd, std::shared_ptr<Session> session)
     : server_(server),
       strand_(asio::make_strand(server.io())),
       socket_(server.io(), fd),
+      timer_(server.io()),
       session_(std::move(session)),
-      decoder_(server.service().max_frame_bytes()),
-      read_buffer_(kReadChunk) {
+      decoder_(static_cast<uint64_t>(server.settings().preauth_max_frame_bytes)),
+      read_buffer_(kPreAuthReadChunk),
+      backlog_(static_cast<uint64_t>(server.settings().max_queued_reply_bytes)) {
   boost::system::error_code ignored;
   socket_.non_blocking(true, ignored);
 }
@@ -35,19 +46,29 @@ Connection::~Connection() {
 }
 
 void Connection::Start() {
-  asio::post(strand_, [self = shared_from_this()] { self->ArmRead(); });
+  asio::post(strand_, [self = shared_from_this()] {
+    self->ArmTimer(std::chrono::milliseconds(self->server_.settings().handshake_timeout_ms));
+    self->ArmRead();
+  });
 }
 
 void Connection::CloseAfterFlush() {
   asio::post(strand_, [self = shared_from_this()] {
+    self->RetryDeferred();  // draining: parked requests are answered UNAVAILABLE
     self->close_after_flush_ = true;
     if (!self->writing_ && self->replies_.empty()) self->CloseNow();
   });
 }
 
+bool Connection::CanDispatch() const {
+  return !closed_ && !close_after_flush_ &&
+         in_flight_ < server_.settings().max_in_flight_per_connection && !backlog_.full();
+}
+
 void Connection::ArmRead() {
   if (closed_ || reading_ || close_after_flush_) return;
-  if (in_flight_ >= kMaxInFlight || queued_bytes_ >= kMaxQueuedReplyBytes) return;
+  // Frames already decoded, or parked, go first; until they are out, the socket is not read.
+  if (decoder_.HasFrame() || !deferred_.empty() || !CanDispatch()) return;
   reading_ = true;
   if (session_->hello_done()) {
     // After Hello no fd may arrive (any sent are discarded by the kernel with the message), so a
@@ -78,7 +99,7 @@ void Connection::OnReadable(const boost::system::error_code& ec) {
     const ReadResult r = ReadOnce();
     if (r == ReadResult::kStop) return;
     if (r == ReadResult::kIdle) break;
-    if (in_flight_ >= kMaxInFlight || queued_bytes_ >= kMaxQueuedReplyBytes) break;
+    if (!CanDispatch() || decoder_.HasFrame()) break;
     if (session_->hello_done()) break;  // the rest is read by OnRead
   }
   ArmRead();
@@ -96,7 +117,11 @@ void Connection::OnRead(const boost::system::error_code& ec, size_t n) {
 }
 
 Connection::ReadResult Connection::ReadOnce() {
-  absl::StatusOr<size_t> n = ReceiveWithFds(socket_.native_handle(), read_buffer_, fds_);
+  bool truncated = false;
+  const size_t had = fds_.size();
+  absl::StatusOr<size_t> n =
+      ReceiveWithFds(socket_.native_handle(), read_buffer_, fds_, &truncated);
+  fds_received_ += fds_.size() - had + (truncated ? 1 : 0);
   if (fds_.size() > kMaxPendingFds) CloseStrayFds();
   if (!n.ok()) {
     if (absl::IsUnavailable(n.status())) return ReadResult::kIdle;
@@ -110,63 +135,161 @@ Connection::ReadResult Connection::ReadOnce() {
   return Consume(*n);
 }
 
+void Connection::RejectStream(const absl::Status& status) {
+  server_.service().stats().FrameRejected();
+  uint64_t suppressed = 0;
+  if (bad_frame_log.Allow(&suppressed)) {
+    Logger("server")->info("session {}: closing after bad frame: {}{}", session_->id(),
+                           status.ToString(), LogRateLimiter::Suffix(suppressed));
+  }
+  Reply(server_.service().ErrorFrame(decoder_.last_header().request_id, status), false);
+  close_after_flush_ = true;
+}
+
 Connection::ReadResult Connection::Consume(size_t n) {
-  absl::Status fed = decoder_.Feed(std::span<const std::byte>(read_buffer_.data(), n));
-  while (decoder_.HasFrame() && !closed_ && !close_after_flush_) OnFrame(decoder_.TakeFrame());
+  std::span<const std::byte> data(read_buffer_.data(), n);
+  if (!session_->hello_done()) return ConsumeBeforeHello(data);
+  absl::Status fed;
+  try {
+    fed = decoder_.Feed(data);
+  } catch (const std::bad_alloc&) {  // a body's reservation found no address space
+    fed = absl::ResourceExhaustedError("kvwaved could not allocate memory for a frame");
+  }
+  DispatchReady();
   if (!fed.ok()) {
-    server_.service().stats().FrameRejected();
-    Logger("server")->info("session {}: closing after bad frame: {}", session_->id(),
-                           fed.ToString());
-    Reply(server_.service().ErrorFrame(decoder_.last_header().request_id, fed));
-    close_after_flush_ = true;
+    RejectStream(fed);
     return ReadResult::kStop;
   }
   if (closed_ || close_after_flush_) return ReadResult::kStop;
   return n == read_buffer_.size() ? ReadResult::kMore : ReadResult::kIdle;
 }
 
+// Frame by frame, so that the limit can rise once Hello succeeds: bytes pipelined after the
+// Hello belong to an authenticated session.
+Connection::ReadResult Connection::ConsumeBeforeHello(std::span<const std::byte> data) {
+  while (!data.empty()) {
+    if (session_->hello_done()) {
+      absl::Status fed = decoder_.Feed(data);
+      DispatchReady();
+      if (!fed.ok()) {
+        RejectStream(fed);
+        return ReadResult::kStop;
+      }
+      break;
+    }
+    absl::StatusOr<size_t> consumed = decoder_.FeedOne(data);
+    if (!consumed.ok()) {
+      absl::Status st = consumed.status();
+      if (absl::IsResourceExhausted(st)) {
+        st = absl::ResourceExhaustedError(
+            absl::StrCat(st.message(), " (before Hello: rpc.preauth_max_frame_bytes)"));
+      }
+      RejectStream(st);
+      CloseStrayFds();
+      return ReadResult::kStop;
+    }
+    data = data.subspan(*consumed);
+    if (decoder_.HasFrame()) OnHello(decoder_.TakeFrame());
+    if (closed_ || close_after_flush_) return ReadResult::kStop;
+  }
+  return ReadResult::kIdle;
+}
+
+void Connection::OnHello(Frame frame) {
+  Service& service = server_.service();
+  const uint64_t id = frame.header.request_id;
+  if (frame.header.op() != pb::HELLO || frame.header.is_response()) {
+    service.stats().FrameRejected();
+    Reply(service.ErrorFrame(id, absl::FailedPreconditionError("the first frame must be Hello")),
+          false);
+    close_after_flush_ = true;
+    CloseStrayFds();
+    return;
+  }
+  if (fds_received_ > 1) {
+    service.stats().FrameRejected();
+    Reply(service.ErrorFrame(
+              id, absl::InvalidArgumentError(absl::StrCat(
+                      fds_received_, " file descriptors came with Hello (", kMaxPendingFds,
+                      " at most are kept); pass exactly one: the sealed shared-memory memfd"))),
+          false);
+    close_after_flush_ = true;
+    CloseStrayFds();
+    return;
+  }
+  bool accepted = false;
+  Reply(service.HandleHello(*session_, frame, fds_, &accepted), false);
+  if (!accepted) {
+    close_after_flush_ = true;
+    return;
+  }
+  // Authenticated: full-size frames and reads from now on.
+  decoder_.set_max_frame_bytes(service.max_frame_bytes());
+  read_buffer_.resize(kReadChunk);
+  last_frame_ = std::chrono::steady_clock::now();
+  const int64_t idle_ms = server_.settings().idle_timeout_ms;
+  if (idle_ms > 0) {
+    ArmTimer(std::chrono::milliseconds(idle_ms));
+  } else {
+    timer_.cancel();
+  }
+}
+
+void Connection::DispatchReady() {
+  if (!deferred_.empty() || retrying_) return;  // they go first (see RetryDeferred)
+  while (decoder_.HasFrame() && CanDispatch()) OnFrame(decoder_.TakeFrame());
+}
+
 void Connection::OnFrame(Frame frame) {
   Service& service = server_.service();
   const uint64_t id = frame.header.request_id;
-  if (!session_->hello_done()) {
-    if (frame.header.op() != pb::HELLO || frame.header.is_response()) {
-      service.stats().FrameRejected();
-      Reply(service.ErrorFrame(id, absl::FailedPreconditionError("the first frame must be Hello")));
-      close_after_flush_ = true;
-      CloseStrayFds();
-      return;
-    }
-    bool accepted = false;
-    Reply(service.HandleHello(*session_, frame, fds_, &accepted));
-    if (!accepted) close_after_flush_ = true;
-    return;
-  }
   CloseStrayFds();
-  if (server_.draining()) {
-    Reply(service.ErrorFrame(id, absl::UnavailableError("kvwaved is shutting down")));
-    return;
-  }
   const auto received = Clock::now();
-  if (Service::RunsInline(frame.header.op())) {
-    Reply(service.Handle(*session_, frame, received));
+  last_frame_ = received;
+  if (server_.draining()) {
+    Reply(service.ErrorFrame(id, absl::UnavailableError("kvwaved is shutting down")), false);
     return;
   }
+  if (Service::RunsInline(frame.header.op())) {
+    Reply(service.Handle(*session_, frame, received, &backlog_), true);
+    return;
+  }
+  Compute(std::make_shared<Frame>(std::move(frame)), received);
+}
+
+void Connection::Compute(std::shared_ptr<Frame> frame, TimePoint received, bool retry) {
   ++in_flight_;
-  auto shared_frame = std::make_shared<Frame>(std::move(frame));
-  server_.Compute([self = shared_from_this(), shared_frame, received]() mutable {
-    std::string reply = self->server_.service().Handle(*self->session_, *shared_frame, received);
-    shared_frame.reset();
-    asio::post(self->strand_, [self, reply = std::move(reply)]() mutable {
+  if (retry) retrying_ = true;
+  server_.Compute([self = shared_from_this(), frame = std::move(frame), received, retry]() mutable {
+    std::string reply =
+        self->server_.service().Handle(*self->session_, *frame, received, &self->backlog_);
+    if (!reply.empty()) frame.reset();  // deferred requests keep theirs to run again
+    asio::post(self->strand_, [self, frame = std::move(frame), received, retry,
+                               reply = std::move(reply)]() mutable {
       --self->in_flight_;
-      self->Reply(std::move(reply));
+      if (retry) self->retrying_ = false;
+      if (reply.empty()) {
+        if (self->closed_) return;
+        self->deferred_.push_front({std::move(frame), received});  // keeps the oldest first
+        // Retried when a reply is written (OnWritten); when nothing is being written or
+        // computed, the backlog is empty and a lone retry must fit: retry now.
+        if (self->replies_.empty() && self->in_flight_ == 0) self->RetryDeferred();
+        return;
+      }
+      self->Reply(std::move(reply), true);
+      self->RetryDeferred();
+      self->DispatchReady();
       self->ArmRead();
     });
   });
 }
 
-void Connection::Reply(std::string frame) {
-  if (closed_) return;
-  queued_bytes_ += frame.size();
+void Connection::Reply(std::string frame, bool counted) {
+  if (closed_) {
+    if (counted) backlog_.Release(frame.size());
+    return;
+  }
+  if (!counted) backlog_.Add(frame.size());
   replies_.push_back(std::move(frame));
   if (!writing_) WriteNext();
 }
@@ -186,7 +309,7 @@ void Connection::OnWritten(const boost::system::error_code& ec) {
     CloseNow();
     return;
   }
-  queued_bytes_ -= replies_.front().size();
+  backlog_.Release(replies_.front().size());
   replies_.pop_front();
   if (!replies_.empty()) {
     WriteNext();
@@ -194,7 +317,63 @@ void Connection::OnWritten(const boost::system::error_code& ec) {
     CloseNow();
     return;
   }
+  // Room in the backlog: parked requests run again (oldest first), then new frames.
+  RetryDeferred();
+  DispatchReady();
   ArmRead();
+}
+
+void Connection::RetryDeferred() {
+  if (server_.draining()) {
+    std::deque<Deferred> refused;
+    refused.swap(deferred_);
+    for (Deferred& d : refused) {
+      Reply(server_.service().ErrorFrame(d.frame->header.request_id,
+                                         absl::UnavailableError("kvwaved is shutting down")),
+            false);
+    }
+    return;
+  }
+  if (retrying_ || deferred_.empty() || closed_) return;
+  Deferred d = std::move(deferred_.front());
+  deferred_.pop_front();
+  Compute(std::move(d.frame), d.received, /*retry=*/true);
+}
+
+void Connection::ArmTimer(std::chrono::milliseconds after) {
+  timer_.expires_after(after);
+  timer_.async_wait(asio::bind_executor(
+      strand_,
+      [self = shared_from_this()](const boost::system::error_code& ec) { self->OnTimer(ec); }));
+}
+
+void Connection::OnTimer(const boost::system::error_code& ec) {
+  if (ec || closed_) return;  // cancelled or re-armed
+  uint64_t suppressed = 0;
+  if (!session_->hello_done()) {
+    if (timeout_log.Allow(&suppressed)) {
+      Logger("session")->info("session {}: no Hello within rpc.handshake_timeout_ms = {}; closing{}",
+                              session_->id(), server_.settings().handshake_timeout_ms,
+                              LogRateLimiter::Suffix(suppressed));
+    }
+    CloseNow();
+    return;
+  }
+  const auto idle = std::chrono::milliseconds(server_.settings().idle_timeout_ms);
+  if (idle.count() <= 0) return;
+  const auto now = std::chrono::steady_clock::now();
+  const bool busy = in_flight_ > 0 || !replies_.empty() || !deferred_.empty();
+  if (!busy && now - last_frame_ >= idle) {
+    if (timeout_log.Allow(&suppressed)) {
+      Logger("session")->info("session {}: idle for rpc.idle_timeout_ms = {}; closing{}",
+                              session_->id(), idle.count(), LogRateLimiter::Suffix(suppressed));
+    }
+    CloseNow();
+    return;
+  }
+  ArmTimer(busy ? idle : std::chrono::duration_cast<std::chrono::milliseconds>(
+                             last_frame_ + idle - now) +
+                             std::chrono::milliseconds(1));
 }
 
 void Connection::CloseNow() {
@@ -202,8 +381,10 @@ void Connection::CloseNow() {
   closed_ = true;
   boost::system::error_code ignored;
   socket_.close(ignored);
+  timer_.cancel();
+  for (const std::string& r : replies_) backlog_.Release(r.size());
   replies_.clear();
-  queued_bytes_ = 0;
+  deferred_.clear();
   CloseStrayFds();
   server_.ConnectionClosed(session_->id());
 }

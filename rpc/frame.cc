@@ -89,7 +89,18 @@ absl::Status ParseBody(std::span<const std::byte> body, google::protobuf::Messag
 }
 
 absl::Status FrameDecoder::Feed(std::span<const std::byte> data) {
+  absl::StatusOr<size_t> consumed = FeedBytes(data, /*stop_after_frame=*/false);
+  return consumed.ok() ? absl::OkStatus() : consumed.status();
+}
+
+absl::StatusOr<size_t> FrameDecoder::FeedOne(std::span<const std::byte> data) {
+  return FeedBytes(data, /*stop_after_frame=*/true);
+}
+
+absl::StatusOr<size_t> FrameDecoder::FeedBytes(std::span<const std::byte> data,
+                                               bool stop_after_frame) {
   if (!error_.ok()) return error_;
+  const size_t total = data.size();
   while (!data.empty()) {
     if (!in_body_) {
       const size_t take = std::min(kFrameHeaderBytes - header_fill_, data.size());
@@ -100,23 +111,24 @@ absl::Status FrameDecoder::Feed(std::span<const std::byte> data) {
       header_ = DecodeHeaderUnchecked(header_buf_);
       error_ = ValidateHeader(header_, max_frame_bytes_);
       if (!error_.ok()) return error_;
-      body_.resize(header_.body_bytes);
-      body_fill_ = 0;
+      // Reserve, never resize: the pages of a large body are touched only as its bytes arrive,
+      // so a header announcing a big body costs address space, not memory, until it is sent.
+      body_.clear();
+      body_.reserve(header_.body_bytes);
       in_body_ = true;
     }
-    const size_t take = std::min(body_.size() - body_fill_, data.size());
-    if (take > 0) std::memcpy(body_.data() + body_fill_, data.data(), take);
-    body_fill_ += take;
+    const size_t take = std::min<size_t>(header_.body_bytes - body_.size(), data.size());
+    body_.insert(body_.end(), data.begin(), data.begin() + static_cast<ptrdiff_t>(take));
     data = data.subspan(take);
-    if (body_fill_ == body_.size()) {
+    if (body_.size() == header_.body_bytes) {
       ready_.push_back(Frame{header_, std::move(body_)});
       body_ = {};
-      body_fill_ = 0;
       header_fill_ = 0;
       in_body_ = false;
+      if (stop_after_frame) break;
     }
   }
-  return absl::OkStatus();
+  return total - data.size();
 }
 
 Frame FrameDecoder::TakeFrame() {

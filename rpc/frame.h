@@ -11,7 +11,8 @@
 //       20    4 deadline_ms  requests: relative deadline (0 = the server's default); responses: 0
 //
 // FrameDecoder turns a byte stream into frames, checking magic, version and the size limit before
-// it buffers a body, so a hostile peer cannot make it allocate more than max_frame_bytes.
+// it buffers a body, so a hostile peer cannot make it allocate more than max_frame_bytes; a body's
+// memory is reserved, not zero-filled, so it becomes resident only as the bytes arrive.
 //
 // Thread-safety: free functions are stateless; a FrameDecoder is used by one thread at a time.
 #ifndef KVWAVE_RPC_FRAME_H_
@@ -79,22 +80,27 @@ class FrameDecoder {
   // the stream is out of sync and the connection must be closed; the header that failed (when
   // one was read) is available through last_header() so the error can be answered by id.
   [[nodiscard]] absl::Status Feed(std::span<const std::byte> data);
+  // As Feed, but stops right after the first frame it completes; returns the bytes consumed
+  // (all of `data` when no frame completed). Lets the caller change the size limit between
+  // frames (the limit before authentication is smaller).
+  [[nodiscard]] absl::StatusOr<size_t> FeedOne(std::span<const std::byte> data);
 
   bool HasFrame() const { return !ready_.empty(); }
   Frame TakeFrame();
 
   // Bytes buffered for a frame not yet complete.
-  size_t pending_bytes() const { return header_fill_ + body_fill_; }
+  size_t pending_bytes() const { return header_fill_ + body_.size(); }
   const FrameHeader& last_header() const { return header_; }
 
  private:
+  absl::StatusOr<size_t> FeedBytes(std::span<const std::byte> data, bool stop_after_frame);
+
   uint64_t max_frame_bytes_;
   std::byte header_buf_[kFrameHeaderBytes];
   size_t header_fill_ = 0;
   bool in_body_ = false;
   FrameHeader header_;
-  std::vector<std::byte> body_;
-  size_t body_fill_ = 0;
+  std::vector<std::byte> body_;  // capacity = the announced body; size = bytes received
   absl::Status error_;
   std::vector<Frame> ready_;  // FIFO; TakeFrame pops the front
   size_t ready_head_ = 0;

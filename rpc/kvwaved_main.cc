@@ -1,13 +1,17 @@
 // kvwaved: the kvwave store daemon. Loads settings (defaults, --config FILE, --set key=value),
 // creates the engine, serves it (rpc/server.h) until SIGTERM/SIGINT, reloads reloadable settings
-// on SIGHUP.
+// on SIGHUP (and warns about changed keys that need a restart). With --ready-fd N it writes
+// "ready <pid>\n" to fd N and closes it once every listener accepts connections, so a
+// supervisor or test waits on an event instead of polling the socket.
 //
 // Start-up registers each component's stop right after starting it; shutdown runs in reverse:
 // stop accepting -> drain requests -> close connections -> release sessions -> engine.
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <thread>
 #include <vector>
@@ -33,7 +37,35 @@ struct Flags {
   std::vector<std::string> overrides;
   std::string socket_path;
   bool print_config = false;
+  int ready_fd = -1;
 };
+
+// Tells whoever waits on --ready-fd that kvwaved is listening.
+void SignalReady(int fd) {
+  if (fd < 0) return;
+  const std::string line = "ready " + std::to_string(getpid()) + "\n";
+  ssize_t n;
+  do {
+    n = write(fd, line.data(), line.size());
+  } while (n < 0 && errno == EINTR);
+  if (n != static_cast<ssize_t>(line.size())) {
+    Logger("kvwaved")->warn("--ready-fd {}: {}", fd, n < 0 ? std::strerror(errno) : "short write");
+  }
+  close(fd);
+}
+
+// Keys SIGHUP cannot apply, whose value in the file now differs from the running one.
+std::vector<std::string> ChangedNeedingRestart(const config::Settings& fresh,
+                                               const config::Settings& current) {
+  std::vector<std::string> out;
+  for (const config::Key& key : config::AllKeys()) {
+    if (key.reloadable) continue;
+    if (config::ValueOf(fresh, key.name) != config::ValueOf(current, key.name)) {
+      out.emplace_back(key.name);
+    }
+  }
+  return out;
+}
 
 // SIGINT/SIGTERM: the first drains; a second SIGINT forces exit. SIGHUP: reload.
 void WatchSignals(boost::asio::signal_set& signals, Server& server, const Flags& flags,
@@ -47,6 +79,10 @@ void WatchSignals(boost::asio::signal_set& signals, Server& server, const Flags&
         log->error("SIGHUP: reload failed, keeping the current settings: {}",
                    fresh.status().ToString());
       } else {
+        for (const std::string& key : ChangedNeedingRestart(*fresh, current)) {
+          log->warn("SIGHUP: {} changed ({} -> {}) but is not reloadable: restart kvwaved to apply it",
+                    key, config::ValueOf(current, key), config::ValueOf(*fresh, key));
+        }
         const std::vector<std::string> changed = config::ApplyReloadable(*fresh, current);
         server.ApplySettings(current);
         if (absl::Status st = SetLogLevel(current.log_level); !st.ok()) {
@@ -79,6 +115,8 @@ int Main(int argc, char** argv) {
   app.add_option("--config", flags.config_path, "TOML settings file");
   app.add_option("--set", flags.overrides, "override a setting: section.key=value (repeatable)");
   app.add_option("--socket", flags.socket_path, "shorthand for --set rpc.socket_path=PATH");
+  app.add_option("--ready-fd", flags.ready_fd,
+                 "write \"ready <pid>\" to this inherited fd, then close it, once listening");
   app.add_flag("--print-config", flags.print_config,
                "print every setting with its default and description, then exit");
   CLI11_PARSE(app, argc, argv);
@@ -137,6 +175,7 @@ int Main(int argc, char** argv) {
     return 1;
   }
   log->info("kvwaved {} ready (pid {})", "0.1.0", getpid());
+  SignalReady(flags.ready_fd);
 
   int stops = 0;
   WatchSignals(signals, server, flags, settings, stops);

@@ -27,4 +27,21 @@ absl::Status SetLogLevel(const std::string& level) {
   return absl::OkStatus();
 }
 
+bool LogRateLimiter::Allow(uint64_t* suppressed) {
+  const auto now = std::chrono::steady_clock::now();
+  absl::MutexLock lock(&mu_);
+  if (now < next_) {
+    ++suppressed_;
+    return false;
+  }
+  next_ = now + interval_;
+  *suppressed = suppressed_;
+  suppressed_ = 0;
+  return true;
+}
+
+std::string LogRateLimiter::Suffix(uint64_t n) {
+  return n == 0 ? std::string() : " (" + std::to_string(n) + " similar lines suppressed)";
+}
+
 }  // namespace kvwave::rpc

@@ -1,5 +1,6 @@
 #include "rpc/server.h"
 
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
@@ -10,7 +11,9 @@
 #include <cerrno>
 #include <chrono>
 #include <csignal>
+#include <cstdio>
 #include <cstring>
+#include <filesystem>
 
 #include "absl/strings/str_cat.h"
 #include "boost/asio/post.hpp"
@@ -28,6 +31,9 @@ namespace {
 constexpr auto kDrainTick = std::chrono::milliseconds(5);
 constexpr auto kDrainTimeout = std::chrono::seconds(30);
 constexpr auto kCloseTimeout = std::chrono::seconds(2);
+constexpr auto kAcceptRetry = std::chrono::milliseconds(100);
+
+LogRateLimiter accept_log;
 
 int ArenaThreads(int64_t compute_threads) {
   return compute_threads > 0 ? static_cast<int>(compute_threads) : tbb::task_arena::automatic;
@@ -73,18 +79,24 @@ absl::Status Server::Start() {
     if (absl::Status st = ListenTcp(); !st.ok()) return st;
   }
   if (settings_.metrics_port > 0) {
-    metrics_ = std::make_unique<MetricsHttp>(io_, [this] { return service_.PrometheusText(); });
-    absl::StatusOr<uint16_t> port = metrics_->Start(static_cast<uint16_t>(settings_.metrics_port));
+    metrics_ = std::make_unique<MetricsHttp>(io_, [this] { return service_.PrometheusText(); },
+                                             static_cast<int>(settings_.metrics_max_connections));
+    absl::StatusOr<uint16_t> port =
+        metrics_->Start(settings_.metrics_bind, static_cast<uint16_t>(settings_.metrics_port));
     if (!port.ok()) return port.status();
     metrics_port_ = *port;
-    Logger("metrics")->info("Prometheus endpoint on http://0.0.0.0:{}/metrics", metrics_port_);
+    Logger("metrics")->info("Prometheus endpoint on http://{}:{}/metrics", settings_.metrics_bind,
+                            metrics_port_);
   }
+  unix_retry_ = std::make_unique<asio::steady_timer>(io_);
+  tcp_retry_ = std::make_unique<asio::steady_timer>(io_);
   AcceptUnix();
   if (tcp_acceptor_) AcceptTcp();
   const int n = static_cast<int>(std::max<int64_t>(1, settings_.io_threads));
   for (int i = 0; i < n; ++i) threads_.emplace_back([this] { RunIo(); });
-  Logger("server")->info("serving on {} ({} io threads, TCP {})", settings_.socket_path, n,
-                         tcp_port_ == 0 ? std::string("off") : std::to_string(tcp_port_));
+  Logger("server")->info(
+      "serving on {} ({} io threads, TCP {})", settings_.socket_path, n,
+      tcp_port_ == 0 ? std::string("off") : absl::StrCat(settings_.tcp_bind, ":", tcp_port_));
   return absl::OkStatus();
 }
 
@@ -127,10 +139,46 @@ absl::Status Server::ListenUnix() {
   boost::system::error_code ec;
   unix_acceptor_ = std::make_unique<UnixProtocol::acceptor>(io_);
   unix_acceptor_->open(UnixProtocol(), ec);
-  if (!ec) unix_acceptor_->bind(UnixProtocol::endpoint(path), ec);
-  if (!ec) unix_acceptor_->listen(asio::socket_base::max_listen_connections, ec);
+  if (ec) return absl::UnavailableError(absl::StrCat("socket for ", path, ": ", ec.message()));
+  // The socket must never be reachable with looser permissions than 0660 (under umask 0 a bind
+  // creates it 0777): bind it in a fresh private directory (0700), chmod it there, then move it
+  // into place; RENAME_NOREPLACE fails if another server took the path meanwhile.
+  const std::filesystem::path target(path);
+  std::string dir_template =
+      (target.parent_path().empty() ? std::filesystem::path(".") : target.parent_path()) /
+      ".kvwaved-XXXXXX";
+  if (dir_template.size() + 3 >= sizeof(sockaddr_un::sun_path)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "socket path too long: ", path, " (its directory needs room for a private bind dir)"));
+  }
+  if (mkdtemp(dir_template.data()) == nullptr) {
+    return absl::UnavailableError(
+        absl::StrCat("listen on ", path, ": mkdtemp beside it: ", std::strerror(errno)));
+  }
+  const std::string private_path = dir_template + "/s";
+  unix_acceptor_->bind(UnixProtocol::endpoint(private_path), ec);
+  absl::Status placed = absl::OkStatus();
+  if (ec) {
+    placed = absl::UnavailableError(absl::StrCat("listen on ", path, ": ", ec.message()));
+  } else if (chmod(private_path.c_str(), 0660) != 0) {  // permissions are the access control
+    placed = absl::UnavailableError(absl::StrCat("chmod ", private_path, ": ", std::strerror(errno)));
+  } else if (renameat2(AT_FDCWD, private_path.c_str(), AT_FDCWD, path.c_str(), RENAME_NOREPLACE) !=
+             0) {
+    placed = errno == EEXIST
+                 ? absl::AlreadyExistsError(absl::StrCat("another server created ", path))
+                 : absl::UnavailableError(
+                       absl::StrCat("rename to ", path, ": ", std::strerror(errno)));
+  }
+  if (!placed.ok()) unlink(private_path.c_str());
+  rmdir(dir_template.c_str());
+  if (!placed.ok()) return placed;
+  struct stat mine;
+  if (lstat(path.c_str(), &mine) == 0) {
+    socket_dev_ = mine.st_dev;
+    socket_ino_ = mine.st_ino;
+  }
+  unix_acceptor_->listen(asio::socket_base::max_listen_connections, ec);
   if (ec) return absl::UnavailableError(absl::StrCat("listen on ", path, ": ", ec.message()));
-  chmod(path.c_str(), 0660);  // filesystem permissions are the access control
   return absl::OkStatus();
 }
 
@@ -139,8 +187,12 @@ absl::Status Server::ListenTcp() {
     return absl::InvalidArgumentError("rpc.tcp_port is set but rpc.tcp_token is empty");
   }
   boost::system::error_code ec;
-  const asio::ip::tcp::endpoint endpoint(asio::ip::tcp::v4(),
-                                         static_cast<uint16_t>(settings_.tcp_port));
+  const asio::ip::address address = asio::ip::make_address(settings_.tcp_bind, ec);
+  if (ec) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rpc.tcp_bind = '", settings_.tcp_bind, "' is not an IP address"));
+  }
+  const asio::ip::tcp::endpoint endpoint(address, static_cast<uint16_t>(settings_.tcp_port));
   tcp_acceptor_ = std::make_unique<asio::ip::tcp::acceptor>(io_);
   tcp_acceptor_->open(endpoint.protocol(), ec);
   if (!ec) tcp_acceptor_->set_option(asio::socket_base::reuse_address(true), ec);
@@ -148,7 +200,8 @@ absl::Status Server::ListenTcp() {
   if (!ec) tcp_acceptor_->listen(asio::socket_base::max_listen_connections, ec);
   if (ec) {
     return absl::UnavailableError(
-        absl::StrCat("listen on TCP ", settings_.tcp_port, ": ", ec.message()));
+        absl::StrCat("listen on TCP ", settings_.tcp_bind, ":", settings_.tcp_port, ": ",
+                     ec.message()));
   }
   tcp_port_ = tcp_acceptor_->local_endpoint().port();
   return absl::OkStatus();
@@ -157,12 +210,12 @@ absl::Status Server::ListenTcp() {
 void Server::AcceptUnix() {
   unix_acceptor_->async_accept([this](boost::system::error_code ec, UnixProtocol::socket s) {
     if (draining() || !unix_acceptor_->is_open()) return;
-    if (!ec) {
-      boost::system::error_code ignored;
-      Adopt(s.release(ignored), /*local=*/true);
-    } else if (ec == asio::error::no_descriptors) {
-      Logger("server")->warn("accept: {}", ec.message());  // EMFILE: try again shortly
+    if (ec) {
+      AcceptFailed("accept (unix)", ec, *unix_retry_, &Server::AcceptUnix);
+      return;
     }
+    boost::system::error_code ignored;
+    Adopt(s.release(ignored), /*local=*/true);
     AcceptUnix();
   });
 }
@@ -170,12 +223,28 @@ void Server::AcceptUnix() {
 void Server::AcceptTcp() {
   tcp_acceptor_->async_accept([this](boost::system::error_code ec, asio::ip::tcp::socket s) {
     if (draining() || !tcp_acceptor_->is_open()) return;
-    if (!ec) {
-      boost::system::error_code ignored;
-      s.set_option(asio::ip::tcp::no_delay(true), ignored);
-      Adopt(s.release(ignored), /*local=*/false);
+    if (ec) {
+      AcceptFailed("accept (tcp)", ec, *tcp_retry_, &Server::AcceptTcp);
+      return;
     }
+    boost::system::error_code ignored;
+    s.set_option(asio::ip::tcp::no_delay(true), ignored);
+    Adopt(s.release(ignored), /*local=*/false);
     AcceptTcp();
+  });
+}
+
+void Server::AcceptFailed(const char* what, const boost::system::error_code& ec,
+                          asio::steady_timer& timer, void (Server::*retry)()) {
+  if (ec == asio::error::operation_aborted) return;
+  uint64_t suppressed = 0;
+  if (accept_log.Allow(&suppressed)) {
+    Logger("server")->warn("{}: {}; retrying in {} ms{}", what, ec.message(),
+                           kAcceptRetry.count(), LogRateLimiter::Suffix(suppressed));
+  }
+  timer.expires_after(kAcceptRetry);
+  timer.async_wait([this, retry](boost::system::error_code wait_ec) {
+    if (!wait_ec && !draining()) (this->*retry)();
   });
 }
 
@@ -248,9 +317,19 @@ void Server::BeginShutdown() {
     boost::system::error_code ignored;
     if (unix_acceptor_) {
       unix_acceptor_->close(ignored);
-      unlink(settings_.socket_path.c_str());
+      // Only our own socket: another kvwaved may have replaced the path since.
+      struct stat st;
+      if (lstat(settings_.socket_path.c_str(), &st) == 0 && st.st_dev == socket_dev_ &&
+          st.st_ino == socket_ino_) {
+        unlink(settings_.socket_path.c_str());
+      } else {
+        Logger("server")->warn("{} is no longer this server's socket; left in place",
+                               settings_.socket_path);
+      }
     }
     if (tcp_acceptor_) tcp_acceptor_->close(ignored);
+    if (unix_retry_) unix_retry_->cancel();
+    if (tcp_retry_) tcp_retry_->cancel();
     if (metrics_) metrics_->Stop();
     drain_started_ = std::chrono::steady_clock::now();
     drain_timer_ = std::make_unique<asio::steady_timer>(io_);

@@ -12,6 +12,8 @@
 #ifndef KVWAVE_RPC_SERVER_H_
 #define KVWAVE_RPC_SERVER_H_
 
+#include <sys/types.h>
+
 #include <atomic>
 #include <cstdint>
 #include <functional>
@@ -57,6 +59,7 @@ class Server {
 
   // For connections.
   boost::asio::io_context& io() { return io_; }
+  const config::Settings& settings() const { return settings_; }
   bool draining() const { return draining_.load(std::memory_order_acquire); }
   // Runs `task` on the compute arena; counted in service().in_flight() until it returns.
   void Compute(std::function<void()> task);
@@ -70,6 +73,10 @@ class Server {
   absl::Status ListenTcp();
   void AcceptUnix();
   void AcceptTcp();
+  // After an accept error (EMFILE, ENFILE, ENOBUFS...): a rate-limited log line, then `retry`
+  // after a pause instead of at once (an accept loop at EMFILE would spin and flood the log).
+  void AcceptFailed(const char* what, const boost::system::error_code& ec,
+                    boost::asio::steady_timer& timer, void (Server::*retry)());
   void Adopt(int fd, bool local);
   void DrainTick();
 
@@ -92,6 +99,11 @@ class Server {
   std::unique_ptr<boost::asio::local::stream_protocol::acceptor> unix_acceptor_;
   std::unique_ptr<boost::asio::ip::tcp::acceptor> tcp_acceptor_;
   std::unique_ptr<MetricsHttp> metrics_;
+  std::unique_ptr<boost::asio::steady_timer> unix_retry_;
+  std::unique_ptr<boost::asio::steady_timer> tcp_retry_;
+  // The socket file this server created (unlinked at shutdown only if the path still names it).
+  dev_t socket_dev_ = 0;
+  ino_t socket_ino_ = 0;
   std::unique_ptr<boost::asio::steady_timer> drain_timer_;
   std::chrono::steady_clock::time_point drain_started_;
   int drain_phase_ = 0;

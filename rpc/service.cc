@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <new>
 
 #include "absl/strings/str_cat.h"
 #include "config/status_macros.h"
@@ -16,9 +17,6 @@
 namespace kvwave::rpc {
 namespace {
 
-// Largest shared region a client may pass (the region is only mapped, never copied).
-constexpr uint64_t kMaxRegionBytes = uint64_t{1} << 40;
-
 bool ConstantTimeEquals(const std::string& a, const std::string& b) {
   if (a.size() != b.size()) return false;
   unsigned char diff = 0;
@@ -26,10 +24,16 @@ bool ConstantTimeEquals(const std::string& a, const std::string& b) {
   return diff == 0;
 }
 
-std::string EncodeOrDie(const FrameHeader& header, const google::protobuf::MessageLite& body) {
+// Frames the service itself builds that carry no tensors (errors, Hello): always small.
+std::string EncodeSmall(const FrameHeader& header, const google::protobuf::MessageLite& body) {
   absl::StatusOr<std::string> frame = EncodeFrame(header, body);
-  KVWAVE_CHECK(frame.ok());  // our own responses always fit (tensors cap at max_frame_bytes)
+  KVWAVE_CHECK(frame.ok());  // a status and a few scalars
   return *std::move(frame);
+}
+
+absl::Status OutOfMemory(uint16_t op) {
+  return absl::ResourceExhaustedError(
+      absl::StrCat(OpName(op), ": kvwaved could not allocate memory for this request"));
 }
 
 }  // namespace
@@ -37,6 +41,8 @@ std::string EncodeOrDie(const FrameHeader& header, const google::protobuf::Messa
 Service::Service(engine::Engine& engine, const config::Settings& settings)
     : engine_(engine),
       max_frame_bytes_(static_cast<uint64_t>(settings.max_frame_bytes)),
+      max_region_bytes_(static_cast<uint64_t>(settings.max_region_bytes)),
+      address_budget_(static_cast<uint64_t>(settings.max_mapped_bytes)),
       tcp_token_(settings.tcp_token),
       trust_(settings),
       default_deadline_ms_(settings.default_deadline_ms),
@@ -55,38 +61,84 @@ std::string Service::ErrorFrame(uint64_t request_id, const absl::Status& status)
   FrameHeader h;
   h.type = pb::ERROR | kResponseBit;
   h.request_id = request_id;
-  return EncodeOrDie(h, resp);
+  return EncodeSmall(h, resp);
+}
+
+std::string Service::EncodeReply(const FrameHeader& header,
+                                 const google::protobuf::MessageLite& body) {
+  const uint64_t bytes = kFrameHeaderBytes + body.ByteSizeLong();
+  if (bytes > max_frame_bytes_) {
+    return ErrorFrame(header.request_id,
+                      absl::ResourceExhaustedError(absl::StrCat(
+                          OpName(header.type & ~kResponseBit), ": the reply of ", bytes,
+                          " bytes would exceed rpc.max_frame_bytes = ", max_frame_bytes_)));
+  }
+  absl::StatusOr<std::string> frame = EncodeFrame(header, body);
+  if (!frame.ok()) return ErrorFrame(header.request_id, frame.status());
+  return *std::move(frame);
 }
 
 template <typename Req, typename Resp>
 std::string Service::Run(Session& session, const Frame& frame,
-                         absl::Status (Service::*handler)(Call&, const Req&, Resp&), bool* ok) {
+                         absl::Status (Service::*handler)(Call&, const Req&, Resp&),
+                         RunState* state) {
   Req req;
   Resp resp;
-  Call call(session);
+  Call call(session, max_frame_bytes_, state->backlog, &state->reserved);
   absl::Status status = ParseBody(frame.body, req);
   if (status.ok()) status = (this->*handler)(call, req, resp);
+  if (call.deferred()) {
+    state->deferred = true;
+    return std::string();
+  }
   if (status.ok()) {
     call.Finish();
   } else {
     resp.Clear();
   }
   ToProto(status, resp.mutable_status());
-  *ok = status.ok();
+  state->ok = status.ok();
   FrameHeader h;
   h.type = frame.header.op() | kResponseBit;
   h.request_id = frame.header.request_id;
-  std::string out = EncodeOrDie(h, resp);
+  return EncodeReply(h, resp);
+}
+
+std::string Service::Handle(Session& session, const Frame& frame, Clock::time_point received,
+                            ReplyBacklog* backlog) {
+  const uint16_t op = frame.header.op();
+  RunState state;
+  state.backlog = backlog;
+  std::string out;
+  try {
+    out = Dispatch(session, frame, received, &state);
+  } catch (const std::bad_alloc&) {  // address space or memory ran out on the way
+    out = ErrorFrame(frame.header.request_id, OutOfMemory(op));
+    state.ok = false;
+    state.deferred = false;
+  } catch (const std::length_error&) {  // a container asked for more than it can hold
+    out = ErrorFrame(frame.header.request_id, OutOfMemory(op));
+    state.ok = false;
+    state.deferred = false;
+  }
+  if (backlog != nullptr) {
+    if (!state.deferred) backlog->Add(out.size());
+    backlog->Release(state.reserved);
+  }
+  if (state.deferred) return std::string();
+  const double micros = std::chrono::duration<double, std::micro>(Clock::now() - received).count();
+  stats_.RecordOp(op, state.ok, micros, kFrameHeaderBytes + frame.body.size(), out.size());
   return out;
 }
 
-std::string Service::Handle(Session& session, const Frame& frame, Clock::time_point received) {
+std::string Service::Dispatch(Session& session, const Frame& frame, Clock::time_point received,
+                              RunState* state) {
   const uint16_t op = frame.header.op();
   const int64_t deadline_ms = frame.header.deadline_ms != 0
                                   ? frame.header.deadline_ms
                                   : default_deadline_ms_.load(std::memory_order_relaxed);
   std::string out;
-  bool ok = true;
+  bool& ok = state->ok;
   if (frame.header.is_response()) {
     out = ErrorFrame(frame.header.request_id,
                      absl::InvalidArgumentError("a client may not send response frames"));
@@ -99,40 +151,40 @@ std::string Service::Handle(Session& session, const Frame& frame, Clock::time_po
   } else {
     switch (op) {
       case pb::PING:
-        out = Run(session, frame, &Service::DoPing, &ok);
+        out = Run(session, frame, &Service::DoPing, state);
         break;
       case pb::STATS:
-        out = Run(session, frame, &Service::DoStats, &ok);
+        out = Run(session, frame, &Service::DoStats, state);
         break;
       case pb::OPEN:
-        out = Run(session, frame, &Service::DoOpen, &ok);
+        out = Run(session, frame, &Service::DoOpen, state);
         break;
       case pb::APPEND:
-        out = Run(session, frame, &Service::DoAppend, &ok);
+        out = Run(session, frame, &Service::DoAppend, state);
         break;
       case pb::SEAL:
-        out = Run(session, frame, &Service::DoSeal, &ok);
+        out = Run(session, frame, &Service::DoSeal, state);
         break;
       case pb::ATTEND:
-        out = Run(session, frame, &Service::DoAttend, &ok);
+        out = Run(session, frame, &Service::DoAttend, state);
         break;
       case pb::RETRIEVE:
-        out = Run(session, frame, &Service::DoRetrieve, &ok);
+        out = Run(session, frame, &Service::DoRetrieve, state);
         break;
       case pb::GATHER:
-        out = Run(session, frame, &Service::DoGather, &ok);
+        out = Run(session, frame, &Service::DoGather, state);
         break;
       case pb::CLOSE:
-        out = Run(session, frame, &Service::DoClose, &ok);
+        out = Run(session, frame, &Service::DoClose, state);
         break;
       case pb::INFO:
-        out = Run(session, frame, &Service::DoInfo, &ok);
+        out = Run(session, frame, &Service::DoInfo, state);
         break;
       case pb::LIST_CONTEXTS:
-        out = Run(session, frame, &Service::DoList, &ok);
+        out = Run(session, frame, &Service::DoList, state);
         break;
       case pb::DROP:
-        out = Run(session, frame, &Service::DoDrop, &ok);
+        out = Run(session, frame, &Service::DoDrop, state);
         break;
       default:
         out = ErrorFrame(frame.header.request_id, absl::InvalidArgumentError(absl::StrCat(
@@ -140,8 +192,6 @@ std::string Service::Handle(Session& session, const Frame& frame, Clock::time_po
         ok = false;
     }
   }
-  const double micros = std::chrono::duration<double, std::micro>(Clock::now() - received).count();
-  stats_.RecordOp(op, ok, micros, kFrameHeaderBytes + frame.body.size(), out.size());
   return out;
 }
 
@@ -177,7 +227,7 @@ std::string Service::HandleHello(Session& session, const Frame& frame, std::vect
       status = absl::InvalidArgumentError(
           "has_shared_memory set but no fd came with Hello (only a Unix socket can pass one)");
     } else {
-      absl::StatusOr<SharedRegion> adopted = SharedRegion::Adopt(fds.front(), kMaxRegionBytes);
+      absl::StatusOr<SharedRegion> adopted = SharedRegion::Adopt(fds.front(), max_region_bytes_, &address_budget_);
       fds.erase(fds.begin());
       if (adopted.ok()) {
         region = *std::move(adopted);
@@ -207,7 +257,7 @@ std::string Service::HandleHello(Session& session, const Frame& frame, std::vect
   FrameHeader h;
   h.type = pb::HELLO | kResponseBit;
   h.request_id = frame.header.request_id;
-  return EncodeOrDie(h, resp);
+  return EncodeSmall(h, resp);
 }
 
 void Service::ReleaseSession(Session& session) {

@@ -27,6 +27,7 @@
 #include "rpc/auth.h"
 #include "rpc/frame.h"
 #include "rpc/kvwave_rpc.pb.h"
+#include "rpc/reply_backlog.h"
 #include "rpc/session.h"
 #include "rpc/stats.h"
 
@@ -44,7 +45,13 @@ class Service {
   std::string HandleHello(Session& session, const Frame& frame, std::vector<int>& fds,
                           bool* accepted);
   // Any other request; `received` is when its frame was complete (the deadline counts from it).
-  std::string Handle(Session& session, const Frame& frame, Clock::time_point received);
+  // Every reply fits rpc.max_frame_bytes: a request whose reply would not is refused
+  // RESOURCE_EXHAUSTED before its work; so is one that meets an allocation failure. With a
+  // `backlog`, inline outputs are reserved in it before the work and the reply is added to it;
+  // the result is then empty when the reply did not fit: nothing was done, run it again once the
+  // client has read some replies.
+  std::string Handle(Session& session, const Frame& frame, Clock::time_point received,
+                     ReplyBacklog* backlog = nullptr);
   static bool RunsInline(uint16_t op) { return op == pb::PING; }
 
   // An ERROR response for a frame that could not be attributed to an operation.
@@ -68,11 +75,24 @@ class Service {
 
   // Per-call bookkeeping (bytes moved through shared memory); defined in service.cc.
   struct Call;
+  // Shared-memory regions of all sessions (rpc.max_mapped_bytes).
+  const AddressBudget& address_budget() const { return address_budget_; }
 
  private:
+  // What Run reports back to Handle.
+  struct RunState {
+    ReplyBacklog* backlog = nullptr;
+    bool ok = true;
+    bool deferred = false;      // the reply did not fit the backlog; nothing was done
+    uint64_t reserved = 0;      // bytes Run reserved in `backlog` (released by Handle)
+  };
   template <typename Req, typename Resp>
   std::string Run(Session& session, const Frame& frame,
-                  absl::Status (Service::*handler)(Call&, const Req&, Resp&), bool* ok);
+                  absl::Status (Service::*handler)(Call&, const Req&, Resp&), RunState* state);
+  std::string Dispatch(Session& session, const Frame& frame, Clock::time_point received,
+                       RunState* state);
+  // header + body, or a RESOURCE_EXHAUSTED error frame when that exceeds rpc.max_frame_bytes.
+  std::string EncodeReply(const FrameHeader& header, const google::protobuf::MessageLite& body);
 
   absl::Status DoPing(Call& call, const pb::PingRequest& req, pb::PingResponse& resp);
   absl::Status DoStats(Call& call, const pb::StatsRequest& req, pb::StatsResponse& resp);
@@ -97,6 +117,8 @@ class Service {
 
   engine::Engine& engine_;
   const uint64_t max_frame_bytes_;
+  const uint64_t max_region_bytes_;
+  AddressBudget address_budget_;
   const std::string tcp_token_;
   const TrustPolicy trust_;
   std::atomic<int64_t> default_deadline_ms_;

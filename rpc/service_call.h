@@ -20,24 +20,39 @@
 namespace kvwave::rpc {
 
 struct Service::Call {
-  explicit Call(Session& s) : session(s) {}
+  // `backlog` may be null (no per-connection bound). What Output reserves in it is added to
+  // *reserved at once, so the caller can give it back even if the request throws.
+  Call(Session& s, uint64_t max_frame_bytes, ReplyBacklog* backlog, uint64_t* reserved)
+      : session(s), max_frame_bytes_(max_frame_bytes), backlog_(backlog), reserved_(reserved) {}
 
   // An input tensor of exactly `bytes` bytes whose start is aligned to `align`.
   absl::StatusOr<std::span<const std::byte>> Input(const pb::Tensor& t, uint64_t bytes,
                                                    size_t align, const char* what);
   // An output of exactly `bytes` bytes: the shared-memory slice `requested` names (when the
   // session has a region and `requested` has a length), else an inline buffer copied into
-  // `response` by Finish().
+  // `response` by Finish(). Inline outputs are sized before anything is allocated or computed:
+  // ResourceExhausted when the reply would exceed rpc.max_frame_bytes; when they do not fit the
+  // connection's reply backlog, deferred() turns true and an error is returned (the handler
+  // returns it at once; the request is run again later).
   absl::StatusOr<std::span<std::byte>> Output(const pb::Tensor& requested, uint64_t bytes,
                                               size_t align, const char* what, pb::Tensor* response);
   // Copies inline outputs into their response tensors.
   void Finish();
+  bool deferred() const { return deferred_; }
 
   Session& session;
   uint64_t shm_bytes_in = 0;
   uint64_t shm_bytes_out = 0;
 
  private:
+  // Room the rest of a reply may need besides its inline tensors (status, scalars, tags).
+  static constexpr uint64_t kReplyOverheadBytes = 4096;
+
+  const uint64_t max_frame_bytes_;
+  ReplyBacklog* const backlog_;
+  uint64_t* const reserved_;   // bytes this request holds in backlog_
+  uint64_t inline_bytes_ = 0;  // inline outputs so far
+  bool deferred_ = false;
   struct InlineOutput {
     std::vector<uint64_t> buffer;  // 8-byte aligned storage
     uint64_t bytes;

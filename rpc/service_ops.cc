@@ -1,5 +1,6 @@
 // The tensor operations of the service: Append, Seal, Attend, Retrieve, Gather, and how their
 // tensors are bound to shared memory or inline bytes.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -71,6 +72,22 @@ absl::StatusOr<std::span<std::byte>> Service::Call::Output(const pb::Tensor& req
     shm_bytes_out += bytes;
     return slice;
   }
+  const uint64_t limit = max_frame_bytes_ - std::min(max_frame_bytes_, kFrameHeaderBytes +
+                                                                          kReplyOverheadBytes);
+  if (bytes > limit || inline_bytes_ > limit - bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        what, ": the reply would carry ", inline_bytes_ + bytes,
+        " bytes of tensors inline, more than rpc.max_frame_bytes = ", max_frame_bytes_,
+        " allows; name output buffers in shared memory or ask for less"));
+  }
+  if (backlog_ != nullptr) {
+    if (!backlog_->TryReserve(bytes, *reserved_)) {
+      deferred_ = true;
+      return absl::UnavailableError("reply backlog full; deferred");
+    }
+    *reserved_ += bytes;
+  }
+  inline_bytes_ += bytes;
   InlineOutput& out = inline_outputs_.emplace_back();
   out.buffer.resize((bytes + 7) / 8);
   out.bytes = bytes;

@@ -42,7 +42,16 @@ absl::StatusOr<SharedRegion> SharedRegion::Create(size_t bytes, const std::strin
   return region;
 }
 
-absl::StatusOr<SharedRegion> SharedRegion::Adopt(int fd, size_t max_bytes) {
+bool AddressBudget::TryCharge(uint64_t bytes) {
+  uint64_t used = used_.load(std::memory_order_relaxed);
+  do {
+    if (bytes > limit_ || used > limit_ - bytes) return false;
+  } while (!used_.compare_exchange_weak(used, used + bytes, std::memory_order_relaxed));
+  return true;
+}
+
+absl::StatusOr<SharedRegion> SharedRegion::Adopt(int fd, size_t max_bytes,
+                                                 AddressBudget* budget) {
   struct FdCloser {
     int fd;
     ~FdCloser() { close(fd); }
@@ -54,23 +63,39 @@ absl::StatusOr<SharedRegion> SharedRegion::Adopt(int fd, size_t max_bytes) {
   }
   struct stat st;
   if (fstat(fd, &st) != 0) return Errno("fstat(shared-memory fd)");
-  if (st.st_size <= 0 || static_cast<uint64_t>(st.st_size) > max_bytes) {
+  if (st.st_size <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("shared-memory region of ", st.st_size,
                                                    " bytes (allowed: 1 to ", max_bytes, ")"));
   }
+  if (static_cast<uint64_t>(st.st_size) > max_bytes) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("shared-memory region of ", st.st_size, " bytes exceeds rpc.max_region_bytes = ",
+                     max_bytes));
+  }
   const size_t bytes = static_cast<size_t>(st.st_size);
-  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  if (p == MAP_FAILED) return Errno("mmap(shared-memory fd)");
+  if (budget != nullptr && !budget->TryCharge(bytes)) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "shared-memory region of ", bytes, " bytes: the regions mapped for all sessions (",
+        budget->used(), " bytes) would exceed rpc.max_mapped_bytes = ", budget->limit()));
+  }
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
+  if (p == MAP_FAILED) {
+    absl::Status st = Errno("mmap(shared-memory fd)");
+    if (budget != nullptr) budget->Release(bytes);
+    return st;
+  }
   SharedRegion region;
   region.base_ = static_cast<std::byte*>(p);
   region.size_ = bytes;
+  region.budget_ = budget;
   return region;
 }
 
 SharedRegion::SharedRegion(SharedRegion&& other) noexcept
     : base_(std::exchange(other.base_, nullptr)),
       size_(std::exchange(other.size_, 0)),
-      fd_(std::exchange(other.fd_, -1)) {}
+      fd_(std::exchange(other.fd_, -1)),
+      budget_(std::exchange(other.budget_, nullptr)) {}
 
 SharedRegion& SharedRegion::operator=(SharedRegion&& other) noexcept {
   if (this != &other) {
@@ -78,6 +103,7 @@ SharedRegion& SharedRegion::operator=(SharedRegion&& other) noexcept {
     base_ = std::exchange(other.base_, nullptr);
     size_ = std::exchange(other.size_, 0);
     fd_ = std::exchange(other.fd_, -1);
+    budget_ = std::exchange(other.budget_, nullptr);
   }
   return *this;
 }
@@ -87,9 +113,11 @@ SharedRegion::~SharedRegion() { Reset(); }
 void SharedRegion::Reset() {
   if (base_ != nullptr) munmap(base_, size_);
   if (fd_ >= 0) close(fd_);
+  if (budget_ != nullptr) budget_->Release(size_);
   base_ = nullptr;
   size_ = 0;
   fd_ = -1;
+  budget_ = nullptr;
 }
 
 absl::StatusOr<std::span<std::byte>> SharedRegion::Slice(uint64_t offset, uint64_t length,
@@ -144,7 +172,7 @@ absl::Status SendWithFd(int socket, std::span<const std::byte> data, int fd) {
 }
 
 absl::StatusOr<size_t> ReceiveWithFds(int socket, std::span<std::byte> buffer,
-                                      std::vector<int>& fds) {
+                                      std::vector<int>& fds, bool* truncated) {
   iovec iov{buffer.data(), buffer.size()};
   msghdr msg{};
   msg.msg_iov = &iov;
@@ -167,6 +195,7 @@ absl::StatusOr<size_t> ReceiveWithFds(int socket, std::span<std::byte> buffer,
     }
   }
   // MSG_CTRUNC: more fds were sent than fit; the kernel closed the rest. Nothing leaks here.
+  if (truncated != nullptr && (msg.msg_flags & MSG_CTRUNC) != 0) *truncated = true;
   return static_cast<size_t>(n);
 }
 

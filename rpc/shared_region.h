@@ -12,6 +12,7 @@
 #ifndef KVWAVE_RPC_SHARED_REGION_H_
 #define KVWAVE_RPC_SHARED_REGION_H_
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -22,14 +23,34 @@
 
 namespace kvwave::rpc {
 
+// Address space that all adopted regions may take together (rpc.max_mapped_bytes): a sparse
+// sealed memfd costs no memory but its whole size in mappings. Thread-safe (one atomic; relaxed
+// is enough: it is a counter with a bound, ordering nothing else). Must outlive every region
+// charged to it.
+class AddressBudget {
+ public:
+  explicit AddressBudget(uint64_t limit) : limit_(limit) {}
+  // False (nothing charged) when `bytes` more would exceed the limit.
+  bool TryCharge(uint64_t bytes);
+  void Release(uint64_t bytes) { used_.fetch_sub(bytes, std::memory_order_relaxed); }
+  uint64_t used() const { return used_.load(std::memory_order_relaxed); }
+  uint64_t limit() const { return limit_; }
+
+ private:
+  const uint64_t limit_;
+  std::atomic<uint64_t> used_{0};
+};
+
 class SharedRegion {
  public:
   // Client side: a new sealed memfd of `bytes` bytes, mapped read-write.
   static absl::StatusOr<SharedRegion> Create(size_t bytes, const std::string& name);
   // Server side: maps a received fd (taking ownership of it: it is closed here, success or not).
-  // FailedPrecondition when the fd is not a size-sealed memfd; InvalidArgument when it is empty
-  // or larger than `max_bytes`.
-  static absl::StatusOr<SharedRegion> Adopt(int fd, size_t max_bytes);
+  // FailedPrecondition when the fd is not a size-sealed memfd; InvalidArgument when it is empty;
+  // ResourceExhausted when it is larger than `max_bytes` or does not fit `budget` (when given;
+  // the region then holds its size charged to `budget` until it is unmapped).
+  static absl::StatusOr<SharedRegion> Adopt(int fd, size_t max_bytes,
+                                            AddressBudget* budget = nullptr);
 
   SharedRegion() = default;
   SharedRegion(SharedRegion&& other) noexcept;
@@ -56,17 +77,19 @@ class SharedRegion {
   std::byte* base_ = nullptr;
   size_t size_ = 0;
   int fd_ = -1;
+  AddressBudget* budget_ = nullptr;  // charged size_ when set
 };
 
 // Sends all of `data` on a connected Unix stream socket with `fd` attached (SCM_RIGHTS) to the
 // first chunk. Blocking.
 [[nodiscard]] absl::Status SendWithFd(int socket, std::span<const std::byte> data, int fd);
 
-// One recvmsg() into `buffer`, collecting any passed fds into `fds` (close-on-exec). Returns the
-// number of bytes read (0 = orderly EOF); errno-style errors as absl statuses (EAGAIN ->
-// Unavailable).
+// One recvmsg() into `buffer`, collecting any passed fds into `fds` (close-on-exec; at most 8
+// per call: the kernel closes the rest and sets *truncated when given). Returns the number of
+// bytes read (0 = orderly EOF); errno-style errors as absl statuses (EAGAIN -> Unavailable).
 [[nodiscard]] absl::StatusOr<size_t> ReceiveWithFds(int socket, std::span<std::byte> buffer,
-                                                    std::vector<int>& fds);
+                                                    std::vector<int>& fds,
+                                                    bool* truncated = nullptr);
 
 }  // namespace kvwave::rpc
 

@@ -5,13 +5,20 @@
 #ifndef KVWAVE_TESTS_INTEGRATION_HARNESS_H_
 #define KVWAVE_TESTS_INTEGRATION_HARNESS_H_
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cstring>
+#include <fstream>
+#include <random>
+#include <sstream>
 #include <memory>
 #include <optional>
 #include <string>
@@ -32,14 +39,83 @@ inline std::string BinaryDir() {
   return dir != nullptr ? dir : KVWAVE_BINARY_DIR_DEFAULT;
 }
 
-inline std::unique_ptr<client::LocalDaemon> StartDaemon(std::vector<std::string> overrides = {}) {
-  client::LocalDaemonOptions o;
+// Starts kvwaved with `o` (binary, log level warn unless o.overrides says otherwise first).
+// LocalDaemon::Start returns when kvwaved says it listens (--ready-fd): no polling.
+inline std::unique_ptr<client::LocalDaemon> StartDaemonWith(client::LocalDaemonOptions o) {
   o.binary = BinaryDir().empty() ? "" : BinaryDir() + "/rpc/kvwaved";
-  overrides.push_back("log.level=warn");
-  o.overrides = std::move(overrides);
+  o.overrides.insert(o.overrides.begin(), "log.level=warn");
   auto d = client::LocalDaemon::Start(o);
   EXPECT_TRUE(d.ok()) << d.status();
   return d.ok() ? *std::move(d) : nullptr;
+}
+
+inline std::unique_ptr<client::LocalDaemon> StartDaemon(std::vector<std::string> overrides = {}) {
+  client::LocalDaemonOptions o;
+  o.overrides = std::move(overrides);
+  return StartDaemonWith(std::move(o));
+}
+
+// The seed of a randomized test: $KVWAVE_TEST_SEED when set, else a fresh one; printed either
+// way so a failure can be replayed.
+inline uint32_t TestSeed() {
+  uint32_t seed;
+  if (const char* env = std::getenv("KVWAVE_TEST_SEED"); env != nullptr && *env != '\0') {
+    seed = static_cast<uint32_t>(std::strtoul(env, nullptr, 10));
+  } else {
+    seed = std::random_device{}();
+  }
+  std::printf("seed %u (replay: KVWAVE_TEST_SEED=%u)\n", seed, seed);
+  ::testing::Test::RecordProperty("seed", std::to_string(seed));
+  return seed;
+}
+
+// A TCP port that was free a moment ago (for daemons that take a fixed port).
+inline int FreeTcpPort() {
+  const int probe = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (bind(probe, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    close(probe);
+    return -1;
+  }
+  socklen_t len = sizeof(addr);
+  getsockname(probe, reinterpret_cast<sockaddr*>(&addr), &len);
+  close(probe);
+  return ntohs(addr.sin_port);
+}
+
+inline int ConnectRawTcp(const std::string& ip, int port) {
+  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  inet_pton(AF_INET, ip.c_str(), &addr.sin_addr);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    close(fd);
+    return -1;
+  }
+  const int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  return fd;
+}
+
+// The whole of a small text file ("" when it cannot be read).
+inline std::string ReadTextFile(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// A "Key:   123 kB" field of /proc/<pid>/status, in bytes (-1 when absent).
+inline int64_t ProcStatusBytes(pid_t pid, const std::string& key) {
+  std::istringstream in(ReadTextFile("/proc/" + std::to_string(pid) + "/status"));
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(key + ":", 0) == 0) return std::atoll(line.c_str() + key.size() + 1) * 1024;
+  }
+  return -1;
 }
 
 inline std::unique_ptr<client::Client> Connect(const std::string& socket,
@@ -64,10 +140,26 @@ inline int ConnectRawUnix(const std::string& path) {
   return fd;
 }
 
+// Status code of a response frame body (every response has Status as field 1).
+inline int StatusCodeOf(const rpc::Frame& f) {
+  rpc::pb::ErrorResponse e;  // same field 1 layout as every response
+  if (!e.ParseFromArray(f.body.data(), static_cast<int>(f.body.size()))) return -1;
+  return e.status().code();
+}
+
+// Status message of a response frame body.
+inline std::string StatusMessageOf(const rpc::Frame& f) {
+  rpc::pb::ErrorResponse e;
+  if (!e.ParseFromArray(f.body.data(), static_cast<int>(f.body.size()))) return "(unparsable)";
+  return e.status().message();
+}
+
 // A hand-driven protocol connection.
 class RawConnection {
  public:
   explicit RawConnection(const std::string& socket) : fd_(ConnectRawUnix(socket)) {}
+  // TCP to ip:port.
+  RawConnection(const std::string& ip, int port) : fd_(ConnectRawTcp(ip, port)) {}
   ~RawConnection() {
     if (fd_ >= 0) close(fd_);
   }
@@ -86,14 +178,19 @@ class RawConnection {
     auto frame = rpc::EncodeFrame(h, body);
     return frame.ok() && SendBytes(frame->data(), frame->size());
   }
-  // Hello, with a fresh sealed region of `region_bytes` (0 = none).
-  bool Hello(size_t region_bytes) {
+  // Hello, with a fresh sealed region of `region_bytes` (0 = none) and `token` (TCP).
+  bool Hello(size_t region_bytes, const std::string& token = "") {
+    return HelloStatus(region_bytes, token) == 0;
+  }
+  // The status code of the Hello reply (-1: no reply).
+  int HelloStatus(size_t region_bytes, const std::string& token = "") {
     rpc::pb::HelloRequest req;
+    req.set_token(token);
     req.set_min_version(rpc::kProtocolVersion);
     req.set_max_version(rpc::kProtocolVersion);
     if (region_bytes > 0) {
       auto r = rpc::SharedRegion::Create(region_bytes, "test");
-      if (!r.ok()) return false;
+      if (!r.ok()) return -1;
       region_ = *std::move(r);
       req.set_has_shared_memory(true);
       rpc::FrameHeader h;
@@ -103,16 +200,14 @@ class RawConnection {
       if (!rpc::SendWithFd(fd_, std::as_bytes(std::span(frame->data(), frame->size())),
                            region_.fd())
                .ok()) {
-        return false;
+        return -1;
       }
     } else if (!SendFrame(rpc::pb::HELLO, 1, req)) {
-      return false;
+      return -1;
     }
-    rpc::pb::HelloResponse resp;
     auto f = ReadFrame(5000);
-    return f && f->header.op() == rpc::pb::HELLO &&
-           resp.ParseFromArray(f->body.data(), static_cast<int>(f->body.size())) &&
-           resp.status().code() == 0;
+    if (!f) return -1;
+    return StatusCodeOf(*f);
   }
   // The next frame, or nullopt on EOF / timeout / a framing error.
   std::optional<rpc::Frame> ReadFrame(int timeout_ms) {
@@ -149,13 +244,10 @@ class RawConnection {
   rpc::SharedRegion region_;
 };
 
-// Status code of a response frame body (every response has Status as field 1).
-inline int StatusCodeOf(const rpc::Frame& f) {
-  rpc::pb::ErrorResponse e;  // same field 1 layout as every response
-  if (!e.ParseFromArray(f.body.data(), static_cast<int>(f.body.size()))) return -1;
-  return e.status().code();
-}
 
+// Polls a condition the test cannot block on (a counter in the daemon's stats, a line in its
+// log) until it holds or timeout_ms passes. The pause is the polling interval only: no test
+// assumes that something has happened because time has passed.
 template <typename Pred>
 bool Eventually(Pred pred, int timeout_ms = 10000) {
   const auto give_up = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);

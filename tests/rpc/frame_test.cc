@@ -134,13 +134,61 @@ TEST(SharedRegionTest, AdoptNeedsASizeSealedMemfd) {
   auto created = SharedRegion::Create(8192, "s");
   ASSERT_TRUE(created.ok());
   EXPECT_EQ(SharedRegion::Adopt(dup(created->fd()), 4096).status().code(),
-            absl::StatusCode::kInvalidArgument);  // larger than allowed
+            absl::StatusCode::kResourceExhausted);  // larger than allowed
   auto adopted = SharedRegion::Adopt(dup(created->fd()), 1 << 20);
   ASSERT_TRUE(adopted.ok()) << adopted.status();
   EXPECT_EQ(adopted->size(), 8192u);
   created->data()[5] = std::byte{42};
   EXPECT_EQ(adopted->data()[5], std::byte{42});  // the same memory
   EXPECT_NE(ftruncate(created->fd(), 100), 0);   // the seal forbids shrinking
+}
+
+// Regions charge their size to an AddressBudget while mapped and give it back when unmapped.
+TEST(SharedRegionTest, AdoptChargesTheAddressBudget) {
+  AddressBudget budget(3 * 8192);
+  auto created = SharedRegion::Create(8192, "s");
+  ASSERT_TRUE(created.ok());
+  std::vector<SharedRegion> held;
+  for (int i = 0; i < 3; ++i) {
+    auto r = SharedRegion::Adopt(dup(created->fd()), 1 << 20, &budget);
+    ASSERT_TRUE(r.ok()) << r.status();
+    held.push_back(*std::move(r));
+  }
+  EXPECT_EQ(budget.used(), 3u * 8192);
+  auto refused = SharedRegion::Adopt(dup(created->fd()), 1 << 20, &budget);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted) << refused.status();
+  EXPECT_NE(refused.status().message().find("rpc.max_mapped_bytes"), std::string::npos);
+  held.pop_back();
+  EXPECT_EQ(budget.used(), 2u * 8192);
+  EXPECT_TRUE(SharedRegion::Adopt(dup(created->fd()), 1 << 20, &budget).ok());
+  EXPECT_EQ(budget.used(), 2u * 8192);  // the temporary was unmapped again
+}
+
+// A header announcing a large body reserves it but does not fill it: the bytes count as they
+// come, and the frame completes exactly at its end, whatever the chunking.
+TEST(FrameDecoderTest, FeedOneStopsAfterTheFirstFrame) {
+  FrameHeader h;
+  h.type = 1;
+  h.request_id = 7;
+  std::string two;
+  for (int i = 0; i < 2; ++i) {
+    pb::PingRequest ping;
+    ping.set_payload(std::string(100, 'a' + i));
+    auto f = EncodeFrame(h, ping);
+    ASSERT_TRUE(f.ok());
+    two += *f;
+  }
+  FrameDecoder d(1 << 20);
+  auto bytes = std::as_bytes(std::span(two.data(), two.size()));
+  auto consumed = d.FeedOne(bytes);
+  ASSERT_TRUE(consumed.ok());
+  EXPECT_EQ(*consumed, two.size() / 2);
+  ASSERT_TRUE(d.HasFrame());
+  (void)d.TakeFrame();
+  EXPECT_FALSE(d.HasFrame());
+  d.set_max_frame_bytes(64);  // the second frame is now too large
+  EXPECT_EQ(d.FeedOne(bytes.subspan(*consumed)).status().code(),
+            absl::StatusCode::kResourceExhausted);
 }
 
 TEST(SharedRegionTest, FdTravelsOverASocketPair) {

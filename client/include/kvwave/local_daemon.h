@@ -1,6 +1,7 @@
 // Starting a kvwaved child process on a private socket and stopping it: used by `kvwave demo`,
 // the integration tests and the serve benchmark. Start() returns once the daemon accepts
-// connections on its socket.
+// connections: it waits for the line kvwaved writes on a pipe passed as --ready-fd (no polling),
+// and Stop() waits on a pidfd for the exit.
 //
 // Thread-safety: a LocalDaemon is owned by one thread. The destructor stops the daemon (SIGTERM,
 // then SIGKILL after a timeout) if it is still running.
@@ -20,6 +21,7 @@ namespace kvwave::client {
 struct LocalDaemonOptions {
   std::string binary;                  // path of kvwaved; empty = FindKvwaved("")
   std::string socket_path;             // empty = a fresh path under /tmp
+  std::string config_path;             // --config FILE (re-read on SIGHUP); empty = none
   std::vector<std::string> overrides;  // extra "--set key=value" settings
   std::string log_path;                // daemon stderr goes here; empty = inherit
   int start_timeout_ms = 30000;
