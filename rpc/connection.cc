@@ -71,6 +71,7 @@ void Connection::ArmRead() {
   if (decoder_.HasFrame() || !deferred_.empty() || !CanDispatch()) return;
   reading_ = true;
   if (session_->hello_done()) {
+    if (read_buffer_.size() < kReadChunk) read_buffer_.resize(kReadChunk);
     // After Hello no fd may arrive (any sent are discarded by the kernel with the message), so a
     // plain read will do. Asio (1.18) re-registers the descriptor with epoll_ctl on every
     // async_wait; a read that was already waiting costs no such syscall, one per request saved.
@@ -223,9 +224,9 @@ void Connection::OnHello(Frame frame) {
     close_after_flush_ = true;
     return;
   }
-  // Authenticated: full-size frames and reads from now on.
+  // Authenticated: full-size frames from now on, and full-size reads (the buffer grows in
+  // ArmRead: the bytes after this Hello are still being consumed from it).
   decoder_.set_max_frame_bytes(service.max_frame_bytes());
-  read_buffer_.resize(kReadChunk);
   last_frame_ = std::chrono::steady_clock::now();
   const int64_t idle_ms = server_.settings().idle_timeout_ms;
   if (idle_ms > 0) {
@@ -352,9 +353,9 @@ void Connection::OnTimer(const boost::system::error_code& ec) {
   uint64_t suppressed = 0;
   if (!session_->hello_done()) {
     if (timeout_log.Allow(&suppressed)) {
-      Logger("session")->info("session {}: no Hello within rpc.handshake_timeout_ms = {}; closing{}",
-                              session_->id(), server_.settings().handshake_timeout_ms,
-                              LogRateLimiter::Suffix(suppressed));
+      Logger("session")->info(
+          "session {}: no Hello within rpc.handshake_timeout_ms = {}; closing{}", session_->id(),
+          server_.settings().handshake_timeout_ms, LogRateLimiter::Suffix(suppressed));
     }
     CloseNow();
     return;
@@ -371,9 +372,9 @@ void Connection::OnTimer(const boost::system::error_code& ec) {
     CloseNow();
     return;
   }
-  ArmTimer(busy ? idle : std::chrono::duration_cast<std::chrono::milliseconds>(
-                             last_frame_ + idle - now) +
-                             std::chrono::milliseconds(1));
+  ArmTimer(busy ? idle
+                : std::chrono::duration_cast<std::chrono::milliseconds>(last_frame_ + idle - now) +
+                      std::chrono::milliseconds(1));
 }
 
 void Connection::CloseNow() {

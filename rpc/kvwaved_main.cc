@@ -80,8 +80,9 @@ void WatchSignals(boost::asio::signal_set& signals, Server& server, const Flags&
                    fresh.status().ToString());
       } else {
         for (const std::string& key : ChangedNeedingRestart(*fresh, current)) {
-          log->warn("SIGHUP: {} changed ({} -> {}) but is not reloadable: restart kvwaved to apply it",
-                    key, config::ValueOf(current, key), config::ValueOf(*fresh, key));
+          log->warn(
+              "SIGHUP: {} changed ({} -> {}) but is not reloadable: restart kvwaved to apply it",
+              key, config::ValueOf(current, key), config::ValueOf(*fresh, key));
         }
         const std::vector<std::string> changed = config::ApplyReloadable(*fresh, current);
         server.ApplySettings(current);

@@ -79,8 +79,9 @@ absl::Status Server::Start() {
     if (absl::Status st = ListenTcp(); !st.ok()) return st;
   }
   if (settings_.metrics_port > 0) {
-    metrics_ = std::make_unique<MetricsHttp>(io_, [this] { return service_.PrometheusText(); },
-                                             static_cast<int>(settings_.metrics_max_connections));
+    metrics_ = std::make_unique<MetricsHttp>(
+        io_, [this] { return service_.PrometheusText(); },
+        static_cast<int>(settings_.metrics_max_connections));
     absl::StatusOr<uint16_t> port =
         metrics_->Start(settings_.metrics_bind, static_cast<uint16_t>(settings_.metrics_port));
     if (!port.ok()) return port.status();
@@ -161,13 +162,14 @@ absl::Status Server::ListenUnix() {
   if (ec) {
     placed = absl::UnavailableError(absl::StrCat("listen on ", path, ": ", ec.message()));
   } else if (chmod(private_path.c_str(), 0660) != 0) {  // permissions are the access control
-    placed = absl::UnavailableError(absl::StrCat("chmod ", private_path, ": ", std::strerror(errno)));
+    placed =
+        absl::UnavailableError(absl::StrCat("chmod ", private_path, ": ", std::strerror(errno)));
   } else if (renameat2(AT_FDCWD, private_path.c_str(), AT_FDCWD, path.c_str(), RENAME_NOREPLACE) !=
              0) {
-    placed = errno == EEXIST
-                 ? absl::AlreadyExistsError(absl::StrCat("another server created ", path))
-                 : absl::UnavailableError(
-                       absl::StrCat("rename to ", path, ": ", std::strerror(errno)));
+    placed =
+        errno == EEXIST
+            ? absl::AlreadyExistsError(absl::StrCat("another server created ", path))
+            : absl::UnavailableError(absl::StrCat("rename to ", path, ": ", std::strerror(errno)));
   }
   if (!placed.ok()) unlink(private_path.c_str());
   rmdir(dir_template.c_str());
@@ -199,9 +201,8 @@ absl::Status Server::ListenTcp() {
   if (!ec) tcp_acceptor_->bind(endpoint, ec);
   if (!ec) tcp_acceptor_->listen(asio::socket_base::max_listen_connections, ec);
   if (ec) {
-    return absl::UnavailableError(
-        absl::StrCat("listen on TCP ", settings_.tcp_bind, ":", settings_.tcp_port, ": ",
-                     ec.message()));
+    return absl::UnavailableError(absl::StrCat("listen on TCP ", settings_.tcp_bind, ":",
+                                               settings_.tcp_port, ": ", ec.message()));
   }
   tcp_port_ = tcp_acceptor_->local_endpoint().port();
   return absl::OkStatus();
@@ -239,8 +240,8 @@ void Server::AcceptFailed(const char* what, const boost::system::error_code& ec,
   if (ec == asio::error::operation_aborted) return;
   uint64_t suppressed = 0;
   if (accept_log.Allow(&suppressed)) {
-    Logger("server")->warn("{}: {}; retrying in {} ms{}", what, ec.message(),
-                           kAcceptRetry.count(), LogRateLimiter::Suffix(suppressed));
+    Logger("server")->warn("{}: {}; retrying in {} ms{}", what, ec.message(), kAcceptRetry.count(),
+                           LogRateLimiter::Suffix(suppressed));
   }
   timer.expires_after(kAcceptRetry);
   timer.async_wait([this, retry](boost::system::error_code wait_ec) {

@@ -227,7 +227,8 @@ std::string Service::HandleHello(Session& session, const Frame& frame, std::vect
       status = absl::InvalidArgumentError(
           "has_shared_memory set but no fd came with Hello (only a Unix socket can pass one)");
     } else {
-      absl::StatusOr<SharedRegion> adopted = SharedRegion::Adopt(fds.front(), max_region_bytes_, &address_budget_);
+      absl::StatusOr<SharedRegion> adopted =
+          SharedRegion::Adopt(fds.front(), max_region_bytes_, &address_budget_);
       fds.erase(fds.begin());
       if (adopted.ok()) {
         region = *std::move(adopted);

@@ -83,8 +83,8 @@ class Service {
   struct RunState {
     ReplyBacklog* backlog = nullptr;
     bool ok = true;
-    bool deferred = false;      // the reply did not fit the backlog; nothing was done
-    uint64_t reserved = 0;      // bytes Run reserved in `backlog` (released by Handle)
+    bool deferred = false;  // the reply did not fit the backlog; nothing was done
+    uint64_t reserved = 0;  // bytes Run reserved in `backlog` (released by Handle)
   };
   template <typename Req, typename Resp>
   std::string Run(Session& session, const Frame& frame,

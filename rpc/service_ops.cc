@@ -72,13 +72,13 @@ absl::StatusOr<std::span<std::byte>> Service::Call::Output(const pb::Tensor& req
     shm_bytes_out += bytes;
     return slice;
   }
-  const uint64_t limit = max_frame_bytes_ - std::min(max_frame_bytes_, kFrameHeaderBytes +
-                                                                          kReplyOverheadBytes);
+  const uint64_t limit =
+      max_frame_bytes_ - std::min(max_frame_bytes_, kFrameHeaderBytes + kReplyOverheadBytes);
   if (bytes > limit || inline_bytes_ > limit - bytes) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        what, ": the reply would carry ", inline_bytes_ + bytes,
-        " bytes of tensors inline, more than rpc.max_frame_bytes = ", max_frame_bytes_,
-        " allows; name output buffers in shared memory or ask for less"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat(what, ": the reply would carry ", inline_bytes_ + bytes,
+                     " bytes of tensors inline, more than rpc.max_frame_bytes = ", max_frame_bytes_,
+                     " allows; name output buffers in shared memory or ask for less"));
   }
   if (backlog_ != nullptr) {
     if (!backlog_->TryReserve(bytes, *reserved_)) {

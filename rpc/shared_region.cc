@@ -50,8 +50,7 @@ bool AddressBudget::TryCharge(uint64_t bytes) {
   return true;
 }
 
-absl::StatusOr<SharedRegion> SharedRegion::Adopt(int fd, size_t max_bytes,
-                                                 AddressBudget* budget) {
+absl::StatusOr<SharedRegion> SharedRegion::Adopt(int fd, size_t max_bytes, AddressBudget* budget) {
   struct FdCloser {
     int fd;
     ~FdCloser() { close(fd); }
@@ -69,8 +68,8 @@ absl::StatusOr<SharedRegion> SharedRegion::Adopt(int fd, size_t max_bytes,
   }
   if (static_cast<uint64_t>(st.st_size) > max_bytes) {
     return absl::ResourceExhaustedError(
-        absl::StrCat("shared-memory region of ", st.st_size, " bytes exceeds rpc.max_region_bytes = ",
-                     max_bytes));
+        absl::StrCat("shared-memory region of ", st.st_size,
+                     " bytes exceeds rpc.max_region_bytes = ", max_bytes));
   }
   const size_t bytes = static_cast<size_t>(st.st_size);
   if (budget != nullptr && !budget->TryCharge(bytes)) {

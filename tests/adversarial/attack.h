@@ -147,8 +147,7 @@ inline std::vector<std::string> ListeningAddresses(int port) {
 // The count of `op` requests with `outcome` ("ok"/"error") in a Prometheus text.
 inline int64_t RequestCount(const std::string& prometheus, const std::string& op,
                             const std::string& outcome = "ok") {
-  const std::string key =
-      "kvwave_requests_total{op=\"" + op + "\",outcome=\"" + outcome + "\"} ";
+  const std::string key = "kvwave_requests_total{op=\"" + op + "\",outcome=\"" + outcome + "\"} ";
   const size_t at = prometheus.find(key);
   return at == std::string::npos ? -1 : std::atoll(prometheus.c_str() + at + key.size());
 }

@@ -7,6 +7,7 @@
 #include <sys/mman.h>
 
 #include <random>
+#include <tuple>
 
 #include "rpc/wire.h"
 #include "tests/adversarial/attack.h"
@@ -127,6 +128,45 @@ TEST(ProtocolAttackTest, UnauthenticatedPeerCannotAnnounceABigBody) {
   }
   EXPECT_LT(DaemonRss(daemon->pid()), rss_before + (32 << 20));
   ExpectServing(*daemon);
+}
+
+// The pre-auth limit applies to the Hello only: requests pipelined right behind it, in the same
+// write, are read under the session's full limit (and from the same read buffer).
+TEST(ProtocolAttackTest, RequestsPipelinedBehindHelloAreServed) {
+  auto daemon = StartDaemon();
+  ASSERT_NE(daemon, nullptr);
+  RawConnection c(daemon->socket_path());
+  ASSERT_TRUE(c.ok());
+  pb::HelloRequest hello;
+  hello.set_min_version(rpc::kProtocolVersion);
+  hello.set_max_version(rpc::kProtocolVersion);
+  pb::PingRequest ping;
+  std::string payload(300 << 10, '\0');  // far above rpc.preauth_max_frame_bytes
+  for (size_t i = 0; i < payload.size(); ++i) payload[i] = static_cast<char>(i * 7 + i / 251);
+  ping.set_payload(payload);
+  std::string burst;
+  for (auto [type, id, msg] :
+       std::vector<std::tuple<uint16_t, uint64_t, const google::protobuf::MessageLite*>>{
+           {pb::HELLO, 1, &hello}, {pb::PING, 2, &ping}, {pb::PING, 3, &ping}}) {
+    rpc::FrameHeader h;
+    h.type = type;
+    h.request_id = id;
+    auto f = rpc::EncodeFrame(h, *msg);
+    ASSERT_TRUE(f.ok());
+    burst += *f;
+  }
+  ASSERT_TRUE(c.SendBytes(burst.data(), burst.size()));
+  for (uint64_t id = 1; id <= 3; ++id) {
+    auto f = c.ReadFrame(10000);
+    ASSERT_TRUE(f.has_value()) << id;
+    EXPECT_EQ(f->header.request_id, id);
+    EXPECT_EQ(StatusCodeOf(*f), 0) << StatusMessageOf(*f);
+    if (id > 1) {
+      pb::PingResponse resp;
+      ASSERT_TRUE(resp.ParseFromArray(f->body.data(), static_cast<int>(f->body.size())));
+      EXPECT_EQ(resp.payload(), payload);
+    }
+  }
 }
 
 // After Hello a body may be large, but it becomes resident only as its bytes arrive: four

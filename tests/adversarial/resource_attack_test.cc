@@ -234,8 +234,8 @@ TEST(ResourceAttackTest, ListenersBindExactlyWhereConfigured) {
 // Issue 15 #7: metrics connections were not counted against any limit.
 TEST(ResourceAttackTest, MetricsConnectionsAreLimited) {
   const int metrics = FreeTcpPort();
-  auto daemon = StartDaemon(
-      {"rpc.metrics_port=" + std::to_string(metrics), "rpc.metrics_max_connections=2"});
+  auto daemon =
+      StartDaemon({"rpc.metrics_port=" + std::to_string(metrics), "rpc.metrics_max_connections=2"});
   ASSERT_NE(daemon, nullptr);
   const int idle1 = ConnectRawTcp("127.0.0.1", metrics);
   const int idle2 = ConnectRawTcp("127.0.0.1", metrics);
@@ -244,9 +244,8 @@ TEST(ResourceAttackTest, MetricsConnectionsAreLimited) {
   EXPECT_TRUE(PeerCloses(third, 5000)) << "a third metrics connection was kept";
   close(third);
   close(idle1);
-  EXPECT_TRUE(Eventually([&] {
-    return HttpGet("127.0.0.1", metrics).find("kvwave_sessions") != std::string::npos;
-  }));
+  EXPECT_TRUE(Eventually(
+      [&] { return HttpGet("127.0.0.1", metrics).find("kvwave_sessions") != std::string::npos; }));
   close(idle2);
 }
 

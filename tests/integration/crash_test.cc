@@ -115,9 +115,18 @@ void KillDuringLoad(const std::string& durability) {
   std::mutex mu;
   std::thread writer(WriteDocuments, daemon->socket_path(), std::ref(stop), std::ref(acked),
                      std::ref(mu));
-  const unsigned seed = std::random_device{}();
-  std::printf("crash test (%s) seed %u\n", durability.c_str(), seed);
-  std::this_thread::sleep_for(std::chrono::milliseconds(400 + seed % 600));
+  const unsigned seed = TestSeed();
+  std::printf("crash test (%s)\n", durability.c_str());
+  // Kill at a random point of the load, measured in acknowledged blocks (not in time).
+  const int kill_after = 1 + static_cast<int>(seed % 12);
+  EXPECT_TRUE(Eventually(
+      [&] {
+        std::lock_guard lock(mu);
+        int total = 0;
+        for (auto& [doc, blocks] : acked) total += blocks;
+        return total >= kill_after;
+      },
+      60000));
   ASSERT_EQ(kill(daemon->pid(), SIGKILL), 0);
   stop = true;
   writer.join();

@@ -17,10 +17,10 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
-#include <random>
-#include <sstream>
 #include <memory>
 #include <optional>
+#include <random>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -243,7 +243,6 @@ class RawConnection {
   rpc::FrameDecoder decoder_{uint64_t{1} << 32};
   rpc::SharedRegion region_;
 };
-
 
 // Polls a condition the test cannot block on (a counter in the daemon's stats, a line in its
 // log) until it holds or timeout_ms passes. The pause is the polling interval only: no test

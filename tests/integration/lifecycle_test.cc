@@ -1,8 +1,13 @@
 // Sessions and the daemon's life: clients killed mid-request, 1,000 clients that connect and
-// vanish, graceful shutdown with a request in flight, SIGHUP, the session limit, TCP with a token.
+// vanish, graceful shutdown with a request in flight, SIGHUP, the session limit, TCP with a token,
+// the socket file's permissions and ownership. No test sleeps to synchronise: they wait on
+// replies, pipes, waitpid, inotify events or (Eventually) a polled counter.
 #include <netinet/in.h>
 #include <signal.h>
+#include <sys/inotify.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 
 #include <fstream>
@@ -36,9 +41,12 @@ TEST(LifecycleTest, ClientKilledMidRequestReleasesItsContexts) {
   const client::ServerStats base = StatsOf(*observer);
   const std::vector<float> kv = RandomFloats(8000 * 2 * 128, 3);
   for (int round = 0; round < 3; ++round) {
+    int progress[2];  // the child writes a byte after each request it completes
+    ASSERT_EQ(pipe(progress), 0);
     const pid_t child = fork();
     ASSERT_GE(child, 0);
     if (child == 0) {
+      close(progress[0]);
       client::ClientOptions o;
       o.socket_path = daemon->socket_path();
       auto c = client::Client::Connect(o);
@@ -49,13 +57,22 @@ TEST(LifecycleTest, ClientKilledMidRequestReleasesItsContexts) {
       for (int i = 0;; ++i) {  // append until killed; Seal mid-way keeps the engine busy
         (void)(*c)->Append(ctx->id, i % 4, 8000, bytes, bytes);
         if (i % 4 == 3) (void)(*c)->Seal(ctx->id);
+        if (write(progress[1], "x", 1) != 1) _exit(4);
       }
     }
-    // Wait until the child holds a context with data, then kill it mid-request.
+    close(progress[1]);
+    // Wait until the child holds a context with data and has done 2 + 3 * round more requests
+    // (a different point of its work each round), then kill it mid-request.
     ASSERT_TRUE(Eventually(
         [&] { return StatsOf(*observer).memory_used_bytes > base.memory_used_bytes + (8 << 20); },
         20000));
-    std::this_thread::sleep_for(std::chrono::milliseconds(50 + 40 * round));
+    for (int done = 0; done < 2 + 3 * round;) {
+      char buf[16];
+      const ssize_t n = read(progress[0], buf, sizeof(buf));
+      ASSERT_GT(n, 0) << "the client died";
+      done += static_cast<int>(n);
+    }
+    close(progress[0]);
     kill(child, SIGKILL);
     int status;
     waitpid(child, &status, 0);
@@ -225,7 +242,11 @@ TEST(LifecycleTest, GracefulShutdownDrainsInFlightRequests) {
   pb::SealRequest seal;
   seal.set_context_id(opened.context_id());
   ASSERT_TRUE(c.SendFrame(pb::SEAL, 3, seal));
-  std::this_thread::sleep_for(std::chrono::milliseconds(30));
+  // The daemon has read both requests once nothing we sent is left unread in the socket.
+  ASSERT_TRUE(Eventually([&] {
+    int unread = -1;
+    return ioctl(c.fd(), TIOCOUTQ, &unread) == 0 && unread == 0;
+  }));
   kill(daemon->pid(), SIGTERM);
   // Both requests sent before SIGTERM are answered (OK, or UNAVAILABLE if the server read the
   // Seal only after draining began), then the connection closes and kvwaved exits 0.
@@ -242,21 +263,110 @@ TEST(LifecycleTest, GracefulShutdownDrainsInFlightRequests) {
 }
 
 TEST(LifecycleTest, SighupKeepsServingAndSessionLimitHolds) {
-  auto daemon = StartDaemon({"rpc.max_sessions=3"});
+  const std::string dir = ::testing::TempDir();
+  const std::string config = dir + "kvwave-sighup-" + std::to_string(getpid()) + ".toml";
+  const std::string log = dir + "kvwave-sighup-" + std::to_string(getpid()) + ".log";
+  auto write_config = [&](int64_t max_frame_bytes) {
+    std::ofstream(config) << "[rpc]\nmax_sessions = 3\nmax_frame_bytes = " << max_frame_bytes
+                          << "\n[log]\nlevel = \"info\"\n";
+  };
+  write_config(int64_t{256} << 20);
+  client::LocalDaemonOptions o;
+  o.config_path = config;
+  o.log_path = log;
+  o.overrides = {"log.level=info"};
+  auto daemon = StartDaemonWith(o);
   ASSERT_NE(daemon, nullptr);
   auto a = Connect(daemon->socket_path());
   auto b = Connect(daemon->socket_path());
   auto c = Connect(daemon->socket_path());
   ASSERT_TRUE(a && b && c);
-  client::ClientOptions o;
-  o.socket_path = daemon->socket_path();
-  auto fourth = client::Client::Connect(o);
+  client::ClientOptions co;
+  co.socket_path = daemon->socket_path();
+  auto fourth = client::Client::Connect(co);
   EXPECT_FALSE(fourth.ok());
   EXPECT_EQ(fourth.status().code(), absl::StatusCode::kResourceExhausted) << fourth.status();
+  // A key SIGHUP cannot apply changes: kvwaved keeps serving and says it needs a restart.
+  write_config(int64_t{128} << 20);
   kill(daemon->pid(), SIGHUP);
-  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  ASSERT_TRUE(Eventually([&] {
+    return ReadTextFile(log).find("SIGHUP: reloaded") != std::string::npos;
+  })) << ReadTextFile(log);
+  const std::string logged = ReadTextFile(log);
+  EXPECT_NE(logged.find("rpc.max_frame_bytes changed (268435456 -> 134217728) but is not "
+                        "reloadable: restart kvwaved"),
+            std::string::npos)
+      << logged;
   EXPECT_TRUE(daemon->Running());
   EXPECT_TRUE(a->Ping().ok());
+  EXPECT_EQ(a->server_max_frame_bytes(), uint64_t{256} << 20);
+  unlink(config.c_str());
+  unlink(log.c_str());
+}
+
+// Issue 15 #13: the socket was bound (0777 under umask 0) and chmod'ed afterwards. It must only
+// ever appear at its path already 0660: moved into place (IN_MOVED_TO), never created there.
+TEST(LifecycleTest, SocketAppearsOnlyWithItsFinalPermissions) {
+  const std::string dir = ::testing::TempDir() + "kvwave-sock-" + std::to_string(getpid());
+  ASSERT_EQ(mkdir(dir.c_str(), 0700), 0);
+  const std::string path = dir + "/kvwaved.sock";
+  const int watch = inotify_init1(IN_CLOEXEC | IN_NONBLOCK);
+  ASSERT_GE(watch, 0);
+  ASSERT_GE(inotify_add_watch(watch, dir.c_str(), IN_CREATE | IN_MOVED_TO), 0);
+  const mode_t old_umask = umask(0);  // the daemon inherits it
+  client::LocalDaemonOptions o;
+  o.socket_path = path;
+  auto daemon = StartDaemonWith(o);
+  umask(old_umask);
+  ASSERT_NE(daemon, nullptr);
+  struct stat st;
+  ASSERT_EQ(lstat(path.c_str(), &st), 0);
+  EXPECT_TRUE(S_ISSOCK(st.st_mode));
+  EXPECT_EQ(st.st_mode & 0777, 0660u);
+  bool created = false, moved = false;
+  alignas(inotify_event) char buf[4096];
+  for (ssize_t n; (n = read(watch, buf, sizeof(buf))) > 0;) {
+    for (char* p = buf; p < buf + n;) {
+      const auto* e = reinterpret_cast<const inotify_event*>(p);
+      if (e->len > 0 && std::string(e->name) == "kvwaved.sock") {
+        created |= (e->mask & IN_CREATE) != 0;
+        moved |= (e->mask & IN_MOVED_TO) != 0;
+      }
+      p += sizeof(inotify_event) + e->len;
+    }
+  }
+  close(watch);
+  EXPECT_FALSE(created) << "the socket was created at its path (with the umask's permissions)";
+  EXPECT_TRUE(moved);
+  ASSERT_TRUE(daemon->Stop(SIGTERM, 20000).ok());
+  rmdir(dir.c_str());
+}
+
+// Issue 15 #13: on shutdown kvwaved unlinked its socket path even when another server owned it
+// by then. It removes only the socket it created.
+TEST(LifecycleTest, ShutdownLeavesAnotherServersSocket) {
+  auto daemon = StartDaemon();
+  ASSERT_NE(daemon, nullptr);
+  const std::string path = daemon->socket_path();
+  ASSERT_EQ(unlink(path.c_str()), 0);  // someone else takes the path over
+  const int other = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
+  ASSERT_EQ(bind(other, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  auto code = daemon->Stop(SIGTERM, 20000);
+  ASSERT_TRUE(code.ok()) << code.status();
+  EXPECT_EQ(*code, 0);
+  struct stat st;
+  EXPECT_EQ(lstat(path.c_str(), &st), 0) << "kvwaved removed a socket it did not create";
+  close(other);
+  unlink(path.c_str());
+  // And its own socket it does remove.
+  auto second = StartDaemon();
+  ASSERT_NE(second, nullptr);
+  const std::string own = second->socket_path();
+  ASSERT_TRUE(second->Stop(SIGTERM, 20000).ok());
+  EXPECT_NE(lstat(own.c_str(), &st), 0);
 }
 
 TEST(LifecycleTest, SecondSigintForcesExit) {
@@ -273,16 +383,7 @@ TEST(LifecycleTest, SecondSigintForcesExit) {
 }
 
 TEST(LifecycleTest, TcpNeedsTheToken) {
-  // Pick a free port.
-  int probe = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ASSERT_EQ(bind(probe, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
-  socklen_t len = sizeof(addr);
-  getsockname(probe, reinterpret_cast<sockaddr*>(&addr), &len);
-  const int port = ntohs(addr.sin_port);
-  close(probe);
+  const int port = FreeTcpPort();
   auto daemon = StartDaemon({"rpc.tcp_port=" + std::to_string(port), "rpc.tcp_token=s3cret"});
   ASSERT_NE(daemon, nullptr);
   client::ClientOptions o;
