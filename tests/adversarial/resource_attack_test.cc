@@ -39,7 +39,8 @@ bool PeerCloses(int fd, int timeout_ms) {
 // Issue 15 #8: 16 connections sending a byte a second held every max_sessions slot forever.
 // Hello must now succeed within rpc.handshake_timeout_ms.
 TEST(ResourceAttackTest, SlowlorisConnectionsAreClosedAtTheHandshakeTimeout) {
-  auto daemon = StartDaemon({"rpc.max_sessions=4", "rpc.handshake_timeout_ms=300"});
+  // 1 s: the refused fifth client must get in before the slow ones time out, even on a busy VM.
+  auto daemon = StartDaemon({"rpc.max_sessions=4", "rpc.handshake_timeout_ms=1000"});
   ASSERT_NE(daemon, nullptr);
   std::vector<std::unique_ptr<RawConnection>> slow;
   for (int i = 0; i < 4; ++i) {
@@ -58,14 +59,14 @@ TEST(ResourceAttackTest, SlowlorisConnectionsAreClosedAtTheHandshakeTimeout) {
 
 // rpc.idle_timeout_ms: an authenticated session that sends nothing is closed.
 TEST(ResourceAttackTest, IdleSessionIsClosedAtTheIdleTimeout) {
-  auto daemon = StartDaemon({"rpc.idle_timeout_ms=300"});
+  auto daemon = StartDaemon({"rpc.idle_timeout_ms=1000"});
   ASSERT_NE(daemon, nullptr);
   RawConnection idle(daemon->socket_path());
   ASSERT_TRUE(idle.Hello(0));
   EXPECT_TRUE(idle.ClosedByPeer(10000));
   auto c = Connect(daemon->socket_path(), 0);
   ASSERT_NE(c, nullptr);
-  EXPECT_TRUE(c->Ping().ok());  // a session in use is not idle
+  EXPECT_TRUE(c->Ping().ok());  // the daemon serves on (within the new session's idle time)
 }
 
 // Issue 15 #8: at EMFILE the accept loop spun (67-98% CPU) and logged 115-184 MB in seconds.
