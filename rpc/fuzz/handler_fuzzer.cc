@@ -30,6 +30,7 @@
 #include "rpc/service.h"
 #include "rpc/session.h"
 #include "rpc/shared_region.h"
+#include "spdlog/spdlog.h"
 
 namespace {
 
@@ -51,6 +52,7 @@ struct World {
 
 World& TheWorld() {
   static World* world = [] {
+    spdlog::set_level(spdlog::level::off);  // a log line per session would dominate the run
     auto* w = new World;
     kvwave::config::Settings s;
     s.memory_limit_bytes = int64_t{64} << 20;  // keeps every input's memory bounded
