@@ -22,63 +22,62 @@ constexpr int kBlockQueries = 96;  // queries scored together (16 tiles), one ta
 // 192 KiB, so a block's working set stays in a 1 MiB L2.
 constexpr int64_t kBlockKeys = 512;
 
-// A running top-N: a min-heap by (score, then higher index = worse), so front() is the entry to
-// replace first, and its score as a threshold every later score must beat.
+// A running top-N: every score above the threshold goes into a buffer; when it holds 2N, the N
+// best are selected (nth_element) and the N-th best score becomes the threshold, so a score costs
+// O(1) amortised (a heap would sift on every replacement, and replacements are frequent when the
+// keys' scores drift with position). Order: higher score first, then lower key index.
 class RunningTopN {
  public:
   void Reset(int nn) {
     nn_ = nn;
-    heap_.clear();
-    heap_.reserve(static_cast<size_t>(nn));
+    items_.clear();
+    items_.reserve(2 * static_cast<size_t>(nn) + 1);
     threshold_ = -std::numeric_limits<float>::infinity();
   }
 
-  // Offers scores[0, count) of keys first + 0, first + 1, ... (in increasing key order, so an
-  // equal score never displaces the lower index already held).
+  // Offers scores[0, count) of keys first + 0, first + 1, ... in increasing key order, so a score
+  // equal to the threshold never beats the lower key that set it.
   void Offer(const float* scores, int64_t count, int64_t first) {
     int64_t i = 0;
-    while (static_cast<int>(heap_.size()) < nn_ && i < count) {  // not full yet: take anything
-      heap_.emplace_back(scores[i], static_cast<int32_t>(first + i));
-      std::push_heap(heap_.begin(), heap_.end(), Worse);
-      ++i;
-    }
-    if (static_cast<int>(heap_.size()) == nn_) threshold_ = heap_.front().first;
     for (; i + 8 <= count; i += 8) {
       const __m256 block = _mm256_loadu_ps(scores + i);
       int mask = _mm256_movemask_ps(_mm256_cmp_ps(block, _mm256_set1_ps(threshold_), _CMP_GT_OQ));
       while (mask != 0) {
         const int64_t j = i + __builtin_ctz(static_cast<unsigned>(mask));
         mask &= mask - 1;
-        Replace(scores[j], first + j);
+        Take(scores[j], first + j);
       }
     }
-    for (; i < count; ++i) Replace(scores[i], first + i);
+    for (; i < count; ++i) Take(scores[i], first + i);
   }
 
-  // Writes the held keys best first and empties the heap.
+  // Writes the best min(N, offered) keys best first and empties the buffer.
   void Drain(int32_t* out) {
-    std::sort_heap(heap_.begin(), heap_.end(), Worse);
-    for (size_t r = 0; r < heap_.size(); ++r) out[r] = heap_[r].second;
+    if (static_cast<int>(items_.size()) > nn_) Compact();
+    std::sort(items_.begin(), items_.end(), Better{});
+    for (size_t r = 0; r < items_.size(); ++r) out[r] = items_[r].second;
+    items_.clear();
   }
 
  private:
-  // A function object (not a function pointer), so the heap operations inline it.
-  struct WorseFn {
+  struct Better {
     bool operator()(const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) const {
       return a.first > b.first || (a.first == b.first && a.second < b.second);
     }
   };
-  static constexpr WorseFn Worse{};
-  void Replace(float score, int64_t key) {
-    if (!(score > threshold_)) return;  // NaN scores are never taken
-    std::pop_heap(heap_.begin(), heap_.end(), Worse);
-    heap_.back() = {score, static_cast<int32_t>(key)};
-    std::push_heap(heap_.begin(), heap_.end(), Worse);
-    threshold_ = heap_.front().first;
+  void Take(float score, int64_t key) {
+    if (!(score > threshold_)) return;  // also drops NaN
+    items_.emplace_back(score, static_cast<int32_t>(key));
+    if (items_.size() >= 2 * static_cast<size_t>(nn_)) Compact();
+  }
+  void Compact() {
+    std::nth_element(items_.begin(), items_.begin() + (nn_ - 1), items_.end(), Better{});
+    items_.resize(static_cast<size_t>(nn_));
+    threshold_ = items_[nn_ - 1].first;  // the N-th best: every later key must beat it
   }
 
   int nn_ = 0;
-  std::vector<std::pair<float, int32_t>> heap_;
+  std::vector<std::pair<float, int32_t>> items_;
   float threshold_ = 0;
 };
 

@@ -3,8 +3,9 @@
 // per-row selection, done blocked so the product never exists whole: keys are packed once into
 // panels of 16 (dimension-major), a block of queries is scored against one L2-sized block of
 // keys at a time by a 6 x 16 register-tiled AVX2 kernel, and each query keeps a running top-N
-// (a min-heap whose smallest score is compared with 8 scores at a time, so almost every score is
-// rejected by one vector compare). Blocks of queries go in parallel over TBB.
+// (8 scores at a time compared with a threshold, so almost every score is rejected by one vector
+// compare; those above it are buffered and cut back to the best N when 2N are held). Blocks of
+// queries go in parallel over TBB.
 //
 // Thread-safety: stateless; ExactTopN may be called from many threads at once.
 #ifndef KVWAVE_INDEX_EXACT_TOPN_H_

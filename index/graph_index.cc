@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -52,30 +53,60 @@ float PruneDistance(const float* a, const float* b, float norm_a, float norm_b, 
   return by_ip ? -Dot(a, b, d) : SquaredL2(a, b, norm_a, norm_b, d);
 }
 
-// Relative-neighbourhood pruning of pivot p's candidates to at most m, in order of distance to p;
-// candidates occluded by a kept neighbour top the list up to m afterwards.
+// Order-preserving map of a float to uint32 (a < b <=> Ordered(a) < Ordered(b), NaN aside).
+inline uint32_t OrderedBits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return (u & 0x80000000u) != 0 ? ~u : u | 0x80000000u;
+}
+inline float FromOrderedBits(uint32_t u) {
+  u = (u & 0x80000000u) != 0 ? u & 0x7fffffffu : ~u;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
 
+// Sorts (OrderedBits(distance) << 32 | id) values by distance, stably (LSD radix, 4 passes of 8
+// bits over the high half): branch-free, unlike a comparison sort of random floats. With the
+// input in increasing id order the result is in (distance, id) order.
+void SortByDistance(std::vector<uint64_t>* items, std::vector<uint64_t>* scratch) {
+  scratch->resize(items->size());
+  for (int shift = 32; shift < 64; shift += 8) {
+    size_t count[257] = {};
+    for (uint64_t v : *items) ++count[((v >> shift) & 0xff) + 1];
+    for (int b = 0; b < 256; ++b) count[b + 1] += count[b];
+    for (uint64_t v : *items) (*scratch)[count[(v >> shift) & 0xff]++] = v;
+    items->swap(*scratch);
+  }
+}
+
+// Relative-neighbourhood pruning of pivot p's candidates to at most m, in order of distance to p
+// (ties by id); candidates occluded by a kept neighbour top the list up to m afterwards.
 std::vector<int32_t> PruneCandidates(int32_t p, std::vector<int32_t> cand, const float* keys,
                                      const std::vector<float>& norms, int d, int m, float alpha,
                                      bool by_ip, int pool_factor) {
-  // Distinct candidates other than p, marked in a per-thread array (no sort: the pool below is
-  // ordered by (distance, id), so the order of `cand` does not matter).
-  thread_local std::vector<uint8_t> seen;
-  if (seen.size() < norms.size()) seen.assign(norms.size(), 0);
-  seen[p] = 1;
-  size_t distinct = 0;
+  // Distinct candidates other than p in increasing id order, from a per-thread bitmap over the
+  // keys (set, then read back word by word); their rows are then read in address order.
+  thread_local std::vector<uint64_t> bits;
+  thread_local std::vector<uint64_t> by_dist, scratch;
+  const size_t words = (norms.size() + 63) / 64;
+  if (bits.size() < words) bits.assign(words, 0);
+  size_t lo = words, hi = 0;  // words touched: [lo, hi)
   for (int32_t c : cand) {
-    if (!seen[c]) {
-      seen[c] = 1;
-      cand[distinct++] = c;
-    }
+    bits[c >> 6] |= uint64_t{1} << (c & 63);
+    lo = std::min(lo, static_cast<size_t>(c >> 6));
+    hi = std::max(hi, static_cast<size_t>(c >> 6) + 1);
   }
-  cand.resize(distinct);
-  seen[p] = 0;
-  for (int32_t c : cand) seen[c] = 0;
+  bits[p >> 6] &= ~(uint64_t{1} << (p & 63));
+  cand.clear();
+  for (size_t w = lo; w < hi; ++w) {
+    for (uint64_t word = bits[w]; word != 0; word &= word - 1) {
+      cand.push_back(static_cast<int32_t>(w * 64 + __builtin_ctzll(word)));
+    }
+    bits[w] = 0;
+  }
   const float* kp = keys + int64_t{p} * d;
-  std::vector<std::pair<float, int32_t>> by_dist;
-  by_dist.reserve(cand.size());
+  by_dist.clear();
   constexpr size_t kAhead = 8;  // candidate rows are scattered over the keys: prefetch them
   for (size_t i = 0; i < cand.size(); ++i) {
     if (i + kAhead < cand.size()) {
@@ -83,21 +114,24 @@ std::vector<int32_t> PruneCandidates(int32_t p, std::vector<int32_t> cand, const
       for (int64_t b = 0; b < int64_t{d} * 4; b += 64) __builtin_prefetch(row + b);
     }
     const int32_t c = cand[i];
-    by_dist.emplace_back(PruneDistance(kp, keys + int64_t{c} * d, norms[p], norms[c], d, by_ip), c);
+    const float dist = PruneDistance(kp, keys + int64_t{c} * d, norms[p], norms[c], d, by_ip);
+    by_dist.push_back(uint64_t{OrderedBits(dist)} << 32 | static_cast<uint32_t>(c));
   }
-  // Only the 8m nearest go through the O(candidates x m) occlusion test: a pivot chosen by many
-  // queries has thousands of candidates, and the far ones are rarely kept (Vamana prunes a pool of
-  // similar size).
+  SortByDistance(&by_dist, &scratch);
+  // Only the pool_factor * m nearest go through the O(candidates x m) occlusion test: a pivot
+  // chosen by many queries has thousands of candidates, and the far ones are rarely kept (Vamana
+  // prunes a pool of similar size).
   const size_t pool = std::min(by_dist.size(), static_cast<size_t>(pool_factor) * m);
-  if (pool < by_dist.size()) {
-    std::nth_element(by_dist.begin(), by_dist.begin() + pool, by_dist.end());
-    by_dist.resize(pool);
-  }
-  std::sort(by_dist.begin(), by_dist.end());
   std::vector<int32_t> kept, occluded;
   const float alpha2 = by_ip ? 1.0f : alpha * alpha;  // alpha scales L2 distances only
-  for (const auto& [dist_pc, c] : by_dist) {
-    if (static_cast<int>(kept.size()) >= m) break;
+  for (size_t i = 0; i < pool && static_cast<int>(kept.size()) < m; ++i) {
+    if (i + 4 < pool) {
+      const char* row =
+          reinterpret_cast<const char*>(keys + int64_t{static_cast<int32_t>(by_dist[i + 4])} * d);
+      for (int64_t b = 0; b < int64_t{d} * 4; b += 64) __builtin_prefetch(row + b);
+    }
+    const float dist_pc = FromOrderedBits(static_cast<uint32_t>(by_dist[i] >> 32));
+    const int32_t c = static_cast<int32_t>(static_cast<uint32_t>(by_dist[i]));
     const float* kc = keys + int64_t{c} * d;
     bool is_occluded = false;
     for (int32_t s : kept) {

@@ -1,7 +1,8 @@
 // Tests of the blocked exact top-N (index/exact_topn.h): against a float64 reference on random
 // data over shapes that exercise every remainder (queries not a multiple of the 6-query tile or
 // the 96-query block, keys not a multiple of the 16-key panel or the 512-key block, odd dims),
-// equal to the previous row-wise kernel, ties by index, and argument errors. Printed seeds;
+// equal to the previous row-wise kernel, ties by index, rising scores (the running top-N's buffer
+// compacted many times), and argument errors. Printed seeds;
 // KVWAVE_TEST_SEED overrides them.
 #include "index/exact_topn.h"
 
@@ -97,6 +98,21 @@ TEST(ExactTopNTieTest, EqualScoresRankTheLowerKeyFirst) {
   ASSERT_TRUE(ExactTopN(keys.data(), n, queries.data(), m, d, 20, out.data()).ok());
   for (int64_t i = 0; i < m; ++i) {
     for (int r = 0; r < 20; ++r) EXPECT_EQ(out[i * 20 + r], 2 + 3 * r) << i << " " << r;
+  }
+}
+
+// Scores that rise with the key index: every key beats the running threshold, so the buffer
+// fills and is compacted again and again; the answer is still the last N keys, best first.
+TEST(ExactTopNTieTest, RisingScoresAreSelectedExactly) {
+  const int d = 16, nn = 37;
+  const int64_t n = 5000, m = 7;
+  std::vector<float> keys(static_cast<size_t>(n * d), 0.0f), queries(m * d, 0.0f);
+  for (int64_t i = 0; i < n; ++i) keys[i * d + 3] = static_cast<float>(i);
+  for (int64_t i = 0; i < m; ++i) queries[i * d + 3] = 1.0f + static_cast<float>(i);
+  std::vector<int32_t> out(static_cast<size_t>(m * nn));
+  ASSERT_TRUE(ExactTopN(keys.data(), n, queries.data(), m, d, nn, out.data()).ok());
+  for (int64_t i = 0; i < m; ++i) {
+    for (int r = 0; r < nn; ++r) EXPECT_EQ(out[i * nn + r], n - 1 - r) << i << " " << r;
   }
 }
 
