@@ -58,15 +58,19 @@ class Daemon:
         self.dir = tempfile.mkdtemp(prefix='kvwave-e2e-')
         self.socket = os.path.join(self.dir, 'kvwaved.sock')
         extra = [a for kv in settings for a in ('--set', kv)]  # e.g. 'attend.retrieval_budget=0.05'
-        self.proc = subprocess.Popen([binary, '--set', f'rpc.socket_path={self.socket}', '--set', 'log.level=warn'] + extra,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        for _ in range(300):
-            if os.path.exists(self.socket):
-                return
-            if self.proc.poll() is not None:
-                raise SystemExit('e2e_lm: kvwaved exited: ' + self.proc.stderr.read().decode())
-            time.sleep(0.02)
-        raise SystemExit('e2e_lm: kvwaved did not create its socket')
+        # kvwaved writes "ready <pid>" to --ready-fd once it listens: wait on that, not on time.
+        read_end, write_end = os.pipe()
+        try:
+            self.proc = subprocess.Popen([binary, '--ready-fd', str(write_end), '--set', f'rpc.socket_path={self.socket}',
+                                          '--set', 'log.level=warn'] + extra, pass_fds=(write_end,),
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        finally:
+            os.close(write_end)
+        with os.fdopen(read_end, 'rb') as ready:
+            line = ready.readline()
+        if not line.startswith(b'ready '):
+            self.proc.wait()
+            raise SystemExit('e2e_lm: kvwaved exited: ' + self.proc.stderr.read().decode())
 
     def stop(self):
         if self.proc is not None:
