@@ -347,6 +347,7 @@ def main():
     ap.add_argument('--n', type=int, default=4, help='instances per family')
     ap.add_argument('--seed', type=int, default=1234)
     ap.add_argument('--first', type=int, default=0, help='skip the first instances of each family')
+    ap.add_argument('--only', default='', help='comma list of instance numbers (within --first/--n) to run')
     ap.add_argument('--families', default='passkey,multivalue')
     ap.add_argument('--methods', default='full,defaults')
     ap.add_argument('--drop', action='store_true', help='control: the answer-bearing needles removed')
@@ -368,6 +369,9 @@ def main():
     tokens = niah.load_tokens(args.tokens or os.path.join(args.model, 'eval.u16'))
     S = niah.make_set(tokens, args.ctx, args.first + args.n, args.seed, families, args.drop)
     keep_idx = [i for i in range(len(S['ids'])) if i % (args.first + args.n) >= args.first]
+    if args.only:  # instance numbers within each family
+        only = {int(x) for x in args.only.split(',')}
+        keep_idx = [i for i in keep_idx if i % (args.first + args.n) in only]
     model, cfg = qk.load(args.model)
     model = model.to(qk.DEV).eval()
     R = evaluate.Runner(qk, model, args.ctx)

@@ -49,7 +49,7 @@ def spherical_kmeans(keys, tokens_per_cluster, iters=ITERS):
     C = max(1, math.ceil(m / tokens_per_cluster))
     x = keys - keys.mean(0, keepdim=True)
     x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    cent = x[torch.linspace(0, m - 1, C).round().long()].clone()
+    cent = x[torch.arange(C) * m // C].clone()  # token c * m / C, as the wave index seeds
     for _ in range(iters + 1):
         assign = (x @ cent.T).argmax(1)
         s = torch.zeros(C, x.shape[1]).index_add_(0, assign, x)
@@ -153,7 +153,7 @@ class Proto:
         scale = 1.0 / math.sqrt(d)
         out = torch.empty(H, d)
         for kh in range(KV):
-            K, V = k_cache[kh].float().cpu(), v_cache[kh].float().cpu()
+            K, V = k_cache[kh].cpu().half().float(), v_cache[kh].cpu().half().float()  # f16, as kvwaved stores them
             qq = q[kh * g:(kh + 1) * g].float().cpu()
             key = (layer, kh)
             if key not in s.index:  # first decode step: positions 0..n-2 are the prefill
