@@ -8,20 +8,34 @@
 //   reload  a new engine over the same RocksDB: Open(same token ids) reloads every block
 //   disk    sequential read() of a file of the same size in --dir, with the same cache state
 // Keys and values are synthetic (clustered Gaussian); the model shape is the real trace's model.
+//
+// --remote: node B attaching the prefix from a Redis Cluster (remote/remote_tier.h) vs
+// prefilling and indexing it itself, in one run, with three engines that share nothing but the
+// cluster (a private 3-master cluster on loopback unless --redis names one):
+//   local   remote.mode=off: Open + Append + Seal + Attend          (B rebuilding it; run twice,
+//           before and after A, the baseline is their mean)
+//   A       remote.mode=readwrite: the same, blocks written behind; then Flush (the drain)
+//   B       remote.mode=read, empty: Open(same ids) attaches from the cluster, appends the
+//           recent suffix, Attend per layer (checked bit for bit against A's)
+// and A's bulk-Append rate against the local runs' (the write-behind must stay off it).
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <sstream>
 #include <string>
 #include <vector>
 
 #include "CLI/CLI.hpp"
 #include "bench/subcommand.h"
 #include "engine/engine.h"
+#include "remote/local_cluster.h"
 
 namespace kvwave::bench {
 namespace {
@@ -29,6 +43,35 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double Since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+// CPU seconds (user + system) of this process so far.
+double CpuSeconds() {
+  rusage u;
+  getrusage(RUSAGE_SELF, &u);
+  return u.ru_utime.tv_sec + u.ru_utime.tv_usec / 1e6 + u.ru_stime.tv_sec +
+         u.ru_stime.tv_usec / 1e6;
+}
+
+// CPU seconds of the local cluster's redis-server processes so far (0 without one).
+double RedisCpuSeconds(const remote::LocalRedisCluster* cluster) {
+  if (cluster == nullptr) return 0;
+  double total = 0;
+  for (int n = 0; n < cluster->size(); ++n) {
+    std::ifstream f("/proc/" + std::to_string(cluster->pid(n)) + "/stat");
+    std::string line;
+    std::getline(f, line);
+    // Fields after the ")" of the command: state is field 3; utime, stime are 14 and 15.
+    std::istringstream rest(line.substr(line.rfind(')') + 2));
+    std::string field;
+    double utime = 0, stime = 0;
+    for (int i = 3; i <= 15 && rest >> field; ++i) {
+      if (i == 14) utime = std::stod(field);
+      if (i == 15) stime = std::stod(field);
+    }
+    total += (utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
+  }
+  return total;
 }
 
 // Tries to drop the page cache (root only); returns whether it worked.
@@ -60,19 +103,34 @@ double SequentialReadGBs(const std::string& path, int64_t bytes, bool cold) {
   return total / s / 1e9;
 }
 
+int RunRemote(const config::Settings& base, const store::ModelShape& shape, int64_t tokens,
+              const std::string& redis, int64_t max_value_bytes);
+
 int Run(int argc, char** argv) {
-  CLI::App app{"cached prefix attach vs rebuild; RocksDB reload vs disk"};
+  CLI::App app{"cached prefix attach vs rebuild; RocksDB reload vs disk; --remote: Redis Cluster"};
   int64_t tokens = 131072;
   int layers = 8, q_heads = 4, kv_heads = 1, head_dim = 128;
   std::string dir = "/tmp/kvwave-prefix-bench";
+  bool remote = false;
+  std::string redis;
+  int64_t max_value_bytes = int64_t{8} << 20;
   app.add_option("--tokens", tokens, "prefix length");
   app.add_option("--layers", layers);
   app.add_option("--q-heads", q_heads);
   app.add_option("--kv-heads", kv_heads);
   app.add_option("--head-dim", head_dim);
   app.add_option("--dir", dir, "RocksDB directory (removed first)");
+  app.add_flag("--remote", remote, "measure the Redis Cluster tier instead (node B attaching)");
+  app.add_option("--redis", redis, "seed nodes of an existing cluster (default: start one)");
+  app.add_option("--max-value-bytes", max_value_bytes, "remote.max_value_bytes");
   CLI11_PARSE(app, argc, argv);
   PrintEnvironmentHeader();
+  if (remote) {
+    config::Settings settings;
+    settings.memory_limit_bytes = int64_t{20} << 30;
+    return RunRemote(settings, {layers, q_heads, kv_heads, head_dim, DType::kF16}, tokens, redis,
+                     max_value_bytes);
+  }
   std::filesystem::remove_all(dir);
   config::Settings settings;
   settings.persist_path = dir;
@@ -153,6 +211,195 @@ int Run(int argc, char** argv) {
   engine.reset();
   std::filesystem::remove_all(dir);
   return 0;
+}
+
+// Synthetic clustered K/V of `appended` tokens, as f16, and random token ids.
+struct Workload {
+  std::vector<int32_t> ids;
+  std::vector<uint16_t> k, v;
+  std::vector<float> q;
+};
+
+Workload MakeWorkload(const store::ModelShape& shape, int64_t appended) {
+  std::mt19937 rng(42);
+  Workload w;
+  w.ids.resize(appended);
+  for (auto& t : w.ids) t = static_cast<int32_t>(rng() % 8192);
+  const int64_t row = int64_t{shape.kv_heads} * shape.head_dim;
+  std::vector<float> centers(256 * row), kf(appended * row), vf(appended * row);
+  std::normal_distribution<float> normal;
+  for (auto& x : centers) x = normal(rng);
+  for (int64_t t = 0; t < appended; ++t) {
+    const float* c = &centers[(rng() % 256) * row];
+    for (int64_t j = 0; j < row; ++j) {
+      kf[t * row + j] = c[j] + 0.3f * normal(rng);
+      vf[t * row + j] = normal(rng);
+    }
+  }
+  w.k.resize(kf.size());
+  w.v.resize(vf.size());
+  FromFloat(kf.data(), DType::kF16, w.k.data(), w.k.size());
+  FromFloat(vf.data(), DType::kF16, w.v.data(), w.v.size());
+  w.q.resize(shape.q_heads * shape.head_dim);
+  for (auto& x : w.q) x = normal(rng);
+  return w;
+}
+
+// out and lse of one Attend per layer.
+std::vector<float> AttendLayers(engine::Engine& e, engine::ContextId id,
+                                const store::ModelShape& shape, const std::vector<float>& q) {
+  std::vector<float> all, out(q.size()), lse(shape.q_heads);
+  for (int l = 0; l < shape.layers; ++l) {
+    if (!e.Attend(id, l, q, {}, out, lse, nullptr).ok()) std::abort();
+    all.insert(all.end(), out.begin(), out.end());
+    all.insert(all.end(), lse.begin(), lse.end());
+  }
+  return all;
+}
+
+struct BuildResult {
+  double append_s = 0;  // the Append calls alone
+  double build_s = 0;   // Open + Append + Seal + Attend
+  double cpu_s = 0;     // this process's CPU seconds over the build
+  std::vector<float> attend;
+};
+
+// What a node without a cache pays: Open(ids) + Append every layer + Seal + Attend per layer.
+BuildResult Build(engine::Engine& e, const store::ModelShape& shape, const Workload& w) {
+  const int64_t n = static_cast<int64_t>(w.ids.size());
+  BuildResult r;
+  const double cpu = CpuSeconds();
+  auto t = Clock::now();
+  engine::OpenOptions options;
+  options.shape = shape;
+  options.token_ids = w.ids;
+  const engine::ContextId id = e.Open(options).value().id;
+  auto ta = Clock::now();
+  for (int l = 0; l < shape.layers; ++l) {
+    if (!e.Append(id, l, n, std::as_bytes(std::span(w.k)), std::as_bytes(std::span(w.v))).ok()) {
+      std::fprintf(stderr, "append failed\n");
+      std::abort();
+    }
+  }
+  r.append_s = Since(ta);
+  if (!e.Seal(id).ok()) std::abort();
+  r.attend = AttendLayers(e, id, shape, w.q);
+  r.build_s = Since(t);
+  r.cpu_s = CpuSeconds() - cpu;
+  if (!e.Close(id).ok()) std::abort();
+  return r;
+}
+
+int RunRemote(const config::Settings& base, const store::ModelShape& shape, int64_t tokens,
+              const std::string& redis, int64_t max_value_bytes) {
+  const int64_t appended = tokens + base.recent_tokens;
+  const double kv_bytes = 2.0 * tokens * shape.layers * shape.kv_heads * shape.head_dim * 2;
+  std::unique_ptr<remote::LocalRedisCluster> cluster;
+  std::string seeds = redis;
+  if (seeds.empty()) {
+    remote::LocalClusterOptions o;
+    o.maxmemory_bytes = static_cast<int64_t>(kv_bytes * 1.5 / o.masters) + (int64_t{256} << 20);
+    auto c = remote::LocalRedisCluster::Start(o);
+    if (!c.ok()) {
+      std::fprintf(stderr, "cannot start a Redis Cluster: %s\n", c.status().ToString().c_str());
+      return 1;
+    }
+    cluster = *std::move(c);
+    seeds = cluster->seeds();
+    std::printf(
+        "# redis cluster: 3 masters on loopback (%s), maxmemory %lld MB each, "
+        "allkeys-lru\n",
+        seeds.c_str(), (long long)(o.maxmemory_bytes >> 20));
+  }
+  std::printf(
+      "# shape %s, prefix %lld tokens (KV %.0f MB), synthetic clustered keys, "
+      "remote.max_value_bytes %lld\n",
+      store::ToString(shape).c_str(), (long long)tokens, kv_bytes / 1e6,
+      (long long)max_value_bytes);
+  const Workload w = MakeWorkload(shape, appended);
+  config::Settings remote_settings = base;
+  remote_settings.remote_redis = seeds;
+  remote_settings.remote_max_value_bytes = max_value_bytes;
+  remote_settings.remote_queue_bytes = int64_t{64} << 30;  // measure, never drop
+  remote_settings.remote_command_timeout_ms = 10000;
+
+  auto build_locally = [&] {
+    auto e = engine::Engine::Create(base).value();
+    return Build(*e, shape, w);
+  };
+  const BuildResult local1 = build_locally();
+  BuildResult a;
+  double drain_s = 0;
+  engine::EngineStats a_stats;
+  {
+    remote_settings.remote_mode = "readwrite";
+    auto e = engine::Engine::Create(remote_settings).value();
+    a = Build(*e, shape, w);
+    auto t = Clock::now();
+    if (!e->Flush().ok()) std::fprintf(stderr, "remote flush reported an error\n");
+    drain_s = Since(t);
+    a_stats = e->Stats();
+  }
+  const BuildResult local2 = build_locally();
+
+  remote_settings.remote_mode = "read";
+  auto b_engine = engine::Engine::Create(remote_settings).value();
+  const double cpu = CpuSeconds(), redis_cpu = RedisCpuSeconds(cluster.get());
+  auto t = Clock::now();
+  engine::OpenOptions options;
+  options.shape = shape;
+  options.token_ids = w.ids;
+  const engine::OpenResult b = b_engine->Open(options).value();
+  const double open_s = Since(t);
+  const int64_t suffix = appended - b.matched_tokens;
+  const int64_t row = int64_t{shape.kv_heads} * shape.head_dim;
+  for (int l = 0; l < shape.layers; ++l) {
+    auto k = std::as_bytes(std::span(w.k)).subspan(b.matched_tokens * row * 2);
+    auto v = std::as_bytes(std::span(w.v)).subspan(b.matched_tokens * row * 2);
+    if (!b_engine->Append(b.id, l, suffix, k, v).ok()) std::abort();
+  }
+  const std::vector<float> b_attend = AttendLayers(*b_engine, b.id, shape, w.q);
+  const double attach_s = Since(t);
+  const double attach_cpu = CpuSeconds() - cpu;
+  const double attach_redis_cpu = RedisCpuSeconds(cluster.get()) - redis_cpu;
+  const engine::EngineStats b_stats = b_engine->Stats();
+  const bool same = b_attend.size() == a.attend.size() &&
+                    std::memcmp(b_attend.data(), a.attend.data(), a.attend.size() * 4) == 0;
+
+  const double local_build = (local1.build_s + local2.build_s) / 2;
+  const double local_append = (local1.append_s + local2.append_s) / 2;
+  const double rows = static_cast<double>(appended) * shape.layers;
+  std::printf("%-44s %12s\n", "measure", "value");
+  std::printf("%-44s %12.3f s  (runs %.3f, %.3f)\n", "B rebuilds: Open+Append+Seal+Attend, local",
+              local_build, local1.build_s, local2.build_s);
+  std::printf("%-44s %12.4f s  (Open %.4f s, matched %lld of %lld tokens)\n",
+              "B attaches from the cluster + suffix + Attend", attach_s, open_s,
+              (long long)b.matched_tokens, (long long)tokens);
+  std::printf("%-44s %12.1f x\n", "attach speedup over rebuild", local_build / attach_s);
+  const double local_cpu = (local1.cpu_s + local2.cpu_s) / 2;
+  std::printf("%-44s %12.3f s  (kvwave %.3f s + redis-server %.3f s; rebuild %.3f s)\n",
+              "CPU time of the attach", attach_cpu + attach_redis_cpu, attach_cpu, attach_redis_cpu,
+              local_cpu);
+  std::printf("%-44s %12.1f x\n", "attach speedup over rebuild, CPU time",
+              local_cpu / (attach_cpu + attach_redis_cpu));
+  std::printf("%-44s %12s\n", "B's Attend == A's, bit for bit", same ? "yes" : "NO");
+  std::printf("%-44s %12.0f MB  (%.2f GB/s over the attach)\n", "bytes read by B",
+              b_stats.remote_bytes_read / 1e6, b_stats.remote_bytes_read / attach_s / 1e9);
+  std::printf("%-44s %12.0f MB  (%lld blocks, %lld dropped, %lld errors)\n", "bytes written by A",
+              a_stats.remote_bytes_written / 1e6, (long long)a_stats.remote_blocks_written,
+              (long long)a_stats.remote_queue_dropped, (long long)a_stats.remote_write_errors);
+  std::printf("%-44s %12.3f s\n", "A: write-behind drain after its build", drain_s);
+  std::printf("%-44s %12.3f s  (%.2f x local)\n", "A: Open+Append+Seal+Attend, remote on",
+              a.build_s, a.build_s / local_build);
+  std::printf("%-44s %12.0f rows/s  (local %.0f rows/s)\n", "A: bulk Append rate, remote on",
+              rows / a.append_s, rows / local_append);
+  std::printf("%-44s %12.1f %%\n", "A: Append rate vs local", 100.0 * local_append / a.append_s);
+  std::printf("%-44s %12.1f %%\n", "A: build rate vs local", 100.0 * local_build / a.build_s);
+  std::printf("%-44s %12lld / %lld / %lld\n", "B: corrupt / partial / unavailable blocks",
+              (long long)b_stats.remote_blocks_corrupt, (long long)b_stats.remote_blocks_partial,
+              (long long)b_stats.remote_unavailable);
+  b_engine.reset();
+  return same && b.matched_tokens == tokens ? 0 : 1;
 }
 
 const bool kRegistered =

@@ -122,7 +122,7 @@ std::string EncodePart(const store::BlockHash& hash, uint32_t part, uint32_t seg
   out.append(payload.data(), payload.size());
   const uint64_t sum = Checksum(out);
   Put(out, sum);
-  *ref = PartRef{segment, offset, payload.size(), Checksum(out)};
+  *ref = PartRef{segment, offset, payload.size(), sum};
   return out;
 }
 
@@ -134,9 +134,15 @@ absl::StatusOr<absl::string_view> DecodePart(absl::string_view value, const stor
                                             " bytes, the manifest says ",
                                             kPartOverheadBytes + ref.length));
   }
-  if (Checksum(value) != ref.checksum) {
-    // The manifest's checksum covers the whole value (trailer included): this is the part
-    // that was written, so its own trailer needs no second pass.
+  // One pass: the checksum of header + payload must be both the value's own trailer and the
+  // manifest's record of the part.
+  const uint64_t sum = Checksum(value.substr(0, value.size() - 8));
+  uint64_t trailer;
+  std::memcpy(&trailer, value.data() + value.size() - 8, 8);
+  if (sum != trailer) {
+    return absl::DataLossError(absl::StrCat("remote part ", part, ": checksum mismatch"));
+  }
+  if (sum != ref.checksum) {
     return absl::DataLossError(absl::StrCat("remote part ", part, ": not the manifest's part"));
   }
   Reader r(value.substr(8));

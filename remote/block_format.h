@@ -57,7 +57,7 @@ struct PartRef {
   uint32_t segment = 0;
   uint64_t offset = 0;    // in the segment's encoding
   uint64_t length = 0;    // payload bytes
-  uint64_t checksum = 0;  // XXH3-64 of the whole part value
+  uint64_t checksum = 0;  // XXH3-64 of the part's header + payload (its trailer)
   bool operator==(const PartRef&) const = default;
 };
 

@@ -1,9 +1,12 @@
 #include "remote/redis_cluster.h"
 
 #include <hiredis/hiredis.h>
+#include <sys/socket.h>
 #include <sys/time.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <thread>
 #include <utility>
 
@@ -405,6 +408,148 @@ absl::StatusOr<std::vector<std::string>> RedisCluster::Masters() {
 }
 
 // --- Commands ---
+
+namespace {
+
+// Buffered reads from a blocking socket whose SO_RCVTIMEO is the command timeout.
+class SocketReader {
+ public:
+  explicit SocketReader(int fd) : fd_(fd), buf_(64 << 10) {}
+  // A line without its "\r\n".
+  absl::StatusOr<std::string> Line() {
+    for (;;) {
+      for (size_t i = pos_; i + 1 < len_; ++i) {
+        if (buf_[i] == '\r' && buf_[i + 1] == '\n') {
+          std::string line(buf_.data() + pos_, i - pos_);
+          pos_ = i + 2;
+          return line;
+        }
+      }
+      if (len_ - pos_ > 64 << 10 >> 1) return absl::DataLossError("redis: reply line too long");
+      KVWAVE_RETURN_IF_ERROR(Fill());
+    }
+  }
+  // Exactly n bytes into dst: what is buffered, then straight from the socket.
+  absl::Status Exact(char* dst, size_t n) {
+    const size_t have = std::min(n, len_ - pos_);
+    std::memcpy(dst, buf_.data() + pos_, have);
+    pos_ += have;
+    for (size_t got = have; got < n;) {
+      const ssize_t r = recv(fd_, dst + got, n - got, 0);
+      if (r < 0 && errno == EINTR) continue;
+      if (r <= 0) return IoError(r);
+      got += static_cast<size_t>(r);
+    }
+    return absl::OkStatus();
+  }
+  bool drained() const { return pos_ == len_; }
+
+ private:
+  absl::Status Fill() {
+    if (pos_ > 0) {
+      std::memmove(buf_.data(), buf_.data() + pos_, len_ - pos_);
+      len_ -= pos_;
+      pos_ = 0;
+    }
+    for (;;) {
+      const ssize_t r = recv(fd_, buf_.data() + len_, buf_.size() - len_, 0);
+      if (r < 0 && errno == EINTR) continue;
+      if (r <= 0) return IoError(r);
+      len_ += static_cast<size_t>(r);
+      return absl::OkStatus();
+    }
+  }
+  static absl::Status IoError(ssize_t r) {
+    if (r == 0) return absl::UnavailableError("connection closed by the server");
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return absl::UnavailableError("timed out");
+    return absl::UnavailableError(std::strerror(errno));
+  }
+  int fd_;
+  std::vector<char> buf_;
+  size_t pos_ = 0, len_ = 0;
+};
+
+}  // namespace
+
+absl::Status RedisCluster::ReadBulkReplies(redisContext* c, std::vector<BulkValue>& out,
+                                           std::vector<std::string>& redirects) {
+  SocketReader in(c->fd);
+  for (size_t i = 0; i < out.size(); ++i) {
+    KVWAVE_ASSIGN_OR_RETURN(std::string line, in.Line());
+    if (line.empty()) return absl::DataLossError("redis: empty reply line");
+    if (line[0] == '-') {
+      redirects[i] = line.substr(1);
+      if (!absl::StartsWith(redirects[i], "MOVED ") && !absl::StartsWith(redirects[i], "ASK ")) {
+        return absl::UnavailableError(absl::StrCat("redis: GET failed: ", redirects[i]));
+      }
+      continue;
+    }
+    int64_t len = 0;
+    if (line[0] != '$' || !absl::SimpleAtoi(absl::string_view(line).substr(1), &len) || len < -1) {
+      return absl::DataLossError("redis: unexpected reply to GET");
+    }
+    if (len == -1) continue;  // nil
+    out[i].nil = false;
+    out[i].bytes.resize(static_cast<size_t>(len));
+    KVWAVE_RETURN_IF_ERROR(in.Exact(out[i].bytes.data(), out[i].bytes.size()));
+    char crlf[2];
+    KVWAVE_RETURN_IF_ERROR(in.Exact(crlf, 2));
+  }
+  if (!in.drained()) return absl::DataLossError("redis: bytes after the last reply");
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<BulkValue>> RedisCluster::GetMany(int slot,
+                                                             std::span<const std::string> keys) {
+  KVWAVE_ASSIGN_OR_RETURN(std::string owner, NodeOfSlot(slot));
+  std::vector<BulkValue> out(keys.size());
+  std::vector<std::string> redirects(keys.size());
+  {
+    KVWAVE_ASSIGN_OR_RETURN(Lease lease, Checkout(owner));
+    redisContext* c = lease.get();
+    if (c->reader->pos != c->reader->len) {  // never expected: bytes hiredis read ahead
+      c->err = REDIS_ERR_OTHER;
+      return absl::InternalError("redis: connection has unread input");
+    }
+    for (const std::string& key : keys) {
+      const char* argv[2] = {"GET", key.data()};
+      const size_t lens[2] = {3, key.size()};
+      if (redisAppendCommandArgv(c, 2, argv, lens) != REDIS_OK) {
+        c->err = REDIS_ERR_OTHER;
+        return absl::ResourceExhaustedError("redis: cannot buffer a command");
+      }
+    }
+    for (int done = 0; !done;) {
+      if (redisBufferWrite(c, &done) != REDIS_OK) {
+        std::string why = c->errstr;
+        MarkDown(owner);
+        return absl::UnavailableError(absl::StrCat("redis node ", owner, ": ", why));
+      }
+    }
+    absl::Status s = ReadBulkReplies(c, out, redirects);
+    if (!s.ok()) {
+      c->err = REDIS_ERR_IO;  // never pool a connection in an unknown state
+      if (absl::IsUnavailable(s) && !absl::StrContains(s.message(), "GET failed")) {
+        MarkDown(owner);
+      }
+      return absl::Status(s.code(), absl::StrCat("redis node ", owner, ": ", s.message()));
+    }
+    commands_.fetch_add(static_cast<int64_t>(keys.size()), std::memory_order_relaxed);
+  }
+  for (size_t i = 0; i < keys.size(); ++i) {
+    if (redirects[i].empty()) continue;
+    const Command cmd = {"GET", keys[i]};
+    redisReply* fake = static_cast<redisReply*>(calloc(1, sizeof(redisReply)));
+    fake->type = REDIS_REPLY_ERROR;
+    fake->str = strdup(redirects[i].c_str());
+    fake->len = redirects[i].size();
+    KVWAVE_ASSIGN_OR_RETURN(Reply r, FollowRedirect(cmd, Reply(fake)));
+    if (r.is_error()) return absl::UnavailableError(absl::StrCat("redis: GET failed: ", r.str()));
+    out[i].nil = r.is_nil();
+    if (!out[i].nil) out[i].bytes = std::string(r.str());
+  }
+  return out;
+}
 
 absl::StatusOr<Reply> RedisCluster::FollowRedirect(const Command& command, Reply redirect) {
   for (int hop = 0; hop < options_.max_redirects; ++hop) {

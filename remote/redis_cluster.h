@@ -71,6 +71,12 @@ class Reply {
   std::unique_ptr<redisReply, Deleter> reply_;
 };
 
+// A GET result read straight from the socket into its own buffer (GetMany).
+struct BulkValue {
+  bool nil = true;  // the key does not exist
+  std::string bytes;
+};
+
 // A command: its arguments (the key, when it has one, is argument 1). Views: the bytes must
 // outlive the call.
 using Command = std::vector<absl::string_view>;
@@ -117,6 +123,12 @@ class RedisCluster {
   [[nodiscard]] absl::StatusOr<std::vector<Reply>> Pipeline(
       int slot, std::span<const Command> commands, const std::function<void()>& on_sent = {});
 
+  // GET of keys that all hash to `slot`, pipelined on one connection, each value read from the
+  // socket directly into its BulkValue (one copy; no hiredis reply object: for large values).
+  // Redirected keys are retried alone on the node named.
+  [[nodiscard]] absl::StatusOr<std::vector<BulkValue>> GetMany(int slot,
+                                                               std::span<const std::string> keys);
+
   // Commands on any keys: grouped by node, each node's group pipelined, the groups run in
   // parallel (one thread per node). One result per command, in order.
   std::vector<absl::StatusOr<Reply>> RunMany(std::span<const Command> commands);
@@ -157,6 +169,10 @@ class RedisCluster {
                                               const std::function<void()>& on_sent = {});
   // Follows MOVED/ASK for one command whose reply was a redirect.
   absl::StatusOr<Reply> FollowRedirect(const Command& command, Reply redirect);
+  // Reads `keys.size()` GET replies from c's socket into `out`; redirect texts into
+  // `redirects` (empty string = none).
+  absl::Status ReadBulkReplies(redisContext* c, std::vector<BulkValue>& out,
+                               std::vector<std::string>& redirects);
 
   const RedisClusterOptions options_;
   mutable absl::Mutex mu_;

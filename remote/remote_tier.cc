@@ -210,23 +210,18 @@ absl::StatusOr<store::BlockSegments> RemoteTier::ReadBlock(const store::BlockRec
     for (uint32_t p = first_part[s0]; p < first_part[s1]; ++p) {
       keys.push_back(PartKey(expected.name_space, expected.hash, m.generation, p));
     }
-    std::vector<Command> cmds;
-    for (const std::string& k : keys) cmds.push_back({"GET", k});
-    KVWAVE_ASSIGN_OR_RETURN(std::vector<Reply> replies, cluster_->Pipeline(slot, cmds));
+    KVWAVE_ASSIGN_OR_RETURN(std::vector<BulkValue> values, cluster_->GetMany(slot, keys));
     for (size_t s = s0; s < s1; ++s) {
       std::vector<absl::string_view> payloads;
       for (uint32_t p = first_part[s]; p < first_part[s + 1]; ++p) {
-        const Reply& r = replies[p - first_part[s0]];
-        if (r.is_nil()) {
+        const BulkValue& v = values[p - first_part[s0]];
+        if (v.nil) {
           return absl::NotFoundError(
               absl::StrCat("remote block ", expected.hash.ToHex(), ": part ", p, " is missing"));
         }
-        if (!r.is_string()) {
-          return absl::UnavailableError(absl::StrCat("remote: part read failed: ", r.str()));
-        }
-        bytes_read_.fetch_add(static_cast<int64_t>(r.str().size()), std::memory_order_relaxed);
+        bytes_read_.fetch_add(static_cast<int64_t>(v.bytes.size()), std::memory_order_relaxed);
         KVWAVE_ASSIGN_OR_RETURN(absl::string_view payload,
-                                DecodePart(r.str(), expected.hash, p, m.parts[p]));
+                                DecodePart(v.bytes, expected.hash, p, m.parts[p]));
         payloads.push_back(payload);
       }
       absl::string_view encoded;
