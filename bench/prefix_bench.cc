@@ -298,7 +298,7 @@ int RunRemote(const config::Settings& base, const store::ModelShape& shape, int6
   std::string seeds = redis;
   if (seeds.empty()) {
     remote::LocalClusterOptions o;
-    o.maxmemory_bytes = static_cast<int64_t>(kv_bytes * 1.5 / o.masters) + (int64_t{256} << 20);
+    o.maxmemory_bytes = static_cast<int64_t>(kv_bytes * 2.5 / o.masters) + (int64_t{256} << 20);
     auto c = remote::LocalRedisCluster::Start(o);
     if (!c.ok()) {
       std::fprintf(stderr, "cannot start a Redis Cluster: %s\n", c.status().ToString().c_str());

@@ -499,10 +499,11 @@ absl::Status RedisCluster::ReadBulkReplies(redisContext* c, std::vector<BulkValu
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<BulkValue>> RedisCluster::GetMany(int slot,
-                                                             std::span<const std::string> keys) {
+absl::Status RedisCluster::GetMany(int slot, std::span<const std::string> keys,
+                                   std::vector<BulkValue>& out) {
   KVWAVE_ASSIGN_OR_RETURN(std::string owner, NodeOfSlot(slot));
-  std::vector<BulkValue> out(keys.size());
+  out.resize(keys.size());
+  for (BulkValue& v : out) v.nil = true;
   std::vector<std::string> redirects(keys.size());
   {
     KVWAVE_ASSIGN_OR_RETURN(Lease lease, Checkout(owner));
@@ -548,7 +549,7 @@ absl::StatusOr<std::vector<BulkValue>> RedisCluster::GetMany(int slot,
     out[i].nil = r.is_nil();
     if (!out[i].nil) out[i].bytes = std::string(r.str());
   }
-  return out;
+  return absl::OkStatus();
 }
 
 absl::StatusOr<Reply> RedisCluster::FollowRedirect(const Command& command, Reply redirect) {

@@ -126,8 +126,10 @@ class RedisCluster {
   // GET of keys that all hash to `slot`, pipelined on one connection, each value read from the
   // socket directly into its BulkValue (one copy; no hiredis reply object: for large values).
   // Redirected keys are retried alone on the node named.
-  [[nodiscard]] absl::StatusOr<std::vector<BulkValue>> GetMany(int slot,
-                                                               std::span<const std::string> keys);
+  // `out` is resized to keys.size(); reuse it across calls: buffers of the same size are
+  // refilled in place (no zero-fill, no fresh pages).
+  [[nodiscard]] absl::Status GetMany(int slot, std::span<const std::string> keys,
+                                     std::vector<BulkValue>& out);
 
   // Commands on any keys: grouped by node, each node's group pipelined, the groups run in
   // parallel (one thread per node). One result per command, in order.

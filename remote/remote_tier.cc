@@ -184,7 +184,8 @@ void RemoteTier::CountFailure(const absl::Status& s) {
 absl::StatusOr<store::BlockSegments> RemoteTier::ReadBlock(const store::BlockRecord& expected,
                                                            absl::string_view manifest_value,
                                                            store::HostAllocator* allocator,
-                                                           store::MemoryBudget& budget) {
+                                                           store::MemoryBudget& budget,
+                                                           std::vector<BulkValue>& values) {
   KVWAVE_ASSIGN_OR_RETURN(Manifest m, DecodeManifest(manifest_value));
   if (m.record != expected) {
     return absl::DataLossError(
@@ -210,7 +211,7 @@ absl::StatusOr<store::BlockSegments> RemoteTier::ReadBlock(const store::BlockRec
     for (uint32_t p = first_part[s0]; p < first_part[s1]; ++p) {
       keys.push_back(PartKey(expected.name_space, expected.hash, m.generation, p));
     }
-    KVWAVE_ASSIGN_OR_RETURN(std::vector<BulkValue> values, cluster_->GetMany(slot, keys));
+    KVWAVE_RETURN_IF_ERROR(cluster_->GetMany(slot, keys, values));
     for (size_t s = s0; s < s1; ++s) {
       std::vector<absl::string_view> payloads;
       for (uint32_t p = first_part[s]; p < first_part[s + 1]; ++p) {
@@ -281,9 +282,10 @@ std::vector<store::BlockSegments> RemoteTier::FetchRun(std::span<const store::Bl
   for (size_t i = 0; i < run; ++i) blocks.emplace_back(absl::UnknownError("not read"));
   std::atomic<size_t> first_bad{run};  // blocks past a failed one are not read
   auto read_node = [&](const std::vector<size_t>& indices) {
+    std::vector<BulkValue> scratch;
     for (size_t i : indices) {
       if (i >= first_bad.load(std::memory_order_relaxed)) return;
-      blocks[i] = ReadBlock(expected[i], manifests[i]->str(), allocator, budget);
+      blocks[i] = ReadBlock(expected[i], manifests[i]->str(), allocator, budget, scratch);
       if (!blocks[i].ok()) {
         CountFailure(blocks[i].status());
         size_t bad = first_bad.load(std::memory_order_relaxed);

@@ -109,10 +109,12 @@ class RemoteTier {
   absl::Status WriteParts(int slot, std::vector<std::string>& keys,
                           std::vector<std::string>& values);
   // Reads, checks and decodes one block whose manifest is `manifest_value`.
+  // `scratch` holds the part buffers, reused from block to block.
   absl::StatusOr<store::BlockSegments> ReadBlock(const store::BlockRecord& expected,
                                                  absl::string_view manifest_value,
                                                  store::HostAllocator* allocator,
-                                                 store::MemoryBudget& budget);
+                                                 store::MemoryBudget& budget,
+                                                 std::vector<BulkValue>& scratch);
   void CountFailure(const absl::Status& status);
 
   const RemoteTierOptions options_;
