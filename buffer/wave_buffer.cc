@@ -12,6 +12,7 @@
 #include "buffer/pinned_allocator.h"
 #include "buffer/wave_buffer_internal.h"
 #include "config/status_macros.h"
+#include "gpu/budget.h"
 
 namespace kvwave::buffer {
 namespace {
@@ -19,11 +20,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double Us(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double, std::micro>(b - a).count();
-}
-
-int64_t Budgeted(double fraction, int64_t total) {
-  if (fraction <= 0) return 0;
-  return std::min<int64_t>(total, static_cast<int64_t>(std::ceil(fraction * total - 1e-9)));
 }
 
 // Offsets of the arrays of one update (admission copies and table writes) in a pinned blob that
@@ -58,10 +54,8 @@ absl::Status FitHost(store::HostBuffer& buf, size_t bytes) {
 }  // namespace
 
 ZoneCounts ZoneClusters(const WaveBudget& budget, int64_t total) {
-  ZoneCounts z;
-  z.retrieval = Budgeted(budget.retrieval, total);
-  z.estimation = Budgeted(budget.estimation, total - z.retrieval);
-  return z;
+  const gpu::ZoneSizes z = gpu::SizeZones(budget.retrieval, budget.estimation, total);
+  return {z.retrieval, z.estimation};
 }
 
 WaveBuffer::WaveBuffer(const WaveBufferOptions& options) : o_(options) {}

@@ -77,7 +77,8 @@ struct WaveBudget {
   double estimation = 0.232;
 };
 
-// Clusters of the retrieval and estimation zones for `total` clusters (the engine's formula).
+// Clusters of the retrieval and estimation zones for `total` clusters: gpu::SizeZones
+// (gpu/budget.h), the one formula the CPU backend uses too (fractions of ALL clusters).
 struct ZoneCounts {
   int64_t retrieval = 0, estimation = 0;
 };

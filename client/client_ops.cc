@@ -218,6 +218,14 @@ absl::StatusOr<ServerStats> Client::Stats() {
   s.host_pool_limit_bytes = resp.host_pool_limit_bytes();
   s.host_pool_hits = resp.host_pool_hits();
   s.host_pool_misses = resp.host_pool_misses();
+  s.attention_backend = resp.attention_backend();
+  s.gpu_device = resp.gpu_device();
+  s.gpu_pool_bytes = resp.gpu_pool_bytes();
+  s.gpu_pool_used_bytes = resp.gpu_pool_used_bytes();
+  s.gpu_hits = resp.gpu_hits();
+  s.gpu_misses = resp.gpu_misses();
+  s.gpu_pcie_bytes = resp.gpu_pcie_bytes();
+  s.gpu_segments_resident = resp.gpu_segments_resident();
   s.in_flight = resp.in_flight();
   s.rss_bytes = resp.rss_bytes();
   s.frames_rejected = resp.frames_rejected();

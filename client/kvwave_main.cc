@@ -99,6 +99,13 @@ int Stats(const Common& c, bool prometheus) {
               s->host_pool_idle_bytes / 1048576.0, s->host_pool_limit_bytes / 1048576.0,
               static_cast<long long>(s->host_pool_hits),
               static_cast<long long>(s->host_pool_misses));
+  std::printf(
+      "attention backend: %s  device %d  gpu pool %.1f / %.1f MiB  hits %lld  misses %lld  "
+      "pcie %.1f MiB  segments on gpu %lld\n",
+      s->attention_backend.c_str(), s->gpu_device, s->gpu_pool_used_bytes / 1048576.0,
+      s->gpu_pool_bytes / 1048576.0, static_cast<long long>(s->gpu_hits),
+      static_cast<long long>(s->gpu_misses), s->gpu_pcie_bytes / 1048576.0,
+      static_cast<long long>(s->gpu_segments_resident));
   std::printf("%-14s %10s %8s %10s %10s %10s %12s %12s\n", "op", "count", "errors", "p50 us",
               "p99 us", "p999 us", "bytes in", "bytes out");
   for (const OpStats& o : s->ops) {

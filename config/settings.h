@@ -55,6 +55,12 @@ struct Settings {
   double retrieval_budget = 0.018;
   double estimation_budget = 0.232;
   int64_t compute_threads = 0;  // 0 = one per core
+  int64_t seal_threads = 0;     // background indexing threads (0 = max(1, cores / 4))
+  // gpu (the attention backend)
+  std::string gpu_mode = "auto";  // auto | on | off
+  int64_t gpu_device = 0;
+  double gpu_cache_fraction = 0.05;  // page pool as a fraction of the resident KV
+  int64_t gpu_cache_bytes = 0;       // > 0: the page pool's size, overriding the fraction
   // rpc
   std::string socket_path = "/tmp/kvwaved.sock";
   int64_t tcp_port = 0;  // 0 = TCP off

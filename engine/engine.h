@@ -29,6 +29,7 @@
 
 #include "absl/status/statusor.h"
 #include "config/settings.h"
+#include "store/host_memory.h"
 #include "store/model_shape.h"
 
 namespace kvwave::engine {
@@ -92,6 +93,18 @@ struct ContextInfo {
   int64_t bytes = 0;            // host bytes charged to this context
 };
 
+// What `kvwave stats`, Prometheus and the CLI show about the backend.
+struct BackendStats {
+  std::string name = "cpu";  // "cpu" | "cuda"
+  int32_t device = -1;       // CUDA device index; -1 on the CPU
+  int64_t pool_bytes = 0;    // GPU page pool capacity
+  int64_t pool_used_bytes = 0;
+  int64_t hits = 0;    // retrieved clusters (or pages) served from the pool, all time
+  int64_t misses = 0;  // retrieved clusters (or pages) read from host memory, all time
+  int64_t pcie_bytes = 0;  // bytes read or copied host -> GPU, all time
+  int64_t segments_resident = 0;  // sealed segments whose meta index is on the GPU
+};
+
 struct EngineStats {
   int64_t contexts = 0;
   int64_t memory_used_bytes = 0;
@@ -124,11 +137,32 @@ struct EngineStats {
   int64_t remote_unavailable = 0;
   int64_t remote_nodes = 0;
   int64_t remote_nodes_down = 0;
+  BackendStats backend;                 // the attention backend that serves Attend
+};
+
+class AttentionBackend;  // engine/attention_backend.h
+
+// What an engine is given at Create instead of reaching for process-wide globals: the attention
+// backend it attends with and the host memory its KV bytes come from. engine/backend_select.h
+// builds them from the settings (gpu.mode, store.pinned_memory) for the daemon.
+struct EngineDeps {
+  // Out of line: AttentionBackend is incomplete here.
+  EngineDeps();
+  EngineDeps(EngineDeps&&) noexcept;
+  EngineDeps& operator=(EngineDeps&&) noexcept;
+  ~EngineDeps();
+
+  std::unique_ptr<AttentionBackend> backend;  // null: the CPU backend (engine/cpu_backend.h)
+  // Every KV byte (tails, segments, reloaded prefix blocks) is allocated here; the engine keeps
+  // it alive. Null: a pool of the engine's own over store::MappedHostAllocator(), idle limit
+  // store.host_pool_bytes.
+  std::shared_ptr<store::HostPool> host_pool;
 };
 
 class Engine {
  public:
-  static absl::StatusOr<std::unique_ptr<Engine>> Create(const config::Settings& settings);
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(const config::Settings& settings,
+                                                        EngineDeps deps = {});
   virtual ~Engine() = default;
 
   virtual absl::StatusOr<OpenResult> Open(const OpenOptions& options) = 0;
@@ -164,6 +198,8 @@ class Engine {
   virtual std::vector<ContextId> ListContexts() = 0;
   virtual EngineStats Stats() = 0;
   virtual const config::Settings& settings() const = 0;
+  // The pool all KV bytes come from (its idle limit is reloadable: store.host_pool_bytes).
+  virtual store::HostPool& host_pool() = 0;
 };
 
 }  // namespace kvwave::engine

@@ -11,6 +11,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "config/status_macros.h"
+#include "engine/attention_backend.h"
+#include "engine/cpu_backend.h"
 #include "engine/engine.h"
 #include "engine/finite.h"
 #include "engine/head_ops.h"
@@ -33,24 +35,36 @@ absl::Status CheckSize(const char* what, size_t got, size_t want) {
 
 class EngineImpl final : public Engine {
  public:
-  explicit EngineImpl(const config::Settings& s)
+  EngineImpl(const config::Settings& s, EngineDeps deps)
       : settings_(s),
+        host_pool_(std::move(deps.host_pool)),
+        backend_(std::move(deps.backend)),
         budget_(s.memory_limit_bytes),
         arena_(s.compute_threads > 0 ? static_cast<int>(s.compute_threads)
                                      : tbb::task_arena::automatic) {}
 
   absl::Status Init() {
-    KVWAVE_ASSIGN_OR_RETURN(
-        prefix_cache_, PrefixCache::Create(settings_, store::DefaultHostAllocator(), &budget_));
+    if (host_pool_ == nullptr) {
+      host_pool_ =
+          std::make_shared<store::HostPool>(store::MappedHostAllocator(), settings_.host_pool_bytes);
+    }
+    if (backend_ == nullptr) backend_ = CreateCpuBackend(settings_);
+    KVWAVE_ASSIGN_OR_RETURN(prefix_cache_,
+                            PrefixCache::Create(settings_, host_pool_.get(), &budget_));
     return absl::OkStatus();
   }
 
   ~EngineImpl() override {
-    if (prefix_cache_ == nullptr) return;  // Init failed: nothing was opened
-    absl::Status s = prefix_cache_->Flush();
-    if (!s.ok()) spdlog::error("engine: final flush: {}", s.ToString());
-    absl::MutexLock lock(&mu_);
-    contexts_.clear();  // pins go before the prefix cache
+    if (prefix_cache_ != nullptr) {
+      absl::Status s = prefix_cache_->Flush();
+      if (!s.ok()) spdlog::error("engine: final flush: {}", s.ToString());
+    }
+    absl::flat_hash_map<ContextId, std::shared_ptr<store::Context>> contexts;
+    {
+      absl::MutexLock lock(&mu_);
+      contexts.swap(contexts_);
+    }
+    contexts.clear();  // pins go before the prefix cache; the backend hears OnClose of each
   }
 
   absl::StatusOr<OpenResult> Open(const OpenOptions& options) override {
@@ -61,7 +75,14 @@ class EngineImpl final : public Engine {
         Reserve(store::Context::SkeletonBytes(options.shape, options.token_ids.size(),
                                               settings_.prefill_segment_tokens)));
     const uint64_t id = NewContextId();
-    auto ctx = std::make_shared<store::Context>(id, options.shape, store::DefaultHostAllocator());
+    // The backend hears OnClose when the last reference goes: after Close and after every call
+    // in flight on the context has returned.
+    AttentionBackend* backend = backend_.get();
+    std::shared_ptr<store::Context> ctx(
+        new store::Context(id, options.shape, host_pool_.get()), [backend](store::Context* c) {
+          backend->OnClose(*c);
+          delete c;
+        });
     ctx->add_charge(std::move(charge));
     int64_t matched = 0;
     if (!options.token_ids.empty() && options.prefix_access != PrefixAccess::kNone) {
@@ -72,6 +93,9 @@ class EngineImpl final : public Engine {
           Reserve(store::Context::AttachedBytes(options.shape,
                                                 matched / settings_.prefill_segment_tokens)));
       ctx->add_charge(std::move(attached));
+    }
+    if (absl::Status s = backend_->OnOpen(*ctx); !s.ok()) {
+      spdlog::error("context {}: backend {} OnOpen: {}", id, backend_->name(), s.ToString());
     }
     {
       absl::MutexLock lock(&mu_);
@@ -96,9 +120,18 @@ class EngineImpl final : public Engine {
                       std::span<std::byte> k, std::span<std::byte> v) override;
 
   absl::Status Close(ContextId id) override {
-    absl::MutexLock lock(&mu_);
-    if (contexts_.erase(id) == 0) return UnknownContext(id);
-    return absl::OkStatus();  // memory goes when the last in-flight call drops its reference
+    std::shared_ptr<store::Context> ctx;
+    {
+      absl::MutexLock lock(&mu_);
+      auto it = contexts_.find(id);
+      if (it == contexts_.end()) return UnknownContext(id);
+      ctx = std::move(it->second);
+      contexts_.erase(it);
+    }
+    // Memory goes (and the backend hears OnClose) when the last in-flight call drops its
+    // reference: here, outside the table's lock, when none is in flight.
+    ctx.reset();
+    return absl::OkStatus();
   }
 
   absl::StatusOr<ContextInfo> Info(ContextId id) override;
@@ -146,10 +179,12 @@ class EngineImpl final : public Engine {
     s.remote_unavailable = p.remote.unavailable;
     s.remote_nodes = p.remote.cluster.nodes;
     s.remote_nodes_down = p.remote.cluster.nodes_down;
+    s.backend = backend_->Stats();
     return s;
   }
 
   const config::Settings& settings() const override { return settings_; }
+  store::HostPool& host_pool() override { return *host_pool_; }
 
  private:
   // A random nonzero id not in use: ids are not guessable from one another (getrandom(2), the
@@ -188,17 +223,17 @@ class EngineImpl final : public Engine {
   }
 
   HeadParams Params(const store::Context& ctx) const {
-    HeadParams p;
-    p.head_dim = ctx.shape().head_dim;
-    p.dtype = ctx.shape().dtype;
-    p.group = ctx.shape().group();
-    p.page_tokens = static_cast<int32_t>(settings_.page_tokens);
-    p.sink_tokens = static_cast<int32_t>(settings_.sink_tokens);
-    p.tokens_per_cluster = static_cast<int32_t>(settings_.tokens_per_cluster);
-    p.kmeans_iterations = static_cast<int32_t>(settings_.kmeans_iterations);
-    p.faiss_kmeans = settings_.kmeans_kernel == "faiss";
-    p.allocator = store::DefaultHostAllocator();
+    HeadParams p = MakeHeadParams(settings_, ctx.shape(), host_pool_.get());
+    p.backend = backend_.get();
     return p;
+  }
+
+  // Events whose failure is the backend's to absorb (engine/attention_backend.h): logged.
+  void Report(const char* event, const store::Context& ctx, int32_t layer, absl::Status s) {
+    if (!s.ok()) {
+      spdlog::error("context {} layer {}: backend {} {}: {}", ctx.id(), layer, backend_->name(),
+                    event, s.ToString());
+    }
   }
 
   int64_t SegmentTokens(const store::Context& ctx) const {
@@ -237,6 +272,8 @@ class EngineImpl final : public Engine {
   }
 
   const config::Settings settings_;
+  std::shared_ptr<store::HostPool> host_pool_;  // outlives every byte allocated from it
+  std::unique_ptr<AttentionBackend> backend_;   // outlives contexts_ (they call OnClose)
   store::MemoryBudget budget_;
   tbb::task_arena arena_;
   std::unique_ptr<PrefixCache> prefix_cache_;  // outlives contexts_ (declared before it)
@@ -258,6 +295,7 @@ absl::Status EngineImpl::SealLayer(const HeadParams& p, store::Context& ctx, int
   for (auto& c : charges) reserved.Merge(std::move(c));  // unused bytes go back to the caller
   KVWAVE_RETURN_IF_ERROR(status);
   segments_sealed_.fetch_add(heads, std::memory_order_relaxed);
+  Report("OnPublish", ctx, layer_index, backend_->OnPublish(ctx, layer_index, 1));
   return absl::OkStatus();
 }
 
@@ -294,6 +332,7 @@ absl::Status EngineImpl::Append(ContextId id, int32_t layer_index, int64_t n,
   }
   layer.tokens += n;
   tokens_appended_.fetch_add(n, std::memory_order_relaxed);
+  Report("OnAppend", *ctx, layer_index, backend_->OnAppend(*ctx, layer_index, n));
   absl::Status persisted = absl::OkStatus();
   for (int64_t i = 0; i < seals; ++i) {
     absl::Status s = SealLayer(p, *ctx, layer_index, seg_tokens, reserved);
@@ -344,25 +383,13 @@ absl::Status EngineImpl::Attend(ContextId id, int32_t layer_index, std::span<con
         budget.retrieval + budget.estimation <= 1.0 + 1e-9)) {
     return absl::InvalidArgumentError("budgets must be >= 0 and sum to at most 1");
   }
-  const HeadParams p = Params(*ctx);
   const store::Context::Layer& layer = ctx->layer(layer_index);
   std::shared_lock lock(layer.mu);
-  std::vector<AttendStats> per_head(shape.kv_heads);
-  const size_t gd = static_cast<size_t>(p.group) * p.head_dim;
-  KVWAVE_RETURN_IF_ERROR(ForEachHead(shape.kv_heads, [&](int32_t h) {
-    return AttendHead(p, layer.heads[h], q.data() + h * gd, budget, out.data() + h * gd,
-                      lse.data() + h * p.group, &per_head[h]);
-  }));
+  AttendStats local;
+  const AttendItem item{ctx.get(), layer_index, budget, q, out, lse,
+                        stats != nullptr ? stats : &local};
+  KVWAVE_RETURN_IF_ERROR(backend_->Attend(std::span<const AttendItem>(&item, 1)));
   attend_calls_.fetch_add(1, std::memory_order_relaxed);
-  if (stats != nullptr) {
-    for (const AttendStats& s : per_head) {
-      stats->steady_tokens += s.steady_tokens;
-      stats->retrieved_tokens += s.retrieved_tokens;
-      stats->retrieved_clusters += s.retrieved_clusters;
-      stats->estimated_clusters += s.estimated_clusters;
-      stats->total_clusters += s.total_clusters;
-    }
-  }
   return absl::OkStatus();
 }
 
@@ -450,8 +477,14 @@ absl::StatusOr<ContextInfo> EngineImpl::Info(ContextId id) {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const config::Settings& settings) {
-  auto engine = std::make_unique<EngineImpl>(settings);
+EngineDeps::EngineDeps() = default;
+EngineDeps::EngineDeps(EngineDeps&&) noexcept = default;
+EngineDeps& EngineDeps::operator=(EngineDeps&&) noexcept = default;
+EngineDeps::~EngineDeps() = default;
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const config::Settings& settings,
+                                                       EngineDeps deps) {
+  auto engine = std::make_unique<EngineImpl>(settings, std::move(deps));
   KVWAVE_RETURN_IF_ERROR(engine->Init());
   return std::unique_ptr<Engine>(std::move(engine));
 }

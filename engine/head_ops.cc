@@ -7,7 +7,9 @@
 #include <vector>
 
 #include "config/status_macros.h"
+#include "engine/attention_backend.h"
 #include "gpu/attention_cpu.h"
+#include "gpu/budget.h"
 #include "index/distance.h"
 #include "index/wave_index.h"
 
@@ -58,11 +60,6 @@ std::vector<float> RankClusters(const HeadParams& p, const store::HeadKv& head,
   return scores;
 }
 
-int64_t Budgeted(double fraction, int64_t total) {
-  if (fraction <= 0) return 0;
-  return std::min<int64_t>(total, static_cast<int64_t>(std::ceil(fraction * total - 1e-9)));
-}
-
 // Spans always attended exactly: the sinks of the first segment and the whole tail.
 void SteadySpans(const store::HeadKv& head, std::vector<KvSpan>& spans, int64_t& tokens) {
   if (!head.segments.empty() && head.segments[0]->steady_tokens() > 0) {
@@ -77,6 +74,21 @@ void SteadySpans(const store::HeadKv& head, std::vector<KvSpan>& spans, int64_t&
 }
 
 }  // namespace
+
+HeadParams MakeHeadParams(const config::Settings& settings, const store::ModelShape& shape,
+                          store::HostAllocator* allocator) {
+  HeadParams p;
+  p.head_dim = shape.head_dim;
+  p.dtype = shape.dtype;
+  p.group = shape.group();
+  p.page_tokens = static_cast<int32_t>(settings.page_tokens);
+  p.sink_tokens = static_cast<int32_t>(settings.sink_tokens);
+  p.tokens_per_cluster = static_cast<int32_t>(settings.tokens_per_cluster);
+  p.kmeans_iterations = static_cast<int32_t>(settings.kmeans_iterations);
+  p.faiss_kmeans = settings.kmeans_kernel == "faiss";
+  p.allocator = allocator;
+  return p;
+}
 
 int64_t SealReserveBytes(const HeadParams& p, int64_t n) {
   return store::Segment::MaxBytes(static_cast<int32_t>(n), p.head_dim, p.dtype, p.page_tokens,
@@ -99,8 +111,10 @@ absl::Status SealHead(const HeadParams& p, int64_t n, store::HeadKv& head,
     options.iterations = p.kmeans_iterations;
     options.kernel = p.faiss_kmeans ? index::WaveIndexOptions::Kernel::kFaiss
                                     : index::WaveIndexOptions::Kernel::kOwn;
-    KVWAVE_ASSIGN_OR_RETURN(clusters,
-                            index::ClusterKeys(keys.data(), clustered, p.head_dim, options));
+    KVWAVE_ASSIGN_OR_RETURN(
+        clusters, p.backend != nullptr
+                      ? p.backend->ClusterKeys(keys.data(), clustered, p.head_dim, options)
+                      : index::ClusterKeys(keys.data(), clustered, p.head_dim, options));
   }
   store::SegmentInput in;
   in.first_position = tail.first_position();
@@ -128,8 +142,10 @@ absl::Status AttendHead(const HeadParams& p, const store::HeadKv& head, const fl
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   ClusterSet set(head);
   std::vector<float> scores = RankClusters(p, head, set, q, scale);
-  const int64_t r = Budgeted(budget.retrieval, set.total);
-  const int64_t e = Budgeted(budget.estimation, set.total - r);
+  // Both zones are fractions of all the clusters (the one formula, shared with the GPU).
+  const gpu::ZoneSizes zones = gpu::SizeZones(budget.retrieval, budget.estimation, set.total);
+  const int64_t r = zones.retrieval;
+  const int64_t e = zones.estimation;
   std::vector<int32_t> order(r + e);
   const int64_t ranked =
       set.total > 0 ? gpu::cpu::TopK(scores.data(), set.total, r + e, order.data()) : 0;
@@ -242,7 +258,7 @@ absl::Status RetrieveHead(const HeadParams& p, const store::HeadKv& head, const 
     }
     ClusterSet set(head);
     std::vector<float> ranking = RankClusters(p, head, set, q, scale);
-    const int64_t want = Budgeted(options.cluster_budget, set.total);
+    const int64_t want = gpu::BudgetedClusters(options.cluster_budget, set.total);
     std::vector<int32_t> order(want);
     const int64_t got =
         set.total > 0 ? gpu::cpu::TopK(ranking.data(), set.total, want, order.data()) : 0;

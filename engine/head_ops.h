@@ -16,6 +16,8 @@
 
 namespace kvwave::engine {
 
+class AttentionBackend;  // engine/attention_backend.h
+
 struct HeadParams {
   int32_t head_dim = 0;
   DType dtype = DType::kF32;
@@ -26,7 +28,12 @@ struct HeadParams {
   int32_t kmeans_iterations = 10;
   bool faiss_kmeans = false;
   store::HostAllocator* allocator = nullptr;
+  AttentionBackend* backend = nullptr;  // runs the k-means of SealHead; null: the CPU kernel
 };
+
+// Parameters of the contexts of `shape` under `settings`; allocator: where segments go.
+HeadParams MakeHeadParams(const config::Settings& settings, const store::ModelShape& shape,
+                          store::HostAllocator* allocator);
 
 // Seals the first n tokens of head.tail into a new segment (clustered with the wave index),
 // charging it to `reserved`. On error the head is unchanged.

@@ -20,14 +20,10 @@
 #include "boost/asio/io_context.hpp"
 #include "boost/asio/signal_set.hpp"
 #include "config/settings.h"
+#include "engine/backend_select.h"
 #include "engine/engine.h"
 #include "rpc/log.h"
 #include "rpc/server.h"
-#include "store/host_memory.h"
-#if KVWAVE_HAVE_CUDA
-#include "buffer/pinned_allocator.h"
-#include "gpu/cuda_backend.h"
-#endif
 
 namespace kvwave::rpc {
 namespace {
@@ -137,35 +133,20 @@ int Main(int argc, char** argv) {
   config::Settings settings = *std::move(loaded);
   if (absl::Status st = SetLogLevel(settings.log_level); !st.ok()) log->error("{}", st.ToString());
 
-    // Host KV memory: pinned and mapped for the GPU when this build has CUDA and a GPU is there
-    // (store.pinned_memory). Failing to pin is then an allocation error, never pageable memory.
-#if KVWAVE_HAVE_CUDA
-  const bool gpu = gpu::CudaBackend::DeviceAvailable();
-#else
-  const bool gpu = false;
-#endif
-  if (settings.pinned_memory == "on" && !gpu) {
-    log->error("store.pinned_memory = on, but {}",
-               KVWAVE_HAVE_CUDA ? "no CUDA device is available" : "kvwaved was built without CUDA");
+  // The attention backend and host KV memory (gpu.mode, store.pinned_memory), handed to the
+  // engine: nothing here configures a process-wide global.
+  absl::StatusOr<engine::SelectedDeps> deps = engine::SelectEngineDeps(settings);
+  if (!deps.ok()) {
+    log->error("{}", std::string(deps.status().message()));
     return 2;
   }
-  if (settings.pinned_memory != "off" && gpu) {
-#if KVWAVE_HAVE_CUDA
-    if (absl::Status st = store::SetDefaultHostUpstream(buffer::PinnedAllocator()); !st.ok()) {
-      log->error("pinned memory: {}", st.ToString());
-      return 1;
-    }
-#endif
-  }
-  log->info("host KV memory: {}", gpu && settings.pinned_memory != "off"
-                                      ? "pinned (cudaHostAlloc, mapped), pooled"
-                                      : "pageable, pooled");
+  log->info("{}", deps->description);
 
   // Installed before anything starts so an early SIGTERM is queued, not fatal.
   boost::asio::io_context signal_io;
   boost::asio::signal_set signals(signal_io, SIGINT, SIGTERM, SIGHUP);
 
-  absl::StatusOr<std::unique_ptr<engine::Engine>> engine = engine::Engine::Create(settings);
+  absl::StatusOr<std::unique_ptr<engine::Engine>> engine = engine::Engine::Create(settings, std::move(deps->deps));
   if (!engine.ok()) {
     log->error("engine: {}", engine.status().ToString());
     return 1;

@@ -55,11 +55,12 @@ bool SocketIsLive(const std::string& path) {
 
 Server::Server(engine::Engine& engine, const config::Settings& settings)
     : settings_(settings),
+      engine_(engine),
       service_(engine, settings),
       arena_(ArenaThreads(settings.compute_threads)),
       max_sessions_(settings.max_sessions),
       io_(static_cast<int>(std::max<int64_t>(1, settings.io_threads))) {
-  store::DefaultHostPool()->SetIdleLimit(settings.host_pool_bytes);
+  engine_.host_pool().SetIdleLimit(settings.host_pool_bytes);
 }
 
 Server::~Server() {
@@ -306,7 +307,7 @@ void Server::EndSession(uint64_t session_id) {
 
 void Server::ApplySettings(const config::Settings& settings) {
   max_sessions_.store(settings.max_sessions, std::memory_order_relaxed);
-  store::DefaultHostPool()->SetIdleLimit(settings.host_pool_bytes);
+  engine_.host_pool().SetIdleLimit(settings.host_pool_bytes);
   service_.ApplySettings(settings);
 }
 

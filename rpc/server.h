@@ -81,6 +81,7 @@ class Server {
   void DrainTick();
 
   const config::Settings settings_;
+  engine::Engine& engine_;
   Service service_;
   tbb::task_arena arena_;
   std::atomic<bool> draining_{false};

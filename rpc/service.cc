@@ -341,11 +341,19 @@ void Service::FillStats(pb::StatsResponse& out) {
   out.set_remote_unavailable(e.remote_unavailable);
   out.set_remote_nodes(e.remote_nodes);
   out.set_remote_nodes_down(e.remote_nodes_down);
-  const store::HostPoolStats pool = store::DefaultHostPool()->stats();
+  const store::HostPoolStats pool = engine_.host_pool().stats();
   out.set_host_pool_idle_bytes(pool.idle_bytes);
   out.set_host_pool_limit_bytes(pool.idle_limit_bytes);
   out.set_host_pool_hits(pool.hits);
   out.set_host_pool_misses(pool.misses);
+  out.set_attention_backend(e.backend.name);
+  out.set_gpu_device(e.backend.device);
+  out.set_gpu_pool_bytes(e.backend.pool_bytes);
+  out.set_gpu_pool_used_bytes(e.backend.pool_used_bytes);
+  out.set_gpu_hits(e.backend.hits);
+  out.set_gpu_misses(e.backend.misses);
+  out.set_gpu_pcie_bytes(e.backend.pcie_bytes);
+  out.set_gpu_segments_resident(e.backend.segments_resident);
   out.set_in_flight(in_flight());
 }
 

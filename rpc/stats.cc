@@ -136,6 +136,21 @@ std::string ServerStats::Prometheus(const pb::StatsResponse& s) const {
         s.host_pool_hits());
   Gauge(out, "kvwave_host_pool_misses", "KV block allocations the pool could not serve.",
         s.host_pool_misses());
+  absl::StrAppendFormat(&out,
+                        "# HELP kvwave_attention_backend The attention backend serving Attend "
+                        "(label backend).\n# TYPE kvwave_attention_backend gauge\n"
+                        "kvwave_attention_backend{backend=\"%s\"} 1\n",
+                        s.attention_backend().empty() ? "cpu" : s.attention_backend());
+  Gauge(out, "kvwave_gpu_pool_bytes", "GPU page pool capacity (0 on the CPU backend).",
+        s.gpu_pool_bytes());
+  Gauge(out, "kvwave_gpu_pool_used_bytes", "GPU page pool bytes in use.", s.gpu_pool_used_bytes());
+  Gauge(out, "kvwave_gpu_hits", "Retrieved clusters served from the GPU page pool.", s.gpu_hits());
+  Gauge(out, "kvwave_gpu_misses", "Retrieved clusters read from host memory by the GPU.",
+        s.gpu_misses());
+  Gauge(out, "kvwave_gpu_pcie_bytes", "Bytes moved host -> GPU by the attention backend.",
+        s.gpu_pcie_bytes());
+  Gauge(out, "kvwave_gpu_segments_resident", "Sealed segments whose meta index is on the GPU.",
+        s.gpu_segments_resident());
   Gauge(out, "kvwave_in_flight", "Requests being computed.", s.in_flight());
   Gauge(out, "kvwave_rss_bytes", "Resident set size of kvwaved.", s.rss_bytes());
   Gauge(out, "kvwave_frames_rejected", "Frames rejected as malformed.", s.frames_rejected());

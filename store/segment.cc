@@ -1,11 +1,20 @@
 #include "store/segment.h"
 
+#include <atomic>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "config/status_macros.h"
 
 namespace kvwave::store {
+
+Segment::Segment() {
+  // Relaxed: the id only has to be unique; the segment is published to other threads by whoever
+  // shares its shared_ptr, with that publication's ordering.
+  static std::atomic<uint64_t> next_id{1};
+  id_ = next_id.fetch_add(1, std::memory_order_relaxed);
+}
+
 namespace {
 
 absl::Status CheckInput(const SegmentInput& in) {

@@ -10,9 +10,11 @@
 // Meta index (float32): per cluster the centroid (mean of member keys), size, and value sum.
 // Empty clusters (size 0) own no pages and are masked by their size.
 //
-// Lifecycle: built once from a tail by Build(), then immutable; held by shared_ptr so a shared
-// prefix or an in-flight Attend keeps it alive. Thread-safety: all const methods are safe from
-// any thread.
+// Lifecycle: built once from a tail by Build() (or decoded by FromParts()), then immutable; held
+// by shared_ptr so a shared prefix or an in-flight Attend keeps it alive. id() names it for its
+// whole life and is never reused in the process (an attention backend's cache may key on it: a
+// prefix block's segment attached by several contexts has one id). Thread-safety: all const
+// methods are safe from any thread.
 #ifndef KVWAVE_STORE_SEGMENT_H_
 #define KVWAVE_STORE_SEGMENT_H_
 
@@ -87,6 +89,8 @@ class Segment {
   [[nodiscard]] static absl::StatusOr<std::shared_ptr<const Segment>> FromParts(
       SegmentParts parts, MemoryCharge& reserved);
 
+  // Unique in the process, never reused (1, 2, ...).
+  uint64_t id() const { return id_; }
   int64_t first_position() const { return first_position_; }
   int32_t num_tokens() const { return num_tokens_; }
   int32_t steady_tokens() const { return steady_tokens_; }
@@ -116,7 +120,8 @@ class Segment {
   int64_t row_of_token(int32_t t) const { return row_of_token_[t]; }
 
  private:
-  Segment() = default;
+  Segment();
+  uint64_t id_ = 0;
   int64_t first_position_ = 0;
   int32_t num_tokens_ = 0, steady_tokens_ = 0, num_clusters_ = 0, head_dim_ = 0;
   DType dtype_ = DType::kF32;

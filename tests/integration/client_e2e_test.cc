@@ -157,7 +157,8 @@ class ClientE2ETest : public ::testing::Test {
  protected:
   void SetUp() override {
     port_ = FreePort();
-    daemon_ = StartDaemon({"rpc.tcp_port=" + std::to_string(port_), "rpc.tcp_token=t"});
+    daemon_ = StartDaemon(
+        {"rpc.tcp_port=" + std::to_string(port_), "rpc.tcp_token=t", "gpu.mode=off"});
     ASSERT_NE(daemon_, nullptr);
   }
   int port_ = 0;
@@ -253,8 +254,14 @@ TEST_F(ClientE2ETest, Cli) {
   out = RunCli(s + "stats", &rc);
   EXPECT_EQ(rc, 0) << out;
   EXPECT_NE(out.find("open"), std::string::npos) << out;
+  // The test daemon attends on the CPU (CI has no GPU): the backend line says so, with zeros.
+  EXPECT_NE(out.find("attention backend: cpu  device -1  gpu pool 0.0 / 0.0 MiB  hits 0"),
+            std::string::npos)
+      << out;
   out = RunCli(s + "stats --prometheus", &rc);
   EXPECT_NE(out.find("kvwave_request_seconds_bucket"), std::string::npos) << out;
+  EXPECT_NE(out.find("kvwave_attention_backend{backend=\"cpu\"} 1"), std::string::npos) << out;
+  EXPECT_NE(out.find("kvwave_gpu_pcie_bytes 0"), std::string::npos) << out;
   out = RunCli(s + "drop " + std::to_string(ctx->id), &rc);
   EXPECT_EQ(rc, 0) << out;
   out = RunCli(s + "drop " + std::to_string(ctx->id), &rc);

@@ -151,6 +151,11 @@ struct ServerStats {
   // Freed KV blocks the daemon keeps for reuse: not in memory_used_bytes, at most the limit.
   int64_t host_pool_idle_bytes = 0, host_pool_limit_bytes = 0, host_pool_hits = 0,
           host_pool_misses = 0;
+  // The attention backend ("cpu" or "cuda") and its GPU page pool (zeros on the CPU).
+  std::string attention_backend;
+  int32_t gpu_device = -1;
+  int64_t gpu_pool_bytes = 0, gpu_pool_used_bytes = 0, gpu_hits = 0, gpu_misses = 0,
+          gpu_pcie_bytes = 0, gpu_segments_resident = 0;
   double uptime_s = 0;
   std::string prometheus_text;
 };
