@@ -361,7 +361,7 @@ int RunServe(int argc, char** argv) {
   }
   (*daemon).reset();
   absl::StatusOr<config::Settings> settings = config::LoadFromString("", cfg.overrides);
-  if (settings.ok()) store::DefaultHostPool()->SetIdleLimit(settings->host_pool_bytes);
+  // The engine's own host pool takes its idle limit (store.host_pool_bytes) from the settings.
   auto engine = settings.ok() ? engine::Engine::Create(*settings)
                               : absl::StatusOr<std::unique_ptr<engine::Engine>>(settings.status());
   if (engine.ok()) {
