@@ -118,19 +118,6 @@ class KvContext:
             s.have[layer] = n
 
 
-def connect(kv, daemon, timeout_s=60):
-    """a client of the daemon: its socket file appears at bind(), a moment before it listens, so a refused
-    connection is retried while the daemon is alive"""
-    deadline = time.time() + timeout_s
-    while True:
-        try:
-            return kv.Client(socket_path=daemon.socket, shared_memory_bytes=256 << 20)
-        except ConnectionError:
-            if (daemon.proc is not None and daemon.proc.poll() is not None) or time.time() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 def qnp(q):
     return np.ascontiguousarray(q.float().cpu().numpy(), dtype=np.float32)
 
@@ -387,7 +374,7 @@ def main():
                 k, v = kvs.split('=', 1)
                 settings[k] = v
         daemon = e2e_lm.Daemon(args.socket, args.daemon_set)
-        client = connect(kv, daemon)
+        client = kv.Client(socket_path=daemon.socket, shared_memory_bytes=256 << 20)  # Daemon waited for ready
     defaults = {k: settings.get(k) for k in ('attend.retrieval_budget', 'attend.estimation_budget', 'store.sink_tokens',
                                              'store.recent_tokens', 'index.tokens_per_cluster')}
     methods = make_methods(names, client, R, evaluate.attend)
