@@ -53,8 +53,9 @@ struct GraphIndexOptions {
   // The nearest prune_pool * M candidates of a pivot go through the occlusion test. 16 (was 8)
   // keeps the recall at a fixed beam of the 65,536-query build with 4,096 queries x 16 pivots.
   int prune_pool = 16;
-  int refine_queue = 32;   // key-key refinement search queue (0 = no refinement pass); 100 gave
-                           // the same recall (within 0.002) for 2x the time
+  // Key-key refinement search queue (0 = no refinement pass). 16 (was 100) keeps the recall at a
+  // fixed beam within 0.003 on dd16k; 8 loses 0.006 at L = 100 (graph_build_sweep.txt).
+  int refine_queue = 16;
   int connect_queue = 48;  // queue size of the searches of the connectivity pass
   int entry_points = 1;    // keys every search starts from (scored first), >= 1
   // Occlusion by inner product (RoarGraph's IP metric) rather than L2. Measured (scan fraction
