@@ -13,6 +13,17 @@
 // tokens; the tail always keeps the latest `recent_tokens` tokens, which (with the first
 // `sink_tokens` of the context) form the steady zone attended exactly.
 //
+// Sealing runs in the background: the Append that completes a segment queues its seal and
+// returns; a seal thread (attend.seal_threads, low priority) runs the k-means with no lock held
+// and then publishes the layer's new segments and drops their tokens from the tails in one step
+// under the layer's lock. Until then those tokens are attended exactly as part of the tail, so a
+// result never depends on timing except by being more exact, and no Attend waits for indexing.
+// Seal() runs what is queued (and seals the rest) on the caller's thread and reports errors of
+// earlier background seals. Close finishes the queued seals of a context that shares blocks
+// (token ids) and drops those of others. With persist.durability = sync, an Append of a context
+// that shares blocks returns after its seals are done and persisted (acknowledged = durable).
+// At the memory limit, an Append first finishes its layer's queued seals (they free tail bytes).
+//
 // Thread-safety: every method is thread-safe. Calls on different contexts run in parallel.
 // Within one context, calls on different layers run in parallel; on the same layer, Append and
 // Seal are exclusive while Attend, Retrieve and Gather share the layer. Close waits for in-flight
@@ -168,7 +179,9 @@ class Engine {
   virtual absl::StatusOr<OpenResult> Open(const OpenOptions& options) = 0;
 
   // k, v: [n x kv_heads x head_dim] elements of the context's dtype, row-major (n may be 0).
-  // RESOURCE_EXHAUSTED (and nothing changes) when the memory limit would be passed.
+  // RESOURCE_EXHAUSTED (and nothing changes) when the memory limit would be passed. Tokens
+  // promised to a queued seal are charged twice (tail rows and the segment reserved for them)
+  // until it is published.
   virtual absl::Status Append(ContextId ctx, int32_t layer, int64_t n, std::span<const std::byte> k,
                               std::span<const std::byte> v) = 0;
 
@@ -191,7 +204,8 @@ class Engine {
 
   virtual absl::Status Close(ContextId ctx) = 0;
 
-  // Waits until every sealed shared block is durable (a no-op without persistence).
+  // Waits until the seals queued so far have run (in the background), then until every sealed
+  // shared block is durable (without persistence, only the former).
   virtual absl::Status Flush() = 0;
 
   virtual absl::StatusOr<ContextInfo> Info(ContextId ctx) = 0;

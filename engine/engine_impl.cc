@@ -17,6 +17,7 @@
 #include "engine/finite.h"
 #include "engine/head_ops.h"
 #include "engine/prefix_cache.h"
+#include "engine/seal_workers.h"
 #include "spdlog/spdlog.h"
 #include "store/context.h"
 #include "tbb/parallel_for.h"
@@ -41,7 +42,8 @@ class EngineImpl final : public Engine {
         backend_(std::move(deps.backend)),
         budget_(s.memory_limit_bytes),
         arena_(s.compute_threads > 0 ? static_cast<int>(s.compute_threads)
-                                     : tbb::task_arena::automatic) {}
+                                     : tbb::task_arena::automatic),
+        workers_(std::make_unique<SealWorkers>(SealThreads(s.seal_threads))) {}
 
   absl::Status Init() {
     if (host_pool_ == nullptr) {
@@ -55,6 +57,13 @@ class EngineImpl final : public Engine {
   }
 
   ~EngineImpl() override {
+    {
+      // Seals still queued are dropped (their tokens were only ever in the tails); a running one
+      // stops at its next head. Then no seal thread touches anything below.
+      absl::MutexLock lock(&mu_);
+      for (auto& [id, ctx] : contexts_) StopSeals(*ctx);
+    }
+    workers_.reset();
     if (prefix_cache_ != nullptr) {
       absl::Status s = prefix_cache_->Flush();
       if (!s.ok()) spdlog::error("engine: final flush: {}", s.ToString());
@@ -105,7 +114,25 @@ class EngineImpl final : public Engine {
     return Open(options);
   }
 
-  absl::Status Flush() override { return prefix_cache_->Flush(); }
+  absl::Status Flush() override {
+    std::vector<std::shared_ptr<store::Context>> open;
+    {
+      absl::MutexLock lock(&mu_);
+      for (auto& [id, ctx] : contexts_) open.push_back(ctx);
+    }
+    for (const auto& ctx : open) {  // the background seals queued so far, done
+      for (int32_t l = 0; l < ctx->shape().layers; ++l) {
+        store::Context::Layer& layer = ctx->layer(l);
+        absl::MutexLock lock(&layer.seal_mu);
+        layer.seal_mu.Await(absl::Condition(
+            +[](store::Context::Layer* x) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+              return x->pending.empty() && !x->draining;
+            },
+            &layer));
+      }
+    }
+    return prefix_cache_->Flush();
+  }
 
   absl::Status Append(ContextId id, int32_t layer, int64_t n, std::span<const std::byte> k,
                       std::span<const std::byte> v) override;
@@ -128,6 +155,16 @@ class EngineImpl final : public Engine {
       ctx = std::move(it->second);
       contexts_.erase(it);
     }
+    if (ctx->prefix() != nullptr) {
+      // Its blocks are shared once sealed: finish its queued seals (here, heads in parallel)
+      // rather than lose them.
+      for (int32_t l = 0; l < ctx->shape().layers; ++l) {
+        if (absl::Status s = DrainNow(*ctx, l); !s.ok()) {
+          spdlog::warn("context {} layer {}: seal at close: {}", id, l, s.ToString());
+        }
+      }
+    }
+    StopSeals(*ctx);  // anything still queued is dropped; a running seal stops at its next head
     // Memory goes (and the backend hears OnClose) when the last in-flight call drops its
     // reference: here, outside the table's lock, when none is in flight.
     ctx.reset();
@@ -240,10 +277,31 @@ class EngineImpl final : public Engine {
     return ctx.decoding() ? settings_.decode_segment_tokens : settings_.prefill_segment_tokens;
   }
 
-  // Seals `count` tokens from the front of every head's tail, heads in parallel.
-  // REQUIRES: the layer's lock held exclusively; `reserved` covers SealReserveBytes per head.
-  absl::Status SealLayer(const HeadParams& p, store::Context& ctx, int32_t layer_index,
-                         int64_t count, store::MemoryCharge& reserved);
+  // Background sealing: each layer's seal queue (store::Context::Layer) is run in order by one
+  // drainer at a time, a seal thread (workers_) or a caller that needs it done now.
+  //
+  // Queues seals of `counts` tokens each (from the tails' front, in order), charged from
+  // `reserved`, and schedules a background drain. REQUIRES: the layer's lock held exclusively.
+  void QueueSeals(const std::shared_ptr<store::Context>& ctx, int32_t layer,
+                  const std::vector<int64_t>& counts, store::MemoryCharge& reserved);
+  // Runs the layer's queue on a seal thread until it is empty, the context closes, or a caller
+  // asks for it (Layer::yield).
+  void DrainInBackground(const std::weak_ptr<store::Context>& weak, int32_t layer);
+  // Takes the layer's queue over (once a background drainer has yielded) and runs it on this
+  // thread, heads in parallel. Returns the first error.
+  absl::Status DrainNow(store::Context& ctx, int32_t layer);
+  // Close: drops the queued seals and waits for a running one to stop (at its next head).
+  void StopSeals(store::Context& ctx);
+  // One seal: copy the keys (layer lock shared), k-means (no lock), build the segments (shared),
+  // publish them and drop the tails' front (exclusive), share/persist the block.
+  absl::Status RunSeal(store::Context& ctx, int32_t layer, store::PendingSeal& job,
+                       bool in_place);
+  // Durability "sync" for a context that shares blocks: its Append returns after its seals are
+  // done and persisted, so a sealed block is durable when the Append is acknowledged.
+  bool SealsInPlace(const store::Context& ctx) const {
+    return ctx.prefix() != nullptr && !settings_.persist_path.empty() &&
+           settings_.durability == "sync";
+  }
 
   // Registers a just-sealed block for sharing (and persists it). In durability "sync" a failed
   // write is reported: the tokens are appended and sealed in memory, but not durable.
@@ -282,21 +340,135 @@ class EngineImpl final : public Engine {
   // Relaxed: counters are statistics.
   std::atomic<int64_t> segments_sealed_{0}, tokens_appended_{0}, attend_calls_{0},
       retrieve_calls_{0};
+  // Last: its jobs use everything above; the destructor stops it first.
+  std::unique_ptr<SealWorkers> workers_;
 };
 
-absl::Status EngineImpl::SealLayer(const HeadParams& p, store::Context& ctx, int32_t layer_index,
-                                   int64_t count, store::MemoryCharge& reserved) {
-  store::Context::Layer& layer = ctx.layer(layer_index);
-  const int32_t heads = static_cast<int32_t>(layer.heads.size());
-  std::vector<store::MemoryCharge> charges;
-  for (int32_t h = 0; h < heads; ++h) charges.push_back(reserved.Split(SealReserveBytes(p, count)));
-  absl::Status status =
-      ForEachHead(heads, [&](int32_t h) { return SealHead(p, count, layer.heads[h], charges[h]); });
-  for (auto& c : charges) reserved.Merge(std::move(c));  // unused bytes go back to the caller
-  KVWAVE_RETURN_IF_ERROR(status);
+void EngineImpl::QueueSeals(const std::shared_ptr<store::Context>& ctx, int32_t l,
+                            const std::vector<int64_t>& counts, store::MemoryCharge& reserved) {
+  if (counts.empty()) return;
+  const HeadParams p = Params(*ctx);
+  store::Context::Layer& layer = ctx->layer(l);
+  absl::MutexLock lock(&layer.seal_mu);
+  for (int64_t n : counts) {
+    layer.sealing_tokens += n;
+    layer.pending.push_back({n, reserved.Split(ctx->shape().kv_heads * SealReserveBytes(p, n))});
+  }
+  if (layer.draining || layer.scheduled) return;
+  layer.scheduled = true;
+  workers_->Submit([this, weak = std::weak_ptr<store::Context>(ctx), l] {
+    DrainInBackground(weak, l);
+  });
+}
+
+void EngineImpl::DrainInBackground(const std::weak_ptr<store::Context>& weak, int32_t l) {
+  std::shared_ptr<store::Context> ctx = weak.lock();
+  if (ctx == nullptr) return;  // closed and gone before this drain started
+  store::Context::Layer& layer = ctx->layer(l);
+  {
+    absl::MutexLock lock(&layer.seal_mu);
+    layer.scheduled = false;
+    if (layer.draining) return;  // a caller runs the queue (and takes what is queued)
+    layer.draining = true;
+  }
+  for (;;) {
+    store::PendingSeal job;
+    {
+      absl::MutexLock lock(&layer.seal_mu);
+      if (layer.pending.empty() || layer.yield || ctx->closing()) {
+        if (ctx->closing()) layer.pending.clear();
+        layer.draining = false;
+        return;
+      }
+      job = std::move(layer.pending.front());
+      layer.pending.pop_front();
+    }
+    absl::Status s = RunSeal(*ctx, l, job, /*in_place=*/false);
+    if (!s.ok() && !ctx->closing()) {
+      // The tokens stay in the tail (attended exactly): nothing is lost; Seal reports it.
+      spdlog::error("context {} layer {}: background seal: {}", ctx->id(), l, s.ToString());
+      ctx->DeferError(s);
+    }
+  }
+}
+
+absl::Status EngineImpl::DrainNow(store::Context& ctx, int32_t l) {
+  store::Context::Layer& layer = ctx.layer(l);
+  {
+    absl::MutexLock lock(&layer.seal_mu);
+    layer.yield = true;
+    layer.seal_mu.Await(absl::Condition(
+        +[](bool* draining) { return !*draining; }, &layer.draining));
+    layer.yield = false;
+    layer.draining = true;
+  }
+  absl::Status status;
+  for (;;) {
+    store::PendingSeal job;
+    {
+      absl::MutexLock lock(&layer.seal_mu);
+      if (layer.pending.empty()) {
+        layer.draining = false;
+        return status;
+      }
+      job = std::move(layer.pending.front());
+      layer.pending.pop_front();
+    }
+    status.Update(RunSeal(ctx, l, job, /*in_place=*/true));
+  }
+}
+
+void EngineImpl::StopSeals(store::Context& ctx) {
+  ctx.set_closing();
+  for (int32_t l = 0; l < ctx.shape().layers; ++l) {
+    store::Context::Layer& layer = ctx.layer(l);
+    absl::MutexLock lock(&layer.seal_mu);
+    layer.pending.clear();  // their reservations go back
+    layer.seal_mu.Await(absl::Condition(
+        +[](bool* draining) { return !*draining; }, &layer.draining));
+  }
+}
+
+absl::Status EngineImpl::RunSeal(store::Context& ctx, int32_t l, store::PendingSeal& job,
+                                 bool in_place) {
+  const HeadParams p = Params(ctx);
+  store::Context::Layer& layer = ctx.layer(l);
+  const int32_t heads = ctx.shape().kv_heads;
+  const int64_t n = job.tokens;
+  std::vector<SealPlan> plans(heads);
+  // In place: heads in parallel in the compute arena. In the background: one after another on
+  // the (low-priority) seal thread, stopping at the next head once the context closes.
+  auto each = [&](auto&& fn) -> absl::Status {
+    if (in_place) return ForEachHead(heads, fn);
+    for (int32_t h = 0; h < heads; ++h) {
+      if (ctx.closing()) return absl::CancelledError("context closed");
+      KVWAVE_RETURN_IF_ERROR(fn(h));
+    }
+    return absl::OkStatus();
+  };
+  {
+    std::shared_lock lock(layer.mu);
+    for (int32_t h = 0; h < heads; ++h) PrepareSeal(p, n, layer.heads[h], plans[h]);
+  }
+  absl::Status status = each([&](int32_t h) { return ClusterSeal(p, plans[h]); });
+  if (status.ok()) {
+    std::vector<store::MemoryCharge> charges;
+    for (int32_t h = 0; h < heads; ++h) charges.push_back(job.reserved.Split(SealReserveBytes(p, n)));
+    std::shared_lock lock(layer.mu);
+    status = each([&](int32_t h) { return BuildSeal(p, layer.heads[h], plans[h], charges[h]); });
+  }
+  // Publication: the new segments and the tails without their tokens, in one step for readers.
+  std::unique_lock lock(layer.mu);
+  layer.sealing_tokens -= n;
+  if (status.ok() && ctx.closing()) status = absl::CancelledError("context closed");
+  if (!status.ok()) return status;  // the tokens stay in the tail, attended exactly
+  for (int32_t h = 0; h < heads; ++h) {
+    layer.heads[h].segments.push_back(std::move(plans[h].segment));
+    layer.heads[h].tail.DropFront(n);  // its charge is released here
+  }
   segments_sealed_.fetch_add(heads, std::memory_order_relaxed);
-  Report("OnPublish", ctx, layer_index, backend_->OnPublish(ctx, layer_index, 1));
-  return absl::OkStatus();
+  Report("OnPublish", ctx, l, backend_->OnPublish(ctx, l, 1));
+  return SharePersisted(ctx, l);
 }
 
 absl::Status EngineImpl::Append(ContextId id, int32_t layer_index, int64_t n,
@@ -315,55 +487,74 @@ absl::Status EngineImpl::Append(ContextId id, int32_t layer_index, int64_t n,
   const size_t row_bytes = static_cast<size_t>(token_bytes / shape.kv_heads);
 
   store::Context::Layer& layer = ctx->layer(layer_index);
-  std::unique_lock lock(layer.mu);
-  // Plan the seals this append triggers, and reserve everything up front: all or nothing.
   const int64_t seg_tokens = SegmentTokens(*ctx);
   const int64_t threshold = seg_tokens + settings_.recent_tokens;
-  int64_t seals = 0;
-  for (int64_t t = layer.heads[0].tail.size() + n; t >= threshold; t -= seg_tokens) ++seals;
-  const int64_t need =
-      2 * n * token_bytes + seals * shape.kv_heads * SealReserveBytes(p, seg_tokens);
-  KVWAVE_ASSIGN_OR_RETURN(store::MemoryCharge reserved, Reserve(need));
+  std::unique_lock lock(layer.mu);
+  // Plan the seals this append completes (tokens already promised to queued seals do not count
+  // again), and reserve everything up front: all or nothing.
+  auto plan = [&] {
+    std::vector<int64_t> seals;
+    for (int64_t t = layer.heads[0].tail.size() + n - layer.sealing_tokens; t >= threshold;
+         t -= seg_tokens) {
+      seals.push_back(seg_tokens);
+    }
+    return seals;
+  };
+  auto need = [&](const std::vector<int64_t>& seals) {
+    return 2 * n * token_bytes +
+           static_cast<int64_t>(seals.size()) * shape.kv_heads * SealReserveBytes(p, seg_tokens);
+  };
+  std::vector<int64_t> seals = plan();
+  absl::StatusOr<store::MemoryCharge> reserved = Reserve(need(seals));
+  if (absl::IsResourceExhausted(reserved.status()) && layer.sealing_tokens > 0) {
+    // At the limit with seals queued: finishing them frees their tokens' tail bytes.
+    lock.unlock();
+    if (absl::Status s = DrainNow(*ctx, layer_index); !s.ok()) ctx->DeferError(s);
+    lock.lock();
+    seals = plan();
+    reserved = Reserve(need(seals));
+  }
+  KVWAVE_RETURN_IF_ERROR(reserved.status());
 
   for (int32_t h = 0; h < shape.kv_heads; ++h) {
-    store::MemoryCharge charge = reserved.Split(static_cast<int64_t>(2 * n * row_bytes));
+    store::MemoryCharge charge = reserved->Split(static_cast<int64_t>(2 * n * row_bytes));
     KVWAVE_RETURN_IF_ERROR(layer.heads[h].tail.Append(
         k.data() + h * row_bytes, v.data() + h * row_bytes, n, token_bytes, std::move(charge)));
   }
   layer.tokens += n;
   tokens_appended_.fetch_add(n, std::memory_order_relaxed);
   Report("OnAppend", *ctx, layer_index, backend_->OnAppend(*ctx, layer_index, n));
-  absl::Status persisted = absl::OkStatus();
-  for (int64_t i = 0; i < seals; ++i) {
-    absl::Status s = SealLayer(p, *ctx, layer_index, seg_tokens, reserved);
-    if (!s.ok()) {
-      // A failed seal keeps the tokens in the tail (still attended exactly): nothing is lost.
-      spdlog::error("context {} layer {}: seal failed, tokens stay in the tail: {}", id,
-                    layer_index, s.ToString());
-      break;
-    }
-    persisted.Update(SharePersisted(*ctx, layer_index));
-  }
-  return persisted;
+  // The seals run in the background: this Append returns without waiting for their k-means.
+  QueueSeals(ctx, layer_index, seals, *reserved);
+  lock.unlock();
+  if (!seals.empty() && SealsInPlace(*ctx)) return DrainNow(*ctx, layer_index);
+  return absl::OkStatus();
 }
 
 absl::Status EngineImpl::Seal(ContextId id) {
   KVWAVE_ASSIGN_OR_RETURN(auto ctx, Find(id));
   const HeadParams p = Params(*ctx);
   const int64_t seg_tokens = SegmentTokens(*ctx);
+  absl::Status status = ctx->TakeDeferredError();  // of earlier background seals
   for (int32_t l = 0; l < ctx->shape().layers; ++l) {
     store::Context::Layer& layer = ctx->layer(l);
-    std::unique_lock lock(layer.mu);
-    for (;;) {
-      const int64_t sealable = layer.heads[0].tail.size() - settings_.recent_tokens;
-      if (sealable <= 0) break;
-      const int64_t count = std::min(sealable, seg_tokens);
-      KVWAVE_ASSIGN_OR_RETURN(store::MemoryCharge reserved,
-                              Reserve(ctx->shape().kv_heads * SealReserveBytes(p, count)));
-      KVWAVE_RETURN_IF_ERROR(SealLayer(p, *ctx, l, count, reserved));
-      KVWAVE_RETURN_IF_ERROR(SharePersisted(*ctx, l));
+    {
+      // Everything but the recent tokens, in segments, after what is already queued.
+      std::unique_lock lock(layer.mu);
+      std::vector<int64_t> counts;
+      int64_t sealable =
+          layer.heads[0].tail.size() - layer.sealing_tokens - settings_.recent_tokens;
+      for (; sealable > 0; sealable -= counts.back()) {
+        counts.push_back(std::min(sealable, seg_tokens));
+      }
+      int64_t bytes = 0;
+      for (int64_t c : counts) bytes += ctx->shape().kv_heads * SealReserveBytes(p, c);
+      KVWAVE_ASSIGN_OR_RETURN(store::MemoryCharge reserved, Reserve(bytes));
+      QueueSeals(ctx, l, counts, reserved);
     }
+    status.Update(DrainNow(*ctx, l));  // on this thread, heads in parallel
   }
+  KVWAVE_RETURN_IF_ERROR(status);
   ctx->set_decoding();
   return absl::OkStatus();
 }

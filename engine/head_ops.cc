@@ -95,43 +95,66 @@ int64_t SealReserveBytes(const HeadParams& p, int64_t n) {
                                   p.tokens_per_cluster);
 }
 
-absl::Status SealHead(const HeadParams& p, int64_t n, store::HeadKv& head,
-                      store::MemoryCharge& reserved) {
-  store::Tail& tail = head.tail;
+void PrepareSeal(const HeadParams& p, int64_t n, const store::HeadKv& head, SealPlan& plan) {
+  const store::Tail& tail = head.tail;
   KVWAVE_CHECK(n >= 1 && n <= tail.size());
-  const int32_t steady =
+  plan.first_position = tail.first_position();
+  plan.tokens = n;
+  plan.steady =
       tail.first_position() == 0 ? static_cast<int32_t>(std::min<int64_t>(p.sink_tokens, n)) : 0;
-  const int64_t clustered = n - steady;
-  index::WaveClusters clusters;
+  const int64_t clustered = n - plan.steady;
+  plan.keys.resize(clustered * p.head_dim);
+  if (clustered > 0) ToFloat(tail.key_row(plan.steady), p.dtype, plan.keys.data(), plan.keys.size());
+}
+
+absl::Status ClusterSeal(const HeadParams& p, SealPlan& plan) {
+  const int64_t clustered = plan.tokens - plan.steady;
   if (clustered > 0) {
-    std::vector<float> keys(clustered * p.head_dim);
-    ToFloat(tail.key_row(steady), p.dtype, keys.data(), keys.size());
     index::WaveIndexOptions options;
     options.tokens_per_cluster = p.tokens_per_cluster;
     options.iterations = p.kmeans_iterations;
     options.kernel = p.faiss_kmeans ? index::WaveIndexOptions::Kernel::kFaiss
                                     : index::WaveIndexOptions::Kernel::kOwn;
     KVWAVE_ASSIGN_OR_RETURN(
-        clusters, p.backend != nullptr
-                      ? p.backend->ClusterKeys(keys.data(), clustered, p.head_dim, options)
-                      : index::ClusterKeys(keys.data(), clustered, p.head_dim, options));
+        plan.clusters,
+        p.backend != nullptr
+            ? p.backend->ClusterKeys(plan.keys.data(), clustered, p.head_dim, options)
+            : index::ClusterKeys(plan.keys.data(), clustered, p.head_dim, options));
   }
+  plan.keys = {};
+  return absl::OkStatus();
+}
+
+absl::Status BuildSeal(const HeadParams& p, const store::HeadKv& head, SealPlan& plan,
+                       store::MemoryCharge& reserved) {
+  const store::Tail& tail = head.tail;
+  KVWAVE_CHECK(tail.first_position() == plan.first_position && tail.size() >= plan.tokens);
   store::SegmentInput in;
-  in.first_position = tail.first_position();
-  in.num_tokens = static_cast<int32_t>(n);
-  in.steady_tokens = steady;
+  in.first_position = plan.first_position;
+  in.num_tokens = static_cast<int32_t>(plan.tokens);
+  in.steady_tokens = plan.steady;
   in.head_dim = p.head_dim;
   in.dtype = p.dtype;
   in.page_tokens = p.page_tokens;
   in.keys = tail.key_row(0);
   in.values = tail.value_row(0);
-  in.num_clusters = clusters.num_clusters;
-  in.assignment = clusters.assignment;
-  in.centroids = clusters.centroids;
-  in.sizes = clusters.sizes;
-  KVWAVE_ASSIGN_OR_RETURN(auto segment, store::Segment::Build(in, p.allocator, reserved));
-  head.segments.push_back(std::move(segment));
-  tail.DropFront(n);  // the returned charge is released here
+  in.num_clusters = plan.clusters.num_clusters;
+  in.assignment = plan.clusters.assignment;
+  in.centroids = plan.clusters.centroids;
+  in.sizes = plan.clusters.sizes;
+  KVWAVE_ASSIGN_OR_RETURN(plan.segment, store::Segment::Build(in, p.allocator, reserved));
+  plan.clusters = {};
+  return absl::OkStatus();
+}
+
+absl::Status SealHead(const HeadParams& p, int64_t n, store::HeadKv& head,
+                      store::MemoryCharge& reserved) {
+  SealPlan plan;
+  PrepareSeal(p, n, head, plan);
+  KVWAVE_RETURN_IF_ERROR(ClusterSeal(p, plan));
+  KVWAVE_RETURN_IF_ERROR(BuildSeal(p, head, plan, reserved));
+  head.segments.push_back(std::move(plan.segment));
+  head.tail.DropFront(n);  // the returned charge is released here
   return absl::OkStatus();
 }
 

@@ -7,11 +7,14 @@
 #define KVWAVE_ENGINE_HEAD_OPS_H_
 
 #include <cstdint>
+#include <memory>
 #include <span>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "config/settings.h"
 #include "engine/engine.h"
+#include "index/wave_index.h"
 #include "store/context.h"
 
 namespace kvwave::engine {
@@ -35,7 +38,26 @@ struct HeadParams {
 HeadParams MakeHeadParams(const config::Settings& settings, const store::ModelShape& shape,
                           store::HostAllocator* allocator);
 
-// Seals the first n tokens of head.tail into a new segment (clustered with the wave index),
+// A seal in steps, so that the k-means runs with no lock held (engine/engine_impl.cc):
+//   PrepareSeal (layer lock shared)  the first n tail keys to float32
+//   ClusterSeal (no lock)            the k-means (p.backend->ClusterKeys)
+//   BuildSeal   (layer lock shared)  the rows laid out cluster-contiguous into plan.segment
+// then the caller publishes (lock exclusive): segments.push_back, tail.DropFront(n). Between the
+// steps the tail may grow, but its first n tokens stay (only the publisher drops them).
+struct SealPlan {
+  int64_t first_position = 0;
+  int64_t tokens = 0;
+  int32_t steady = 0;
+  std::vector<float> keys;  // [tokens - steady x d]
+  index::WaveClusters clusters;
+  std::shared_ptr<const store::Segment> segment;
+};
+void PrepareSeal(const HeadParams& p, int64_t n, const store::HeadKv& head, SealPlan& plan);
+[[nodiscard]] absl::Status ClusterSeal(const HeadParams& p, SealPlan& plan);
+[[nodiscard]] absl::Status BuildSeal(const HeadParams& p, const store::HeadKv& head,
+                                     SealPlan& plan, store::MemoryCharge& reserved);
+
+// All the steps at once, and the publication. Seals the first n tokens of head.tail into a new segment (clustered with the wave index),
 // charging it to `reserved`. On error the head is unchanged.
 [[nodiscard]] absl::Status SealHead(const HeadParams& p, int64_t n, store::HeadKv& head,
                                     store::MemoryCharge& reserved);

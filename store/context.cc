@@ -54,12 +54,19 @@ void CopyRows(std::byte* dst, const std::byte* src, int64_t n, size_t row_bytes,
 }  // namespace
 
 absl::Status Tail::Reserve(int64_t rows) {
-  if (rows <= capacity_) return absl::OkStatus();
+  if (start_ + rows <= capacity_) return absl::OkStatus();
+  const size_t live = size_ * row_bytes_;
+  if (start_ > 0) {  // move the live rows to the front first (dropped rows leave a gap there)
+    std::memmove(keys_.data(), keys_.data() + start_ * row_bytes_, live);
+    std::memmove(values_.data(), values_.data() + start_ * row_bytes_, live);
+    start_ = 0;
+    if (rows <= capacity_) return absl::OkStatus();
+  }
   // At least double (amortised O(1) per row), and leave room for one more append of the size
   // that forced the growth: bulk appends come in equal chunks, and each growth copies the tail.
   const int64_t appended = rows - size_;
   const int64_t cap = std::max<int64_t>({rows + appended, capacity_ * 2, 64});
-  const size_t bytes = cap * row_bytes_, live = size_ * row_bytes_;
+  const size_t bytes = cap * row_bytes_;
   if (capacity_ == 0) {
     KVWAVE_ASSIGN_OR_RETURN(keys_, HostBuffer::Allocate(allocator_, bytes));
     KVWAVE_ASSIGN_OR_RETURN(values_, HostBuffer::Allocate(allocator_, bytes));
@@ -76,8 +83,9 @@ absl::Status Tail::Reserve(int64_t rows) {
 absl::Status Tail::Append(const std::byte* k, const std::byte* v, int64_t n, size_t src_stride,
                           MemoryCharge charge) {
   KVWAVE_RETURN_IF_ERROR(Reserve(size_ + n));
-  CopyRows(keys_.data() + size_ * row_bytes_, k, n, row_bytes_, src_stride);
-  CopyRows(values_.data() + size_ * row_bytes_, v, n, row_bytes_, src_stride);
+  const size_t at = (start_ + size_) * row_bytes_;
+  CopyRows(keys_.data() + at, k, n, row_bytes_, src_stride);
+  CopyRows(values_.data() + at, v, n, row_bytes_, src_stride);
   size_ += n;
   charge_.Merge(std::move(charge));
   return absl::OkStatus();
@@ -85,12 +93,8 @@ absl::Status Tail::Append(const std::byte* k, const std::byte* v, int64_t n, siz
 
 MemoryCharge Tail::DropFront(int64_t n) {
   KVWAVE_CHECK(n >= 0 && n <= size_);
-  int64_t rest = size_ - n;
-  if (rest > 0) {
-    std::memmove(keys_.data(), keys_.data() + n * row_bytes_, rest * row_bytes_);
-    std::memmove(values_.data(), values_.data() + n * row_bytes_, rest * row_bytes_);
-  }
-  size_ = rest;
+  size_ -= n;
+  start_ = size_ == 0 ? 0 : start_ + n;
   first_position_ += n;
   return charge_.Split(static_cast<int64_t>(2 * n * row_bytes_));
 }

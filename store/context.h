@@ -12,6 +12,8 @@
 #define KVWAVE_STORE_CONTEXT_H_
 
 #include <atomic>
+#include <deque>
+#include <utility>
 #include <cstdint>
 #include <memory>
 #include <shared_mutex>
@@ -47,10 +49,13 @@ class Tail {
   int64_t size() const { return size_; }
   int64_t first_position() const { return first_position_; }
   size_t row_bytes() const { return row_bytes_; }
-  const std::byte* key_row(int64_t i) const { return keys_.data() + i * row_bytes_; }
-  const std::byte* value_row(int64_t i) const { return values_.data() + i * row_bytes_; }
+  const std::byte* key_row(int64_t i) const { return keys_.data() + (start_ + i) * row_bytes_; }
+  const std::byte* value_row(int64_t i) const {
+    return values_.data() + (start_ + i) * row_bytes_;
+  }
 
  private:
+  // Room for `rows` live rows after start_: moves the live rows to the front and/or grows.
   absl::Status Reserve(int64_t rows);
   size_t row_bytes_;
   HostAllocator* allocator_;
@@ -58,9 +63,17 @@ class Tail {
   // slack is not charged to the budget.
   HostBuffer keys_, values_;
   int64_t capacity_ = 0;
+  int64_t start_ = 0;  // buffer row of the first live row: DropFront moves no rows
   int64_t size_ = 0;
   int64_t first_position_ = 0;
   MemoryCharge charge_;
+};
+
+// A seal queued for one layer: its token count (from the tail's front, at the time it runs) and
+// the memory reserved for its segments when the Append that completed it was admitted.
+struct PendingSeal {
+  int64_t tokens = 0;
+  MemoryCharge reserved;
 };
 
 struct HeadKv {
@@ -90,6 +103,18 @@ class Context {
     mutable std::shared_mutex mu;
     std::vector<HeadKv> heads;  // [kv_heads]; guarded by mu
     int64_t tokens = 0;         // guarded by mu
+    // Tokens at the front of every tail promised to queued or running seals (guarded by mu).
+    // They stay in the tails, attended exactly, until their segments are published.
+    int64_t sealing_tokens = 0;
+    // The layer's seal queue (engine/engine_impl.cc), run in order by one drainer at a time: a
+    // background seal thread, or a caller that needs it done (Seal, an Append at the memory
+    // limit). Invariant: pending non-empty and no drainer => a background drain is scheduled.
+    absl::Mutex seal_mu;
+    std::deque<PendingSeal> pending ABSL_GUARDED_BY(seal_mu);
+    bool draining ABSL_GUARDED_BY(seal_mu) = false;   // a drainer owns the queue
+    bool scheduled ABSL_GUARDED_BY(seal_mu) = false;  // a background drain is queued
+    bool yield ABSL_GUARDED_BY(seal_mu) = false;  // a caller waits: the background drainer
+                                                  // stops after its current seal
   };
 
   Context(uint64_t id, const ModelShape& shape, HostAllocator* allocator);
@@ -115,6 +140,18 @@ class Context {
   void set_prefix(std::unique_ptr<PrefixState> prefix) { prefix_ = std::move(prefix); }
   PrefixState* prefix() const { return prefix_.get(); }
   void set_decoding() { decoding_.store(true, std::memory_order_release); }
+  // Set by Close: queued seals are dropped, a running one stops at its next head.
+  bool closing() const { return closing_.load(std::memory_order_acquire); }
+  void set_closing() { closing_.store(true, std::memory_order_release); }
+  // An error of a background seal (or its persistence), reported by the next Seal.
+  void DeferError(const absl::Status& s) {
+    absl::MutexLock lock(&error_mu_);
+    deferred_error_.Update(s);
+  }
+  absl::Status TakeDeferredError() {
+    absl::MutexLock lock(&error_mu_);
+    return std::exchange(deferred_error_, absl::OkStatus());
+  }
 
  private:
   const uint64_t id_;
@@ -124,6 +161,9 @@ class Context {
   std::unique_ptr<PrefixState> prefix_;  // null without token ids
   // Acquire/release: a thread that sees decoding() also sees the seal that set it.
   std::atomic<bool> decoding_{false};
+  std::atomic<bool> closing_{false};  // acquire/release, like decoding_
+  absl::Mutex error_mu_;
+  absl::Status deferred_error_ ABSL_GUARDED_BY(error_mu_);
 };
 
 }  // namespace kvwave::store

@@ -93,6 +93,7 @@ TEST(PrefixTest, SecondContextAttachesAndDivergesSafely) {
   std::vector<int32_t> a = RandomTokens(rng, 3 * kBlock + 30);
   const ContextId ca = engine->Open({kShape, a}).value().id;
   AppendRange(*engine, ca, a, 0, a.size());
+  ASSERT_TRUE(engine->Flush().ok());  // the background seals done
   EXPECT_EQ(engine->Stats().prefix_blocks_registered, 3);
 
   std::vector<int32_t> b(a.begin(), a.begin() + 2 * kBlock + 5);  // diverges inside block 2

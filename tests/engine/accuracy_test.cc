@@ -1,0 +1,236 @@
+// The sparse path's accuracy (issue 16 item 6, CPU part): on seeded clustered data, at the
+// default budgets (1.8% + 23.2%), the output error of Attend and the recall of the exact top-k
+// stay within stated bounds; a 100% budget is exact attention; and Attends racing a background
+// seal return either the exact (all-tail) answer or the sealed-index answer, never anything
+// else. Seeds are printed and can be set with KVWAVE_TEST_SEED.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "engine/engine.h"
+
+namespace kvwave::engine {
+namespace {
+
+constexpr int kQHeads = 4, kKvHeads = 2, kDim = 64, kGroup = kQHeads / kKvHeads;
+const store::ModelShape kShape{1, kQHeads, kKvHeads, kDim, DType::kF32};
+
+unsigned Seed() {
+  if (const char* s = std::getenv("KVWAVE_TEST_SEED")) return static_cast<unsigned>(std::atoll(s));
+  return std::random_device{}();
+}
+
+// Keys drawn around `centers` topics (a mixture of Gaussians, like real post-RoPE keys that
+// cluster), values near their topic's; queries point at one topic each, so attention concentrates on a few
+// hundred keys, the regime sparse attention is for.
+struct Data {
+  int64_t n = 0;
+  std::vector<float> k, v;  // [n x kv_heads x d]
+  std::vector<std::vector<float>> topics;  // per KV head, [centers x d]
+  std::vector<std::vector<float>> values;  // per KV head, [centers x d]: a topic's typical value
+};
+
+Data Clustered(std::mt19937& rng, int64_t n, int centers) {
+  std::normal_distribution<float> normal;
+  std::uniform_int_distribution<int> pick(0, centers - 1);
+  Data d;
+  d.n = n;
+  d.topics.resize(kKvHeads);
+  d.values.resize(kKvHeads);
+  for (int h = 0; h < kKvHeads; ++h) {
+    d.topics[h].resize(static_cast<size_t>(centers) * kDim);
+    d.values[h].resize(d.topics[h].size());
+    for (auto& x : d.topics[h]) x = 2.0f * normal(rng);
+    for (auto& x : d.values[h]) x = normal(rng);
+  }
+  d.k.resize(n * kKvHeads * kDim);
+  d.v.resize(d.k.size());
+  for (int64_t i = 0; i < n; ++i) {
+    for (int h = 0; h < kKvHeads; ++h) {
+      const int c = pick(rng);
+      for (int j = 0; j < kDim; ++j) {
+        d.k[(i * kKvHeads + h) * kDim + j] = d.topics[h][c * kDim + j] + 0.5f * normal(rng);
+        d.v[(i * kKvHeads + h) * kDim + j] = d.values[h][c * kDim + j] + 0.5f * normal(rng);
+      }
+    }
+  }
+  return d;
+}
+
+std::vector<float> Query(std::mt19937& rng, const Data& d, int centers) {
+  std::normal_distribution<float> normal;
+  std::uniform_int_distribution<int> pick(0, centers - 1);
+  std::vector<float> q(kQHeads * kDim);
+  for (int h = 0; h < kQHeads; ++h) {
+    const int c = pick(rng);
+    for (int j = 0; j < kDim; ++j) {
+      q[h * kDim + j] = 0.6f * d.topics[h / kGroup][c * kDim + j] + 0.5f * normal(rng);
+    }
+  }
+  return q;
+}
+
+// Float64 attention of query head h over tokens [0, n); also its top-k positions.
+void Exact(const Data& d, int64_t n, const std::vector<float>& q, int h, int k,
+           std::vector<double>& out, std::vector<int64_t>* top) {
+  const int kvh = h / kGroup;
+  std::vector<double> logit(n);
+  double m = -INFINITY;
+  for (int64_t t = 0; t < n; ++t) {
+    double dot = 0;
+    for (int j = 0; j < kDim; ++j) dot += double{q[h * kDim + j]} * d.k[(t * kKvHeads + kvh) * kDim + j];
+    logit[t] = dot / std::sqrt(double{kDim});
+    m = std::max(m, logit[t]);
+  }
+  double z = 0;
+  out.assign(kDim, 0.0);
+  for (int64_t t = 0; t < n; ++t) {
+    const double w = std::exp(logit[t] - m);
+    z += w;
+    for (int j = 0; j < kDim; ++j) out[j] += w * d.v[(t * kKvHeads + kvh) * kDim + j];
+  }
+  for (auto& x : out) x /= z;
+  if (top != nullptr) {
+    std::vector<int64_t> idx(n);
+    for (int64_t t = 0; t < n; ++t) idx[t] = t;
+    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
+                      [&](int64_t a, int64_t b) { return logit[a] > logit[b]; });
+    top->assign(idx.begin(), idx.begin() + k);
+  }
+}
+
+double RelError(const float* got, const std::vector<double>& want) {
+  double num = 0, den = 0;
+  for (size_t j = 0; j < want.size(); ++j) {
+    num += (got[j] - want[j]) * (got[j] - want[j]);
+    den += want[j] * want[j];
+  }
+  return std::sqrt(num / den);
+}
+
+config::Settings Settings() {
+  config::Settings s;
+  s.prefill_segment_tokens = 1024;
+  s.recent_tokens = 64;
+  s.sink_tokens = 4;
+  s.compute_threads = 2;
+  return s;
+}
+
+void AppendAll(Engine& e, ContextId id, const Data& d, int64_t from, int64_t to) {
+  const int64_t row = kKvHeads * kDim;
+  ASSERT_TRUE(e.Append(id, 0, to - from,
+                       std::as_bytes(std::span(d.k).subspan(from * row, (to - from) * row)),
+                       std::as_bytes(std::span(d.v).subspan(from * row, (to - from) * row)))
+                  .ok());
+}
+
+// Stated bounds, at the default budgets on this data (8192 tokens, 64 topics per KV head, 512
+// clusters per head): mean relative output error <= 0.08 and no query head above 0.25; recall
+// of the exact top-32 by Retrieve (wave, 5% of the clusters scored) >= 0.95 on average; the 100%
+// budget within 2e-5 of float64. Measured over 6 seeds on the development VM: mean error
+// 0.037-0.042, worst head 0.080-0.102, recall 0.981-0.992, 100% budget <= 6.8e-6.
+TEST(AccuracyTest, DefaultBudgetsOnClusteredDataStayWithinBounds) {
+  const unsigned seed = Seed();
+  std::printf("seed %u (set KVWAVE_TEST_SEED to replay)\n", seed);
+  SCOPED_TRACE(::testing::Message() << "seed " << seed);
+  std::mt19937 rng(seed);
+  constexpr int kCenters = 64, kTopK = 32, kQueries = 16;
+  const int64_t n = 8192;
+  const Data d = Clustered(rng, n, kCenters);
+  auto engine = Engine::Create(Settings()).value();
+  const ContextId id = engine->Open({kShape, {}, ""}).value().id;
+  AppendAll(*engine, id, d, 0, n);
+  ASSERT_TRUE(engine->Seal(id).ok());  // every segment indexed
+
+  double err_sum = 0, err_max = 0, exact_max = 0, recall_sum = 0;
+  int samples = 0;
+  for (int i = 0; i < kQueries; ++i) {
+    const std::vector<float> q = Query(rng, d, kCenters);
+    std::vector<float> out(q.size()), lse(kQHeads), full(q.size());
+    AttendStats stats;
+    ASSERT_TRUE(engine->Attend(id, 0, q, AttendBudget{}, out, lse, &stats).ok());
+    EXPECT_GT(stats.total_clusters, 0);
+    EXPECT_LT(stats.retrieved_clusters, stats.total_clusters);
+    ASSERT_TRUE(engine->Attend(id, 0, q, {1.0, 0.0}, full, lse, nullptr).ok());
+    std::vector<int64_t> positions(kQHeads * kTopK);
+    std::vector<float> scores(positions.size());
+    RetrieveOptions ro;
+    ro.k = kTopK;
+    ASSERT_TRUE(engine->Retrieve(id, 0, q, ro, positions, scores, nullptr).ok());
+    for (int h = 0; h < kQHeads; ++h) {
+      std::vector<double> want;
+      std::vector<int64_t> top;
+      Exact(d, n, q, h, kTopK, want, &top);
+      const double err = RelError(out.data() + h * kDim, want);
+      err_sum += err;
+      err_max = std::max(err_max, err);
+      exact_max = std::max(exact_max, RelError(full.data() + h * kDim, want));
+      int hit = 0;
+      for (int64_t t : top) {
+        hit += std::count(positions.begin() + h * kTopK, positions.begin() + (h + 1) * kTopK, t);
+      }
+      recall_sum += double(hit) / kTopK;
+      ++samples;
+    }
+  }
+  const double err_mean = err_sum / samples, recall = recall_sum / samples;
+  std::printf("default budgets: mean error %.4f, worst head %.4f, recall@%d %.3f; 100%%: %.2e\n",
+              err_mean, err_max, kTopK, recall, exact_max);
+  EXPECT_LE(err_mean, 0.08);
+  EXPECT_LE(err_max, 0.25);
+  EXPECT_GE(recall, 0.95);
+  EXPECT_LE(exact_max, 2e-5);  // 100% budget = exact attention
+}
+
+// Attends while the one seal of this context runs in the background: before it is published the
+// 1088 tokens are all in the tail (the answer is exact attention), after it they are a segment
+// plus 64 tail tokens (the sealed-index answer at the default budgets). Every answer must be one
+// of the two, bit for bit the sealed one or within float32 rounding of the exact one.
+TEST(AccuracyTest, AttendsRacingABackgroundSealSeeOneStateOrTheOther) {
+  const unsigned seed = Seed();
+  std::printf("seed %u (set KVWAVE_TEST_SEED to replay)\n", seed);
+  SCOPED_TRACE(::testing::Message() << "seed " << seed);
+  std::mt19937 rng(seed);
+  const int64_t n = 1024 + 64;
+  const Data d = Clustered(rng, n, 16);
+  const std::vector<float> q = Query(rng, d, 16);
+  std::vector<std::vector<double>> exact(kQHeads);
+  for (int h = 0; h < kQHeads; ++h) Exact(d, n, q, h, 1, exact[h], nullptr);
+
+  for (int round = 0; round < 3; ++round) {
+    auto engine = Engine::Create(Settings()).value();
+    const ContextId id = engine->Open({kShape, {}, ""}).value().id;
+    AppendAll(*engine, id, d, 0, n);  // completes the segment: its seal is queued
+    std::vector<std::vector<float>> seen;
+    while (engine->Info(id).value().sealed_segments == 0) {
+      std::vector<float> out(q.size()), lse(kQHeads);
+      ASSERT_TRUE(engine->Attend(id, 0, q, AttendBudget{}, out, lse, nullptr).ok());
+      seen.push_back(out);
+    }
+    ASSERT_TRUE(engine->Flush().ok());
+    std::vector<float> sealed(q.size()), lse(kQHeads);
+    ASSERT_TRUE(engine->Attend(id, 0, q, AttendBudget{}, sealed, lse, nullptr).ok());
+    int as_exact = 0, as_sealed = 0;
+    for (const auto& out : seen) {
+      bool exact_state = true;
+      for (int h = 0; h < kQHeads; ++h) {
+        exact_state = exact_state && RelError(out.data() + h * kDim, exact[h]) <= 1e-5;
+      }
+      const bool sealed_state = out == sealed;
+      EXPECT_TRUE(exact_state || sealed_state) << "an answer that is neither state";
+      as_exact += exact_state;
+      as_sealed += sealed_state && !exact_state;
+    }
+    std::printf("round %d: %zu Attends during the seal: %d exact (tail), %d sealed\n", round,
+                seen.size(), as_exact, as_sealed);
+  }
+}
+
+}  // namespace
+}  // namespace kvwave::engine
