@@ -30,6 +30,7 @@
 #include "bench/subcommand.h"
 #include "config/settings.h"
 #include "engine/engine.h"
+#include "engine/finite.h"
 #include "kvwave/client.h"
 #include "kvwave/local_daemon.h"
 #include "store/host_memory.h"
@@ -255,6 +256,25 @@ double MemcpyGBs() {
   return best;
 }
 
+// The finite check Append runs on K and V (engine/finite.h), over one bulk Append's K+V of bf16
+// values, best of 10, in GB/s (the same buffer size for memcpy, for scale).
+std::pair<double, double> FiniteCheckGBs(size_t bytes) {
+  std::vector<uint16_t> kv(bytes / 2);
+  for (size_t i = 0; i < kv.size(); ++i) kv[i] = FloatToBf16(static_cast<float>(i % 1000) / 999.0f);
+  std::vector<uint16_t> copy(kv.size());
+  double check = 0, copied = 0;
+  for (int i = 0; i < 10; ++i) {
+    auto t0 = Clock::now();
+    absl::Status st = engine::CheckFinite("kv", std::as_bytes(std::span(kv)), DType::kBF16);
+    check = std::max(check, bytes / Since(t0) / 1e9);
+    if (!st.ok()) std::abort();
+    t0 = Clock::now();
+    std::memcpy(copy.data(), kv.data(), bytes);
+    copied = std::max(copied, bytes / Since(t0) / 1e9);
+  }
+  return {check, copied};
+}
+
 std::FILE* g_csv = nullptr;
 
 void Print(const std::string& transport, const Results& r,
@@ -324,6 +344,11 @@ int RunServe(int argc, char** argv) {
   }
   const double memcpy_gbs = MemcpyGBs();
   std::printf("# memcpy bandwidth (64 MiB, best of 10): %.2f GB/s\n", memcpy_gbs);
+  const auto [check_gbs, kv_copy_gbs] = FiniteCheckGBs(size_t(2 * cfg.append_tokens * kRowBytes));
+  std::printf(
+      "# finite check of one bulk Append's K+V (bf16, best of 10): %.2f GB/s; memcpy of it %.2f "
+      "GB/s\n",
+      check_gbs, kv_copy_gbs);
   std::printf(
       "# shape: %d layers, %d q heads, %d kv heads, dim %d, bf16; bulk Append = %d tokens "
       "= %.1f MiB K+V; %d clients x %d requests\n",
