@@ -109,8 +109,6 @@ absl::Status WaveBuffer::Init() {
     auto s = std::make_unique<Slot>();
     s->index = i;
     KVWAVE_ASSIGN_OR_RETURN(s->q, backend_->Allocate(sizeof(float) * rows * o_.d));
-    KVWAVE_ASSIGN_OR_RETURN(s->out, backend_->Allocate(sizeof(float) * rows * o_.d));
-    KVWAVE_ASSIGN_OR_RETURN(s->lse, backend_->Allocate(sizeof(float) * rows));
     KVWAVE_ASSIGN_OR_RETURN(s->counts, backend_->Allocate(sizeof(int32_t) * H));
     KVWAVE_ASSIGN_OR_RETURN(s->counts2, backend_->Allocate(sizeof(int32_t) * H));
     KVWAVE_ASSIGN_OR_RETURN(s->page_counts, backend_->Allocate(sizeof(int32_t) * 2 * H));
@@ -500,7 +498,7 @@ absl::Status WaveBuffer::Begin(int slot, SpaceId id, std::span<const store::Head
   }
   s.holders = host ? 2 : 1;  // the commit job, and the host call until it has read its results
   const auto t1 = Clock::now();
-  const size_t qn = static_cast<size_t>(o_.heads) * o_.g * o_.d, rows = qn / o_.d;
+  const size_t qn = static_cast<size_t>(o_.heads) * o_.g * o_.d;
   auto* io = reinterpret_cast<float*>(s.io.data());
   if (host) std::memcpy(io, q, sizeof(float) * qn);
   absl::Status status;
@@ -511,14 +509,11 @@ absl::Status WaveBuffer::Begin(int slot, SpaceId id, std::span<const store::Head
     if (status.ok() && !heads.empty()) status = Sync(*sp, heads, s);
     if (status.ok() && host)
       status = backend_->Copy(s.q.data(), io, sizeof(float) * qn, kComputeStream);
+    // A host call's results are written by the exact attention's last blocks straight into the
+    // slot's pinned io (mapped): no copies back.
     if (status.ok())
-      status = Enqueue(*sp, host ? s.q.as<float>() : q, host ? s.out.as<float>() : out,
-                       host ? s.lse.as<float>() : lse, budget, slot);
-    if (status.ok() && host) {
-      status = backend_->Copy(io + qn, s.out.data(), sizeof(float) * qn, kComputeStream);
-      if (status.ok())
-        status = backend_->Copy(io + 2 * qn, s.lse.data(), sizeof(float) * rows, kComputeStream);
-    }
+      status = Enqueue(*sp, host ? s.q.as<float>() : q, host ? io + qn : out,
+                       host ? io + 2 * qn : lse, budget, slot);
     if (status.ok()) status = backend_->RecordEvent(kDoneEvent + slot, kComputeStream);
     if (status.ok()) {
       const ZoneCounts z = ZoneClusters(budget, sp->clusters);
