@@ -1,12 +1,191 @@
+// The CUDA attention backend: one buffer::WaveBuffer per model shape (KV heads, group, head dim,
+// dtype) on the configured device, one wave space per (context, layer), synced from the layer's
+// host state at each Attend (under the layer lock the engine holds): segments published since
+// the last call join the GPU meta index, the tail rows appended since are copied into the
+// device ring of the steady zone. So the lifecycle events OnAppend/OnPublish need no work (the
+// next Attend reads what they announce), and OnClose drops the context's spaces (its segments
+// leave the cache unless another context holds them). Shapes the GPU kernels do not cover (head
+// dim other than 64/128, group other than 1/2/4/8, f32 K/V) are served by the CPU backend.
+//
+// Thread-safety: see engine/attention_backend.h; the map of spaces under a mutex, the buffers
+// thread-safe themselves.
 #include "engine/cuda/cuda_attention_backend.h"
 
-namespace kvwave::engine {
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <utility>
+#include <vector>
 
-// Placeholder until the wave buffer serves live contexts (issue 16 item 2): gpu.mode = auto then
-// attends on the CPU, gpu.mode = on fails at start naming this.
+#include "absl/strings/str_cat.h"
+#include "buffer/wave_buffer.h"
+#include "config/status_macros.h"
+#include "engine/cpu_backend.h"
+#include "gpu/cuda_backend.h"
+
+namespace kvwave::engine {
+namespace {
+
+using ShapeKey = std::tuple<int32_t, int32_t, int32_t, int>;  // kv heads, group, d, dtype
+
+class CudaAttentionBackend final : public AttentionBackend {
+ public:
+  CudaAttentionBackend(const config::Settings& settings, int64_t cache_bytes)
+      : settings_(settings), cache_bytes_(cache_bytes), cpu_(CreateCpuBackend(settings)) {}
+
+  const char* name() const override { return "cuda"; }
+
+  void OnClose(const store::Context& ctx) override {
+    std::vector<std::pair<buffer::WaveBuffer*, buffer::WaveBuffer::SpaceId>> spaces;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = spaces_.lower_bound({ctx.id(), 0});
+      while (it != spaces_.end() && it->first.first == ctx.id()) {
+        spaces.push_back(it->second);
+        it = spaces_.erase(it);
+      }
+    }
+    for (const auto& [wb, space] : spaces) (void)wb->CloseSpace(space);
+  }
+
+  absl::Status Attend(std::span<const AttendItem> items) override {
+    std::vector<buffer::WaveBuffer::HostCall> calls;
+    std::vector<buffer::WaveBuffer*> owners;
+    std::vector<buffer::WaveCallStats> stats(items.size());
+    std::vector<size_t> item_of;
+    std::vector<AttendItem> on_cpu;
+    for (size_t i = 0; i < items.size(); ++i) {
+      const AttendItem& it = items[i];
+      const store::ModelShape& shape = it.context->shape();
+      KVWAVE_ASSIGN_OR_RETURN(buffer::WaveBuffer * wb, BufferFor(shape));
+      if (wb == nullptr) {
+        on_cpu.push_back(it);
+        continue;
+      }
+      KVWAVE_ASSIGN_OR_RETURN(const buffer::WaveBuffer::SpaceId space,
+                              SpaceFor(*wb, it.context->id(), it.layer));
+      buffer::WaveBuffer::HostCall c;
+      c.space = space;
+      c.heads = it.context->layer(it.layer).heads;
+      c.q = it.q.data();
+      c.out = it.out.data();
+      c.lse = it.lse.data();
+      c.budget = buffer::WaveBudget{it.budget.retrieval, it.budget.estimation};
+      c.stats = &stats[i];
+      calls.push_back(c);
+      owners.push_back(wb);
+      item_of.push_back(i);
+    }
+    if (!on_cpu.empty()) KVWAVE_RETURN_IF_ERROR(cpu_->Attend(on_cpu));
+    // One batch per buffer (a batch is normally one shape: one buffer).
+    for (size_t a = 0; a < calls.size();) {
+      size_t b = a;
+      while (b < calls.size() && owners[b] == owners[a]) ++b;
+      KVWAVE_RETURN_IF_ERROR(owners[a]->AttendHostBatch(
+          std::span<const buffer::WaveBuffer::HostCall>(calls.data() + a, b - a)));
+      a = b;
+    }
+    for (size_t j = 0; j < item_of.size(); ++j) {
+      const buffer::WaveCallStats& s = stats[item_of[j]];
+      AttendStats* out = items[item_of[j]].stats;
+      out->steady_tokens += s.steady_tokens;
+      out->retrieved_tokens += s.retrieved_tokens;
+      out->retrieved_clusters += s.retrieved_clusters;
+      out->estimated_clusters += s.estimated_clusters;
+      out->total_clusters += s.total_clusters;
+    }
+    return absl::OkStatus();
+  }
+
+  BackendStats Stats() const override {
+    BackendStats s;
+    s.name = "cuda";
+    s.device = static_cast<int32_t>(settings_.gpu_device);
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& [key, wb] : buffers_) {
+      if (wb == nullptr) continue;
+      const buffer::WaveCounters c = wb->counters();
+      const buffer::WaveAccounting a = wb->accounting();
+      const int64_t page = 2 * int64_t{8} * std::get<2>(key) * ElementSize(DType(std::get<3>(key)));
+      s.pool_bytes += a.pool_pages * page;
+      s.pool_used_bytes += (a.pool_pages - a.free_pages) * page;
+      s.hits += c.hit_clusters;
+      s.misses += c.miss_clusters;
+      s.pcie_bytes += c.pcie_bytes + c.upload_bytes;
+      s.segments_resident += a.segments;
+    }
+    return s;
+  }
+
+ private:
+  // The buffer serving `shape`, created on first use; null when the GPU kernels do not cover it.
+  absl::StatusOr<buffer::WaveBuffer*> BufferFor(const store::ModelShape& shape) {
+    const int32_t group = shape.q_heads / std::max(1, shape.kv_heads);
+    const ShapeKey key{shape.kv_heads, group, shape.head_dim, static_cast<int>(shape.dtype)};
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = buffers_.find(key);
+    if (it != buffers_.end()) return it->second.get();
+    std::unique_ptr<buffer::WaveBuffer> wb;
+    const bool covered = (shape.head_dim == 64 || shape.head_dim == 128) &&
+                         (group == 1 || group == 2 || group == 4 || group == 8) &&
+                         (shape.dtype == DType::kBF16 || shape.dtype == DType::kF16) &&
+                         settings_.page_tokens == gpu::kMaxPageRows;
+    if (covered) {
+      buffer::WaveBufferOptions o;
+      o.device = static_cast<int>(settings_.gpu_device);
+      o.heads = shape.kv_heads;
+      o.g = group;
+      o.d = shape.head_dim;
+      o.dtype = shape.dtype;
+      o.cache_bytes = cache_bytes_;
+      KVWAVE_ASSIGN_OR_RETURN(wb, buffer::WaveBuffer::Create(o));
+    }
+    buffer::WaveBuffer* raw = wb.get();
+    buffers_.emplace(key, std::move(wb));
+    return raw;
+  }
+
+  absl::StatusOr<buffer::WaveBuffer::SpaceId> SpaceFor(buffer::WaveBuffer& wb, uint64_t ctx,
+                                                       int32_t layer) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = spaces_.find({ctx, layer});
+    if (it != spaces_.end()) return it->second.second;
+    KVWAVE_ASSIGN_OR_RETURN(const buffer::WaveBuffer::SpaceId space, wb.OpenSpace());
+    spaces_.emplace(std::pair{ctx, layer}, std::pair{&wb, space});
+    return space;
+  }
+
+  const config::Settings settings_;
+  const int64_t cache_bytes_;
+  std::unique_ptr<AttentionBackend> cpu_;
+  mutable std::mutex mu_;
+  std::map<ShapeKey, std::unique_ptr<buffer::WaveBuffer>> buffers_;
+  std::map<std::pair<uint64_t, int32_t>,
+           std::pair<buffer::WaveBuffer*, buffer::WaveBuffer::SpaceId>>
+      spaces_;
+};
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCudaAttentionBackend(
     const config::Settings& settings, std::shared_ptr<store::HostPool> host_pool) {
-  return absl::UnimplementedError("the CUDA attention backend is not implemented yet");
+  if (!gpu::CudaBackend::DeviceAvailable()) return absl::FailedPreconditionError("no CUDA device");
+  // The pool: gpu.cache_bytes, else gpu.cache_fraction of the memory limit (the most KV that can
+  // be resident), per model shape served.
+  const int64_t cache_bytes =
+      settings.gpu_cache_bytes > 0
+          ? settings.gpu_cache_bytes
+          : static_cast<int64_t>(settings.gpu_cache_fraction *
+                                 static_cast<double>(settings.memory_limit_bytes));
+  // Fail at start (not at the first Attend) when the device cannot be used.
+  buffer::WaveBufferOptions probe;
+  probe.device = static_cast<int>(settings.gpu_device);
+  probe.heads = 1;
+  probe.g = 1;
+  probe.d = 128;
+  probe.cache_bytes = 0;
+  KVWAVE_RETURN_IF_ERROR(buffer::WaveBuffer::Create(probe).status());
+  return std::make_unique<CudaAttentionBackend>(settings, cache_bytes);
 }
 
 }  // namespace kvwave::engine
