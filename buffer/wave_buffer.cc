@@ -506,8 +506,12 @@ absl::Status WaveBuffer::Begin(int slot, SpaceId id, std::span<const store::Head
     std::lock_guard<std::mutex> space_lock(sp->mu);
     std::lock_guard<std::mutex> lock(enqueue_mu_);
     if (sp->closed) status = absl::NotFoundError(absl::StrCat("no wave space ", id));
-    if (status.ok() && !heads.empty()) status = Sync(*sp, heads, s);
-    if (status.ok() && host)
+    // A host call's q goes up with the sync's rows (one gather kernel), else by itself.
+    Upload q_up;
+    if (host)
+      q_up = {reinterpret_cast<const std::byte*>(io), s.q.as<std::byte>(), sizeof(float) * qn};
+    if (status.ok() && !heads.empty()) status = Sync(*sp, heads, s, q_up);
+    if (status.ok() && host && heads.empty())
       status = backend_->Copy(s.q.data(), io, sizeof(float) * qn, kComputeStream);
     // A host call's results are written by the exact attention's last blocks straight into the
     // slot's pinned io (mapped): no copies back.
@@ -607,6 +611,11 @@ absl::Status WaveBuffer::AttendHostBatch(std::span<const HostCall> calls) {
   }
   complete();
   return status;
+}
+
+absl::Status WaveBuffer::WaitForCalls() {
+  std::lock_guard<std::mutex> lock(enqueue_mu_);
+  return backend_->Synchronize(kComputeStream);
 }
 
 absl::Status WaveBuffer::Finish() {

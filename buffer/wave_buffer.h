@@ -152,6 +152,9 @@ class WaveBuffer {
     WaveCallStats* stats = nullptr;
   };
   [[nodiscard]] absl::Status AttendHostBatch(std::span<const HostCall> calls);
+  // Waits for the calls queued so far (and the cache updates queued before them), not for the
+  // commits still to come (Finish).
+  [[nodiscard]] absl::Status WaitForCalls();
   // Waits for every queued call and commit; reports the first error of a commit job.
   [[nodiscard]] absl::Status Finish();
 
@@ -172,10 +175,19 @@ class WaveBuffer {
   // ---- wave_space.cc ----
   // Brings `space` in line with `heads`, queueing uploads on the compute stream (staging rows in
   // `slot`). Caller holds space.mu and enqueue_mu_.
-  absl::Status Sync(Space& space, std::span<const store::HeadKv> heads, Slot& slot);
+  // `extra`: one more copy (bytes from a pinned host source to the device) made with the same
+  // upload (a host call's q).
+  struct Upload {
+    const std::byte* src = nullptr;
+    std::byte* dst = nullptr;
+    size_t bytes = 0;
+  };
+  absl::Status Sync(Space& space, std::span<const store::HeadKv> heads, Slot& slot,
+                    const Upload& extra);
   absl::Status JoinSegments(Space& space, std::span<const store::HeadKv> heads);
   absl::Status GrowSpace(Space& space, int64_t clusters);
-  absl::Status SyncSteady(Space& space, std::span<const store::HeadKv> heads, Slot& slot);
+  absl::Status SyncSteady(Space& space, std::span<const store::HeadKv> heads, Slot& slot,
+                          const Upload& extra);
   // Registers a segment (or takes one more reference); returns its first key.
   absl::StatusOr<int32_t> Acquire(const std::shared_ptr<const store::Segment>& seg);
   // Drops one reference of each; the ones left with none leave the cache. Caller holds no lock.

@@ -331,7 +331,8 @@ absl::Status WaveBuffer::JoinSegments(Space& sp, std::span<const store::HeadKv> 
   return absl::OkStatus();
 }
 
-absl::Status WaveBuffer::SyncSteady(Space& sp, std::span<const store::HeadKv> heads, Slot& slot) {
+absl::Status WaveBuffer::SyncSteady(Space& sp, std::span<const store::HeadKv> heads, Slot& slot,
+                                    const Upload& extra) {
   const int H = o_.heads;
   gpu::CudaBackend& b = *backend_;
   int64_t rows_max = 0;
@@ -386,6 +387,7 @@ absl::Status WaveBuffer::SyncSteady(Space& sp, std::span<const store::HeadKv> he
     if (std::memcmp(&next, &z, sizeof(next)) != 0) sp.zones_dirty = true;
     z = next;
   }
+  if (extra.bytes > 0) runs.push_back({extra.src, extra.dst, extra.bytes});
   if (sp.zones_dirty) {
     runs.push_back({reinterpret_cast<const std::byte*>(sp.zone_host.data()),
                     sp.zones.as<std::byte>(), sizeof(gpu::SteadyZone) * H});
@@ -426,12 +428,13 @@ absl::Status WaveBuffer::SyncSteady(Space& sp, std::span<const store::HeadKv> he
                        max_bytes, kComputeStream);
 }
 
-absl::Status WaveBuffer::Sync(Space& sp, std::span<const store::HeadKv> heads, Slot& slot) {
+absl::Status WaveBuffer::Sync(Space& sp, std::span<const store::HeadKv> heads, Slot& slot,
+                              const Upload& extra) {
   if (static_cast<int>(heads.size()) != o_.heads)
     return absl::InvalidArgumentError(absl::StrCat(
         "wave buffer: ", heads.size(), " heads given, the buffer's spaces have ", o_.heads));
   KVWAVE_RETURN_IF_ERROR(JoinSegments(sp, heads));
-  return SyncSteady(sp, heads, slot);
+  return SyncSteady(sp, heads, slot, extra);
 }
 
 }  // namespace kvwave::buffer

@@ -158,16 +158,21 @@ struct Harness {
   TeeBackend* tee = nullptr;
 };
 
+// KVWAVE_TEST_TEE_CPU=1: both sides of the tee on the CPU (checks the harness without a GPU).
+bool TeeOnCpu() { return std::getenv("KVWAVE_TEST_TEE_CPU") != nullptr; }
+
 Harness Make(const config::Settings& s) {
   Harness h;
-  auto gpu = CreateCudaAttentionBackend(s, nullptr);
+  absl::StatusOr<std::unique_ptr<AttentionBackend>> gpu =
+      TeeOnCpu() ? CreateCpuBackend(s) : CreateCudaAttentionBackend(s, nullptr);
   EXPECT_TRUE(gpu.ok()) << gpu.status();
   if (!gpu.ok()) return h;
   auto tee = std::make_unique<TeeBackend>(std::move(*gpu), CreateCpuBackend(s));
   h.tee = tee.get();
   EngineDeps deps;
   deps.backend = std::move(tee);
-  deps.host_pool = std::make_shared<store::HostPool>(buffer::PinnedAllocator(), s.host_pool_bytes);
+  deps.host_pool = std::make_shared<store::HostPool>(
+      TeeOnCpu() ? store::MappedHostAllocator() : buffer::PinnedAllocator(), s.host_pool_bytes);
   auto e = Engine::Create(s, std::move(deps));
   EXPECT_TRUE(e.ok()) << e.status();
   if (e.ok()) h.engine = std::move(*e);
@@ -194,10 +199,16 @@ std::vector<uint16_t> Rows(std::mt19937_64& rng, int64_t n, bool keys) {
   return out;
 }
 
-void Append(Engine& e, ContextId id, std::mt19937_64& rng, int64_t n) {
-  for (int l = 0; l < kLayers; ++l) {
-    auto k = Rows(rng, n, true), v = Rows(rng, n, false);
-    ASSERT_TRUE(e.Append(id, l, n, std::as_bytes(std::span(k)), std::as_bytes(std::span(v))).ok());
+void Append(Engine& e, ContextId id, std::mt19937_64& rng, int64_t total) {
+  for (int64_t done = 0; done < total;) {  // in chunks, as a client streams a prefill
+    const int64_t n = std::min<int64_t>(256, total - done);
+    done += n;
+    for (int l = 0; l < kLayers; ++l) {
+      auto k = Rows(rng, n, true), v = Rows(rng, n, false);
+      const absl::Status s =
+          e.Append(id, l, n, std::as_bytes(std::span(k)), std::as_bytes(std::span(v)));
+      ASSERT_TRUE(s.ok()) << s << " (memory used " << e.Stats().memory_used_bytes << ")";
+    }
   }
 }
 
@@ -260,7 +271,8 @@ void ExpectGpuCacheEmpty(const Harness& h) {
 class EngineGpuTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (!gpu::CudaBackend::DeviceAvailable()) GTEST_SKIP() << "skipped: no CUDA device";
+    if (!gpu::CudaBackend::DeviceAvailable() && !TeeOnCpu())
+      GTEST_SKIP() << "skipped: no CUDA device";
     seed_ = Seed();
   }
   uint64_t seed_ = 0;
@@ -295,7 +307,7 @@ TEST_F(EngineGpuTest, PrefillAndDecodeOfSeveralContextsMatchCpu) {
           std::vector<float> out(q.size()), lse(kQHeads);
           const AttendBudget b = budgets[step % 3];
           if (!h.engine->Attend(id, l, q, b, out, lse, nullptr).ok()) ++failures;
-          if (step % 97 == 2 && l == 0)  // 100%: exact attention
+          if (step % 99 == 2 && l == 0)  // a 100% step: exact attention
             full_err[t] = std::max(full_err[t], Rel(out, Full64(*h.engine, id, l, q)));
         }
       }
@@ -312,7 +324,7 @@ TEST_F(EngineGpuTest, PrefillAndDecodeOfSeveralContextsMatchCpu) {
   std::printf("calls %ld, worst GPU-vs-CPU %.2e, hits %ld misses %ld\n", long(h.tee->calls()),
               h.tee->worst(), long(h.engine->Stats().backend.hits),
               long(h.engine->Stats().backend.misses));
-  EXPECT_GT(h.engine->Stats().backend.hits, 0);
+  if (!TeeOnCpu()) EXPECT_GT(h.engine->Stats().backend.hits, 0);
   ExpectGpuCacheEmpty(h);
 }
 
@@ -322,13 +334,14 @@ std::vector<int32_t> Tokens(std::mt19937_64& rng, int64_t n) {
   return t;
 }
 
-// Contexts attaching a shared prefix (the same segments, cached once on the GPU), then eviction
-// of the persisted blocks at the memory limit and their reload from RocksDB.
+// Contexts attaching a shared prefix (the same segments, cached once on the GPU), eviction of
+// the persisted blocks at the memory limit, and after a restart their reload from RocksDB.
 TEST_F(EngineGpuTest, SharedPrefixesEvictionAndReloadMatchCpu) {
   const std::string dir = ::testing::TempDir() + "/kvwave_engine_gpu_" + std::to_string(getpid());
   std::filesystem::remove_all(dir);
   // Room for one document and two short suffixes, not for two documents (~5 MB each).
-  Harness h = Make(TestSettings(dir, int64_t{8} << 20));
+  // One document holds ~5.9 MB, with two attached suffixes ~7.1 MB: a second document evicts.
+  Harness h = Make(TestSettings(dir, int64_t{9} << 20));
   ASSERT_NE(h.engine, nullptr);
   std::mt19937_64 rng(seed_);
   const std::vector<int32_t> doc = Tokens(rng, 4 * 512 + 40);
@@ -359,8 +372,7 @@ TEST_F(EngineGpuTest, SharedPrefixesEvictionAndReloadMatchCpu) {
     attend_all(r->id);
     attached.push_back(r->id);
   }
-  const int64_t resident_shared = h.engine->Stats().backend.segments_resident;
-  EXPECT_GT(resident_shared, 0);
+  if (!TeeOnCpu()) EXPECT_GT(h.engine->Stats().backend.segments_resident, 0);
   for (ContextId id : attached) ASSERT_TRUE(h.engine->Close(id).ok());
   ASSERT_TRUE(h.engine->Close(a->id).ok());
   ASSERT_TRUE(h.engine->Flush().ok());
@@ -372,16 +384,24 @@ TEST_F(EngineGpuTest, SharedPrefixesEvictionAndReloadMatchCpu) {
   Append(*h.engine, c->id, rng, static_cast<int64_t>(other.size()));
   attend_all(c->id);
   ASSERT_TRUE(h.engine->Close(c->id).ok());
+  EXPECT_GT(h.engine->Stats().prefix_evictions, 0);
+  EXPECT_LT(h.tee->worst(), 2e-3);
+  EXPECT_LT(h.tee->worst_lse(), 1e-4);
+  EXPECT_EQ(h.tee->stat_mismatches(), 0);
+  ExpectGpuCacheEmpty(h);
+  // A restart: the document's blocks come back from RocksDB (new segments for the GPU).
+  h.engine.reset();
+  h = Make(TestSettings(dir, int64_t{64} << 20));
+  ASSERT_NE(h.engine, nullptr);
   auto again = h.engine->Open({kShape, doc, ""});
   ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->matched_tokens, 4 * 512);
   Append(*h.engine, again->id, rng, static_cast<int64_t>(doc.size()) - again->matched_tokens);
   attend_all(again->id);
   const EngineStats st = h.engine->Stats();
-  std::printf("evictions %ld reloads %ld matched %ld\n", long(st.prefix_evictions),
-              long(st.prefix_reloads), long(again->matched_tokens));
-  EXPECT_GT(st.prefix_evictions, 0);
+  std::printf("reloads %ld matched %ld\n", long(st.prefix_reloads), long(again->matched_tokens));
   EXPECT_GT(st.prefix_reloads, 0);
-  EXPECT_EQ(again->matched_tokens, 4 * 512);
+  if (!TeeOnCpu()) EXPECT_GT(st.backend.segments_resident, 0);
   ASSERT_TRUE(h.engine->Close(again->id).ok());
   EXPECT_LT(h.tee->worst(), 2e-3);
   EXPECT_LT(h.tee->worst_lse(), 1e-4);
