@@ -217,6 +217,7 @@ void Run(const Options& o, int64_t context) {
   w.d = D;
   w.cache_bytes = settings.gpu_cache_bytes;
   w.exact_pages_per_split = o.pps;
+  w.bf16_scores = false;  // as the engine's backend
   auto wb = buffer::WaveBuffer::Create(w);
   CHECK_OK(wb.status());
   gpu::CudaBackend& gb = *(*wb)->backend();
@@ -271,7 +272,9 @@ void Run(const Options& o, int64_t context) {
   const double hit =
       double(wc.hit_pages - at_warm.hit_pages) /
       std::max<int64_t>(1, wc.hit_pages + wc.miss_pages - at_warm.hit_pages - at_warm.miss_pages);
-  const double pcie_mb = (wc.pcie_bytes - at_warm.pcie_bytes) / double(o.steps) * scale / 1e6;
+  // Counted from the first timed step of the layer-by-layer phase to the end of the pipelined one.
+  const double pcie_mb =
+      (wc.pcie_bytes - at_warm.pcie_bytes) / double(2 * o.steps + o.warmup) * scale / 1e6;
 
   double full_hbm = -1, full_pcie = -1;
   if (o.full) {

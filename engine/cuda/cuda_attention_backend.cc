@@ -138,6 +138,11 @@ class CudaAttentionBackend final : public AttentionBackend {
       o.d = shape.head_dim;
       o.dtype = shape.dtype;
       o.cache_bytes = cache_bytes_;
+      // Float32 centroid scores: the CPU backend's ranking. A bf16 copy halves the scoring read
+      // but ranks differently at near-ties, which real (k-means) centroids of one context have
+      // in numbers: the GPU-vs-CPU engine test saw up to 0.7 relative output error and other
+      // retrieved clusters in 11 of 1,560 calls with it (bench/results/gpu_engine_run2_*).
+      o.bf16_scores = false;
       KVWAVE_ASSIGN_OR_RETURN(wb, buffer::WaveBuffer::Create(o));
     }
     buffer::WaveBuffer* raw = wb.get();

@@ -97,11 +97,20 @@ class TeeBackend final : public AttentionBackend {
       const double err = finite ? std::sqrt(num / std::max(den, 1e-30)) : 1e30;
       worst_ = std::max(worst_, err);
       worst_lse_ = std::max(worst_lse_, std::sqrt(lnum / std::max(lden, 1e-30)));
-      if (gstats[i].retrieved_clusters != stats[i].retrieved_clusters ||
-          gstats[i].retrieved_tokens != stats[i].retrieved_tokens ||
-          gstats[i].steady_tokens != stats[i].steady_tokens ||
-          gstats[i].total_clusters != stats[i].total_clusters)
-        ++stat_mismatches_;
+      const bool mismatch = gstats[i].retrieved_clusters != stats[i].retrieved_clusters ||
+                            gstats[i].retrieved_tokens != stats[i].retrieved_tokens ||
+                            gstats[i].steady_tokens != stats[i].steady_tokens ||
+                            gstats[i].total_clusters != stats[i].total_clusters;
+      if (mismatch) ++stat_mismatches_;
+      if ((mismatch || err > 2e-3) && ++reported_ <= 5)
+        std::printf(
+            "call %ld: budget %.3f/%.3f err %.2e; gpu vs cpu: retrieved %ld/%ld clusters %ld/%ld "
+            "tokens, steady %ld/%ld, total %ld/%ld\n",
+            long(calls_), items[i].budget.retrieval, items[i].budget.estimation, err,
+            long(gstats[i].retrieved_clusters), long(stats[i].retrieved_clusters),
+            long(gstats[i].retrieved_tokens), long(stats[i].retrieved_tokens),
+            long(gstats[i].steady_tokens), long(stats[i].steady_tokens),
+            long(gstats[i].total_clusters), long(stats[i].total_clusters));
       if (gstats[i].retrieved_clusters > 0) ++calls_with_retrieval_;
       ++calls_;
       *items[i].stats = gstats[i];
@@ -135,7 +144,7 @@ class TeeBackend final : public AttentionBackend {
   std::unique_ptr<AttentionBackend> gpu_, cpu_;
   mutable std::mutex mu_;
   double worst_ = 0, worst_lse_ = 0;
-  int64_t calls_ = 0, stat_mismatches_ = 0, calls_with_retrieval_ = 0;
+  int64_t calls_ = 0, stat_mismatches_ = 0, calls_with_retrieval_ = 0, reported_ = 0;
 };
 
 config::Settings TestSettings(const std::string& persist = "", int64_t limit = int64_t{2} << 30) {
