@@ -72,6 +72,7 @@ void Populate(const std::string& dir, int docs) {
                             std::as_bytes(std::span(v)))
                       .ok());
     }
+    ASSERT_TRUE(c->Seal(opened->id).ok());  // waits for the seals queued in the background
     ASSERT_TRUE(c->Close(opened->id).ok());
   }
   c.reset();
