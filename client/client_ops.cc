@@ -115,6 +115,42 @@ absl::Status Client::Attend(ContextId ctx, int32_t layer, std::span<const float>
   return absl::OkStatus();
 }
 
+absl::Status Client::AttendBatch(int32_t layer, std::span<const AttendBatchEntry> entries,
+                                 std::span<const float> q, std::span<float> out,
+                                 std::span<float> lse, std::span<AttendStats> stats) {
+  if (!stats.empty() && stats.size() != entries.size()) {
+    return absl::InvalidArgumentError("stats must be empty or one per entry");
+  }
+  std::lock_guard<std::mutex> lock(impl_->mu_);
+  impl_->BeginCall();
+  pb::AttendBatchRequest req;
+  req.set_layer(layer);
+  for (const AttendBatchEntry& e : entries) {
+    pb::AttendBatchEntry* p = req.add_entries();
+    p->set_context_id(e.ctx);
+    p->set_retrieval_budget(e.budget.retrieval);
+    p->set_estimation_budget(e.budget.estimation);
+  }
+  KVWAVE_RETURN_IF_ERROR(impl_->StageInput(Bytes(q), 4, req.mutable_q()));
+  impl_->StageOutput(Bytes(out), 4, req.mutable_out());
+  impl_->StageOutput(Bytes(lse), 4, req.mutable_lse());
+  pb::AttendBatchResponse resp;
+  KVWAVE_RETURN_IF_ERROR(impl_->Call(pb::ATTEND_BATCH, req, resp));
+  KVWAVE_RETURN_IF_ERROR(impl_->Collect(resp.out(), Bytes(out), "out"));
+  KVWAVE_RETURN_IF_ERROR(impl_->Collect(resp.lse(), Bytes(lse), "lse"));
+  if (!stats.empty()) {
+    if (resp.stats_size() != static_cast<int>(stats.size())) {
+      return absl::InternalError("attend_batch: the reply has the wrong number of stats");
+    }
+    for (size_t i = 0; i < stats.size(); ++i) {
+      const pb::AttendStats& s = resp.stats(static_cast<int>(i));
+      stats[i] = {s.steady_tokens(), s.retrieved_tokens(), s.retrieved_clusters(),
+                  s.estimated_clusters(), s.total_clusters()};
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Client::Retrieve(ContextId ctx, int32_t layer, std::span<const float> q,
                               const RetrieveOptions& options, std::span<int64_t> positions,
                               std::span<float> scores, RetrieveStats* stats) {

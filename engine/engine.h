@@ -75,6 +75,11 @@ struct AttendBudget {
   double estimation = 0.232;  // next clusters, estimated from centroid and value sum
 };
 
+struct AttendBatchItem {
+  uint64_t context = 0;  // a ContextId
+  AttendBudget budget;
+};
+
 struct AttendStats {
   int64_t steady_tokens = 0;       // summed over KV heads
   int64_t retrieved_tokens = 0;    // summed over KV heads
@@ -191,6 +196,16 @@ class Engine {
   virtual absl::Status Attend(ContextId ctx, int32_t layer, std::span<const float> q,
                               const AttendBudget& budget, std::span<float> out,
                               std::span<float> lse, AttendStats* stats) = 0;
+
+  // One decode step of B sequences in one call: item b attends context items[b].context (whose
+  // layer `layer` may hold any number of tokens) with its budget and q rows b. Every context must
+  // have the same q_heads and head_dim, and appear once. q, out: [B x q_heads x head_dim]
+  // float32; lse: [B x q_heads]; stats: [B] or empty. All or nothing: on error no output is
+  // defined. The CUDA backend runs the batch as one pipeline; the CPU backend spreads its (item,
+  // KV head) pairs over the compute arena.
+  virtual absl::Status AttendBatch(int32_t layer, std::span<const AttendBatchItem> items,
+                                   std::span<const float> q, std::span<float> out,
+                                   std::span<float> lse, std::span<AttendStats> stats) = 0;
 
   // q: [q_heads x head_dim] float32. positions, scores: [q_heads x k], best first; when a head
   // sees fewer than k tokens the rest is filled with position -1 and score -inf.

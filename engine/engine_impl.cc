@@ -2,6 +2,7 @@
 // fan-out of per-head work (engine/head_ops.h) over KV heads with oneTBB.
 #include <sys/random.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <mutex>
@@ -140,6 +141,9 @@ class EngineImpl final : public Engine {
   absl::Status Attend(ContextId id, int32_t layer, std::span<const float> q,
                       const AttendBudget& budget, std::span<float> out, std::span<float> lse,
                       AttendStats* stats) override;
+  absl::Status AttendBatch(int32_t layer, std::span<const AttendBatchItem> items,
+                           std::span<const float> q, std::span<float> out, std::span<float> lse,
+                           std::span<AttendStats> stats) override;
   absl::Status Retrieve(ContextId id, int32_t layer, std::span<const float> q,
                         const RetrieveOptions& options, std::span<int64_t> positions,
                         std::span<float> scores, RetrieveStats* stats) override;
@@ -249,6 +253,16 @@ class EngineImpl final : public Engine {
     auto it = contexts_.find(id);
     if (it == contexts_.end()) return UnknownContext(id);
     return it->second;
+  }
+
+  static constexpr size_t kMaxBatch = 4096;
+
+  static absl::Status CheckBudget(const AttendBudget& budget) {
+    if (!(budget.retrieval >= 0 && budget.estimation >= 0 &&
+          budget.retrieval + budget.estimation <= 1.0 + 1e-9)) {
+      return absl::InvalidArgumentError("budgets must be >= 0 and sum to at most 1");
+    }
+    return absl::OkStatus();
   }
 
   static absl::Status CheckLayer(const store::Context& ctx, int32_t layer) {
@@ -570,10 +584,7 @@ absl::Status EngineImpl::Attend(ContextId id, int32_t layer_index, std::span<con
   KVWAVE_RETURN_IF_ERROR(CheckSize("out", out.size(), qd));
   KVWAVE_RETURN_IF_ERROR(CheckSize("lse", lse.size(), shape.q_heads));
   KVWAVE_RETURN_IF_ERROR(CheckFinite("q", q));
-  if (!(budget.retrieval >= 0 && budget.estimation >= 0 &&
-        budget.retrieval + budget.estimation <= 1.0 + 1e-9)) {
-    return absl::InvalidArgumentError("budgets must be >= 0 and sum to at most 1");
-  }
+  KVWAVE_RETURN_IF_ERROR(CheckBudget(budget));
   const store::Context::Layer& layer = ctx->layer(layer_index);
   std::shared_lock lock(layer.mu);
   AttendStats local;
@@ -581,6 +592,64 @@ absl::Status EngineImpl::Attend(ContextId id, int32_t layer_index, std::span<con
                         stats != nullptr ? stats : &local};
   KVWAVE_RETURN_IF_ERROR(backend_->Attend(std::span<const AttendItem>(&item, 1)));
   attend_calls_.fetch_add(1, std::memory_order_relaxed);
+  return absl::OkStatus();
+}
+
+absl::Status EngineImpl::AttendBatch(int32_t layer_index, std::span<const AttendBatchItem> items,
+                                     std::span<const float> q, std::span<float> out,
+                                     std::span<float> lse, std::span<AttendStats> stats) {
+  const size_t b = items.size();
+  if (b == 0 || b > kMaxBatch) {
+    return absl::InvalidArgumentError(absl::StrCat("batch of ", b, " not in [1, ", kMaxBatch, "]"));
+  }
+  std::vector<std::shared_ptr<store::Context>> ctxs;
+  ctxs.reserve(b);
+  for (const AttendBatchItem& item : items) {
+    KVWAVE_ASSIGN_OR_RETURN(auto ctx, Find(item.context));
+    KVWAVE_RETURN_IF_ERROR(CheckLayer(*ctx, layer_index));
+    KVWAVE_RETURN_IF_ERROR(CheckBudget(item.budget));
+    const store::ModelShape& s0 = ctxs.empty() ? ctx->shape() : ctxs[0]->shape();
+    if (ctx->shape().q_heads != s0.q_heads || ctx->shape().head_dim != s0.head_dim) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "context ", item.context, " has another q_heads x head_dim than the batch's first"));
+    }
+    ctxs.push_back(std::move(ctx));
+  }
+  const store::ModelShape& shape = ctxs[0]->shape();
+  const size_t qd = static_cast<size_t>(shape.q_heads) * shape.head_dim;
+  KVWAVE_RETURN_IF_ERROR(CheckSize("q", q.size(), b * qd));
+  KVWAVE_RETURN_IF_ERROR(CheckSize("out", out.size(), b * qd));
+  KVWAVE_RETURN_IF_ERROR(CheckSize("lse", lse.size(), b * shape.q_heads));
+  if (!stats.empty()) KVWAVE_RETURN_IF_ERROR(CheckSize("stats", stats.size(), b));
+  KVWAVE_RETURN_IF_ERROR(CheckFinite("q", q));
+  // The layers' locks, shared, in increasing context id (a fixed order: no deadlock with another
+  // batch; writers only ever hold one).
+  std::vector<size_t> order(b);
+  for (size_t i = 0; i < b; ++i) order[i] = i;
+  std::sort(order.begin(), order.end(),
+            [&](size_t x, size_t y) { return items[x].context < items[y].context; });
+  for (size_t i = 1; i < b; ++i) {
+    if (items[order[i]].context == items[order[i - 1]].context) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("context ", items[order[i]].context, " is in the batch twice"));
+    }
+  }
+  std::vector<std::shared_lock<std::shared_mutex>> locks;
+  locks.reserve(b);
+  for (size_t i : order) locks.emplace_back(ctxs[i]->layer(layer_index).mu);
+  std::vector<AttendStats> local(b);
+  std::vector<AttendItem> work(b);
+  for (size_t i = 0; i < b; ++i) {
+    work[i] = {ctxs[i].get(),
+               layer_index,
+               items[i].budget,
+               q.subspan(i * qd, qd),
+               out.subspan(i * qd, qd),
+               lse.subspan(i * shape.q_heads, shape.q_heads),
+               stats.empty() ? &local[i] : &stats[i]};
+  }
+  KVWAVE_RETURN_IF_ERROR(backend_->Attend(work));
+  attend_calls_.fetch_add(static_cast<int64_t>(b), std::memory_order_relaxed);
   return absl::OkStatus();
 }
 

@@ -168,6 +168,9 @@ std::string Service::Dispatch(Session& session, const Frame& frame, Clock::time_
       case pb::ATTEND:
         out = Run(session, frame, &Service::DoAttend, state);
         break;
+      case pb::ATTEND_BATCH:
+        out = Run(session, frame, &Service::DoAttendBatch, state);
+        break;
       case pb::RETRIEVE:
         out = Run(session, frame, &Service::DoRetrieve, state);
         break;

@@ -100,6 +100,8 @@ class Service {
   absl::Status DoAppend(Call& call, const pb::AppendRequest& req, pb::AppendResponse& resp);
   absl::Status DoSeal(Call& call, const pb::SealRequest& req, pb::SealResponse& resp);
   absl::Status DoAttend(Call& call, const pb::AttendRequest& req, pb::AttendResponse& resp);
+  absl::Status DoAttendBatch(Call& call, const pb::AttendBatchRequest& req,
+                             pb::AttendBatchResponse& resp);
   absl::Status DoRetrieve(Call& call, const pb::RetrieveRequest& req, pb::RetrieveResponse& resp);
   absl::Status DoGather(Call& call, const pb::GatherRequest& req, pb::GatherResponse& resp);
   absl::Status DoClose(Call& call, const pb::CloseRequest& req, pb::CloseResponse& resp);

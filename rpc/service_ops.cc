@@ -14,6 +14,7 @@ namespace kvwave::rpc {
 namespace {
 
 constexpr int32_t kMaxRetrieveK = 1 << 16;
+constexpr int kMaxAttendBatch = 4096;  // entries per AttendBatch (the engine's bound)
 constexpr int64_t kMaxGatherRows = int64_t{1} << 26;
 
 bool UsesRegion(const Session& session, const pb::Tensor& t) {
@@ -143,6 +144,54 @@ absl::Status Service::DoAttend(Call& call, const pb::AttendRequest& req, pb::Att
   s->set_retrieved_clusters(stats.retrieved_clusters);
   s->set_estimated_clusters(stats.estimated_clusters);
   s->set_total_clusters(stats.total_clusters);
+  return absl::OkStatus();
+}
+
+absl::Status Service::DoAttendBatch(Call& call, const pb::AttendBatchRequest& req,
+                                    pb::AttendBatchResponse& resp) {
+  const int b = req.entries_size();
+  if (b < 1 || b > kMaxAttendBatch) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("attend_batch: ", b, " entries, not in [1, ", kMaxAttendBatch, "]"));
+  }
+  std::vector<engine::AttendBatchItem> items(b);
+  store::ModelShape shape;
+  for (int i = 0; i < b; ++i) {
+    const pb::AttendBatchEntry& e = req.entries(i);
+    KVWAVE_ASSIGN_OR_RETURN(store::ModelShape s,
+                            OwnedShape(call.session, e.context_id(), req.layer()));
+    if (i == 0) shape = s;
+    if (s.q_heads != shape.q_heads || s.head_dim != shape.head_dim) {
+      return absl::InvalidArgumentError("attend_batch: contexts of different q_heads x head_dim");
+    }
+    items[i].context = e.context_id();
+    items[i].budget.retrieval = e.retrieval_budget() < 0
+                                    ? retrieval_budget_.load(std::memory_order_relaxed)
+                                    : e.retrieval_budget();
+    items[i].budget.estimation = e.estimation_budget() < 0
+                                     ? estimation_budget_.load(std::memory_order_relaxed)
+                                     : e.estimation_budget();
+    KVWAVE_RETURN_IF_ERROR(CheckBudget(items[i].budget.retrieval, "retrieval"));
+    KVWAVE_RETURN_IF_ERROR(CheckBudget(items[i].budget.estimation, "estimation"));
+  }
+  const uint64_t q_bytes = uint64_t{4} * b * shape.q_heads * shape.head_dim;
+  KVWAVE_ASSIGN_OR_RETURN(std::span<const std::byte> q, call.Input(req.q(), q_bytes, 4, "q"));
+  KVWAVE_ASSIGN_OR_RETURN(std::span<std::byte> out,
+                          call.Output(req.out(), q_bytes, 4, "out", resp.mutable_out()));
+  KVWAVE_ASSIGN_OR_RETURN(
+      std::span<std::byte> lse,
+      call.Output(req.lse(), uint64_t{4} * b * shape.q_heads, 4, "lse", resp.mutable_lse()));
+  std::vector<engine::AttendStats> stats(b);
+  KVWAVE_RETURN_IF_ERROR(engine_.AttendBatch(req.layer(), items, As<float>(q), As<float>(out),
+                                             As<float>(lse), stats));
+  for (const engine::AttendStats& st : stats) {
+    pb::AttendStats* s = resp.add_stats();
+    s->set_steady_tokens(st.steady_tokens);
+    s->set_retrieved_tokens(st.retrieved_tokens);
+    s->set_retrieved_clusters(st.retrieved_clusters);
+    s->set_estimated_clusters(st.estimated_clusters);
+    s->set_total_clusters(st.total_clusters);
+  }
   return absl::OkStatus();
 }
 

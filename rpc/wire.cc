@@ -73,6 +73,8 @@ const char* OpName(uint16_t op) {
       return "drop";
     case pb::ERROR:
       return "error";
+    case pb::ATTEND_BATCH:
+      return "attend_batch";
     default:
       return "unknown";
   }

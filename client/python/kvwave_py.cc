@@ -182,6 +182,43 @@ class PyClient {
     return py::make_tuple(out, lse, s);
   }
 
+  // q: [B, q_heads, head_dim]; budgets: None or one (retrieval, estimation) per context.
+  py::tuple AttendBatch(int layer, const std::vector<uint64_t>& ctxs, F32Array q,
+                        const std::vector<std::pair<double, double>>& budgets) {
+    if (q.ndim() != 3 || q.shape(0) != static_cast<py::ssize_t>(ctxs.size())) {
+      throw py::value_error("q must be [len(ctxs), q_heads, head_dim] float32");
+    }
+    if (!budgets.empty() && budgets.size() != ctxs.size()) {
+      throw py::value_error("budgets: one (retrieval, estimation) per context, or none");
+    }
+    std::vector<kc::AttendBatchEntry> entries(ctxs.size());
+    for (size_t i = 0; i < ctxs.size(); ++i) {
+      entries[i].ctx = ctxs[i];
+      if (!budgets.empty()) entries[i].budget = {budgets[i].first, budgets[i].second};
+    }
+    F32Array out({q.shape(0), q.shape(1), q.shape(2)});
+    F32Array lse({q.shape(0), q.shape(1)});
+    std::vector<kc::AttendStats> stats(ctxs.size());
+    {
+      std::span<float> o(out.mutable_data(), out.size()), l(lse.mutable_data(), lse.size());
+      std::span<const float> qs(q.data(), q.size());
+      Check(WithoutGil([&] {
+        return client_->AttendBatch(layer, entries, qs, o, l, std::span(stats));
+      }));
+    }
+    py::list s;
+    for (const kc::AttendStats& st : stats) {
+      py::dict d;
+      d["steady_tokens"] = st.steady_tokens;
+      d["retrieved_tokens"] = st.retrieved_tokens;
+      d["retrieved_clusters"] = st.retrieved_clusters;
+      d["estimated_clusters"] = st.estimated_clusters;
+      d["total_clusters"] = st.total_clusters;
+      s.append(d);
+    }
+    return py::make_tuple(out, lse, s);
+  }
+
   py::tuple Retrieve(uint64_t ctx, int layer, F32Array q, int k, const std::string& method,
                      double cluster_budget) {
     if (q.ndim() != 2) throw py::value_error("q must be [q_heads, head_dim] float32");
@@ -311,6 +348,12 @@ PYBIND11_MODULE(kvwave, m) {
            py::arg("retrieval_budget") = -1.0, py::arg("estimation_budget") = -1.0,
            "q: [q_heads, head_dim] float32; returns (out [q_heads, head_dim], lse [q_heads], "
            "stats dict)")
+      .def("attend_batch", &PyClient::AttendBatch, py::arg("layer"), py::arg("ctxs"), py::arg("q"),
+           py::arg("budgets") = std::vector<std::pair<double, double>>{},
+           "one layer of a decode step of several contexts in one round trip: q [B, q_heads, "
+           "head_dim] float32 (row b for ctxs[b]); budgets: [(retrieval, estimation)] per "
+           "context or none (the server's defaults); returns (out [B, q_heads, head_dim], lse "
+           "[B, q_heads], [stats dict])")
       .def("retrieve", &PyClient::Retrieve, py::arg("ctx"), py::arg("layer"), py::arg("q"),
            py::arg("k") = 100, py::arg("method") = "wave", py::arg("cluster_budget") = -1.0,
            "returns (positions [q_heads, k] int64, scores [q_heads, k] float32, keys_scored, "

@@ -212,6 +212,60 @@ TEST_F(ClientE2ETest, TcpInline) {
   RoundTrip(**c, MakeData(104), /*zero_copy=*/false);
 }
 
+// AttendBatch through the daemon: contexts of different lengths, one request, one reply, equal
+// to one Attend per context; over shared memory and TCP; another session's context is refused.
+TEST_F(ClientE2ETest, AttendBatchEqualsOneAttendPerContext) {
+  client::ClientOptions o;
+  o.socket_path = daemon_->socket_path();
+  o.shared_memory_bytes = size_t{8} << 20;
+  auto shm = client::Client::Connect(o);
+  ASSERT_TRUE(shm.ok()) << shm.status();
+  o.tcp_port = port_;
+  o.token = "t";
+  auto tcp = client::Client::Connect(o);
+  ASSERT_TRUE(tcp.ok()) << tcp.status();
+  for (client::Client* c : {shm->get(), tcp->get()}) {
+    const Data d = MakeData(130);
+    std::vector<client::AttendBatchEntry> entries;
+    for (int64_t n : {int64_t{40}, int64_t{900}, kTokens}) {
+      auto ctx = c->Open({{kLayers, kQHeads, kKvHeads, kDim, DType::kF32}, {}, ""});
+      ASSERT_TRUE(ctx.ok()) << ctx.status();
+      for (int l = 0; l < kLayers; ++l) {
+        const size_t off = size_t(l) * kTokens * kKvHeads * kDim, len = n * kKvHeads * kDim;
+        ASSERT_TRUE(c->Append(ctx->id, l, n, std::as_bytes(std::span(d.k).subspan(off, len)),
+                              std::as_bytes(std::span(d.v).subspan(off, len)))
+                        .ok());
+      }
+      entries.push_back({ctx->id, {-1, -1}});  // the server's default budgets
+    }
+    entries[0].budget = {1.0, 0.0};
+    const size_t qd = kQHeads * kDim, b = entries.size();
+    std::vector<float> q;
+    for (size_t i = 0; i < b; ++i) q.insert(q.end(), d.q.begin(), d.q.end());
+    std::vector<float> out(b * qd), lse(b * kQHeads);
+    std::vector<client::AttendStats> stats(b);
+    ASSERT_TRUE(c->AttendBatch(1, entries, q, out, lse, stats).ok());
+    for (size_t i = 0; i < b; ++i) {
+      std::vector<float> one(qd), one_lse(kQHeads);
+      ASSERT_TRUE(c->Attend(entries[i].ctx, 1, d.q, entries[i].budget, one, one_lse).ok());
+      for (size_t j = 0; j < qd; ++j) ASSERT_EQ(out[i * qd + j], one[j]) << i << " " << j;
+      for (int h = 0; h < kQHeads; ++h) ASSERT_EQ(lse[i * kQHeads + h], one_lse[h]);
+    }
+    // Unsealed (under a segment): every token is in the steady zone, per KV head.
+    EXPECT_EQ(stats[0].steady_tokens, 40 * kKvHeads);
+    EXPECT_EQ(stats[2].steady_tokens, kTokens * kKvHeads);
+    // A context of another session is not this session's to attend.
+    auto other = Connect(daemon_->socket_path());
+    auto foreign = other->Open({{kLayers, kQHeads, kKvHeads, kDim, DType::kF32}, {}, ""});
+    ASSERT_TRUE(foreign.ok());
+    std::vector<client::AttendBatchEntry> mixed = {entries[0], {foreign->id, {}}};
+    EXPECT_EQ(c->AttendBatch(1, mixed, std::span(q).first(2 * qd), std::span(out).first(2 * qd),
+                             std::span(lse).first(2 * kQHeads))
+                  .code(),
+              absl::StatusCode::kNotFound);
+  }
+}
+
 TEST_F(ClientE2ETest, ListAndDropAcrossSessions) {
   auto owner = Connect(daemon_->socket_path());
   auto admin = Connect(daemon_->socket_path());

@@ -82,3 +82,29 @@ def test_credentials_are_presented_and_unknown_ones_refused(daemon):
     with pytest.raises(Exception, match="PERMISSION_DENIED"):
         kvwave.Client(daemon, credentials=["not-a-configured-token-0123456789"])
     assert kvwave.Client(daemon, credentials=[]).ping() is None
+
+
+def test_attend_batch_equals_one_attend_per_context(client):
+    seed = np.random.SeedSequence().entropy % (2**32)
+    print("seed", seed)
+    rng = np.random.default_rng(seed)
+    hq, hkv, d = 8, 2, 64
+    ctxs = []
+    for n in (10, 700, 2500):  # contexts of different lengths, one batch
+        ctx, _ = client.open(1, hq, hkv, d, dtype="f32")
+        client.append(ctx, 0, rng.standard_normal((n, hkv, d)).astype(np.float32),
+                      rng.standard_normal((n, hkv, d)).astype(np.float32))
+        ctxs.append(ctx)
+    q = (0.5 * rng.standard_normal((len(ctxs), hq, d))).astype(np.float32)
+    budgets = [(1.0, 0.0), (0.1, 0.2), (-1.0, -1.0)]
+    out, lse, stats = client.attend_batch(0, ctxs, q, budgets)
+    assert out.shape == (3, hq, d) and lse.shape == (3, hq) and len(stats) == 3
+    for i, ctx in enumerate(ctxs):
+        one, one_lse, one_stats = client.attend(ctx, 0, q[i], *budgets[i])
+        np.testing.assert_array_equal(out[i], one)
+        np.testing.assert_array_equal(lse[i], one_lse)
+        assert stats[i] == one_stats
+    with pytest.raises(ValueError):  # the same context twice
+        client.attend_batch(0, [ctxs[0], ctxs[0]], q[:2])
+    for ctx in ctxs:
+        client.close(ctx)

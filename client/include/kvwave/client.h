@@ -100,6 +100,12 @@ struct AttendBudget {
   double estimation = -1;
 };
 
+// One entry of AttendBatch: a context and its budgets.
+struct AttendBatchEntry {
+  ContextId ctx = 0;
+  AttendBudget budget;
+};
+
 struct AttendStats {
   int64_t steady_tokens = 0;
   int64_t retrieved_tokens = 0;
@@ -178,6 +184,12 @@ class Client {
   absl::Status Attend(ContextId ctx, int32_t layer, std::span<const float> q,
                       const AttendBudget& budget, std::span<float> out, std::span<float> lse,
                       AttendStats* stats = nullptr);
+  // One layer of a decode step of B sequences in one round trip: entry b attends its context
+  // (of any length) with q rows b. The contexts share q_heads and head_dim; each appears once.
+  // q, out: [B x q_heads x head_dim] float32; lse: [B x q_heads]; stats: [B] or empty.
+  absl::Status AttendBatch(int32_t layer, std::span<const AttendBatchEntry> entries,
+                           std::span<const float> q, std::span<float> out, std::span<float> lse,
+                           std::span<AttendStats> stats = {});
   // positions, scores: [q_heads x k], best first; -1 / -inf past the tokens a head sees.
   absl::Status Retrieve(ContextId ctx, int32_t layer, std::span<const float> q,
                         const RetrieveOptions& options, std::span<int64_t> positions,
