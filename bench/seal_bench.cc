@@ -100,12 +100,14 @@ int RunSeal(int argc, char** argv) {
   for (auto& x : f) x = normal(rng);
   FromFloat(f.data(), DType::kBF16, v.data(), elems);
   const double gb = 2.0 * elems * 2 * o.layers / 1e9;  // K and V bytes of all layers
-  std::printf("# layers %d, kv heads %d, d %d, bf16; %lld tokens per layer in Appends of %lld; "
-              "segment %lld; %.3f GB appended per run\n",
-              o.layers, o.kv_heads, o.dim, static_cast<long long>(o.tokens),
-              static_cast<long long>(o.chunk), static_cast<long long>(o.segment), gb);
-  std::printf("round,mode,append_s,append_GBps,segments_published_at_return,seal_drain_s,"
-              "segments_total\n");
+  std::printf(
+      "# layers %d, kv heads %d, d %d, bf16; %lld tokens per layer in Appends of %lld; "
+      "segment %lld; %.3f GB appended per run\n",
+      o.layers, o.kv_heads, o.dim, static_cast<long long>(o.tokens),
+      static_cast<long long>(o.chunk), static_cast<long long>(o.segment), gb);
+  std::printf(
+      "round,mode,append_s,append_GBps,segments_published_at_return,seal_drain_s,"
+      "segments_total\n");
   std::vector<double> ratios;
   for (int round = 0; round < o.rounds; ++round) {
     // Alternate which mode goes first, so drift on a shared machine hits both.
@@ -114,18 +116,19 @@ int RunSeal(int argc, char** argv) {
     for (int i = 0; i < 2; ++i) {
       const bool seals = (i == 0) == seal_first;
       Result r = RunOnce(o, seals, k, v);
-      std::printf("%d,%s,%.4f,%.3f,%lld,%.3f,%lld\n", round, seals ? "seals" : "never",
-                  r.append_s, gb / r.append_s, static_cast<long long>(r.published_at_return),
-                  r.seal_s, static_cast<long long>(r.segments));
+      std::printf("%d,%s,%.4f,%.3f,%lld,%.3f,%lld\n", round, seals ? "seals" : "never", r.append_s,
+                  gb / r.append_s, static_cast<long long>(r.published_at_return), r.seal_s,
+                  static_cast<long long>(r.segments));
       std::fflush(stdout);
       (seals ? rs : rn) = r;
     }
     ratios.push_back(rn.append_s / rs.append_s);
   }
   std::sort(ratios.begin(), ratios.end());
-  std::printf("# append throughput, sealing / never sealing: median %.3f (min %.3f, max %.3f) "
-              "over %zu rounds; bar >= 0.80\n",
-              ratios[ratios.size() / 2], ratios.front(), ratios.back(), ratios.size());
+  std::printf(
+      "# append throughput, sealing / never sealing: median %.3f (min %.3f, max %.3f) "
+      "over %zu rounds; bar >= 0.80\n",
+      ratios[ratios.size() / 2], ratios.front(), ratios.back(), ratios.size());
   return 0;
 }
 

@@ -75,9 +75,9 @@ struct AttendItem {
   const store::Context* context = nullptr;  // context->id(), ->shape()
   int32_t layer = 0;
   AttendBudget budget;
-  std::span<const float> q;  // [q_heads x head_dim]; query head j reads KV head j / group
-  std::span<float> out;      // [q_heads x head_dim]
-  std::span<float> lse;      // [q_heads]
+  std::span<const float> q;      // [q_heads x head_dim]; query head j reads KV head j / group
+  std::span<float> out;          // [q_heads x head_dim]
+  std::span<float> lse;          // [q_heads]
   AttendStats* stats = nullptr;  // never null: add this item's counts to it
 };
 

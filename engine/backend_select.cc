@@ -35,8 +35,9 @@ absl::StatusOr<SelectedDeps> SelectEngineDeps(const config::Settings& settings) 
   // Host memory.
   store::HostAllocator* upstream = store::MappedHostAllocator();
   if (settings.pinned_memory == "on" && !device) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "store.pinned_memory = on, but ", KVWAVE_HAVE_CUDA ? "no CUDA device is available" : kNoCuda));
+    return absl::FailedPreconditionError(
+        absl::StrCat("store.pinned_memory = on, but ",
+                     KVWAVE_HAVE_CUDA ? "no CUDA device is available" : kNoCuda));
   }
 #if KVWAVE_HAVE_CUDA
   if (settings.pinned_memory != "off" && device) upstream = buffer::PinnedAllocator();
@@ -72,8 +73,8 @@ absl::StatusOr<SelectedDeps> SelectEngineDeps(const config::Settings& settings) 
     }
   }
   if (out.deps.backend == nullptr) out.deps.backend = CreateCpuBackend(settings);
-  out.description = absl::StrCat("attention backend: ", out.deps.backend->name(),
-                                 "; host KV memory: ", memory);
+  out.description =
+      absl::StrCat("attention backend: ", out.deps.backend->name(), "; host KV memory: ", memory);
   return out;
 }
 

@@ -38,8 +38,8 @@ class CpuBackend final : public AttentionBackend {
         const HeadParams& p = params[i];
         const size_t gd = static_cast<size_t>(p.group) * p.head_dim;
         status[w] = AttendHead(p, item.context->layer(item.layer).heads[h], item.q.data() + h * gd,
-                               item.budget, item.out.data() + h * gd,
-                               item.lse.data() + h * p.group, &stats[w]);
+                               item.budget, item.out.data() + h * gd, item.lse.data() + h * p.group,
+                               &stats[w]);
       });
     });
     for (const absl::Status& s : status) KVWAVE_RETURN_IF_ERROR(s);

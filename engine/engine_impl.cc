@@ -48,8 +48,8 @@ class EngineImpl final : public Engine {
 
   absl::Status Init() {
     if (host_pool_ == nullptr) {
-      host_pool_ =
-          std::make_shared<store::HostPool>(store::MappedHostAllocator(), settings_.host_pool_bytes);
+      host_pool_ = std::make_shared<store::HostPool>(store::MappedHostAllocator(),
+                                                     settings_.host_pool_bytes);
     }
     if (backend_ == nullptr) backend_ = CreateCpuBackend(settings_);
     KVWAVE_ASSIGN_OR_RETURN(prefix_cache_,
@@ -80,28 +80,26 @@ class EngineImpl final : public Engine {
   absl::StatusOr<OpenResult> Open(const OpenOptions& options) override {
     KVWAVE_RETURN_IF_ERROR(store::Validate(options.shape));
     // Everything the context will hold is charged before it is built (issue 15, item 10).
-    KVWAVE_ASSIGN_OR_RETURN(
-        store::MemoryCharge charge,
-        Reserve(store::Context::SkeletonBytes(options.shape, options.token_ids.size(),
-                                              settings_.prefill_segment_tokens)));
+    KVWAVE_ASSIGN_OR_RETURN(store::MemoryCharge charge, Reserve(store::Context::SkeletonBytes(
+                                                            options.shape, options.token_ids.size(),
+                                                            settings_.prefill_segment_tokens)));
     const uint64_t id = NewContextId();
     // The backend hears OnClose when the last reference goes: after Close and after every call
     // in flight on the context has returned.
     AttentionBackend* backend = backend_.get();
-    std::shared_ptr<store::Context> ctx(
-        new store::Context(id, options.shape, host_pool_.get()), [backend](store::Context* c) {
-          backend->OnClose(*c);
-          delete c;
-        });
+    std::shared_ptr<store::Context> ctx(new store::Context(id, options.shape, host_pool_.get()),
+                                        [backend](store::Context* c) {
+                                          backend->OnClose(*c);
+                                          delete c;
+                                        });
     ctx->add_charge(std::move(charge));
     int64_t matched = 0;
     if (!options.token_ids.empty() && options.prefix_access != PrefixAccess::kNone) {
       matched = prefix_cache_->Attach(*ctx, options.token_ids, options.prefix_namespace,
                                       options.prefix_access == PrefixAccess::kWrite);
-      KVWAVE_ASSIGN_OR_RETURN(
-          store::MemoryCharge attached,
-          Reserve(store::Context::AttachedBytes(options.shape,
-                                                matched / settings_.prefill_segment_tokens)));
+      KVWAVE_ASSIGN_OR_RETURN(store::MemoryCharge attached,
+                              Reserve(store::Context::AttachedBytes(
+                                  options.shape, matched / settings_.prefill_segment_tokens)));
       ctx->add_charge(std::move(attached));
     }
     if (absl::Status s = backend_->OnOpen(*ctx); !s.ok()) {
@@ -126,9 +124,8 @@ class EngineImpl final : public Engine {
         store::Context::Layer& layer = ctx->layer(l);
         absl::MutexLock lock(&layer.seal_mu);
         layer.seal_mu.Await(absl::Condition(
-            +[](store::Context::Layer* x) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-              return x->pending.empty() && !x->draining;
-            },
+            +[](store::Context::Layer* x)
+                 ABSL_NO_THREAD_SAFETY_ANALYSIS { return x->pending.empty() && !x->draining; },
             &layer));
       }
     }
@@ -308,8 +305,7 @@ class EngineImpl final : public Engine {
   void StopSeals(store::Context& ctx);
   // One seal: copy the keys (layer lock shared), k-means (no lock), build the segments (shared),
   // publish them and drop the tails' front (exclusive), share/persist the block.
-  absl::Status RunSeal(store::Context& ctx, int32_t layer, store::PendingSeal& job,
-                       bool in_place);
+  absl::Status RunSeal(store::Context& ctx, int32_t layer, store::PendingSeal& job, bool in_place);
   // Durability "sync" for a context that shares blocks: its Append returns after its seals are
   // done and persisted, so a sealed block is durable when the Append is acknowledged.
   bool SealsInPlace(const store::Context& ctx) const {
@@ -370,9 +366,8 @@ void EngineImpl::QueueSeals(const std::shared_ptr<store::Context>& ctx, int32_t 
   }
   if (layer.draining || layer.scheduled) return;
   layer.scheduled = true;
-  workers_->Submit([this, weak = std::weak_ptr<store::Context>(ctx), l] {
-    DrainInBackground(weak, l);
-  });
+  workers_->Submit(
+      [this, weak = std::weak_ptr<store::Context>(ctx), l] { DrainInBackground(weak, l); });
 }
 
 void EngineImpl::DrainInBackground(const std::weak_ptr<store::Context>& weak, int32_t l) {
@@ -467,7 +462,8 @@ absl::Status EngineImpl::RunSeal(store::Context& ctx, int32_t l, store::PendingS
   absl::Status status = each([&](int32_t h) { return ClusterSeal(p, plans[h]); });
   if (status.ok()) {
     std::vector<store::MemoryCharge> charges;
-    for (int32_t h = 0; h < heads; ++h) charges.push_back(job.reserved.Split(SealReserveBytes(p, n)));
+    for (int32_t h = 0; h < heads; ++h)
+      charges.push_back(job.reserved.Split(SealReserveBytes(p, n)));
     std::shared_lock lock(layer.mu);
     status = each([&](int32_t h) { return BuildSeal(p, layer.heads[h], plans[h], charges[h]); });
   }
@@ -588,8 +584,8 @@ absl::Status EngineImpl::Attend(ContextId id, int32_t layer_index, std::span<con
   const store::Context::Layer& layer = ctx->layer(layer_index);
   std::shared_lock lock(layer.mu);
   AttendStats local;
-  const AttendItem item{ctx.get(), layer_index, budget, q, out, lse,
-                        stats != nullptr ? stats : &local};
+  const AttendItem item{
+      ctx.get(), layer_index, budget, q, out, lse, stats != nullptr ? stats : &local};
   KVWAVE_RETURN_IF_ERROR(backend_->Attend(std::span<const AttendItem>(&item, 1)));
   attend_calls_.fetch_add(1, std::memory_order_relaxed);
   return absl::OkStatus();

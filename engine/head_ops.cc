@@ -104,7 +104,8 @@ void PrepareSeal(const HeadParams& p, int64_t n, const store::HeadKv& head, Seal
       tail.first_position() == 0 ? static_cast<int32_t>(std::min<int64_t>(p.sink_tokens, n)) : 0;
   const int64_t clustered = n - plan.steady;
   plan.keys.resize(clustered * p.head_dim);
-  if (clustered > 0) ToFloat(tail.key_row(plan.steady), p.dtype, plan.keys.data(), plan.keys.size());
+  if (clustered > 0)
+    ToFloat(tail.key_row(plan.steady), p.dtype, plan.keys.data(), plan.keys.size());
 }
 
 absl::Status ClusterSeal(const HeadParams& p, SealPlan& plan) {

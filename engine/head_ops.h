@@ -54,11 +54,12 @@ struct SealPlan {
 };
 void PrepareSeal(const HeadParams& p, int64_t n, const store::HeadKv& head, SealPlan& plan);
 [[nodiscard]] absl::Status ClusterSeal(const HeadParams& p, SealPlan& plan);
-[[nodiscard]] absl::Status BuildSeal(const HeadParams& p, const store::HeadKv& head,
-                                     SealPlan& plan, store::MemoryCharge& reserved);
+[[nodiscard]] absl::Status BuildSeal(const HeadParams& p, const store::HeadKv& head, SealPlan& plan,
+                                     store::MemoryCharge& reserved);
 
-// All the steps at once, and the publication. Seals the first n tokens of head.tail into a new segment (clustered with the wave index),
-// charging it to `reserved`. On error the head is unchanged.
+// All the steps at once, and the publication. Seals the first n tokens of head.tail into a new
+// segment (clustered with the wave index), charging it to `reserved`. On error the head is
+// unchanged.
 [[nodiscard]] absl::Status SealHead(const HeadParams& p, int64_t n, store::HeadKv& head,
                                     store::MemoryCharge& reserved);
 

@@ -121,8 +121,8 @@ int64_t Context::SkeletonBytes(const ModelShape& shape, size_t token_ids, int64_
   // Per heap allocation, what glibc malloc adds (header and rounding), at least.
   constexpr int64_t kMallocOverhead = 16;
   const int64_t layers = shape.layers, heads = int64_t{shape.layers} * shape.kv_heads;
-  int64_t bytes = sizeof(Context) + layers * (sizeof(std::unique_ptr<Layer>) + sizeof(Layer) +
-                                              2 * kMallocOverhead) +
+  int64_t bytes = sizeof(Context) +
+                  layers * (sizeof(std::unique_ptr<Layer>) + sizeof(Layer) + 2 * kMallocOverhead) +
                   heads * static_cast<int64_t>(sizeof(HeadKv));
   if (token_ids > 0) {
     const int64_t blocks = block_tokens > 0 ? static_cast<int64_t>(token_ids) / block_tokens : 0;

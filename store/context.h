@@ -12,12 +12,12 @@
 #define KVWAVE_STORE_CONTEXT_H_
 
 #include <atomic>
-#include <deque>
-#include <utility>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <shared_mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -50,9 +50,7 @@ class Tail {
   int64_t first_position() const { return first_position_; }
   size_t row_bytes() const { return row_bytes_; }
   const std::byte* key_row(int64_t i) const { return keys_.data() + (start_ + i) * row_bytes_; }
-  const std::byte* value_row(int64_t i) const {
-    return values_.data() + (start_ + i) * row_bytes_;
-  }
+  const std::byte* value_row(int64_t i) const { return values_.data() + (start_ + i) * row_bytes_; }
 
  private:
   // Room for `rows` live rows after start_: moves the live rows to the front and/or grows.
@@ -113,8 +111,8 @@ class Context {
     std::deque<PendingSeal> pending ABSL_GUARDED_BY(seal_mu);
     bool draining ABSL_GUARDED_BY(seal_mu) = false;   // a drainer owns the queue
     bool scheduled ABSL_GUARDED_BY(seal_mu) = false;  // a background drain is queued
-    bool yield ABSL_GUARDED_BY(seal_mu) = false;  // a caller waits: the background drainer
-                                                  // stops after its current seal
+    bool yield ABSL_GUARDED_BY(seal_mu) = false;      // a caller waits: the background drainer
+                                                      // stops after its current seal
   };
 
   Context(uint64_t id, const ModelShape& shape, HostAllocator* allocator);

@@ -26,11 +26,11 @@ unsigned Seed() {
 }
 
 // Keys drawn around `centers` topics (a mixture of Gaussians, like real post-RoPE keys that
-// cluster), values near their topic's; queries point at one topic each, so attention concentrates on a few
-// hundred keys, the regime sparse attention is for.
+// cluster), values near their topic's; queries point at one topic each, so attention concentrates
+// on a few hundred keys, the regime sparse attention is for.
 struct Data {
   int64_t n = 0;
-  std::vector<float> k, v;  // [n x kv_heads x d]
+  std::vector<float> k, v;                 // [n x kv_heads x d]
   std::vector<std::vector<float>> topics;  // per KV head, [centers x d]
   std::vector<std::vector<float>> values;  // per KV head, [centers x d]: a topic's typical value
 };
@@ -83,7 +83,8 @@ void Exact(const Data& d, int64_t n, const std::vector<float>& q, int h, int k,
   double m = -INFINITY;
   for (int64_t t = 0; t < n; ++t) {
     double dot = 0;
-    for (int j = 0; j < kDim; ++j) dot += double{q[h * kDim + j]} * d.k[(t * kKvHeads + kvh) * kDim + j];
+    for (int j = 0; j < kDim; ++j)
+      dot += double{q[h * kDim + j]} * d.k[(t * kKvHeads + kvh) * kDim + j];
     logit[t] = dot / std::sqrt(double{kDim});
     m = std::max(m, logit[t]);
   }

@@ -1,8 +1,6 @@
 // The attention backend seam (engine/attention_backend.h): the events a backend hears and their
 // order, segment identity across contexts sharing a prefix, Attend reaching the backend, and
 // backend selection from gpu.mode (engine/backend_select.h).
-#include "engine/attention_backend.h"
-
 #include <gtest/gtest.h>
 
 #include <map>
@@ -12,6 +10,7 @@
 #include <vector>
 
 #include "absl/synchronization/mutex.h"
+#include "engine/attention_backend.h"
 #include "engine/backend_select.h"
 #include "engine/cpu_backend.h"
 #include "engine/engine.h"
@@ -134,8 +133,8 @@ TEST(BackendTest, EventsFollowTheContractAndSharedSegmentsKeepTheirIds) {
     for (int64_t at = 0; at < static_cast<int64_t>(tokens.size());) {
       const int64_t n = std::min<int64_t>(tokens.size() - at, 1 + rng() % 50);
       std::vector<float> k = Random(rng, n * tb), v = Random(rng, n * tb);
-      ASSERT_TRUE(engine->Append(a, l, n, std::as_bytes(std::span(k)), std::as_bytes(std::span(v)))
-                      .ok());
+      ASSERT_TRUE(
+          engine->Append(a, l, n, std::as_bytes(std::span(k)), std::as_bytes(std::span(v))).ok());
       at += n;
     }
   }
@@ -201,8 +200,7 @@ TEST(BackendTest, SelectionFollowsGpuMode) {
     EXPECT_STREQ(on->deps.backend->name(), "cuda");
   } else {
     EXPECT_EQ(on.status().code(), absl::StatusCode::kFailedPrecondition);
-    EXPECT_NE(on.status().message().find("gpu.mode = on, but"), std::string::npos)
-        << on.status();
+    EXPECT_NE(on.status().message().find("gpu.mode = on, but"), std::string::npos) << on.status();
     std::printf("gpu.mode = on here: %s\n", std::string(on.status().message()).c_str());
   }
   // The engine takes what was selected.

@@ -40,8 +40,8 @@ TEST(BatchTest, EqualsOneAttendPerContext) {
     const ContextId id = engine->Open({shape, {}, ""}).value().id;
     for (int l = 0; l < 2 && n > 0; ++l) {
       std::vector<float> k = Random(rng, n * kKvHeads * kDim), v = Random(rng, k.size());
-      ASSERT_TRUE(engine->Append(id, l, n, std::as_bytes(std::span(k)),
-                                 std::as_bytes(std::span(v))).ok());
+      ASSERT_TRUE(
+          engine->Append(id, l, n, std::as_bytes(std::span(k)), std::as_bytes(std::span(v))).ok());
     }
     ASSERT_TRUE(engine->Seal(id).ok());
     items.push_back({id, {0.05 * items.size(), 0.2}});
@@ -55,8 +55,10 @@ TEST(BatchTest, EqualsOneAttendPerContext) {
   for (size_t i = 0; i < b; ++i) {
     std::vector<float> o(qd), l(kQHeads);
     AttendStats s;
-    ASSERT_TRUE(engine->Attend(items[i].context, 1, std::span(q).subspan(i * qd, qd),
-                               items[i].budget, o, l, &s).ok());
+    ASSERT_TRUE(engine
+                    ->Attend(items[i].context, 1, std::span(q).subspan(i * qd, qd), items[i].budget,
+                             o, l, &s)
+                    .ok());
     for (size_t j = 0; j < qd; ++j) ASSERT_EQ(out[i * qd + j], o[j]) << i << " " << j;
     for (int h = 0; h < kQHeads; ++h) ASSERT_EQ(lse[i * kQHeads + h], l[h]) << i;
     EXPECT_EQ(stats[i].total_clusters, s.total_clusters);
@@ -78,17 +80,18 @@ TEST(BatchTest, BadBatchesAreRefusedWhole) {
   const size_t qd = kQHeads * kDim;
   std::vector<float> q(2 * qd, 0.5f), out(2 * qd, -7.0f), lse(2 * kQHeads);
   auto code = [&](std::vector<AttendBatchItem> items, int layer = 0) {
-    return engine->AttendBatch(layer, items, std::span(q).first(items.size() * qd),
-                               std::span(out).first(items.size() * qd),
-                               std::span(lse).first(items.size() * kQHeads), {})
+    return engine
+        ->AttendBatch(layer, items, std::span(q).first(items.size() * qd),
+                      std::span(out).first(items.size() * qd),
+                      std::span(lse).first(items.size() * kQHeads), {})
         .code();
   };
   EXPECT_EQ(code({}), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(code({{a, {}}, {a, {}}}), absl::StatusCode::kInvalidArgument);  // twice
+  EXPECT_EQ(code({{a, {}}, {a, {}}}), absl::StatusCode::kInvalidArgument);      // twice
   EXPECT_EQ(code({{a, {}}, {other, {}}}), absl::StatusCode::kInvalidArgument);  // shapes
   EXPECT_EQ(code({{a, {}}, {999, {}}}), absl::StatusCode::kNotFound);
   EXPECT_EQ(code({{a, {}}, {b, {0.9, 0.9}}}), absl::StatusCode::kInvalidArgument);  // budget
-  EXPECT_EQ(code({{a, {}}, {b, {}}}, 1), absl::StatusCode::kInvalidArgument);  // layer
+  EXPECT_EQ(code({{a, {}}, {b, {}}}, 1), absl::StatusCode::kInvalidArgument);       // layer
   for (float x : out) EXPECT_EQ(x, -7.0f);  // nothing written by a refused batch
   q[3] = NAN;
   EXPECT_EQ(code({{a, {}}, {b, {}}}), absl::StatusCode::kInvalidArgument);  // not finite

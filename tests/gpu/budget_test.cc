@@ -14,7 +14,7 @@ TEST(BudgetTest, DefaultBudgetsAreFractionsOfAllClusters) {
   EXPECT_EQ(z.estimation, 232);
   // Not whole numbers: rounded up.
   const ZoneSizes y = SizeZones(0.018, 0.232, 1001);
-  EXPECT_EQ(y.retrieval, 19);   // 18.018
+  EXPECT_EQ(y.retrieval, 19);    // 18.018
   EXPECT_EQ(y.estimation, 233);  // 232.232
 }
 
