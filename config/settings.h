@@ -51,6 +51,12 @@ struct Settings {
   int64_t tokens_per_cluster = 16;
   int64_t kmeans_iterations = 10;
   std::string kmeans_kernel = "own";  // "own" (SIMD + TBB) or "faiss"
+  // RetrievalAttention graph per sealed segment (issue 19; engine/graph_ops.h)
+  std::string graph = "off";     // off | on
+  int64_t graph_queries = 4096;  // prefill queries sampled per segment graph (0 = all held)
+  int64_t graph_pivots = 16;     // pivots per sampled query
+  int64_t graph_degree = 32;     // M
+  int64_t graph_beam = 128;      // default beam (queue) of Retrieve method = graph
   // attend
   double retrieval_budget = 0.018;
   double estimation_budget = 0.232;

@@ -88,12 +88,13 @@ struct AttendStats {
   int64_t total_clusters = 0;      // summed over KV heads
 };
 
-enum class RetrieveMethod { kWave, kFlat };
+enum class RetrieveMethod { kWave, kFlat, kGraph };
 
 struct RetrieveOptions {
   int32_t k = 100;
   RetrieveMethod method = RetrieveMethod::kWave;
   double cluster_budget = 0.05;  // wave: fraction of clusters whose members are scored
+  int32_t beam = 0;              // graph: search queue per segment (0 = index.graph_beam)
 };
 
 struct RetrieveStats {
@@ -106,6 +107,8 @@ struct ContextInfo {
   store::ModelShape shape;
   std::vector<int64_t> tokens_per_layer;
   int64_t sealed_segments = 0;  // over all layers and KV heads
+  int64_t graph_segments = 0;   // sealed segments with a RetrievalAttention graph (issue 19)
+  int64_t query_tokens = 0;     // tokens whose prefill queries are held for a graph, summed
   int64_t bytes = 0;            // host bytes charged to this context
 };
 
@@ -189,6 +192,15 @@ class Engine {
   // until it is published.
   virtual absl::Status Append(ContextId ctx, int32_t layer, int64_t n, std::span<const std::byte> k,
                               std::span<const std::byte> v) = 0;
+
+  // Append with the prefill queries of the same n tokens, q: [n x q_heads x head_dim] float32.
+  // With index.graph = on they are held (charged to the memory limit) until the segment holding
+  // those tokens is sealed, which builds its RetrievalAttention graph from them and releases
+  // them. Queries are kept only when every earlier token of the tail had its queries; otherwise
+  // (or with index.graph = off) they are ignored and the segment has no graph.
+  virtual absl::Status AppendWithQueries(ContextId ctx, int32_t layer, int64_t n,
+                                         std::span<const std::byte> k, std::span<const std::byte> v,
+                                         std::span<const float> q) = 0;
 
   virtual absl::Status Seal(ContextId ctx) = 0;
 

@@ -16,6 +16,7 @@
 #include "engine/cpu_backend.h"
 #include "engine/engine.h"
 #include "engine/finite.h"
+#include "engine/graph_ops.h"
 #include "engine/head_ops.h"
 #include "engine/prefix_cache.h"
 #include "engine/seal_workers.h"
@@ -133,7 +134,15 @@ class EngineImpl final : public Engine {
   }
 
   absl::Status Append(ContextId id, int32_t layer, int64_t n, std::span<const std::byte> k,
-                      std::span<const std::byte> v) override;
+                      std::span<const std::byte> v) override {
+    return AppendImpl(id, layer, n, k, v, {});
+  }
+  absl::Status AppendWithQueries(ContextId id, int32_t layer, int64_t n,
+                                 std::span<const std::byte> k, std::span<const std::byte> v,
+                                 std::span<const float> q) override {
+    if (q.empty() && n > 0) return absl::InvalidArgumentError("q: no queries");
+    return AppendImpl(id, layer, n, k, v, q);
+  }
   absl::Status Seal(ContextId id) override;
   absl::Status Attend(ContextId id, int32_t layer, std::span<const float> q,
                       const AttendBudget& budget, std::span<float> out, std::span<float> lse,
@@ -313,6 +322,11 @@ class EngineImpl final : public Engine {
            settings_.durability == "sync";
   }
 
+  // Append and AppendWithQueries: q is empty or [n x q_heads x head_dim].
+  absl::Status AppendImpl(ContextId id, int32_t layer_index, int64_t n,
+                          std::span<const std::byte> k, std::span<const std::byte> v,
+                          std::span<const float> q);
+
   // Registers a just-sealed block for sharing (and persists it). In durability "sync" a failed
   // write is reported: the tokens are appended and sealed in memory, but not durable.
   absl::Status SharePersisted(store::Context& ctx, int32_t layer) {
@@ -467,6 +481,12 @@ absl::Status EngineImpl::RunSeal(store::Context& ctx, int32_t l, store::PendingS
     std::shared_lock lock(layer.mu);
     status = each([&](int32_t h) { return BuildSeal(p, layer.heads[h], plans[h], charges[h]); });
   }
+  if (status.ok()) {  // the graphs (index.graph = on, queries held), without the layer lock
+    status = each([&](int32_t h) {
+      GraphSeal(p, plans[h]);
+      return absl::OkStatus();
+    });
+  }
   // Publication: the new segments and the tails without their tokens, in one step for readers.
   std::unique_lock lock(layer.mu);
   layer.sealing_tokens -= n;
@@ -474,6 +494,7 @@ absl::Status EngineImpl::RunSeal(store::Context& ctx, int32_t l, store::PendingS
   if (!status.ok()) return status;  // the tokens stay in the tail, attended exactly
   for (int32_t h = 0; h < heads; ++h) {
     layer.heads[h].segments.push_back(std::move(plans[h].segment));
+    PublishSegmentGraph(p, plans[h], layer.heads[h]);
     layer.heads[h].tail.DropFront(n);  // its charge is released here
   }
   segments_sealed_.fetch_add(heads, std::memory_order_relaxed);
@@ -481,8 +502,9 @@ absl::Status EngineImpl::RunSeal(store::Context& ctx, int32_t l, store::PendingS
   return SharePersisted(ctx, l);
 }
 
-absl::Status EngineImpl::Append(ContextId id, int32_t layer_index, int64_t n,
-                                std::span<const std::byte> k, std::span<const std::byte> v) {
+absl::Status EngineImpl::AppendImpl(ContextId id, int32_t layer_index, int64_t n,
+                                    std::span<const std::byte> k, std::span<const std::byte> v,
+                                    std::span<const float> q) {
   KVWAVE_ASSIGN_OR_RETURN(auto ctx, Find(id));
   KVWAVE_RETURN_IF_ERROR(CheckLayer(*ctx, layer_index));
   if (n < 0) return absl::InvalidArgumentError("negative token count");
@@ -495,6 +517,14 @@ absl::Status EngineImpl::Append(ContextId id, int32_t layer_index, int64_t n,
   KVWAVE_RETURN_IF_ERROR(CheckFinite("v", v, shape.dtype));
   const HeadParams p = Params(*ctx);
   const size_t row_bytes = static_cast<size_t>(token_bytes / shape.kv_heads);
+  // Prefill queries (AppendWithQueries): held per KV head for the graph of their segment.
+  const size_t q_row = static_cast<size_t>(p.group) * shape.head_dim;  // floats per token, head
+  if (!q.empty()) {
+    KVWAVE_RETURN_IF_ERROR(CheckSize("q", q.size(), n * q_row * shape.kv_heads));
+    KVWAVE_RETURN_IF_ERROR(CheckFinite("q", q));
+  }
+  const bool hold_queries = !q.empty() && p.graph;
+  const int64_t q_head_bytes = hold_queries ? static_cast<int64_t>(n * q_row * sizeof(float)) : 0;
 
   store::Context::Layer& layer = ctx->layer(layer_index);
   const int64_t seg_tokens = SegmentTokens(*ctx);
@@ -511,7 +541,7 @@ absl::Status EngineImpl::Append(ContextId id, int32_t layer_index, int64_t n,
     return seals;
   };
   auto need = [&](const std::vector<int64_t>& seals) {
-    return 2 * n * token_bytes +
+    return 2 * n * token_bytes + shape.kv_heads * q_head_bytes +
            static_cast<int64_t>(seals.size()) * shape.kv_heads * SealReserveBytes(p, seg_tokens);
   };
   std::vector<int64_t> seals = plan();
@@ -530,6 +560,19 @@ absl::Status EngineImpl::Append(ContextId id, int32_t layer_index, int64_t n,
     store::MemoryCharge charge = reserved->Split(static_cast<int64_t>(2 * n * row_bytes));
     KVWAVE_RETURN_IF_ERROR(layer.heads[h].tail.Append(
         k.data() + h * row_bytes, v.data() + h * row_bytes, n, token_bytes, std::move(charge)));
+  }
+  for (int32_t h = 0; hold_queries && h < shape.kv_heads; ++h) {
+    store::HeadKv& head = layer.heads[h];
+    store::MemoryCharge charge = reserved->Split(q_head_bytes);
+    // Kept only while every earlier token of the tail has its queries (else released here).
+    if (head.query_tokens != head.tail.size() - n) continue;
+    head.queries.reserve(head.queries.size() + n * q_row);
+    for (int64_t t = 0; t < n; ++t) {  // token t, query heads [h * group, (h + 1) * group)
+      const float* src = q.data() + (t * shape.kv_heads + h) * q_row;
+      head.queries.insert(head.queries.end(), src, src + q_row);
+    }
+    head.query_tokens += n;
+    head.query_charge.Merge(std::move(charge));
   }
   layer.tokens += n;
   tokens_appended_.fetch_add(n, std::memory_order_relaxed);
@@ -670,8 +713,15 @@ absl::Status EngineImpl::Retrieve(ContextId id, int32_t layer_index, std::span<c
   const store::Context::Layer& layer = ctx->layer(layer_index);
   std::shared_lock lock(layer.mu);
   std::vector<RetrieveStats> per_head(shape.kv_heads);
+  const int32_t beam = options.beam > 0 ? options.beam : static_cast<int32_t>(settings_.graph_beam);
   KVWAVE_RETURN_IF_ERROR(ForEachHead(shape.kv_heads, [&](int32_t h) {
     const size_t first = static_cast<size_t>(h) * p.group;
+    if (options.method == RetrieveMethod::kGraph) {
+      return RetrieveGraphHead(p, layer.heads[h], layer.heads[h].graphs,
+                               q.data() + first * p.head_dim, options.k, beam,
+                               positions.data() + first * options.k,
+                               scores.data() + first * options.k, &per_head[h]);
+    }
     return RetrieveHead(p, layer.heads[h], q.data() + first * p.head_dim, options,
                         positions.data() + first * options.k, scores.data() + first * options.k,
                         &per_head[h]);
@@ -724,6 +774,9 @@ absl::StatusOr<ContextInfo> EngineImpl::Info(ContextId id) {
     info.tokens_per_layer.push_back(layer.tokens);
     for (const store::HeadKv& head : layer.heads) {
       info.sealed_segments += static_cast<int64_t>(head.segments.size());
+      for (const auto& graph : head.graphs) info.graph_segments += graph != nullptr;
+      info.query_tokens += head.query_tokens;
+      info.bytes += head.query_charge.bytes();
       for (const auto& seg : head.segments) info.bytes += seg->bytes();
       info.bytes += 2 * head.tail.size() * static_cast<int64_t>(head.tail.row_bytes());
     }

@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "config/status_macros.h"
 #include "index/distance.h"
+#include "spdlog/spdlog.h"
 
 namespace kvwave::engine {
 namespace {
@@ -79,11 +80,44 @@ absl::StatusOr<std::shared_ptr<const index::GraphIndex>> BuildSegmentGraph(
   return std::make_shared<const index::GraphIndex>(std::move(graph));
 }
 
+void PrepareSealQueries(const HeadParams& p, int64_t n, const store::HeadKv& head,
+                        SealPlan& plan) {
+  plan.queries.clear();
+  if (!p.graph || head.query_tokens < n) return;
+  const size_t floats = static_cast<size_t>(n) * p.group * p.head_dim;
+  plan.queries.assign(head.queries.begin(), head.queries.begin() + floats);
+}
+
+void GraphSeal(const HeadParams& p, SealPlan& plan) {
+  plan.graph = nullptr;
+  if (plan.queries.empty() || plan.segment == nullptr) return;
+  auto built = BuildSegmentGraph(*plan.segment, plan.queries, p.graph_options);
+  if (built.ok()) {
+    plan.graph = *std::move(built);
+  } else {
+    spdlog::error("segment at {}: graph not built ({}); it is scanned exactly",
+                  plan.first_position, built.status().ToString());
+  }
+  plan.queries = {};
+}
+
+void PublishSegmentGraph(const HeadParams& p, SealPlan& plan, store::HeadKv& head) {
+  const int64_t n = plan.tokens;
+  const size_t row = static_cast<size_t>(p.group) * p.head_dim;  // floats per token
+  head.graphs.resize(head.segments.size() - 1);  // earlier segments without one (e.g. attached)
+  head.graphs.push_back(std::move(plan.graph));
+  const int64_t used = std::min(n, head.query_tokens);
+  head.queries.erase(head.queries.begin(), head.queries.begin() + used * row);
+  head.query_tokens -= used;
+  head.query_charge.Shrink(std::min<int64_t>(head.query_charge.bytes(),
+                                             used * static_cast<int64_t>(row * sizeof(float))));
+}
+
 absl::Status RetrieveGraphHead(const HeadParams& p, const store::HeadKv& head,
                                std::span<const std::shared_ptr<const index::GraphIndex>> graphs,
                                const float* q, int32_t k, int32_t beam, int64_t* positions,
                                float* scores, RetrieveStats* stats) {
-  if (graphs.size() != head.segments.size() || k < 1) {
+  if (graphs.size() > head.segments.size() || k < 1) {
     return absl::InvalidArgumentError(absl::StrCat("graph retrieval: ", graphs.size(),
                                                    " graphs for ", head.segments.size(),
                                                    " segments, k=", k));
@@ -113,15 +147,16 @@ absl::Status RetrieveGraphHead(const HeadParams& p, const store::HeadKv& head,
     // The sinks (steady rows, first in the segment) are always scored exactly.
     ScoreExactly(p, q, scale, seg.key_row(0), seg.steady_tokens(), position_of_row, best, buf,
                  scored);
-    if (graphs[s] == nullptr) {
+    const index::GraphIndex* graph = s < graphs.size() ? graphs[s].get() : nullptr;
+    if (graph == nullptr) {
       ScoreExactly(
           p, q, scale, seg.key_row(seg.steady_tokens()), seg.num_rows() - seg.steady_tokens(),
           [&](int64_t r) { return position_of_row(r + seg.steady_tokens()); }, best, buf, scored);
       continue;
     }
     for (int h = 0; h < p.group; ++h) {
-      const index::GraphSearchResult r = graphs[s]->Search(q + static_cast<int64_t>(h) * p.head_dim,
-                                                           k, std::max(beam, k), &scratch);
+      const index::GraphSearchResult r =
+          graph->Search(q + static_cast<int64_t>(h) * p.head_dim, k, std::max(beam, k), &scratch);
       graph_scanned += r.scanned;
       for (size_t i = 0; i < r.ids.size(); ++i) {
         if (r.ids[i] < seg.steady_tokens()) continue;  // scored exactly above

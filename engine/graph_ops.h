@@ -1,8 +1,8 @@
 // RetrievalAttention's graph beside the wave index, per sealed segment of one (layer, KV head):
 // building it from the segment's keys and the prefill queries of the same tokens, and the graph
-// retrieval of one head (issue 19). The engine's hooks (queries on Append, a graph per segment
-// built with the background seal, Retrieve method = graph, settings index.graph*) are to call
-// these; they are not wired yet.
+// retrieval of one head (issue 19). The engine calls these: AppendWithQueries holds the queries
+// (store::HeadKv), the background seal builds a segment's graph beside its wave index, and
+// Retrieve with RetrieveMethod::kGraph searches them (settings index.graph*).
 //
 // A segment's graph is over all its tokens in token order (graph id t = the segment's token t,
 // position first_position + t; sinks included), built exactly as `kvwave-bench retrieval` builds
@@ -35,12 +35,24 @@ std::vector<float> SegmentKeysInTokenOrder(const store::Segment& segment);
     const store::Segment& segment, std::span<const float> queries,
     const index::GraphIndexOptions& options);
 
+// The graph's part of a seal (engine/head_ops.h SealPlan), beside the wave index's:
+//   PrepareSealQueries (layer lock shared): with p.graph and the queries of the n tokens held,
+//     copies them into plan.queries;
+//   GraphSeal (no lock, after BuildSeal): builds plan.graph from them (a failed build leaves
+//     none: that segment is then scanned exactly);
+//   PublishSegmentGraph (exclusive, right after the segment is pushed): records plan.graph for
+//     it and releases the held queries of its n tokens (and their charge).
+void PrepareSealQueries(const HeadParams& p, int64_t n, const store::HeadKv& head, SealPlan& plan);
+void GraphSeal(const HeadParams& p, SealPlan& plan);
+void PublishSegmentGraph(const HeadParams& p, SealPlan& plan, store::HeadKv& head);
+
 // Top-k positions (and scores q.k / sqrt(d)) per query head of the group, like RetrieveHead:
 // the tail and the first segment's sinks are scored exactly; a segment with a graph
 // (graphs[i] for head.segments[i], non-null) by a beam search of queue max(beam, k); a segment
 // without one by an exact scan. positions, scores: [group x k], best first, padded with -1 and
-// -inf. Adds the keys scored to stats. Errors: graphs.size() != head.segments.size(), k < 1,
-// a graph whose size differs from its segment's tokens.
+// -inf. Adds the keys scored to stats. Errors: graphs.size() > head.segments.size(), k < 1,
+// a graph whose size differs from its segment's tokens. graphs may be shorter than the segments
+// (the rest have none).
 [[nodiscard]] absl::Status RetrieveGraphHead(
     const HeadParams& p, const store::HeadKv& head,
     std::span<const std::shared_ptr<const index::GraphIndex>> graphs, const float* q, int32_t k,

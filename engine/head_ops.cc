@@ -8,6 +8,7 @@
 
 #include "config/status_macros.h"
 #include "engine/attention_backend.h"
+#include "engine/graph_ops.h"
 #include "gpu/attention_cpu.h"
 #include "gpu/budget.h"
 #include "index/distance.h"
@@ -87,6 +88,10 @@ HeadParams MakeHeadParams(const config::Settings& settings, const store::ModelSh
   p.kmeans_iterations = static_cast<int32_t>(settings.kmeans_iterations);
   p.faiss_kmeans = settings.kmeans_kernel == "faiss";
   p.allocator = allocator;
+  p.graph = settings.graph == "on";
+  p.graph_options.max_queries = settings.graph_queries;
+  p.graph_options.pivots_per_query = static_cast<int>(settings.graph_pivots);
+  p.graph_options.max_degree = static_cast<int>(settings.graph_degree);
   return p;
 }
 
@@ -106,6 +111,7 @@ void PrepareSeal(const HeadParams& p, int64_t n, const store::HeadKv& head, Seal
   plan.keys.resize(clustered * p.head_dim);
   if (clustered > 0)
     ToFloat(tail.key_row(plan.steady), p.dtype, plan.keys.data(), plan.keys.size());
+  PrepareSealQueries(p, n, head, plan);
 }
 
 absl::Status ClusterSeal(const HeadParams& p, SealPlan& plan) {
@@ -154,7 +160,9 @@ absl::Status SealHead(const HeadParams& p, int64_t n, store::HeadKv& head,
   PrepareSeal(p, n, head, plan);
   KVWAVE_RETURN_IF_ERROR(ClusterSeal(p, plan));
   KVWAVE_RETURN_IF_ERROR(BuildSeal(p, head, plan, reserved));
+  GraphSeal(p, plan);
   head.segments.push_back(std::move(plan.segment));
+  PublishSegmentGraph(p, plan, head);
   head.tail.DropFront(n);  // the returned charge is released here
   return absl::OkStatus();
 }

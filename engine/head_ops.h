@@ -14,6 +14,7 @@
 #include "absl/status/status.h"
 #include "config/settings.h"
 #include "engine/engine.h"
+#include "index/graph_index.h"
 #include "index/wave_index.h"
 #include "store/context.h"
 
@@ -32,6 +33,9 @@ struct HeadParams {
   bool faiss_kmeans = false;
   store::HostAllocator* allocator = nullptr;
   AttentionBackend* backend = nullptr;  // runs the k-means of SealHead; null: the CPU kernel
+  // index.graph = on: SealHead builds the segment's graph from the queries held (graph_ops.h).
+  bool graph = false;
+  index::GraphIndexOptions graph_options;
 };
 
 // Parameters of the contexts of `shape` under `settings`; allocator: where segments go.
@@ -51,6 +55,10 @@ struct SealPlan {
   std::vector<float> keys;  // [tokens - steady x d]
   index::WaveClusters clusters;
   std::shared_ptr<const store::Segment> segment;
+  // RetrievalAttention (engine/graph_ops.h): the held prefill queries of the n tokens (copied by
+  // PrepareSeal when p.graph and all are held), and the graph GraphSeal builds from them.
+  std::vector<float> queries;
+  std::shared_ptr<const index::GraphIndex> graph;
 };
 void PrepareSeal(const HeadParams& p, int64_t n, const store::HeadKv& head, SealPlan& plan);
 [[nodiscard]] absl::Status ClusterSeal(const HeadParams& p, SealPlan& plan);

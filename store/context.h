@@ -29,6 +29,10 @@
 #include "store/prefix_registry.h"
 #include "store/segment.h"
 
+namespace kvwave::index {
+class GraphIndex;  // index/graph_index.h; store only holds graphs (built in engine/graph_ops)
+}  // namespace kvwave::index
+
 namespace kvwave::store {
 
 // Unsealed tokens of one (layer, KV head): key and value rows in position order.
@@ -77,6 +81,14 @@ struct PendingSeal {
 struct HeadKv {
   std::vector<std::shared_ptr<const Segment>> segments;  // position order, contiguous
   Tail tail;
+  // RetrievalAttention (issue 19, engine/graph_ops.h): graphs[i] belongs to segments[i] (null, or
+  // i >= graphs.size(): none); `queries` holds the prefill queries of the tail's first
+  // query_tokens tokens ([query_tokens x group x head_dim] float32), charged by query_charge,
+  // until the seal of those tokens builds their graph and releases them.
+  std::vector<std::shared_ptr<const index::GraphIndex>> graphs;
+  std::vector<float> queries;
+  int64_t query_tokens = 0;
+  MemoryCharge query_charge;
   explicit HeadKv(Tail t) : tail(std::move(t)) {}
 };
 

@@ -228,11 +228,11 @@ TEST(GraphOpsTest, BadArgumentsAreErrors) {
   EXPECT_FALSE(BuildSegmentGraph(seg, {}, SmallOptions()).ok());
   std::vector<float> ragged(kDim + 1, 1.0f);
   EXPECT_FALSE(BuildSegmentGraph(seg, ragged, SmallOptions()).ok());
-  std::vector<std::shared_ptr<const index::GraphIndex>> one(1), two(2);
+  std::vector<std::shared_ptr<const index::GraphIndex>> three(3), two(2);
   std::vector<float> q(2 * kDim, 1.0f);
   std::vector<int64_t> positions(20);
   std::vector<float> scores(20);
-  EXPECT_FALSE(RetrieveGraphHead(f.Params(), *f.head, one, q.data(), 10, 20, positions.data(),
+  EXPECT_FALSE(RetrieveGraphHead(f.Params(), *f.head, three, q.data(), 10, 20, positions.data(),
                                  scores.data(), nullptr)
                    .ok());
   EXPECT_FALSE(RetrieveGraphHead(f.Params(), *f.head, two, q.data(), 0, 20, positions.data(),
