@@ -62,8 +62,11 @@ absl::Status CheckFinite(const char* what, std::span<const std::byte> data, DTyp
   const size_t size = ElementSize(dtype);
   const int64_t bad = FirstNonFinite(data.data(), data.size() / size, dtype);
   if (bad < 0) return absl::OkStatus();
+  // The element may sit at any address (inline tensors do): copy it out before converting.
+  alignas(4) std::byte element[4];
+  std::memcpy(element, data.data() + bad * size, size);
   float value;
-  ToFloat(data.data() + bad * size, dtype, &value, 1);
+  ToFloat(element, dtype, &value, 1);
   return NonFiniteError(what, bad, value);
 }
 
