@@ -60,8 +60,11 @@ void AppendRows(client::Client& c, client::ContextId id, int doc, int64_t from, 
   }
 }
 
-// out and lse of every layer, concatenated.
+// out and lse of every layer, concatenated, after Seal: seals run in the background, and Seal
+// waits for them, so both nodes attend the same segments whatever the timing (until a queued
+// seal is published its tokens are attended exactly from the tail, which is not bit-identical).
 std::vector<float> AttendAll(client::Client& c, client::ContextId id) {
+  EXPECT_TRUE(c.Seal(id).ok());
   std::vector<float> q(kShape.q_heads * kDim), all;
   for (size_t i = 0; i < q.size(); ++i) q[i] = std::sin(0.37f * static_cast<float>(i)) * 2.0f;
   for (int l = 0; l < kLayers; ++l) {
