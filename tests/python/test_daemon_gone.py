@@ -114,6 +114,10 @@ def test_a_stalled_daemon_raises_timeout_error(tmp_path):
         c = kvwave.Client(sock, shared_memory_bytes=0, deadline_ms=300)
         c.ping()
         os.kill(proc.pid, signal.SIGSTOP)
+        # kill() only queues the stop: wait until every thread of the daemon has stopped (the
+        # group stop is reported to its parent), or a running io thread may still answer.
+        _, status = os.waitpid(proc.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status)
         try:
             with pytest.raises(TimeoutError):
                 c.ping()
