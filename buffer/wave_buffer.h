@@ -249,7 +249,7 @@ class WaveBuffer {
   // Held by a commit from its policy decision until its update is queued (commits reach the GPU
   // in the order the policy decided them). Order: commit_mu_, then reg_mu_ or enqueue_mu_.
   std::mutex commit_mu_;
-  uint32_t seq_ = 0;       // under enqueue_mu_: number of the latest call (ready words)
+  uint32_t seq_ = 0;  // under enqueue_mu_: number of the latest call (ready words)
 
   mutable std::mutex mu_;  // error_, counters_
   absl::Status error_;

@@ -83,17 +83,17 @@ struct Settings {
   int64_t metrics_max_connections = 16;
   int64_t preauth_max_frame_bytes = int64_t{64} << 10;  // frame limit before Hello succeeds
   int64_t handshake_timeout_ms = 10000;
-  int64_t idle_timeout_ms = 0;  // 0 = never
+  int64_t idle_timeout_ms = 0;                         // 0 = never
   int64_t max_queued_reply_bytes = int64_t{64} << 20;  // per connection
   int64_t max_in_flight_per_connection = 256;
-  int64_t max_region_bytes = int64_t{64} << 30;   // one session's shared region
-  int64_t max_mapped_bytes = int64_t{1} << 40;    // all sessions' regions together
+  int64_t max_region_bytes = int64_t{64} << 30;  // one session's shared region
+  int64_t max_mapped_bytes = int64_t{1} << 40;   // all sessions' regions together
   // persistence
   std::string persist_path;          // empty = no persistence
   std::string durability = "async";  // none | async | sync
   // remote tier (Redis Cluster; remote/remote_tier.h)
-  std::string remote_redis;          // seed nodes "host:port,host:port"
-  std::string remote_mode = "off";   // off | read | readwrite
+  std::string remote_redis;         // seed nodes "host:port,host:port"
+  std::string remote_mode = "off";  // off | read | readwrite
   int64_t remote_connect_timeout_ms = 200;
   int64_t remote_command_timeout_ms = 1000;
   int64_t remote_down_retry_ms = 2000;

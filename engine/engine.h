@@ -118,9 +118,9 @@ struct BackendStats {
   int32_t device = -1;       // CUDA device index; -1 on the CPU
   int64_t pool_bytes = 0;    // GPU page pool capacity
   int64_t pool_used_bytes = 0;
-  int64_t hits = 0;    // retrieved clusters (or pages) served from the pool, all time
-  int64_t misses = 0;  // retrieved clusters (or pages) read from host memory, all time
-  int64_t pcie_bytes = 0;  // bytes read or copied host -> GPU, all time
+  int64_t hits = 0;               // retrieved clusters (or pages) served from the pool, all time
+  int64_t misses = 0;             // retrieved clusters (or pages) read from host memory, all time
+  int64_t pcie_bytes = 0;         // bytes read or copied host -> GPU, all time
   int64_t segments_resident = 0;  // sealed segments whose meta index is on the GPU
 };
 
@@ -156,7 +156,7 @@ struct EngineStats {
   int64_t remote_unavailable = 0;
   int64_t remote_nodes = 0;
   int64_t remote_nodes_down = 0;
-  BackendStats backend;                 // the attention backend that serves Attend
+  BackendStats backend;  // the attention backend that serves Attend
 };
 
 class AttentionBackend;  // engine/attention_backend.h

@@ -202,9 +202,8 @@ class PyClient {
     {
       std::span<float> o(out.mutable_data(), out.size()), l(lse.mutable_data(), lse.size());
       std::span<const float> qs(q.data(), q.size());
-      Check(WithoutGil([&] {
-        return client_->AttendBatch(layer, entries, qs, o, l, std::span(stats));
-      }));
+      Check(WithoutGil(
+          [&] { return client_->AttendBatch(layer, entries, qs, o, l, std::span(stats)); }));
     }
     py::list s;
     for (const kc::AttendStats& st : stats) {
