@@ -717,10 +717,9 @@ absl::Status EngineImpl::Retrieve(ContextId id, int32_t layer_index, std::span<c
   KVWAVE_RETURN_IF_ERROR(ForEachHead(shape.kv_heads, [&](int32_t h) {
     const size_t first = static_cast<size_t>(h) * p.group;
     if (options.method == RetrieveMethod::kGraph) {
-      return RetrieveGraphHead(p, layer.heads[h], layer.heads[h].graphs,
-                               q.data() + first * p.head_dim, options.k, beam,
-                               positions.data() + first * options.k,
-                               scores.data() + first * options.k, &per_head[h]);
+      return RetrieveGraphHead(
+          p, layer.heads[h], layer.heads[h].graphs, q.data() + first * p.head_dim, options.k, beam,
+          positions.data() + first * options.k, scores.data() + first * options.k, &per_head[h]);
     }
     return RetrieveHead(p, layer.heads[h], q.data() + first * p.head_dim, options,
                         positions.data() + first * options.k, scores.data() + first * options.k,

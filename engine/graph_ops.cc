@@ -80,8 +80,7 @@ absl::StatusOr<std::shared_ptr<const index::GraphIndex>> BuildSegmentGraph(
   return std::make_shared<const index::GraphIndex>(std::move(graph));
 }
 
-void PrepareSealQueries(const HeadParams& p, int64_t n, const store::HeadKv& head,
-                        SealPlan& plan) {
+void PrepareSealQueries(const HeadParams& p, int64_t n, const store::HeadKv& head, SealPlan& plan) {
   plan.queries.clear();
   if (!p.graph || head.query_tokens < n) return;
   const size_t floats = static_cast<size_t>(n) * p.group * p.head_dim;
@@ -95,8 +94,8 @@ void GraphSeal(const HeadParams& p, SealPlan& plan) {
   if (built.ok()) {
     plan.graph = *std::move(built);
   } else {
-    spdlog::error("segment at {}: graph not built ({}); it is scanned exactly",
-                  plan.first_position, built.status().ToString());
+    spdlog::error("segment at {}: graph not built ({}); it is scanned exactly", plan.first_position,
+                  built.status().ToString());
   }
   plan.queries = {};
 }

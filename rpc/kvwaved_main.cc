@@ -146,7 +146,8 @@ int Main(int argc, char** argv) {
   boost::asio::io_context signal_io;
   boost::asio::signal_set signals(signal_io, SIGINT, SIGTERM, SIGHUP);
 
-  absl::StatusOr<std::unique_ptr<engine::Engine>> engine = engine::Engine::Create(settings, std::move(deps->deps));
+  absl::StatusOr<std::unique_ptr<engine::Engine>> engine =
+      engine::Engine::Create(settings, std::move(deps->deps));
   if (!engine.ok()) {
     log->error("engine: {}", engine.status().ToString());
     return 1;

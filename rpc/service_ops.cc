@@ -182,8 +182,8 @@ absl::Status Service::DoAttendBatch(Call& call, const pb::AttendBatchRequest& re
       std::span<std::byte> lse,
       call.Output(req.lse(), uint64_t{4} * b * shape.q_heads, 4, "lse", resp.mutable_lse()));
   std::vector<engine::AttendStats> stats(b);
-  KVWAVE_RETURN_IF_ERROR(engine_.AttendBatch(req.layer(), items, As<float>(q), As<float>(out),
-                                             As<float>(lse), stats));
+  KVWAVE_RETURN_IF_ERROR(
+      engine_.AttendBatch(req.layer(), items, As<float>(q), As<float>(out), As<float>(lse), stats));
   for (const engine::AttendStats& st : stats) {
     pb::AttendStats* s = resp.add_stats();
     s->set_steady_tokens(st.steady_tokens);

@@ -114,19 +114,33 @@ std::string ServerStats::Prometheus(const pb::StatsResponse& s) const {
         "Corrupt records detected, dropped and never served.", s.persist_corrupt_records());
   Gauge(out, "kvwave_persist_errors", "Prefix blocks that could not be persisted.",
         s.persist_errors());
-  Gauge(out, "kvwave_remote_blocks_written", "Prefix blocks written to the Redis Cluster tier.", s.remote_blocks_written());
-  Gauge(out, "kvwave_remote_bytes_written", "Bytes written to the Redis Cluster tier (parts and manifests).", s.remote_bytes_written());
-  Gauge(out, "kvwave_remote_parts_sent", "Part values sent to the Redis Cluster tier.", s.remote_parts_sent());
-  Gauge(out, "kvwave_remote_write_errors", "Prefix blocks the remote tier could not write.", s.remote_write_errors());
-  Gauge(out, "kvwave_remote_queue_dropped", "Prefix blocks not written behind because the remote queue was full.", s.remote_queue_dropped());
-  Gauge(out, "kvwave_remote_blocks_fetched", "Prefix blocks attached from the Redis Cluster tier.", s.remote_blocks_fetched());
-  Gauge(out, "kvwave_remote_bytes_read", "Bytes read from the Redis Cluster tier.", s.remote_bytes_read());
-  Gauge(out, "kvwave_remote_blocks_partial", "Remote blocks skipped: a part was missing (writer died, or evicted).", s.remote_blocks_partial());
-  Gauge(out, "kvwave_remote_blocks_corrupt", "Remote blocks skipped: corrupt or truncated (never served).", s.remote_blocks_corrupt());
-  Gauge(out, "kvwave_remote_blocks_version_mismatch", "Remote blocks skipped: another format version.", s.remote_blocks_version_mismatch());
-  Gauge(out, "kvwave_remote_unavailable", "Remote reads that failed on a slow or dead cluster node.", s.remote_unavailable());
+  Gauge(out, "kvwave_remote_blocks_written", "Prefix blocks written to the Redis Cluster tier.",
+        s.remote_blocks_written());
+  Gauge(out, "kvwave_remote_bytes_written",
+        "Bytes written to the Redis Cluster tier (parts and manifests).", s.remote_bytes_written());
+  Gauge(out, "kvwave_remote_parts_sent", "Part values sent to the Redis Cluster tier.",
+        s.remote_parts_sent());
+  Gauge(out, "kvwave_remote_write_errors", "Prefix blocks the remote tier could not write.",
+        s.remote_write_errors());
+  Gauge(out, "kvwave_remote_queue_dropped",
+        "Prefix blocks not written behind because the remote queue was full.",
+        s.remote_queue_dropped());
+  Gauge(out, "kvwave_remote_blocks_fetched", "Prefix blocks attached from the Redis Cluster tier.",
+        s.remote_blocks_fetched());
+  Gauge(out, "kvwave_remote_bytes_read", "Bytes read from the Redis Cluster tier.",
+        s.remote_bytes_read());
+  Gauge(out, "kvwave_remote_blocks_partial",
+        "Remote blocks skipped: a part was missing (writer died, or evicted).",
+        s.remote_blocks_partial());
+  Gauge(out, "kvwave_remote_blocks_corrupt",
+        "Remote blocks skipped: corrupt or truncated (never served).", s.remote_blocks_corrupt());
+  Gauge(out, "kvwave_remote_blocks_version_mismatch",
+        "Remote blocks skipped: another format version.", s.remote_blocks_version_mismatch());
+  Gauge(out, "kvwave_remote_unavailable",
+        "Remote reads that failed on a slow or dead cluster node.", s.remote_unavailable());
   Gauge(out, "kvwave_remote_nodes", "Masters of the Redis Cluster tier.", s.remote_nodes());
-  Gauge(out, "kvwave_remote_nodes_down", "Masters of the Redis Cluster tier marked down now.", s.remote_nodes_down());
+  Gauge(out, "kvwave_remote_nodes_down", "Masters of the Redis Cluster tier marked down now.",
+        s.remote_nodes_down());
   Gauge(out, "kvwave_host_pool_idle_bytes",
         "Freed KV blocks kept resident for reuse (not in kvwave_memory_used_bytes).",
         s.host_pool_idle_bytes());

@@ -175,7 +175,7 @@ TEST(EngineTest, GatherReturnsEveryTokenAfterSealing) {
       ASSERT_EQ(std::memcmp(v.data() + i * tb, d.v_bytes.data() + positions[i] * tb, tb), 0) << i;
     }
   };
-  expect_all();  // whatever the background seals have published by now
+  expect_all();                       // whatever the background seals have published by now
   ASSERT_TRUE(engine->Flush().ok());  // every queued seal done
   EXPECT_GE(engine->Info(id).value().sealed_segments, 2 * 3);
   expect_all();

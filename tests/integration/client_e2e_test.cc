@@ -157,8 +157,8 @@ class ClientE2ETest : public ::testing::Test {
  protected:
   void SetUp() override {
     port_ = FreePort();
-    daemon_ = StartDaemon(
-        {"rpc.tcp_port=" + std::to_string(port_), "rpc.tcp_token=t", "gpu.mode=off"});
+    daemon_ =
+        StartDaemon({"rpc.tcp_port=" + std::to_string(port_), "rpc.tcp_token=t", "gpu.mode=off"});
     ASSERT_NE(daemon_, nullptr);
   }
   int port_ = 0;
