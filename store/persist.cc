@@ -551,6 +551,11 @@ absl::StatusOr<LoadedBlock> PersistStore::LoadBlock(const BlockHash& hash, HostA
     loaded[i] = GetSegment(hash, static_cast<int32_t>(i / kv_heads),
                            static_cast<int32_t>(i % kv_heads), allocator, budget);
   });
+  // A corrupt segment has already dropped (and counted) the whole block inside GetSegment; the
+  // parallel reads of its other segments may then find them gone: report the corruption, once.
+  for (auto& segment : loaded) {
+    if (segment.status().code() == absl::StatusCode::kDataLoss) return segment.status();
+  }
   for (auto& segment : loaded) {
     if (segment.status().code() == absl::StatusCode::kNotFound) {
       DropBlock(hash, /*corrupt=*/true).IgnoreError();  // committed, yet a segment is missing

@@ -60,8 +60,10 @@ TestBlock MakeBlock(uint64_t seed, MemoryBudget& budget) {
 class PersistTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    seed_ = std::random_device{}();
-    std::printf("seed %u\n", seed_);
+    const char* env = std::getenv("KVWAVE_TEST_SEED");  // replays a printed seed
+    seed_ = env != nullptr ? static_cast<unsigned>(std::strtoul(env, nullptr, 10))
+                           : std::random_device{}();
+    std::printf("seed %u (KVWAVE_TEST_SEED)\n", seed_);
     char tmpl[] = "/tmp/kvwave_persist_XXXXXX";
     dir_ = mkdtemp(tmpl);
   }
