@@ -164,6 +164,9 @@ TEST(BackendTest, EventsFollowTheContractAndSharedSegmentsKeepTheirIds) {
     absl::MutexLock lock(&rec->mu_);
     EXPECT_EQ(rec->attend_items_, 1);
   }
+  // Background seals hold their context until they finish (OnClose comes with the last
+  // reference): wait for them first, so that Close is the last reference here.
+  ASSERT_TRUE(engine->Flush().ok());
   ASSERT_TRUE(engine->Close(a).ok());
   ASSERT_TRUE(engine->Close(b.id).ok());
   {
