@@ -8,6 +8,12 @@ instead of computing it itself -- as an inference server would. The loss over th
 the greedy next token are compared with the model's own full attention over the same tokens.
 
     python3 bench/e2e_lm.py --tokens FILE.u16 --context C --steps S --json OUT [--socket PATH]
+                            [--methods all|NAME[@KEY=VALUE...],...]
+
+A method name followed by @KEY=VALUE (e.g. tripartite-0.018-rest@attend.rank=two_pass) runs on a second
+kvwaved started with those settings (one daemon per distinct set). Each row also reports the time of its
+Attend calls (ms per call: one layer, all heads, client round trip included; comparable between rows of the
+same run) and the keys a second ranking pass scored (attend.rank = two_pass), as a fraction of the keys.
 
 Needs numpy and torch (Debian: python3-numpy python3-torch, run with /usr/bin/python3), the built
 Python binding (found under build*/), and, unless --socket names a running daemon, the built kvwaved.
@@ -113,8 +119,14 @@ def run_method(qk, torch, kv, client, model, cfg, tokens, prefill_kv, C, S, meth
                     client.append(ctx, layer, k.numpy().astype(np.float16)[None], v.numpy().astype(np.float16)[None])
                     qn = np.ascontiguousarray(q.numpy(), dtype=np.float32)
                     if method['kind'] == 'tripartite':
-                        out, _, _ = client.attend(ctx, layer, qn, retrieval_budget=method['retrieval'],
-                                                  estimation_budget=method['estimation'])
+                        t = time.perf_counter()
+                        out, _, st = client.attend(ctx, layer, qn, retrieval_budget=method['retrieval'],
+                                                   estimation_budget=method['estimation'])
+                        method['attend_s'] = method.get('attend_s', 0.0) + time.perf_counter() - t
+                        method['attend_calls'] = method.get('attend_calls', 0) + 1
+                        for key in ('steady_tokens', 'retrieved_tokens', 'scored_tokens'):
+                            method[key] = method.get(key, 0) + st.get(key, 0)
+                        method['keys'] = method.get('keys', 0) + (p + 1) * KV
                         return torch.from_numpy(np.asarray(out, dtype=np.float32))
                     pos, scores, _, _ = client.retrieve(ctx, layer, qn, k=method['k'], method=method['index'],
                                                         cluster_budget=method['cluster_budget'])
@@ -167,8 +179,16 @@ def main():
         methods.append({'name': f'topk-wave-{k}', 'kind': 'topk', 'index': 'wave', 'k': k,
                         'cluster_budget': 0.05 if k == 100 else 0.25, 'retrieval': 0.0, 'estimation': 0.0})
     if args.methods != 'all':
-        wanted = set(args.methods.split(','))
-        methods = [m for m in methods if m['name'] in wanted]
+        known = {m['name']: m for m in methods}
+        picked = []
+        for name in args.methods.split(','):
+            base, at, extra = name.partition('@')
+            if base not in known:
+                raise SystemExit(f'e2e_lm: unknown method {base!r} (known: {", ".join(known)})')
+            picked.append(dict(known[base], name=name, settings=[x for x in extra.split('@') if x]))
+        methods = picked
+    for m in methods:
+        m.setdefault('settings', [])
 
     t0 = time.time()
     with torch.no_grad():
@@ -184,23 +204,42 @@ def main():
     print(f'# e2e_lm: C={C} S={S} model layers={cfg["layers"]} heads={cfg["heads"]}/{cfg["kv_heads"]} '
           f'full-attention loss {full_loss:.4f} ({time.time() - t0:.0f}s)', flush=True)
 
-    daemon = Daemon(args.socket)
+    daemons, clients = {}, {}
     rows = []
     try:
-        client = kv.Client(socket_path=daemon.socket, shared_memory_bytes=256 << 20)
-        print(f'{"method":24s} {"retrieval":>9s} {"estim.":>7s} {"loss":>8s} {"full":>8s} {"rel.incr":>9s} {"top1":>6s} {"s":>5s}')
         for m in methods:
+            key = tuple(m['settings'])
+            if key not in daemons:
+                if key and args.socket:
+                    raise SystemExit('e2e_lm: methods with @settings start their own daemon (no --socket)')
+                daemons[key] = Daemon(args.socket, list(key))
+                clients[key] = kv.Client(socket_path=daemons[key].socket, shared_memory_bytes=256 << 20)
+        print(f'{"method":44s} {"retrieval":>9s} {"estim.":>7s} {"loss":>8s} {"full":>8s} {"rel.incr":>9s} {"top1":>6s} '
+              f'{"keys":>6s} {"scan":>6s} {"attend":>8s} {"s":>5s}')
+        for m in methods:
+            client = clients[tuple(m['settings'])]
             t1 = time.time()
             with torch.no_grad():
                 logits = run_method(qk, torch, kv, client, model, cfg, tokens, prefill_kv, C, S, m)
             loss = F.cross_entropy(logits.float(), targets).item()
             top1 = (logits.argmax(-1) == full_top1).float().mean().item()
+            keys = m.get('keys', 0)
+            exact = (m.get('steady_tokens', 0) + m.get('retrieved_tokens', 0)) / keys if keys else None
+            scan = (m.get('steady_tokens', 0) + m.get('retrieved_tokens', 0) + m.get('scored_tokens', 0)) / keys if keys else None
+            attend_ms = 1e3 * m['attend_s'] / m['attend_calls'] if m.get('attend_calls') else None
             rows.append({'method': m['name'], 'retrieval_budget': m['retrieval'], 'estimation_budget': m['estimation'],
-                         'loss': loss, 'full_loss': full_loss, 'top1_agreement': top1})
-            print(f'{m["name"]:24s} {m["retrieval"]:9.3f} {m["estimation"]:7.3f} {loss:8.4f} {full_loss:8.4f} '
-                  f'{(loss - full_loss) / full_loss:+9.4f} {top1:6.3f} {time.time() - t1:5.0f}', flush=True)
+                         'settings': m['settings'], 'loss': loss, 'full_loss': full_loss, 'top1_agreement': top1,
+                         'exact_key_fraction': exact, 'scanned_key_fraction': scan, 'attend_ms': attend_ms,
+                         'attend_calls': m.get('attend_calls', 0)})
+            fmt = lambda x, f: (f % x) if x is not None else '-'  # noqa: E731
+            print(f'{m["name"]:44s} {m["retrieval"]:9.3f} {m["estimation"]:7.3f} {loss:8.4f} {full_loss:8.4f} '
+                  f'{(loss - full_loss) / full_loss:+9.4f} {top1:6.3f} {fmt(exact and exact * 100, "%5.2f%%"):>6s} '
+                  f'{fmt(scan and scan * 100, "%5.2f%%"):>6s} {fmt(attend_ms, "%6.2fms"):>8s} {time.time() - t1:5.0f}',
+                  flush=True)
     finally:
-        daemon.stop()
+        clients.clear()
+        for d in daemons.values():
+            d.stop()
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(rows, f, indent=1)

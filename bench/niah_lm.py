@@ -29,7 +29,14 @@ Rows (--methods; 'all' = every one of them):
               index, default cluster budget) and fetched by Gather; k = the defaults' exactly attended keys
   tri:R:E     kvwaved Attend at retrieval budget R, estimation budget E (any number of these)
   proto:NAME  a prototype ranking of bench/quality_rank.py (kvwave emulated in torch; see there)
+  two_pass    = defaults@attend.rank=two_pass; two_pass-rest = rest@attend.rank=two_pass;
+  centroid    = defaults@attend.rank=centroid; centroid-rest = rest@attend.rank=centroid
+  ROW@K=V     any kvwaved row on a second daemon started with --set K=V (several @K=V allowed): rows
+              with the same settings share one daemon, the same prefill K/V pushed to each
 --drop builds the same instances with the answer-bearing needles removed: a control that must score ~0.
+The kvwaved rows also report their Attend time (ms per call: one layer, all heads, measured around the
+client call, so it includes the socket round trip; same run, same machine, so comparable between rows) and the
+keys their ranking scored in its second pass (two_pass; 'scan' = steady + retrieved + scored keys / keys).
 
 Needs numpy and torch (Debian: python3-numpy python3-torch; run with /usr/bin/python3), the built Python
 binding and kvwaved (found under build*/ as bench/e2e_lm.py does, or KVWAVE_PYTHONPATH / KVWAVED), and the
@@ -53,6 +60,8 @@ sys.path.insert(0, HERE)
 import e2e_lm  # noqa: E402  (Daemon, binding lookup)
 
 NAMED = ('full', 'kvwave-100', 'defaults', 'paper', 'rest', 'oracle-eq', 'quest-eq', 'topk-wave')
+ALIASES = {'two_pass': 'defaults@attend.rank=two_pass', 'two_pass-rest': 'rest@attend.rank=two_pass',
+           'centroid': 'defaults@attend.rank=centroid', 'centroid-rest': 'rest@attend.rank=centroid'}
 PAPER = (0.018, 0.232)
 PAGE = 16  # Quest page size (tokens)
 
@@ -130,6 +139,8 @@ class Method:
         s.name, s.client, s.R = name, client, runner
         s.kv = KvContext(client, runner) if client is not None else None
         s.exact_keys, s.keys = 0, 0  # exactly attended keys / keys seen, summed over calls (fraction reported)
+        s.scanned_keys = 0  # exactly attended + scored by a second ranking pass
+        s.attend_s, s.attend_calls = 0.0, 0  # time in the daemon's Attend (client call), and calls
 
     def begin(s):
         if s.kv is not None:
@@ -139,8 +150,9 @@ class Method:
         if s.kv is not None:
             s.kv.reset()
 
-    def count(s, exact, n):
+    def count(s, exact, n, scored=0):
         s.exact_keys += exact
+        s.scanned_keys += exact + scored
         s.keys += n
 
 
@@ -164,8 +176,12 @@ class Tripartite(Method):
     def attend(s, layer, q, k, v):
         n = k.shape[1]
         s.kv.sync(layer, n)
-        out, _, st = s.client.attend(s.kv.ctx, layer, qnp(q), retrieval_budget=s.r, estimation_budget=s.e)
-        s.count((st['steady_tokens'] + st['retrieved_tokens']) / s.R.KV, n)
+        qn = qnp(q)
+        t = time.perf_counter()
+        out, _, st = s.client.attend(s.kv.ctx, layer, qn, retrieval_budget=s.r, estimation_budget=s.e)
+        s.attend_s += time.perf_counter() - t
+        s.attend_calls += 1
+        s.count((st['steady_tokens'] + st['retrieved_tokens']) / s.R.KV, n, st.get('scored_tokens', 0) / s.R.KV)
         return __import__('torch').from_numpy(np.asarray(out, np.float32)).to(q.device)
 
 
@@ -265,9 +281,13 @@ class TopkWave(EqualKeys):
         return out.to(q.device)
 
 
-def make_methods(names, client, runner, exact_fn):
+def make_methods(names, clients, runner, exact_fn):
+    """clients: settings suffix ('' or '@K=V...') -> a client of the daemon started with those settings"""
     out = []
-    for name in names:
+    for full_name in names:
+        name, at, extra = ALIASES.get(full_name, full_name).partition('@')
+        client = clients.get(at + extra)
+        before = len(out)
         if name == 'full':
             out.append(Full(name, client, runner, exact_fn))
         elif name == 'kvwave-100':
@@ -294,6 +314,19 @@ def make_methods(names, client, runner, exact_fn):
             out.append(Tripartite(name, client, runner, float(r), float(e)))
         else:
             raise SystemExit(f'niah_lm: unknown method {name!r} (known: {", ".join(NAMED)}, tri:R:E)')
+        out[before].name = full_name
+    return out
+
+
+def daemon_suffixes(names):
+    """the distinct settings suffixes ('' = the plain daemon) of the rows that need a daemon"""
+    out = []
+    for full_name in names:
+        name, at, extra = ALIASES.get(full_name, full_name).partition('@')
+        if name == 'full' or name.startswith('proto:'):
+            continue
+        if at + extra not in out:
+            out.append(at + extra)
     return out
 
 
@@ -363,9 +396,9 @@ def main():
     model = model.to(qk.DEV).eval()
     R = evaluate.Runner(qk, model, args.ctx)
 
-    need_daemon = any(m != 'full' and not m.startswith('proto:') for m in names)
-    daemon, client, settings = None, None, {}
-    if need_daemon:
+    suffixes = daemon_suffixes(names)
+    daemons, clients, settings = [], {}, {}
+    if suffixes:
         kv = e2e_lm.import_binding()
         if not args.socket:
             binary = os.environ.get('KVWAVED') or e2e_lm.find_one(['build*/**/rpc/kvwaved'], 'kvwaved')
@@ -373,11 +406,17 @@ def main():
             for kvs in args.daemon_set:
                 k, v = kvs.split('=', 1)
                 settings[k] = v
-        daemon = e2e_lm.Daemon(args.socket, args.daemon_set)
-        client = kv.Client(socket_path=daemon.socket, shared_memory_bytes=256 << 20)  # Daemon waited for ready
-    defaults = {k: settings.get(k) for k in ('attend.retrieval_budget', 'attend.estimation_budget', 'store.sink_tokens',
-                                             'store.recent_tokens', 'index.tokens_per_cluster')}
-    methods = make_methods(names, client, R, evaluate.attend)
+        for suffix in suffixes:
+            extra = [x for x in suffix.split('@') if x]
+            if extra and args.socket:
+                raise SystemExit('niah_lm: rows with @settings start their own daemon (no --socket)')
+            d = e2e_lm.Daemon(args.socket, list(args.daemon_set) + extra)
+            daemons.append(d)
+            clients[suffix] = kv.Client(socket_path=d.socket, shared_memory_bytes=256 << 20)  # Daemon waited for ready
+    defaults = {k: settings.get(k) for k in ('attend.retrieval_budget', 'attend.estimation_budget', 'attend.rank',
+                                             'attend.rank_overfetch', 'store.sink_tokens', 'store.recent_tokens',
+                                             'index.tokens_per_cluster')}
+    methods = make_methods(names, clients, R, evaluate.attend)
     print(f'# niah_lm: ctx {args.ctx}, {args.n} instances x {",".join(families)} (seed {args.seed}, first {args.first})'
           f'{" DROP (needles removed)" if args.drop else ""}; model {os.path.abspath(args.model)}; device {qk.DEV}, '
           f'torch threads {torch.get_num_threads()}; daemon settings {defaults}', flush=True)
@@ -395,33 +434,46 @@ def main():
             for m in methods:
                 t = time.time()
                 m.begin()
-                e0, n0 = m.exact_keys, m.keys
+                for a, v in (('scanned_keys', None), ('attend_s', 0.0), ('attend_calls', 0)):
+                    if not hasattr(m, a):  # a prototype (quality_rank.Proto): no daemon, no second pass counted
+                        setattr(m, a, v)
+                e0, n0, a0, c0 = m.exact_keys, m.keys, m.attend_s, m.attend_calls
+                sc0 = m.scanned_keys if m.scanned_keys is not None else e0
                 R.attend = m.attend
                 pred = decode(R, ids, al, split)
                 m.end()
                 frac = (m.exact_keys - e0) / max(1, m.keys - n0)
-                rows.append({'method': m.name, 'family': fam, 'instance': i % (args.first + args.n), 'ok': pred == gold,
+                scan = ((m.scanned_keys if m.scanned_keys is not None else m.exact_keys) - sc0) / max(1, m.keys - n0)
+                attend_ms = 1e3 * (m.attend_s - a0) / max(1, m.attend_calls - c0) if m.attend_calls > c0 else None
+                rows.append({'scanned_key_fraction': scan, 'attend_ms': attend_ms, 'method': m.name, 'family': fam, 'instance': i % (args.first + args.n), 'ok': pred == gold,
                              'first': pred[0] == gold[0], 'tokens_ok': float(np.mean([a == b for a, b in zip(pred, gold)])),
                              'depth': float(S['depth'][i]), 'exact_key_fraction': frac, 'pred': pred, 'gold': gold,
                              's': time.time() - t})
                 line.append(f'{m.name} {"ok" if pred == gold else "--"} ({frac * 100:.1f}% keys, {time.time() - t:.1f}s)')
             print(f'  {fam} #{i % (args.first + args.n)} depth {S["depth"][i]:.2f} prefill {tp:.1f}s: ' + '; '.join(line), flush=True)
     finally:
-        if client is not None:
-            del client
-        if daemon is not None:
-            daemon.stop()
+        clients.clear()
+        for d in daemons:
+            d.stop()
     res = {'ctx': args.ctx, 'n_per_family': args.n, 'first': args.first, 'seed': args.seed, 'families': list(families),
            'drop': args.drop, 'model': os.path.abspath(args.model), 'daemon_settings': defaults,
            'torch_threads': torch.get_num_threads(), 'seconds': time.time() - t0, 'methods': {}, 'rows': rows}
-    print(f'{"method":14s} {"family":11s} {"exact":>9s} {"first":>6s} {"tokens":>6s} {"keys":>6s}   exact by depth (5 bins: ok/n)')
+    print(f'{"method":14s} {"family":11s} {"exact":>9s} {"first":>6s} {"tokens":>6s} {"keys":>6s} {"scan":>6s} '
+          f'{"attend":>9s}   exact by depth (5 bins: ok/n)')
     for m in methods:
         fams = summarise(niah, rows, m.name)
-        mk = [x['exact_key_fraction'] for x in rows if x['method'] == m.name]
-        res['methods'][m.name] = {'families': fams, 'exact_key_fraction': float(np.mean(mk)) if mk else None}
+        mine = [x for x in rows if x['method'] == m.name]
+        mk = [x['exact_key_fraction'] for x in mine]
+        ms = [x['scanned_key_fraction'] for x in mine]
+        am = 1e3 * m.attend_s / m.attend_calls if m.attend_calls else None
+        res['methods'][m.name] = {'families': fams, 'exact_key_fraction': float(np.mean(mk)) if mk else None,
+                                  'scanned_key_fraction': float(np.mean(ms)) if ms else None, 'attend_ms': am,
+                                  'attend_calls': m.attend_calls}
         for f, e in fams.items():
             print(f'{m.name:14s} {f:11s} {e["ok"]:3d}/{e["n"]:<3d}   {e["first_token"]:6.3f} {e["tokens"]:6.3f} '
-                  f'{res["methods"][m.name]["exact_key_fraction"] * 100:5.1f}%   '
+                  f'{res["methods"][m.name]["exact_key_fraction"] * 100:5.1f}% '
+                  f'{res["methods"][m.name]["scanned_key_fraction"] * 100:5.1f}% '
+                  f'{"%7.2fms" % am if am is not None else "       -":>9s}   '
                   + ' '.join(f'{a}/{b}' if b else '-' for a, b in e['by_depth']), flush=True)
     print(f'# {len(keep_idx)} instances x {len(methods)} rows in {res["seconds"]:.0f}s', flush=True)
     if args.json:

@@ -109,8 +109,8 @@ absl::Status Client::Attend(ContextId ctx, int32_t layer, std::span<const float>
   KVWAVE_RETURN_IF_ERROR(impl_->Collect(resp.lse(), Bytes(lse), "lse"));
   if (stats != nullptr) {
     const pb::AttendStats& s = resp.stats();
-    *stats = {s.steady_tokens(), s.retrieved_tokens(), s.retrieved_clusters(),
-              s.estimated_clusters(), s.total_clusters()};
+    *stats = {s.steady_tokens(),      s.retrieved_tokens(), s.retrieved_clusters(),
+              s.estimated_clusters(), s.total_clusters(),   s.scored_tokens()};
   }
   return absl::OkStatus();
 }
@@ -144,8 +144,8 @@ absl::Status Client::AttendBatch(int32_t layer, std::span<const AttendBatchEntry
     }
     for (size_t i = 0; i < stats.size(); ++i) {
       const pb::AttendStats& s = resp.stats(static_cast<int>(i));
-      stats[i] = {s.steady_tokens(), s.retrieved_tokens(), s.retrieved_clusters(),
-                  s.estimated_clusters(), s.total_clusters()};
+      stats[i] = {s.steady_tokens(),      s.retrieved_tokens(), s.retrieved_clusters(),
+                  s.estimated_clusters(), s.total_clusters(),   s.scored_tokens()};
     }
   }
   return absl::OkStatus();

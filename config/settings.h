@@ -60,6 +60,11 @@ struct Settings {
   // attend
   double retrieval_budget = 0.018;
   double estimation_budget = 0.232;
+  // How the retrieval zone's clusters are chosen (engine/head_ops.cc): "centroid" ranks every
+  // cluster by its centroid; "two_pass" takes the top rank_overfetch x r clusters by centroid,
+  // scores their member keys, and retrieves the r whose best member key scores highest.
+  std::string rank = "centroid";
+  double rank_overfetch = 2.0;
   int64_t compute_threads = 0;  // 0 = one per core
   int64_t seal_threads = 0;     // background indexing threads (0 = max(1, cores / 4))
   // gpu (the attention backend)

@@ -51,6 +51,7 @@ class CpuBackend final : public AttentionBackend {
       out->retrieved_clusters += s.retrieved_clusters;
       out->estimated_clusters += s.estimated_clusters;
       out->total_clusters += s.total_clusters;
+      out->scored_tokens += s.scored_tokens;
     }
     return absl::OkStatus();
   }

@@ -86,6 +86,9 @@ struct AttendStats {
   int64_t retrieved_clusters = 0;  // summed over KV heads
   int64_t estimated_clusters = 0;  // summed over KV heads
   int64_t total_clusters = 0;      // summed over KV heads
+  // Member keys scored (q.k, not attended) by the ranking's second pass (attend.rank =
+  // two_pass), summed over KV heads; 0 with the centroid ranking.
+  int64_t scored_tokens = 0;
 };
 
 enum class RetrieveMethod { kWave, kFlat, kGraph };

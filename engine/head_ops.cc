@@ -87,6 +87,8 @@ HeadParams MakeHeadParams(const config::Settings& settings, const store::ModelSh
   p.tokens_per_cluster = static_cast<int32_t>(settings.tokens_per_cluster);
   p.kmeans_iterations = static_cast<int32_t>(settings.kmeans_iterations);
   p.faiss_kmeans = settings.kmeans_kernel == "faiss";
+  p.two_pass = settings.rank == "two_pass";
+  p.rank_overfetch = settings.rank_overfetch;
   p.allocator = allocator;
   p.graph = settings.graph == "on";
   p.graph_options.max_queries = settings.graph_queries;
@@ -167,6 +169,31 @@ absl::Status SealHead(const HeadParams& p, int64_t n, store::HeadKv& head,
   return absl::OkStatus();
 }
 
+namespace {
+
+// The best member key of each of the clusters order[0..m): the largest scale * q_h.k over the
+// group's heads h and the cluster's members. Adds the keys scored to `scored`.
+std::vector<float> BestMemberScores(const HeadParams& p, const store::HeadKv& head,
+                                    const ClusterSet& set, const float* q, float scale,
+                                    const int32_t* order, int64_t m, int64_t& scored) {
+  std::vector<float> best(m, -std::numeric_limits<float>::infinity()), keys, dots;
+  for (int64_t i = 0; i < m; ++i) {
+    auto [s, c] = set.Locate(order[i]);
+    const store::Segment& seg = *head.segments[s];
+    const int64_t rows = seg.cluster_size(c);
+    if (rows <= 0) continue;
+    keys.resize(rows * p.head_dim);
+    dots.resize(p.group * rows);
+    ToFloat(seg.key_row(seg.cluster_row(c)), p.dtype, keys.data(), keys.size());
+    index::DotRowsMulti(q, p.group, keys.data(), rows, p.head_dim, dots.data());
+    best[i] = *std::max_element(dots.begin(), dots.end()) * scale;
+    scored += rows;
+  }
+  return best;
+}
+
+}  // namespace
+
 absl::Status AttendHead(const HeadParams& p, const store::HeadKv& head, const float* q,
                         const AttendBudget& budget, float* out, float* lse, AttendStats* stats) {
   const int g = p.group;
@@ -178,16 +205,59 @@ absl::Status AttendHead(const HeadParams& p, const store::HeadKv& head, const fl
   const gpu::ZoneSizes zones = gpu::SizeZones(budget.retrieval, budget.estimation, set.total);
   const int64_t r = zones.retrieval;
   const int64_t e = zones.estimation;
-  std::vector<int32_t> order(r + e);
-  const int64_t ranked =
-      set.total > 0 ? gpu::cpu::TopK(scores.data(), set.total, r + e, order.data()) : 0;
-  const int64_t retrieved = std::min(r, ranked);
+  const int64_t m = p.two_pass ? gpu::TwoPassCandidates(r, p.rank_overfetch, set.total) : 0;
+  const bool second_pass = m > r;
+  std::vector<int32_t> order(std::max(r + e, m));
+  const int64_t ranked = set.total > 0
+                             ? gpu::cpu::TopK(scores.data(), set.total,
+                                              static_cast<int64_t>(order.size()), order.data())
+                             : 0;
+  // chosen: the retrieved clusters (global indices); estimated: the next ones in centroid order.
+  std::vector<int32_t> chosen, estimated;
+  int64_t scored_tokens = 0;
+  if (!second_pass) {
+    chosen.assign(order.begin(), order.begin() + std::min(r, ranked));
+  } else {
+    const int64_t cand = std::min(m, ranked);
+    std::vector<float> best =
+        BestMemberScores(p, head, set, q, scale, order.data(), cand, scored_tokens);
+    // The keys the centroid ranking would retrieve: the re-ranked clusters may not exceed them.
+    int64_t key_cap = 0;
+    for (int64_t i = 0; i < std::min(r, cand); ++i) {
+      auto [s, c] = set.Locate(order[i]);
+      key_cap += head.segments[s]->cluster_size(c);
+    }
+    std::vector<int32_t> by_best(cand);  // candidate ranks, best member first (ties: centroid)
+    for (int64_t i = 0; i < cand; ++i) by_best[i] = static_cast<int32_t>(i);
+    std::stable_sort(by_best.begin(), by_best.end(),
+                     [&](int32_t a, int32_t b) { return best[a] > best[b]; });
+    std::vector<char> taken(cand, 0);
+    int64_t keys = 0;
+    // In that order, each cluster whose keys still fit (the centroid ranking's top r each fit, so
+    // at least one is taken), at most r of them.
+    for (int64_t j = 0; j < cand && static_cast<int64_t>(chosen.size()) < r; ++j) {
+      auto [s, c] = set.Locate(order[by_best[j]]);
+      const int64_t size = head.segments[s]->cluster_size(c);
+      if (keys + size > key_cap) continue;
+      keys += size;
+      chosen.push_back(order[by_best[j]]);
+      taken[by_best[j]] = 1;
+    }
+    // The estimation zone keeps its size and also takes the retrieval slots the cap left out.
+    const int64_t want_est = r + e - static_cast<int64_t>(chosen.size());
+    for (int64_t i = 0; i < ranked && static_cast<int64_t>(estimated.size()) < want_est; ++i) {
+      if (i < cand && taken[i]) continue;
+      estimated.push_back(order[i]);
+    }
+  }
+  if (!second_pass) estimated.assign(order.begin() + chosen.size(), order.begin() + ranked);
+  const int64_t retrieved = static_cast<int64_t>(chosen.size());
 
   std::vector<KvSpan> spans;
   int64_t steady_tokens = 0, retrieved_tokens = 0;
   SteadySpans(head, spans, steady_tokens);
-  for (int64_t i = 0; i < retrieved; ++i) {
-    auto [s, c] = set.Locate(order[i]);
+  for (int32_t j : chosen) {
+    auto [s, c] = set.Locate(j);
     const store::Segment& seg = *head.segments[s];
     const int64_t row = seg.cluster_row(c);
     spans.push_back({seg.key_row(row), seg.value_row(row), seg.cluster_size(c)});
@@ -197,8 +267,8 @@ absl::Status AttendHead(const HeadParams& p, const store::HeadKv& head, const fl
 
   // Estimation zone, one call per segment that has estimated clusters.
   std::vector<std::vector<int32_t>> per_segment(head.segments.size());
-  for (int64_t i = retrieved; i < ranked; ++i) {
-    auto [s, c] = set.Locate(order[i]);
+  for (int32_t j : estimated) {
+    auto [s, c] = set.Locate(j);
     per_segment[s].push_back(c);
   }
   std::vector<float> est_out(g * d), est_lse(g);
@@ -214,8 +284,9 @@ absl::Status AttendHead(const HeadParams& p, const store::HeadKv& head, const fl
     stats->steady_tokens += steady_tokens;
     stats->retrieved_tokens += retrieved_tokens;
     stats->retrieved_clusters += retrieved;
-    stats->estimated_clusters += ranked - retrieved;
+    stats->estimated_clusters += static_cast<int64_t>(estimated.size());
     stats->total_clusters += set.total;
+    stats->scored_tokens += scored_tokens;
   }
   return absl::OkStatus();
 }

@@ -31,6 +31,10 @@ struct HeadParams {
   int32_t tokens_per_cluster = 16;
   int32_t kmeans_iterations = 10;
   bool faiss_kmeans = false;
+  // attend.rank: two_pass re-ranks the top ceil(rank_overfetch x r) clusters by centroid by
+  // their best member key (the largest q.k over the group's heads and the cluster's members).
+  bool two_pass = false;
+  double rank_overfetch = 2.0;
   store::HostAllocator* allocator = nullptr;
   AttentionBackend* backend = nullptr;  // runs the k-means of SealHead; null: the CPU kernel
   // index.graph = on: SealHead builds the segment's graph from the queries held (graph_ops.h).
@@ -72,6 +76,13 @@ void PrepareSeal(const HeadParams& p, int64_t n, const store::HeadKv& head, Seal
                                     store::MemoryCharge& reserved);
 
 // Tripartite attention of the group's query heads q [group x d]; out [group x d], lse [group].
+// Ranking: the clusters by centroid (GroupSoftmaxSum of q.c); with p.two_pass, the top
+// m = gpu::TwoPassCandidates(r, p.rank_overfetch) of them are re-ranked by their best member key
+// and retrieved in that order, at most r, each while its keys fit in the keys of the centroid
+// ranking's top r (so it never attends more keys exactly than the centroid ranking would, and
+// takes at least one cluster); the r slots this leaves empty go to the estimation zone,
+// which takes the next clusters in centroid order. The m clusters' member keys scored add to
+// stats->scored_tokens.
 [[nodiscard]] absl::Status AttendHead(const HeadParams& p, const store::HeadKv& head,
                                       const float* q, const AttendBudget& budget, float* out,
                                       float* lse, AttendStats* stats);

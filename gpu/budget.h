@@ -39,6 +39,15 @@ inline ZoneSizes SizeZones(double retrieval, double estimation, int64_t total) {
   return z;
 }
 
+// Two-pass ranking (attend.rank = two_pass): the clusters whose member keys the second pass
+// scores, ceil(overfetch * r) of the retrieval zone's r, at most total (0 when r is 0). A pass is
+// needed only when this exceeds r; at r = total (a 100% budget) it is r and the ranking is moot.
+inline int64_t TwoPassCandidates(int64_t retrieval, double overfetch, int64_t total) {
+  if (retrieval <= 0 || total <= 0) return 0;
+  const double want = std::ceil(std::max(1.0, overfetch) * static_cast<double>(retrieval) - 1e-9);
+  return want >= static_cast<double>(total) ? total : static_cast<int64_t>(want);
+}
+
 }  // namespace kvwave::gpu
 
 #endif  // KVWAVE_GPU_BUDGET_H_

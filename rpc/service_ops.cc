@@ -144,6 +144,7 @@ absl::Status Service::DoAttend(Call& call, const pb::AttendRequest& req, pb::Att
   s->set_retrieved_clusters(stats.retrieved_clusters);
   s->set_estimated_clusters(stats.estimated_clusters);
   s->set_total_clusters(stats.total_clusters);
+  s->set_scored_tokens(stats.scored_tokens);
   return absl::OkStatus();
 }
 
@@ -191,6 +192,7 @@ absl::Status Service::DoAttendBatch(Call& call, const pb::AttendBatchRequest& re
     s->set_retrieved_clusters(st.retrieved_clusters);
     s->set_estimated_clusters(st.estimated_clusters);
     s->set_total_clusters(st.total_clusters);
+    s->set_scored_tokens(st.scored_tokens);
   }
   return absl::OkStatus();
 }

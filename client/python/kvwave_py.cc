@@ -179,6 +179,7 @@ class PyClient {
     s["retrieved_clusters"] = stats.retrieved_clusters;
     s["estimated_clusters"] = stats.estimated_clusters;
     s["total_clusters"] = stats.total_clusters;
+    s["scored_tokens"] = stats.scored_tokens;
     return py::make_tuple(out, lse, s);
   }
 
@@ -213,6 +214,7 @@ class PyClient {
       d["retrieved_clusters"] = st.retrieved_clusters;
       d["estimated_clusters"] = st.estimated_clusters;
       d["total_clusters"] = st.total_clusters;
+      d["scored_tokens"] = st.scored_tokens;
       s.append(d);
     }
     return py::make_tuple(out, lse, s);

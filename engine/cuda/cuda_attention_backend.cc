@@ -175,6 +175,14 @@ class CudaAttentionBackend final : public AttentionBackend {
 absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCudaAttentionBackend(
     const config::Settings& settings, std::shared_ptr<store::HostPool> host_pool) {
   if (!gpu::CudaBackend::DeviceAvailable()) return absl::FailedPreconditionError("no CUDA device");
+  // The wave buffer ranks by centroid only; the second pass of two_pass (scoring the member keys
+  // of the next clusters, which may not be resident) is not implemented on the GPU yet.
+  if (settings.rank != "centroid") {
+    return absl::UnimplementedError(
+        absl::StrCat("attend.rank = ", settings.rank,
+                     " is implemented on the CPU backend only (set attend.rank = centroid to "
+                     "attend on the GPU)"));
+  }
   // The pool: gpu.cache_bytes, else gpu.cache_fraction of the memory limit (the most KV that can
   // be resident), per model shape served.
   const int64_t cache_bytes =

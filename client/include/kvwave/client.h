@@ -112,6 +112,7 @@ struct AttendStats {
   int64_t retrieved_clusters = 0;
   int64_t estimated_clusters = 0;
   int64_t total_clusters = 0;
+  int64_t scored_tokens = 0;  // member keys scored by attend.rank = two_pass (not attended)
 };
 
 enum class RetrieveMethod { kWave, kFlat };
