@@ -99,8 +99,9 @@ def block_step(qk, block, x, cos, sin, attend):
     return x + block.w2(F.silu(block.w1(h)) * block.w3(h))
 
 
-def run_method(qk, torch, kv, client, model, cfg, tokens, prefill_kv, C, S, method):
-    """Decodes positions C..C+S-1 with one kvwave method; returns per-position logits [S, vocab]."""
+def run_method(qk, torch, kv, client, model, cfg, tokens, prefill_kv, C, S, method, keep=False):
+    """Decodes positions C..C+S-1 with one kvwave method; returns per-position logits [S, vocab].
+    keep: leave the context open (method['ctx']) with each layer's last query (method['last_q']) for timing."""
     L, H, KV, hd = cfg['layers'], cfg['heads'], cfg['kv_heads'], cfg['dim'] // cfg['heads']
     g = H // KV
     ctx, _ = client.open(layers=L, q_heads=H, kv_heads=KV, head_dim=hd, dtype='f16')
@@ -118,6 +119,7 @@ def run_method(qk, torch, kv, client, model, cfg, tokens, prefill_kv, C, S, meth
                 def attend(q, k, v, layer=layer):
                     client.append(ctx, layer, k.numpy().astype(np.float16)[None], v.numpy().astype(np.float16)[None])
                     qn = np.ascontiguousarray(q.numpy(), dtype=np.float32)
+                    method.setdefault('last_q', {})[layer] = qn
                     if method['kind'] == 'tripartite':
                         t = time.perf_counter()
                         out, _, st = client.attend(ctx, layer, qn, retrieval_budget=method['retrieval'],
@@ -140,8 +142,29 @@ def run_method(qk, torch, kv, client, model, cfg, tokens, prefill_kv, C, S, meth
                 x = block_step(qk, block, x, cos, sin, attend)
             logits.append((qk.rms(x, model.nf) @ model.emb.weight.t())[0, 0])
     finally:
-        client.close(ctx)
+        if keep:
+            method['ctx'] = ctx
+        else:
+            client.close(ctx)
     return torch.stack(logits)
+
+
+def time_attends(clients, methods, layers, rounds):
+    """Attend time per method, same run: round-robin over methods (so load drift hits all alike), each
+    round one Attend per layer with that layer's last decode query on the method's kept context; returns
+    {name: (median ms per call, calls)}. Client-side time: includes the socket round trip."""
+    times = {m['name']: [] for m in methods if m['kind'] == 'tripartite' and 'ctx' in m}
+    for _ in range(rounds):
+        for m in methods:
+            if m['name'] not in times:
+                continue
+            client = clients[tuple(m['settings'])]
+            for layer in range(layers):
+                q = m['last_q'][layer]
+                t = time.perf_counter()
+                client.attend(m['ctx'], layer, q, retrieval_budget=m['retrieval'], estimation_budget=m['estimation'])
+                times[m['name']].append(time.perf_counter() - t)
+    return {k: (1e3 * float(np.median(v)), len(v)) for k, v in times.items() if v}
 
 
 def main():
@@ -154,6 +177,8 @@ def main():
     ap.add_argument('--socket', default='', help='a running kvwaved (default: start one)')
     ap.add_argument('--methods', default='all', help="'all', 'full' or comma list of method names")
     ap.add_argument('--threads', type=int, default=os.cpu_count(), help='torch CPU threads')
+    ap.add_argument('--time-rounds', type=int, default=0,
+                    help='after the rows: this many round-robin rounds of one Attend per layer per row, timed')
     args = ap.parse_args()
 
     sys.path.insert(0, os.path.abspath(args.model))
@@ -220,7 +245,8 @@ def main():
             client = clients[tuple(m['settings'])]
             t1 = time.time()
             with torch.no_grad():
-                logits = run_method(qk, torch, kv, client, model, cfg, tokens, prefill_kv, C, S, m)
+                logits = run_method(qk, torch, kv, client, model, cfg, tokens, prefill_kv, C, S, m,
+                                    keep=args.time_rounds > 0)
             loss = F.cross_entropy(logits.float(), targets).item()
             top1 = (logits.argmax(-1) == full_top1).float().mean().item()
             keys = m.get('keys', 0)
@@ -236,6 +262,14 @@ def main():
                   f'{(loss - full_loss) / full_loss:+9.4f} {top1:6.3f} {fmt(exact and exact * 100, "%5.2f%%"):>6s} '
                   f'{fmt(scan and scan * 100, "%5.2f%%"):>6s} {fmt(attend_ms, "%6.2fms"):>8s} {time.time() - t1:5.0f}',
                   flush=True)
+        if args.time_rounds > 0:
+            timed = time_attends(clients, methods, cfg['layers'], args.time_rounds)
+            print(f'# Attend time, {args.time_rounds} round-robin rounds x {cfg["layers"]} layers per row, each row on its '
+                  f'context after its {S} decode steps (median ms per call, one layer, all heads, client round trip):')
+            for row in rows:
+                if row['method'] in timed:
+                    row['attend_ms_median'], row['attend_timed_calls'] = timed[row['method']]
+                    print(f'{row["method"]:44s} {row["attend_ms_median"]:7.3f} ms', flush=True)
     finally:
         clients.clear()
         for d in daemons.values():
