@@ -39,6 +39,9 @@ ContextInfo FromProto(const pb::ContextInfo& p) {
   info.sealed_segments = p.sealed_segments();
   info.bytes = p.bytes();
   info.session_id = p.session_id();
+  info.has_queries = p.has_queries();
+  info.graph_segments = p.graph_segments();
+  info.query_tokens = p.query_tokens();
   return info;
 }
 
@@ -82,6 +85,23 @@ absl::Status Client::Append(ContextId ctx, int32_t layer, int64_t n, std::span<c
   return impl_->Call(pb::APPEND, req, resp);
 }
 
+absl::Status Client::AppendWithQueries(ContextId ctx, int32_t layer, int64_t n,
+                                       std::span<const std::byte> k, std::span<const std::byte> v,
+                                       std::span<const float> q) {
+  if (q.empty()) return absl::InvalidArgumentError("q: no queries (use Append)");
+  std::lock_guard<std::mutex> lock(impl_->mu_);
+  impl_->BeginCall();
+  pb::AppendRequest req;
+  req.set_context_id(ctx);
+  req.set_layer(layer);
+  req.set_tokens(n);
+  KVWAVE_RETURN_IF_ERROR(impl_->StageInput(k, 1, req.mutable_k()));
+  KVWAVE_RETURN_IF_ERROR(impl_->StageInput(v, 1, req.mutable_v()));
+  KVWAVE_RETURN_IF_ERROR(impl_->StageInput(Bytes(q), 4, req.mutable_q()));
+  pb::AppendResponse resp;
+  return impl_->Call(pb::APPEND, req, resp);
+}
+
 absl::Status Client::Seal(ContextId ctx) {
   std::lock_guard<std::mutex> lock(impl_->mu_);
   pb::SealRequest req;
@@ -100,6 +120,9 @@ absl::Status Client::Attend(ContextId ctx, int32_t layer, std::span<const float>
   req.set_layer(layer);
   req.set_retrieval_budget(budget.retrieval);
   req.set_estimation_budget(budget.estimation);
+  req.set_method(static_cast<pb::AttendMethod>(budget.method));
+  req.set_graph_top_k(budget.graph_top_k);
+  req.set_beam(budget.beam);
   KVWAVE_RETURN_IF_ERROR(impl_->StageInput(Bytes(q), 4, req.mutable_q()));
   impl_->StageOutput(Bytes(out), 4, req.mutable_out());
   impl_->StageOutput(Bytes(lse), 4, req.mutable_lse());
@@ -110,7 +133,8 @@ absl::Status Client::Attend(ContextId ctx, int32_t layer, std::span<const float>
   if (stats != nullptr) {
     const pb::AttendStats& s = resp.stats();
     *stats = {s.steady_tokens(),      s.retrieved_tokens(), s.retrieved_clusters(),
-              s.estimated_clusters(), s.total_clusters(),   s.scored_tokens()};
+              s.estimated_clusters(), s.total_clusters(),   s.scored_tokens(),
+              s.graph_keys_scored()};
   }
   return absl::OkStatus();
 }
@@ -130,6 +154,9 @@ absl::Status Client::AttendBatch(int32_t layer, std::span<const AttendBatchEntry
     p->set_context_id(e.ctx);
     p->set_retrieval_budget(e.budget.retrieval);
     p->set_estimation_budget(e.budget.estimation);
+    p->set_method(static_cast<pb::AttendMethod>(e.budget.method));
+    p->set_graph_top_k(e.budget.graph_top_k);
+    p->set_beam(e.budget.beam);
   }
   KVWAVE_RETURN_IF_ERROR(impl_->StageInput(Bytes(q), 4, req.mutable_q()));
   impl_->StageOutput(Bytes(out), 4, req.mutable_out());
@@ -145,7 +172,8 @@ absl::Status Client::AttendBatch(int32_t layer, std::span<const AttendBatchEntry
     for (size_t i = 0; i < stats.size(); ++i) {
       const pb::AttendStats& s = resp.stats(static_cast<int>(i));
       stats[i] = {s.steady_tokens(),      s.retrieved_tokens(), s.retrieved_clusters(),
-                  s.estimated_clusters(), s.total_clusters(),   s.scored_tokens()};
+                  s.estimated_clusters(), s.total_clusters(),   s.scored_tokens(),
+                  s.graph_keys_scored()};
     }
   }
   return absl::OkStatus();
@@ -160,8 +188,11 @@ absl::Status Client::Retrieve(ContextId ctx, int32_t layer, std::span<const floa
   req.set_context_id(ctx);
   req.set_layer(layer);
   req.set_k(options.k);
-  req.set_method(options.method == RetrieveMethod::kFlat ? pb::FLAT : pb::WAVE);
+  req.set_method(options.method == RetrieveMethod::kFlat    ? pb::FLAT
+                 : options.method == RetrieveMethod::kGraph ? pb::GRAPH
+                                                            : pb::WAVE);
   req.set_cluster_budget(options.cluster_budget);
+  req.set_beam(options.beam);
   KVWAVE_RETURN_IF_ERROR(impl_->StageInput(Bytes(q), 4, req.mutable_q()));
   impl_->StageOutput(Bytes(positions), 8, req.mutable_positions());
   impl_->StageOutput(Bytes(scores), 4, req.mutable_scores());

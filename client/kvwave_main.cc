@@ -122,8 +122,8 @@ int Contexts(const Common& c) {
   if (!client.ok()) return Fail(client.status());
   auto list = (*client)->ListContexts();
   if (!list.ok()) return Fail(list.status());
-  std::printf("%-20s %-8s %-24s %10s %10s %12s\n", "id", "session", "shape (L/Hq/Hkv/D/type)",
-              "tokens", "segments", "bytes");
+  std::printf("%-20s %-8s %-24s %10s %10s %8s %12s\n", "id", "session", "shape (L/Hq/Hkv/D/type)",
+              "tokens", "segments", "graphs", "bytes");
   for (const ContextInfo& i : *list) {
     const int64_t tokens =
         i.tokens_per_layer.empty()
@@ -133,11 +133,14 @@ int Contexts(const Common& c) {
         std::to_string(i.shape.layers) + "/" + std::to_string(i.shape.q_heads) + "/" +
         std::to_string(i.shape.kv_heads) + "/" + std::to_string(i.shape.head_dim) + "/" +
         std::string(DTypeName(i.shape.dtype));
-    std::printf("%-20llu %-8llu %-24s %10lld %10lld %12lld\n",
+    // graphs: sealed segments with a RetrievalAttention graph, "-" for a context without
+    // prefill queries (wave index only).
+    const std::string graphs = i.has_queries ? std::to_string(i.graph_segments) : "-";
+    std::printf("%-20llu %-8llu %-24s %10lld %10lld %8s %12lld\n",
                 static_cast<unsigned long long>(i.id),
                 static_cast<unsigned long long>(i.session_id), shape.c_str(),
                 static_cast<long long>(tokens), static_cast<long long>(i.sealed_segments),
-                static_cast<long long>(i.bytes));
+                graphs.c_str(), static_cast<long long>(i.bytes));
   }
   std::printf("%zu context(s)\n", list->size());
   return 0;

@@ -58,6 +58,8 @@ struct Settings {
   int64_t graph_degree = 32;     // M
   int64_t graph_beam = 128;      // default beam (queue) of Retrieve method = graph
   // attend
+  std::string attend_method = "retroinfer";  // retroinfer | retrievalattention
+  int64_t graph_top_k = 100;  // retrievalattention: graph tokens attended per query head
   double retrieval_budget = 0.018;
   double estimation_budget = 0.232;
   // How the retrieval zone's clusters are chosen (engine/head_ops.cc): "centroid" ranks every

@@ -69,10 +69,23 @@ struct OpenResult {
   int64_t matched_tokens = 0;  // tokens already present from a shared prefix
 };
 
+// How Attend computes a layer's attention (settings attend.method):
+//   kRetroInfer          tripartite: steady zone exact, the top clusters (retrieval budget) exact,
+//                        the next ones (estimation budget) estimated from centroid and value sum;
+//   kRetrievalAttention  RetrievalAttention's split: steady zone exact, and per query head the
+//                        graph's top graph_top_k tokens (beam search of every segment's graph;
+//                        a segment without one is attended exactly) exact, merged by
+//                        log-sum-exp. Always on the CPU threads (with the CUDA backend too).
+//                        FAILED_PRECONDITION on a context that never had prefill queries.
+enum class AttendMethod { kDefault, kRetroInfer, kRetrievalAttention };
+
 // Budgets of one Attend: fractions of the (layer, KV head)'s clusters, in [0, 1].
 struct AttendBudget {
   double retrieval = 0.018;   // top clusters, attended exactly
   double estimation = 0.232;  // next clusters, estimated from centroid and value sum
+  AttendMethod method = AttendMethod::kDefault;  // kDefault = attend.method
+  int32_t graph_top_k = 0;  // retrievalattention: tokens per query head (0 = attend.graph_top_k)
+  int32_t beam = 0;         // retrievalattention: search queue per segment (0 = index.graph_beam)
 };
 
 struct AttendBatchItem {
@@ -89,6 +102,9 @@ struct AttendStats {
   // Member keys scored (q.k, not attended) by the ranking's second pass (attend.rank =
   // two_pass), summed over KV heads; 0 with the centroid ranking.
   int64_t scored_tokens = 0;
+  // retrievalattention: keys the graph searches scored (over query heads); retrieved_tokens is
+  // then the tokens they chose, summed over query heads.
+  int64_t graph_keys_scored = 0;
 };
 
 enum class RetrieveMethod { kWave, kFlat, kGraph };
@@ -110,6 +126,7 @@ struct ContextInfo {
   store::ModelShape shape;
   std::vector<int64_t> tokens_per_layer;
   int64_t sealed_segments = 0;  // over all layers and KV heads
+  bool has_queries = false;     // prefill queries were appended and kept (index.graph = on)
   int64_t graph_segments = 0;   // sealed segments with a RetrievalAttention graph (issue 19)
   int64_t query_tokens = 0;     // tokens whose prefill queries are held for a graph, summed
   int64_t bytes = 0;            // host bytes charged to this context
@@ -224,6 +241,8 @@ class Engine {
 
   // q: [q_heads x head_dim] float32. positions, scores: [q_heads x k], best first; when a head
   // sees fewer than k tokens the rest is filled with position -1 and score -inf.
+  // kGraph on a layer with no graph, of a context that never had prefill queries kept:
+  // FAILED_PRECONDITION (nothing to search; use kWave or kFlat).
   virtual absl::Status Retrieve(ContextId ctx, int32_t layer, std::span<const float> q,
                                 const RetrieveOptions& options, std::span<int64_t> positions,
                                 std::span<float> scores, RetrieveStats* stats) = 0;

@@ -268,6 +268,9 @@ class EngineImpl final : public Engine {
           budget.retrieval + budget.estimation <= 1.0 + 1e-9)) {
       return absl::InvalidArgumentError("budgets must be >= 0 and sum to at most 1");
     }
+    if (budget.graph_top_k < 0 || budget.beam < 0) {
+      return absl::InvalidArgumentError("graph_top_k and beam must be >= 0");
+    }
     return absl::OkStatus();
   }
 
@@ -315,6 +318,63 @@ class EngineImpl final : public Engine {
   // One seal: copy the keys (layer lock shared), k-means (no lock), build the segments (shared),
   // publish them and drop the tails' front (exclusive), share/persist the block.
   absl::Status RunSeal(store::Context& ctx, int32_t layer, store::PendingSeal& job, bool in_place);
+  // Charges a just-built graph (its MemoryBytes) to the memory limit for as long as it lives;
+  // at the limit the graph is dropped (logged; the segment is then searched exactly).
+  void ChargeGraph(const store::Context& ctx, int32_t layer, SealPlan& plan) {
+    if (plan.graph == nullptr) return;
+    absl::StatusOr<store::MemoryCharge> charge = Reserve(plan.graph->MemoryBytes());
+    if (!charge.ok()) {
+      spdlog::warn("context {} layer {}: graph of segment at {} dropped: {}", ctx.id(), layer,
+                   plan.first_position, charge.status().ToString());
+      plan.graph = nullptr;
+      return;
+    }
+    plan.graph = WithCharge(std::move(plan.graph), *std::move(charge));
+  }
+  AttendMethod Method(AttendMethod m) const {
+    if (m != AttendMethod::kDefault) return m;
+    return settings_.attend_method == "retrievalattention" ? AttendMethod::kRetrievalAttention
+                                                           : AttendMethod::kRetroInfer;
+  }
+  // Graph methods need something to search: FAILED_PRECONDITION on a layer with no graph of a
+  // context that never kept queries. REQUIRES: the layer's lock held (shared).
+  static absl::Status CheckHasGraphs(const store::Context& ctx, int32_t l, const char* what) {
+    if (ctx.has_queries()) return absl::OkStatus();
+    for (const store::HeadKv& head : ctx.layer(l).heads) {
+      for (const auto& graph : head.graphs) {
+        if (graph != nullptr) return absl::OkStatus();
+      }
+    }
+    return absl::FailedPreconditionError(absl::StrCat(
+        what, ": context ", ctx.id(), " has no RetrievalAttention graphs on layer ", l,
+        " (opened without prefill queries, or index.graph = off); use the wave index"));
+  }
+  // RetrievalAttention's attention of one item (engine/graph_ops.h AttendGraphHead), KV heads in
+  // parallel. REQUIRES: the item's layer lock held (shared).
+  absl::Status AttendGraphLocked(const AttendItem& item) {
+    const store::Context& ctx = *item.context;
+    KVWAVE_RETURN_IF_ERROR(CheckHasGraphs(ctx, item.layer, "attend (retrievalattention)"));
+    const HeadParams p = Params(ctx);
+    const int32_t heads = ctx.shape().kv_heads;
+    const int32_t top_k = item.budget.graph_top_k > 0 ? item.budget.graph_top_k
+                                                      : static_cast<int32_t>(settings_.graph_top_k);
+    const int32_t beam =
+        item.budget.beam > 0 ? item.budget.beam : static_cast<int32_t>(settings_.graph_beam);
+    std::vector<AttendStats> per_head(heads);
+    const size_t gd = static_cast<size_t>(p.group) * p.head_dim;
+    KVWAVE_RETURN_IF_ERROR(ForEachHead(heads, [&](int32_t h) {
+      const store::HeadKv& head = ctx.layer(item.layer).heads[h];
+      return AttendGraphHead(p, head, head.graphs, item.q.data() + h * gd, top_k, beam,
+                             item.out.data() + h * gd, item.lse.data() + h * p.group, &per_head[h]);
+    }));
+    for (const AttendStats& s : per_head) {
+      item.stats->steady_tokens += s.steady_tokens;
+      item.stats->retrieved_tokens += s.retrieved_tokens;
+      item.stats->graph_keys_scored += s.graph_keys_scored;
+    }
+    return absl::OkStatus();
+  }
+
   // Durability "sync" for a context that shares blocks: its Append returns after its seals are
   // done and persisted, so a sealed block is durable when the Append is acknowledged.
   bool SealsInPlace(const store::Context& ctx) const {
@@ -486,6 +546,7 @@ absl::Status EngineImpl::RunSeal(store::Context& ctx, int32_t l, store::PendingS
       GraphSeal(p, plans[h]);
       return absl::OkStatus();
     });
+    for (SealPlan& plan : plans) ChargeGraph(ctx, l, plan);
   }
   // Publication: the new segments and the tails without their tokens, in one step for readers.
   std::unique_lock lock(layer.mu);
@@ -573,6 +634,7 @@ absl::Status EngineImpl::AppendImpl(ContextId id, int32_t layer_index, int64_t n
     }
     head.query_tokens += n;
     head.query_charge.Merge(std::move(charge));
+    ctx->set_has_queries();
   }
   layer.tokens += n;
   tokens_appended_.fetch_add(n, std::memory_order_relaxed);
@@ -629,7 +691,11 @@ absl::Status EngineImpl::Attend(ContextId id, int32_t layer_index, std::span<con
   AttendStats local;
   const AttendItem item{
       ctx.get(), layer_index, budget, q, out, lse, stats != nullptr ? stats : &local};
-  KVWAVE_RETURN_IF_ERROR(backend_->Attend(std::span<const AttendItem>(&item, 1)));
+  if (Method(budget.method) == AttendMethod::kRetrievalAttention) {
+    KVWAVE_RETURN_IF_ERROR(AttendGraphLocked(item));
+  } else {
+    KVWAVE_RETURN_IF_ERROR(backend_->Attend(std::span<const AttendItem>(&item, 1)));
+  }
   attend_calls_.fetch_add(1, std::memory_order_relaxed);
   return absl::OkStatus();
 }
@@ -677,17 +743,20 @@ absl::Status EngineImpl::AttendBatch(int32_t layer_index, std::span<const Attend
   locks.reserve(b);
   for (size_t i : order) locks.emplace_back(ctxs[i]->layer(layer_index).mu);
   std::vector<AttendStats> local(b);
-  std::vector<AttendItem> work(b);
+  std::vector<AttendItem> work, graph_work;  // the backend's, and retrievalattention's
   for (size_t i = 0; i < b; ++i) {
-    work[i] = {ctxs[i].get(),
-               layer_index,
-               items[i].budget,
-               q.subspan(i * qd, qd),
-               out.subspan(i * qd, qd),
-               lse.subspan(i * shape.q_heads, shape.q_heads),
-               stats.empty() ? &local[i] : &stats[i]};
+    const AttendItem item{ctxs[i].get(),
+                          layer_index,
+                          items[i].budget,
+                          q.subspan(i * qd, qd),
+                          out.subspan(i * qd, qd),
+                          lse.subspan(i * shape.q_heads, shape.q_heads),
+                          stats.empty() ? &local[i] : &stats[i]};
+    (Method(items[i].budget.method) == AttendMethod::kRetrievalAttention ? graph_work : work)
+        .push_back(item);
   }
-  KVWAVE_RETURN_IF_ERROR(backend_->Attend(work));
+  for (const AttendItem& item : graph_work) KVWAVE_RETURN_IF_ERROR(AttendGraphLocked(item));
+  if (!work.empty()) KVWAVE_RETURN_IF_ERROR(backend_->Attend(work));
   attend_calls_.fetch_add(static_cast<int64_t>(b), std::memory_order_relaxed);
   return absl::OkStatus();
 }
@@ -713,6 +782,10 @@ absl::Status EngineImpl::Retrieve(ContextId id, int32_t layer_index, std::span<c
   const store::Context::Layer& layer = ctx->layer(layer_index);
   std::shared_lock lock(layer.mu);
   std::vector<RetrieveStats> per_head(shape.kv_heads);
+  if (options.method == RetrieveMethod::kGraph) {
+    KVWAVE_RETURN_IF_ERROR(CheckHasGraphs(*ctx, layer_index, "retrieve (graph)"));
+  }
+  if (options.beam < 0) return absl::InvalidArgumentError("beam must be >= 0");
   const int32_t beam = options.beam > 0 ? options.beam : static_cast<int32_t>(settings_.graph_beam);
   KVWAVE_RETURN_IF_ERROR(ForEachHead(shape.kv_heads, [&](int32_t h) {
     const size_t first = static_cast<size_t>(h) * p.group;
@@ -767,6 +840,7 @@ absl::StatusOr<ContextInfo> EngineImpl::Info(ContextId id) {
   ContextInfo info;
   info.id = id;
   info.shape = ctx->shape();
+  info.has_queries = ctx->has_queries();
   for (int32_t l = 0; l < ctx->shape().layers; ++l) {
     const store::Context::Layer& layer = ctx->layer(l);
     std::shared_lock lock(layer.mu);

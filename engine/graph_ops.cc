@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "config/status_macros.h"
+#include "gpu/attention_cpu.h"
 #include "index/distance.h"
 #include "spdlog/spdlog.h"
 
@@ -112,21 +113,123 @@ void PublishSegmentGraph(const HeadParams& p, SealPlan& plan, store::HeadKv& hea
                                              used * static_cast<int64_t>(row * sizeof(float))));
 }
 
-absl::Status RetrieveGraphHead(const HeadParams& p, const store::HeadKv& head,
-                               std::span<const std::shared_ptr<const index::GraphIndex>> graphs,
-                               const float* q, int32_t k, int32_t beam, int64_t* positions,
-                               float* scores, RetrieveStats* stats) {
-  if (graphs.size() > head.segments.size() || k < 1) {
-    return absl::InvalidArgumentError(absl::StrCat("graph retrieval: ", graphs.size(),
-                                                   " graphs for ", head.segments.size(),
-                                                   " segments, k=", k));
+namespace {
+
+absl::Status CheckGraphs(const HeadParams& p, const store::HeadKv& head,
+                         std::span<const std::shared_ptr<const index::GraphIndex>> graphs) {
+  if (graphs.size() > head.segments.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("graph search: ", graphs.size(), " graphs for ",
+                                                   head.segments.size(), " segments"));
   }
   for (size_t s = 0; s < graphs.size(); ++s) {
     if (graphs[s] != nullptr &&
         (graphs[s]->size() != head.segments[s]->num_tokens() || graphs[s]->dim() != p.head_dim)) {
-      return absl::InvalidArgumentError("graph retrieval: a graph does not match its segment");
+      return absl::InvalidArgumentError("graph search: a graph does not match its segment");
     }
   }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+std::shared_ptr<const index::GraphIndex> WithCharge(std::shared_ptr<const index::GraphIndex> graph,
+                                                    store::MemoryCharge charge) {
+  struct Held {
+    std::shared_ptr<const index::GraphIndex> graph;
+    store::MemoryCharge charge;
+  };
+  auto held = std::make_shared<Held>(Held{std::move(graph), std::move(charge)});
+  const index::GraphIndex* raw = held->graph.get();
+  return std::shared_ptr<const index::GraphIndex>(std::move(held), raw);
+}
+
+absl::Status AttendGraphHead(const HeadParams& p, const store::HeadKv& head,
+                             std::span<const std::shared_ptr<const index::GraphIndex>> graphs,
+                             const float* q, int32_t top_k, int32_t beam, float* out, float* lse,
+                             AttendStats* stats) {
+  if (top_k < 1) return absl::InvalidArgumentError("graph attention: top_k < 1");
+  KVWAVE_RETURN_IF_ERROR(CheckGraphs(p, head, graphs));
+  const int g = p.group;
+  const int d = p.head_dim;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  // Exact for every head: the sinks, the tail, and the clusters of segments without a graph.
+  std::vector<gpu::cpu::KvSpan> exact;
+  int64_t steady_tokens = 0, exact_tokens = 0;
+  if (!head.segments.empty() && head.segments[0]->steady_tokens() > 0) {
+    const store::Segment& first = *head.segments[0];
+    exact.push_back({first.key_row(0), first.value_row(0), first.steady_tokens()});
+    steady_tokens += first.steady_tokens();
+  }
+  if (head.tail.size() > 0) {
+    exact.push_back({head.tail.key_row(0), head.tail.value_row(0), head.tail.size()});
+    steady_tokens += head.tail.size();
+  }
+  for (size_t s = 0; s < head.segments.size(); ++s) {
+    if (s < graphs.size() && graphs[s] != nullptr) continue;
+    const store::Segment& seg = *head.segments[s];
+    for (int32_t c = 0; c < seg.num_clusters(); ++c) {
+      const int64_t row = seg.cluster_row(c);
+      exact.push_back({seg.key_row(row), seg.value_row(row), seg.cluster_size(c)});
+      exact_tokens += seg.cluster_size(c);
+    }
+  }
+  KVWAVE_RETURN_IF_ERROR(gpu::cpu::ExactAttention(q, g, d, scale, p.dtype, exact, out, lse));
+  // Per query head: the graphs' best top_k tokens, attended exactly and merged.
+  struct Hit {
+    float score;
+    int32_t segment;
+    int32_t token;
+  };
+  std::vector<Hit> hits;
+  std::vector<gpu::cpu::KvSpan> chosen;
+  std::vector<float> part_out(static_cast<size_t>(d));
+  float part_lse = 0;
+  int64_t graph_tokens = 0, scanned = 0;
+  index::GraphSearchScratch scratch;
+  for (int h = 0; h < g; ++h) {
+    const float* qh = q + static_cast<int64_t>(h) * d;
+    hits.clear();
+    for (size_t s = 0; s < graphs.size(); ++s) {
+      if (graphs[s] == nullptr) continue;
+      const store::Segment& seg = *head.segments[s];
+      const index::GraphSearchResult r =
+          graphs[s]->Search(qh, top_k, std::max(beam, top_k), &scratch);
+      scanned += r.scanned;
+      for (size_t i = 0; i < r.ids.size(); ++i) {
+        if (r.ids[i] < seg.steady_tokens()) continue;  // in the steady zone already
+        hits.push_back({r.scores[i], static_cast<int32_t>(s), r.ids[i]});
+      }
+    }
+    const size_t keep = std::min(hits.size(), static_cast<size_t>(top_k));
+    std::partial_sort(hits.begin(), hits.begin() + keep, hits.end(),
+                      [](const Hit& a, const Hit& b) { return a.score > b.score; });
+    chosen.clear();
+    for (size_t i = 0; i < keep; ++i) {
+      const store::Segment& seg = *head.segments[hits[i].segment];
+      const int64_t row = seg.row_of_token(hits[i].token);
+      chosen.push_back({seg.key_row(row), seg.value_row(row), 1});
+    }
+    graph_tokens += static_cast<int64_t>(keep);
+    if (chosen.empty()) continue;
+    KVWAVE_RETURN_IF_ERROR(
+        gpu::cpu::ExactAttention(qh, 1, d, scale, p.dtype, chosen, part_out.data(), &part_lse));
+    gpu::cpu::MergeLse(out + static_cast<int64_t>(h) * d, lse + h, part_out.data(), &part_lse, 1,
+                       d);
+  }
+  if (stats != nullptr) {
+    stats->steady_tokens += steady_tokens;
+    stats->retrieved_tokens += graph_tokens + exact_tokens;
+    stats->graph_keys_scored += scanned;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RetrieveGraphHead(const HeadParams& p, const store::HeadKv& head,
+                               std::span<const std::shared_ptr<const index::GraphIndex>> graphs,
+                               const float* q, int32_t k, int32_t beam, int64_t* positions,
+                               float* scores, RetrieveStats* stats) {
+  if (k < 1) return absl::InvalidArgumentError("graph retrieval: k < 1");
+  KVWAVE_RETURN_IF_ERROR(CheckGraphs(p, head, graphs));
   const float scale = 1.0f / std::sqrt(static_cast<float>(p.head_dim));
   std::vector<Best> best(static_cast<size_t>(p.group));
   std::vector<float> buf;

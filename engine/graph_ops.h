@@ -58,6 +58,23 @@ void PublishSegmentGraph(const HeadParams& p, SealPlan& plan, store::HeadKv& hea
     std::span<const std::shared_ptr<const index::GraphIndex>> graphs, const float* q, int32_t k,
     int32_t beam, int64_t* positions, float* scores, RetrieveStats* stats);
 
+// RetrievalAttention's attention of the group's query heads q [group x d] (AttendMethod::
+// kRetrievalAttention): the steady zone (the first segment's sinks and the whole tail) and every
+// segment without a graph exactly, for all heads at once; then per query head the best top_k
+// tokens of the graphs' beam searches (queue max(beam, top_k) per segment, sinks excluded)
+// exactly; the two merged by log-sum-exp. out [group x d], lse [group]. Adds to stats:
+// steady_tokens (steady zone), retrieved_tokens (graph tokens over query heads, plus the tokens
+// of graph-less segments), graph_keys_scored. Errors as RetrieveGraphHead, top_k < 1.
+[[nodiscard]] absl::Status AttendGraphHead(
+    const HeadParams& p, const store::HeadKv& head,
+    std::span<const std::shared_ptr<const index::GraphIndex>> graphs, const float* q, int32_t top_k,
+    int32_t beam, float* out, float* lse, AttendStats* stats);
+
+// The graph, holding `charge` (its MemoryBytes against the memory limit) for as long as it lives
+// (it may be shared by several contexts through a prefix block).
+std::shared_ptr<const index::GraphIndex> WithCharge(std::shared_ptr<const index::GraphIndex> graph,
+                                                    store::MemoryCharge charge);
+
 }  // namespace kvwave::engine
 
 #endif  // KVWAVE_ENGINE_GRAPH_OPS_H_

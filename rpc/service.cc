@@ -47,12 +47,19 @@ Service::Service(engine::Engine& engine, const config::Settings& settings)
       trust_(settings),
       default_deadline_ms_(settings.default_deadline_ms),
       retrieval_budget_(settings.retrieval_budget),
-      estimation_budget_(settings.estimation_budget) {}
+      estimation_budget_(settings.estimation_budget),
+      retrievalattention_(settings.attend_method == "retrievalattention"),
+      graph_top_k_(static_cast<int32_t>(settings.graph_top_k)),
+      graph_beam_(static_cast<int32_t>(settings.graph_beam)) {}
 
 void Service::ApplySettings(const config::Settings& settings) {
   default_deadline_ms_.store(settings.default_deadline_ms, std::memory_order_relaxed);
   retrieval_budget_.store(settings.retrieval_budget, std::memory_order_relaxed);
   estimation_budget_.store(settings.estimation_budget, std::memory_order_relaxed);
+  retrievalattention_.store(settings.attend_method == "retrievalattention",
+                            std::memory_order_relaxed);
+  graph_top_k_.store(static_cast<int32_t>(settings.graph_top_k), std::memory_order_relaxed);
+  graph_beam_.store(static_cast<int32_t>(settings.graph_beam), std::memory_order_relaxed);
 }
 
 std::string Service::ErrorFrame(uint64_t request_id, const absl::Status& status) {
@@ -433,6 +440,9 @@ void Service::FillInfo(const engine::ContextInfo& info, pb::ContextInfo* out) {
   for (int64_t t : info.tokens_per_layer) out->add_tokens_per_layer(t);
   out->set_sealed_segments(info.sealed_segments);
   out->set_bytes(info.bytes);
+  out->set_has_queries(info.has_queries);
+  out->set_graph_segments(info.graph_segments);
+  out->set_query_tokens(info.query_tokens);
   absl::MutexLock lock(&mu_);
   auto owner = owners_.find(info.id);
   out->set_session_id(owner == owners_.end() ? 0 : owner->second);

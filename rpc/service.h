@@ -115,6 +115,10 @@ class Service {
   // NOT_FOUND unless `session` owns `ctx` or is an administrator; the same error whether or not
   // the context exists, so another session's context ids cannot be probed.
   absl::Status CheckOwnerOrAdmin(const Session& session, uint64_t ctx) const;
+  // Attend's method (pb::AttendMethod) and graph options into `budget`, the server's defaults
+  // for ATTEND_DEFAULT and zeros; InvalidArgument for an unknown method or a value out of range.
+  absl::Status ResolveMethod(int method, int32_t graph_top_k, int32_t beam,
+                             engine::AttendBudget& budget) const;
   void FillInfo(const engine::ContextInfo& info, pb::ContextInfo* out);
 
   engine::Engine& engine_;
@@ -126,6 +130,11 @@ class Service {
   std::atomic<int64_t> default_deadline_ms_;
   std::atomic<double> retrieval_budget_;
   std::atomic<double> estimation_budget_;
+  // Reloadable defaults of the graph methods (attend.method, attend.graph_top_k,
+  // index.graph_beam), resolved here so that SIGHUP applies them.
+  std::atomic<bool> retrievalattention_;
+  std::atomic<int32_t> graph_top_k_;
+  std::atomic<int32_t> graph_beam_;
   std::atomic<int64_t> in_flight_{0};
   std::atomic<uint64_t> next_session_id_{1};
   ServerStats stats_;

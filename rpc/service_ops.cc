@@ -21,6 +21,8 @@ bool UsesRegion(const Session& session, const pb::Tensor& t) {
   return session.region() != nullptr && t.data().empty() && t.length() > 0;
 }
 
+constexpr int32_t kMaxBeam = 1 << 16;  // graph search queue, and Attend's graph top-k
+
 absl::Status CheckBudget(double value, const char* what) {
   if (!(value >= 0.0 && value <= 1.0)) {  // also rejects NaN
     return absl::InvalidArgumentError(absl::StrCat(what, " budget ", value, " not in [0, 1]"));
@@ -29,6 +31,33 @@ absl::Status CheckBudget(double value, const char* what) {
 }
 
 }  // namespace
+
+absl::Status Service::ResolveMethod(int method, int32_t graph_top_k, int32_t beam,
+                                    engine::AttendBudget& budget) const {
+  switch (method) {
+    case pb::ATTEND_DEFAULT:
+      budget.method = retrievalattention_.load(std::memory_order_relaxed)
+                          ? engine::AttendMethod::kRetrievalAttention
+                          : engine::AttendMethod::kRetroInfer;
+      break;
+    case pb::RETROINFER:
+      budget.method = engine::AttendMethod::kRetroInfer;
+      break;
+    case pb::RETRIEVALATTENTION:
+      budget.method = engine::AttendMethod::kRetrievalAttention;
+      break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat("unknown attend method ", method));
+  }
+  if (graph_top_k < 0 || graph_top_k > kMaxBeam || beam < 0 || beam > kMaxBeam) {
+    return absl::InvalidArgumentError(absl::StrCat("graph_top_k = ", graph_top_k, ", beam = ", beam,
+                                                   ": each must be in [0, ", kMaxBeam,
+                                                   "] (0 = the server's default)"));
+  }
+  budget.graph_top_k = graph_top_k > 0 ? graph_top_k : graph_top_k_.load(std::memory_order_relaxed);
+  budget.beam = beam > 0 ? beam : graph_beam_.load(std::memory_order_relaxed);
+  return absl::OkStatus();
+}
 
 absl::StatusOr<std::span<const std::byte>> Service::Call::Input(const pb::Tensor& t, uint64_t bytes,
                                                                 size_t align, const char* what) {
@@ -109,7 +138,19 @@ absl::Status Service::DoAppend(Call& call, const pb::AppendRequest& req, pb::App
                                                        uint64_t{1} << 40, "append"));
   KVWAVE_ASSIGN_OR_RETURN(std::span<const std::byte> k, call.Input(req.k(), bytes, 1, "k"));
   KVWAVE_ASSIGN_OR_RETURN(std::span<const std::byte> v, call.Input(req.v(), bytes, 1, "v"));
-  return engine_.Append(req.context_id(), req.layer(), req.tokens(), k, v);
+  const pb::Tensor& qt = req.q();
+  if (qt.data().empty() && qt.length() == 0) {
+    return engine_.Append(req.context_id(), req.layer(), req.tokens(), k, v);
+  }
+  // Prefill queries: [tokens x q_heads x head_dim] float32, sized before anything is bound
+  // (inline bytes are already in the frame, a region slice is checked against the region); the
+  // engine charges what it keeps to the memory limit before it copies them.
+  KVWAVE_ASSIGN_OR_RETURN(uint64_t q_bytes,
+                          CheckedBytes(req.tokens(), int64_t{4} * shape.q_heads * shape.head_dim, 1,
+                                       uint64_t{1} << 40, "append q"));
+  if (req.tokens() == 0) return absl::InvalidArgumentError("q: queries given for 0 tokens");
+  KVWAVE_ASSIGN_OR_RETURN(std::span<const std::byte> q, call.Input(qt, q_bytes, 4, "q"));
+  return engine_.AppendWithQueries(req.context_id(), req.layer(), req.tokens(), k, v, As<float>(q));
 }
 
 absl::Status Service::DoSeal(Call& call, const pb::SealRequest& req, pb::SealResponse&) {
@@ -130,6 +171,7 @@ absl::Status Service::DoAttend(Call& call, const pb::AttendRequest& req, pb::Att
                           : req.estimation_budget();
   KVWAVE_RETURN_IF_ERROR(CheckBudget(budget.retrieval, "retrieval"));
   KVWAVE_RETURN_IF_ERROR(CheckBudget(budget.estimation, "estimation"));
+  KVWAVE_RETURN_IF_ERROR(ResolveMethod(req.method(), req.graph_top_k(), req.beam(), budget));
   KVWAVE_ASSIGN_OR_RETURN(std::span<std::byte> out,
                           call.Output(req.out(), q_bytes, 4, "out", resp.mutable_out()));
   KVWAVE_ASSIGN_OR_RETURN(
@@ -145,6 +187,7 @@ absl::Status Service::DoAttend(Call& call, const pb::AttendRequest& req, pb::Att
   s->set_estimated_clusters(stats.estimated_clusters);
   s->set_total_clusters(stats.total_clusters);
   s->set_scored_tokens(stats.scored_tokens);
+  s->set_graph_keys_scored(stats.graph_keys_scored);
   return absl::OkStatus();
 }
 
@@ -174,6 +217,7 @@ absl::Status Service::DoAttendBatch(Call& call, const pb::AttendBatchRequest& re
                                      : e.estimation_budget();
     KVWAVE_RETURN_IF_ERROR(CheckBudget(items[i].budget.retrieval, "retrieval"));
     KVWAVE_RETURN_IF_ERROR(CheckBudget(items[i].budget.estimation, "estimation"));
+    KVWAVE_RETURN_IF_ERROR(ResolveMethod(e.method(), e.graph_top_k(), e.beam(), items[i].budget));
   }
   const uint64_t q_bytes = uint64_t{4} * b * shape.q_heads * shape.head_dim;
   KVWAVE_ASSIGN_OR_RETURN(std::span<const std::byte> q, call.Input(req.q(), q_bytes, 4, "q"));
@@ -193,6 +237,7 @@ absl::Status Service::DoAttendBatch(Call& call, const pb::AttendBatchRequest& re
     s->set_estimated_clusters(st.estimated_clusters);
     s->set_total_clusters(st.total_clusters);
     s->set_scored_tokens(st.scored_tokens);
+    s->set_graph_keys_scored(st.graph_keys_scored);
   }
   return absl::OkStatus();
 }
@@ -214,9 +259,18 @@ absl::Status Service::DoRetrieve(Call& call, const pb::RetrieveRequest& req,
     case pb::FLAT:
       options.method = engine::RetrieveMethod::kFlat;
       break;
+    case pb::GRAPH:
+      options.method = engine::RetrieveMethod::kGraph;
+      break;
     default:
-      return absl::InvalidArgumentError("unknown retrieve method");
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown retrieve method ", static_cast<int>(req.method())));
   }
+  if (req.beam() < 0 || req.beam() > kMaxBeam) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("beam = ", req.beam(), " not in [0, ", kMaxBeam, "] (0 = index.graph_beam)"));
+  }
+  options.beam = req.beam() > 0 ? req.beam() : graph_beam_.load(std::memory_order_relaxed);
   if (req.cluster_budget() >= 0) options.cluster_budget = req.cluster_budget();
   KVWAVE_RETURN_IF_ERROR(CheckBudget(options.cluster_budget, "cluster"));
   const uint64_t q_bytes = uint64_t{4} * shape.q_heads * shape.head_dim;

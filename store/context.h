@@ -150,6 +150,9 @@ class Context {
   void set_prefix(std::unique_ptr<PrefixState> prefix) { prefix_ = std::move(prefix); }
   PrefixState* prefix() const { return prefix_.get(); }
   void set_decoding() { decoding_.store(true, std::memory_order_release); }
+  // Set by the first Append whose prefill queries are kept for graphs (index.graph = on).
+  bool has_queries() const { return has_queries_.load(std::memory_order_relaxed); }
+  void set_has_queries() { has_queries_.store(true, std::memory_order_relaxed); }
   // Set by Close: queued seals are dropped, a running one stops at its next head.
   bool closing() const { return closing_.load(std::memory_order_acquire); }
   void set_closing() { closing_.store(true, std::memory_order_release); }
@@ -172,6 +175,9 @@ class Context {
   // Acquire/release: a thread that sees decoding() also sees the seal that set it.
   std::atomic<bool> decoding_{false};
   std::atomic<bool> closing_{false};  // acquire/release, like decoding_
+  // Relaxed: a flag read for Info and error messages, set under the layer lock it is read
+  // under where it matters (Retrieve, Attend).
+  std::atomic<bool> has_queries_{false};
   absl::Mutex error_mu_;
   absl::Status deferred_error_ ABSL_GUARDED_BY(error_mu_);
 };

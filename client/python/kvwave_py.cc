@@ -109,7 +109,17 @@ py::dict InfoDict(const kc::ContextInfo& i) {
   d["sealed_segments"] = i.sealed_segments;
   d["bytes"] = i.bytes;
   d["session_id"] = i.session_id;
+  d["has_queries"] = i.has_queries;
+  d["graph_segments"] = i.graph_segments;
+  d["query_tokens"] = i.query_tokens;
   return d;
+}
+
+kc::AttendMethod ParseAttendMethod(const std::string& m) {
+  if (m == "default") return kc::AttendMethod::kDefault;
+  if (m == "retroinfer") return kc::AttendMethod::kRetroInfer;
+  if (m == "retrievalattention") return kc::AttendMethod::kRetrievalAttention;
+  throw py::value_error("method must be 'default', 'retroinfer' or 'retrievalattention'");
 }
 
 // The Python-side client: remembers each open context's shape to size outputs.
@@ -144,7 +154,7 @@ class PyClient {
     return py::make_tuple(opened.id, opened.matched_tokens);
   }
 
-  void Append(uint64_t ctx, int layer, py::array k, py::array v) {
+  void Append(uint64_t ctx, int layer, py::array k, py::array v, py::object q) {
     k = py::array::ensure(k, py::array::c_style);
     v = py::array::ensure(v, py::array::c_style);
     if (!k || !v) throw py::value_error("k and v must be arrays");
@@ -153,14 +163,26 @@ class PyClient {
     }
     const int64_t n = k.shape(0);
     const std::span<const std::byte> kb = Bytes(k), vb = Bytes(v);
-    Check(WithoutGil([&] { return client_->Append(ctx, layer, n, kb, vb); }));
+    if (q.is_none()) {
+      Check(WithoutGil([&] { return client_->Append(ctx, layer, n, kb, vb); }));
+      return;
+    }
+    F32Array qa = F32Array::ensure(q);
+    if (!qa || qa.ndim() != 3 || qa.shape(0) != n) {
+      throw py::value_error("q must be [n, q_heads, head_dim] float32 with k's n");
+    }
+    const std::span<const float> qs(qa.data(), static_cast<size_t>(qa.size()));
+    Check(WithoutGil([&] { return client_->AppendWithQueries(ctx, layer, n, kb, vb, qs); }));
   }
 
   void Seal(uint64_t ctx) {
     Check(WithoutGil([&] { return client_->Seal(ctx); }));
   }
 
-  py::tuple Attend(uint64_t ctx, int layer, F32Array q, double retrieval, double estimation) {
+  py::tuple Attend(uint64_t ctx, int layer, F32Array q, double retrieval, double estimation,
+                   const std::string& method, int graph_top_k, int beam) {
+    const kc::AttendBudget budget{retrieval, estimation, ParseAttendMethod(method), graph_top_k,
+                                  beam};
     const int64_t heads = q.ndim() == 2 ? q.shape(0) : 0;
     if (heads == 0) throw py::value_error("q must be [q_heads, head_dim] float32");
     F32Array out({q.shape(0), q.shape(1)});
@@ -169,9 +191,7 @@ class PyClient {
     {
       std::span<float> o(out.mutable_data(), out.size()), l(lse.mutable_data(), lse.size());
       std::span<const float> qs(q.data(), q.size());
-      Check(WithoutGil([&] {
-        return client_->Attend(ctx, layer, qs, {retrieval, estimation}, o, l, &stats);
-      }));
+      Check(WithoutGil([&] { return client_->Attend(ctx, layer, qs, budget, o, l, &stats); }));
     }
     py::dict s;
     s["steady_tokens"] = stats.steady_tokens;
@@ -180,6 +200,7 @@ class PyClient {
     s["estimated_clusters"] = stats.estimated_clusters;
     s["total_clusters"] = stats.total_clusters;
     s["scored_tokens"] = stats.scored_tokens;
+    s["graph_keys_scored"] = stats.graph_keys_scored;
     return py::make_tuple(out, lse, s);
   }
 
@@ -215,23 +236,27 @@ class PyClient {
       d["estimated_clusters"] = st.estimated_clusters;
       d["total_clusters"] = st.total_clusters;
       d["scored_tokens"] = st.scored_tokens;
+      d["graph_keys_scored"] = st.graph_keys_scored;
       s.append(d);
     }
     return py::make_tuple(out, lse, s);
   }
 
   py::tuple Retrieve(uint64_t ctx, int layer, F32Array q, int k, const std::string& method,
-                     double cluster_budget) {
+                     double cluster_budget, int beam) {
     if (q.ndim() != 2) throw py::value_error("q must be [q_heads, head_dim] float32");
     if (k < 1) throw py::value_error("k must be >= 1");
     kc::RetrieveOptions o;
     o.k = k;
     if (method == "flat") {
       o.method = kc::RetrieveMethod::kFlat;
+    } else if (method == "graph") {
+      o.method = kc::RetrieveMethod::kGraph;
     } else if (method != "wave") {
-      throw py::value_error("method must be 'wave' or 'flat'");
+      throw py::value_error("method must be 'wave', 'flat' or 'graph'");
     }
     o.cluster_budget = cluster_budget;
+    o.beam = beam;
     I64Array positions({q.shape(0), static_cast<py::ssize_t>(k)});
     F32Array scores({q.shape(0), static_cast<py::ssize_t>(k)});
     kc::RetrieveStats stats;
@@ -343,12 +368,18 @@ PYBIND11_MODULE(kvwave, m) {
            py::arg("token_ids") = std::vector<int32_t>{}, py::arg("prefix_namespace") = "",
            "Opens a context; returns (context_id, matched_tokens).")
       .def("append", &PyClient::Append, py::arg("ctx"), py::arg("layer"), py::arg("k"),
-           py::arg("v"), "k, v: [n, kv_heads, head_dim] arrays of the context's dtype")
+           py::arg("v"), py::arg("q") = py::none(),
+           "k, v: [n, kv_heads, head_dim] arrays of the context's dtype; q: optional prefill "
+           "queries of the same tokens [n, q_heads, head_dim] float32, kept for the "
+           "RetrievalAttention graph of their segment (index.graph = on)")
       .def("seal", &PyClient::Seal, py::arg("ctx"))
       .def("attend", &PyClient::Attend, py::arg("ctx"), py::arg("layer"), py::arg("q"),
            py::arg("retrieval_budget") = -1.0, py::arg("estimation_budget") = -1.0,
-           "q: [q_heads, head_dim] float32; returns (out [q_heads, head_dim], lse [q_heads], "
-           "stats dict)")
+           py::arg("method") = "default", py::arg("graph_top_k") = 0, py::arg("beam") = 0,
+           "q: [q_heads, head_dim] float32; method: 'default' (the server's attend.method), "
+           "'retroinfer' or 'retrievalattention' (graph_top_k tokens per query head, beam per "
+           "segment; 0 = the server's defaults); returns (out [q_heads, head_dim], lse "
+           "[q_heads], stats dict)")
       .def("attend_batch", &PyClient::AttendBatch, py::arg("layer"), py::arg("ctxs"), py::arg("q"),
            py::arg("budgets") = std::vector<std::pair<double, double>>{},
            "one layer of a decode step of several contexts in one round trip: q [B, q_heads, "
@@ -357,6 +388,7 @@ PYBIND11_MODULE(kvwave, m) {
            "[B, q_heads], [stats dict])")
       .def("retrieve", &PyClient::Retrieve, py::arg("ctx"), py::arg("layer"), py::arg("q"),
            py::arg("k") = 100, py::arg("method") = "wave", py::arg("cluster_budget") = -1.0,
+           py::arg("beam") = 0,
            "returns (positions [q_heads, k] int64, scores [q_heads, k] float32, keys_scored, "
            "keys_total)")
       .def("gather", &PyClient::Gather, py::arg("ctx"), py::arg("layer"), py::arg("positions"),

@@ -342,6 +342,136 @@ TEST(ProtocolAttackTest, ExtremeCountsIdsAndOffsetsGetErrors) {
   ExpectServing(*daemon);
 }
 
+// Issue 19's fields: prefill queries on Append (sizes, offsets, counts), the graph methods and
+// their options on Retrieve, Attend and AttendBatch. Each out-of-range value is an error before
+// anything is allocated or appended; the graph methods on a context without queries are
+// FAILED_PRECONDITION; the daemon keeps serving and the context is as it was.
+TEST(ProtocolAttackTest, GraphFieldsOutOfRangeGetErrors) {
+  auto daemon = StartDaemon({"index.graph=on"});
+  ASSERT_NE(daemon, nullptr);
+  RawConnection c(daemon->socket_path());
+  ASSERT_TRUE(c.Hello(1 << 20));
+  Attacker a(c);
+  const uint64_t ctx = a.Open(2, 4, 2, 64);
+  ASSERT_NE(ctx, 0u);
+  ASSERT_TRUE(a.AppendInline(ctx, 0, 32, 2, 64));
+  const int32_t i32_min = std::numeric_limits<int32_t>::min();
+  const int32_t i32_max = std::numeric_limits<int32_t>::max();
+  const uint64_t u64_max = std::numeric_limits<uint64_t>::max();
+  const uint64_t q_bytes = 8 * 4 * 64 * 4;  // 8 tokens x 4 query heads x 64 floats
+  // Queries whose size does not match the tokens, or that leave the region.
+  for (auto [offset, length] : std::vector<std::pair<uint64_t, uint64_t>>{{0, q_bytes - 4},
+                                                                          {0, q_bytes + 4},
+                                                                          {u64_max - 7, q_bytes},
+                                                                          {u64_max, u64_max},
+                                                                          {(1 << 20) - 8, q_bytes},
+                                                                          {2, q_bytes},
+                                                                          {0, u64_max}}) {
+    pb::AppendRequest r;
+    r.set_context_id(ctx);
+    r.set_tokens(8);
+    r.mutable_k()->set_data(std::string(8 * 2 * 64 * 4, '\0'));
+    r.mutable_v()->set_data(std::string(8 * 2 * 64 * 4, '\0'));
+    r.mutable_q()->set_offset(offset);
+    r.mutable_q()->set_length(length);
+    const int code = a.Code(pb::APPEND, r);
+    EXPECT_TRUE(code == 3 || code == 11)
+        << "q " << offset << "+" << length << ": " << code << " " << a.last_message();
+  }
+  for (size_t bytes : {size_t{4}, size_t(q_bytes - 1), size_t(q_bytes + 4)}) {
+    pb::AppendRequest r;
+    r.set_context_id(ctx);
+    r.set_tokens(8);
+    r.mutable_k()->set_data(std::string(8 * 2 * 64 * 4, '\0'));
+    r.mutable_v()->set_data(std::string(8 * 2 * 64 * 4, '\0'));
+    r.mutable_q()->set_data(std::string(bytes, '\0'));
+    EXPECT_EQ(a.Code(pb::APPEND, r), 3) << "inline q of " << bytes << " bytes";
+  }
+  for (int64_t tokens : {int64_t{-1}, int64_t{1} << 40, std::numeric_limits<int64_t>::max()}) {
+    pb::AppendRequest r;
+    r.set_context_id(ctx);
+    r.set_tokens(tokens);
+    r.mutable_q()->set_offset(0);
+    r.mutable_q()->set_length(static_cast<uint64_t>(tokens) * 1024);
+    EXPECT_NE(a.Code(pb::APPEND, r), 0) << "tokens " << tokens;
+  }
+  {  // Queries for no tokens.
+    pb::AppendRequest r;
+    r.set_context_id(ctx);
+    r.set_tokens(0);
+    r.mutable_q()->set_data(std::string(1024, '\0'));
+    EXPECT_EQ(a.Code(pb::APPEND, r), 3) << a.last_message();
+  }
+  // Unknown methods and options out of range.
+  for (int method : {3, -1, i32_max}) {
+    pb::RetrieveRequest r;
+    r.set_context_id(ctx);
+    r.set_k(10);
+    r.set_method(static_cast<pb::RetrieveMethod>(method));
+    r.mutable_q()->set_data(std::string(4 * 64 * 4, '\0'));
+    EXPECT_EQ(a.Code(pb::RETRIEVE, r), 3) << "retrieve method " << method;
+    pb::AttendRequest at;
+    at.set_context_id(ctx);
+    at.set_retrieval_budget(-1);
+    at.set_estimation_budget(-1);
+    at.set_method(static_cast<pb::AttendMethod>(method));
+    at.mutable_q()->set_data(std::string(4 * 64 * 4, '\0'));
+    EXPECT_EQ(a.Code(pb::ATTEND, at), 3) << "attend method " << method;
+    pb::AttendBatchRequest b;
+    pb::AttendBatchEntry* e = b.add_entries();
+    e->set_context_id(ctx);
+    e->set_retrieval_budget(-1);
+    e->set_estimation_budget(-1);
+    e->set_method(static_cast<pb::AttendMethod>(method));
+    b.mutable_q()->set_data(std::string(4 * 64 * 4, '\0'));
+    EXPECT_EQ(a.Code(pb::ATTEND_BATCH, b), 3) << "attend_batch method " << method;
+  }
+  for (int32_t v : {-1, i32_min, (1 << 16) + 1, i32_max}) {
+    pb::RetrieveRequest r;
+    r.set_context_id(ctx);
+    r.set_k(10);
+    r.set_method(pb::GRAPH);
+    r.set_beam(v);
+    r.mutable_q()->set_data(std::string(4 * 64 * 4, '\0'));
+    EXPECT_EQ(a.Code(pb::RETRIEVE, r), 3) << "beam " << v;
+    for (bool top_k : {false, true}) {
+      pb::AttendRequest at;
+      at.set_context_id(ctx);
+      at.set_retrieval_budget(-1);
+      at.set_estimation_budget(-1);
+      at.set_method(pb::RETRIEVALATTENTION);
+      (top_k ? at.set_graph_top_k(v) : at.set_beam(v));
+      at.mutable_q()->set_data(std::string(4 * 64 * 4, '\0'));
+      EXPECT_EQ(a.Code(pb::ATTEND, at), 3) << (top_k ? "graph_top_k " : "beam ") << v;
+    }
+  }
+  // The graph methods on a context that never had queries.
+  pb::RetrieveRequest graph;
+  graph.set_context_id(ctx);
+  graph.set_k(10);
+  graph.set_method(pb::GRAPH);
+  graph.mutable_q()->set_data(std::string(4 * 64 * 4, '\0'));
+  EXPECT_EQ(a.Code(pb::RETRIEVE, graph), 9) << a.last_message();
+  pb::AttendRequest ra;
+  ra.set_context_id(ctx);
+  ra.set_retrieval_budget(-1);
+  ra.set_estimation_budget(-1);
+  ra.set_method(pb::RETRIEVALATTENTION);
+  ra.mutable_q()->set_data(std::string(4 * 64 * 4, '\0'));
+  EXPECT_EQ(a.Code(pb::ATTEND, ra), 9) << a.last_message();
+  // Nothing was appended or held by the refused requests.
+  pb::InfoRequest ir;
+  ir.set_context_id(ctx);
+  auto f = a.Call(pb::INFO, ir);
+  ASSERT_TRUE(f.has_value());
+  pb::InfoResponse info;
+  ASSERT_TRUE(info.ParseFromArray(f->body.data(), static_cast<int>(f->body.size())));
+  EXPECT_EQ(info.info().tokens_per_layer(0), 32);
+  EXPECT_FALSE(info.info().has_queries());
+  EXPECT_EQ(info.info().query_tokens(), 0);
+  ExpectServing(*daemon);
+}
+
 // Random garbage, truncated frames and unknown types, before and after Hello (seeded:
 // KVWAVE_TEST_SEED replays a run).
 TEST(ProtocolAttackTest, GarbageTruncationAndUnknownTypes) {

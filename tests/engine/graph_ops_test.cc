@@ -6,6 +6,7 @@
 // bad arguments are errors. Printed seeds; KVWAVE_TEST_SEED overrides them.
 #include "engine/graph_ops.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -31,7 +32,8 @@ constexpr int kDim = 32;
 // dtype), the sealed segments, and the tail.
 struct Fixture {
   DType dtype;
-  std::vector<float> keys;  // [positions x d], as stored (rounded to dtype)
+  std::vector<float> keys;    // [positions x d], as stored (rounded to dtype)
+  std::vector<float> values;  // [positions x d], as stored
   std::vector<float> queries;
   store::MemoryBudget budget{int64_t{1} << 30};
   std::unique_ptr<store::HeadKv> head;
@@ -47,6 +49,11 @@ struct Fixture {
     FromFloat(raw.data(), dt, stored.data(), raw.size());
     keys.resize(raw.size());
     ToFloat(stored.data(), dt, keys.data(), raw.size());
+    for (auto& x : raw) x = normal(rng);
+    std::vector<std::byte> stored_values(raw.size() * ElementSize(dt));
+    FromFloat(raw.data(), dt, stored_values.data(), raw.size());
+    values.resize(raw.size());
+    ToFloat(stored_values.data(), dt, values.data(), raw.size());
     queries.resize(static_cast<size_t>(n * 2 * kDim));  // 2 query heads per token
     for (auto& x : queries) x = normal(rng) + 0.3f;
     head = std::make_unique<store::HeadKv>(store::Tail(kDim, dt, store::DefaultHostAllocator()));
@@ -57,7 +64,6 @@ struct Fixture {
       for (size_t i = 0; i < assignment.size(); ++i)
         ++sizes[assignment[i] = (i * 5 + 3) % clusters];
       std::vector<float> centroids(clusters * kDim, 0.0f);
-      std::vector<std::byte> values(seg_tokens * row, std::byte{0});
       store::MemoryCharge reserved =
           budget.Reserve(store::Segment::MaxBytes(seg_tokens, kDim, dt, 8, 16)).value();
       store::SegmentInput in;
@@ -67,7 +73,7 @@ struct Fixture {
       in.head_dim = kDim;
       in.dtype = dt;
       in.keys = stored.data() + in.first_position * row;
-      in.values = values.data();
+      in.values = stored_values.data() + in.first_position * row;
       in.num_clusters = clusters;
       in.assignment = assignment;
       in.centroids = centroids;
@@ -78,11 +84,10 @@ struct Fixture {
     const int64_t tail0 = int64_t{segments} * seg_tokens;
     head->tail.StartAt(tail0);
     if (tail_tokens > 0) {
-      std::vector<std::byte> values(tail_tokens * row, std::byte{0});
       store::MemoryCharge charge = budget.Reserve(2 * tail_tokens * row).value();
       EXPECT_TRUE(head->tail
-                      .Append(stored.data() + tail0 * row, values.data(), tail_tokens, row,
-                              std::move(charge))
+                      .Append(stored.data() + tail0 * row, stored_values.data() + tail0 * row,
+                              tail_tokens, row, std::move(charge))
                       .ok());
     }
   }
@@ -205,6 +210,99 @@ TEST(GraphOpsTest, SmallBeamScansFewerKeysWithHighRecall) {
               static_cast<long>(stats.keys_scored), static_cast<long>(stats.keys_total));
   EXPECT_GE(static_cast<double>(found) / wanted, 0.9);
   EXPECT_LT(stats.keys_scored, stats.keys_total / 2);  // far fewer than a flat scan
+}
+
+// Attention of q (one head) over `positions` of the fixture, float64: out [d], lse.
+void ReferenceAttention(const Fixture& f, const float* q, const std::vector<int64_t>& positions,
+                        std::vector<double>& out, double& lse) {
+  const double scale = 1.0 / std::sqrt(double{kDim});
+  std::vector<double> s;
+  for (int64_t pos : positions) {
+    double dot = 0;
+    for (int j = 0; j < kDim; ++j) dot += double{q[j]} * f.keys[pos * kDim + j];
+    s.push_back(dot * scale);
+  }
+  const double mx = *std::max_element(s.begin(), s.end());
+  double sum = 0;
+  out.assign(kDim, 0.0);
+  for (size_t i = 0; i < positions.size(); ++i) {
+    const double w = std::exp(s[i] - mx);
+    sum += w;
+    for (int j = 0; j < kDim; ++j) out[j] += w * f.values[positions[i] * kDim + j];
+  }
+  for (double& x : out) x /= sum;
+  lse = mx + std::log(sum);
+}
+
+// RetrievalAttention's split (AttendGraphHead) against float64 attention over the tokens it
+// must pick: the sinks, the tail, every token of a segment without a graph, and per query head
+// the best top_k of the graphs' own searches (sinks excluded); then, with a beam and top_k past
+// every segment's size, exact attention over everything.
+TEST(GraphOpsTest, GraphAttentionEqualsTheReferenceOverItsTokens) {
+  for (DType dt : {DType::kF32, DType::kF16}) {
+    Fixture f(dt, 3, 300, 57, Seed(38));
+    std::vector<std::shared_ptr<const index::GraphIndex>> graphs(3);
+    for (int s : {0, 2}) {  // segment 1 has no graph: attended exactly
+      graphs[s] =
+          BuildSegmentGraph(*f.head->segments[s], f.SegmentQueries(s), SmallOptions()).value();
+    }
+    std::mt19937_64 rng(Seed(39));
+    std::normal_distribution<float> normal;
+    const int64_t n = static_cast<int64_t>(f.keys.size()) / kDim;
+    for (int trial = 0; trial < 10; ++trial) {
+      std::vector<float> q(2 * kDim);
+      for (auto& x : q) x = normal(rng) + 0.3f;
+      for (const auto& [top_k, beam] : {std::pair{12, 30}, std::pair{100000, 100000}}) {
+        std::vector<float> out(2 * kDim), lse(2);
+        AttendStats stats;
+        ASSERT_TRUE(AttendGraphHead(f.Params(), *f.head, graphs, q.data(), top_k, beam, out.data(),
+                                    lse.data(), &stats)
+                        .ok());
+        int64_t graph_tokens = 0;
+        for (int h = 0; h < 2; ++h) {
+          const float* qh = q.data() + h * kDim;
+          std::vector<int64_t> positions = {0, 1, 2, 3};                 // sinks
+          for (int64_t t = 3 * 300; t < n; ++t) positions.push_back(t);  // tail
+          for (int64_t t = 300; t < 600; ++t) positions.push_back(t);    // no graph
+          std::vector<std::pair<float, int64_t>> hits;
+          for (int s : {0, 2}) {
+            const index::GraphSearchResult r = graphs[s]->Search(qh, top_k, std::max(beam, top_k));
+            for (size_t i = 0; i < r.ids.size(); ++i) {
+              if (s == 0 && r.ids[i] < 4) continue;
+              hits.emplace_back(r.scores[i], int64_t{s} * 300 + r.ids[i]);
+            }
+          }
+          std::sort(hits.begin(), hits.end(), [](auto& a, auto& b) { return a.first > b.first; });
+          hits.resize(std::min<size_t>(hits.size(), top_k));
+          graph_tokens += static_cast<int64_t>(hits.size());
+          for (const auto& hit : hits) positions.push_back(hit.second);
+          if (top_k > n) {
+            EXPECT_EQ(static_cast<int64_t>(positions.size()), n);  // everything
+          }
+          std::vector<double> want;
+          double want_lse;
+          ReferenceAttention(f, qh, positions, want, want_lse);
+          double num = 0, den = 0;
+          for (int j = 0; j < kDim; ++j) {
+            num += std::pow(out[h * kDim + j] - want[j], 2);
+            den += std::pow(want[j], 2);
+          }
+          EXPECT_LT(std::sqrt(num / den), 1e-5)
+              << "dtype " << static_cast<int>(dt) << " trial " << trial << " top_k " << top_k;
+          EXPECT_NEAR(lse[h], want_lse, 1e-5 * std::max(1.0, std::abs(want_lse)));
+        }
+        EXPECT_EQ(stats.steady_tokens, 4 + 57);
+        EXPECT_EQ(stats.retrieved_tokens, graph_tokens + 300);
+        EXPECT_GT(stats.graph_keys_scored, 0);
+      }
+    }
+  }
+  Fixture f(DType::kF32, 1, 100, 0, Seed(40));
+  std::vector<std::shared_ptr<const index::GraphIndex>> none(1);
+  std::vector<float> q(2 * kDim, 1.0f), out(2 * kDim), lse(2);
+  EXPECT_FALSE(
+      AttendGraphHead(f.Params(), *f.head, none, q.data(), 0, 10, out.data(), lse.data(), nullptr)
+          .ok());
 }
 
 TEST(GraphOpsTest, GraphRoundTripsThroughItsRecordOverTheSegmentKeys) {

@@ -94,10 +94,21 @@ struct OpenResult {
   PrefixAccess prefix_access = PrefixAccess::kNone;
 };
 
-// Negative = the server's default budget.
+// How Attend computes a layer (kvwaved's attend.method when kDefault):
+//   kRetroInfer          tripartite attention over the wave index (the budgets below);
+//   kRetrievalAttention  the steady zone and, per query head, the RetrievalAttention graphs' top
+//                        graph_top_k tokens, exactly, merged by log-sum-exp; needs a context
+//                        appended with prefill queries (AppendWithQueries) and index.graph = on,
+//                        else FAILED_PRECONDITION.
+enum class AttendMethod { kDefault = 0, kRetroInfer = 1, kRetrievalAttention = 2 };
+
+// Negative budgets and zero graph options = the server's defaults.
 struct AttendBudget {
   double retrieval = -1;
   double estimation = -1;
+  AttendMethod method = AttendMethod::kDefault;
+  int32_t graph_top_k = 0;  // retrievalattention: tokens per query head (attend.graph_top_k)
+  int32_t beam = 0;         // retrievalattention: search queue per segment (index.graph_beam)
 };
 
 // One entry of AttendBatch: a context and its budgets.
@@ -113,14 +124,20 @@ struct AttendStats {
   int64_t estimated_clusters = 0;
   int64_t total_clusters = 0;
   int64_t scored_tokens = 0;  // member keys scored by attend.rank = two_pass (not attended)
+  // retrievalattention: keys scored by the graph searches; retrieved_tokens then counts the
+  // tokens they chose over query heads.
+  int64_t graph_keys_scored = 0;
 };
 
-enum class RetrieveMethod { kWave, kFlat };
+// kGraph: the RetrievalAttention graph of each sealed segment (beam search), the rest exact;
+// FAILED_PRECONDITION on a context without graphs (no prefill queries, or index.graph = off).
+enum class RetrieveMethod { kWave, kFlat, kGraph };
 
 struct RetrieveOptions {
   int32_t k = 100;
   RetrieveMethod method = RetrieveMethod::kWave;
-  double cluster_budget = -1;  // negative = the server's default
+  double cluster_budget = -1;  // wave; negative = the server's default
+  int32_t beam = 0;            // graph: search queue per segment; 0 = index.graph_beam
 };
 
 struct RetrieveStats {
@@ -135,6 +152,11 @@ struct ContextInfo {
   int64_t sealed_segments = 0;
   int64_t bytes = 0;
   uint64_t session_id = 0;  // owning session, 0 = none
+  // RetrievalAttention: prefill queries were appended and kept (index.graph = on); sealed
+  // segments with a graph; tokens whose queries are held until their segment's graph is built.
+  bool has_queries = false;
+  int64_t graph_segments = 0;
+  int64_t query_tokens = 0;
 };
 
 struct OpStats {
@@ -180,6 +202,12 @@ class Client {
   // k, v: [n x kv_heads x head_dim] elements of the context's dtype.
   absl::Status Append(ContextId ctx, int32_t layer, int64_t n, std::span<const std::byte> k,
                       std::span<const std::byte> v);
+  // Append with the prefill queries of the same n tokens, q: [n x q_heads x head_dim] float32
+  // (every query head). With index.graph = on, kvwaved keeps them (charged to its memory limit)
+  // until the segment of those tokens is sealed and its RetrievalAttention graph built.
+  absl::Status AppendWithQueries(ContextId ctx, int32_t layer, int64_t n,
+                                 std::span<const std::byte> k, std::span<const std::byte> v,
+                                 std::span<const float> q);
   absl::Status Seal(ContextId ctx);
   // q, out: [q_heads x head_dim] float32; lse: [q_heads] float32.
   absl::Status Attend(ContextId ctx, int32_t layer, std::span<const float> q,
