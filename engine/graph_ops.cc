@@ -9,6 +9,7 @@
 #include "config/status_macros.h"
 #include "gpu/attention_cpu.h"
 #include "index/distance.h"
+#include "index/graph_codec.h"
 #include "spdlog/spdlog.h"
 
 namespace kvwave::engine {
@@ -103,6 +104,11 @@ void GraphSeal(const HeadParams& p, SealPlan& plan) {
 
 void PublishSegmentGraph(const HeadParams& p, SealPlan& plan, store::HeadKv& head) {
   const int64_t n = plan.tokens;
+  if (plan.graph != nullptr) {
+    // Published just now under the layer's exclusive lock: no reader has seen it yet, and no
+    // prefix block holds it before OnLayerSealed, which runs after this.
+    std::const_pointer_cast<store::Segment>(head.segments.back())->SetGraph(plan.graph);
+  }
   const size_t row = static_cast<size_t>(p.group) * p.head_dim;  // floats per token
   head.graphs.resize(head.segments.size() - 1);  // earlier segments without one (e.g. attached)
   head.graphs.push_back(std::move(plan.graph));
@@ -131,6 +137,27 @@ absl::Status CheckGraphs(const HeadParams& p, const store::HeadKv& head,
 }
 
 }  // namespace
+
+std::string EncodeSegmentGraph(const store::Segment& segment) {
+  return segment.graph() == nullptr ? std::string()
+                                    : index::EncodeGraph(segment.graph()->ToParts());
+}
+
+absl::Status DecodeSegmentGraph(store::Segment& segment, absl::string_view record,
+                                store::MemoryBudget& budget) {
+  KVWAVE_ASSIGN_OR_RETURN(index::GraphParts parts, index::DecodeGraph(record));
+  const std::vector<float> keys = SegmentKeysInTokenOrder(segment);
+  absl::StatusOr<index::GraphIndex> graph = index::GraphIndex::FromParts(
+      keys.data(), segment.num_tokens(), segment.head_dim(), std::move(parts));
+  if (!graph.ok()) {
+    return absl::DataLossError(
+        absl::StrCat("graph record does not fit its segment: ", graph.status().message()));
+  }
+  KVWAVE_ASSIGN_OR_RETURN(store::MemoryCharge charge, budget.Reserve(graph->MemoryBytes()));
+  segment.SetGraph(
+      WithCharge(std::make_shared<const index::GraphIndex>(*std::move(graph)), std::move(charge)));
+  return absl::OkStatus();
+}
 
 std::shared_ptr<const index::GraphIndex> WithCharge(std::shared_ptr<const index::GraphIndex> graph,
                                                     store::MemoryCharge charge) {

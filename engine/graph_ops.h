@@ -16,9 +16,11 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "engine/head_ops.h"
 #include "index/graph_index.h"
 #include "store/segment.h"
@@ -42,6 +44,8 @@ std::vector<float> SegmentKeysInTokenOrder(const store::Segment& segment);
 //     none: that segment is then scanned exactly);
 //   PublishSegmentGraph (exclusive, right after the segment is pushed): records plan.graph for
 //     it and releases the held queries of its n tokens (and their charge).
+//   (PublishSegmentGraph first attaches plan.graph to plan.segment, Segment::SetGraph, so the
+//   graph travels with the segment into prefix blocks and RocksDB.)
 void PrepareSealQueries(const HeadParams& p, int64_t n, const store::HeadKv& head, SealPlan& plan);
 void GraphSeal(const HeadParams& p, SealPlan& plan);
 void PublishSegmentGraph(const HeadParams& p, SealPlan& plan, store::HeadKv& head);
@@ -69,6 +73,14 @@ void PublishSegmentGraph(const HeadParams& p, SealPlan& plan, store::HeadKv& hea
     const HeadParams& p, const store::HeadKv& head,
     std::span<const std::shared_ptr<const index::GraphIndex>> graphs, const float* q, int32_t top_k,
     int32_t beam, float* out, float* lse, AttendStats* stats);
+
+// The persistence tier's graph codec (store::PersistOptions::encode_graph / decode_graph):
+// index/graph_codec.h's record of segment.graph(); decoding rebuilds the graph over the segment's
+// keys (GraphIndex::FromParts checks it against them), charges its MemoryBytes to `budget` and
+// attaches it. Errors: DataLoss for a bad record, ResourceExhausted at the limit.
+std::string EncodeSegmentGraph(const store::Segment& segment);
+[[nodiscard]] absl::Status DecodeSegmentGraph(store::Segment& segment, absl::string_view record,
+                                              store::MemoryBudget& budget);
 
 // The graph, holding `charge` (its MemoryBytes against the memory limit) for as long as it lives
 // (it may be shared by several contexts through a prefix block).

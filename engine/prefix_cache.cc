@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "config/status_macros.h"
+#include "engine/graph_ops.h"
 #include "spdlog/spdlog.h"
 
 namespace kvwave::engine {
@@ -52,6 +53,8 @@ absl::StatusOr<std::unique_ptr<PrefixCache>> PrefixCache::Create(const config::S
   store::PersistOptions options;
   options.path = settings.persist_path;
   options.durability = cache->durability_;
+  options.encode_graph = EncodeSegmentGraph;
+  options.decode_graph = DecodeSegmentGraph;
   KVWAVE_ASSIGN_OR_RETURN(cache->persist_, store::PersistStore::Open(options));
   if (!cache->persist_->startup_warning().empty()) {
     spdlog::warn("{}", cache->persist_->startup_warning());
@@ -105,6 +108,7 @@ int64_t PrefixCache::Attach(store::Context& ctx, std::vector<int32_t> token_ids,
     for (int32_t h = 0; h < kv_heads; ++h) {
       for (const store::BlockPin& pin : attachment.blocks) {
         layer.heads[h].segments.push_back(pin.segment(l, h));
+        layer.heads[h].graphs.push_back(pin.segment(l, h)->graph());  // null: none
       }
       layer.heads[h].tail.StartAt(matched);
     }

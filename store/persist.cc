@@ -328,7 +328,7 @@ absl::Status PersistStore::Write(rocksdb::WriteBatch& batch, bool sync, absl::st
 }
 
 absl::Status PersistStore::PutEncoded(const BlockHash& hash, int32_t layer, int32_t kv_head,
-                                      absl::string_view encoded) {
+                                      absl::string_view encoded, absl::string_view graph) {
   if (layer < 0 || kv_head < 0) return absl::InvalidArgumentError("persist: negative index");
   bool first;
   {
@@ -338,19 +338,26 @@ absl::Status PersistStore::PutEncoded(const BlockHash& hash, int32_t layer, int3
   rocksdb::WriteBatch batch;
   if (first) batch.Put(PendingKey(hash), rocksdb::Slice());
   batch.Put(SegmentKey(hash, layer, kv_head), rocksdb::Slice(encoded.data(), encoded.size()));
+  if (!graph.empty()) {
+    batch.Put(GraphKey(hash, layer, kv_head), rocksdb::Slice(graph.data(), graph.size()));
+  }
   KVWAVE_RETURN_IF_ERROR(Write(batch, /*sync=*/false, "put segment"));
   {
     absl::MutexLock lock(&mu_);
     pending_[hash].insert(PairKey(layer, kv_head));
   }
   segments_written_.fetch_add(1, std::memory_order_relaxed);
-  segment_bytes_written_.fetch_add(static_cast<int64_t>(encoded.size()), std::memory_order_relaxed);
+  segment_bytes_written_.fetch_add(static_cast<int64_t>(encoded.size() + graph.size()),
+                                   std::memory_order_relaxed);
   return absl::OkStatus();
 }
 
 absl::Status PersistStore::PutSegment(const BlockHash& hash, int32_t layer, int32_t kv_head,
                                       const Segment& segment) {
-  return PutEncoded(hash, layer, kv_head, EncodeSegment(segment));
+  const std::string graph = options_.encode_graph != nullptr && segment.graph() != nullptr
+                                ? options_.encode_graph(segment)
+                                : std::string();
+  return PutEncoded(hash, layer, kv_head, EncodeSegment(segment), graph);
 }
 
 absl::Status PersistStore::CommitBlock(const BlockRecord& record) {
@@ -398,8 +405,11 @@ absl::Status PersistStore::PutBlock(const BlockRecord& record,
       break;
     }
     EncodeSegmentTo(*segments[i], &encoded);
+    const std::string graph = options_.encode_graph != nullptr && segments[i]->graph() != nullptr
+                                  ? options_.encode_graph(*segments[i])
+                                  : std::string();
     status = PutEncoded(record.hash, static_cast<int32_t>(i / record.shape.kv_heads),
-                        static_cast<int32_t>(i % record.shape.kv_heads), encoded);
+                        static_cast<int32_t>(i % record.shape.kv_heads), encoded, graph);
   }
   if (status.ok()) status = CommitBlock(record);
   if (!status.ok()) DropBlock(record.hash, /*corrupt=*/false).IgnoreError();
@@ -528,12 +538,31 @@ absl::StatusOr<std::shared_ptr<const Segment>> PersistStore::GetSegment(const Bl
   absl::StatusOr<std::shared_ptr<const Segment>> segment =
       s.ok() ? DecodeSegment(absl::string_view(value.data(), value.size()), allocator, budget)
              : FromRocksDb(s, "get");
+  if (segment.ok() && options_.decode_graph != nullptr) {
+    // Still private to this call: its graph may be attached (Segment::SetGraph).
+    absl::Status g =
+        LoadGraph(hash, layer, kv_head, *std::const_pointer_cast<Segment>(*segment), budget);
+    if (!g.ok()) segment = g;
+  }
   if (segment.status().code() == absl::StatusCode::kDataLoss) DropBlock(hash, true).IgnoreError();
   if (segment.ok()) {
     segments_read_.fetch_add(1, std::memory_order_relaxed);
     segment_bytes_read_.fetch_add(static_cast<int64_t>(value.size()), std::memory_order_relaxed);
   }
   return segment;
+}
+
+absl::Status PersistStore::LoadGraph(const BlockHash& hash, int32_t layer, int32_t kv_head,
+                                     Segment& segment, MemoryBudget& budget) {
+  rocksdb::PinnableSlice value;
+  rocksdb::Status s = db_->Get(SegmentReadOptions(), db_->DefaultColumnFamily(),
+                               GraphKey(hash, layer, kv_head), &value);
+  if (s.IsNotFound()) return absl::OkStatus();  // a segment without a graph
+  if (!s.ok()) return FromRocksDb(s, "get graph");
+  KVWAVE_RETURN_IF_ERROR(
+      options_.decode_graph(segment, absl::string_view(value.data(), value.size()), budget));
+  segment_bytes_read_.fetch_add(static_cast<int64_t>(value.size()), std::memory_order_relaxed);
+  return absl::OkStatus();
 }
 
 absl::StatusOr<LoadedBlock> PersistStore::LoadBlock(const BlockHash& hash, HostAllocator* allocator,

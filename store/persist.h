@@ -71,6 +71,13 @@ struct PersistOptions {
   rocksdb::Env* env = nullptr;
   // Values of at least this size go to RocksDB blob files (no rewrite by compaction).
   int64_t min_blob_bytes = 64 << 10;
+  // A segment's RetrievalAttention graph (Segment::graph(), opaque here): encode_graph gives the
+  // record stored beside the segment (with its own checksum), or "" for none; decode_graph
+  // verifies one and attaches it to the segment just decoded (charging `budget`): DataLoss for a
+  // bad record (the block is then treated as corrupt), ResourceExhausted at the limit. Null: no
+  // graphs are written or read.
+  std::function<std::string(const Segment&)> encode_graph;
+  std::function<absl::Status(Segment&, absl::string_view, MemoryBudget&)> decode_graph;
 };
 
 struct PersistStats {
@@ -164,8 +171,12 @@ class PersistStore {
   };
   explicit PersistStore(PersistOptions options);  // in the .cc: rocksdb::DB is incomplete here
   absl::Status CleanOrphans();
+  // `graph`: the segment's encoded graph, or empty for none (written in the same batch).
   absl::Status PutEncoded(const BlockHash& hash, int32_t layer, int32_t kv_head,
-                          absl::string_view encoded);
+                          absl::string_view encoded, absl::string_view graph = {});
+  // The segment's graph record, if any, decoded onto the just-decoded (still private) segment.
+  absl::Status LoadGraph(const BlockHash& hash, int32_t layer, int32_t kv_head, Segment& segment,
+                         MemoryBudget& budget);
   absl::Status Write(rocksdb::WriteBatch& batch, bool sync, absl::string_view what);
   absl::Status DropBlock(const BlockHash& hash, bool corrupt);
   absl::StatusOr<bool> Exists(const std::string& key);

@@ -76,6 +76,12 @@ std::string SegmentKey(const BlockHash& hash, int32_t layer, int32_t kv_head) {
   PutBigEndian(key, static_cast<uint32_t>(kv_head), 4);
   return key;
 }
+std::string GraphKey(const BlockHash& hash, int32_t layer, int32_t kv_head) {
+  std::string key = SegmentKey(hash, layer, kv_head);
+  key.push_back('g');
+  return key;
+}
+
 std::string RecordKey(const BlockHash& hash) { return HashKey(kRecordTag, hash); }
 std::string PendingKey(const BlockHash& hash) { return HashKey(kPendingTag, hash); }
 std::string SegmentKeyEnd(const BlockHash& hash) {

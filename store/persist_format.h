@@ -4,6 +4,9 @@
 // Keys (one key space, a one-byte tag first; integers big-endian so keys sort by block, then
 // layer, then KV head):
 //   'S' hash(16) layer(u32) kv_head(u32) -> an encoded segment (store/segment_codec.h)
+//   'S' hash(16) layer(u32) kv_head(u32) 'g' -> the segment's graph, when it has one (encoded
+//                                           by PersistOptions::encode_graph, checksummed by it;
+//                                           inside the block's segment key range)
 //   'R' hash(16)                         -> an encoded BlockRecord (below)
 //   'P' hash(16)                         -> empty: segments of this block are written but the
 //                                           block is not committed yet (cleaned at startup)
@@ -50,6 +53,7 @@ inline constexpr size_t kHashKeyBytes = 17;     // tag + hash
 inline constexpr size_t kSegmentKeyBytes = 25;  // tag + hash + layer + kv head
 
 std::string SegmentKey(const BlockHash& hash, int32_t layer, int32_t kv_head);
+std::string GraphKey(const BlockHash& hash, int32_t layer, int32_t kv_head);
 std::string RecordKey(const BlockHash& hash);
 std::string PendingKey(const BlockHash& hash);
 // Exclusive upper bound of every segment key of `hash`.

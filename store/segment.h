@@ -15,6 +15,11 @@
 // whole life and is never reused in the process (an attention backend's cache may key on it: a
 // prefix block's segment attached by several contexts has one id). Thread-safety: all const
 // methods are safe from any thread.
+//
+// A segment may carry its RetrievalAttention graph (index::GraphIndex, built by engine/graph_ops
+// from the prefill queries of its tokens; opaque to store): attached once by SetGraph while the
+// segment is still private to whoever built or loaded it, so it travels with the segment into
+// shared prefix blocks and the persistence tier (store/persist.h PersistOptions::*_graph).
 #ifndef KVWAVE_STORE_SEGMENT_H_
 #define KVWAVE_STORE_SEGMENT_H_
 
@@ -27,6 +32,10 @@
 #include "absl/status/statusor.h"
 #include "config/dtype.h"
 #include "store/host_memory.h"
+
+namespace kvwave::index {
+class GraphIndex;  // index/graph_index.h
+}  // namespace kvwave::index
 
 namespace kvwave::store {
 
@@ -119,6 +128,12 @@ class Segment {
   int32_t token_of_row(int64_t r) const { return token_of_row_[r]; }
   int64_t row_of_token(int32_t t) const { return row_of_token_[t]; }
 
+  // The segment's RetrievalAttention graph over its tokens in token order, or null.
+  const std::shared_ptr<const index::GraphIndex>& graph() const { return graph_; }
+  // REQUIRES: no other thread can reach this segment yet (before it is published into a head,
+  // registered as a prefix block, or returned by a load); called at most once.
+  void SetGraph(std::shared_ptr<const index::GraphIndex> graph) { graph_ = std::move(graph); }
+
  private:
   Segment();
   uint64_t id_ = 0;
@@ -134,6 +149,7 @@ class Segment {
   std::vector<int32_t> token_of_row_;  // [rows], -1 for padding
   std::vector<int64_t> row_of_token_;  // [num_tokens]
   MemoryCharge charge_;
+  std::shared_ptr<const index::GraphIndex> graph_;  // holds its own memory charge
 };
 
 }  // namespace kvwave::store

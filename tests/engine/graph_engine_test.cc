@@ -6,14 +6,20 @@
 // (FAILED_PRECONDITION); graphs built by the background seal race Retrieve; bad query sizes are
 // errors that change nothing. Printed seeds; KVWAVE_TEST_SEED overrides.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <random>
+#include <string>
 
 #include "config/dtype.h"
 #include "engine/engine.h"
 #include "index/graph_index.h"
+#include "rocksdb/db.h"
+#include "store/persist.h"
+#include "store/persist_format.h"
 
 namespace kvwave::engine {
 namespace {
@@ -246,6 +252,115 @@ TEST(GraphEngineTest, BackgroundGraphBuildsRaceRetrieve) {
   EXPECT_EQ(info.graph_segments, info.sealed_segments);
   EXPECT_GE(info.sealed_segments, 2 * kShape.kv_heads);
   EXPECT_EQ(checks, 22 * kShape.q_heads);
+}
+
+// Graphs travel with their segments: a second context attaching the prefix block (same engine)
+// and a context attaching it after a restart (reloaded from RocksDB, its graph checked against
+// the segment's keys) search the same graphs: the same answer, bit for bit, with the same keys
+// scored, for Retrieve (small beam) and Attend (retrievalattention).
+TEST(GraphEngineTest, GraphsAreSharedWithPrefixBlocksAndReloadedFromRocksDb) {
+  const std::string dir =
+      ::testing::TempDir() + "/kvwave_graph_persist_" + std::to_string(getpid());
+  std::filesystem::remove_all(dir);
+  config::Settings s = GraphSettings(true);
+  s.persist_path = dir;
+  s.durability = "sync";
+  const int64_t n = 2 * 512 + 16, block = 512;
+  const Data data = RandomData(n, Seed(48));
+  std::mt19937_64 rng(Seed(49));
+  std::vector<int32_t> ids(n);
+  for (auto& id : ids) id = static_cast<int32_t>(rng() % 30000);
+  std::vector<float> q(kShape.q_heads * kShape.head_dim);
+  std::normal_distribution<float> normal;
+  for (auto& x : q) x = normal(rng) + 0.3f;
+  struct Answer {
+    std::vector<int64_t> positions;
+    std::vector<float> scores, out, lse;
+    int64_t keys_scored = 0, graph_keys_scored = 0;
+    bool operator==(const Answer&) const = default;
+  };
+  auto ask = [&](Engine& engine, ContextId id) {
+    Answer a;
+    RetrieveOptions ro;
+    ro.method = RetrieveMethod::kGraph;
+    ro.k = 8;
+    ro.beam = 24;
+    a.positions.resize(kShape.q_heads * ro.k);
+    a.scores.resize(a.positions.size());
+    RetrieveStats rs;
+    EXPECT_TRUE(engine.Retrieve(id, 0, q, ro, a.positions, a.scores, &rs).ok());
+    a.keys_scored = rs.keys_scored;
+    AttendBudget ra;
+    ra.method = AttendMethod::kRetrievalAttention;
+    ra.graph_top_k = 20;
+    ra.beam = 24;
+    a.out.resize(q.size());
+    a.lse.resize(kShape.q_heads);
+    AttendStats as;
+    EXPECT_TRUE(engine.Attend(id, 0, q, ra, a.out, a.lse, &as).ok());
+    a.graph_keys_scored = as.graph_keys_scored;
+    return a;
+  };
+  const int64_t kv = kShape.kv_heads * kShape.head_dim;
+  auto append_tail = [&](Engine& engine, ContextId id) {  // tokens past the shared blocks
+    ASSERT_TRUE(engine
+                    .Append(id, 0, n - 2 * block,
+                            Bytes(data.k, 2 * block * kv, (n - 2 * block) * kv),
+                            Bytes(data.v, 2 * block * kv, (n - 2 * block) * kv))
+                    .ok());
+  };
+  Answer first;
+  {
+    auto engine = Engine::Create(s).value();
+    const ContextId a = engine->Open({kShape, ids, "ns"}).value().id;
+    AppendAll(*engine, a, data, n, /*with_queries=*/true);
+    ASSERT_TRUE(engine->Flush().ok());  // sealed, graphed, registered and durable
+    EXPECT_EQ(engine->Info(a).value().graph_segments, 2 * kShape.kv_heads);
+    first = ask(*engine, a);
+    EXPECT_GT(first.keys_scored, 0);
+    EXPECT_GT(first.graph_keys_scored, 0);
+    const OpenResult b = engine->Open({kShape, ids, "ns"}).value();
+    EXPECT_EQ(b.matched_tokens, 2 * block);
+    ContextInfo info = engine->Info(b.id).value();
+    EXPECT_EQ(info.graph_segments, 2 * kShape.kv_heads);  // shared with the blocks
+    EXPECT_FALSE(info.has_queries);
+    append_tail(*engine, b.id);
+    EXPECT_TRUE(ask(*engine, b.id) == first) << "shared block, same engine";
+  }
+  auto engine = Engine::Create(s).value();  // a restart: the blocks come back from RocksDB
+  const OpenResult c = engine->Open({kShape, ids, "ns"}).value();
+  EXPECT_EQ(c.matched_tokens, 2 * block);
+  EXPECT_EQ(engine->Info(c.id).value().graph_segments, 2 * kShape.kv_heads);
+  EXPECT_GT(engine->Stats().prefix_reloads, 0);
+  append_tail(*engine, c.id);
+  EXPECT_TRUE(ask(*engine, c.id) == first) << "reloaded from RocksDB";
+  engine.reset();
+
+  // A flipped byte in a graph record (its checksum): the block is corrupt, never served, counted.
+  {
+    store::PersistOptions po;
+    po.path = dir;
+    po.write_behind = false;
+    auto persist = store::PersistStore::Open(po).value();
+    std::string key, value;  // the first graph record: a segment key + 'g'
+    std::unique_ptr<rocksdb::Iterator> it(persist->TEST_db()->NewIterator(rocksdb::ReadOptions()));
+    for (it->SeekToFirst(); it->Valid(); it->Next()) {
+      if (it->key().size() == store::kSegmentKeyBytes + 1 && it->key()[0] == store::kSegmentTag) {
+        key = it->key().ToString();
+        value = it->value().ToString();
+        break;
+      }
+    }
+    ASSERT_FALSE(key.empty()) << "no graph record persisted";
+    value[value.size() / 2] ^= 0x40;
+    ASSERT_TRUE(persist->TEST_db()->Put(rocksdb::WriteOptions(), key, value).ok());
+  }
+  engine = Engine::Create(s).value();
+  const OpenResult d = engine->Open({kShape, ids, "ns"}).value();
+  EXPECT_LT(d.matched_tokens, 2 * block);  // the block of that graph (and any after it) dropped
+  EXPECT_EQ(engine->Stats().persist_corrupt_records, 1);
+  engine.reset();
+  std::filesystem::remove_all(dir);
 }
 
 TEST(GraphEngineTest, GraphOffIgnoresQueriesAndBadQueriesChangeNothing) {
