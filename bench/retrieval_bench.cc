@@ -21,6 +21,7 @@
 #include "bench/lib/ann_baselines.h"
 #include "bench/lib/linalg.h"
 #include "bench/lib/retrieval_eval.h"
+#include "bench/retrieval_daemon.h"
 #include "bench/subcommand.h"
 #include "client/trace_file.h"
 #include "config/status_macros.h"
@@ -46,6 +47,9 @@ struct RetrievalFlags {
   int hnsw_m = 16, hnsw_ef_construction = 200;
   int quest_page = 16;
   int wave_cluster = 16;
+  // --through-daemon: Retrieve through a real kvwaved (bench/retrieval_daemon.h).
+  bool through_daemon = false;
+  DaemonRetrievalOptions daemon;
 };
 
 std::unique_ptr<AnnIndex> MakeMethod(const std::string& name, const RetrievalFlags& f) {
@@ -432,12 +436,41 @@ int RunRetrieval(int argc, char** argv) {
   app.add_option("--hnsw-ef-construction", f.hnsw_ef_construction, "HNSW: efConstruction");
   app.add_option("--quest-page", f.quest_page, "Quest: tokens per page");
   app.add_option("--wave-cluster", f.wave_cluster, "wave: tokens per cluster");
+  app.add_flag("--through-daemon", f.through_daemon,
+               "measure wave / graph / flat through a real kvwaved's Retrieve (queries appended, "
+               "graphs built per sealed segment by the daemon)");
+  app.add_option("--kvwaved", f.daemon.kvwaved, "--through-daemon: the kvwaved binary");
+  app.add_option("--set", f.daemon.overrides,
+                 "--through-daemon: a kvwaved setting, section.key=value (repeatable)");
+  app.add_option("--segment-tokens", f.daemon.segment_tokens,
+                 "--through-daemon: store.prefill_segment_tokens");
+  app.add_option("--beams", f.daemon.beams, "--through-daemon: graph beams swept")->delimiter(',');
+  app.add_option("--cluster-budgets", f.daemon.cluster_budgets,
+                 "--through-daemon: wave cluster budgets swept")
+      ->delimiter(',');
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
   PrintEnvironmentHeader();
+  if (f.through_daemon) {
+    DaemonRetrievalOptions& o = f.daemon;
+    o.trace = f.trace;
+    o.layers = f.layers;
+    o.queries = f.queries;
+    o.topk = f.topk;
+    o.json = f.json;
+    o.table = f.table;
+    o.graph_queries = f.graph.max_queries;
+    o.graph_pivots = f.graph.pivots_per_query;
+    o.graph_degree = f.graph.max_degree;
+    if (absl::Status s = RunRetrievalThroughDaemon(o); !s.ok()) {
+      std::fprintf(stderr, "retrieval --through-daemon: %s\n", s.ToString().c_str());
+      return 1;
+    }
+    return 0;
+  }
   if (absl::Status s = Run(f); !s.ok()) {
     std::fprintf(stderr, "retrieval: %s\n", s.ToString().c_str());
     return 1;
