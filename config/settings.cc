@@ -209,11 +209,11 @@ const std::vector<Entry>& Table() {
         std::string("centroid"),
         0,
         0,
-        {"centroid", "two_pass"},
+        {"auto", "centroid", "two_pass"},
         false,
-        "ranking of the retrieval zone: centroid (q.c per cluster) or two_pass (the top "
+        "ranking of the retrieval zone: centroid (q.c per cluster), two_pass (the top "
         "rank_overfetch x r clusters by centroid re-ranked by their best member key; CPU backend "
-        "only)"},
+        "only) or auto (two_pass on the CPU backend, centroid on the GPU)"},
        &Settings::rank},
       {{"attend.rank_overfetch",
         T::kDouble,

@@ -64,7 +64,8 @@ struct Settings {
   double estimation_budget = 0.232;
   // How the retrieval zone's clusters are chosen (engine/head_ops.cc): "centroid" ranks every
   // cluster by its centroid; "two_pass" takes the top rank_overfetch x r clusters by centroid,
-  // scores their member keys, and retrieves the r whose best member key scores highest.
+  // scores their member keys, and retrieves the r whose best member key scores highest; "auto"
+  // is two_pass where the backend implements it (the CPU backend) and centroid on the GPU.
   std::string rank = "centroid";
   double rank_overfetch = 2.0;
   int64_t compute_threads = 0;  // 0 = one per core

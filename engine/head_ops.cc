@@ -87,7 +87,7 @@ HeadParams MakeHeadParams(const config::Settings& settings, const store::ModelSh
   p.tokens_per_cluster = static_cast<int32_t>(settings.tokens_per_cluster);
   p.kmeans_iterations = static_cast<int32_t>(settings.kmeans_iterations);
   p.faiss_kmeans = settings.kmeans_kernel == "faiss";
-  p.two_pass = settings.rank == "two_pass";
+  p.two_pass = settings.rank == "two_pass" || settings.rank == "auto";  // the CPU's auto
   p.rank_overfetch = settings.rank_overfetch;
   p.allocator = allocator;
   p.graph = settings.graph == "on";

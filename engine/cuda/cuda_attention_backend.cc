@@ -28,10 +28,19 @@ namespace {
 
 using ShapeKey = std::tuple<int32_t, int32_t, int32_t, int>;  // kv heads, group, d, dtype
 
+// The GPU ranks by centroid (attend.rank = auto resolves to it here); the CPU fallback of the
+// shapes the wave buffer does not serve ranks the same way, so one backend gives one ranking.
+config::Settings CentroidRank(config::Settings s) {
+  s.rank = "centroid";
+  return s;
+}
+
 class CudaAttentionBackend final : public AttentionBackend {
  public:
   CudaAttentionBackend(const config::Settings& settings, int64_t cache_bytes)
-      : settings_(settings), cache_bytes_(cache_bytes), cpu_(CreateCpuBackend(settings)) {}
+      : settings_(settings),
+        cache_bytes_(cache_bytes),
+        cpu_(CreateCpuBackend(CentroidRank(settings))) {}
 
   const char* name() const override { return "cuda"; }
 
@@ -176,8 +185,9 @@ absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCudaAttentionBackend(
     const config::Settings& settings, std::shared_ptr<store::HostPool> host_pool) {
   if (!gpu::CudaBackend::DeviceAvailable()) return absl::FailedPreconditionError("no CUDA device");
   // The wave buffer ranks by centroid only; the second pass of two_pass (scoring the member keys
-  // of the next clusters, which may not be resident) is not implemented on the GPU yet.
-  if (settings.rank != "centroid") {
+  // of the next clusters, which may not be resident) is not implemented on the GPU yet. auto
+  // means two_pass where the backend has it, so centroid here.
+  if (settings.rank == "two_pass") {
     return absl::UnimplementedError(
         absl::StrCat("attend.rank = ", settings.rank,
                      " is implemented on the CPU backend only (set attend.rank = centroid to "

@@ -237,6 +237,12 @@ TEST(AccuracyTest, AttendsRacingABackgroundSealSeeOneStateOrTheOther) {
   }
 }
 
+config::Settings CentroidSettings() {
+  config::Settings s = Settings();
+  s.rank = "centroid";
+  return s;
+}
+
 config::Settings TwoPassSettings() {
   config::Settings s = Settings();
   s.rank = "two_pass";
@@ -259,14 +265,20 @@ TEST(AccuracyTest, TwoPassOnClusteredDataStaysWithinBoundsAndCountsScoredKeys) {
   constexpr int kCenters = 64, kQueries = 16;
   const int64_t n = 8192;
   const Data d = Clustered(rng, n, kCenters);
-  auto centroid = Engine::Create(Settings()).value();
+  auto centroid = Engine::Create(CentroidSettings()).value();
   auto two_pass = Engine::Create(TwoPassSettings()).value();
+  config::Settings auto_settings = Settings();
+  auto_settings.rank = "auto";  // two_pass on the CPU backend
+  auto automatic = Engine::Create(auto_settings).value();
   const ContextId ic = centroid->Open({kShape, {}, ""}).value().id;
   const ContextId it = two_pass->Open({kShape, {}, ""}).value().id;
+  const ContextId ia = automatic->Open({kShape, {}, ""}).value().id;
   AppendAll(*centroid, ic, d, 0, n);
   AppendAll(*two_pass, it, d, 0, n);
+  AppendAll(*automatic, ia, d, 0, n);
   ASSERT_TRUE(centroid->Seal(ic).ok());
   ASSERT_TRUE(two_pass->Seal(it).ok());
+  ASSERT_TRUE(automatic->Seal(ia).ok());
 
   double err_sum = 0, err_max = 0, exact_max = 0, cerr_sum = 0;
   int64_t scored = 0, exact_two = 0, exact_centroid = 0, keys = 0;
@@ -278,6 +290,9 @@ TEST(AccuracyTest, TwoPassOnClusteredDataStaysWithinBoundsAndCountsScoredKeys) {
     ASSERT_TRUE(two_pass->Attend(it, 0, q, AttendBudget{}, out, lse, &st).ok());
     ASSERT_TRUE(centroid->Attend(ic, 0, q, AttendBudget{}, cout, lse, &sc).ok());
     ASSERT_TRUE(two_pass->Attend(it, 0, q, {1.0, 0.0}, full, lse, nullptr).ok());
+    std::vector<float> aout(q.size());
+    ASSERT_TRUE(automatic->Attend(ia, 0, q, AttendBudget{}, aout, lse, nullptr).ok());
+    EXPECT_EQ(aout, out) << "rank = auto on the CPU is two_pass";
     EXPECT_EQ(sc.scored_tokens, 0);
     EXPECT_EQ(st.total_clusters, sc.total_clusters);
     EXPECT_LE(st.retrieved_clusters, sc.retrieved_clusters);
@@ -372,7 +387,7 @@ TEST(AccuracyTest, TwoPassFindsSmallSharpTargetsAtLeastAsOftenAsCentroid) {
       }
     }
   }
-  auto centroid = Engine::Create(Settings()).value();
+  auto centroid = Engine::Create(CentroidSettings()).value();
   auto two_pass = Engine::Create(TwoPassSettings()).value();
   const ContextId ic = centroid->Open({kShape, {}, ""}).value().id;
   const ContextId it = two_pass->Open({kShape, {}, ""}).value().id;

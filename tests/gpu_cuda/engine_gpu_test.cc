@@ -158,6 +158,7 @@ config::Settings TestSettings(const std::string& persist = "", int64_t limit = i
   s.persist_path = persist;
   s.durability = "sync";
   s.gpu_mode = "on";
+  s.rank = "centroid";  // the GPU's ranking, on both sides of the tee (auto is two_pass on the CPU)
   s.gpu_cache_bytes = 4 << 20;  // small: evictions
   return s;
 }
