@@ -114,7 +114,7 @@ absl::Status WaveBuffer::Init() {
     KVWAVE_ASSIGN_OR_RETURN(s->page_counts, backend_->Allocate(sizeof(int32_t) * 2 * H));
     KVWAVE_RETURN_IF_ERROR(FitHost(s->io, io));
     KVWAVE_RETURN_IF_ERROR(FitHost(s->staging, static_cast<size_t>(o_.staging_bytes)));
-    KVWAVE_RETURN_IF_ERROR(FitHost(s->record, sizeof(int32_t) * 3 * H));
+    KVWAVE_RETURN_IF_ERROR(FitHost(s->record, sizeof(int32_t) * 4 * H));
     free_slots_.push_back(kSlots - 1 - i);
     slots_.push_back(std::move(s));
   }
@@ -216,7 +216,7 @@ absl::Status WaveBuffer::Enqueue(Space& sp, const float* q, float* out, float* l
   s.total_clusters = n * H;
   s.estimated = 0;
   KVWAVE_RETURN_IF_ERROR(
-      EnsureSlot(s, list_stride, max_pages, H * exec_stride, H + 2 * H * s.info_stride));
+      EnsureSlot(s, list_stride, max_pages, H * exec_stride, 2 * H + 2 * H * s.info_stride));
   KVWAVE_RETURN_IF_ERROR(EnsureScratch(n, max_pages, list_stride));
   const uint32_t seq = ++seq_;
   const float scale = 1.0f / std::sqrt(static_cast<float>(o_.d));
@@ -242,8 +242,9 @@ absl::Status WaveBuffer::Enqueue(Space& sp, const float* q, float* out, float* l
   pl.exec_stride = exec_stride;
   pl.pages = s.pages.as<gpu::PageRef>();
   pl.page_counts = s.page_counts.as<int32_t>();
+  // The record: [H counts][H retrieved rows][(key, exec page) pairs, info_stride per head].
   auto* record = reinterpret_cast<int32_t*>(s.record.data());
-  pl.info = record + H;
+  pl.info = record + 2 * H;
   pl.info_stride = s.info_stride;
 
   gpu::ExactArgs x;
@@ -308,6 +309,7 @@ absl::Status WaveBuffer::Enqueue(Space& sp, const float* q, float* out, float* l
   // The plan writes the record straight to pinned host memory (complete with the call) and
   // publishes each head's page list with its pages_ready word.
   pl.record_counts = record;
+  pl.record_rows = record + H;
   pl.pages_ready = pages_ready_.as<uint32_t>();
   pl.seq = seq;
   KVWAVE_RETURN_IF_ERROR(b.ScoreSelectPlan(sc, t, pl, kComputeStream));
@@ -360,7 +362,7 @@ void WaveBuffer::Commit(int slot_index) {
   }
   const int H = o_.heads;
   const int32_t* counts = reinterpret_cast<const int32_t*>(s.record.data());
-  const int32_t* info = counts + H;
+  const int32_t* info = counts + 2 * H;
   WaveCounters add;
   std::vector<int32_t> hits;
   std::vector<MissCluster> misses;
@@ -543,7 +545,9 @@ absl::Status WaveBuffer::End(int slot, float* out, float* lse, WaveCallStats* st
   Slot& s = *slots_[slot];
   const size_t qn = static_cast<size_t>(o_.heads) * o_.g * o_.d, rows = qn / o_.d;
   const auto* io = reinterpret_cast<const float*>(s.io.data());
+  const auto t0 = Clock::now();
   absl::Status status = backend_->SynchronizeEvent(kDoneEvent + slot);
+  const auto t1 = Clock::now();
   if (status.ok()) {
     std::memcpy(out, io + qn, sizeof(float) * qn);
     std::memcpy(lse, io + 2 * qn, sizeof(float) * rows);
@@ -551,17 +555,22 @@ absl::Status WaveBuffer::End(int slot, float* out, float* lse, WaveCallStats* st
       stats->steady_tokens += s.steady_rows;
       stats->total_clusters += s.total_clusters;
       if (s.planned) {
+        // Counts and rows from the record's head: no size table (whose lock the commit of this
+        // very call takes at this moment), nothing proportional to the retrieved clusters.
         const int32_t* counts = reinterpret_cast<const int32_t*>(s.record.data());
-        const int32_t* info = counts + o_.heads;
-        std::lock_guard<std::mutex> lock(reg_mu_);
+        const int32_t* rows = counts + o_.heads;
         for (int h = 0; h < o_.heads; ++h) {
           stats->retrieved_clusters += counts[h];
-          for (int32_t i = 0; i < counts[h]; ++i)
-            stats->retrieved_tokens += key_rows_[info[2 * (h * s.info_stride + i)]];
+          stats->retrieved_tokens += rows[h];
         }
         stats->estimated_clusters += int64_t{o_.heads} * s.estimated;
       }
     }
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    counters_.result_wait_us += Us(t0, t1);
+    counters_.end_us += Us(t1, Clock::now());
   }
   FreeSlot(slot);
   return status;

@@ -54,8 +54,9 @@ struct WaveBuffer::Slot {
   // Device: both zones' lists, counts, page list, execution buffer, q of host calls.
   gpu::DeviceBuffer ret, est, counts, counts2, pages, page_counts, exec_k, exec_v, q;
   int64_t list_cap = 0, pages_cap = 0, exec_cap = 0, offsets_for = -1;
-  // Pinned host: the record (counts, then (key, exec page) pairs), the update blob, the staging
-  // of Sync's rows, the host call's q / out / lse (out, lse written there by the kernels).
+  // Pinned host: the record (counts, retrieved rows, then (key, exec page) pairs), the update blob,
+  // the staging of Sync's rows, the host call's q / out / lse (out, lse written there by the
+  // kernels).
   store::HostBuffer record, update, staging, io;
   // The call: heads' retrieved lists in the record are info_stride apart; planned: a record was
   // written (else no cluster was retrieved).

@@ -142,6 +142,12 @@ struct BackendStats {
   int64_t misses = 0;             // retrieved clusters (or pages) read from host memory, all time
   int64_t pcie_bytes = 0;         // bytes read or copied host -> GPU, all time
   int64_t segments_resident = 0;  // sealed segments whose meta index is on the GPU
+  int64_t hit_pages = 0, miss_pages = 0;  // the same hits and misses in pages (8 rows)
+  // Host time of the GPU calls, all time (microseconds): queueing them (the layer's sync
+  // included), waiting for a free slot, waiting for results, and the committer threads' LRU work.
+  int64_t calls = 0;
+  double enqueue_us = 0, slot_wait_us = 0, result_wait_us = 0, commit_us = 0;
+  int64_t kmeans_gpu = 0, kmeans_cpu = 0;  // segment clusterings run on the GPU / the CPU
 };
 
 struct EngineStats {

@@ -237,6 +237,9 @@ struct PlanArgs {
   // info, may be mapped host memory: complete when the op is), and once head h's plan is written
   // pages_ready[h] (device) is set to seq.
   int32_t* record_counts = nullptr;
+  // Optional: record_rows[h] = the rows of head h's retrieved clusters (summed sizes; may be
+  // mapped host memory, like info), so that the caller needs no size table to report them.
+  int32_t* record_rows = nullptr;
   uint32_t* pages_ready = nullptr;
   uint32_t seq = 0;
 };

@@ -7,10 +7,18 @@
 // leave the cache unless another context holds them). Shapes the GPU kernels do not cover (head
 // dim other than 64/128, group other than 1/2/4/8, f32 K/V) are served by the CPU backend.
 //
+// Indexing: the k-means of background seals (ClusterKeys) runs on the GPU
+// (CudaBackend::SphericalKMeans, ClusterKeys' algorithm) on a backend instance of its own (its
+// own stream and workspace, one clustering at a time), beside the calls; input the GPU path does
+// not take (non-finite keys, a segment past its workspace, d not a multiple of 4) and any GPU
+// error go to the CPU kernel, which also reports bad options.
+//
 // Thread-safety: see engine/attention_backend.h; the map of spaces under a mutex, the buffers
-// thread-safe themselves.
+// thread-safe themselves, the k-means under its own mutex.
 #include "engine/cuda/cuda_attention_backend.h"
 
+#include <atomic>
+#include <cmath>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -122,8 +130,38 @@ class CudaAttentionBackend final : public AttentionBackend {
       s.misses += c.miss_clusters;
       s.pcie_bytes += c.pcie_bytes + c.upload_bytes;
       s.segments_resident += a.segments;
+      s.hit_pages += c.hit_pages;
+      s.miss_pages += c.miss_pages;
+      s.calls += c.calls;
+      s.enqueue_us += c.enqueue_us;
+      s.slot_wait_us += c.wait_us;
+      s.result_wait_us += c.result_wait_us;
+      s.commit_us += c.commit_us;
     }
+    s.kmeans_gpu = kmeans_gpu_.load();
+    s.kmeans_cpu = kmeans_cpu_.load();
     return s;
+  }
+
+  absl::StatusOr<index::WaveClusters> ClusterKeys(const float* keys, int64_t n, int32_t d,
+                                                  const index::WaveIndexOptions& o) override {
+    if (keys != nullptr && n >= 1 && d >= 4 && d <= 512 && d % 4 == 0 &&
+        o.tokens_per_cluster >= 1 && o.iterations >= 0 && o.iterations <= 1000 &&
+        (o.kernel == index::WaveIndexOptions::Kernel::kOwn ||
+         o.kernel == index::WaveIndexOptions::Kernel::kFaiss) &&
+        n <= kMaxKMeansRows) {
+      bool finite = true;
+      for (int64_t i = 0; i < n * d && finite; ++i) finite = std::isfinite(keys[i]);
+      if (finite) {
+        absl::StatusOr<index::WaveClusters> r = ClusterOnGpu(keys, n, d, o);
+        if (r.ok()) {
+          ++kmeans_gpu_;
+          return r;
+        }
+      }
+    }
+    ++kmeans_cpu_;
+    return index::ClusterKeys(keys, n, d, o);
   }
 
  private:
@@ -159,6 +197,55 @@ class CudaAttentionBackend final : public AttentionBackend {
     return raw;
   }
 
+  // The k-means on the GPU; errors leave the caller to the CPU kernel.
+  absl::StatusOr<index::WaveClusters> ClusterOnGpu(const float* keys, int64_t n, int32_t d,
+                                                   const index::WaveIndexOptions& o) {
+    const int64_t k = (n + o.tokens_per_cluster - 1) / o.tokens_per_cluster;
+    std::lock_guard<std::mutex> lock(kmeans_mu_);
+    if (kmeans_ == nullptr) {
+      gpu::CudaBackendOptions bo;
+      bo.device = static_cast<int>(settings_.gpu_device);
+      bo.num_streams = 1;
+      bo.num_events = 1;
+      bo.workspace_bytes = kKMeansWorkspace;
+      KVWAVE_ASSIGN_OR_RETURN(kmeans_, gpu::CudaBackend::Create(bo));
+    }
+    gpu::CudaBackend& b = *kmeans_;
+    // Buffers kept between calls (a free would synchronise the whole device, calls included).
+    auto fit = [&](gpu::DeviceBuffer& buf, size_t bytes) -> absl::Status {
+      if (buf.data() != nullptr && buf.size() >= bytes) return absl::OkStatus();
+      buf.Reset();
+      KVWAVE_ASSIGN_OR_RETURN(buf, b.Allocate(std::max<size_t>(bytes, 1 << 20)));
+      return absl::OkStatus();
+    };
+    KVWAVE_RETURN_IF_ERROR(fit(km_keys_, sizeof(float) * n * d));
+    KVWAVE_RETURN_IF_ERROR(fit(km_assignment_, sizeof(int32_t) * n));
+    KVWAVE_RETURN_IF_ERROR(fit(km_sizes_, sizeof(int32_t) * k));
+    KVWAVE_RETURN_IF_ERROR(fit(km_centroids_, sizeof(float) * k * d));
+    KVWAVE_RETURN_IF_ERROR(b.Copy(km_keys_.data(), keys, sizeof(float) * n * d));
+    gpu::KMeansArgs a;
+    a.keys = km_keys_.as<float>();
+    a.n = n;
+    a.d = d;
+    a.clusters = k;
+    a.iterations = o.iterations;
+    a.mean_center = o.mean_center;
+    a.assignment = km_assignment_.as<int32_t>();
+    a.sizes = km_sizes_.as<int32_t>();
+    a.centroids = km_centroids_.as<float>();
+    KVWAVE_RETURN_IF_ERROR(b.SphericalKMeans(a));
+    index::WaveClusters out;
+    out.num_clusters = static_cast<int32_t>(k);
+    out.assignment.resize(n);
+    out.sizes.resize(k);
+    out.centroids.resize(k * d);
+    KVWAVE_RETURN_IF_ERROR(b.Copy(out.assignment.data(), a.assignment, sizeof(int32_t) * n));
+    KVWAVE_RETURN_IF_ERROR(b.Copy(out.sizes.data(), a.sizes, sizeof(int32_t) * k));
+    KVWAVE_RETURN_IF_ERROR(b.Copy(out.centroids.data(), a.centroids, sizeof(float) * k * d));
+    KVWAVE_RETURN_IF_ERROR(b.Synchronize());
+    return out;
+  }
+
   absl::StatusOr<buffer::WaveBuffer::SpaceId> SpaceFor(buffer::WaveBuffer& wb, uint64_t ctx,
                                                        int32_t layer) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -169,8 +256,17 @@ class CudaAttentionBackend final : public AttentionBackend {
     return space;
   }
 
+  // Segments up to 64K rows of d <= 128 cluster on the GPU (the workspace: 4 (n + 2k) d bytes and
+  // change); longer ones on the CPU.
+  static constexpr int64_t kMaxKMeansRows = int64_t{1} << 16;
+  static constexpr int64_t kKMeansWorkspace = int64_t{64} << 20;
+
   const config::Settings settings_;
   const int64_t cache_bytes_;
+  std::mutex kmeans_mu_;
+  std::unique_ptr<gpu::CudaBackend> kmeans_;
+  gpu::DeviceBuffer km_keys_, km_assignment_, km_sizes_, km_centroids_;
+  std::atomic<int64_t> kmeans_gpu_{0}, kmeans_cpu_{0};
   std::unique_ptr<AttentionBackend> cpu_;
   mutable std::mutex mu_;
   std::map<ShapeKey, std::unique_ptr<buffer::WaveBuffer>> buffers_;

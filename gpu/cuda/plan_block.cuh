@@ -79,8 +79,9 @@ __device__ void PlanHead(const PlanArgs& a, int h, int steady_pages_written = -1
   using Scan = cub::BlockScan<int2, kThreads, cub::BLOCK_SCAN_WARP_SCANS>;
   __shared__ typename Scan::TempStorage scan_tmp;
   __shared__ int2 carry;  // pages so far (after the steady ones), exec pages so far
+  __shared__ int rows;    // rows of the retrieved clusters so far
   const int steady_pages = steady_pages_written >= 0 ? steady_pages_written : PlanSteady(a, h);
-  if (threadIdx.x == 0) carry = make_int2(steady_pages, 0);
+  if (threadIdx.x == 0) carry = make_int2(steady_pages, 0), rows = 0;
   __syncthreads();
 
   const int n = a.counts[h];
@@ -103,12 +104,18 @@ __device__ void PlanHead(const PlanArgs& a, int h, int steady_pages_written = -1
         mine, before, make_int2(0, 0),
         [](int2 x, int2 y) { return make_int2(x.x + y.x, x.y + y.y); }, total);
     const int2 base = carry;
-    if (i < n) PlanCluster(a, h, i, key, size, hit, base.x + before.x, exec0 + base.y + before.y);
+    if (i < n) {
+      PlanCluster(a, h, i, key, size, hit, base.x + before.x, exec0 + base.y + before.y);
+      if (a.record_rows != nullptr) atomicAdd(&rows, size);
+    }
     __syncthreads();  // everyone has read carry
     if (threadIdx.x == 0) carry = make_int2(base.x + total.x, base.y + total.y);
     __syncthreads();
   }
-  if (threadIdx.x == 0) a.page_counts[h] = carry.x;
+  if (threadIdx.x == 0) {
+    a.page_counts[h] = carry.x;
+    if (a.record_rows != nullptr) a.record_rows[h] = rows;
+  }
 }
 
 }  // namespace kvwave::gpu::cuda

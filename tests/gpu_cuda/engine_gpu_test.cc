@@ -118,6 +118,11 @@ class TeeBackend final : public AttentionBackend {
     return absl::OkStatus();
   }
   BackendStats Stats() const override { return gpu_->Stats(); }
+  // Seals index with the backend under test (the GPU's k-means), and both sides see its result.
+  absl::StatusOr<index::WaveClusters> ClusterKeys(const float* keys, int64_t n, int32_t d,
+                                                  const index::WaveIndexOptions& o) override {
+    return gpu_->ClusterKeys(keys, n, d, o);
+  }
 
   double worst() const {
     std::lock_guard<std::mutex> l(mu_);
@@ -335,7 +340,85 @@ TEST_F(EngineGpuTest, PrefillAndDecodeOfSeveralContextsMatchCpu) {
               h.tee->worst(), long(h.engine->Stats().backend.hits),
               long(h.engine->Stats().backend.misses));
   if (!TeeOnCpu()) EXPECT_GT(h.engine->Stats().backend.hits, 0);
+  // The background seals clustered on the GPU.
+  const BackendStats bs = h.engine->Stats().backend;
+  std::printf("k-means: %ld segments on the GPU, %ld on the CPU\n", long(bs.kmeans_gpu),
+              long(bs.kmeans_cpu));
+  if (!TeeOnCpu()) {
+    EXPECT_GT(bs.kmeans_gpu, 0);
+    EXPECT_EQ(bs.kmeans_cpu, 0);
+  }
   ExpectGpuCacheEmpty(h);
+}
+
+// The CUDA backend's ClusterKeys (the GPU k-means of background seals): a valid clustering
+// (sizes and centroids are those of its own assignment) as good as the CPU kernel's; bad input
+// gets the CPU kernel's error.
+TEST_F(EngineGpuTest, ClusterKeysOnTheGpuMatchesTheCpuKernel) {
+  config::Settings s = TestSettings();
+  auto backend = TeeOnCpu() ? CreateCpuBackend(s) : CreateCudaAttentionBackend(s, nullptr);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  std::mt19937_64 rng(seed_);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (const int64_t n : {int64_t{8192}, int64_t{1024}, int64_t{37}}) {
+    std::vector<float> centres(64 * kDim), keys(n * kDim);
+    for (float& x : centres) x = nd(rng);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t c = static_cast<int64_t>(rng() % 64);
+      for (int j = 0; j < kDim; ++j)
+        keys[i * kDim + j] = centres[c * kDim + j] + 0.4f * nd(rng) + 1.f;
+    }
+    const index::WaveIndexOptions o;
+    auto gpu = (*backend)->ClusterKeys(keys.data(), n, kDim, o);
+    auto cpu = index::ClusterKeys(keys.data(), n, kDim, o);
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    ASSERT_TRUE(cpu.ok()) << cpu.status();
+    ASSERT_EQ(gpu->num_clusters, cpu->num_clusters);
+    const int64_t k = gpu->num_clusters;
+    ASSERT_EQ(static_cast<int64_t>(gpu->assignment.size()), n);
+    std::vector<int64_t> count(k, 0);
+    std::vector<double> sum(k * kDim, 0.0);
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t c = gpu->assignment[i];
+      ASSERT_GE(c, 0);
+      ASSERT_LT(c, k);
+      ++count[c];
+      for (int j = 0; j < kDim; ++j) sum[c * kDim + j] += keys[i * kDim + j];
+    }
+    double err = 0, norm = 0;
+    for (int64_t c = 0; c < k; ++c) {
+      EXPECT_EQ(gpu->sizes[c], count[c]);
+      for (int j = 0; j < kDim; ++j) {
+        const double want = count[c] > 0 ? sum[c * kDim + j] / count[c] : 0.0;
+        err += std::pow(gpu->centroids[c * kDim + j] - want, 2);
+        norm += want * want;
+      }
+    }
+    EXPECT_LT(std::sqrt(err / norm), 1e-5) << "n " << n;
+    // Quality: the mean squared distance of a key to its centroid, within 10% of the CPU's.
+    auto spread = [&](const index::WaveClusters& w) {
+      double d2 = 0;
+      for (int64_t i = 0; i < n; ++i)
+        for (int j = 0; j < kDim; ++j)
+          d2 += std::pow(keys[i * kDim + j] - w.centroids[w.assignment[i] * kDim + j], 2);
+      return d2 / n;
+    };
+    const double g = spread(*gpu), c = spread(*cpu);
+    std::printf("n %ld: spread GPU %.4f CPU %.4f\n", long(n), g, c);
+    EXPECT_LT(g, 1.10 * c) << "n " << n;
+  }
+  std::vector<float> bad(16 * kDim, 1.f);
+  bad[5] = std::nanf("");
+  EXPECT_EQ((*backend)->ClusterKeys(bad.data(), 16, kDim, {}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  index::WaveIndexOptions zero;
+  zero.tokens_per_cluster = 0;
+  EXPECT_EQ((*backend)->ClusterKeys(bad.data() + kDim, 8, kDim, zero).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  if (!TeeOnCpu()) {
+    EXPECT_EQ((*backend)->Stats().kmeans_gpu, 3);
+    EXPECT_EQ((*backend)->Stats().kmeans_cpu, 2);
+  }
 }
 
 std::vector<int32_t> Tokens(std::mt19937_64& rng, int64_t n) {
