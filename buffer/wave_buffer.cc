@@ -67,9 +67,11 @@ WaveBuffer::~WaveBuffer() {
 
 absl::StatusOr<std::unique_ptr<WaveBuffer>> WaveBuffer::Create(const WaveBufferOptions& options) {
   if (options.heads <= 0 || options.d <= 0 || options.g <= 0 || options.cache_bytes < 0 ||
-      (options.dtype != DType::kBF16 && options.dtype != DType::kF16))
+      (options.dtype != DType::kBF16 && options.dtype != DType::kF16) || options.slots < 1 ||
+      options.slots > 64)
     return absl::InvalidArgumentError(
-        "WaveBuffer: heads, g and d must be positive, K/V bf16 or f16, cache_bytes >= 0");
+        "WaveBuffer: heads, g and d must be positive, K/V bf16 or f16, cache_bytes >= 0, 1 to 64 "
+        "slots");
   std::unique_ptr<WaveBuffer> wb(new WaveBuffer(options));
   KVWAVE_RETURN_IF_ERROR(wb->Init());
   return wb;
@@ -79,7 +81,7 @@ absl::Status WaveBuffer::Init() {
   gpu::CudaBackendOptions bo;
   bo.device = o_.device;
   bo.num_streams = 1;
-  bo.num_events = kSlots;
+  bo.num_events = o_.slots;
   bo.workspace_bytes = o_.workspace_bytes;
   KVWAVE_ASSIGN_OR_RETURN(backend_, gpu::CudaBackend::Create(bo));
   row_bytes_ = static_cast<size_t>(o_.d) * ElementSize(o_.dtype);
@@ -105,7 +107,7 @@ absl::Status WaveBuffer::Init() {
   KVWAVE_RETURN_IF_ERROR(backend_->Memset(pages_ready_.data(), 0, pages_ready_.size()));
   KVWAVE_RETURN_IF_ERROR(backend_->Memset(arrivals_.data(), 0, arrivals_.size()));
   const size_t io = sizeof(float) * rows * (2 * o_.d + 1);
-  for (int i = 0; i < kSlots; ++i) {
+  for (int i = 0; i < o_.slots; ++i) {
     auto s = std::make_unique<Slot>();
     s->index = i;
     KVWAVE_ASSIGN_OR_RETURN(s->q, backend_->Allocate(sizeof(float) * rows * o_.d));
@@ -115,11 +117,11 @@ absl::Status WaveBuffer::Init() {
     KVWAVE_RETURN_IF_ERROR(FitHost(s->io, io));
     KVWAVE_RETURN_IF_ERROR(FitHost(s->staging, static_cast<size_t>(o_.staging_bytes)));
     KVWAVE_RETURN_IF_ERROR(FitHost(s->record, sizeof(int32_t) * 4 * H));
-    free_slots_.push_back(kSlots - 1 - i);
+    free_slots_.push_back(o_.slots - 1 - i);
     slots_.push_back(std::move(s));
   }
   KVWAVE_RETURN_IF_ERROR(backend_->Synchronize(kComputeStream));
-  for (int i = 0; i < kSlots; ++i) committers_.push_back(std::make_unique<AsyncCommitter>());
+  for (int i = 0; i < o_.slots; ++i) committers_.push_back(std::make_unique<AsyncCommitter>());
   return absl::OkStatus();
 }
 
@@ -663,7 +665,7 @@ WaveAccounting WaveBuffer::accounting() const {
     a.table_entries = entries_used_;
   }
   std::lock_guard<std::mutex> lock(slot_mu_);
-  a.busy_slots = kSlots - static_cast<int64_t>(free_slots_.size());
+  a.busy_slots = o_.slots - static_cast<int64_t>(free_slots_.size());
   return a;
 }
 

@@ -67,6 +67,10 @@ struct WaveBufferOptions {
   // the float32 centroids). false: float32 scores, the CPU backend's ranking.
   bool bf16_scores = true;
   int64_t workspace_bytes = int64_t{256} << 20;  // the backend's (scoring logits)
+  // Calls in flight at once (each holds its slot until its LRU commit is done; a batch of B
+  // contexts is B calls a layer). 16 instead of 8 changed nothing measurable for the bare buffer
+  // at batch 8 / 128K on an H100 (bench/results/gpu_engine_run6_h100_decode.txt).
+  int slots = 8;
   // Pinned staging per slot for the rows a Sync uploads (larger uploads copy row runs directly).
   int64_t staging_bytes = int64_t{1} << 20;
 };
@@ -120,7 +124,6 @@ struct WaveAccounting {
 
 class WaveBuffer {
  public:
-  static constexpr int kSlots = 8;
   using SpaceId = int64_t;
 
   [[nodiscard]] static absl::StatusOr<std::unique_ptr<WaveBuffer>> Create(
@@ -256,7 +259,7 @@ class WaveBuffer {
   mutable std::mutex mu_;  // error_, counters_
   absl::Status error_;
   WaveCounters counters_;
-  std::vector<std::unique_ptr<AsyncCommitter>> committers_;  // [kSlots]; last: joined first
+  std::vector<std::unique_ptr<AsyncCommitter>> committers_;  // [slots]; last: joined first
 };
 
 }  // namespace kvwave::buffer

@@ -63,7 +63,7 @@ struct Options {
   std::vector<int64_t> contexts = {32768, 131072, 524288, 1048576};
   int layers = 32, kv_heads = 8, g = 4, d = 128, batch = 1;
   double host_gib = 48, cache = 0.05, retrieval = 0.018, estimation = 0.232, rho = 0.9;
-  int steps = 30, warmup = 10, pps = 16;
+  int steps = 30, warmup = 10, pps = 16, slots = 8;
   bool full = true;
   // Trace replay (--trace): the shared model's dump (PREFIX_{q,k,v}.npy, float16).
   std::string trace;
@@ -204,6 +204,7 @@ void Run(const Options& o, int64_t context) {
   w.d = D;
   w.cache_bytes = settings.gpu_cache_bytes;
   w.exact_pages_per_split = o.pps;
+  w.slots = o.slots;
   w.bf16_scores = false;  // as the engine's backend
   std::unique_ptr<buffer::WaveBuffer> wbs[2];
   std::vector<buffer::WaveBuffer::SpaceId> spaces[2];
@@ -528,6 +529,7 @@ int main(int argc, char** argv) {
   app.add_option("--retrieval", o.retrieval);
   app.add_option("--estimation", o.estimation);
   app.add_option("--steps", o.steps);
+  app.add_option("--slots", o.slots, "calls in flight of the bare buffers (the engine's: 8)");
   app.add_option("--warmup", o.warmup);
   app.add_option("--rho", o.rho);
   app.add_option("--full", o.full, "also time full attention (HBM and pinned host)");
@@ -543,7 +545,9 @@ int main(int argc, char** argv) {
     std::printf("skipped: no CUDA device\n");
     return 0;
   }
-  std::printf("# context batch layers-timed  per decode step (all %d layers)\n", o.layers);
+  std::printf(
+      "# context batch layers-timed  per decode step (all %d layers); bare buffers: %d slots\n",
+      o.layers, o.slots);
   for (int64_t c : o.contexts) kvwave::Run(o, c);
   return 0;
 }
