@@ -4,12 +4,19 @@
 // then use the last `queries` positions as decode queries. For each (retrieval, estimation)
 // budget it reports, averaged over layers, KV heads, query heads and queries:
 //   err     relative L2 error of the output vs float64 exact attention over the same keys
-//   recall  |exact top-k  ∩  tokens attended exactly (steady + retrieval zone)| / k
+//   recall  |exact top-k  ∩  tokens attended exactly (steady + retrieval zone)| / k, taken from
+//           Retrieve at the same cluster budget, which ranks by centroid (so not two_pass's set)
 //   us      Attend latency per (layer, KV head), one thread; "full" = the 100% budget
+//   scanned keys attended exactly plus those a second ranking pass scored (attend.rank =
+//           two_pass), per key
+// A budget may name its ranking, retrieval:estimation:rank (centroid | two_pass | auto; default:
+// the settings' default); each ranking gets its own engine over the same keys.
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -26,7 +33,8 @@ using Clock = std::chrono::steady_clock;
 
 struct Row {
   double retrieval, estimation;
-  double err = 0, recall = 0, us = 0, scanned = 0;
+  std::string rank;
+  double err = 0, recall = 0, us = 0, scanned = 0, scored = 0;
   int64_t samples = 0, calls = 0;
 };
 
@@ -69,7 +77,9 @@ int Run(int argc, char** argv) {
   app.add_option("--trace", prefix, "trace prefix (PREFIX_{q,k,v}.npy)");
   app.add_option("--queries", queries, "last positions used as decode queries");
   app.add_option("--topk", topk, "k of recall@k");
-  app.add_option("--budgets", budgets, "retrieval:estimation pairs, comma separated");
+  app.add_option("--budgets", budgets,
+                 "retrieval:estimation[:rank] triples, comma separated (rank: centroid, two_pass, "
+                 "auto)");
   app.add_option("--json", json_path, "write the rows as JSON");
   CLI11_PARSE(app, argc, argv);
   if (prefix.empty()) {
@@ -84,7 +94,13 @@ int Run(int argc, char** argv) {
   std::vector<Row> rows;
   for (absl::string_view pair : absl::StrSplit(budgets, ',')) {
     std::vector<std::string> parts = absl::StrSplit(pair, ':');
-    rows.push_back({std::stod(parts.at(0)), parts.size() > 1 ? std::stod(parts[1]) : 0.0});
+    rows.push_back({std::stod(parts.at(0)), parts.size() > 1 ? std::stod(parts[1]) : 0.0,
+                    parts.size() > 2 ? parts[2] : config::Settings{}.rank});
+    if (rows.back().rank != "centroid" && rows.back().rank != "two_pass" &&
+        rows.back().rank != "auto") {
+      std::fprintf(stderr, "--budgets: unknown rank '%s'\n", rows.back().rank.c_str());
+      return 2;
+    }
   }
   PrintEnvironmentHeader();
   const int64_t n = tr->tokens - queries, d = tr->head_dim, g = tr->q_heads / tr->kv_heads;
@@ -93,9 +109,15 @@ int Run(int argc, char** argv) {
       "queries = last %d positions\n",
       prefix.c_str(), (long long)tr->layers, (long long)tr->tokens, (long long)tr->q_heads,
       (long long)tr->kv_heads, (long long)d, (long long)n, queries);
-  config::Settings settings;
-  settings.compute_threads = 1;
-  auto engine = engine::Engine::Create(settings).value();
+  // One engine per ranking named by the rows.
+  std::map<std::string, std::unique_ptr<engine::Engine>> engines;
+  for (const Row& r : rows) {
+    if (engines.count(r.rank)) continue;
+    config::Settings settings;
+    settings.compute_threads = 1;
+    settings.rank = r.rank;
+    engines[r.rank] = engine::Engine::Create(settings).value();
+  }
   store::ModelShape shape{1, static_cast<int32_t>(tr->q_heads), static_cast<int32_t>(tr->kv_heads),
                           static_cast<int32_t>(d), DType::kF16};
   double index_seconds = 0;
@@ -111,17 +133,23 @@ int Run(int argc, char** argv) {
     for (int64_t l = 0; l < tr->layers; ++l) layers.push_back(l);
   }
   for (int64_t layer : layers) {
-    const engine::ContextId id = engine->Open({shape}).value().id;
+    std::map<std::string, engine::ContextId> ids;
     const int64_t token_elems = tr->kv_heads * d;
     auto* kbase =
         static_cast<const std::byte*>(tr->k.data()) + layer * tr->tokens * token_elems * 2;
     auto* vbase =
         static_cast<const std::byte*>(tr->v.data()) + layer * tr->tokens * token_elems * 2;
-    auto t0 = Clock::now();
-    absl::Status st = engine->Append(id, 0, n, {kbase, size_t(n * token_elems * 2)},
-                                     {vbase, size_t(n * token_elems * 2)});
-    if (st.ok()) st = engine->Seal(id);
-    index_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
+    absl::Status st;
+    for (auto& [rank, engine] : engines) {
+      const engine::ContextId id = engine->Open({shape}).value().id;
+      ids[rank] = id;
+      auto t0 = Clock::now();
+      st = engine->Append(id, 0, n, {kbase, size_t(n * token_elems * 2)},
+                          {vbase, size_t(n * token_elems * 2)});
+      if (st.ok()) st = engine->Seal(id);
+      index_seconds += std::chrono::duration<double>(Clock::now() - t0).count() / engines.size();
+      if (!st.ok()) break;
+    }
     if (!st.ok()) {
       std::fprintf(stderr, "append: %s\n", st.ToString().c_str());
       return 1;
@@ -141,6 +169,8 @@ int Run(int argc, char** argv) {
         for (int64_t j = 0; j < g; ++j)
           Exact(*tr, keys, vals, n, &q[(h * g + j) * d], topk, want[j], top[j]);
         for (Row& row : rows) {
+          engine::Engine* engine = engines[row.rank].get();
+          const engine::ContextId id = ids[row.rank];
           std::vector<float> out(q.size()), lse(tr->q_heads);
           engine::AttendStats stats;
           auto a = Clock::now();
@@ -173,31 +203,34 @@ int Run(int argc, char** argv) {
             for (int64_t t : top[j]) hits += std::binary_search(mine.begin(), mine.end(), t);
             row.recall += double(hits) / topk;
             row.scanned += double(stats.steady_tokens + stats.retrieved_tokens) / n / tr->kv_heads;
+            row.scored += double(stats.scored_tokens) / n / tr->kv_heads;
             ++row.samples;
           }
         }
       }
     }
-    (void)engine->Close(id);
+    for (auto& [rank, engine] : engines) (void)engine->Close(ids[rank]);
   }
   std::printf(
       "# index build (append + seal, one thread): %.1f ms per (layer, KV head) of %lld tokens\n",
       1e3 * index_seconds / (layers.size() * tr->kv_heads), (long long)n);
   const double full_us = rows.back().retrieval >= 1.0 ? rows.back().us / rows.back().calls : 0;
-  std::printf("%-10s %-10s %-12s %-10s %-12s %-10s %-10s\n", "retrieval", "estimation", "rel_err",
-              "recall@k", "exact_frac", "us", "speedup");
+  std::printf("%-10s %-10s %-9s %-12s %-10s %-12s %-12s %-10s %-10s\n", "retrieval", "estimation",
+              "rank", "rel_err", "recall@k", "exact_frac", "scored_frac", "us", "speedup");
   std::string json = "[";
   for (const Row& r : rows) {
     const double us = r.us / r.calls;
-    std::printf("%-10.3f %-10.3f %-12.5f %-10.4f %-12.4f %-10.1f %-10.2f\n", r.retrieval,
-                r.estimation, r.err / r.samples, r.recall / r.samples, r.scanned / r.samples, us,
-                full_us > 0 ? full_us / us : 0.0);
+    std::printf("%-10.3f %-10.3f %-9s %-12.5f %-10.4f %-12.4f %-12.4f %-10.1f %-10.2f\n",
+                r.retrieval, r.estimation, r.rank.c_str(), r.err / r.samples, r.recall / r.samples,
+                r.scanned / r.samples, r.scored / r.samples, us, full_us > 0 ? full_us / us : 0.0);
     char buf[512];
     std::snprintf(buf, sizeof(buf),
-                  "%s{\"retrieval\": %g, \"estimation\": %g, \"rel_err\": %.6f, \"recall\": %.5f, "
-                  "\"exact_fraction\": %.5f, \"us_per_head\": %.2f}",
-                  json.size() > 1 ? ", " : "", r.retrieval, r.estimation, r.err / r.samples,
-                  r.recall / r.samples, r.scanned / r.samples, us);
+                  "%s{\"retrieval\": %g, \"estimation\": %g, \"rank\": \"%s\", \"rel_err\": %.6f, "
+                  "\"recall\": %.5f, \"exact_fraction\": %.5f, \"scored_fraction\": %.5f, "
+                  "\"us_per_head\": %.2f}",
+                  json.size() > 1 ? ", " : "", r.retrieval, r.estimation, r.rank.c_str(),
+                  r.err / r.samples, r.recall / r.samples, r.scanned / r.samples,
+                  r.scored / r.samples, us);
     json += buf;
   }
   json += "]\n";
