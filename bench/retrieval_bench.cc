@@ -462,9 +462,8 @@ int RunRetrieval(int argc, char** argv) {
     o.topk = f.topk;
     o.json = f.json;
     o.table = f.table;
-    o.graph_queries = f.graph.max_queries;
-    o.graph_pivots = f.graph.pivots_per_query;
-    o.graph_degree = f.graph.max_degree;
+    // The daemon's graph options are its settings (index.graph_*), not the library defaults
+    // above: pass --set index.graph_queries=... to change them.
     if (absl::Status s = RunRetrievalThroughDaemon(o); !s.ok()) {
       std::fprintf(stderr, "retrieval --through-daemon: %s\n", s.ToString().c_str());
       return 1;

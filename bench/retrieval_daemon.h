@@ -28,7 +28,7 @@ struct DaemonRetrievalOptions {
   std::string kvwaved;                 // binary; empty = found next to this one
   std::vector<std::string> overrides;  // extra kvwaved settings, section.key=value
   int64_t segment_tokens = 8192;       // store.prefill_segment_tokens
-  int64_t graph_queries = 4096, graph_pivots = 16, graph_degree = 32;
+  int64_t graph_queries = 4096, graph_pivots = 16, graph_degree = 32;  // the daemon's defaults
   std::vector<double> cluster_budgets = {0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3};
   std::vector<int> beams = {100, 128, 192, 256, 384, 512, 1024};
   std::string json, table;

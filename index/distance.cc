@@ -31,6 +31,37 @@ float Dot(const float* a, const float* b, int d) {
   return sum;
 }
 
+void DotGather(const float* q, const float* rows, const int32_t* ids, int count, int d,
+               float* out) {
+  int c = 0;
+  for (; c + 4 <= count; c += 4) {
+    const float* r[4];
+    for (int k = 0; k < 4; ++k) r[k] = rows + int64_t{ids[c + k]} * d;
+    // Per row exactly Dot's order: acc0 takes the first 8 of each 16, acc1 the second 8, then
+    // the 8-float tail into acc0, their sum reduced, then the scalar tail.
+    __m256 acc0[4], acc1[4];
+    for (int k = 0; k < 4; ++k) acc0[k] = acc1[k] = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= d; i += 16) {
+      const __m256 q0 = _mm256_loadu_ps(q + i), q1 = _mm256_loadu_ps(q + i + 8);
+      for (int k = 0; k < 4; ++k) {
+        acc0[k] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(r[k] + i), acc0[k]);
+        acc1[k] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(r[k] + i + 8), acc1[k]);
+      }
+    }
+    for (; i + 8 <= d; i += 8) {
+      const __m256 q0 = _mm256_loadu_ps(q + i);
+      for (int k = 0; k < 4; ++k) acc0[k] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(r[k] + i), acc0[k]);
+    }
+    for (int k = 0; k < 4; ++k) {
+      float sum = HorizontalSum(_mm256_add_ps(acc0[k], acc1[k]));
+      for (int j = i; j < d; ++j) sum += q[j] * r[k][j];
+      out[c + k] = sum;
+    }
+  }
+  for (; c < count; ++c) out[c] = Dot(q, rows + int64_t{ids[c]} * d, d);
+}
+
 void DotRows(const float* q, const float* rows, int64_t n, int d, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = Dot(q, rows + i * d, d);
 }

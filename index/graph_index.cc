@@ -44,15 +44,6 @@ std::vector<int64_t> SampleRows(int64_t m, int64_t limit, uint64_t seed) {
   return rows;
 }
 
-float SquaredL2(const float* a, const float* b, float norm_a, float norm_b, int d) {
-  return norm_a + norm_b - 2.0f * Dot(a, b, d);
-}
-
-// "Distance" between keys a and b for pruning: squared L2, or -a.b when pruning by inner product.
-float PruneDistance(const float* a, const float* b, float norm_a, float norm_b, int d, bool by_ip) {
-  return by_ip ? -Dot(a, b, d) : SquaredL2(a, b, norm_a, norm_b, d);
-}
-
 // Order-preserving map of a float to uint32 (a < b <=> Ordered(a) < Ordered(b), NaN aside).
 inline uint32_t OrderedBits(float f) {
   uint32_t u;
@@ -107,14 +98,22 @@ std::vector<int32_t> PruneCandidates(int32_t p, std::vector<int32_t> cand, const
   }
   const float* kp = keys + int64_t{p} * d;
   by_dist.clear();
+  // p . c for every candidate, four rows at a time (DotGather: bit for bit Dot's), then the
+  // distance as PruneDistance computes it from that dot.
+  thread_local std::vector<float> dots;
+  dots.resize(cand.size());
   constexpr size_t kAhead = 8;  // candidate rows are scattered over the keys: prefetch them
-  for (size_t i = 0; i < cand.size(); ++i) {
-    if (i + kAhead < cand.size()) {
-      const char* row = reinterpret_cast<const char*>(keys + int64_t{cand[i + kAhead]} * d);
+  for (size_t i = 0; i < cand.size(); i += 4) {
+    for (size_t a = i + kAhead; a < std::min(cand.size(), i + kAhead + 4); ++a) {
+      const char* row = reinterpret_cast<const char*>(keys + int64_t{cand[a]} * d);
       for (int64_t b = 0; b < int64_t{d} * 4; b += 64) __builtin_prefetch(row + b);
     }
+    const int count = static_cast<int>(std::min<size_t>(4, cand.size() - i));
+    DotGather(kp, keys, cand.data() + i, count, d, dots.data() + i);
+  }
+  for (size_t i = 0; i < cand.size(); ++i) {
     const int32_t c = cand[i];
-    const float dist = PruneDistance(kp, keys + int64_t{c} * d, norms[p], norms[c], d, by_ip);
+    const float dist = by_ip ? -dots[i] : norms[p] + norms[c] - 2.0f * dots[i];
     by_dist.push_back(uint64_t{OrderedBits(dist)} << 32 | static_cast<uint32_t>(c));
   }
   SortByDistance(&by_dist, &scratch);
@@ -134,9 +133,9 @@ std::vector<int32_t> PruneCandidates(int32_t p, std::vector<int32_t> cand, const
     const int32_t c = static_cast<int32_t>(static_cast<uint32_t>(by_dist[i]));
     const float* kc = keys + int64_t{c} * d;
     bool is_occluded = false;
-    for (int32_t s : kept) {
-      if (alpha2 * PruneDistance(keys + int64_t{s} * d, kc, norms[s], norms[c], d, by_ip) <
-          dist_pc) {
+    for (int32_t s : kept) {  // in order: the first occluder decides
+      const float dot = Dot(keys + int64_t{s} * d, kc, d);
+      if (alpha2 * (by_ip ? -dot : norms[s] + norms[c] - 2.0f * dot) < dist_pc) {
         is_occluded = true;
         break;
       }
@@ -257,8 +256,10 @@ int64_t BeamSearch(const float* keys, int64_t n, int d, std::span<const int32_t>
       __builtin_prefetch(keys + int64_t{v} * d);
     }
     size_t next = cur + 1;
+    float fresh_scores[256];
+    DotGather(q, keys, fresh, num_fresh, d, fresh_scores);
     for (int i = 0; i < num_fresh; ++i) {
-      const float score = Dot(q, keys + int64_t{fresh[i]} * d, d);
+      const float score = fresh_scores[i];
       ++scanned;
       if (static_cast<int>(queue.size()) >= queue_size && score <= queue.back().score) continue;
       auto at = std::upper_bound(queue.begin(), queue.end(), score,

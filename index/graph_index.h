@@ -46,9 +46,11 @@ struct GraphIndexOptions {
   int query_neighbors = 100;  // N: exact top-N keys found per sampled prefill query
   int max_degree = 32;        // M: out-degree bound of the projected graph
   // Sampled prefill queries used to build (0 = all of them). 4,096 with 16 pivots each (and a
-  // pool of 16 M) gives the recall at a fixed beam of 65,536 queries with one pivot (dd16k,
-  // within 0.002) for 1/16 of the exact top-N's work (bench/results/graph_build_dd16k.txt).
-  int64_t max_queries = 4096;
+  // pool of 16 M) gave the recall at a fixed beam of 65,536 queries with one pivot (dd16k,
+  // within 0.002) for 1/16 of the exact top-N's work (bench/results/graph_build_dd16k.txt);
+  // 3,072 with 20 pivots stays within 0.0036 of that at every beam L = 100..1024 for 0.87-0.91x
+  // its build CPU (bench/results/graph_build_dd16k_q3072_*.txt).
+  int64_t max_queries = 3072;
   float prune_alpha = 1.0f;  // RNG rule: drop c if alpha * |s - c| < |p - c| for a kept s
   // The nearest prune_pool * M candidates of a pivot go through the occlusion test. 16 (was 8)
   // keeps the recall at a fixed beam of the 65,536-query build with 4,096 queries x 16 pivots.
@@ -67,7 +69,7 @@ struct GraphIndexOptions {
   int recent_entries = 0;
   // Each sampled query's best `pivots_per_query` keys become pivots (1: RoarGraph's projection,
   // the best key only), each linked to the query's other N - 1 keys.
-  int pivots_per_query = 16;
+  int pivots_per_query = 20;
   // Step 1 by the blocked kernel (index/exact_topn.h); false: the previous row-at-a-time kernel,
   // kept for the benchmark's old-vs-new comparison. Same answer either way.
   bool blocked_topn = true;

@@ -118,9 +118,10 @@ TEST(GraphEngineTest, SealBuildsTheBenchGraphAndReleasesTheQueries) {
     queries.insert(queries.end(), data.q.begin() + (t * 4 + h * group) * d,
                    data.q.begin() + (t * 4 + (h + 1) * group) * d);
   }
-  index::GraphIndexOptions options;
+  index::GraphIndexOptions options;  // the engine's: from its settings
   options.max_queries = 600;
   options.max_degree = 16;
+  options.pivots_per_query = static_cast<int>(GraphSettings(true).graph_pivots);
   auto bench = index::GraphIndex::Build(keys.data(), 512, queries.data(), 1024, d, options);
   ASSERT_TRUE(bench.ok()) << bench.status();
   // With a beam of 10 the engine's answer from segment 1 is exactly its graph's search; so every
