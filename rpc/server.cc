@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <new>
 
 #include "absl/strings/str_cat.h"
 #include "boost/asio/post.hpp"
@@ -105,20 +106,37 @@ absl::Status Server::Start() {
 // io_.run(), except that after each handler the thread keeps polling for rpc.io_poll_us before
 // it blocks: waking a sleeping thread (epoll, then the scheduler, on another CPU) costs tens of
 // microseconds on a VM, several times a small request's whole round trip.
+//
+// The last line of defence against running out of memory on an io thread. The allocations a
+// peer controls (frame bodies, replies) are bounded and already turn into RESOURCE_EXHAUSTED
+// where they happen; what is left (an asio handler, a reply queue node, an accepted socket's
+// state) is small. If one of those throws, the daemon logs it (rate-limited), counts a rejected
+// frame and keeps serving every other connection; the connection whose handler failed may stop
+// being served (its session slot is freed by rpc.idle_timeout_ms where set, else at shutdown).
 void Server::RunIo() {
   using Clock = std::chrono::steady_clock;
+  static LogRateLimiter oom_log;
   const auto spin = std::chrono::microseconds(settings_.io_poll_us);
   auto last = Clock::now();
   while (!io_.stopped()) {
-    if (io_.poll_one() > 0) {
-      last = Clock::now();
-      continue;
+    try {
+      if (io_.poll_one() > 0) {
+        last = Clock::now();
+        continue;
+      }
+      if (Clock::now() - last < spin) {
+        std::this_thread::yield();
+        continue;
+      }
+      if (io_.run_one() == 0) break;  // stopped, or out of work
+    } catch (const std::bad_alloc&) {
+      service_.stats().FrameRejected();
+      uint64_t suppressed = 0;
+      if (oom_log.Allow(&suppressed)) {
+        Logger("server")->error("an io handler ran out of memory; its connection is dropped{}",
+                                LogRateLimiter::Suffix(suppressed));
+      }
     }
-    if (Clock::now() - last < spin) {
-      std::this_thread::yield();
-      continue;
-    }
-    if (io_.run_one() == 0) break;  // stopped, or out of work
     last = Clock::now();
   }
 }
