@@ -10,6 +10,12 @@ the greedy next token are compared with the model's own full attention over the 
     python3 bench/e2e_lm.py --tokens FILE.u16 --context C --steps S --json OUT [--socket PATH]
                             [--methods all|NAME[@KEY=VALUE...],...]
 
+retrievalattention-K rows run Attend with attend.method = retrievalattention (steady zone + the
+RetrievalAttention graphs' top K tokens per query head, exact, LSE-merged) on a kvwaved with
+index.graph = on, the prefill queries appended with the prefill K/V (the graph of each sealed
+segment is built from them); their key fractions count, per query head, the tokens attended exactly
+(steady zone + its K) and the keys the graph searches scored.
+
 A method name followed by @KEY=VALUE (e.g. tripartite-0.018-rest@attend.rank=two_pass) runs on a second
 kvwaved started with those settings (one daemon per distinct set). Each row also reports the time of its
 Attend calls (ms per call: one layer, all heads, client round trip included; comparable between rows of the
@@ -99,14 +105,17 @@ def block_step(qk, block, x, cos, sin, attend):
     return x + block.w2(F.silu(block.w1(h)) * block.w3(h))
 
 
-def run_method(qk, torch, kv, client, model, cfg, tokens, prefill_kv, C, S, method, keep=False):
+def run_method(qk, torch, kv, client, model, cfg, tokens, prefill_kv, C, S, method, keep=False, prefill_q=None):
     """Decodes positions C..C+S-1 with one kvwave method; returns per-position logits [S, vocab].
     keep: leave the context open (method['ctx']) with each layer's last query (method['last_q']) for timing."""
     L, H, KV, hd = cfg['layers'], cfg['heads'], cfg['kv_heads'], cfg['dim'] // cfg['heads']
     g = H // KV
     ctx, _ = client.open(layers=L, q_heads=H, kv_heads=KV, head_dim=hd, dtype='f16')
     for layer, (k, v) in enumerate(prefill_kv):
-        client.append(ctx, layer, k, v)
+        if method['kind'] == 'ra':  # the prefill queries go with their K/V: the graphs are built from them
+            client.append(ctx, layer, k, v, q=np.ascontiguousarray(prefill_q[layer], dtype=np.float32))
+        else:
+            client.append(ctx, layer, k, v)
     client.seal(ctx)
     cos_all, sin_all = qk.rope(C + S, hd, cfg['rope_base'], 'cpu')
     logits = []
@@ -120,6 +129,19 @@ def run_method(qk, torch, kv, client, model, cfg, tokens, prefill_kv, C, S, meth
                     client.append(ctx, layer, k.numpy().astype(np.float16)[None], v.numpy().astype(np.float16)[None])
                     qn = np.ascontiguousarray(q.numpy(), dtype=np.float32)
                     method.setdefault('last_q', {})[layer] = qn
+                    if method['kind'] == 'ra':
+                        t = time.perf_counter()
+                        out, _, st = client.attend(ctx, layer, qn, method='retrievalattention',
+                                                   graph_top_k=method['top_k'], beam=method['beam'])
+                        method['attend_s'] = method.get('attend_s', 0.0) + time.perf_counter() - t
+                        method['attend_calls'] = method.get('attend_calls', 0) + 1
+                        # Per query head: steady tokens are per KV head, retrieved/scored over query heads.
+                        method['steady_tokens'] = method.get('steady_tokens', 0) + st['steady_tokens']
+                        method['retrieved_tokens'] = method.get('retrieved_tokens', 0) + st['retrieved_tokens'] / g
+                        method['scored_tokens'] = (method.get('scored_tokens', 0)
+                                                   + max(0.0, st['graph_keys_scored'] / g - st['retrieved_tokens'] / g))
+                        method['keys'] = method.get('keys', 0) + (p + 1) * KV
+                        return torch.from_numpy(np.asarray(out, dtype=np.float32))
                     if method['kind'] == 'tripartite':
                         t = time.perf_counter()
                         out, _, st = client.attend(ctx, layer, qn, retrieval_budget=method['retrieval'],
@@ -153,7 +175,7 @@ def time_attends(clients, methods, layers, rounds):
     """Attend time per method, same run: round-robin over methods (so load drift hits all alike), each
     round one Attend per layer with that layer's last decode query on the method's kept context; returns
     {name: (median ms per call, calls)}. Client-side time: includes the socket round trip."""
-    times = {m['name']: [] for m in methods if m['kind'] == 'tripartite' and 'ctx' in m}
+    times = {m['name']: [] for m in methods if m['kind'] in ('tripartite', 'ra') and 'ctx' in m}
     for _ in range(rounds):
         for m in methods:
             if m['name'] not in times:
@@ -162,7 +184,12 @@ def time_attends(clients, methods, layers, rounds):
             for layer in range(layers):
                 q = m['last_q'][layer]
                 t = time.perf_counter()
-                client.attend(m['ctx'], layer, q, retrieval_budget=m['retrieval'], estimation_budget=m['estimation'])
+                if m['kind'] == 'ra':
+                    client.attend(m['ctx'], layer, q, method='retrievalattention', graph_top_k=m['top_k'],
+                                  beam=m['beam'])
+                else:
+                    client.attend(m['ctx'], layer, q, retrieval_budget=m['retrieval'],
+                                  estimation_budget=m['estimation'])
                 times[m['name']].append(time.perf_counter() - t)
     return {k: (1e3 * float(np.median(v)), len(v)) for k, v in times.items() if v}
 
@@ -203,6 +230,9 @@ def main():
     for k in (100, 1000):
         methods.append({'name': f'topk-wave-{k}', 'kind': 'topk', 'index': 'wave', 'k': k,
                         'cluster_budget': 0.05 if k == 100 else 0.25, 'retrieval': 0.0, 'estimation': 0.0})
+    for k, beam in ((100, 128), (1000, 1024)):  # RetrievalAttention (issue 19)
+        methods.append({'name': f'retrievalattention-{k}', 'kind': 'ra', 'top_k': k, 'beam': beam,
+                        'retrieval': 0.0, 'estimation': 0.0, 'settings': ['index.graph=on']})
     if args.methods != 'all':
         known = {m['name']: m for m in methods}
         picked = []
@@ -210,7 +240,8 @@ def main():
             base, at, extra = name.partition('@')
             if base not in known:
                 raise SystemExit(f'e2e_lm: unknown method {base!r} (known: {", ".join(known)})')
-            picked.append(dict(known[base], name=name, settings=[x for x in extra.split('@') if x]))
+            picked.append(dict(known[base], name=name,
+                               settings=known[base].get('settings', []) + [x for x in extra.split('@') if x]))
         methods = picked
     for m in methods:
         m.setdefault('settings', [])
@@ -225,6 +256,8 @@ def main():
         sink = []
         model(idx[:, :C], sink=sink, logits=False)
         prefill_kv = [(np.ascontiguousarray(k.numpy()), np.ascontiguousarray(v.numpy())) for _, k, v in sink]
+        # [C, heads, hd] per layer, only when a row needs them (retrievalattention)
+        prefill_q = ([q.numpy() for q, _, _ in sink] if any(m['kind'] == 'ra' for m in methods) else None)
         del sink
     print(f'# e2e_lm: C={C} S={S} model layers={cfg["layers"]} heads={cfg["heads"]}/{cfg["kv_heads"]} '
           f'full-attention loss {full_loss:.4f} ({time.time() - t0:.0f}s)', flush=True)
@@ -246,7 +279,7 @@ def main():
             t1 = time.time()
             with torch.no_grad():
                 logits = run_method(qk, torch, kv, client, model, cfg, tokens, prefill_kv, C, S, m,
-                                    keep=args.time_rounds > 0)
+                                    keep=args.time_rounds > 0, prefill_q=prefill_q)
             loss = F.cross_entropy(logits.float(), targets).item()
             top1 = (logits.argmax(-1) == full_top1).float().mean().item()
             keys = m.get('keys', 0)
