@@ -197,16 +197,17 @@ const std::vector<Entry>& Table() {
        &Settings::retrieval_budget},
       {{"attend.estimation_budget",
         T::kDouble,
-        0.232,
+        1.0,
         0.0,
         1.0,
         {},
         true,
-        "default fraction of clusters estimated from centroid and value sum"},
+        "default fraction of clusters estimated from centroid and value sum, capped at what the "
+        "retrieval budget leaves (1 = every cluster not retrieved)"},
        &Settings::estimation_budget},
       {{"attend.rank",
         T::kString,
-        std::string("centroid"),
+        std::string("auto"),
         0,
         0,
         {"auto", "centroid", "two_pass"},
@@ -749,10 +750,6 @@ absl::Status ApplyOverrides(std::span<const std::string> overrides, Settings& s)
 
 // Cross-key rules that one key's bounds cannot express.
 absl::Status ValidateTogether(const Settings& s) {
-  if (s.retrieval_budget + s.estimation_budget > 1.0 + 1e-12) {
-    return absl::InvalidArgumentError(
-        "attend.retrieval_budget + attend.estimation_budget must not exceed 1");
-  }
   if (s.tcp_port != 0 && s.tcp_token.empty()) {
     return absl::InvalidArgumentError("rpc.tcp_port is set but rpc.tcp_token is empty");
   }

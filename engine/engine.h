@@ -79,7 +79,10 @@ struct OpenResult {
 //                        FAILED_PRECONDITION on a context that never had prefill queries.
 enum class AttendMethod { kDefault, kRetroInfer, kRetrievalAttention };
 
-// Budgets of one Attend: fractions of the (layer, KV head)'s clusters, in [0, 1].
+// Budgets of one Attend: fractions of the (layer, KV head)'s clusters, in [0, 1]. These defaults
+// are the paper's (1.8% + 23.2%); kvwaved's own defaults are the settings attend.retrieval_budget
+// and attend.estimation_budget (1.8% + the rest, config/settings.h), and the ranking is the
+// setting attend.rank.
 struct AttendBudget {
   double retrieval = 0.018;   // top clusters, attended exactly
   double estimation = 0.232;  // next clusters, estimated from centroid and value sum

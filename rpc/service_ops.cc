@@ -23,6 +23,12 @@ bool UsesRegion(const Session& session, const pb::Tensor& t) {
 
 constexpr int32_t kMaxBeam = 1 << 16;  // graph search queue, and Attend's graph top-k
 
+// The estimation budget a request that names none gets: the daemon's default, capped at what the
+// retrieval budget leaves (attend.estimation_budget = 1 estimates every cluster not retrieved).
+double DefaultEstimation(double setting, double retrieval) {
+  return retrieval >= 0.0 && retrieval <= 1.0 ? std::min(setting, 1.0 - retrieval) : setting;
+}
+
 absl::Status CheckBudget(double value, const char* what) {
   if (!(value >= 0.0 && value <= 1.0)) {  // also rejects NaN
     return absl::InvalidArgumentError(absl::StrCat(what, " budget ", value, " not in [0, 1]"));
@@ -166,9 +172,10 @@ absl::Status Service::DoAttend(Call& call, const pb::AttendRequest& req, pb::Att
   engine::AttendBudget budget;
   budget.retrieval = req.retrieval_budget() < 0 ? retrieval_budget_.load(std::memory_order_relaxed)
                                                 : req.retrieval_budget();
-  budget.estimation = req.estimation_budget() < 0
-                          ? estimation_budget_.load(std::memory_order_relaxed)
-                          : req.estimation_budget();
+  budget.estimation =
+      req.estimation_budget() < 0
+          ? DefaultEstimation(estimation_budget_.load(std::memory_order_relaxed), budget.retrieval)
+          : req.estimation_budget();
   KVWAVE_RETURN_IF_ERROR(CheckBudget(budget.retrieval, "retrieval"));
   KVWAVE_RETURN_IF_ERROR(CheckBudget(budget.estimation, "estimation"));
   KVWAVE_RETURN_IF_ERROR(ResolveMethod(req.method(), req.graph_top_k(), req.beam(), budget));
@@ -212,9 +219,11 @@ absl::Status Service::DoAttendBatch(Call& call, const pb::AttendBatchRequest& re
     items[i].budget.retrieval = e.retrieval_budget() < 0
                                     ? retrieval_budget_.load(std::memory_order_relaxed)
                                     : e.retrieval_budget();
-    items[i].budget.estimation = e.estimation_budget() < 0
-                                     ? estimation_budget_.load(std::memory_order_relaxed)
-                                     : e.estimation_budget();
+    items[i].budget.estimation =
+        e.estimation_budget() < 0
+            ? DefaultEstimation(estimation_budget_.load(std::memory_order_relaxed),
+                                items[i].budget.retrieval)
+            : e.estimation_budget();
     KVWAVE_RETURN_IF_ERROR(CheckBudget(items[i].budget.retrieval, "retrieval"));
     KVWAVE_RETURN_IF_ERROR(CheckBudget(items[i].budget.estimation, "estimation"));
     KVWAVE_RETURN_IF_ERROR(ResolveMethod(e.method(), e.graph_top_k(), e.beam(), items[i].budget));

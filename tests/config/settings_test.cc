@@ -58,8 +58,10 @@ TEST(SettingsTest, ErrorsNameTheKey) {
 }
 
 TEST(SettingsTest, CrossKeyRules) {
+  // The budgets need not sum to 1: the daemon caps the default estimation at what retrieval
+  // leaves (rpc/service_ops.cc).
   std::vector<std::string> o = {"attend.retrieval_budget=0.6", "attend.estimation_budget=0.6"};
-  EXPECT_FALSE(LoadFromString("", o).ok());
+  EXPECT_TRUE(LoadFromString("", o).ok());
   std::vector<std::string> tcp = {"rpc.tcp_port=9000"};
   EXPECT_FALSE(LoadFromString("", tcp).ok());  // TCP needs a token
 }
