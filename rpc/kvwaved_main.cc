@@ -8,6 +8,7 @@
 // stop accepting -> drain requests -> close connections -> release sessions -> engine.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -63,6 +64,21 @@ std::vector<std::string> ChangedNeedingRestart(const config::Settings& fresh,
   return out;
 }
 
+bool SameIds(const config::IdSet& a, const config::IdSet& b) {
+  return a.any == b.any && a.ids == b.ids;
+}
+
+// Whether two sets of [trust.namespace.NAME] tables grant the same rights.
+bool SameNamespaces(const std::vector<config::NamespaceRule>& a,
+                    const std::vector<config::NamespaceRule>& b) {
+  return std::equal(a.begin(), a.end(), b.begin(), b.end(), [](const auto& x, const auto& y) {
+    return x.name == y.name && SameIds(x.write_uids, y.write_uids) &&
+           SameIds(x.write_gids, y.write_gids) && SameIds(x.read_uids, y.read_uids) &&
+           SameIds(x.read_gids, y.read_gids) && x.write_token == y.write_token &&
+           x.read_token == y.read_token;
+  });
+}
+
 // SIGINT/SIGTERM: the first drains; a second SIGINT forces exit. SIGHUP: reload.
 void WatchSignals(boost::asio::signal_set& signals, Server& server, const Flags& flags,
                   config::Settings& current, int& stops) {
@@ -79,6 +95,11 @@ void WatchSignals(boost::asio::signal_set& signals, Server& server, const Flags&
           log->warn(
               "SIGHUP: {} changed ({} -> {}) but is not reloadable: restart kvwaved to apply it",
               key, config::ValueOf(current, key), config::ValueOf(*fresh, key));
+        }
+        if (!SameNamespaces(fresh->namespaces, current.namespaces)) {  // tokens are not logged
+          log->warn(
+              "SIGHUP: the [trust.namespace.*] tables changed but are not reloadable: restart "
+              "kvwaved to apply them (the running ones stay in force)");
         }
         const std::vector<std::string> changed = config::ApplyReloadable(*fresh, current);
         server.ApplySettings(current);

@@ -266,11 +266,14 @@ TEST(LifecycleTest, SighupKeepsServingAndSessionLimitHolds) {
   const std::string dir = ::testing::TempDir();
   const std::string config = dir + "kvwave-sighup-" + std::to_string(getpid()) + ".toml";
   const std::string log = dir + "kvwave-sighup-" + std::to_string(getpid()) + ".log";
-  auto write_config = [&](int64_t max_frame_bytes) {
+  auto write_config = [&](int64_t max_frame_bytes, bool with_namespace) {
     std::ofstream(config) << "[rpc]\nmax_sessions = 3\nmax_frame_bytes = " << max_frame_bytes
-                          << "\n[log]\nlevel = \"info\"\n";
+                          << "\n[log]\nlevel = \"info\"\n"
+                          << (with_namespace
+                                  ? "[trust.namespace.docs]\nwrite_token = \"secret-w-0123456789abcdef\"\n"
+                                  : "");
   };
-  write_config(int64_t{256} << 20);
+  write_config(int64_t{256} << 20, false);
   client::LocalDaemonOptions o;
   o.config_path = config;
   o.log_path = log;
@@ -287,7 +290,7 @@ TEST(LifecycleTest, SighupKeepsServingAndSessionLimitHolds) {
   EXPECT_FALSE(fourth.ok());
   EXPECT_EQ(fourth.status().code(), absl::StatusCode::kResourceExhausted) << fourth.status();
   // A key SIGHUP cannot apply changes: kvwaved keeps serving and says it needs a restart.
-  write_config(int64_t{128} << 20);
+  write_config(int64_t{128} << 20, true);
   kill(daemon->pid(), SIGHUP);
   ASSERT_TRUE(Eventually([&] {
     return ReadTextFile(log).find("SIGHUP: reloaded") != std::string::npos;
@@ -297,6 +300,11 @@ TEST(LifecycleTest, SighupKeepsServingAndSessionLimitHolds) {
                         "reloadable: restart kvwaved"),
             std::string::npos)
       << logged;
+  // So do the trust tables; the tokens in them are never logged.
+  EXPECT_NE(logged.find("[trust.namespace.*] tables changed but are not reloadable"),
+            std::string::npos)
+      << logged;
+  EXPECT_EQ(logged.find("secret-w"), std::string::npos) << logged;
   EXPECT_TRUE(daemon->Running());
   EXPECT_TRUE(a->Ping().ok());
   EXPECT_EQ(a->server_max_frame_bytes(), uint64_t{256} << 20);
