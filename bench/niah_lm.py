@@ -29,8 +29,10 @@ Rows (--methods; 'all' = every one of them):
               index, default cluster budget) and fetched by Gather; k = the defaults' exactly attended keys
   tri:R:E     kvwaved Attend at retrieval budget R, estimation budget E (any number of these)
   proto:NAME  a prototype ranking of bench/quality_rank.py (kvwave emulated in torch; see there)
-  two_pass    = defaults@attend.rank=two_pass; two_pass-rest = rest@attend.rank=two_pass;
-  centroid    = defaults@attend.rank=centroid; centroid-rest = rest@attend.rank=centroid
+  two_pass    = paper@attend.rank=two_pass; two_pass-rest = rest@attend.rank=two_pass;
+  centroid    = paper@attend.rank=centroid; centroid-rest = rest@attend.rank=centroid
+              (explicit budgets: the same rows whatever the daemon's defaults; the daemon's defaults are
+              1.8% + the rest, attend.rank = auto since issue 18 - before, the paper's budgets)
   ROW@K=V     any kvwaved row on a second daemon started with --set K=V (several @K=V allowed): rows
               with the same settings share one daemon, the same prefill K/V pushed to each
 --drop builds the same instances with the answer-bearing needles removed: a control that must score ~0.
@@ -60,8 +62,8 @@ sys.path.insert(0, HERE)
 import e2e_lm  # noqa: E402  (Daemon, binding lookup)
 
 NAMED = ('full', 'kvwave-100', 'defaults', 'paper', 'rest', 'oracle-eq', 'quest-eq', 'topk-wave')
-ALIASES = {'two_pass': 'defaults@attend.rank=two_pass', 'two_pass-rest': 'rest@attend.rank=two_pass',
-           'centroid': 'defaults@attend.rank=centroid', 'centroid-rest': 'rest@attend.rank=centroid'}
+ALIASES = {'two_pass': 'paper@attend.rank=two_pass', 'two_pass-rest': 'rest@attend.rank=two_pass',
+           'centroid': 'paper@attend.rank=centroid', 'centroid-rest': 'rest@attend.rank=centroid'}
 PAPER = (0.018, 0.232)
 PAGE = 16  # Quest page size (tokens)
 
