@@ -62,7 +62,19 @@ WaveBuffer::WaveBuffer(const WaveBufferOptions& options) : o_(options) {}
 
 WaveBuffer::~WaveBuffer() {
   for (auto& c : committers_) c->Drain();
-  if (backend_ != nullptr) (void)backend_->Synchronize(kComputeStream);
+  if (backend_ != nullptr) (void)SynchronizeAll();
+}
+
+absl::Status WaveBuffer::SynchronizeAll() {
+  KVWAVE_RETURN_IF_ERROR(backend_->Synchronize(kComputeStream));
+  return backend_->Synchronize(kUpdateStream);
+}
+
+absl::Status WaveBuffer::CallsWaitForUpdates() {
+  if (!updates_unseen_) return absl::OkStatus();
+  KVWAVE_RETURN_IF_ERROR(backend_->WaitEvent(kComputeStream, UpdatesEvent()));
+  updates_unseen_ = false;
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::unique_ptr<WaveBuffer>> WaveBuffer::Create(const WaveBufferOptions& options) {
@@ -80,8 +92,8 @@ absl::StatusOr<std::unique_ptr<WaveBuffer>> WaveBuffer::Create(const WaveBufferO
 absl::Status WaveBuffer::Init() {
   gpu::CudaBackendOptions bo;
   bo.device = o_.device;
-  bo.num_streams = 1;
-  bo.num_events = o_.slots;
+  bo.num_streams = 2;
+  bo.num_events = o_.slots + 2;
   bo.workspace_bytes = o_.workspace_bytes;
   KVWAVE_ASSIGN_OR_RETURN(backend_, gpu::CudaBackend::Create(bo));
   row_bytes_ = static_cast<size_t>(o_.d) * ElementSize(o_.dtype);
@@ -161,7 +173,7 @@ absl::Status WaveBuffer::EnsureSlot(Slot& s, int64_t list_stride, int64_t max_pa
     s.pages_cap = max_pages;
   }
   if (exec_pages > s.exec_cap) {
-    KVWAVE_RETURN_IF_ERROR(b.Synchronize(kComputeStream));
+    KVWAVE_RETURN_IF_ERROR(SynchronizeAll());  // an update may still copy from it
     const int64_t cap = std::max(exec_pages, s.exec_cap * 3 / 2);
     KVWAVE_RETURN_IF_ERROR(Fit(b, s.exec_k, page_bytes_ * cap));
     KVWAVE_RETURN_IF_ERROR(Fit(b, s.exec_v, page_bytes_ * cap));
@@ -312,6 +324,10 @@ absl::Status WaveBuffer::Enqueue(Space& sp, const float* q, float* out, float* l
   // publishes each head's page list with its pages_ready word.
   pl.record_counts = record;
   pl.record_rows = record + H;
+  if (updates_unseen_) {  // the plan reads the table, the attention the pool: after the updates
+    pl.wait_event = UpdatesEvent();
+    updates_unseen_ = false;
+  }
   pl.pages_ready = pages_ready_.as<uint32_t>();
   pl.seq = seq;
   KVWAVE_RETURN_IF_ERROR(b.ScoreSelectPlan(sc, t, pl, kComputeStream));
@@ -443,16 +459,22 @@ void WaveBuffer::Commit(int slot_index) {
       }
     }
     if (status.ok()) {
-      // On stream C between calls: after every call queued so far (which may still read the
-      // slots and entries it rewrites, and whose execution buffer it copies from), before the
-      // calls queued later. The kernels read the blob in place (pinned, mapped); the blob is
-      // reused only by this slot's next commit, after this slot's next call, itself after this.
+      // On stream U: after every call queued so far on C (which may still read the slots and
+      // entries it rewrites, and whose execution buffer it copies from); the calls queued later
+      // wait for it before their plan. The kernels read the blob in place (pinned, mapped); the
+      // blob is reused only by this slot's next commit, after this slot's next call, whose plan
+      // waited for this update.
       std::lock_guard<std::mutex> lock(enqueue_mu_);
-      status = backend_->GatherPages(reinterpret_cast<const void* const*>(src),
-                                     reinterpret_cast<void* const*>(dst), bytes, nc,
-                                     static_cast<int64_t>(page_bytes_), kComputeStream);
+      status = backend_->RecordEvent(CallsEvent(), kComputeStream);
+      if (status.ok()) status = backend_->WaitEvent(kUpdateStream, CallsEvent());
       if (status.ok())
-        status = backend_->ScatterInt32(table_.as<int32_t>(), index, value, w, kComputeStream);
+        status = backend_->GatherPages(reinterpret_cast<const void* const*>(src),
+                                       reinterpret_cast<void* const*>(dst), bytes, nc,
+                                       static_cast<int64_t>(page_bytes_), kUpdateStream);
+      if (status.ok())
+        status = backend_->ScatterInt32(table_.as<int32_t>(), index, value, w, kUpdateStream);
+      if (status.ok()) status = backend_->RecordEvent(UpdatesEvent(), kUpdateStream);
+      if (status.ok()) updates_unseen_ = true;
     }
   }
   {
@@ -483,8 +505,8 @@ absl::Status WaveBuffer::Begin(int slot, SpaceId id, std::span<const store::Head
                                bool host) {
   Slot& s = *slots_[slot];
   auto give_back = [&](absl::Status status) {
-    // Nothing will commit this slot; what was queued is left to finish on the stream.
-    (void)backend_->Synchronize(kComputeStream);
+    // Nothing will commit this slot; what was queued is left to finish on the streams.
+    (void)SynchronizeAll();
     std::lock_guard<std::mutex> lock(slot_mu_);
     s.holders = 0;
     free_slots_.push_back(slot);
@@ -631,14 +653,14 @@ absl::Status WaveBuffer::AttendHostBatch(std::span<const HostCall> calls) {
 
 absl::Status WaveBuffer::WaitForCalls() {
   std::lock_guard<std::mutex> lock(enqueue_mu_);
-  return backend_->Synchronize(kComputeStream);
+  return SynchronizeAll();
 }
 
 absl::Status WaveBuffer::Finish() {
   for (auto& c : committers_) c->Drain();
   {
     std::lock_guard<std::mutex> lock(enqueue_mu_);
-    KVWAVE_RETURN_IF_ERROR(backend_->Synchronize(kComputeStream));
+    KVWAVE_RETURN_IF_ERROR(SynchronizeAll());
   }
   std::lock_guard<std::mutex> lock(mu_);
   return error_;

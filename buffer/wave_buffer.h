@@ -22,8 +22,11 @@
 // stashing them in the call's execution buffer, and its last block per head folds in the
 // estimation zone. Budgets come with each call. The CPU's part (the LRU over the one page pool
 // shared by all spaces) runs behind on committer threads from the record; its decisions (table
-// writes, device-to-device admission copies from the execution buffer) are queued on the compute
-// stream between calls, so every call sees a table consistent with the pool.
+// writes, device-to-device admission copies from the execution buffer) are queued on a stream of
+// their own (U), each after the calls queued before it (an event of C's tail), and every later
+// call's selection and plan wait for them (an event of U's tail): so every call sees a table
+// consistent with the pool, and an update runs beside the next call's centroid logits instead of
+// in front of them.
 //
 // Resources: a WaveBuffer owns its CudaBackend (streams, events, workspace), its slots (per
 // in-flight call: lists, page lists, execution buffer, pinned record and staging) and scratch.
@@ -66,7 +69,9 @@ struct WaveBufferOptions {
   // a call): the ranking equals the float32 one except at near-ties (the estimation zone keeps
   // the float32 centroids). false: float32 scores, the CPU backend's ranking.
   bool bf16_scores = true;
-  int64_t workspace_bytes = int64_t{256} << 20;  // the backend's (scoring logits)
+  // The backend's scratch, halved between the calls' stream (scoring logits: 4 x heads x g x
+  // clusters bytes) and the updates' (which use none).
+  int64_t workspace_bytes = int64_t{256} << 20;
   // Calls in flight at once (each holds its slot until its LRU commit is done; a batch of B
   // contexts is B calls a layer). 16 instead of 8 changed nothing measurable for the bare buffer
   // at batch 8 / 128K on an H100 (bench/results/gpu_engine_run6_h100_decode.txt).
@@ -250,7 +255,16 @@ class WaveBuffer {
   std::condition_variable slot_cv_;
   std::vector<int> free_slots_;
 
-  std::mutex enqueue_mu_;  // one call's (or one update's) GPU work queued at a time
+  // Events after the slots' done events (see wave_buffer_internal.h).
+  int CallsEvent() const { return o_.slots; }
+  int UpdatesEvent() const { return o_.slots + 1; }
+  // Both streams idle (calls and cache updates).
+  absl::Status SynchronizeAll();
+  // Stream C waits for the updates queued so far, if any since it last did (enqueue_mu_ held).
+  absl::Status CallsWaitForUpdates();
+
+  std::mutex enqueue_mu_;        // one call's (or one update's) GPU work queued at a time
+  bool updates_unseen_ = false;  // under enqueue_mu_: an update was queued since C last waited
   // Held by a commit from its policy decision until its update is queued (commits reach the GPU
   // in the order the policy decided them). Order: commit_mu_, then reg_mu_ or enqueue_mu_.
   std::mutex commit_mu_;

@@ -14,7 +14,12 @@ namespace kvwave::buffer {
 
 inline constexpr int kPageRows = gpu::kMaxPageRows;
 inline constexpr int kComputeStream = 0;
+// The cache updates (admission copies, table writes): each waits for the calls queued before it;
+// a later call's selection and plan wait for it (its centroid logits do not).
+inline constexpr int kUpdateStream = 1;
 inline constexpr int kDoneEvent = 0;  // + slot: the slot's call is complete (stream C)
+// After the slots' events: CallsEvent() marks the calls queued so far (C's tail, which an update
+// waits for), UpdatesEvent() the updates queued so far (U's tail, which a call's plan waits for).
 
 inline int64_t PagesOfRows(int64_t rows) { return (rows + kPageRows - 1) / kPageRows; }
 inline size_t Align16(size_t x) { return (x + 15) & ~size_t{15}; }

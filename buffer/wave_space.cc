@@ -94,13 +94,15 @@ absl::Status WaveBuffer::CloseSpace(SpaceId id) {
   {
     // Its queued calls may still read its arrays and its segments' rows.
     std::lock_guard<std::mutex> lock(enqueue_mu_);
-    KVWAVE_RETURN_IF_ERROR(backend_->Synchronize(kComputeStream));
+    KVWAVE_RETURN_IF_ERROR(SynchronizeAll());
   }
   return Release(std::move(held));
 }
 
 absl::Status WaveBuffer::GrowKeys(int64_t keys, int64_t entries) {
-  // Caller holds enqueue_mu_ and reg_mu_.
+  // Caller holds enqueue_mu_ and reg_mu_. The table is copied on C after the updates queued so
+  // far (U writes it).
+  KVWAVE_RETURN_IF_ERROR(CallsWaitForUpdates());
   std::vector<gpu::DeviceBuffer> retired;
   if (keys > key_cap_) {
     const int64_t cap = std::max<int64_t>({keys, 2 * key_cap_, 4096});
@@ -211,6 +213,7 @@ absl::Status WaveBuffer::Release(std::vector<const store::Segment*> segments) {
   for (auto& c : committers_) c->Drain();
   std::lock_guard<std::mutex> lock(enqueue_mu_);
   std::lock_guard<std::mutex> reg(reg_mu_);
+  KVWAVE_RETURN_IF_ERROR(CallsWaitForUpdates());  // the memsets below come after their writes
   for (const auto& r : drop) {
     policy_->DropKeys(r->key0, r->clusters);
     // After the updates queued so far (stream order): the entries read "not cached" when reused.

@@ -240,6 +240,10 @@ struct PlanArgs {
   // Optional: record_rows[h] = the rows of head h's retrieved clusters (summed sizes; may be
   // mapped host memory, like info), so that the caller needs no size table to report them.
   int32_t* record_rows = nullptr;
+  // Optional (ScoreSelectPlan only): the selection and plan (which read the page table, and
+  // after which the attention reads the pool) wait for this event of the backend (recorded on
+  // another stream, e.g. the wave buffer's cache updates); the centroid logits run before it.
+  int wait_event = -1;
   uint32_t* pages_ready = nullptr;
   uint32_t seq = 0;
 };

@@ -253,8 +253,13 @@ absl::Status CudaBackend::ScoreSelectPlan(const ScoreArgs& a, const TopKArgs& t,
   KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
   KVWAVE_ASSIGN_OR_RETURN(float* ws,
                           impl_->Workspace(stream, cuda::ScoreWorkspaceBytes(a.heads, a.g, a.n)));
-  return FromCuda(cuda::LaunchScoreSelectPlan(a, t, p, ws, dependent_launch_, multiprocessors_, s),
-                  "ScoreSelectPlan");
+  cudaEvent_t wait = nullptr;
+  if (p.wait_event >= 0) {
+    KVWAVE_ASSIGN_OR_RETURN(wait, impl_->Event(p.wait_event));
+  }
+  return FromCuda(
+      cuda::LaunchScoreSelectPlan(a, t, p, ws, dependent_launch_, multiprocessors_, wait, s),
+      "ScoreSelectPlan");
 }
 
 absl::Status CudaBackend::ExactAttention(const ExactArgs& a, int stream) {

@@ -45,10 +45,11 @@ cudaError_t LaunchSelectTopK(const TopKArgs& a, cudaStream_t stream);
 // The logits kernel of ScoreClusters, then one block per head: scores (to a.scores), the top-k
 // lists of t (as SelectTopK), and the page plan p (p.retrieved == t.out, p.counts == t.counts).
 // dependent_launch: the second kernel is launched as a programmatic dependent of the first;
-// sm_count: the device's multiprocessors (picks one block or a cluster of blocks per head).
+// sm_count: the device's multiprocessors (picks one block or a cluster of blocks per head);
+// wait (optional): the stream waits for it after the logits, before the selection and plan.
 cudaError_t LaunchScoreSelectPlan(const ScoreArgs& a, const TopKArgs& t, const PlanArgs& p,
                                   float* workspace, bool dependent_launch, int sm_count,
-                                  cudaStream_t stream);
+                                  cudaEvent_t wait, cudaStream_t stream);
 
 // ---- wave_plan.cu ----
 cudaError_t LaunchPlanPages(const PlanArgs& a, cudaStream_t stream);

@@ -1222,9 +1222,15 @@ void MaybePrintSelectProfile(const char* what, int64_t n, int kC, const char* co
 
 template <int G, int kSel, int kC>
 cudaError_t LaunchSelectPlanTyped(const ScoreArgs& a, const TopKArgs& t, const PlanArgs& p,
-                                  float* ws, bool dependent_launch, cudaStream_t stream) {
+                                  float* ws, bool dependent_launch, cudaEvent_t wait,
+                                  cudaStream_t stream) {
   int64_t nb = 0;
   if (const cudaError_t err = LaunchLogits<G>(a, ws, stream, nb); err != cudaSuccess) return err;
+  if (wait != nullptr) {  // the logits overlap what the event marks; the plan waits for it
+    if (const cudaError_t err = cudaStreamWaitEvent(stream, wait, 0); err != cudaSuccess)
+      return err;
+    dependent_launch = false;
+  }
   const int64_t logit_count = (int64_t{a.heads} * G * a.n + 1) / 2 * 2;
   const auto* stats = reinterpret_cast<const float2*>(ws + logit_count);
   static const bool staging_ok = AllowStaging(SelectPlanKernel<G, kSel, kC>);
@@ -1304,8 +1310,14 @@ cudaError_t MaybeLaunchFused(const ScoreArgs& a, const TopKArgs& t, const PlanAr
 
 template <int G>
 cudaError_t LaunchSelectPlanG(const ScoreArgs& a, const TopKArgs& t, const PlanArgs& p, float* ws,
-                              bool dependent_launch, int sm_count, cudaStream_t stream) {
+                              bool dependent_launch, int sm_count, cudaEvent_t wait,
+                              cudaStream_t stream) {
   if (a.centroids_bf16 != nullptr && (a.d == 128 || a.d == 64)) {
+    if (wait != nullptr) {  // one fused kernel: it waits whole
+      if (const cudaError_t err = cudaStreamWaitEvent(stream, wait, 0); err != cudaSuccess)
+        return err;
+      wait = nullptr;
+    }
     bool launched = false;
     const bool two = t.out2 != nullptr;
     const cudaError_t err = a.d == 128
@@ -1318,10 +1330,10 @@ cudaError_t LaunchSelectPlanG(const ScoreArgs& a, const TopKArgs& t, const PlanA
   const bool spread = a.n >= 24576 && a.heads * 8 <= sm_count;  // see SelThreads
   const bool two = t.out2 != nullptr;
   if (spread)
-    return two ? LaunchSelectPlanTyped<G, 2, 8>(a, t, p, ws, dependent_launch, stream)
-               : LaunchSelectPlanTyped<G, 1, 8>(a, t, p, ws, dependent_launch, stream);
-  return two ? LaunchSelectPlanTyped<G, 2, 1>(a, t, p, ws, dependent_launch, stream)
-             : LaunchSelectPlanTyped<G, 1, 1>(a, t, p, ws, dependent_launch, stream);
+    return two ? LaunchSelectPlanTyped<G, 2, 8>(a, t, p, ws, dependent_launch, wait, stream)
+               : LaunchSelectPlanTyped<G, 1, 8>(a, t, p, ws, dependent_launch, wait, stream);
+  return two ? LaunchSelectPlanTyped<G, 2, 1>(a, t, p, ws, dependent_launch, wait, stream)
+             : LaunchSelectPlanTyped<G, 1, 1>(a, t, p, ws, dependent_launch, wait, stream);
 }
 
 }  // namespace
@@ -1371,18 +1383,18 @@ cudaError_t LaunchSelectTopK(const TopKArgs& a, cudaStream_t stream) {
 
 cudaError_t LaunchScoreSelectPlan(const ScoreArgs& a, const TopKArgs& t, const PlanArgs& p,
                                   float* workspace, bool dependent_launch, int sm_count,
-                                  cudaStream_t stream) {
+                                  cudaEvent_t wait, cudaStream_t stream) {
   if (a.heads <= 0) return cudaSuccess;
   if (a.d % 4 != 0 || a.n <= 0) return cudaErrorInvalidValue;
   switch (a.g) {
     case 1:
-      return LaunchSelectPlanG<1>(a, t, p, workspace, dependent_launch, sm_count, stream);
+      return LaunchSelectPlanG<1>(a, t, p, workspace, dependent_launch, sm_count, wait, stream);
     case 2:
-      return LaunchSelectPlanG<2>(a, t, p, workspace, dependent_launch, sm_count, stream);
+      return LaunchSelectPlanG<2>(a, t, p, workspace, dependent_launch, sm_count, wait, stream);
     case 4:
-      return LaunchSelectPlanG<4>(a, t, p, workspace, dependent_launch, sm_count, stream);
+      return LaunchSelectPlanG<4>(a, t, p, workspace, dependent_launch, sm_count, wait, stream);
     case 8:
-      return LaunchSelectPlanG<8>(a, t, p, workspace, dependent_launch, sm_count, stream);
+      return LaunchSelectPlanG<8>(a, t, p, workspace, dependent_launch, sm_count, wait, stream);
     default:
       return cudaErrorInvalidValue;
   }
