@@ -547,6 +547,27 @@ const std::vector<Entry>& Table() {
         "largest value written to Redis; a segment's bytes are cut into parts of at most this "
         "(Redis refuses values over 512 MB)"},
        &Settings::remote_max_value_bytes},
+      {{"remote.attach",
+        T::kString,
+        std::string("index"),
+        0,
+        0,
+        {"index", "whole"},
+        false,
+        "how Open attaches a block from the cluster: index = its meta index and sinks now, its "
+        "key/value rows on demand (the clusters an Attend retrieves) and in the background; "
+        "whole = every byte before Open returns (always so under the CUDA backend)"},
+       &Settings::remote_attach},
+      {{"remote.fetch_threads",
+        T::kInt,
+        int64_t{1},
+        0,
+        64,
+        {},
+        false,
+        "background threads that fetch the rows of blocks attached with remote.attach = index "
+        "(0: rows come only on demand)"},
+       &Settings::remote_fetch_threads},
       {{"remote.user",
         T::kString,
         std::string(),

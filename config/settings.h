@@ -110,6 +110,8 @@ struct Settings {
   int64_t remote_down_retry_ms = 2000;
   int64_t remote_queue_bytes = int64_t{1} << 30;
   int64_t remote_max_value_bytes = int64_t{8} << 20;
+  std::string remote_attach = "index";  // index | whole
+  int64_t remote_fetch_threads = 1;
   std::string remote_user;
   std::string remote_password;
   // logging

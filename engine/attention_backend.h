@@ -87,6 +87,12 @@ class AttentionBackend {
 
   virtual const char* name() const = 0;
 
+  // Whether Attend copes with segments whose rows are pending (store/pending_rows.h: a
+  // remote-attached block under remote.attach = index) by making the clusters it reads resident
+  // first (store::EnsureClusters). A backend that answers false only ever sees whole segments:
+  // the engine attaches remote blocks whole for it.
+  virtual bool reads_pending_rows() const { return false; }
+
   // Lifecycle events (see the header comment for when each runs and what it may read).
   virtual absl::Status OnOpen(const store::Context& ctx) { return absl::OkStatus(); }
   virtual absl::Status OnAppend(const store::Context& ctx, int32_t layer, int64_t n) {

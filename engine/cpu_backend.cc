@@ -18,6 +18,7 @@ class CpuBackend final : public AttentionBackend {
                                      : tbb::task_arena::automatic) {}
 
   const char* name() const override { return "cpu"; }
+  bool reads_pending_rows() const override { return true; }  // AttendHead: EnsureClusters
 
   absl::Status Attend(std::span<const AttendItem> items) override {
     // One task per (item, KV head); per-head stats summed afterwards (no shared writes).

@@ -185,7 +185,16 @@ struct EngineStats {
   int64_t remote_unavailable = 0;
   int64_t remote_nodes = 0;
   int64_t remote_nodes_down = 0;
-  BackendStats backend;  // the attention backend that serves Attend
+  // remote.attach = index: blocks attached with their rows pending, and how the rows came.
+  int64_t remote_blocks_attached_lazily = 0;
+  int64_t remote_kv_on_demand_bytes = 0;   // GETRANGE payload bytes (clusters an Attend needed)
+  int64_t remote_kv_on_demand_ranges = 0;  // GETRANGE commands
+  int64_t remote_kv_behind_bytes = 0;      // KV part values read by the background fetch
+  int64_t remote_kv_behind_segments = 0;   // segments completed by the background fetch
+  int64_t remote_kv_lost_segments = 0;     // rows gone or corrupt after the attach: never served
+  int64_t remote_kv_unavailable = 0;       // row fetches that failed on a slow or dead node
+  int64_t remote_kv_queued_segments = 0;   // waiting for the background fetch now
+  BackendStats backend;                    // the attention backend that serves Attend
 };
 
 class AttentionBackend;  // engine/attention_backend.h
@@ -265,6 +274,11 @@ class Engine {
   // Waits until the seals queued so far have run (in the background), then until every sealed
   // shared block is durable (without persistence, only the former).
   virtual absl::Status Flush() = 0;
+
+  // Waits until the background fetch of remote-attached rows (remote.attach = index) has nothing
+  // queued or running: every block attached so far is then fully local, except rows whose fetch
+  // failed (counted in remote_kv_lost_segments / remote_kv_unavailable). No-op without the tier.
+  virtual void WaitRemoteFetches() = 0;
 
   virtual absl::StatusOr<ContextInfo> Info(ContextId ctx) = 0;
   virtual std::vector<ContextId> ListContexts() = 0;

@@ -53,8 +53,9 @@ class EngineImpl final : public Engine {
                                                      settings_.host_pool_bytes);
     }
     if (backend_ == nullptr) backend_ = CreateCpuBackend(settings_);
-    KVWAVE_ASSIGN_OR_RETURN(prefix_cache_,
-                            PrefixCache::Create(settings_, host_pool_.get(), &budget_));
+    KVWAVE_ASSIGN_OR_RETURN(
+        prefix_cache_,
+        PrefixCache::Create(settings_, host_pool_.get(), &budget_, backend_->reads_pending_rows()));
     return absl::OkStatus();
   }
 
@@ -113,6 +114,8 @@ class EngineImpl final : public Engine {
     ctx.reset();  // two Opens drew the same unused id at once (p ~ 2^-64): start again
     return Open(options);
   }
+
+  void WaitRemoteFetches() override { prefix_cache_->WaitRemoteFetches(); }
 
   absl::Status Flush() override {
     std::vector<std::shared_ptr<store::Context>> open;
@@ -226,6 +229,14 @@ class EngineImpl final : public Engine {
     s.remote_unavailable = p.remote.unavailable;
     s.remote_nodes = p.remote.cluster.nodes;
     s.remote_nodes_down = p.remote.cluster.nodes_down;
+    s.remote_blocks_attached_lazily = p.remote.blocks_attached_lazily;
+    s.remote_kv_on_demand_bytes = p.remote.kv.on_demand_bytes;
+    s.remote_kv_on_demand_ranges = p.remote.kv.on_demand_ranges;
+    s.remote_kv_behind_bytes = p.remote.kv.behind_bytes;
+    s.remote_kv_behind_segments = p.remote.kv.behind_segments;
+    s.remote_kv_lost_segments = p.remote.kv.lost_segments;
+    s.remote_kv_unavailable = p.remote.kv.unavailable;
+    s.remote_kv_queued_segments = p.remote.kv.queued;
     s.backend = backend_->Stats();
     return s;
   }
@@ -829,7 +840,8 @@ absl::Status EngineImpl::Gather(ContextId id, int32_t layer_index,
   for (size_t i = 0; i < positions.size(); ++i) {
     for (int32_t h = 0; h < shape.kv_heads; ++h) {
       const size_t at = i * token_bytes + h * row_bytes;
-      GatherRow(layer.heads[h], positions[i], row_bytes, k.data() + at, v.data() + at);
+      KVWAVE_RETURN_IF_ERROR(
+          GatherRow(layer.heads[h], positions[i], row_bytes, k.data() + at, v.data() + at));
     }
   }
   return absl::OkStatus();

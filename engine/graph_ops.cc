@@ -194,6 +194,7 @@ absl::Status AttendGraphHead(const HeadParams& p, const store::HeadKv& head,
   for (size_t s = 0; s < head.segments.size(); ++s) {
     if (s < graphs.size() && graphs[s] != nullptr) continue;
     const store::Segment& seg = *head.segments[s];
+    KVWAVE_RETURN_IF_ERROR(store::EnsureAllRows(seg));  // a remote-attached block's rows
     for (int32_t c = 0; c < seg.num_clusters(); ++c) {
       const int64_t row = seg.cluster_row(c);
       exact.push_back({seg.key_row(row), seg.value_row(row), seg.cluster_size(c)});
@@ -278,6 +279,7 @@ absl::Status RetrieveGraphHead(const HeadParams& p, const store::HeadKv& head,
                  scored);
     const index::GraphIndex* graph = s < graphs.size() ? graphs[s].get() : nullptr;
     if (graph == nullptr) {
+      KVWAVE_RETURN_IF_ERROR(store::EnsureAllRows(seg));
       ScoreExactly(
           p, q, scale, seg.key_row(seg.steady_tokens()), seg.num_rows() - seg.steady_tokens(),
           [&](int64_t r) { return position_of_row(r + seg.steady_tokens()); }, best, buf, scored);

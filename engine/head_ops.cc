@@ -61,6 +61,27 @@ std::vector<float> RankClusters(const HeadParams& p, const store::HeadKv& head,
   return scores;
 }
 
+// Makes the rows of the listed global clusters resident (remote-attached segments fetch the
+// missing ones, store/pending_rows.h); costs a pointer test per cluster otherwise.
+absl::Status EnsureRanked(const store::HeadKv& head, const ClusterSet& set,
+                          std::span<const int32_t> order) {
+  std::vector<store::ClusterWant> wants;
+  std::vector<int32_t> want_of(head.segments.size(), -1);
+  for (int32_t g : order) {
+    auto [s, c] = set.Locate(g);
+    const store::Segment& seg = *head.segments[s];
+    if (seg.rows_resident()) continue;
+    if (want_of[s] < 0) {
+      want_of[s] = static_cast<int32_t>(wants.size());
+      wants.push_back({&seg, {}});
+    }
+    wants[want_of[s]].clusters.push_back(c);
+  }
+  if (wants.empty()) return absl::OkStatus();
+  for (store::ClusterWant& w : wants) std::sort(w.clusters.begin(), w.clusters.end());
+  return store::EnsureClusters(wants);
+}
+
 // Spans always attended exactly: the sinks of the first segment and the whole tail.
 void SteadySpans(const store::HeadKv& head, std::vector<KvSpan>& spans, int64_t& tokens) {
   if (!head.segments.empty() && head.segments[0]->steady_tokens() > 0) {
@@ -219,6 +240,8 @@ absl::Status AttendHead(const HeadParams& p, const store::HeadKv& head, const fl
     chosen.assign(order.begin(), order.begin() + std::min(r, ranked));
   } else {
     const int64_t cand = std::min(m, ranked);
+    // The candidates' member keys are read: resident first (remote-attached rows).
+    KVWAVE_RETURN_IF_ERROR(EnsureRanked(head, set, std::span(order.data(), cand)));
     std::vector<float> best =
         BestMemberScores(p, head, set, q, scale, order.data(), cand, scored_tokens);
     // The keys the centroid ranking would retrieve: the re-ranked clusters may not exceed them.
@@ -252,6 +275,7 @@ absl::Status AttendHead(const HeadParams& p, const store::HeadKv& head, const fl
   }
   if (!second_pass) estimated.assign(order.begin() + chosen.size(), order.begin() + ranked);
   const int64_t retrieved = static_cast<int64_t>(chosen.size());
+  KVWAVE_RETURN_IF_ERROR(EnsureRanked(head, set, chosen));
 
   std::vector<KvSpan> spans;
   int64_t steady_tokens = 0, retrieved_tokens = 0;
@@ -350,6 +374,7 @@ absl::Status RetrieveHead(const HeadParams& p, const store::HeadKv& head, const 
       best, buf, scored);
   if (options.method == RetrieveMethod::kFlat) {
     for (const auto& seg : head.segments) {
+      KVWAVE_RETURN_IF_ERROR(store::EnsureAllRows(*seg));
       ScoreRows(p, q, scale, seg->key_row(0), seg->num_rows(), segment_rows(*seg, 0), best, buf,
                 scored);
     }
@@ -365,6 +390,7 @@ absl::Status RetrieveHead(const HeadParams& p, const store::HeadKv& head, const 
     std::vector<int32_t> order(want);
     const int64_t got =
         set.total > 0 ? gpu::cpu::TopK(ranking.data(), set.total, want, order.data()) : 0;
+    KVWAVE_RETURN_IF_ERROR(EnsureRanked(head, set, std::span(order.data(), got)));
     for (int64_t i = 0; i < got; ++i) {
       auto [s, c] = set.Locate(order[i]);
       const store::Segment& seg = *head.segments[s];
@@ -383,13 +409,13 @@ absl::Status RetrieveHead(const HeadParams& p, const store::HeadKv& head, const 
   return absl::OkStatus();
 }
 
-void GatherRow(const store::HeadKv& head, int64_t position, size_t row_bytes, std::byte* k_out,
-               std::byte* v_out) {
+absl::Status GatherRow(const store::HeadKv& head, int64_t position, size_t row_bytes,
+                       std::byte* k_out, std::byte* v_out) {
   const store::Tail& tail = head.tail;
   if (position >= tail.first_position()) {
     std::memcpy(k_out, tail.key_row(position - tail.first_position()), row_bytes);
     std::memcpy(v_out, tail.value_row(position - tail.first_position()), row_bytes);
-    return;
+    return absl::OkStatus();
   }
   auto it =
       std::upper_bound(head.segments.begin(), head.segments.end(), position,
@@ -397,8 +423,16 @@ void GatherRow(const store::HeadKv& head, int64_t position, size_t row_bytes, st
   KVWAVE_CHECK(it != head.segments.begin());
   const store::Segment& seg = **(it - 1);
   const int64_t row = seg.row_of_token(static_cast<int32_t>(position - seg.first_position()));
+  if (!seg.rows_resident()) {
+    const int32_t c = seg.cluster_of_row(row);
+    if (c >= 0) {
+      const store::ClusterWant want{&seg, {c}};
+      KVWAVE_RETURN_IF_ERROR(store::EnsureClusters(std::span(&want, 1)));
+    }
+  }
   std::memcpy(k_out, seg.key_row(row), row_bytes);
   std::memcpy(v_out, seg.value_row(row), row_bytes);
+  return absl::OkStatus();
 }
 
 }  // namespace kvwave::engine

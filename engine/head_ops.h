@@ -93,10 +93,12 @@ void PrepareSeal(const HeadParams& p, int64_t n, const store::HeadKv& head, Seal
                                         const float* q, const RetrieveOptions& options,
                                         int64_t* positions, float* scores, RetrieveStats* stats);
 
-// Copies the key and value rows of `position` into k_out, v_out (one row each).
+// Copies the key and value rows of `position` into k_out, v_out (one row each). Fails only when
+// the row belongs to a remote-attached segment whose rows cannot be fetched
+// (store/pending_rows.h EnsureClusters: DataLoss or Unavailable).
 // REQUIRES: 0 <= position < tokens held by the head.
-void GatherRow(const store::HeadKv& head, int64_t position, size_t row_bytes, std::byte* k_out,
-               std::byte* v_out);
+[[nodiscard]] absl::Status GatherRow(const store::HeadKv& head, int64_t position, size_t row_bytes,
+                                     std::byte* k_out, std::byte* v_out);
 
 // Upper bound of the bytes one SealHead of n tokens may charge.
 int64_t SealReserveBytes(const HeadParams& p, int64_t n);

@@ -19,6 +19,7 @@ absl::StatusOr<remote::RemoteTierOptions> RemoteOptions(const config::Settings& 
   o.write = s.remote_mode == "readwrite";
   o.queue_max_bytes = s.remote_queue_bytes;
   o.max_value_bytes = s.remote_max_value_bytes;
+  o.fetch_threads = static_cast<int>(s.remote_fetch_threads);
   return o;
 }
 
@@ -36,8 +37,10 @@ PrefixCache::~PrefixCache() {
 
 absl::StatusOr<std::unique_ptr<PrefixCache>> PrefixCache::Create(const config::Settings& settings,
                                                                  store::HostAllocator* allocator,
-                                                                 store::MemoryBudget* budget) {
+                                                                 store::MemoryBudget* budget,
+                                                                 bool pending_rows_ok) {
   std::unique_ptr<PrefixCache> cache(new PrefixCache(settings, allocator, budget));
+  cache->lazy_remote_ = pending_rows_ok && settings.remote_attach == "index";
   PrefixCache* self = cache.get();
   if (settings.remote_mode != "off") {
     KVWAVE_ASSIGN_OR_RETURN(remote::RemoteTierOptions options, RemoteOptions(settings));
@@ -145,7 +148,8 @@ void PrefixCache::AttachRemote(const store::Context& ctx, const store::PrefixSta
   for (size_t b = attachment.blocks.size(); b < prefix.hashes.size(); ++b) {
     wanted.push_back(MakeRecord(ctx, prefix, b));
   }
-  std::vector<store::BlockSegments> found = remote_->FetchRun(wanted, allocator_, *budget_);
+  std::vector<store::BlockSegments> found =
+      remote_->FetchRun(wanted, allocator_, *budget_, lazy_remote_);
   for (size_t i = 0; i < found.size(); ++i) {
     const store::BlockRecord& r = wanted[i];
     store::BlockInfo info{r.hash, r.first_position, static_cast<int32_t>(r.tokens.size()),
@@ -230,6 +234,10 @@ absl::Status PrefixCache::RegisterBlock(store::Context& ctx, store::PrefixState&
 }
 
 int64_t PrefixCache::Evict(int64_t bytes) { return registry_->Evict(bytes); }
+
+void PrefixCache::WaitRemoteFetches() {
+  if (remote_ != nullptr) remote_->fetcher().WaitIdle();
+}
 
 absl::Status PrefixCache::Flush() {
   absl::Status s = persist_ == nullptr ? absl::OkStatus() : persist_->Flush();

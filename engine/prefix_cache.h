@@ -12,7 +12,11 @@
 //   restart              -> the registry is reloaded from RocksDB at Create
 //   remote tier (remote.mode, remote/remote_tier.h): Attach continues past the local run with
 //                           the blocks found in the Redis Cluster; a registered block is also
-//                           queued for writing there (readwrite; never waited for)
+//                           queued for writing there (readwrite; never waited for). With
+//                           remote.attach = index the blocks come with their rows pending
+//                           (store/pending_rows.h); a block whose rows turn out lost is
+//                           forgotten by the registry (PrefixRegistry::AttachLongest), so the
+//                           next Open prefills it
 //
 // Only contexts opened with token ids take part; blocks are prefill_segment_tokens long.
 // Thread-safety: all methods are thread-safe.
@@ -45,9 +49,12 @@ struct PrefixCacheStats {
 
 class PrefixCache {
  public:
+  // `pending_rows_ok`: the attention backend reads segments with pending rows
+  // (AttentionBackend::reads_pending_rows); else remote blocks are attached whole.
   static absl::StatusOr<std::unique_ptr<PrefixCache>> Create(const config::Settings& settings,
                                                              store::HostAllocator* allocator,
-                                                             store::MemoryBudget* budget);
+                                                             store::MemoryBudget* budget,
+                                                             bool pending_rows_ok = false);
   ~PrefixCache();
 
   // Sets up ctx's prefix state from token ids and attaches the longest cached prefix: its
@@ -66,6 +73,8 @@ class PrefixCache {
   int64_t Evict(int64_t bytes);
   // Makes every write durable (waits for the write-behind queue).
   [[nodiscard]] absl::Status Flush();
+  // Waits for the background fetch of remote-attached rows (remote/kv_fetcher.h).
+  void WaitRemoteFetches();
 
   PrefixCacheStats Stats() const;
 
@@ -86,6 +95,7 @@ class PrefixCache {
   store::HostAllocator* allocator_;
   store::MemoryBudget* budget_;
   store::Durability durability_ = store::Durability::kNone;
+  bool lazy_remote_ = false;  // remote.attach = index and a backend that reads pending rows
   // Destruction order matters: persist_ drains its queue, whose callbacks use registry_.
   std::unique_ptr<store::PrefixRegistry> registry_;
   std::unique_ptr<store::PersistStore> persist_;

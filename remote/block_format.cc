@@ -201,8 +201,8 @@ absl::StatusOr<Manifest> DecodeManifest(absl::string_view value) {
   KVWAVE_ASSIGN_OR_RETURN(m.record, store::DecodeBlockRecord(record));
   if (m.record.hash != hash) return absl::DataLossError("remote manifest: hash mismatch");
   if (!r.Get(&segments) || segments > kMaxEntries ||
-      static_cast<int64_t>(segments) != m.record.segments()) {
-    return absl::DataLossError("remote manifest: segment count does not match the shape");
+      static_cast<int64_t>(segments) != 2 * m.record.segments()) {
+    return absl::DataLossError("remote manifest: stream count does not match the shape");
   }
   m.segment_bytes.resize(segments);
   for (uint64_t& b : m.segment_bytes) {

@@ -8,11 +8,15 @@
 //                                       parts: the manifest names one complete set)
 // <namespace> keeps [A-Za-z0-9_.-] and writes any other byte as %XX.
 //
-// A block = the encoded segments (store/segment_codec.h) of every (layer, KV head), in
-// [layer * kv_heads + kv_head] order; each segment's bytes are cut into parts of at most
-// max_value_bytes (a part never spans two segments).
+// A block = two streams per (layer, KV head) segment (remote/split_segment.h), in
+// [layer * kv_heads + kv_head] order: stream 2s is segment s's index (meta index, permutation,
+// steady rows, cluster checksums), stream 2s + 1 its key/value rows, cluster by cluster. Each
+// stream's bytes are cut into parts of at most max_value_bytes (a part never spans two streams),
+// so a reader can fetch the indexes alone and the rows later, or ranges of them (GETRANGE).
+// (Format version 1 stored one stream per segment, the persistence codec's; version 2 readers
+// skip it as a version mismatch.) Below, "segment" in a part or manifest field means stream.
 //
-// Part value (format version 1, little-endian):
+// Part value (format version 2, little-endian):
 //   magic "KVWP" u32, version u32, block hash (16), part index u32, segment u32,
 //   offset in the segment's encoding u64, payload length u64            (48-byte header)
 //   payload
@@ -42,7 +46,7 @@
 
 namespace kvwave::remote {
 
-inline constexpr uint32_t kRemoteFormatVersion = 1;
+inline constexpr uint32_t kRemoteFormatVersion = 2;
 inline constexpr size_t kPartHeaderBytes = 48;
 inline constexpr size_t kPartOverheadBytes = kPartHeaderBytes + 8;
 

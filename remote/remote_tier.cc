@@ -8,8 +8,8 @@
 #include "absl/strings/str_cat.h"
 #include "config/status_macros.h"
 #include "remote/block_format.h"
+#include "remote/split_segment.h"
 #include "spdlog/spdlog.h"
-#include "store/segment_codec.h"
 
 namespace kvwave::remote {
 namespace {
@@ -33,6 +33,8 @@ absl::StatusOr<std::unique_ptr<RemoteTier>> RemoteTier::Create(RemoteTierOptions
   }
   std::unique_ptr<RemoteTier> tier(new RemoteTier(std::move(options)));
   KVWAVE_ASSIGN_OR_RETURN(tier->cluster_, RedisCluster::Create(tier->options_.cluster));
+  tier->fetcher_ =
+      std::make_shared<KvFetcher>(tier->cluster_, std::max(0, tier->options_.fetch_threads));
   if (tier->options_.write) tier->writer_ = std::thread([t = tier.get()] { t->WriterLoop(); });
   return tier;
 }
@@ -43,6 +45,7 @@ RemoteTier::~RemoteTier() {
     stop_ = true;
   }
   if (writer_.joinable()) writer_.join();
+  fetcher_->Stop();  // segments still pending keep the fetcher (on-demand fetches) alive
 }
 
 // --- Writes ---
@@ -134,10 +137,11 @@ absl::Status RemoteTier::WriteBlock(const store::BlockRecord& record,
   const uint64_t max_payload = static_cast<uint64_t>(options_.max_value_bytes) - kPartOverheadBytes;
   std::vector<std::string> keys, values;
   int64_t window = 0;
-  std::string encoded;
+  std::string streams[2];
   uint32_t part = 0;
-  for (uint32_t s = 0; s < segments.size(); ++s) {
-    store::EncodeSegmentTo(*segments[s], &encoded);
+  for (uint32_t s = 0; s < 2 * segments.size(); ++s) {
+    if (s % 2 == 0) EncodeSplitSegment(*segments[s / 2], &streams[0], &streams[1]);
+    const std::string& encoded = streams[s % 2];
     manifest.segment_bytes.push_back(encoded.size());
     for (uint64_t off = 0; off < encoded.size(); off += max_payload, ++part) {
       const absl::string_view chunk = absl::string_view(encoded).substr(
@@ -181,59 +185,121 @@ void RemoteTier::CountFailure(const absl::Status& s) {
   if (!absl::IsResourceExhausted(s)) spdlog::warn("remote: block skipped: {}", s.ToString());
 }
 
-absl::StatusOr<store::BlockSegments> RemoteTier::ReadBlock(const store::BlockRecord& expected,
-                                                           absl::string_view manifest_value,
-                                                           store::HostAllocator* allocator,
-                                                           store::MemoryBudget& budget,
-                                                           std::vector<BulkValue>& values) {
+absl::Status RemoteTier::CheckKvParts(const store::BlockRecord& expected, const Manifest& m) {
+  std::vector<std::string> keys;
+  std::vector<uint64_t> lengths;
+  for (uint32_t p = 0; p < m.parts.size(); ++p) {
+    if (m.parts[p].segment % 2 == 0) continue;
+    keys.push_back(PartKey(expected.name_space, expected.hash, m.generation, p));
+    lengths.push_back(kPartOverheadBytes + m.parts[p].length);
+  }
+  std::vector<Command> cmds;
+  for (const std::string& k : keys) cmds.push_back({"STRLEN", k});
+  KVWAVE_ASSIGN_OR_RETURN(std::vector<Reply> replies,
+                          cluster_->Pipeline(BlockSlot(expected.hash), cmds));
+  for (size_t i = 0; i < replies.size(); ++i) {
+    if (replies[i].is_error()) {
+      return absl::UnavailableError(absl::StrCat("remote: ", replies[i].str()));
+    }
+    if (!replies[i].is_integer() || replies[i].integer() == 0) {
+      return absl::NotFoundError(
+          absl::StrCat("remote block ", expected.hash.ToHex(), ": a KV part is missing"));
+    }
+    if (static_cast<uint64_t>(replies[i].integer()) != lengths[i]) {
+      return absl::DataLossError(
+          absl::StrCat("remote block ", expected.hash.ToHex(), ": a KV part is truncated"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<store::BlockSegments> RemoteTier::ReadBlock(
+    const store::BlockRecord& expected, absl::string_view manifest_value, bool lazy,
+    store::HostAllocator* allocator, store::MemoryBudget& budget, std::vector<BulkValue>& values) {
   KVWAVE_ASSIGN_OR_RETURN(Manifest m, DecodeManifest(manifest_value));
   if (m.record != expected) {
     return absl::DataLossError(
         absl::StrCat("remote block ", expected.hash.ToHex(), ": not the prefix asked for"));
   }
+  if (fetcher_->IsLost(expected.hash, m.generation)) {
+    return absl::DataLossError(absl::StrCat("remote block ", expected.hash.ToHex(),
+                                            ": its KV was found gone or corrupt before"));
+  }
+  if (lazy) KVWAVE_RETURN_IF_ERROR(CheckKvParts(expected, m));
   const int slot = BlockSlot(expected.hash);
-  const size_t segments = m.segment_bytes.size();
-  // first_part[s]: index of segment s's first part (parts are in segment order).
-  std::vector<uint32_t> first_part(segments + 1, 0);
-  for (const PartRef& p : m.parts) ++first_part[p.segment + 1];
-  for (size_t s = 0; s < segments; ++s) first_part[s + 1] += first_part[s];
+  const size_t segments = m.segment_bytes.size() / 2;
+  // parts_of[stream]: the stream's part numbers, in offset order.
+  std::vector<std::vector<uint32_t>> parts_of(m.segment_bytes.size());
+  for (uint32_t p = 0; p < m.parts.size(); ++p) parts_of[m.parts[p].segment].push_back(p);
   store::BlockSegments out(segments);
-  std::string assembled;
+  std::string assembled[2];
   for (size_t s0 = 0; s0 < segments;) {
     // A window of whole segments, about write_window_bytes of parts.
     size_t s1 = s0;
     uint64_t window = 0;
     while (s1 < segments &&
            (s1 == s0 || window < static_cast<uint64_t>(options_.write_window_bytes))) {
-      window += m.segment_bytes[s1++];
+      window += m.segment_bytes[2 * s1] + (lazy ? 0 : m.segment_bytes[2 * s1 + 1]);
+      ++s1;
     }
     std::vector<std::string> keys;
-    for (uint32_t p = first_part[s0]; p < first_part[s1]; ++p) {
-      keys.push_back(PartKey(expected.name_space, expected.hash, m.generation, p));
+    std::vector<size_t> slot_of_part(m.parts.size(), 0);
+    for (size_t st = 2 * s0; st < 2 * s1; ++st) {
+      if (lazy && st % 2 == 1) continue;
+      for (uint32_t p : parts_of[st]) {
+        slot_of_part[p] = keys.size();
+        keys.push_back(PartKey(expected.name_space, expected.hash, m.generation, p));
+      }
     }
     KVWAVE_RETURN_IF_ERROR(cluster_->GetMany(slot, keys, values));
-    for (size_t s = s0; s < s1; ++s) {
-      std::vector<absl::string_view> payloads;
-      for (uint32_t p = first_part[s]; p < first_part[s + 1]; ++p) {
-        const BulkValue& v = values[p - first_part[s0]];
+    // The bytes of stream `st` (verified part by part).
+    auto stream = [&](size_t st) -> absl::StatusOr<absl::string_view> {
+      std::string& buf = assembled[st % 2];
+      buf.clear();
+      absl::string_view one;
+      for (uint32_t p : parts_of[st]) {
+        const BulkValue& v = values[slot_of_part[p]];
         if (v.nil) {
           return absl::NotFoundError(
               absl::StrCat("remote block ", expected.hash.ToHex(), ": part ", p, " is missing"));
         }
         bytes_read_.fetch_add(static_cast<int64_t>(v.bytes.size()), std::memory_order_relaxed);
-        KVWAVE_ASSIGN_OR_RETURN(absl::string_view payload,
-                                DecodePart(v.bytes, expected.hash, p, m.parts[p]));
-        payloads.push_back(payload);
+        KVWAVE_ASSIGN_OR_RETURN(one, DecodePart(v.bytes, expected.hash, p, m.parts[p]));
+        if (parts_of[st].size() > 1) buf.append(one.data(), one.size());
       }
-      absl::string_view encoded;
-      if (payloads.size() == 1) {
-        encoded = payloads[0];
-      } else {
-        assembled.clear();
-        for (absl::string_view v : payloads) assembled.append(v.data(), v.size());
-        encoded = assembled;
+      return parts_of[st].size() > 1 ? absl::string_view(buf) : one;
+    };
+    for (size_t s = s0; s < s1; ++s) {
+      KVWAVE_ASSIGN_OR_RETURN(absl::string_view index, stream(2 * s));
+      absl::string_view kv;
+      if (!lazy) {
+        KVWAVE_ASSIGN_OR_RETURN(kv, stream(2 * s + 1));
       }
-      KVWAVE_ASSIGN_OR_RETURN(out[s], store::DecodeSegment(encoded, allocator, budget));
+      std::shared_ptr<RemoteRows> rows;
+      std::function<std::shared_ptr<store::PendingRows>(const std::vector<bool>&)> make_pending;
+      if (lazy) {
+        make_pending = [&](const std::vector<bool>& empty) {
+          rows = std::make_shared<RemoteRows>(empty, fetcher_);
+          return rows;
+        };
+      }
+      KVWAVE_ASSIGN_OR_RETURN(SplitIndex split,
+                              DecodeSplitSegment(index, kv, make_pending, allocator, budget));
+      out[s] = std::move(split.segment);
+      if (rows != nullptr) {
+        // Where the rows are; set before the segment is published to any other thread.
+        rows->name_space = expected.name_space;
+        rows->hash = expected.hash;
+        rows->generation = m.generation;
+        rows->slot = slot;
+        for (uint32_t p : parts_of[2 * s + 1]) rows->parts.push_back({p, m.parts[p]});
+        rows->cluster_checksums = std::move(split.cluster_checksums);
+        rows->kv_bytes = split.kv_bytes;
+        if (rows->kv_bytes != m.segment_bytes[2 * s + 1]) {
+          return absl::DataLossError(absl::StrCat("remote block ", expected.hash.ToHex(),
+                                                  ": KV stream size does not match its index"));
+        }
+      }
       if (out[s]->first_position() != expected.first_position ||
           out[s]->num_tokens() != static_cast<int32_t>(expected.tokens.size()) ||
           out[s]->head_dim() != expected.shape.head_dim) {
@@ -248,7 +314,7 @@ absl::StatusOr<store::BlockSegments> RemoteTier::ReadBlock(const store::BlockRec
 
 std::vector<store::BlockSegments> RemoteTier::FetchRun(std::span<const store::BlockRecord> expected,
                                                        store::HostAllocator* allocator,
-                                                       store::MemoryBudget& budget) {
+                                                       store::MemoryBudget& budget, bool lazy) {
   lookups_.fetch_add(1, std::memory_order_relaxed);
   std::vector<store::BlockSegments> out;
   if (expected.empty()) return out;
@@ -285,7 +351,7 @@ std::vector<store::BlockSegments> RemoteTier::FetchRun(std::span<const store::Bl
     std::vector<BulkValue> scratch;
     for (size_t i : indices) {
       if (i >= first_bad.load(std::memory_order_relaxed)) return;
-      blocks[i] = ReadBlock(expected[i], manifests[i]->str(), allocator, budget, scratch);
+      blocks[i] = ReadBlock(expected[i], manifests[i]->str(), lazy, allocator, budget, scratch);
       if (!blocks[i].ok()) {
         CountFailure(blocks[i].status());
         size_t bad = first_bad.load(std::memory_order_relaxed);
@@ -306,6 +372,16 @@ std::vector<store::BlockSegments> RemoteTier::FetchRun(std::span<const store::Bl
   }
   for (size_t i = 0; i < run && blocks[i].ok(); ++i) out.push_back(*std::move(blocks[i]));
   blocks_fetched_.fetch_add(static_cast<int64_t>(out.size()), std::memory_order_relaxed);
+  if (lazy) {
+    blocks_lazy_.fetch_add(static_cast<int64_t>(out.size()), std::memory_order_relaxed);
+    std::vector<std::weak_ptr<const store::Segment>> behind;
+    for (const store::BlockSegments& block : out) {
+      for (const auto& seg : block) {
+        if (!seg->rows_resident()) behind.push_back(seg);
+      }
+    }
+    fetcher_->FetchBehind(std::move(behind));
+  }
   return out;
 }
 
@@ -323,6 +399,8 @@ RemoteStats RemoteTier::stats() const {
   s.blocks_corrupt = blocks_corrupt_.load(std::memory_order_relaxed);
   s.blocks_version_mismatch = blocks_version_mismatch_.load(std::memory_order_relaxed);
   s.unavailable = unavailable_.load(std::memory_order_relaxed);
+  s.blocks_attached_lazily = blocks_lazy_.load(std::memory_order_relaxed);
+  s.kv = fetcher_->stats();
   {
     absl::MutexLock lock(&mu_);
     s.queued_bytes = queued_bytes_;

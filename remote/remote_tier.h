@@ -11,6 +11,9 @@
 //       parallel), keeps the longest run that exists and matches what was asked (namespace,
 //       model id, shape, positions, token ids, parent), then reads the run's parts (one thread
 //       per node, each block one pipeline), checks every part and segment and decodes them.
+//       Lazy (FetchRun's `lazy`): only the index streams are read (and the KV parts' lengths
+//       checked with STRLEN); the segments come back with their rows pending, fetched on demand
+//       and behind by the KvFetcher (remote/kv_fetcher.h).
 //       The run ends at the first block missing, partial (a part gone: a writer died, or Redis
 //       evicted it), corrupt, truncated, of another format version, or unreachable; each kind is
 //       counted and nothing of such a block is served.
@@ -34,6 +37,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "remote/kv_fetcher.h"
 #include "remote/redis_cluster.h"
 #include "store/host_memory.h"
 #include "store/persist_format.h"
@@ -47,6 +51,7 @@ struct RemoteTierOptions {
   int64_t queue_max_bytes = int64_t{1} << 30;      // queued segment bytes
   int64_t max_value_bytes = int64_t{8} << 20;      // largest value written
   int64_t write_window_bytes = int64_t{32} << 20;  // part bytes in flight per pipeline
+  int fetch_threads = 1;                           // background KV fetch workers (lazy reads)
 };
 
 struct RemoteStats {
@@ -64,7 +69,9 @@ struct RemoteStats {
   int64_t blocks_partial = 0;  // manifest present, a part missing
   int64_t blocks_corrupt = 0;  // checksum / size / layout / identity mismatch
   int64_t blocks_version_mismatch = 0;
-  int64_t unavailable = 0;  // reads that failed on a slow or dead node
+  int64_t unavailable = 0;             // reads that failed on a slow or dead node
+  int64_t blocks_attached_lazily = 0;  // of blocks_fetched: index only, rows pending
+  KvFetchStats kv;
   // The cluster.
   RedisClusterStats cluster;
 };
@@ -86,10 +93,14 @@ class RemoteTier {
   [[nodiscard]] absl::Status Flush();
 
   // The longest run expected[0..n) of blocks present and verified in the cluster, decoded into
-  // memory charged to `budget` (the run also ends where the budget does).
+  // memory charged to `budget` in full (the run also ends where the budget does). With `lazy`,
+  // only the indexes are read: the segments' rows are pending (store/pending_rows.h) and queued
+  // for the background fetch.
   std::vector<store::BlockSegments> FetchRun(std::span<const store::BlockRecord> expected,
                                              store::HostAllocator* allocator,
-                                             store::MemoryBudget& budget);
+                                             store::MemoryBudget& budget, bool lazy = false);
+
+  KvFetcher& fetcher() { return *fetcher_; }
 
   RemoteStats stats() const;
   RedisCluster& cluster() { return *cluster_; }
@@ -111,14 +122,18 @@ class RemoteTier {
   // Reads, checks and decodes one block whose manifest is `manifest_value`.
   // `scratch` holds the part buffers, reused from block to block.
   absl::StatusOr<store::BlockSegments> ReadBlock(const store::BlockRecord& expected,
-                                                 absl::string_view manifest_value,
+                                                 absl::string_view manifest_value, bool lazy,
                                                  store::HostAllocator* allocator,
                                                  store::MemoryBudget& budget,
                                                  std::vector<BulkValue>& scratch);
+  // The lengths of a lazy block's KV parts, checked with STRLEN (a part evicted since the
+  // manifest was written makes the block partial now rather than at the first Attend).
+  absl::Status CheckKvParts(const store::BlockRecord& expected, const Manifest& m);
   void CountFailure(const absl::Status& status);
 
   const RemoteTierOptions options_;
-  std::unique_ptr<RedisCluster> cluster_;
+  std::shared_ptr<RedisCluster> cluster_;
+  std::shared_ptr<KvFetcher> fetcher_;
 
   mutable absl::Mutex mu_;
   std::deque<Job> queue_ ABSL_GUARDED_BY(mu_);
@@ -131,7 +146,7 @@ class RemoteTier {
   // Statistics: relaxed, they order nothing.
   std::atomic<int64_t> blocks_written_{0}, bytes_written_{0}, parts_sent_{0}, write_errors_{0},
       queue_dropped_{0}, lookups_{0}, blocks_fetched_{0}, bytes_read_{0}, blocks_partial_{0},
-      blocks_corrupt_{0}, blocks_version_mismatch_{0}, unavailable_{0};
+      blocks_corrupt_{0}, blocks_version_mismatch_{0}, unavailable_{0}, blocks_lazy_{0};
 };
 
 }  // namespace kvwave::remote

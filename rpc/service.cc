@@ -351,6 +351,14 @@ void Service::FillStats(pb::StatsResponse& out) {
   out.set_remote_unavailable(e.remote_unavailable);
   out.set_remote_nodes(e.remote_nodes);
   out.set_remote_nodes_down(e.remote_nodes_down);
+  out.set_remote_blocks_attached_lazily(e.remote_blocks_attached_lazily);
+  out.set_remote_kv_on_demand_bytes(e.remote_kv_on_demand_bytes);
+  out.set_remote_kv_on_demand_ranges(e.remote_kv_on_demand_ranges);
+  out.set_remote_kv_behind_bytes(e.remote_kv_behind_bytes);
+  out.set_remote_kv_behind_segments(e.remote_kv_behind_segments);
+  out.set_remote_kv_lost_segments(e.remote_kv_lost_segments);
+  out.set_remote_kv_unavailable(e.remote_kv_unavailable);
+  out.set_remote_kv_queued_segments(e.remote_kv_queued_segments);
   const store::HostPoolStats pool = engine_.host_pool().stats();
   out.set_host_pool_idle_bytes(pool.idle_bytes);
   out.set_host_pool_limit_bytes(pool.idle_limit_bytes);

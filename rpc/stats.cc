@@ -141,6 +141,31 @@ std::string ServerStats::Prometheus(const pb::StatsResponse& s) const {
   Gauge(out, "kvwave_remote_nodes", "Masters of the Redis Cluster tier.", s.remote_nodes());
   Gauge(out, "kvwave_remote_nodes_down", "Masters of the Redis Cluster tier marked down now.",
         s.remote_nodes_down());
+  Gauge(out, "kvwave_remote_blocks_attached_lazily",
+        "Remote blocks attached with their index only (remote.attach = index), rows fetched later.",
+        s.remote_blocks_attached_lazily());
+  Gauge(out, "kvwave_remote_kv_on_demand_bytes",
+        "Row bytes of remote-attached blocks fetched on demand (GETRANGE of the clusters a call "
+        "needed).",
+        s.remote_kv_on_demand_bytes());
+  Gauge(out, "kvwave_remote_kv_on_demand_ranges", "GETRANGE commands of on-demand row fetches.",
+        s.remote_kv_on_demand_ranges());
+  Gauge(out, "kvwave_remote_kv_behind_bytes",
+        "Row part bytes of remote-attached blocks read by the background fetch.",
+        s.remote_kv_behind_bytes());
+  Gauge(out, "kvwave_remote_kv_behind_segments",
+        "Remote-attached segments whose rows the background fetch completed.",
+        s.remote_kv_behind_segments());
+  Gauge(out, "kvwave_remote_kv_lost_segments",
+        "Remote-attached segments whose rows were gone or corrupt after the attach (never served).",
+        s.remote_kv_lost_segments());
+  Gauge(out, "kvwave_remote_kv_unavailable",
+        "Row fetches of remote-attached blocks that failed on a slow or dead node (tried again "
+        "later).",
+        s.remote_kv_unavailable());
+  Gauge(out, "kvwave_remote_kv_queued_segments",
+        "Remote-attached segments waiting for the background row fetch now.",
+        s.remote_kv_queued_segments());
   Gauge(out, "kvwave_host_pool_idle_bytes",
         "Freed KV blocks kept resident for reuse (not in kvwave_memory_used_bytes).",
         s.host_pool_idle_bytes());

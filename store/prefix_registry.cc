@@ -8,6 +8,13 @@
 namespace kvwave::store {
 namespace {
 
+bool RowsLost(const BlockSegments& segments) {
+  for (const auto& s : segments) {
+    if (s->pending() != nullptr && s->pending()->any_lost()) return true;
+  }
+  return false;
+}
+
 int64_t SegmentBytes(const BlockSegments& segments) {
   int64_t bytes = 0;
   for (const auto& s : segments) bytes += s->bytes();
@@ -139,6 +146,12 @@ absl::StatusOr<BlockPin> PrefixRegistry::PinOrReload(const BlockHash& hash) {
     absl::MutexLock lock(&mu_);
     auto it = entries_.find(hash);
     if (it == entries_.end()) return BlockPin();  // unknown: the match ends here
+    if (RowsLost(it->second.segments)) {
+      // A remote-attached block whose rows could not be fetched: never attach it again (its
+      // current users keep their pins and get DataLoss for those rows).
+      EraseLocked(hash);
+      return BlockPin();
+    }
     if (!it->second.segments.empty()) return PinLocked(it->second);
     if (!loader_) return absl::FailedPreconditionError("evicted block and no loader");
   }

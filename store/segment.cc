@@ -1,5 +1,6 @@
 #include "store/segment.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 
@@ -121,6 +122,11 @@ absl::StatusOr<std::shared_ptr<const Segment>> Segment::Build(const SegmentInput
   return std::shared_ptr<const Segment>(std::move(seg));
 }
 
+int32_t Segment::cluster_of_row(int64_t r) const {
+  auto it = std::upper_bound(cluster_row_.begin(), cluster_row_.end(), r);
+  return static_cast<int32_t>(it - cluster_row_.begin()) - 1;
+}
+
 int64_t Segment::ChargedBytes(int64_t rows, int32_t num_tokens, int32_t num_clusters,
                               int32_t head_dim, DType dtype) {
   const int64_t d = head_dim;
@@ -188,6 +194,9 @@ absl::Status CheckPermutation(const SegmentParts& p, const std::vector<int64_t>&
 absl::StatusOr<std::shared_ptr<const Segment>> Segment::FromParts(SegmentParts p,
                                                                   MemoryCharge& reserved) {
   KVWAVE_RETURN_IF_ERROR(CheckPartsShape(p));
+  if (p.pending != nullptr && p.pending->num_clusters() != p.num_clusters) {
+    return absl::InvalidArgumentError("segment parts: pending rows of another cluster count");
+  }
   std::vector<int64_t> cluster_row(p.num_clusters);
   int64_t row = PagesFor(p.steady_tokens, p.page_tokens) * p.page_tokens;
   for (int32_t c = 0; c < p.num_clusters; ++c) {
@@ -226,6 +235,10 @@ absl::StatusOr<std::shared_ptr<const Segment>> Segment::FromParts(SegmentParts p
   seg->token_of_row_ = std::move(p.token_of_row);
   seg->row_of_token_ = std::move(row_of_token);
   seg->charge_ = reserved.Split(bytes);
+  if (p.pending != nullptr) {
+    p.pending->Bind(seg->keys_.data(), seg->values_.data());
+    seg->pending_ = std::move(p.pending);
+  }
   return std::shared_ptr<const Segment>(std::move(seg));
 }
 

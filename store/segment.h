@@ -20,6 +20,11 @@
 // from the prefill queries of its tokens; opaque to store): attached once by SetGraph while the
 // segment is still private to whoever built or loaded it, so it travels with the segment into
 // shared prefix blocks and the persistence tier (store/persist.h PersistOptions::*_graph).
+//
+// Pending rows: a segment decoded from the remote tier may be published with only its steady
+// rows and meta index resident (pending() != nullptr); the rows of cluster c may be read only
+// once pending()->state(c) is kResident (EnsureClusters, store/pending_rows.h). Everything else
+// (meta index, permutation, sizes) is immutable from creation as above.
 #ifndef KVWAVE_STORE_SEGMENT_H_
 #define KVWAVE_STORE_SEGMENT_H_
 
@@ -32,6 +37,7 @@
 #include "absl/status/statusor.h"
 #include "config/dtype.h"
 #include "store/host_memory.h"
+#include "store/pending_rows.h"
 
 namespace kvwave::index {
 class GraphIndex;  // index/graph_index.h
@@ -72,6 +78,9 @@ struct SegmentParts {
   std::vector<int32_t> sizes;         // [C]
   std::vector<float> value_sums;      // [C x d]
   std::vector<int32_t> token_of_row;  // [rows], -1 for padding
+  // Set when the cluster rows of keys/values are not written yet (a remote-attached block,
+  // store/pending_rows.h): the steady rows must be; FromParts binds it to the row buffers.
+  std::shared_ptr<PendingRows> pending;
 };
 
 class Segment {
@@ -121,6 +130,18 @@ class Segment {
   // First row of cluster c, and its member count.
   int64_t cluster_row(int32_t c) const { return cluster_row_[c]; }
   int32_t cluster_size(int32_t c) const { return sizes_[c]; }
+  // Rows of cluster c (its pages, padding included): [cluster_row(c), cluster_end_row(c)).
+  int64_t cluster_end_row(int32_t c) const {
+    return c + 1 < num_clusters_ ? cluster_row_[c + 1] : num_rows();
+  }
+  // Rows before the first cluster (the sinks' pages).
+  int64_t steady_rows() const { return num_clusters_ > 0 ? cluster_row_[0] : num_rows(); }
+  // The cluster that holds row r, or -1 for a steady row.
+  int32_t cluster_of_row(int64_t r) const;
+
+  // Null when every row is resident (always, except for a remote-attached segment).
+  PendingRows* pending() const { return pending_.get(); }
+  bool rows_resident() const { return pending_ == nullptr || pending_->all_resident(); }
 
   const std::vector<float>& centroids() const { return centroids_; }    // [C x d]
   const std::vector<float>& value_sums() const { return value_sums_; }  // [C x d]
@@ -148,6 +169,7 @@ class Segment {
   std::vector<float> centroids_, value_sums_;
   std::vector<int32_t> token_of_row_;  // [rows], -1 for padding
   std::vector<int64_t> row_of_token_;  // [num_tokens]
+  std::shared_ptr<PendingRows> pending_;
   MemoryCharge charge_;
   std::shared_ptr<const index::GraphIndex> graph_;  // holds its own memory charge
 };

@@ -110,6 +110,7 @@ size_t EncodedSegmentSize(const Segment& s) {
 }
 
 void EncodeSegmentTo(const Segment& s, std::string* out) {
+  KVWAVE_CHECK(s.rows_resident());  // a remote-attached segment is never re-encoded half-fetched
   Header h;
   h.first_position = s.first_position();
   h.num_tokens = s.num_tokens();

@@ -18,13 +18,15 @@ TEST(RemoteSettingsTest, DefaultsAreOff) {
   EXPECT_EQ(s->remote_connect_timeout_ms, 200);
   EXPECT_EQ(s->remote_command_timeout_ms, 1000);
   EXPECT_EQ(s->remote_max_value_bytes, int64_t{8} << 20);
+  EXPECT_EQ(s->remote_attach, "index");
+  EXPECT_EQ(s->remote_fetch_threads, 1);
 }
 
 TEST(RemoteSettingsTest, TomlBlockLoads) {
   auto s = LoadFromString(
       "[remote]\nredis = \"10.0.0.1:7000,10.0.0.2:7000\"\nmode = \"readwrite\"\n"
       "command_timeout_ms = 250\nqueue_bytes = 1048576\nmax_value_bytes = 65536\n"
-      "user = \"prod\"\npassword = \"secret\"\n",
+      "user = \"prod\"\npassword = \"secret\"\nattach = \"whole\"\nfetch_threads = 0\n",
       {});
   ASSERT_TRUE(s.ok()) << s.status();
   EXPECT_EQ(s->remote_mode, "readwrite");
@@ -32,6 +34,8 @@ TEST(RemoteSettingsTest, TomlBlockLoads) {
   EXPECT_EQ(s->remote_command_timeout_ms, 250);
   EXPECT_EQ(s->remote_queue_bytes, 1 << 20);
   EXPECT_EQ(s->remote_user, "prod");
+  EXPECT_EQ(s->remote_attach, "whole");
+  EXPECT_EQ(s->remote_fetch_threads, 0);
 }
 
 TEST(RemoteSettingsTest, BadValuesAreRefusedByName) {
@@ -41,6 +45,9 @@ TEST(RemoteSettingsTest, BadValuesAreRefusedByName) {
       {"remote.max_value_bytes=1000"},
       {"remote.max_value_bytes=1073741824"},  // Redis refuses values over 512 MB
       {"remote.command_timeout_ms=0"},
+      {"remote.attach=sometimes"},
+      {"remote.fetch_threads=-1"},
+      {"remote.fetch_threads=1000"},
   };
   for (const auto& overrides : bad) {
     auto s = LoadFromString("", overrides);

@@ -5,7 +5,10 @@
 //   - kill -9 of A while it writes a block: B never sees the partial block;
 //   - the node holding a block stopped: B falls back to prefill within the timeout and attaches
 //     again once the node is back;
-//   - corrupted values: detected, counted (Prometheus), not served.
+//   - corrupted values: detected, counted (Prometheus), not served;
+//   - an index attach (rows fetched later): rows on a stopped node fail calls within the
+//     timeout (Unavailable) and serve once it is back; rows gone fail calls (DataLoss), are
+//     counted, and the next Open prefills that block.
 // Skipped (with the reason) only when redis-server is not installed.
 #include <signal.h>
 
@@ -114,14 +117,30 @@ class RemoteTest : public ::testing::Test {
     redis_ = *remote::RedisCluster::Create(o);
   }
   std::unique_ptr<client::LocalDaemon> Node(const std::string& mode, int command_timeout_ms,
-                                            int down_retry_ms = 300) {
-    return StartDaemon({"store.prefill_segment_tokens=" + std::to_string(kBlock),
-                        "store.recent_tokens=" + std::to_string(kRecent), "store.sink_tokens=2",
-                        "remote.redis=" + cluster_->seeds(), "remote.mode=" + mode,
-                        "remote.connect_timeout_ms=200",
-                        "remote.command_timeout_ms=" + std::to_string(command_timeout_ms),
-                        "remote.down_retry_ms=" + std::to_string(down_retry_ms),
-                        "remote.max_value_bytes=8192"});
+                                            int down_retry_ms = 300,
+                                            std::vector<std::string> extra = {}) {
+    std::vector<std::string> settings = {
+        "store.prefill_segment_tokens=" + std::to_string(kBlock),
+        "store.recent_tokens=" + std::to_string(kRecent),
+        "store.sink_tokens=2",
+        "remote.redis=" + cluster_->seeds(),
+        "remote.mode=" + mode,
+        "remote.connect_timeout_ms=200",
+        "remote.command_timeout_ms=" + std::to_string(command_timeout_ms),
+        "remote.down_retry_ms=" + std::to_string(down_retry_ms),
+        "remote.max_value_bytes=8192"};
+    settings.insert(settings.end(), extra.begin(), extra.end());
+    return StartDaemon(settings);
+  }
+  // K and V of every position of layer l, [from, to), through Gather.
+  absl::Status GatherRange(client::Client& c, client::ContextId id, int l, int64_t from, int64_t to,
+                           std::vector<float>* k, std::vector<float>* v) {
+    std::vector<int64_t> pos(to - from);
+    for (size_t i = 0; i < pos.size(); ++i) pos[i] = from + static_cast<int64_t>(i);
+    k->assign(pos.size() * kDim, 0);
+    v->assign(pos.size() * kDim, 0);
+    return c.Gather(id, l, pos, std::as_writable_bytes(std::span(*k)),
+                    std::as_writable_bytes(std::span(*v)));
   }
   // Node A: prefills document `doc` and waits until its blocks are in the cluster.
   std::unique_ptr<client::LocalDaemon> WriteDocument(int doc, std::vector<float>* attend) {
@@ -164,36 +183,125 @@ class RemoteTest : public ::testing::Test {
 };
 remote::LocalRedisCluster* RemoteTest::cluster_ = nullptr;
 
+// Both attach modes: remote.attach = index (the default: the index now, rows on demand and
+// behind) and whole (every byte at the Open).
 TEST_F(RemoteTest, NodeBAttachesNodeAsPrefixBitExact) {
   std::vector<float> attend_a;
   auto a = WriteDocument(1, &attend_a);
-  auto b = Node("read", 1000);
-  auto c = Connect(b->socket_path());
-  auto opened = c->Open({kShape, DocTokens(1), kNamespace});
-  ASSERT_TRUE(opened.ok()) << opened.status();
-  EXPECT_EQ(opened->matched_tokens, kBlocks * kBlock);
-  EXPECT_EQ(Metric(*c, "kvwave_remote_blocks_fetched"), kBlocks);
-  EXPECT_GT(Metric(*c, "kvwave_remote_bytes_read"), kBlocks * kLayers * kBlock * kDim * 8);
-  // The attached K/V are exactly what A appended.
-  std::vector<int64_t> pos(kBlocks * kBlock);
-  for (size_t i = 0; i < pos.size(); ++i) pos[i] = static_cast<int64_t>(i);
-  for (int l = 0; l < kLayers; ++l) {
-    std::vector<float> k(pos.size() * kDim), v(pos.size() * kDim);
-    ASSERT_TRUE(c->Gather(opened->id, l, pos, std::as_writable_bytes(std::span(k)),
-                          std::as_writable_bytes(std::span(v)))
-                    .ok());
-    EXPECT_EQ(k, Rows(1, l, 0, pos.size(), false));
-    EXPECT_EQ(v, Rows(1, l, 0, pos.size(), true));
+  const int64_t row_bytes = int64_t{kBlocks} * kLayers * kBlock * kDim * 8;  // K + V, f32
+  std::vector<int64_t> retrieved_first;
+  // index with no background fetch (every row on demand), index with it, whole.
+  for (const auto& [attach, threads] :
+       std::vector<std::pair<std::string, int>>{{"index", 0}, {"index", 1}, {"whole", 1}}) {
+    SCOPED_TRACE(attach + " fetch_threads=" + std::to_string(threads));
+    auto b = Node("read", 1000, 300,
+                  {"remote.attach=" + attach, "remote.fetch_threads=" + std::to_string(threads)});
+    auto c = Connect(b->socket_path());
+    auto opened = c->Open({kShape, DocTokens(1), kNamespace});
+    ASSERT_TRUE(opened.ok()) << opened.status();
+    // Retrieve over the attached prefix alone (wave index and flat scan): the same top keys in
+    // every mode.
+    std::vector<int64_t> retrieved;
+    for (client::RetrieveMethod method :
+         {client::RetrieveMethod::kWave, client::RetrieveMethod::kFlat}) {
+      std::vector<float> q(kShape.q_heads * kDim);
+      for (size_t i = 0; i < q.size(); ++i) q[i] = std::cos(0.11f * static_cast<float>(i));
+      client::RetrieveOptions ro;
+      ro.k = 16;
+      ro.method = method;
+      std::vector<int64_t> pos(kShape.q_heads * ro.k);
+      std::vector<float> scores(pos.size());
+      ASSERT_TRUE(c->Retrieve(opened->id, 1, q, ro, pos, scores).ok());
+      retrieved.insert(retrieved.end(), pos.begin(), pos.end());
+    }
+    if (retrieved_first.empty()) retrieved_first = retrieved;
+    EXPECT_EQ(retrieved, retrieved_first);
+    EXPECT_EQ(opened->matched_tokens, kBlocks * kBlock);
+    EXPECT_EQ(Metric(*c, "kvwave_remote_blocks_fetched"), kBlocks);
+    if (attach == "whole") {
+      EXPECT_GT(Metric(*c, "kvwave_remote_bytes_read"), row_bytes);
+      EXPECT_EQ(Metric(*c, "kvwave_remote_blocks_attached_lazily"), 0);
+    } else {
+      EXPECT_EQ(Metric(*c, "kvwave_remote_blocks_attached_lazily"), kBlocks);
+    }
+    // B uploads only the suffix; Attend is bit for bit A's (same segments, clusters, index).
+    AppendRows(*c, opened->id, 1, kBlocks * kBlock, kTokens);
+    const std::vector<float> attend_b = AttendAll(*c, opened->id);
+    ASSERT_EQ(attend_a.size(), attend_b.size());
+    EXPECT_EQ(std::memcmp(attend_a.data(), attend_b.data(), attend_a.size() * sizeof(float)), 0);
+    // The attached K/V are exactly what A appended.
+    for (int l = 0; l < kLayers; ++l) {
+      std::vector<float> k, v;
+      ASSERT_TRUE(GatherRange(*c, opened->id, l, 0, kBlocks * kBlock, &k, &v).ok());
+      EXPECT_EQ(k, Rows(1, l, 0, kBlocks * kBlock, false));
+      EXPECT_EQ(v, Rows(1, l, 0, kBlocks * kBlock, true));
+    }
+    EXPECT_EQ(Metric(*c, "kvwave_remote_kv_lost_segments"), 0);
+    // Another namespace shares nothing.
+    auto other = c->Open({kShape, DocTokens(1), "team-b"});
+    ASSERT_TRUE(other.ok());
+    EXPECT_EQ(other->matched_tokens, 0);
   }
-  // B uploads only the suffix; Attend is bit for bit A's (same segments, clusters, index).
-  AppendRows(*c, opened->id, 1, kBlocks * kBlock, kTokens);
-  const std::vector<float> attend_b = AttendAll(*c, opened->id);
+}
+
+// After an index attach, before the rows are fetched (remote.fetch_threads = 0: on demand
+// only): a node stopped fails the calls that need its rows with Unavailable within the timeout,
+// and they succeed once it is back; rows deleted from the cluster fail the calls that need them
+// with DataLoss (never wrong data), are counted, and the next Open prefills that block.
+TEST_F(RemoteTest, RowsUnreachableOrGoneAfterAnIndexAttachFailCallsNeverServeWrongData) {
+  constexpr int kTimeoutMs = 400;
+  std::vector<float> attend_a;
+  auto a = WriteDocument(5, &attend_a);
+  auto manifests = Manifests();
+  ASSERT_EQ(manifests.size(), static_cast<size_t>(kBlocks));
+  auto b = Node("read", kTimeoutMs, 300, {"remote.attach=index", "remote.fetch_threads=0"});
+  auto c = Connect(b->socket_path());
+  auto opened = c->Open({kShape, DocTokens(5), kNamespace});
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  ASSERT_EQ(opened->matched_tokens, kBlocks * kBlock);
+  EXPECT_EQ(Metric(*c, "kvwave_remote_kv_on_demand_bytes"), 0);
+  // 1. The node holding block 1 stopped.
+  const int victim = cluster_->IndexOf(manifests[1].first);
+  ASSERT_TRUE(cluster_->Pause(victim).ok());
+  std::vector<float> k, v;
+  const auto t = Clock::now();
+  absl::Status s = GatherRange(*c, opened->id, 0, kBlock, 2 * kBlock, &k, &v);
+  const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t).count();
+  EXPECT_TRUE(absl::IsUnavailable(s)) << s;
+  EXPECT_LT(ms, kTimeoutMs + 3000);  // the timeout, plus slack for a loaded machine
+  EXPECT_GE(Metric(*c, "kvwave_remote_kv_unavailable"), 1);
+  ASSERT_TRUE(cluster_->Resume(victim).ok());
+  ASSERT_TRUE(cluster_->WaitHealthy(30000).ok());
+  EXPECT_TRUE(
+      Eventually([&] { return GatherRange(*c, opened->id, 0, kBlock, 2 * kBlock, &k, &v).ok(); }));
+  EXPECT_EQ(k, Rows(5, 0, kBlock, 2 * kBlock, false));
+  EXPECT_EQ(v, Rows(5, 0, kBlock, 2 * kBlock, true));
+  // 2. Block 3's rows deleted (evicted, say) after the attach.
+  const remote::Manifest& m3 = manifests[3].second;
+  for (uint32_t p = 0; p < m3.parts.size(); ++p) {
+    if (m3.parts[p].segment % 2 == 0) continue;  // keep the index streams
+    auto del = redis_->Run(
+        {"DEL", remote::PartKey(m3.record.name_space, m3.record.hash, m3.generation, p)});
+    ASSERT_TRUE(del.ok() && del->integer() == 1);
+  }
+  s = GatherRange(*c, opened->id, 1, 3 * kBlock, 4 * kBlock, &k, &v);
+  EXPECT_TRUE(absl::IsDataLoss(s)) << s;
+  EXPECT_GE(Metric(*c, "kvwave_remote_kv_lost_segments"), 1);
+  // Rows of the other blocks still serve, exactly.
+  ASSERT_TRUE(GatherRange(*c, opened->id, 1, 0, 3 * kBlock, &k, &v).ok());
+  EXPECT_EQ(v, Rows(5, 1, 0, 3 * kBlock, true));
+  ASSERT_TRUE(c->Close(opened->id).ok());
+  // 3. The next Open attaches blocks 0-2 and prefills block 3; it serves what was appended.
+  auto again = c->Open({kShape, DocTokens(5), kNamespace});
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->matched_tokens, 3 * kBlock);
+  AppendRows(*c, again->id, 5, 3 * kBlock, kTokens);
+  ASSERT_TRUE(GatherRange(*c, again->id, 1, 0, 4 * kBlock, &k, &v).ok());
+  EXPECT_EQ(k, Rows(5, 1, 0, 4 * kBlock, false));
+  EXPECT_EQ(v, Rows(5, 1, 0, 4 * kBlock, true));
+  const std::vector<float> attend_b = AttendAll(*c, again->id);
   ASSERT_EQ(attend_a.size(), attend_b.size());
   EXPECT_EQ(std::memcmp(attend_a.data(), attend_b.data(), attend_a.size() * sizeof(float)), 0);
-  // Another namespace shares nothing.
-  auto other = c->Open({kShape, DocTokens(1), "team-b"});
-  ASSERT_TRUE(other.ok());
-  EXPECT_EQ(other->matched_tokens, 0);
 }
 
 TEST_F(RemoteTest, KilledWriterLeavesNoVisibleBlock) {
@@ -264,6 +372,8 @@ TEST_F(RemoteTest, StoppedNodeFallsBackWithinTheTimeoutAndAttachesOnceBack) {
   }));
 }
 
+// With remote.attach = whole every byte is checked at the Open (an index attach checks the rows
+// when it fetches them: the test above).
 TEST_F(RemoteTest, CorruptValuesAreDetectedCountedNotServed) {
   auto a = WriteDocument(4, nullptr);
   auto manifests = Manifests();
@@ -276,7 +386,7 @@ TEST_F(RemoteTest, CorruptValuesAreDetectedCountedNotServed) {
   const std::string flipped(1, static_cast<char>(byte->str()[0] ^ 0x01));
   auto set = redis_->Run({"SETRANGE", key, "100", flipped});
   ASSERT_TRUE(set.ok() && set->is_integer()) << set.status();
-  auto b = Node("read", 1000);
+  auto b = Node("read", 1000, 300, {"remote.attach=whole"});
   auto c = Connect(b->socket_path());
   auto opened = c->Open({kShape, DocTokens(4), kNamespace});
   ASSERT_TRUE(opened.ok());

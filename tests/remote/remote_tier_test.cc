@@ -6,6 +6,7 @@
 // only when redis-server is not installed.
 #include "remote/remote_tier.h"
 
+#include <algorithm>
 #include <chrono>
 #include <random>
 #include <thread>
@@ -32,7 +33,8 @@ struct TestBlock {
 
 // A chain of `n` blocks of a 2-layer, 2-KV-head model with random content.
 std::vector<TestBlock> MakeChain(int n, uint64_t seed, store::MemoryBudget& budget,
-                                 int32_t block_tokens = kBlockTokens, int32_t head_dim = 16) {
+                                 int32_t block_tokens = kBlockTokens, int32_t head_dim = 16,
+                                 int32_t steady = 0) {
   std::mt19937 rng(static_cast<unsigned>(seed));
   std::vector<TestBlock> chain(n);
   store::BlockHash parent;
@@ -51,7 +53,7 @@ std::vector<TestBlock> MakeChain(int n, uint64_t seed, store::MemoryBudget& budg
     for (int i = 0; i < 4; ++i) {
       chain[b].segments.push_back(RandomSegment({.tokens = block_tokens,
                                                  .head_dim = head_dim,
-                                                 .steady = 0,
+                                                 .steady = b == 0 ? steady : 0,
                                                  .clusters = std::max(5, block_tokens / 16),
                                                  .first_position = r.first_position,
                                                  .dtype = DType::kBF16},
@@ -91,8 +93,9 @@ class RemoteTierTest : public ::testing::Test {
     std::printf("seed %llu (set KVWAVE_TEST_SEED to repeat)\n", (unsigned long long)seed_);
   }
   std::unique_ptr<RemoteTier> Tier(int64_t max_value_bytes = 1100, int64_t queue_bytes = 1 << 30,
-                                   int64_t command_timeout_ms = 1000) {
+                                   int64_t command_timeout_ms = 1000, int fetch_threads = 0) {
     RemoteTierOptions o;
+    o.fetch_threads = fetch_threads;
     o.cluster.seeds = {cluster_->nodes()[0]};
     o.cluster.command_timeout_ms = command_timeout_ms;
     o.cluster.down_retry_ms = 100;
@@ -112,6 +115,24 @@ class RemoteTierTest : public ::testing::Test {
   std::vector<store::BlockSegments> Fetch(RemoteTier& tier, const std::vector<TestBlock>& chain) {
     return tier.FetchRun(Records(chain), store::DefaultHostAllocator(), budget_);
   }
+  std::vector<store::BlockSegments> FetchLazy(RemoteTier& tier,
+                                              const std::vector<TestBlock>& chain) {
+    return tier.FetchRun(Records(chain), store::DefaultHostAllocator(), budget_, /*lazy=*/true);
+  }
+  // The keys of block b's KV-stream parts (odd streams), per segment.
+  std::vector<std::vector<std::string>> KvPartKeys(RemoteTier& tier, const TestBlock& b) {
+    auto m =
+        DecodeManifest(Raw(tier, {"GET", ManifestKey(b.record.name_space, b.record.hash)}).str());
+    EXPECT_TRUE(m.ok()) << m.status();
+    std::vector<std::vector<std::string>> out(m.ok() ? m->segment_bytes.size() / 2 : 0);
+    for (uint32_t p = 0; m.ok() && p < m->parts.size(); ++p) {
+      if (m->parts[p].segment % 2 == 1) {
+        out[m->parts[p].segment / 2].push_back(
+            PartKey(b.record.name_space, b.record.hash, m->generation, p));
+      }
+    }
+    return out;
+  }
 
   static LocalRedisCluster* cluster_;
   store::MemoryBudget budget_{int64_t{1} << 30};
@@ -125,7 +146,7 @@ TEST(BlockFormatTest, ManifestRoundTripsAndRejectsDamage) {
   m.record.tokens = {1, 2, 3};
   m.record.hash = {7, 9};
   m.generation = 42;
-  m.segment_bytes = {10};
+  m.segment_bytes = {10, 0};  // one segment: its index stream and an empty KV stream
   m.parts = {{0, 0, 6, 111}, {0, 6, 4, 222}};
   const std::string v = EncodeManifest(m);
   auto back = DecodeManifest(v);
@@ -308,6 +329,163 @@ TEST_F(RemoteTierTest, RedisEvictionNeverServesAHole) {
   EXPECT_GT(served, 0);
   EXPECT_LT(served, static_cast<int>(chain.size()));  // Redis evicted some
   EXPECT_EQ(st.blocks_corrupt + st.blocks_version_mismatch, 0);
+}
+
+// Lazy reads (remote.attach = index): the attach moves the indexes (meta index, permutation,
+// sinks) only; the rows come on demand, cluster by cluster, each verified against its checksum,
+// and come out bit-exact.
+TEST_F(RemoteTierTest, LazyAttachMovesTheIndexAndFetchesClustersOnDemandBitExact) {
+  auto chain = MakeChain(3, seed_, budget_, kBlockTokens, 16, /*steady=*/3);
+  auto tier = Tier();
+  for (auto& b : chain) ASSERT_TRUE(tier->WriteBlock(b.record, b.segments).ok());
+  auto reader = Tier(1100, 1 << 30, 1000, /*fetch_threads=*/0);
+  auto got = FetchLazy(*reader, chain);
+  ASSERT_EQ(got.size(), 3u);
+  int64_t row_bytes = 0;
+  for (int b = 0; b < 3; ++b) {
+    for (int s = 0; s < 4; ++s) {
+      const store::Segment& seg = *got[b][s];
+      const store::Segment& want = *chain[b].segments[s];
+      row_bytes +=
+          2 * (want.num_rows() - want.steady_rows()) * static_cast<int64_t>(want.row_bytes());
+      ASSERT_NE(seg.pending(), nullptr);
+      EXPECT_FALSE(seg.rows_resident());
+      // The index is whole at once: meta index, permutation, sinks.
+      EXPECT_EQ(seg.centroids(), want.centroids());
+      EXPECT_EQ(seg.value_sums(), want.value_sums());
+      EXPECT_EQ(seg.sizes(), want.sizes());
+      EXPECT_EQ(seg.token_of_rows(), want.token_of_rows());
+      EXPECT_EQ(seg.bytes(), want.bytes());  // charged in full at the attach
+      EXPECT_EQ(std::memcmp(seg.key_row(0), want.key_row(0), want.steady_rows() * want.row_bytes()),
+                0);
+    }
+  }
+  RemoteStats st = reader->stats();
+  EXPECT_EQ(st.blocks_attached_lazily, 3);
+  EXPECT_LT(st.bytes_read, row_bytes);  // the rows did not move
+  EXPECT_EQ(st.kv.on_demand_bytes, 0);
+  // Two clusters of one segment, on demand: exactly their rows.
+  std::mt19937 rng(static_cast<unsigned>(seed_));
+  const store::Segment& seg = *got[1][2];
+  const store::Segment& want = *chain[1].segments[2];
+  std::vector<int32_t> some = {static_cast<int32_t>(rng() % seg.num_clusters())};
+  some.push_back((some[0] + 1 + static_cast<int32_t>(rng() % (seg.num_clusters() - 1))) %
+                 seg.num_clusters());
+  std::sort(some.begin(), some.end());
+  const store::ClusterWant w{&seg, some};
+  ASSERT_TRUE(store::EnsureClusters({&w, 1}).ok());
+  for (int32_t c : some) {
+    ASSERT_EQ(seg.pending()->state(c), store::PendingRows::kResident);
+    const size_t n = (seg.cluster_end_row(c) - seg.cluster_row(c)) * seg.row_bytes();
+    EXPECT_EQ(std::memcmp(seg.key_row(seg.cluster_row(c)), want.key_row(want.cluster_row(c)), n),
+              0);
+    EXPECT_EQ(
+        std::memcmp(seg.value_row(seg.cluster_row(c)), want.value_row(want.cluster_row(c)), n), 0);
+  }
+  st = reader->stats();
+  EXPECT_GT(st.kv.on_demand_bytes, 0);
+  EXPECT_LT(st.kv.on_demand_bytes, 2 * static_cast<int64_t>(seg.num_rows() * seg.row_bytes()));
+  // Then everything, bit-exact.
+  for (int b = 0; b < 3; ++b) {
+    for (int s = 0; s < 4; ++s) {
+      ASSERT_TRUE(store::EnsureAllRows(*got[b][s]).ok());
+      EXPECT_TRUE(got[b][s]->rows_resident());
+      ExpectSameSegment(*got[b][s], *chain[b].segments[s]);
+    }
+  }
+  EXPECT_EQ(reader->stats().kv.lost_segments, 0);
+}
+
+TEST_F(RemoteTierTest, LazyBackgroundFetchCompletesEveryRowBitExact) {
+  auto chain = MakeChain(3, seed_, budget_, kBlockTokens, 16, /*steady=*/2);
+  auto tier = Tier();
+  for (auto& b : chain) ASSERT_TRUE(tier->WriteBlock(b.record, b.segments).ok());
+  auto reader = Tier(1100, 1 << 30, 1000, /*fetch_threads=*/2);
+  auto got = FetchLazy(*reader, chain);
+  ASSERT_EQ(got.size(), 3u);
+  reader->fetcher().WaitIdle();
+  for (int b = 0; b < 3; ++b) {
+    for (int s = 0; s < 4; ++s) {
+      EXPECT_TRUE(got[b][s]->rows_resident());
+      ExpectSameSegment(*got[b][s], *chain[b].segments[s]);
+    }
+  }
+  const RemoteStats st = reader->stats();
+  EXPECT_EQ(st.kv.behind_segments, 12);
+  EXPECT_EQ(st.kv.queued, 0);
+  EXPECT_EQ(st.kv.lost_segments + st.kv.unavailable, 0);
+}
+
+// Rows gone (evicted, deleted) or corrupt after a lazy attach: the call that needs them fails
+// with DataLoss, nothing wrong is ever served, and the tier does not attach that block again.
+TEST_F(RemoteTierTest, LazyRowsGoneOrCorruptAfterTheAttachAreLostNeverServed) {
+  auto chain = MakeChain(2, seed_, budget_);
+  auto tier = Tier();
+  for (auto& b : chain) ASSERT_TRUE(tier->WriteBlock(b.record, b.segments).ok());
+  auto reader = Tier(1100, 1 << 30, 1000, /*fetch_threads=*/0);
+  auto got = FetchLazy(*reader, chain);
+  ASSERT_EQ(got.size(), 2u);
+  // Block 0: segment 1's KV parts deleted.
+  const auto kv0 = KvPartKeys(*tier, chain[0]);
+  for (const std::string& k : kv0[1]) {
+    EXPECT_EQ(Raw(*tier, {"DEL", k}).integer(), 1);
+  }
+  absl::Status s = store::EnsureAllRows(*got[0][1]);
+  EXPECT_TRUE(absl::IsDataLoss(s)) << s;
+  EXPECT_TRUE(got[0][1]->pending()->any_lost());
+  // Block 1: one byte of segment 2's first KV part flipped (same length: STRLEN cannot see it).
+  const std::string k = KvPartKeys(*tier, chain[1])[2][0];
+  const std::string at = std::to_string(kPartHeaderBytes + 5);
+  const std::string byte(Raw(*tier, {"GETRANGE", k, at, at}).str());
+  ASSERT_EQ(byte.size(), 1u);
+  ASSERT_TRUE(Raw(*tier, {"SETRANGE", k, at, std::string(1, byte[0] ^ 0x10)}).is_integer());
+  s = store::EnsureAllRows(*got[1][2]);
+  EXPECT_TRUE(absl::IsDataLoss(s)) << s;
+  // Other segments still verify and serve their own rows.
+  ASSERT_TRUE(store::EnsureAllRows(*got[1][0]).ok());
+  ExpectSameSegment(*got[1][0], *chain[1].segments[0]);
+  EXPECT_EQ(reader->stats().kv.lost_segments, 2);
+  // This tier attaches neither block again: both are remembered as lost.
+  EXPECT_TRUE(FetchLazy(*reader, chain).empty());
+  EXPECT_TRUE(reader
+                  ->FetchRun({&chain[1].record, 1}, store::DefaultHostAllocator(), budget_,
+                             /*lazy=*/true)
+                  .empty());
+  EXPECT_GE(reader->stats().blocks_corrupt, 2);
+  // Another reader sees block 0's missing parts at the attach (STRLEN): partial, skipped.
+  auto fresh = Tier(1100, 1 << 30, 1000, /*fetch_threads=*/0);
+  EXPECT_TRUE(FetchLazy(*fresh, chain).empty());
+  EXPECT_EQ(fresh->stats().blocks_partial, 1);
+}
+
+// A node stopped after a lazy attach: the rows it holds fail the call within the timeout
+// (Unavailable, not lost), and come once it is back.
+TEST_F(RemoteTierTest, LazyRowsOfAStoppedNodeFailWithinTheTimeoutAndComeBack) {
+  auto chain = MakeChain(1, seed_, budget_);
+  auto tier = Tier();
+  ASSERT_TRUE(tier->WriteBlock(chain[0].record, chain[0].segments).ok());
+  auto reader = Tier(1100, 1 << 30, /*command_timeout_ms=*/300, /*fetch_threads=*/0);
+  auto got = FetchLazy(*reader, chain);
+  ASSERT_EQ(got.size(), 1u);
+  const int victim =
+      cluster_->IndexOf(*reader->cluster().NodeOfSlot(BlockSlot(chain[0].record.hash)));
+  ASSERT_TRUE(cluster_->Pause(victim).ok());
+  const auto t = std::chrono::steady_clock::now();
+  absl::Status s = store::EnsureAllRows(*got[0][0]);
+  const double ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count();
+  EXPECT_TRUE(absl::IsUnavailable(s)) << s;
+  EXPECT_LT(ms, 300 + 3000);  // the timeout plus slack for a loaded machine
+  EXPECT_FALSE(got[0][0]->pending()->any_lost());
+  ASSERT_TRUE(cluster_->Resume(victim).ok());
+  ASSERT_TRUE(cluster_->WaitHealthy(20000).ok());
+  for (int i = 0; i < 200; ++i) {
+    s = store::EnsureAllRows(*got[0][0]);
+    if (s.ok()) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));  // poll: down_retry_ms is 100
+  }
+  ASSERT_TRUE(s.ok()) << s;
+  ExpectSameSegment(*got[0][0], *chain[0].segments[0]);
 }
 
 }  // namespace
