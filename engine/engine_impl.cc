@@ -837,6 +837,9 @@ absl::Status EngineImpl::Gather(ContextId id, int32_t layer_index,
           absl::StrCat("position ", pos, " outside [0, ", layer.tokens, ")"));
     }
   }
+  for (int32_t h = 0; h < shape.kv_heads; ++h) {
+    KVWAVE_RETURN_IF_ERROR(EnsureRowsAt(layer.heads[h], positions));  // one batch per head
+  }
   for (size_t i = 0; i < positions.size(); ++i) {
     for (int32_t h = 0; h < shape.kv_heads; ++h) {
       const size_t at = i * token_bytes + h * row_bytes;

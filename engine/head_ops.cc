@@ -409,6 +409,34 @@ absl::Status RetrieveHead(const HeadParams& p, const store::HeadKv& head, const 
   return absl::OkStatus();
 }
 
+absl::Status EnsureRowsAt(const store::HeadKv& head, std::span<const int64_t> positions) {
+  std::vector<store::ClusterWant> wants;
+  std::vector<int32_t> want_of(head.segments.size(), -1);
+  for (int64_t position : positions) {
+    if (position >= head.tail.first_position()) continue;
+    auto it =
+        std::upper_bound(head.segments.begin(), head.segments.end(), position,
+                         [](int64_t pos, const auto& seg) { return pos < seg->first_position(); });
+    if (it == head.segments.begin()) continue;
+    const size_t s = static_cast<size_t>(it - head.segments.begin()) - 1;
+    const store::Segment& seg = *head.segments[s];
+    if (seg.rows_resident()) continue;
+    const int32_t c =
+        seg.cluster_of_row(seg.row_of_token(static_cast<int32_t>(position - seg.first_position())));
+    if (c < 0) continue;
+    if (want_of[s] < 0) {
+      want_of[s] = static_cast<int32_t>(wants.size());
+      wants.push_back({&seg, {}});
+    }
+    wants[want_of[s]].clusters.push_back(c);
+  }
+  for (store::ClusterWant& w : wants) {
+    std::sort(w.clusters.begin(), w.clusters.end());
+    w.clusters.erase(std::unique(w.clusters.begin(), w.clusters.end()), w.clusters.end());
+  }
+  return wants.empty() ? absl::OkStatus() : store::EnsureClusters(wants);
+}
+
 absl::Status GatherRow(const store::HeadKv& head, int64_t position, size_t row_bytes,
                        std::byte* k_out, std::byte* v_out) {
   const store::Tail& tail = head.tail;

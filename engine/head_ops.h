@@ -93,6 +93,11 @@ void PrepareSeal(const HeadParams& p, int64_t n, const store::HeadKv& head, Seal
                                         const float* q, const RetrieveOptions& options,
                                         int64_t* positions, float* scores, RetrieveStats* stats);
 
+// Makes the rows of `positions` resident (the clusters of remote-attached segments that hold
+// them, fetched in one batch: store/pending_rows.h); OK at once when they are.
+[[nodiscard]] absl::Status EnsureRowsAt(const store::HeadKv& head,
+                                        std::span<const int64_t> positions);
+
 // Copies the key and value rows of `position` into k_out, v_out (one row each). Fails only when
 // the row belongs to a remote-attached segment whose rows cannot be fetched
 // (store/pending_rows.h EnsureClusters: DataLoss or Unavailable).
