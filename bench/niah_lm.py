@@ -28,6 +28,11 @@ Rows (--methods; 'all' = every one of them):
   topk-wave   per query head, exact attention over the top-k keys found by the daemon's Retrieve (wave
               index, default cluster budget) and fetched by Gather; k = the defaults' exactly attended keys
   tri:R:E     kvwaved Attend at retrieval budget R, estimation budget E (any number of these)
+  ra:K        RetrievalAttention (issue 19): kvwaved Attend with attend.method = retrievalattention on a
+              daemon with index.graph = on, the prefill queries appended with the prefill K/V (a graph per
+              sealed segment is built from them): the steady zone + the graphs' top K tokens per query
+              head (beam max(K, 128)), exact, merged by log-sum-exp; retrievalattention = ra:100,
+              retrievalattention-1000 = ra:1000
   proto:NAME  a prototype ranking of bench/quality_rank.py (kvwave emulated in torch; see there)
   two_pass    = paper@attend.rank=two_pass; two_pass-rest = rest@attend.rank=two_pass;
   centroid    = paper@attend.rank=centroid; centroid-rest = rest@attend.rank=centroid
@@ -63,7 +68,8 @@ import e2e_lm  # noqa: E402  (Daemon, binding lookup)
 
 NAMED = ('full', 'kvwave-100', 'defaults', 'paper', 'rest', 'oracle-eq', 'quest-eq', 'topk-wave')
 ALIASES = {'two_pass': 'paper@attend.rank=two_pass', 'two_pass-rest': 'rest@attend.rank=two_pass',
-           'centroid': 'paper@attend.rank=centroid', 'centroid-rest': 'rest@attend.rank=centroid'}
+           'centroid': 'paper@attend.rank=centroid', 'centroid-rest': 'rest@attend.rank=centroid',
+           'retrievalattention': 'ra:100@index.graph=on', 'retrievalattention-1000': 'ra:1000@index.graph=on'}
 PAPER = (0.018, 0.232)
 PAGE = 16  # Quest page size (tokens)
 
@@ -101,8 +107,9 @@ class KvContext:
     """one kvwaved context per (method, instance): the prefill K/V of every layer pushed and sealed on the
     first decode call, then each new token's K/V appended before its attention call"""
 
-    def __init__(s, client, runner):
+    def __init__(s, client, runner, with_queries=False):
         s.client, s.R, s.ctx, s.have = client, runner, None, None
+        s.with_queries = with_queries  # append the prefill queries too (RecordQueries must wrap the runner)
 
     def reset(s):
         if s.ctx is not None:
@@ -121,7 +128,11 @@ class KvContext:
             L = R.c['layers']
             s.ctx, _ = s.client.open(layers=L, q_heads=R.H, kv_heads=R.KV, head_dim=R.hd, dtype='f16')
             for l in range(L):
-                s.client.append(s.ctx, l, *s.rows(l, 0, n - 1))
+                if s.with_queries:  # [n - 1, H, hd] float32, recorded during the prefill
+                    q = R.recorded_q[l][:, :n - 1].transpose(0, 1).float().cpu().numpy()
+                    s.client.append(s.ctx, l, *s.rows(l, 0, n - 1), q=np.ascontiguousarray(q, np.float32))
+                else:
+                    s.client.append(s.ctx, l, *s.rows(l, 0, n - 1))
             s.client.seal(s.ctx)
             s.have = [n - 1] * L
         if s.have[layer] < n:
@@ -184,6 +195,48 @@ class Tripartite(Method):
         s.attend_s += time.perf_counter() - t
         s.attend_calls += 1
         s.count((st['steady_tokens'] + st['retrieved_tokens']) / s.R.KV, n, st.get('scored_tokens', 0) / s.R.KV)
+        return __import__('torch').from_numpy(np.asarray(out, np.float32)).to(q.device)
+
+
+def record_queries(runner):
+    """Wraps runner.qkv so that every query it computes (prefill and decode) is kept per layer in
+    runner.recorded_q[layer] (H, tmax, hd), for the rows that append prefill queries."""
+    import torch
+    if hasattr(runner, 'recorded_q'):
+        return
+    tmax = runner.k.shape[2]
+    runner.recorded_q = [torch.zeros(runner.H, tmax, runner.hd, dtype=torch.float16)
+                         for _ in range(runner.c['layers'])]
+    layer_of = {id(b): l for l, b in enumerate(runner.m.blocks)}
+    inner = runner.qkv
+
+    def qkv(blk, x, a, b):
+        q, k, v = inner(blk, x, a, b)
+        assert q.shape[0] == 1 and q.shape[1] == runner.H and q.shape[2] == b - a, q.shape
+        runner.recorded_q[layer_of[id(blk)]][:, a:b] = q[0].detach().to('cpu', torch.float16)
+        return q, k, v
+    runner.qkv = qkv
+
+
+class RetrievalAttention(Method):
+    def __init__(s, name, client, runner, top_k):
+        super().__init__(name, client, runner)
+        s.kv = KvContext(client, runner, with_queries=True)
+        s.top_k, s.beam = top_k, max(top_k, 128)
+        record_queries(runner)
+
+    def attend(s, layer, q, k, v):
+        n = k.shape[1]
+        s.kv.sync(layer, n)
+        qn = qnp(q)
+        t = time.perf_counter()
+        out, _, st = s.client.attend(s.kv.ctx, layer, qn, method='retrievalattention', graph_top_k=s.top_k,
+                                     beam=s.beam)
+        s.attend_s += time.perf_counter() - t
+        s.attend_calls += 1
+        # per query head: steady tokens are summed over KV heads, retrieved and scored over query heads
+        exact = st['steady_tokens'] / s.R.KV + st['retrieved_tokens'] / s.R.H
+        s.count(exact, n, max(0.0, st['graph_keys_scored'] / s.R.H - st['retrieved_tokens'] / s.R.H))
         return __import__('torch').from_numpy(np.asarray(out, np.float32)).to(q.device)
 
 
@@ -311,6 +364,10 @@ def make_methods(names, clients, runner, exact_fn):
             m = quality_rank.make(name[len('proto:'):])
             m.name = name
             out.append(m)
+        elif name.startswith('ra:'):
+            if client is None or 'index.graph=on' not in extra:
+                raise SystemExit(f'niah_lm: {full_name}: ra rows need a daemon with @index.graph=on')
+            out.append(RetrievalAttention(name, client, runner, int(name[3:])))
         elif name.startswith('tri:'):
             _, r, e = name.split(':')
             out.append(Tripartite(name, client, runner, float(r), float(e)))
