@@ -1,9 +1,13 @@
 // libFuzzer target over kvwaved's request handlers: rpc::Service with a real in-process engine
 // (CPU backend, no persistence), driven like one client session per input.
 //
-// Input: byte 0 picks the session kind (a Unix session with a 1 MiB shared region, or one
-// without: tensors inline), the next bytes up to the first record fill the start of the region
-// (tensor data: keys, values, queries, any bit pattern). Then records, each
+// Two engines serve the inputs: engine 0 with the defaults' methods (centroid ranking, no
+// graphs), engine 1 with RetrievalAttention graphs on (prefill queries kept, graph Retrieve and
+// retrievalattention Attend served) and the two-pass ranking.
+//
+// Input: byte 0 picks the session kind (bit 0: a Unix session with a 1 MiB shared region, or one
+// without: tensors inline) and the engine (bit 1), the next bytes up to the first record fill the
+// start of the region (tensor data: keys, values, queries, any bit pattern). Then records, each
 //   [op selector: 1 byte][body length: 2 bytes LE][body]
 // The body is parsed as the op's request; a context id below 16 is replaced by the id of one of
 // the contexts this input opened (so requests reach real contexts), then the request is
@@ -44,8 +48,8 @@ constexpr uint16_t kOps[] = {pb::PING,          pb::STATS,    pb::OPEN,   pb::AP
                              pb::LIST_CONTEXTS, pb::DROP,     0x7ffe /* unknown */};
 
 struct World {
-  std::unique_ptr<kvwave::engine::Engine> engine;
-  std::unique_ptr<kvwave::rpc::Service> service;
+  std::unique_ptr<kvwave::engine::Engine> engine[2];
+  std::unique_ptr<kvwave::rpc::Service> service[2];
   kvwave::rpc::SharedRegion region;
   uint64_t max_frame_bytes = 0;
 };
@@ -54,25 +58,36 @@ World& TheWorld() {
   static World* world = [] {
     spdlog::set_level(spdlog::level::off);  // a log line per session would dominate the run
     auto* w = new World;
-    kvwave::config::Settings s;
-    s.memory_limit_bytes = int64_t{64} << 20;  // keeps every input's memory bounded
-    s.compute_threads = 1;
-    s.prefill_segment_tokens = 64;
-    s.decode_segment_tokens = 32;
-    s.recent_tokens = 8;
-    s.sink_tokens = 2;
-    s.tokens_per_cluster = 8;
-    s.kmeans_iterations = 2;
-    s.max_frame_bytes = int64_t{16} << 20;
-    s.host_pool_bytes = int64_t{16} << 20;
-    auto engine = kvwave::engine::Engine::Create(s);
-    if (!engine.ok()) {
-      std::fprintf(stderr, "engine: %s\n", engine.status().ToString().c_str());
-      std::abort();
+    for (int e = 0; e < 2; ++e) {
+      kvwave::config::Settings s;
+      s.memory_limit_bytes = int64_t{64} << 20;  // keeps every input's memory bounded
+      s.compute_threads = 1;
+      s.prefill_segment_tokens = 64;
+      s.decode_segment_tokens = 32;
+      s.recent_tokens = 8;
+      s.sink_tokens = 2;
+      s.tokens_per_cluster = 8;
+      s.kmeans_iterations = 2;
+      s.max_frame_bytes = int64_t{16} << 20;
+      s.host_pool_bytes = int64_t{16} << 20;
+      if (e == 1) {
+        s.graph = "on";
+        s.graph_queries = 64;
+        s.graph_pivots = 4;
+        s.graph_degree = 8;
+        s.graph_beam = 16;
+        s.graph_top_k = 8;
+        s.rank = "two_pass";
+      }
+      auto engine = kvwave::engine::Engine::Create(s);
+      if (!engine.ok()) {
+        std::fprintf(stderr, "engine: %s\n", engine.status().ToString().c_str());
+        std::abort();
+      }
+      w->engine[e] = *std::move(engine);
+      w->service[e] = std::make_unique<kvwave::rpc::Service>(*w->engine[e], s);
+      w->max_frame_bytes = w->service[e]->max_frame_bytes();
     }
-    w->engine = *std::move(engine);
-    w->service = std::make_unique<kvwave::rpc::Service>(*w->engine, s);
-    w->max_frame_bytes = w->service->max_frame_bytes();
     w->region = *kvwave::rpc::SharedRegion::Create(kRegionBytes, "fuzz");
     return w;
   }();
@@ -152,6 +167,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 2) return 0;
   World& w = TheWorld();
   const bool with_region = (data[0] & 1) != 0;
+  const int e = (data[0] >> 1) & 1;
+  kvwave::rpc::Service& service = *w.service[e];
+  kvwave::engine::Engine& engine = *w.engine[e];
   // Region bytes: up to the first record (byte 1 says how many, times 64).
   const size_t fill = std::min<size_t>(size - 2, size_t{data[1]} * 64);
   std::memset(w.region.data(), 0, 1 << 16);
@@ -174,7 +192,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     std::vector<int> fds;
     if (with_region) fds.push_back(dup(w.region.fd()));
     bool accepted = false;
-    CheckReply(w.service->HandleHello(session, f, fds, &accepted), 1, w.max_frame_bytes);
+    CheckReply(service.HandleHello(session, f, fds, &accepted), 1, w.max_frame_bytes);
     if (!accepted) std::abort();
   }
 
@@ -193,7 +211,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     at += len;
     if ((selector & 0x80) == 0) RemapBody(op, f.body, opened);
     f.header.body_bytes = static_cast<uint32_t>(f.body.size());
-    std::string reply = w.service->Handle(session, f, kvwave::rpc::Clock::now());
+    std::string reply = service.Handle(session, f, kvwave::rpc::Clock::now());
     Frame r = CheckReply(reply, request_id, w.max_frame_bytes);
     if (op == pb::OPEN) {
       pb::OpenResponse resp;
@@ -204,10 +222,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     }
     ++request_id;
   }
-  w.service->ReleaseSession(session);
+  service.ReleaseSession(session);
   // Every context of the session is closed (blocks it shared may stay cached: they are charged
   // to the engine's limit and evictable).
-  const auto stats = w.engine->Stats();
+  const auto stats = engine.Stats();
   if (stats.contexts != 0) {
     std::fprintf(stderr, "%lld contexts left after the session ended\n",
                  static_cast<long long>(stats.contexts));

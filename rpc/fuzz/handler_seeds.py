@@ -49,7 +49,9 @@ def shape(layers, q, kv, dim, dtype):
     return field(1, layers) + field(2, q) + field(3, kv) + field(4, dim) + field(5, dtype)
 
 
-def session(region, dtype, ids, layers=2, q=4, kv=2, dim=8, tokens=40):
+def session(region, dtype, ids, layers=2, q=4, kv=2, dim=8, tokens=40, graph=False):
+    """graph: the session goes to the fuzzer's second engine (graphs on, two-pass ranking),
+    appends prefill queries with its K/V and asks for graph Retrieve and retrievalattention."""
     esize = 4 if dtype == 0 else 2
     row = kv * dim * esize
     region_bytes = 255 * 64
@@ -68,14 +70,19 @@ def session(region, dtype, ids, layers=2, q=4, kv=2, dim=8, tokens=40):
         return tensor(data=fill[off:off + length])
 
     for layer in range(layers):
-        recs.append(record("APPEND", field(1, 0) + field(2, layer) + field(3, tokens) +
-                           field(4, t(0, kv_bytes)) + field(5, t(kv_bytes, kv_bytes))))
+        append = (field(1, 0) + field(2, layer) + field(3, tokens) + field(4, t(0, kv_bytes)) +
+                  field(5, t(kv_bytes, kv_bytes)))
+        if graph:  # float32 queries [tokens x q x dim]: the fill bytes read as small finite floats
+            append += field(6, t(0, tokens * q * dim * 4))
+        recs.append(record("APPEND", append))
     qb = q * dim * 4
     att = field(1, 0) + field(2, 0) + field(3, t(0, qb)) + field(4, 0.5) + field(5, 0.25)
     if region:
         att += field(6, tensor(8192, qb)) + field(7, tensor(8192 + qb, q * 4))
+    if graph:
+        att += field(8, 2) + field(9, 4)  # retrievalattention, graph_top_k 4
     recs.append(record("ATTEND", att))
-    ret = field(1, 0) + field(2, 1) + field(3, t(0, qb)) + field(4, 5) + field(5, 1)
+    ret = field(1, 0) + field(2, 1) + field(3, t(0, qb)) + field(4, 5) + field(5, 2 if graph else 1)
     if region:
         ret += field(7, tensor(9216, q * 5 * 8)) + field(8, tensor(10240, q * 5 * 4))
     recs.append(record("RETRIEVE", ret))
@@ -90,7 +97,7 @@ def session(region, dtype, ids, layers=2, q=4, kv=2, dim=8, tokens=40):
     recs.append(record("PING", field(1, b"hi")))
     recs.append(record("CLOSE", field(1, 0)))
     recs.append(record("DROP", field(1, 0)))
-    head = bytes([1 if region else 0, region_bytes // 64 if region else 0])
+    head = bytes([(1 if region else 0) | (2 if graph else 0), region_bytes // 64 if region else 0])
     return head + (fill if region else b"") + b"".join(recs)
 
 
@@ -102,6 +109,9 @@ def main():
         "shm_f16_prefix": session(True, 1, 130, tokens=72),
         "inline_bf16": session(False, 2, 0),
         "inline_f32_prefix": session(False, 0, 200, layers=1, kv=1, q=2, tokens=80),
+        "shm_f16_graph": session(True, 1, 0, tokens=72, graph=True),
+        "inline_f32_graph_prefix": session(False, 0, 140, layers=1, kv=1, q=2, tokens=80,
+                                           graph=True),
     }
     for name, data in seeds.items():
         with open(os.path.join(out, name), "wb") as f:
