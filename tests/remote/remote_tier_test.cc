@@ -396,6 +396,40 @@ TEST_F(RemoteTierTest, LazyAttachMovesTheIndexAndFetchesClustersOnDemandBitExact
   EXPECT_EQ(reader->stats().kv.lost_segments, 0);
 }
 
+// An index attach charges each segment in full at the attach (its rows included, before they
+// arrive), so fetching never allocates; the run ends where the memory limit does.
+TEST_F(RemoteTierTest, LazyAttachChargesTheWholeSegmentAndStopsAtTheLimit) {
+  auto chain = MakeChain(3, seed_, budget_);
+  auto tier = Tier();
+  for (auto& b : chain) ASSERT_TRUE(tier->WriteBlock(b.record, b.segments).ok());
+  int64_t bytes[3] = {0, 0, 0};  // per block (padding differs from block to block)
+  for (int b = 0; b < 3; ++b) {
+    for (const auto& seg : chain[b].segments) bytes[b] += seg->bytes();
+  }
+  auto reader = Tier(1100, 1 << 30, 1000, /*fetch_threads=*/0);
+  store::MemoryBudget tight(bytes[0] + bytes[1] + bytes[2] / 2);
+  auto got = reader->FetchRun(Records(chain), store::DefaultHostAllocator(), tight, /*lazy=*/true);
+  // The third block does not fit. (Blocks on different nodes are read in parallel, so a later
+  // block may hold memory an earlier one needed for a moment: the run may end one block early,
+  // never late, and what it did not keep is released.)
+  ASSERT_GE(got.size(), 1u);
+  ASSERT_LE(got.size(), 2u);
+  int64_t charged = 0, expected = 0;
+  for (size_t b = 0; b < got.size(); ++b) {
+    for (const auto& seg : got[b]) charged += seg->bytes();
+    expected += bytes[b];
+  }
+  EXPECT_EQ(charged, expected);
+  EXPECT_EQ(tight.used(), charged);
+  // Fetching the rows takes nothing more.
+  for (const auto& block : got) {
+    for (const auto& seg : block) ASSERT_TRUE(store::EnsureAllRows(*seg).ok());
+  }
+  EXPECT_EQ(tight.used(), charged);
+  got.clear();
+  EXPECT_EQ(tight.used(), 0);
+}
+
 TEST_F(RemoteTierTest, LazyBackgroundFetchCompletesEveryRowBitExact) {
   auto chain = MakeChain(3, seed_, budget_, kBlockTokens, 16, /*steady=*/2);
   auto tier = Tier();
