@@ -18,10 +18,18 @@
 //   B       remote.mode=read, empty: Open(same ids) attaches from the cluster, appends the
 //           recent suffix, Attend per layer (checked bit for bit against A's)
 // and A's bulk-Append rate against the local runs' (the write-behind must stay off it).
+// That rate is then measured again as --append-pairs alternating pairs (remote on / off, the
+// order swapped every pair, each on a fresh engine and context of the same data, in a namespace
+// of its own so that no pair attaches an earlier one's blocks; a remote-on engine's write-behind
+// is drained, untimed, before the next sample): every pair's ratio, the median (the bar's
+// number) and min/max. --pair-tokens sets their prefix (default --tokens); --pairs-only skips
+// the attach measurements; --pairs-null makes both samples of a pair remote-off (an A/A run: the
+// method's own noise on this machine).
 #include <fcntl.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -104,8 +112,16 @@ double SequentialReadGBs(const std::string& path, int64_t bytes, bool cold) {
   return total / s / 1e9;
 }
 
+struct PairOptions {
+  int pairs = 5;       // alternating remote on / off pairs of A's bulk Append
+  int64_t tokens = 0;  // their prefix (0: the run's --tokens)
+  bool only = false;   // skip the attach measurements
+  bool null = false;   // both samples remote off: the noise floor of the method
+};
+
 int RunRemote(const config::Settings& base, const store::ModelShape& shape, int64_t tokens,
-              const std::string& redis, int64_t max_value_bytes, int fetch_threads);
+              const std::string& redis, int64_t max_value_bytes, int fetch_threads,
+              const PairOptions& pairs);
 
 int Run(int argc, char** argv) {
   CLI::App app{"cached prefix attach vs rebuild; RocksDB reload vs disk; --remote: Redis Cluster"};
@@ -126,13 +142,22 @@ int Run(int argc, char** argv) {
   app.add_option("--max-value-bytes", max_value_bytes, "remote.max_value_bytes");
   int fetch_threads = 1;
   app.add_option("--fetch-threads", fetch_threads, "remote.fetch_threads of node B");
+  PairOptions pairs;
+  app.add_option("--append-pairs", pairs.pairs,
+                 "--remote: alternating on/off pairs of A's bulk Append (0: none)")
+      ->check(CLI::Range(0, 1000));
+  app.add_option("--pair-tokens", pairs.tokens,
+                 "--remote: prefix of those pairs (default --tokens)")
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 30));
+  app.add_flag("--pairs-only", pairs.only, "--remote: only the Append pairs, no attach");
+  app.add_flag("--pairs-null", pairs.null, "--remote: both samples of a pair remote off (A/A)");
   CLI11_PARSE(app, argc, argv);
   PrintEnvironmentHeader();
   if (remote) {
     config::Settings settings;
     settings.memory_limit_bytes = int64_t{20} << 30;
     return RunRemote(settings, {layers, q_heads, kv_heads, head_dim, DType::kF16}, tokens, redis,
-                     max_value_bytes, fetch_threads);
+                     max_value_bytes, fetch_threads, pairs);
   }
   std::filesystem::remove_all(dir);
   config::Settings settings;
@@ -349,10 +374,120 @@ Attached AttachFromCluster(const config::Settings& settings, const store::ModelS
   return r;
 }
 
+// One sample of A's bulk Append: a fresh engine (remote.mode from `settings`), Open(ids) in
+// namespace `ns`, Append every layer (timed alone: the bar's number), Seal (Open + Append + Seal
+// timed too); a remote-on engine's write-behind is then drained, untimed, so that it does not
+// run into the next sample.
+struct AppendSample {
+  double append_s = 0;         // the Append calls alone
+  double build_s = 0;          // Open + Append + Seal
+  int64_t blocks_at_end = 0;   // blocks registered (sealed in every layer) when Append returned
+  int64_t written_at_end = 0;  // of them, written to the cluster by then
+};
+
+AppendSample SampleAppend(const config::Settings& settings, const store::ModelShape& shape,
+                          const Workload& w, const std::string& ns) {
+  auto e = engine::Engine::Create(settings).value();
+  const int64_t n = static_cast<int64_t>(w.ids.size());
+  AppendSample r;
+  engine::OpenOptions options;
+  options.shape = shape;
+  options.token_ids = w.ids;
+  options.prefix_namespace = ns;
+  auto t = Clock::now();
+  const engine::OpenResult opened = e->Open(options).value();
+  if (opened.matched_tokens != 0) {
+    std::fprintf(stderr, "append pair: namespace %s was not fresh\n", ns.c_str());
+    std::abort();
+  }
+  auto ta = Clock::now();
+  for (int l = 0; l < shape.layers; ++l) {
+    if (!e->Append(opened.id, l, n, std::as_bytes(std::span(w.k)), std::as_bytes(std::span(w.v)))
+             .ok()) {
+      std::fprintf(stderr, "append failed\n");
+      std::abort();
+    }
+  }
+  r.append_s = Since(ta);
+  const engine::EngineStats st = e->Stats();
+  r.blocks_at_end = st.prefix_blocks_registered;
+  r.written_at_end = st.remote_blocks_written;
+  if (!e->Seal(opened.id).ok()) std::abort();
+  r.build_s = Since(t);
+  if (!e->Close(opened.id).ok()) std::abort();
+  if (!e->Flush().ok()) std::fprintf(stderr, "remote flush reported an error\n");
+  return r;
+}
+
+int RunAttach(const config::Settings& base, config::Settings remote_settings,
+              const store::ModelShape& shape, int64_t tokens, int64_t max_value_bytes,
+              int fetch_threads, const remote::LocalRedisCluster* cluster);
+
+double Median(std::vector<double> x) {
+  std::sort(x.begin(), x.end());
+  const size_t m = x.size() / 2;
+  return x.size() % 2 == 1 ? x[m] : (x[m - 1] + x[m]) / 2;
+}
+
+// A's bulk Append rate, remote tier on (readwrite) vs off, as `pairs` alternating pairs.
+// Returns the median ratio (rate on / rate off).
+double AppendPairs(const config::Settings& off, const config::Settings& on,
+                   const store::ModelShape& shape, int64_t tokens, int pairs) {
+  const int64_t appended = tokens + off.recent_tokens;
+  const Workload w = MakeWorkload(shape, appended);
+  const double rows = static_cast<double>(appended) * shape.layers;
+  const std::string tag = absl::StrCat("append-pair-", getpid(), "-",
+                                       Clock::now().time_since_epoch().count() % 1000000007, "-");
+  std::printf(
+      "# A's bulk Append, remote tier on (readwrite, write-behind) vs off: %d alternating pairs "
+      "(on/off, then off/on, ...), each sample a fresh engine and context of the same data, "
+      "prefix %lld tokens (%lld rows), a namespace per sample; a remote-on engine's "
+      "write-behind drained (untimed) before the next sample\n",
+      pairs, (long long)tokens, (long long)rows);
+  std::printf("%-5s %-7s %10s %10s %9s %12s %12s %9s %16s\n", "pair", "order", "on s", "off s",
+              "ratio", "on rows/s", "off rows/s", "build", "blocks@Append");
+  std::vector<double> ratios, build_ratios;
+  for (int i = 0; i < pairs; ++i) {
+    const bool on_first = i % 2 == 0;
+    AppendSample s_on, s_off;
+    const std::string ns = absl::StrCat(tag, i);
+    if (on_first) {
+      s_on = SampleAppend(on, shape, w, ns + "-on");
+      s_off = SampleAppend(off, shape, w, ns + "-off");
+    } else {
+      s_off = SampleAppend(off, shape, w, ns + "-off");
+      s_on = SampleAppend(on, shape, w, ns + "-on");
+    }
+    const double ratio = s_off.append_s / s_on.append_s;
+    const double build_ratio = s_off.build_s / s_on.build_s;
+    ratios.push_back(ratio);
+    build_ratios.push_back(build_ratio);
+    std::printf("%-5d %-7s %10.3f %10.3f %8.1f%% %12.0f %12.0f %8.1f%% %9lld/%lld w\n", i,
+                on_first ? "on,off" : "off,on", s_on.append_s, s_off.append_s, 100 * ratio,
+                rows / s_on.append_s, rows / s_off.append_s, 100 * build_ratio,
+                (long long)s_on.blocks_at_end, (long long)s_on.written_at_end);
+    std::fflush(stdout);
+  }
+  const double median = Median(ratios);
+  std::printf("%-44s %12.1f %%  (min %.1f %%, max %.1f %%, %d pairs)\n",
+              "A: Append rate on/off, median of pairs", 100 * median,
+              100 * *std::min_element(ratios.begin(), ratios.end()),
+              100 * *std::max_element(ratios.begin(), ratios.end()), pairs);
+  std::printf("%-44s %12.1f %%  (min %.1f %%, max %.1f %%)\n",
+              "A: Open+Append+Seal rate on/off, median", 100 * Median(build_ratios),
+              100 * *std::min_element(build_ratios.begin(), build_ratios.end()),
+              100 * *std::max_element(build_ratios.begin(), build_ratios.end()));
+  std::printf("%-44s %12s  (bar: median >= 90 %%)\n", "A: Append bar",
+              median >= 0.9 ? "PASS" : "FAIL");
+  return median;
+}
+
 int RunRemote(const config::Settings& base, const store::ModelShape& shape, int64_t tokens,
-              const std::string& redis, int64_t max_value_bytes, int fetch_threads) {
-  const int64_t appended = tokens + base.recent_tokens;
-  const double kv_bytes = 2.0 * tokens * shape.layers * shape.kv_heads * shape.head_dim * 2;
+              const std::string& redis, int64_t max_value_bytes, int fetch_threads,
+              const PairOptions& pairs) {
+  const int64_t pair_tokens = pairs.tokens > 0 ? pairs.tokens : tokens;
+  const double kv_bytes = 2.0 * (pairs.only ? pair_tokens : std::max(tokens, pair_tokens)) *
+                          shape.layers * shape.kv_heads * shape.head_dim * 2;
   std::unique_ptr<remote::LocalRedisCluster> cluster;
   std::string seeds = redis;
   if (seeds.empty()) {
@@ -370,17 +505,40 @@ int RunRemote(const config::Settings& base, const store::ModelShape& shape, int6
         "allkeys-lru\n",
         seeds.c_str(), (long long)(o.maxmemory_bytes >> 20));
   }
+  config::Settings remote_settings = base;
+  remote_settings.remote_redis = seeds;
+  remote_settings.remote_max_value_bytes = max_value_bytes;
+  remote_settings.remote_queue_bytes = int64_t{64} << 30;  // measure, never drop
+  remote_settings.remote_command_timeout_ms = 10000;
+  config::Settings node_a = remote_settings;
+  node_a.remote_mode = "readwrite";
+  const int rc = pairs.only ? 0
+                            : RunAttach(base, remote_settings, shape, tokens, max_value_bytes,
+                                        fetch_threads, cluster.get());
+  if (pairs.pairs > 0) {
+    std::printf("# shape %s, remote.max_value_bytes %lld%s\n", store::ToString(shape).c_str(),
+                (long long)max_value_bytes,
+                pair_tokens != tokens ? " (the pairs use a shorter prefix than --tokens)" : "");
+    if (pairs.null) {
+      std::printf("# NULL RUN (--pairs-null): the 'on' samples below are remote OFF too\n");
+    }
+    AppendPairs(base, pairs.null ? base : node_a, shape, pair_tokens, pairs.pairs);
+  }
+  return rc;
+}
+
+// The attach measurements (the file comment's local / A / B runs) over the cluster.
+int RunAttach(const config::Settings& base, config::Settings remote_settings,
+              const store::ModelShape& shape, int64_t tokens, int64_t max_value_bytes,
+              int fetch_threads, const remote::LocalRedisCluster* cluster) {
+  const int64_t appended = tokens + base.recent_tokens;
+  const double kv_bytes = 2.0 * tokens * shape.layers * shape.kv_heads * shape.head_dim * 2;
   std::printf(
       "# shape %s, prefix %lld tokens (KV %.0f MB), synthetic clustered keys, "
       "remote.max_value_bytes %lld\n",
       store::ToString(shape).c_str(), (long long)tokens, kv_bytes / 1e6,
       (long long)max_value_bytes);
   const Workload w = MakeWorkload(shape, appended);
-  config::Settings remote_settings = base;
-  remote_settings.remote_redis = seeds;
-  remote_settings.remote_max_value_bytes = max_value_bytes;
-  remote_settings.remote_queue_bytes = int64_t{64} << 30;  // measure, never drop
-  remote_settings.remote_command_timeout_ms = 10000;
 
   auto build_locally = [&] {
     auto e = engine::Engine::Create(base).value();
@@ -406,10 +564,10 @@ int RunRemote(const config::Settings& base, const store::ModelShape& shape, int6
   // B attaching with remote.attach = index (the default): the bar's number is its attach +
   // suffix + first Attend of every layer; then until every row is local.
   remote_settings.remote_attach = "index";
-  const Attached lazy = AttachFromCluster(remote_settings, shape, w, cluster.get());
+  const Attached lazy = AttachFromCluster(remote_settings, shape, w, cluster);
   // The same with remote.attach = whole (every byte before Open returns), for comparison.
   remote_settings.remote_attach = "whole";
-  const Attached whole = AttachFromCluster(remote_settings, shape, w, cluster.get());
+  const Attached whole = AttachFromCluster(remote_settings, shape, w, cluster);
   auto same_bits = [](const std::vector<float>& x, const std::vector<float>& y) {
     return x.size() == y.size() && std::memcmp(x.data(), y.data(), x.size() * sizeof(float)) == 0;
   };
@@ -456,7 +614,8 @@ int RunRemote(const config::Settings& base, const store::ModelShape& shape, int6
               a.build_s, a.build_s / local_build);
   std::printf("%-44s %12.0f rows/s  (local %.0f rows/s)\n", "A: bulk Append rate, remote on",
               rows / a.append_s, rows / local_append);
-  std::printf("%-44s %12.1f %%\n", "A: Append rate vs local", 100.0 * local_append / a.append_s);
+  std::printf("%-44s %12.1f %%  (one sample: the bar's number is the pairs' median)\n",
+              "A: Append rate vs local", 100.0 * local_append / a.append_s);
   std::printf("%-44s %12.1f %%\n", "A: build rate vs local", 100.0 * local_build / a.build_s);
   return same && lazy.matched == tokens && whole.matched == tokens ? 0 : 1;
 }
