@@ -192,8 +192,13 @@ absl::StatusOr<redisContext*> RedisCluster::Connect(const std::string& host, int
                               c, "AUTH %b %b", options_.user.data(), options_.user.size(),
                               options_.password.data(), options_.password.size()));
     Reply reply(r);
-    if (r == nullptr || reply.is_error()) {
-      std::string why = r == nullptr ? std::string(c->errstr) : std::string(reply.str());
+    if (r == nullptr) {  // no answer within the connect timeout (or I/O error): the node is down
+      std::string why = c->errstr;
+      redisFree(c);
+      return absl::UnavailableError(absl::StrCat("redis ", host, ":", port, " AUTH: ", why));
+    }
+    if (reply.is_error()) {  // WRONGPASS etc.: the credentials, not the node
+      std::string why(reply.str());
       redisFree(c);
       return absl::PermissionDeniedError(absl::StrCat("redis ", host, ":", port, " AUTH: ", why));
     }
@@ -232,7 +237,9 @@ absl::StatusOr<RedisCluster::Lease> RedisCluster::Checkout(const std::string& ad
   }
   absl::StatusOr<redisContext*> c = Connect(host, port);  // without the lock: may wait
   if (!c.ok()) {
-    if (absl::IsUnavailable(c.status())) MarkDown(address);
+    // Refused credentials do not fix themselves either: back off like a dead node instead of
+    // opening a connection (and failing AUTH) on every call.
+    if (absl::IsUnavailable(c.status()) || absl::IsPermissionDenied(c.status())) MarkDown(address);
     return c.status();
   }
   return Lease(this, address, *c);

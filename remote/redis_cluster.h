@@ -7,7 +7,8 @@
 // A node whose connect or I/O fails is marked down for down_retry_ms: calls routed to it fail at
 // once with Unavailable (the caller degrades to local-only) until the next try after that, so a
 // dead or stopped node costs one timeout per down_retry_ms, and a node that comes back is used
-// again at the next try.
+// again at the next try. AUTH refused by a node (wrong user or password) fails the call with
+// PermissionDenied and marks the node down the same way.
 //
 // Connections: a pool of idle hiredis connections per node; a call checks one out for its
 // duration (so concurrent calls never share one), and a connection that saw an error is closed.

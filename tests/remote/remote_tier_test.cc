@@ -2,7 +2,8 @@
 // behind) come back bit-exact; a block with a part missing, a corrupt or truncated part, a
 // manifest of another format version, or a record that is not the prefix asked for is detected,
 // counted and never served, and the run ends before it; a stopped node fails writes within the
-// timeout and the write-behind queue stays bounded without blocking. Skipped (with the reason)
+// timeout and the write-behind queue stays bounded without blocking; a Redis ACL user is fenced to
+// its namespace's keys and a wrong password only misses. Skipped (with the reason)
 // only when redis-server is not installed.
 #include "remote/remote_tier.h"
 
@@ -23,6 +24,11 @@ namespace {
 
 using store::testing::ExpectSameSegment;
 using store::testing::RandomSegment;
+using Clock = std::chrono::steady_clock;
+
+double MsSince(Clock::time_point t) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t).count();
+}
 
 constexpr int32_t kBlockTokens = 48;
 
@@ -34,7 +40,7 @@ struct TestBlock {
 // A chain of `n` blocks of a 2-layer, 2-KV-head model with random content.
 std::vector<TestBlock> MakeChain(int n, uint64_t seed, store::MemoryBudget& budget,
                                  int32_t block_tokens = kBlockTokens, int32_t head_dim = 16,
-                                 int32_t steady = 0) {
+                                 int32_t steady = 0, const std::string& name_space = "tenant/a") {
   std::mt19937 rng(static_cast<unsigned>(seed));
   std::vector<TestBlock> chain(n);
   store::BlockHash parent;
@@ -42,7 +48,7 @@ std::vector<TestBlock> MakeChain(int n, uint64_t seed, store::MemoryBudget& budg
     store::BlockRecord& r = chain[b].record;
     r.shape = store::ModelShape{
         .layers = 2, .q_heads = 4, .kv_heads = 2, .head_dim = head_dim, .dtype = DType::kBF16};
-    r.name_space = "tenant/a";  // escaped in the keys
+    r.name_space = name_space;  // escaped in the keys
     r.model_id = "test-model";
     r.first_position = int64_t{block_tokens} * b;
     r.tokens.resize(block_tokens);
@@ -93,8 +99,11 @@ class RemoteTierTest : public ::testing::Test {
     std::printf("seed %llu (set KVWAVE_TEST_SEED to repeat)\n", (unsigned long long)seed_);
   }
   std::unique_ptr<RemoteTier> Tier(int64_t max_value_bytes = 1100, int64_t queue_bytes = 1 << 30,
-                                   int64_t command_timeout_ms = 1000, int fetch_threads = 0) {
+                                   int64_t command_timeout_ms = 1000, int fetch_threads = 0,
+                                   const std::string& user = "", const std::string& password = "") {
     RemoteTierOptions o;
+    o.cluster.user = user;
+    o.cluster.password = password;
     o.fetch_threads = fetch_threads;
     o.cluster.seeds = {cluster_->nodes()[0]};
     o.cluster.command_timeout_ms = command_timeout_ms;
@@ -521,6 +530,108 @@ TEST_F(RemoteTierTest, LazyRowsOfAStoppedNodeFailWithinTheTimeoutAndComeBack) {
   } while (std::chrono::steady_clock::now() < give_up);
   ASSERT_TRUE(s.ok()) << s;
   ExpectSameSegment(*got[0][0], *chain[0].segments[0]);
+}
+
+// Redis ACL fences a namespace off: a user limited to `kvw:tenant%2fa:*` (the escaped namespace
+// "tenant/a") and to the commands the tier sends, created on every node. With it the tier writes
+// and reads "tenant/a" bit-exact; a write to "tenant/b" is refused by every node (an error status,
+// counted, nothing stored) and a "tenant/b" block that is in the cluster is not served; a wrong
+// password fails AUTH with PermissionDenied within the connect timeout and the tier only misses.
+TEST_F(RemoteTierTest, AclUserIsFencedToItsNamespaceAndAWrongPasswordOnlyMisses) {
+  const std::string user = "kvw-tenant-a", password = "pw-a";
+  auto admin = Tier();  // the default user: every key and command
+  for (const std::string& node : cluster_->nodes()) {
+    auto r = admin->cluster().RunOnNode(
+        node, {"ACL", "SETUSER", user, "reset", "on", ">" + password, "~kvw:tenant%2fa:*", "+get",
+               "+set", "+strlen", "+getrange", "+cluster|slots", "+asking"});
+    ASSERT_TRUE(r.ok()) << r.status();
+    ASSERT_EQ(r->str(), "OK") << node;
+  }
+  auto dbsize = [&] {
+    int64_t keys = 0;
+    for (const std::string& node : cluster_->nodes()) {
+      auto r = admin->cluster().RunOnNode(node, {"DBSIZE"});
+      EXPECT_TRUE(r.ok() && r->is_integer());
+      keys += r.ok() ? r->integer() : 0;
+    }
+    return keys;
+  };
+  auto a = MakeChain(3, seed_, budget_);
+  auto b = MakeChain(3, seed_ + 1, budget_, kBlockTokens, 16, 0, "tenant/b");
+  auto tenant = Tier(1100, 1 << 30, 1000, 0, user, password);
+
+  // (2) Another namespace: every write is refused (NOPERM), counted, and leaves no key.
+  absl::Status denied = tenant->WriteBlock(b[0].record, b[0].segments);
+  EXPECT_FALSE(denied.ok());
+  EXPECT_NE(denied.message().find("NOPERM"), std::string::npos) << denied;
+  EXPECT_TRUE(tenant->Enqueue(b[1].record, b[1].segments));
+  EXPECT_FALSE(tenant->Flush().ok());
+  EXPECT_GE(tenant->stats().write_errors, 1);
+  EXPECT_EQ(tenant->stats().blocks_written, 0);
+  EXPECT_EQ(dbsize(), 0);
+  // A "tenant/b" block written by someone allowed to is not served to this user.
+  ASSERT_TRUE(admin->WriteBlock(b[0].record, b[0].segments).ok());
+  EXPECT_EQ(tenant
+                ->FetchRun(std::span<const store::BlockRecord>(&b[0].record, 1),
+                           store::DefaultHostAllocator(), budget_)
+                .size(),
+            0u);
+  EXPECT_GE(tenant->stats().unavailable, 1);
+  EXPECT_EQ(tenant->stats().blocks_fetched, 0);
+
+  // (1) Its own namespace: written (directly and behind) and read back bit-exact.
+  ASSERT_TRUE(tenant->WriteBlock(a[0].record, a[0].segments).ok());
+  EXPECT_TRUE(tenant->Enqueue(a[1].record, a[1].segments));
+  EXPECT_TRUE(tenant->Enqueue(a[2].record, a[2].segments));
+  ASSERT_TRUE(tenant->Flush().ok());
+  EXPECT_EQ(tenant->stats().blocks_written, 3);
+  auto reader = Tier(1100, 1 << 30, 1000, 0, user, password);
+  auto got = Fetch(*reader, a);
+  ASSERT_EQ(got.size(), 3u);
+  for (int blk = 0; blk < 3; ++blk) {
+    ASSERT_EQ(got[blk].size(), 4u);
+    for (int s = 0; s < 4; ++s) ExpectSameSegment(*got[blk][s], *a[blk].segments[s]);
+  }
+  const RemoteStats rs = reader->stats();
+  EXPECT_EQ(rs.blocks_fetched, 3);
+  EXPECT_EQ(rs.unavailable + rs.blocks_corrupt + rs.blocks_partial, 0);
+
+  // (3) A wrong password: AUTH fails with a clear status within the connect timeout.
+  constexpr int64_t kConnectMs = 200, kSlackMs = 2000;  // slack: a loaded 2-core machine
+  RedisClusterOptions wrong;
+  wrong.seeds = {cluster_->nodes()[0]};
+  wrong.connect_timeout_ms = kConnectMs;
+  wrong.down_retry_ms = 0;  // try the node on every call: each one must fail AUTH by itself
+  wrong.user = user;
+  wrong.password = "not-" + password;
+  auto client = RedisCluster::Create(wrong);
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto t = Clock::now();
+  auto get = (*client)->RunOnNode(cluster_->nodes()[0],
+                                  {"GET", ManifestKey("tenant/a", a[0].record.hash)});
+  EXPECT_LT(MsSince(t), kConnectMs + kSlackMs);
+  EXPECT_TRUE(absl::IsPermissionDenied(get.status())) << get.status();
+  EXPECT_NE(get.status().message().find("WRONGPASS"), std::string::npos) << get.status();
+  // The tier with it degrades to misses: nothing served, writes refused, no wait past the bound.
+  auto bad = Tier(1100, 1 << 30, 1000, 0, user, "not-" + password);
+  t = Clock::now();
+  EXPECT_EQ(Fetch(*bad, a).size(), 0u);
+  EXPECT_FALSE(bad->WriteBlock(a[0].record, a[0].segments).ok());
+  EXPECT_TRUE(bad->Enqueue(a[1].record, a[1].segments));
+  EXPECT_FALSE(bad->Flush().ok());
+  EXPECT_LT(MsSince(t), 3 * kConnectMs + kSlackMs);
+  const RemoteStats bs = bad->stats();
+  EXPECT_EQ(bs.blocks_fetched, 0);
+  EXPECT_GE(bs.unavailable, 1);
+  EXPECT_EQ(bs.blocks_written, 0);
+  EXPECT_GE(bs.write_errors, 1);
+  EXPECT_GE(bs.cluster.node_failures, 1);  // marked down, not retried on every call
+  // The blocks the right user wrote are untouched.
+  EXPECT_EQ(Fetch(*reader, a).size(), 3u);
+  // Leave no ACL user behind for the next tests.
+  for (const std::string& node : cluster_->nodes()) {
+    ASSERT_TRUE(admin->cluster().RunOnNode(node, {"ACL", "DELUSER", user}).ok());
+  }
 }
 
 }  // namespace
