@@ -267,11 +267,11 @@ TEST(LifecycleTest, SighupKeepsServingAndSessionLimitHolds) {
   const std::string config = dir + "kvwave-sighup-" + std::to_string(getpid()) + ".toml";
   const std::string log = dir + "kvwave-sighup-" + std::to_string(getpid()) + ".log";
   auto write_config = [&](int64_t max_frame_bytes, bool with_namespace) {
-    std::ofstream(config) << "[rpc]\nmax_sessions = 3\nmax_frame_bytes = " << max_frame_bytes
-                          << "\n[log]\nlevel = \"info\"\n"
-                          << (with_namespace
-                                  ? "[trust.namespace.docs]\nwrite_token = \"secret-w-0123456789abcdef\"\n"
-                                  : "");
+    std::ofstream(config)
+        << "[rpc]\nmax_sessions = 3\nmax_frame_bytes = " << max_frame_bytes
+        << "\n[log]\nlevel = \"info\"\n"
+        << (with_namespace ? "[trust.namespace.docs]\nwrite_token = \"secret-w-0123456789abcdef\"\n"
+                           : "");
   };
   write_config(int64_t{256} << 20, false);
   client::LocalDaemonOptions o;
