@@ -1,6 +1,7 @@
 #include "remote/remote_tier.h"
 
 #include <algorithm>
+#include <limits>
 #include <map>
 #include <random>
 #include <utility>
@@ -18,6 +19,28 @@ int64_t SegmentBytes(const store::BlockSegments& segments) {
   int64_t bytes = 0;
   for (const auto& s : segments) bytes += s->bytes();
   return bytes;
+}
+
+// What the block of manifest `m` charges once decoded (its rows included), from the manifest's
+// stream sizes alone. DataLoss when they cannot be a block of `expected`.
+absl::StatusOr<int64_t> BlockChargedBytes(const store::BlockRecord& expected, const Manifest& m) {
+  if (static_cast<int64_t>(m.segment_bytes.size()) != 2 * expected.segments()) {
+    return absl::DataLossError(absl::StrCat("remote block ", expected.hash.ToHex(), ": ",
+                                            m.segment_bytes.size() / 2, " segments, the shape has ",
+                                            expected.segments()));
+  }
+  const int32_t tokens = static_cast<int32_t>(expected.tokens.size());
+  int64_t total = 0;
+  for (size_t s = 0; s < m.segment_bytes.size(); s += 2) {
+    const int64_t bytes =
+        SplitSegmentChargedBytes(m.segment_bytes[s], m.segment_bytes[s + 1], tokens);
+    if (bytes < 0 || total > std::numeric_limits<int64_t>::max() / 2 - bytes) {
+      return absl::DataLossError(absl::StrCat("remote block ", expected.hash.ToHex(), ": segment ",
+                                              s / 2, " has implausible stream sizes"));
+    }
+    total += bytes;
+  }
+  return total;
 }
 
 uint64_t FreshGeneration() {
@@ -213,9 +236,8 @@ absl::Status RemoteTier::CheckKvParts(const store::BlockRecord& expected, const 
   return absl::OkStatus();
 }
 
-absl::StatusOr<store::BlockSegments> RemoteTier::ReadBlock(
-    const store::BlockRecord& expected, absl::string_view manifest_value, bool lazy,
-    store::HostAllocator* allocator, store::MemoryBudget& budget, std::vector<BulkValue>& values) {
+absl::StatusOr<Manifest> RemoteTier::CheckManifest(const store::BlockRecord& expected,
+                                                   absl::string_view manifest_value) {
   KVWAVE_ASSIGN_OR_RETURN(Manifest m, DecodeManifest(manifest_value));
   if (m.record != expected) {
     return absl::DataLossError(
@@ -225,6 +247,14 @@ absl::StatusOr<store::BlockSegments> RemoteTier::ReadBlock(
     return absl::DataLossError(absl::StrCat("remote block ", expected.hash.ToHex(),
                                             ": its KV was found gone or corrupt before"));
   }
+  return m;
+}
+
+absl::StatusOr<store::BlockSegments> RemoteTier::ReadBlock(const store::BlockRecord& expected,
+                                                           const Manifest& m, bool lazy,
+                                                           store::HostAllocator* allocator,
+                                                           store::MemoryCharge& reserved,
+                                                           std::vector<BulkValue>& values) {
   if (lazy) KVWAVE_RETURN_IF_ERROR(CheckKvParts(expected, m));
   const int slot = BlockSlot(expected.hash);
   const size_t segments = m.segment_bytes.size() / 2;
@@ -283,8 +313,14 @@ absl::StatusOr<store::BlockSegments> RemoteTier::ReadBlock(
           return rows;
         };
       }
-      KVWAVE_ASSIGN_OR_RETURN(SplitIndex split,
-                              DecodeSplitSegment(index, kv, make_pending, allocator, budget));
+      // Exact (BlockChargedBytes summed these), so `reserved` ends empty.
+      const int64_t charge =
+          SplitSegmentChargedBytes(m.segment_bytes[2 * s], m.segment_bytes[2 * s + 1],
+                                   static_cast<int32_t>(expected.tokens.size()));
+      KVWAVE_CHECK(charge >= 0 && charge <= reserved.bytes());
+      KVWAVE_ASSIGN_OR_RETURN(
+          SplitIndex split,
+          DecodeSplitSegment(index, kv, make_pending, allocator, reserved.Split(charge)));
       out[s] = std::move(split.segment);
       if (rows != nullptr) {
         // Where the rows are; set before the segment is published to any other thread.
@@ -333,8 +369,31 @@ std::vector<store::BlockSegments> RemoteTier::FetchRun(std::span<const store::Bl
     }
     if (r->is_nil() || !r->is_string()) break;  // not there (never written, or evicted)
   }
+  // 2. Each block's whole charge (known from its manifest), reserved in chain order before any
+  //    block is read: the run ends at the first block that does not fit, having charged every
+  //    block before it, whichever node answers first below.
+  std::vector<Manifest> decoded;
+  std::vector<store::MemoryCharge> charges;
+  for (size_t i = 0; i < run; ++i) {
+    absl::StatusOr<Manifest> m = CheckManifest(expected[i], manifests[i]->str());
+    absl::StatusOr<int64_t> bytes = m.ok() ? BlockChargedBytes(expected[i], *m) : m.status();
+    if (!bytes.ok()) {
+      CountFailure(bytes.status());
+      run = i;
+      break;
+    }
+    absl::StatusOr<store::MemoryCharge> charge = budget.Reserve(*bytes);
+    if (!charge.ok()) {  // the memory limit: this block and the rest are prefilled
+      run = i;
+      break;
+    }
+    decoded.push_back(*std::move(m));
+    charges.push_back(*std::move(charge));
+  }
   if (run == 0) return out;
-  // 2. The run's blocks: one thread per node, each block one pipeline (windowed).
+  // 3. The run's blocks: one thread per node, each block one pipeline (windowed), each decoded
+  //    into its own reservation (a block that fails releases its own and, with the blocks after
+  //    it, theirs on return).
   std::map<std::string, std::vector<size_t>> by_node;
   for (size_t i = 0; i < run; ++i) {
     absl::StatusOr<std::string> node = cluster_->NodeOfSlot(BlockSlot(expected[i].hash));
@@ -351,7 +410,7 @@ std::vector<store::BlockSegments> RemoteTier::FetchRun(std::span<const store::Bl
     std::vector<BulkValue> scratch;
     for (size_t i : indices) {
       if (i >= first_bad.load(std::memory_order_relaxed)) return;
-      blocks[i] = ReadBlock(expected[i], manifests[i]->str(), lazy, allocator, budget, scratch);
+      blocks[i] = ReadBlock(expected[i], decoded[i], lazy, allocator, charges[i], scratch);
       if (!blocks[i].ok()) {
         CountFailure(blocks[i].status());
         size_t bad = first_bad.load(std::memory_order_relaxed);

@@ -9,8 +9,11 @@
 //       is visible only when it is whole.
 //   read: FetchRun GETs the manifests of the wanted blocks (one pipeline per node, nodes in
 //       parallel), keeps the longest run that exists and matches what was asked (namespace,
-//       model id, shape, positions, token ids, parent), then reads the run's parts (one thread
-//       per node, each block one pipeline), checks every part and segment and decodes them.
+//       model id, shape, positions, token ids, parent), charges each block of it to the memory
+//       budget in chain order (the whole block, rows included; its size follows from the
+//       manifest's stream sizes) up to the first that does not fit, then reads the charged
+//       blocks' parts (one thread per node, each block one pipeline, every block decoded into its
+//       own charge), checks every part and segment and decodes them.
 //       Lazy (FetchRun's `lazy`): only the index streams are read (and the KV parts' lengths
 //       checked with STRLEN); the segments come back with their rows pending, fetched on demand
 //       and behind by the KvFetcher (remote/kv_fetcher.h).
@@ -93,7 +96,9 @@ class RemoteTier {
   [[nodiscard]] absl::Status Flush();
 
   // The longest run expected[0..n) of blocks present and verified in the cluster, decoded into
-  // memory charged to `budget` in full (the run also ends where the budget does). With `lazy`,
+  // memory charged to `budget` in full. The run also ends where the budget does: block i is
+  // charged before block i + 1 (before either is read), so it ends at the first block that does
+  // not fit, whatever the order the nodes answer in. With `lazy`,
   // only the indexes are read: the segments' rows are pending (store/pending_rows.h) and queued
   // for the background fetch.
   std::vector<store::BlockSegments> FetchRun(std::span<const store::BlockRecord> expected,
@@ -119,12 +124,16 @@ class RemoteTier {
   void WriterLoop();
   absl::Status WriteParts(int slot, std::vector<std::string>& keys,
                           std::vector<std::string>& values);
-  // Reads, checks and decodes one block whose manifest is `manifest_value`.
+  // Decodes a block's manifest and checks it names `expected` (and a KV not found lost before).
+  absl::StatusOr<Manifest> CheckManifest(const store::BlockRecord& expected,
+                                         absl::string_view manifest_value);
+  // Reads, checks and decodes one block of manifest `m` (checked), its segments charged out of
+  // `reserved` (REQUIRES: holds the block's BlockChargedBytes; empty on success).
   // `scratch` holds the part buffers, reused from block to block.
   absl::StatusOr<store::BlockSegments> ReadBlock(const store::BlockRecord& expected,
-                                                 absl::string_view manifest_value, bool lazy,
+                                                 const Manifest& m, bool lazy,
                                                  store::HostAllocator* allocator,
-                                                 store::MemoryBudget& budget,
+                                                 store::MemoryCharge& reserved,
                                                  std::vector<BulkValue>& scratch);
   // The lengths of a lazy block's KV parts, checked with STRLEN (a part evicted since the
   // manifest was written makes the block partial now rather than at the first Attend).

@@ -67,6 +67,18 @@ Layout LayoutOf(const Header& h) {
 
 uint64_t KvChecksum(const void* data, size_t bytes) { return XXH3_64bits(data, bytes); }
 
+int64_t SplitSegmentChargedBytes(uint64_t index_bytes, uint64_t kv_bytes, int32_t num_tokens) {
+  // Segment::ChargedBytes = 2 rows row_bytes + C (2 d 4 + 4 + 8) + 4 rows + 8 n, and by LayoutOf
+  // the index stream holds kHeaderBytes + 2 steady_rows row_bytes + C (2 d 4 + 4 + 8) + 4 rows
+  // while the KV stream holds the other 2 (rows - steady_rows) row_bytes.
+  constexpr uint64_t kMaxStreamBytes = uint64_t{1} << 48;  // keeps the sum far from overflow
+  if (index_bytes < kHeaderBytes || index_bytes > kMaxStreamBytes || kv_bytes > kMaxStreamBytes ||
+      num_tokens < 1 || num_tokens > kMaxTokens) {
+    return -1;
+  }
+  return static_cast<int64_t>(index_bytes - kHeaderBytes + kv_bytes) + int64_t{num_tokens} * 8;
+}
+
 uint64_t ClusterKvOffset(const store::Segment& s, int32_t c) {
   return 2 * static_cast<uint64_t>(s.cluster_row(c) - s.steady_rows()) * s.row_bytes();
 }
@@ -120,7 +132,7 @@ absl::StatusOr<SplitIndex> DecodeSplitSegment(
     absl::string_view index, absl::string_view kv,
     const std::function<std::shared_ptr<store::PendingRows>(const std::vector<bool>&)>&
         make_pending,
-    store::HostAllocator* allocator, store::MemoryBudget& budget) {
+    store::HostAllocator* allocator, store::MemoryCharge reserved) {
   if (index.size() < kHeaderBytes) return DataLoss("short header");
   Header h;
   std::memcpy(&h, index.data(), kHeaderBytes);
@@ -154,7 +166,10 @@ absl::StatusOr<SplitIndex> DecodeSplitSegment(
   parts.num_clusters = h.num_clusters;
   const int64_t charge = store::Segment::ChargedBytes(h.num_rows, h.num_tokens, h.num_clusters,
                                                       h.head_dim, parts.dtype);
-  KVWAVE_ASSIGN_OR_RETURN(store::MemoryCharge reserved, budget.Reserve(charge));
+  if (charge != reserved.bytes()) {
+    return DataLoss(
+        absl::StrCat("charges ", charge, " bytes, its stream sizes imply ", reserved.bytes()));
+  }
   const size_t rows_bytes = static_cast<size_t>(h.num_rows) * l.row_bytes;
   KVWAVE_ASSIGN_OR_RETURN(parts.keys, store::HostBuffer::Allocate(allocator, rows_bytes));
   KVWAVE_ASSIGN_OR_RETURN(parts.values, store::HostBuffer::Allocate(allocator, rows_bytes));

@@ -48,16 +48,22 @@ struct SplitIndex {
   uint64_t kv_bytes = 0;                    // size of the KV stream
 };
 
-// Decodes an index stream into a segment charged to `budget` in full (ResourceExhausted at the
-// limit). With `kv` (the whole KV stream) the rows are copied in and the segment is complete;
-// with `pending` (and kv empty) its cluster rows are left to be fetched (store/pending_rows.h;
-// `make_pending` is called with the per-cluster "no rows" flags and must return the object).
-// DataLoss on any inconsistency.
+// The bytes a segment of `num_tokens` tokens decoded from an index stream of `index_bytes` and a
+// KV stream of `kv_bytes` charges (Segment::ChargedBytes), known from the streams' sizes alone
+// (a manifest's), before either is read: -1 when no well-formed pair of streams has these sizes.
+int64_t SplitSegmentChargedBytes(uint64_t index_bytes, uint64_t kv_bytes, int32_t num_tokens);
+
+// Decodes an index stream into a segment charged in full (its rows included) with `reserved`,
+// which must hold exactly SplitSegmentChargedBytes of the streams (DataLoss otherwise). With `kv`
+// (the whole KV stream) the rows are copied in and the segment is complete; with `pending` (and
+// kv empty) its cluster rows are left to be fetched (store/pending_rows.h; `make_pending` is
+// called with the per-cluster "no rows" flags and must return the object). DataLoss on any
+// inconsistency; `reserved` is released on any error.
 [[nodiscard]] absl::StatusOr<SplitIndex> DecodeSplitSegment(
     absl::string_view index, absl::string_view kv,
     const std::function<std::shared_ptr<store::PendingRows>(const std::vector<bool>&)>&
         make_pending,
-    store::HostAllocator* allocator, store::MemoryBudget& budget);
+    store::HostAllocator* allocator, store::MemoryCharge reserved);
 
 // Copies cluster c's KV-stream bytes (`bytes`, exactly ClusterKvBytes long) into the segment's
 // row buffers at `keys`, `values` (the pending rows' bases).
