@@ -162,6 +162,25 @@ class WaveBuffer {
     WaveCallStats* stats = nullptr;
   };
   [[nodiscard]] absl::Status AttendHostBatch(std::span<const HostCall> calls);
+  // Calls on device q / out / lse of another party's stream (wave_device.cc): the first call's
+  // kernels wait for `wait_event` (a cudaEvent_t, e.g. a client's "q ready"; null: none), and
+  // `signal_event` (null: none) is recorded after the last call's, even when a call fails (then
+  // after what was queued): once it completes, nothing of these calls touches q / out / lse.
+  // Returns without waiting for the GPU. Uploads a Sync copies straight from host rows (too
+  // large for the slot's staging: a first call after a long prefill) are waited for before the
+  // calls wait for `wait_event`, so the host rows may change once this returns. Stats: the
+  // steady rows and cluster totals (known when queued); retrieved counts are not reported.
+  struct DeviceCall {
+    SpaceId space = 0;
+    std::span<const store::HeadKv> heads;
+    const float* q = nullptr;
+    float* out = nullptr;
+    float* lse = nullptr;
+    WaveBudget budget;
+    WaveCallStats* stats = nullptr;
+  };
+  [[nodiscard]] absl::Status AttendDeviceBatch(std::span<const DeviceCall> calls, void* wait_event,
+                                               void* signal_event);
   // Waits for the calls queued so far (and the cache updates queued before them), not for the
   // commits still to come (Finish).
   [[nodiscard]] absl::Status WaitForCalls();
@@ -220,6 +239,8 @@ class WaveBuffer {
   absl::Status Enqueue(Space& space, const float* q, float* out, float* lse,
                        const WaveBudget& budget, int slot);
   void Commit(int slot);
+  // ---- wave_device.cc ----
+  absl::Status BeginDevice(int slot, const DeviceCall& call, void* wait_event);
   void Fail(const absl::Status& status);
 
   WaveBufferOptions o_;

@@ -16,6 +16,7 @@
 #include <mutex>
 
 #include "absl/strings/str_cat.h"
+#include "client/client_cuda.h"
 #include "client/client_impl.h"
 #include "config/status_macros.h"
 
@@ -73,7 +74,11 @@ absl::StatusOr<int> ConnectTcp(const std::string& host, int port) {
 }  // namespace
 
 Client::Impl::~Impl() {
-  if (fd_ >= 0) close(fd_);
+  if (fd_ >= 0) close(fd_);  // kvwaved closes this session's registrations
+  for (auto& [id, ev] : device_events_) {
+    cuda::DestroyEvent(ev.q_ready);
+    cuda::DestroyEvent(ev.out_ready);
+  }
 }
 
 absl::Status Client::Impl::WriteAll(std::span<const std::byte> data) {

@@ -1,7 +1,19 @@
 # Client-side targets (included from client/CMakeLists.txt). kvwave_client depends on the wire
 # protocol only (kvwave_proto): never on engine, store or index.
-kvwave_library(kvwave_client SOURCES client.cc client_ops.cc local_daemon.cc PUBLIC_DEPS kvwave_proto)
+# Device tensors (client_device.cc) use the CUDA runtime in CUDA builds (client_cuda.cc); without
+# CUDA they answer UNIMPLEMENTED (client_cuda_none.cc).
+if(KVWAVE_HAVE_CUDA)
+  set(client_cuda_source client_cuda.cc)
+else()
+  set(client_cuda_source client_cuda_none.cc)
+endif()
+kvwave_library(kvwave_client
+  SOURCES client.cc client_ops.cc client_device.cc ${client_cuda_source} local_daemon.cc
+  PUBLIC_DEPS kvwave_proto)
 target_include_directories(kvwave_client PUBLIC ${CMAKE_CURRENT_SOURCE_DIR}/include)
+if(KVWAVE_HAVE_CUDA)
+  target_link_libraries(kvwave_client PRIVATE CUDA::cudart)
+endif()
 
 # The kvwave CLI: ping, stats, contexts, drop, demo.
 add_executable(kvwave kvwave_main.cc demo.cc)

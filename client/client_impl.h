@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <map>
 #include <mutex>
 #include <span>
 #include <string>
@@ -45,6 +46,13 @@ class Client::Impl {
   void StageOutput(std::span<std::byte> dst, size_t align, rpc::pb::Tensor* t);
   // Copies a returned tensor (inline or in the region) into dst.
   absl::Status Collect(const rpc::pb::Tensor& got, std::span<std::byte> dst, const char* what);
+
+  // Registrations made by RegisterDeviceBuffers: their events (cudaEvent_t), this client's.
+  struct DeviceEvents {
+    void* q_ready = nullptr;
+    void* out_ready = nullptr;
+  };
+  std::map<uint64_t, DeviceEvents> device_events_;
 
   std::mutex mu_;
   ClientOptions options_;

@@ -293,6 +293,11 @@ absl::StatusOr<ServerStats> Client::Stats() {
   s.gpu_misses = resp.gpu_misses();
   s.gpu_pcie_bytes = resp.gpu_pcie_bytes();
   s.gpu_segments_resident = resp.gpu_segments_resident();
+  s.gpu_device_registrations = resp.gpu_device_registrations();
+  s.gpu_ipc_mappings = resp.gpu_ipc_mappings();
+  s.gpu_ipc_events = resp.gpu_ipc_events();
+  s.gpu_device_calls = resp.gpu_device_calls();
+  s.gpu_device_errors = resp.gpu_device_errors();
   s.in_flight = resp.in_flight();
   s.rss_bytes = resp.rss_bytes();
   s.frames_rejected = resp.frames_rejected();

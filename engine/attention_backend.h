@@ -81,6 +81,17 @@ struct AttendItem {
   AttendStats* stats = nullptr;  // never null: add this item's counts to it
 };
 
+// One (context, layer) of an AttendDevice call (issue 17): its q [q_heads x head_dim], out
+// [q_heads x head_dim] and lse [q_heads] (float32) at these byte offsets of the registration's
+// buffers (checked by the engine: in range, multiples of 16).
+struct DeviceAttendItem {
+  const store::Context* context = nullptr;
+  int32_t layer = 0;
+  AttendBudget budget;
+  DeviceOffsets offsets;
+  AttendStats* stats = nullptr;  // never null
+};
+
 class AttentionBackend {
  public:
   virtual ~AttentionBackend() = default;
@@ -105,6 +116,19 @@ class AttentionBackend {
 
   // (out, lse) of every item; see the header comment. On error the outputs are unspecified.
   [[nodiscard]] virtual absl::Status Attend(std::span<const AttendItem> items) = 0;
+
+  // GPU clients (issue 17), see Engine::OpenDeviceBuffers / AttendBatchDevice. `buffers` is one
+  // this backend opened; the engine checked the offsets against its sizes and holds the items'
+  // layer locks (shared) for the call. Default: no GPU.
+  [[nodiscard]] virtual absl::StatusOr<std::unique_ptr<DeviceBuffers>> OpenDeviceBuffers(
+      const DeviceBuffersSpec& spec) {
+    return absl::FailedPreconditionError(
+        "no GPU backend: this kvwaved attends on the CPU (gpu.mode), device tensors need a GPU");
+  }
+  [[nodiscard]] virtual absl::Status AttendDevice(std::span<const DeviceAttendItem> items,
+                                                  DeviceBuffers& buffers) {
+    return absl::FailedPreconditionError("no GPU backend");
+  }
 
   // The clustering of one segment's keys [n x d] (float32). Default: index::ClusterKeys.
   [[nodiscard]] virtual absl::StatusOr<index::WaveClusters> ClusterKeys(

@@ -151,6 +151,10 @@ struct BackendStats {
   int64_t calls = 0;
   double enqueue_us = 0, slot_wait_us = 0, result_wait_us = 0, commit_us = 0;
   int64_t kmeans_gpu = 0, kmeans_cpu = 0;  // segment clusterings run on the GPU / the CPU
+  // GPU clients (issue 17): registrations open, IPC memory mappings and events open, device
+  // calls served and failed, all time.
+  int64_t device_registrations = 0, ipc_mappings = 0, ipc_events = 0;
+  int64_t device_calls = 0, device_errors = 0;
 };
 
 struct EngineStats {
@@ -195,6 +199,34 @@ struct EngineStats {
   int64_t remote_kv_unavailable = 0;       // row fetches that failed on a slow or dead node
   int64_t remote_kv_queued_segments = 0;   // waiting for the background fetch now
   BackendStats backend;                    // the attention backend that serves Attend
+};
+
+// GPU clients (issue 17): device buffers of another process on the engine's GPU, named by CUDA
+// IPC handles (64 bytes each, cudaIpcGetMemHandle / cudaIpcGetEventHandle). A buffer is a span
+// [offset, offset + bytes) of the allocation its handle names.
+struct DeviceBufferSpec {
+  std::string handle;
+  uint64_t offset = 0;
+  uint64_t bytes = 0;
+};
+struct DeviceBuffersSpec {
+  std::string device_uuid;  // the client's GPU (cudaDeviceProp::uuid, 16 bytes)
+  DeviceBufferSpec q, out, lse;
+  std::string q_ready, out_ready;  // interprocess events: recorded by the client / the engine
+};
+// One registration, open: the buffers mapped, the events opened; everything is closed on
+// destruction, after the calls that used them are complete. Made by Engine::OpenDeviceBuffers;
+// one AttendBatchDevice at a time per registration (the caller serialises).
+class DeviceBuffers {
+ public:
+  virtual ~DeviceBuffers() = default;
+  virtual uint64_t q_bytes() const = 0;
+  virtual uint64_t out_bytes() const = 0;
+  virtual uint64_t lse_bytes() const = 0;
+};
+// Byte offsets of one call into a registration's q, out and lse buffers.
+struct DeviceOffsets {
+  uint64_t q = 0, out = 0, lse = 0;
 };
 
 class AttentionBackend;  // engine/attention_backend.h
@@ -256,6 +288,19 @@ class Engine {
   virtual absl::Status AttendBatch(int32_t layer, std::span<const AttendBatchItem> items,
                                    std::span<const float> q, std::span<float> out,
                                    std::span<float> lse, std::span<AttendStats> stats) = 0;
+
+  // AttendBatch on device tensors of a GPU client (issue 17; backends with a GPU only, else
+  // FAILED_PRECONDITION "no GPU backend"). The buffers are those of `buffers` at `offsets` (bytes;
+  // multiples of 16): q [B x q_heads x head_dim] float32, out the same, lse [B x q_heads]. The
+  // GPU work waits for the registration's "q ready" event, and "out ready" is recorded after it
+  // (also when the call fails: after what was queued); returns without waiting for the GPU.
+  // Not checked on the host: q's finiteness (a non-finite q gives that call non-finite output).
+  // Stats: steady tokens, estimated and total clusters (retrieved counts are not known yet).
+  virtual absl::StatusOr<std::unique_ptr<DeviceBuffers>> OpenDeviceBuffers(
+      const DeviceBuffersSpec& spec) = 0;
+  virtual absl::Status AttendBatchDevice(int32_t layer, std::span<const AttendBatchItem> items,
+                                         DeviceBuffers& buffers, const DeviceOffsets& offsets,
+                                         std::span<AttendStats> stats) = 0;
 
   // q: [q_heads x head_dim] float32. positions, scores: [q_heads x k], best first; when a head
   // sees fewer than k tokens the rest is filled with position -1 and score -inf.

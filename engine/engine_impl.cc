@@ -153,6 +153,13 @@ class EngineImpl final : public Engine {
   absl::Status AttendBatch(int32_t layer, std::span<const AttendBatchItem> items,
                            std::span<const float> q, std::span<float> out, std::span<float> lse,
                            std::span<AttendStats> stats) override;
+  absl::StatusOr<std::unique_ptr<DeviceBuffers>> OpenDeviceBuffers(
+      const DeviceBuffersSpec& spec) override {
+    return backend_->OpenDeviceBuffers(spec);
+  }
+  absl::Status AttendBatchDevice(int32_t layer, std::span<const AttendBatchItem> items,
+                                 DeviceBuffers& buffers, const DeviceOffsets& offsets,
+                                 std::span<AttendStats> stats) override;
   absl::Status Retrieve(ContextId id, int32_t layer, std::span<const float> q,
                         const RetrieveOptions& options, std::span<int64_t> positions,
                         std::span<float> scores, RetrieveStats* stats) override;
@@ -768,6 +775,74 @@ absl::Status EngineImpl::AttendBatch(int32_t layer_index, std::span<const Attend
   }
   for (const AttendItem& item : graph_work) KVWAVE_RETURN_IF_ERROR(AttendGraphLocked(item));
   if (!work.empty()) KVWAVE_RETURN_IF_ERROR(backend_->Attend(work));
+  attend_calls_.fetch_add(static_cast<int64_t>(b), std::memory_order_relaxed);
+  return absl::OkStatus();
+}
+
+absl::Status EngineImpl::AttendBatchDevice(int32_t layer_index,
+                                           std::span<const AttendBatchItem> items,
+                                           DeviceBuffers& buffers, const DeviceOffsets& offsets,
+                                           std::span<AttendStats> stats) {
+  const size_t b = items.size();
+  if (b == 0 || b > kMaxBatch) {
+    return absl::InvalidArgumentError(absl::StrCat("batch of ", b, " not in [1, ", kMaxBatch, "]"));
+  }
+  if (!stats.empty()) KVWAVE_RETURN_IF_ERROR(CheckSize("stats", stats.size(), b));
+  std::vector<std::shared_ptr<store::Context>> ctxs;
+  for (const AttendBatchItem& item : items) {
+    KVWAVE_ASSIGN_OR_RETURN(auto ctx, Find(item.context));
+    KVWAVE_RETURN_IF_ERROR(CheckLayer(*ctx, layer_index));
+    KVWAVE_RETURN_IF_ERROR(CheckBudget(item.budget));
+    if (Method(item.budget.method) == AttendMethod::kRetrievalAttention) {
+      return absl::UnimplementedError("retrievalattention is not served on device tensors");
+    }
+    const store::ModelShape& s0 = ctxs.empty() ? ctx->shape() : ctxs[0]->shape();
+    if (ctx->shape().q_heads != s0.q_heads || ctx->shape().head_dim != s0.head_dim) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "context ", item.context, " has another q_heads x head_dim than the batch's first"));
+    }
+    ctxs.push_back(std::move(ctx));
+  }
+  // Each buffer's span for the whole batch lies inside its registered bytes.
+  const uint64_t qd = uint64_t{4} * ctxs[0]->shape().q_heads * ctxs[0]->shape().head_dim;
+  const uint64_t ld = uint64_t{4} * ctxs[0]->shape().q_heads;
+  auto check = [](const char* what, uint64_t offset, uint64_t need, uint64_t have) {
+    if (offset % 16 != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, " offset ", offset, " is not a multiple of 16 bytes"));
+    }
+    if (offset > have || need > have - offset) {
+      return absl::OutOfRangeError(absl::StrCat(what, ": ", need, " bytes at offset ", offset,
+                                                " pass the registered ", have, " bytes"));
+    }
+    return absl::OkStatus();
+  };
+  KVWAVE_RETURN_IF_ERROR(check("q", offsets.q, b * qd, buffers.q_bytes()));
+  KVWAVE_RETURN_IF_ERROR(check("out", offsets.out, b * qd, buffers.out_bytes()));
+  KVWAVE_RETURN_IF_ERROR(check("lse", offsets.lse, b * ld, buffers.lse_bytes()));
+  std::vector<size_t> order(b);
+  for (size_t i = 0; i < b; ++i) order[i] = i;
+  std::sort(order.begin(), order.end(),
+            [&](size_t x, size_t y) { return items[x].context < items[y].context; });
+  for (size_t i = 1; i < b; ++i) {
+    if (items[order[i]].context == items[order[i - 1]].context) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("context ", items[order[i]].context, " is in the batch twice"));
+    }
+  }
+  std::vector<std::shared_lock<std::shared_mutex>> locks;
+  locks.reserve(b);
+  for (size_t i : order) locks.emplace_back(ctxs[i]->layer(layer_index).mu);
+  std::vector<AttendStats> local(b);
+  std::vector<DeviceAttendItem> work(b);
+  for (size_t i = 0; i < b; ++i) {
+    work[i].context = ctxs[i].get();
+    work[i].layer = layer_index;
+    work[i].budget = items[i].budget;
+    work[i].offsets = {offsets.q + i * qd, offsets.out + i * qd, offsets.lse + i * ld};
+    work[i].stats = stats.empty() ? &local[i] : &stats[i];
+  }
+  KVWAVE_RETURN_IF_ERROR(backend_->AttendDevice(work, buffers));
   attend_calls_.fetch_add(static_cast<int64_t>(b), std::memory_order_relaxed);
   return absl::OkStatus();
 }

@@ -328,6 +328,10 @@ class CudaBackend {
   [[nodiscard]] absl::Status RecordEvent(int event, int stream);
   [[nodiscard]] absl::Status WaitEvent(int stream, int event);
   [[nodiscard]] absl::Status SynchronizeEvent(int event);
+  // The same with an event that is not the backend's: a cudaEvent_t, type-erased (e.g. an
+  // interprocess event opened by gpu/cuda_ipc.h). The caller keeps it alive meanwhile.
+  [[nodiscard]] absl::Status RecordForeignEvent(void* event, int stream);
+  [[nodiscard]] absl::Status WaitForeignEvent(int stream, void* event);
   // Milliseconds between two recorded events (both completed).
   [[nodiscard]] absl::StatusOr<float> ElapsedMs(int start_event, int end_event);
 

@@ -178,6 +178,15 @@ std::string Service::Dispatch(Session& session, const Frame& frame, Clock::time_
       case pb::ATTEND_BATCH:
         out = Run(session, frame, &Service::DoAttendBatch, state);
         break;
+      case pb::REGISTER_DEVICE:
+        out = Run(session, frame, &Service::DoRegisterDevice, state);
+        break;
+      case pb::UNREGISTER_DEVICE:
+        out = Run(session, frame, &Service::DoUnregisterDevice, state);
+        break;
+      case pb::ATTEND_DEVICE:
+        out = Run(session, frame, &Service::DoAttendDevice, state);
+        break;
       case pb::RETRIEVE:
         out = Run(session, frame, &Service::DoRetrieve, state);
         break;
@@ -276,6 +285,13 @@ void Service::ReleaseSession(Session& session) {
     absl::MutexLock lock(&mu_);
     sessions_.erase(session.id());
   }
+  // GPU clients' registrations: each waits for its last call's GPU work, then closes its
+  // handles (engine/cuda/device_buffers.h).
+  const size_t registrations = session.TakeDevices().size();
+  if (registrations > 0) {
+    Logger("session")->info("session {} ended: closed {} device registration(s)", session.id(),
+                            registrations);
+  }
   std::vector<engine::ContextId> ids = session.TakeContexts();
   for (engine::ContextId id : ids) {
     absl::Status st = engine_.Close(id);
@@ -372,6 +388,11 @@ void Service::FillStats(pb::StatsResponse& out) {
   out.set_gpu_misses(e.backend.misses);
   out.set_gpu_pcie_bytes(e.backend.pcie_bytes);
   out.set_gpu_segments_resident(e.backend.segments_resident);
+  out.set_gpu_device_registrations(e.backend.device_registrations);
+  out.set_gpu_ipc_mappings(e.backend.ipc_mappings);
+  out.set_gpu_ipc_events(e.backend.ipc_events);
+  out.set_gpu_device_calls(e.backend.device_calls);
+  out.set_gpu_device_errors(e.backend.device_errors);
   out.set_in_flight(in_flight());
 }
 

@@ -102,6 +102,20 @@ class Service {
   absl::Status DoAttend(Call& call, const pb::AttendRequest& req, pb::AttendResponse& resp);
   absl::Status DoAttendBatch(Call& call, const pb::AttendBatchRequest& req,
                              pb::AttendBatchResponse& resp);
+  // GPU clients (rpc/service_device.cc).
+  absl::Status DoRegisterDevice(Call& call, const pb::RegisterDeviceRequest& req,
+                                pb::RegisterDeviceResponse& resp);
+  absl::Status DoUnregisterDevice(Call& call, const pb::UnregisterDeviceRequest& req,
+                                  pb::UnregisterDeviceResponse& resp);
+  absl::Status DoAttendDevice(Call& call, const pb::AttendDeviceRequest& req,
+                              pb::AttendDeviceResponse& resp);
+  // The items of an AttendBatch / AttendDevice: contexts owned by `session`, one q_heads x
+  // head_dim (returned), budgets resolved with the server's defaults.
+  absl::StatusOr<store::ModelShape> BatchItems(
+      const Session& session, int32_t layer,
+      const google::protobuf::RepeatedPtrField<pb::AttendBatchEntry>& entries,
+      std::vector<engine::AttendBatchItem>& items) const;
+  static void FillAttendStats(const engine::AttendStats& st, pb::AttendStats* out);
   absl::Status DoRetrieve(Call& call, const pb::RetrieveRequest& req, pb::RetrieveResponse& resp);
   absl::Status DoGather(Call& call, const pb::GatherRequest& req, pb::GatherResponse& resp);
   absl::Status DoClose(Call& call, const pb::CloseRequest& req, pb::CloseResponse& resp);

@@ -198,19 +198,20 @@ absl::Status Service::DoAttend(Call& call, const pb::AttendRequest& req, pb::Att
   return absl::OkStatus();
 }
 
-absl::Status Service::DoAttendBatch(Call& call, const pb::AttendBatchRequest& req,
-                                    pb::AttendBatchResponse& resp) {
-  const int b = req.entries_size();
+absl::StatusOr<store::ModelShape> Service::BatchItems(
+    const Session& session, int32_t layer,
+    const google::protobuf::RepeatedPtrField<pb::AttendBatchEntry>& entries,
+    std::vector<engine::AttendBatchItem>& items) const {
+  const int b = entries.size();
   if (b < 1 || b > kMaxAttendBatch) {
     return absl::InvalidArgumentError(
         absl::StrCat("attend_batch: ", b, " entries, not in [1, ", kMaxAttendBatch, "]"));
   }
-  std::vector<engine::AttendBatchItem> items(b);
+  items.resize(b);
   store::ModelShape shape;
   for (int i = 0; i < b; ++i) {
-    const pb::AttendBatchEntry& e = req.entries(i);
-    KVWAVE_ASSIGN_OR_RETURN(store::ModelShape s,
-                            OwnedShape(call.session, e.context_id(), req.layer()));
+    const pb::AttendBatchEntry& e = entries.Get(i);
+    KVWAVE_ASSIGN_OR_RETURN(store::ModelShape s, OwnedShape(session, e.context_id(), layer));
     if (i == 0) shape = s;
     if (s.q_heads != shape.q_heads || s.head_dim != shape.head_dim) {
       return absl::InvalidArgumentError("attend_batch: contexts of different q_heads x head_dim");
@@ -228,6 +229,25 @@ absl::Status Service::DoAttendBatch(Call& call, const pb::AttendBatchRequest& re
     KVWAVE_RETURN_IF_ERROR(CheckBudget(items[i].budget.estimation, "estimation"));
     KVWAVE_RETURN_IF_ERROR(ResolveMethod(e.method(), e.graph_top_k(), e.beam(), items[i].budget));
   }
+  return shape;
+}
+
+void Service::FillAttendStats(const engine::AttendStats& st, pb::AttendStats* s) {
+  s->set_steady_tokens(st.steady_tokens);
+  s->set_retrieved_tokens(st.retrieved_tokens);
+  s->set_retrieved_clusters(st.retrieved_clusters);
+  s->set_estimated_clusters(st.estimated_clusters);
+  s->set_total_clusters(st.total_clusters);
+  s->set_scored_tokens(st.scored_tokens);
+  s->set_graph_keys_scored(st.graph_keys_scored);
+}
+
+absl::Status Service::DoAttendBatch(Call& call, const pb::AttendBatchRequest& req,
+                                    pb::AttendBatchResponse& resp) {
+  std::vector<engine::AttendBatchItem> items;
+  KVWAVE_ASSIGN_OR_RETURN(const store::ModelShape shape,
+                          BatchItems(call.session, req.layer(), req.entries(), items));
+  const uint64_t b = items.size();
   const uint64_t q_bytes = uint64_t{4} * b * shape.q_heads * shape.head_dim;
   KVWAVE_ASSIGN_OR_RETURN(std::span<const std::byte> q, call.Input(req.q(), q_bytes, 4, "q"));
   KVWAVE_ASSIGN_OR_RETURN(std::span<std::byte> out,
@@ -238,16 +258,7 @@ absl::Status Service::DoAttendBatch(Call& call, const pb::AttendBatchRequest& re
   std::vector<engine::AttendStats> stats(b);
   KVWAVE_RETURN_IF_ERROR(
       engine_.AttendBatch(req.layer(), items, As<float>(q), As<float>(out), As<float>(lse), stats));
-  for (const engine::AttendStats& st : stats) {
-    pb::AttendStats* s = resp.add_stats();
-    s->set_steady_tokens(st.steady_tokens);
-    s->set_retrieved_tokens(st.retrieved_tokens);
-    s->set_retrieved_clusters(st.retrieved_clusters);
-    s->set_estimated_clusters(st.estimated_clusters);
-    s->set_total_clusters(st.total_clusters);
-    s->set_scored_tokens(st.scored_tokens);
-    s->set_graph_keys_scored(st.graph_keys_scored);
-  }
+  for (const engine::AttendStats& st : stats) FillAttendStats(st, resp.add_stats());
   return absl::OkStatus();
 }
 

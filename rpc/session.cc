@@ -46,4 +46,35 @@ size_t Session::context_count() const {
   return contexts_.size();
 }
 
+uint64_t Session::AddDevice(std::shared_ptr<DeviceRegistration> reg) {
+  absl::MutexLock lock(&mu_);
+  if (devices_.size() >= kMaxDeviceRegistrations) return 0;
+  const uint64_t id = next_device_++;
+  devices_[id] = std::move(reg);
+  return id;
+}
+
+std::shared_ptr<DeviceRegistration> Session::Device(uint64_t id) const {
+  absl::MutexLock lock(&mu_);
+  auto it = devices_.find(id);
+  return it == devices_.end() ? nullptr : it->second;
+}
+
+std::shared_ptr<DeviceRegistration> Session::RemoveDevice(uint64_t id) {
+  absl::MutexLock lock(&mu_);
+  auto it = devices_.find(id);
+  if (it == devices_.end()) return nullptr;
+  std::shared_ptr<DeviceRegistration> reg = std::move(it->second);
+  devices_.erase(it);
+  return reg;
+}
+
+std::vector<std::shared_ptr<DeviceRegistration>> Session::TakeDevices() {
+  absl::MutexLock lock(&mu_);
+  std::vector<std::shared_ptr<DeviceRegistration>> out;
+  for (auto& [id, reg] : devices_) out.push_back(std::move(reg));
+  devices_.clear();
+  return out;
+}
+
 }  // namespace kvwave::rpc

@@ -14,6 +14,8 @@
 #define KVWAVE_RPC_SESSION_H_
 
 #include <cstdint>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -25,6 +27,14 @@
 #include "rpc/shared_region.h"
 
 namespace kvwave::rpc {
+
+// A GPU client's registration (issue 17): its open device buffers, and the mutex that makes
+// its calls one at a time (the events are one pair per registration).
+struct DeviceRegistration {
+  explicit DeviceRegistration(std::unique_ptr<engine::DeviceBuffers> b) : buffers(std::move(b)) {}
+  std::mutex mu;
+  std::unique_ptr<engine::DeviceBuffers> buffers;
+};
 
 class Session {
  public:
@@ -56,6 +66,14 @@ class Session {
   std::vector<engine::ContextId> ContextIds() const;  // ascending
   size_t context_count() const;
 
+  // GPU clients' registrations: at most kMaxDeviceRegistrations per session.
+  static constexpr size_t kMaxDeviceRegistrations = 64;
+  // The new registration's id, or 0 when the session holds the most already.
+  uint64_t AddDevice(std::shared_ptr<DeviceRegistration> reg);
+  std::shared_ptr<DeviceRegistration> Device(uint64_t id) const;  // null: unknown
+  std::shared_ptr<DeviceRegistration> RemoveDevice(uint64_t id);  // null: unknown
+  std::vector<std::shared_ptr<DeviceRegistration>> TakeDevices();
+
  private:
   const uint64_t id_;
   const bool local_;
@@ -65,6 +83,8 @@ class Session {
   SharedRegion region_;
   mutable absl::Mutex mu_;
   absl::flat_hash_map<engine::ContextId, store::ModelShape> contexts_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<uint64_t, std::shared_ptr<DeviceRegistration>> devices_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_device_ ABSL_GUARDED_BY(mu_) = 1;
 };
 
 }  // namespace kvwave::rpc

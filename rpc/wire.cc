@@ -75,6 +75,12 @@ const char* OpName(uint16_t op) {
       return "error";
     case pb::ATTEND_BATCH:
       return "attend_batch";
+    case pb::REGISTER_DEVICE:
+      return "register_device";
+    case pb::UNREGISTER_DEVICE:
+      return "unregister_device";
+    case pb::ATTEND_DEVICE:
+      return "attend_device";
     default:
       return "unknown";
   }

@@ -22,7 +22,7 @@ absl::StatusOr<DType> FromProto(pb::DType dtype);
 
 // "open", "append", ... for a pb::MessageType value; "unknown" otherwise.
 const char* OpName(uint16_t op);
-inline constexpr uint16_t kMaxOp = pb::ATTEND_BATCH;
+inline constexpr uint16_t kMaxOp = pb::ATTEND_DEVICE;
 
 // a * b * c with an overflow check against `limit`; OutOfRange naming `what` on overflow.
 absl::StatusOr<uint64_t> CheckedBytes(int64_t a, int64_t b, int64_t c, uint64_t limit,

@@ -242,6 +242,63 @@ class PyClient {
     return py::make_tuple(out, lse, s);
   }
 
+  // Device tensors (pointers and a stream as integers: kvwave_torch.py passes torch's).
+  uint64_t RegisterDeviceBuffers(uintptr_t q, size_t q_bytes, uintptr_t out, size_t out_bytes,
+                                 uintptr_t lse, size_t lse_bytes) {
+    return Value(WithoutGil([&] {
+      return client_->RegisterDeviceBuffers(reinterpret_cast<const void*>(q), q_bytes,
+                                            reinterpret_cast<void*>(out), out_bytes,
+                                            reinterpret_cast<void*>(lse), lse_bytes);
+    }));
+  }
+
+  // Buffers as (ipc_handle bytes, offset, bytes).
+  uint64_t RegisterDeviceHandles(const py::bytes& uuid,
+                                 const std::tuple<py::bytes, uint64_t, uint64_t>& q,
+                                 const std::tuple<py::bytes, uint64_t, uint64_t>& out,
+                                 const std::tuple<py::bytes, uint64_t, uint64_t>& lse,
+                                 const py::bytes& q_ready, const py::bytes& out_ready) {
+    auto buf = [](const std::tuple<py::bytes, uint64_t, uint64_t>& t) {
+      return kc::DeviceBufferHandle{std::string(std::get<0>(t)), std::get<1>(t), std::get<2>(t)};
+    };
+    const kc::DeviceHandles h{
+        std::string(uuid),     buf(q), buf(out), buf(lse), std::string(q_ready),
+        std::string(out_ready)};
+    return Value(WithoutGil([&] { return client_->RegisterDeviceHandles(h); }));
+  }
+
+  void UnregisterDeviceBuffers(uint64_t registration) {
+    Check(WithoutGil([&] { return client_->UnregisterDeviceBuffers(registration); }));
+  }
+
+  py::list AttendDevice(uint64_t registration, int layer, const std::vector<uint64_t>& ctxs,
+                        uint64_t q_offset, uint64_t out_offset, uint64_t lse_offset,
+                        uintptr_t stream, const std::vector<std::pair<double, double>>& budgets) {
+    if (!budgets.empty() && budgets.size() != ctxs.size()) {
+      throw py::value_error("budgets: one (retrieval, estimation) per context, or none");
+    }
+    std::vector<kc::AttendBatchEntry> entries(ctxs.size());
+    for (size_t i = 0; i < ctxs.size(); ++i) {
+      entries[i].ctx = ctxs[i];
+      if (!budgets.empty()) entries[i].budget = {budgets[i].first, budgets[i].second};
+    }
+    std::vector<kc::AttendStats> stats(ctxs.size());
+    Check(WithoutGil([&] {
+      return client_->AttendBatchDevice(registration, layer, entries,
+                                        {q_offset, out_offset, lse_offset},
+                                        reinterpret_cast<CUstream_st*>(stream), std::span(stats));
+    }));
+    py::list s;
+    for (const kc::AttendStats& st : stats) {
+      py::dict d;
+      d["steady_tokens"] = st.steady_tokens;
+      d["estimated_clusters"] = st.estimated_clusters;
+      d["total_clusters"] = st.total_clusters;
+      s.append(d);
+    }
+    return s;
+  }
+
   py::tuple Retrieve(uint64_t ctx, int layer, F32Array q, int k, const std::string& method,
                      double cluster_budget, int beam) {
     if (q.ndim() != 2) throw py::value_error("q must be [q_heads, head_dim] float32");
@@ -386,6 +443,22 @@ PYBIND11_MODULE(kvwave, m) {
            "head_dim] float32 (row b for ctxs[b]); budgets: [(retrieval, estimation)] per "
            "context or none (the server's defaults); returns (out [B, q_heads, head_dim], lse "
            "[B, q_heads], [stats dict])")
+      .def("register_device_buffers", &PyClient::RegisterDeviceBuffers, py::arg("q_ptr"),
+           py::arg("q_bytes"), py::arg("out_ptr"), py::arg("out_bytes"), py::arg("lse_ptr"),
+           py::arg("lse_bytes"),
+           "registers three float32 device buffers of this process (device pointers as ints) and "
+           "an interprocess event pair with kvwaved; returns the registration id "
+           "(kvwave_torch.DeviceAttention does this for torch tensors)")
+      .def("register_device_handles", &PyClient::RegisterDeviceHandles, py::arg("device_uuid"),
+           py::arg("q"), py::arg("out"), py::arg("lse"), py::arg("q_ready"), py::arg("out_ready"),
+           "registers CUDA IPC handles made elsewhere: buffers as (handle bytes, offset, bytes)")
+      .def("unregister_device_buffers", &PyClient::UnregisterDeviceBuffers, py::arg("registration"))
+      .def("attend_device", &PyClient::AttendDevice, py::arg("registration"), py::arg("layer"),
+           py::arg("ctxs"), py::arg("q_offset"), py::arg("out_offset"), py::arg("lse_offset"),
+           py::arg("stream"), py::arg("budgets") = std::vector<std::pair<double, double>>{},
+           "one layer of a decode step on device tensors: q [B, q_heads, head_dim] at q_offset "
+           "(bytes) of the registration's q buffer, out and lse written at their offsets, ordered "
+           "on `stream` (a cudaStream_t as int); returns [stats dict]")
       .def("retrieve", &PyClient::Retrieve, py::arg("ctx"), py::arg("layer"), py::arg("q"),
            py::arg("k") = 100, py::arg("method") = "wave", py::arg("cluster_budget") = -1.0,
            py::arg("beam") = 0,

@@ -29,6 +29,7 @@
 #include "buffer/wave_buffer.h"
 #include "config/status_macros.h"
 #include "engine/cpu_backend.h"
+#include "engine/cuda/device_buffers.h"
 #include "gpu/cuda_backend.h"
 
 namespace kvwave::engine {
@@ -48,7 +49,8 @@ class CudaAttentionBackend final : public AttentionBackend {
   CudaAttentionBackend(const config::Settings& settings, int64_t cache_bytes)
       : settings_(settings),
         cache_bytes_(cache_bytes),
-        cpu_(CreateCpuBackend(CentroidRank(settings))) {}
+        cpu_(CreateCpuBackend(CentroidRank(settings))),
+        ipc_(std::make_shared<IpcOpener>(static_cast<int>(settings.gpu_device))) {}
 
   const char* name() const override { return "cuda"; }
 
@@ -114,9 +116,27 @@ class CudaAttentionBackend final : public AttentionBackend {
     return absl::OkStatus();
   }
 
+  absl::StatusOr<std::unique_ptr<DeviceBuffers>> OpenDeviceBuffers(
+      const DeviceBuffersSpec& spec) override {
+    KVWAVE_ASSIGN_OR_RETURN(std::unique_ptr<CudaDeviceBuffers> b, ipc_->Open(spec));
+    return std::unique_ptr<DeviceBuffers>(std::move(b));
+  }
+
+  absl::Status AttendDevice(std::span<const DeviceAttendItem> items,
+                            DeviceBuffers& buffers) override {
+    absl::Status st = AttendDeviceItems(items, buffers);
+    (st.ok() ? device_calls_ : device_errors_).fetch_add(1, std::memory_order_relaxed);
+    return st;
+  }
+
   BackendStats Stats() const override {
     BackendStats s;
     s.name = "cuda";
+    s.device_registrations = ipc_->registrations();
+    s.ipc_mappings = ipc_->mappings();
+    s.ipc_events = ipc_->events();
+    s.device_calls = device_calls_.load(std::memory_order_relaxed);
+    s.device_errors = device_errors_.load(std::memory_order_relaxed);
     s.device = static_cast<int32_t>(settings_.gpu_device);
     std::lock_guard<std::mutex> lock(mu_);
     for (const auto& [key, wb] : buffers_) {
@@ -165,6 +185,40 @@ class CudaAttentionBackend final : public AttentionBackend {
   }
 
  private:
+  // One wave buffer pipeline for the items, on the registration's events (wave_device.cc).
+  absl::Status AttendDeviceItems(std::span<const DeviceAttendItem> items, DeviceBuffers& buffers) {
+    auto* regs = dynamic_cast<CudaDeviceBuffers*>(&buffers);
+    if (regs == nullptr) return absl::InvalidArgumentError("device buffers of another backend");
+    std::vector<buffer::WaveBuffer::DeviceCall> calls(items.size());
+    std::vector<buffer::WaveCallStats> stats(items.size());
+    buffer::WaveBuffer* wb = nullptr;
+    for (size_t i = 0; i < items.size(); ++i) {
+      const DeviceAttendItem& it = items[i];
+      KVWAVE_ASSIGN_OR_RETURN(buffer::WaveBuffer * w, BufferFor(it.context->shape()));
+      if (w == nullptr)
+        return absl::UnimplementedError(
+            "device tensors: this model shape is not served by the GPU kernels (head dim 64 or "
+            "128, group 1/2/4/8, bf16 or f16 K/V)");
+      if (wb != nullptr && w != wb)
+        return absl::InvalidArgumentError("device tensors: a batch of one model shape only");
+      wb = w;
+      KVWAVE_ASSIGN_OR_RETURN(calls[i].space, SpaceFor(*wb, it.context->id(), it.layer));
+      calls[i].heads = it.context->layer(it.layer).heads;
+      calls[i].q = regs->q(it.offsets.q);
+      calls[i].out = regs->out(it.offsets.out);
+      calls[i].lse = regs->lse(it.offsets.lse);
+      calls[i].budget = buffer::WaveBudget{it.budget.retrieval, it.budget.estimation};
+      calls[i].stats = &stats[i];
+    }
+    KVWAVE_RETURN_IF_ERROR(wb->AttendDeviceBatch(calls, regs->q_ready(), regs->out_ready()));
+    for (size_t i = 0; i < items.size(); ++i) {
+      items[i].stats->steady_tokens += stats[i].steady_tokens;
+      items[i].stats->estimated_clusters += stats[i].estimated_clusters;
+      items[i].stats->total_clusters += stats[i].total_clusters;
+    }
+    return absl::OkStatus();
+  }
+
   // The buffer serving `shape`, created on first use; null when the GPU kernels do not cover it.
   absl::StatusOr<buffer::WaveBuffer*> BufferFor(const store::ModelShape& shape) {
     const int32_t group = shape.q_heads / std::max(1, shape.kv_heads);
@@ -268,6 +322,8 @@ class CudaAttentionBackend final : public AttentionBackend {
   gpu::DeviceBuffer km_keys_, km_assignment_, km_sizes_, km_centroids_;
   std::atomic<int64_t> kmeans_gpu_{0}, kmeans_cpu_{0};
   std::unique_ptr<AttentionBackend> cpu_;
+  std::shared_ptr<IpcOpener> ipc_;
+  std::atomic<int64_t> device_calls_{0}, device_errors_{0};  // relaxed: statistics
   mutable std::mutex mu_;
   std::map<ShapeKey, std::unique_ptr<buffer::WaveBuffer>> buffers_;
   std::map<std::pair<uint64_t, int32_t>,

@@ -210,6 +210,19 @@ absl::Status CudaBackend::SynchronizeEvent(int event) {
   return FromCuda(cudaEventSynchronize(e), "cudaEventSynchronize");
 }
 
+absl::Status CudaBackend::RecordForeignEvent(void* event, int stream) {
+  KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
+  if (event == nullptr) return absl::InvalidArgumentError("RecordForeignEvent: no event");
+  return FromCuda(cudaEventRecord(static_cast<cudaEvent_t>(event), s), "cudaEventRecord");
+}
+
+absl::Status CudaBackend::WaitForeignEvent(int stream, void* event) {
+  KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
+  if (event == nullptr) return absl::InvalidArgumentError("WaitForeignEvent: no event");
+  return FromCuda(cudaStreamWaitEvent(s, static_cast<cudaEvent_t>(event), 0),
+                  "cudaStreamWaitEvent");
+}
+
 absl::StatusOr<float> CudaBackend::ElapsedMs(int start_event, int end_event) {
   KVWAVE_ASSIGN_OR_RETURN(cudaEvent_t a, impl_->Event(start_event));
   KVWAVE_ASSIGN_OR_RETURN(cudaEvent_t b, impl_->Event(end_event));

@@ -108,3 +108,13 @@ def test_attend_batch_equals_one_attend_per_context(client):
         client.attend_batch(0, [ctxs[0], ctxs[0]], q[:2])
     for ctx in ctxs:
         client.close(ctx)
+
+
+def test_device_calls_on_a_cpu_daemon_are_clear_errors(daemon):
+    c = kvwave.Client(daemon)
+    with pytest.raises(Exception, match="no GPU backend"):
+        c.register_device_handles(b"\x01" * 16, (b"q" * 64, 0, 1024), (b"o" * 64, 0, 1024),
+                                  (b"l" * 64, 0, 64), b"e" * 64, b"f" * 64)
+    with pytest.raises(Exception, match="not open in this session"):
+        c.attend_device(1, 0, [1], 0, 0, 0, 0)
+    assert c.ping() is None

@@ -34,6 +34,9 @@
 #include "absl/status/statusor.h"
 #include "config/dtype.h"
 
+// A CUDA stream of the caller: cudaStream_t is CUstream_st* (no CUDA header needed here).
+struct CUstream_st;
+
 namespace kvwave::client {
 
 using ContextId = uint64_t;
@@ -185,8 +188,30 @@ struct ServerStats {
   int32_t gpu_device = -1;
   int64_t gpu_pool_bytes = 0, gpu_pool_used_bytes = 0, gpu_hits = 0, gpu_misses = 0,
           gpu_pcie_bytes = 0, gpu_segments_resident = 0;
+  // GPU clients: registrations, mapped client allocations and events open now; device calls.
+  int64_t gpu_device_registrations = 0, gpu_ipc_mappings = 0, gpu_ipc_events = 0,
+          gpu_device_calls = 0, gpu_device_errors = 0;
   double uptime_s = 0;
   std::string prometheus_text;
+};
+
+// GPU clients (device tensors through CUDA IPC). A buffer is [offset, offset + bytes) of the
+// device allocation whose cudaIpcMemHandle_t (64 bytes) is ipc_handle.
+struct DeviceBufferHandle {
+  std::string ipc_handle;
+  uint64_t offset = 0;
+  uint64_t bytes = 0;
+};
+// What RegisterDeviceHandles sends: the GPU (cudaDeviceProp::uuid, 16 bytes), the buffers and
+// the cudaIpcEventHandle_t of the interprocess events "q ready" and "out ready".
+struct DeviceHandles {
+  std::string device_uuid;
+  DeviceBufferHandle q, out, lse;
+  std::string q_ready_event, out_ready_event;
+};
+// Byte offsets of one call into a registration's q, out and lse buffers (multiples of 16).
+struct DeviceOffsets {
+  uint64_t q = 0, out = 0, lse = 0;
 };
 
 class Client {
@@ -219,6 +244,31 @@ class Client {
   absl::Status AttendBatch(int32_t layer, std::span<const AttendBatchEntry> entries,
                            std::span<const float> q, std::span<float> out, std::span<float> lse,
                            std::span<AttendStats> stats = {});
+  // Device tensors (kvwaved on this process's GPU, Unix socket; this library built with CUDA).
+  // RegisterDeviceBuffers registers, once, three device buffers of this process (any allocator:
+  // cudaMalloc, torch's caching allocator...; float32) for queries, outputs and log-sum-exps,
+  // and creates the interprocess event pair; kvwaved maps them until UnregisterDeviceBuffers or
+  // the end of the session. AttendDevice / AttendBatchDevice then read q and write out / lse at
+  // the given offsets, ordered on `stream`: "q ready" is recorded on it before the request is
+  // sent, and once the reply is in, `stream` waits for "out ready" (recorded by kvwaved after its
+  // GPU work, also after a failed call's). Neither side waits for the GPU on the host.
+  // Layouts as AttendBatch: q, out [B x q_heads x head_dim], lse [B x q_heads]. One call at a
+  // time per registration (this client serialises its calls anyway). Stats: steady tokens,
+  // estimated and total clusters (retrieved counts are not known when the reply is sent).
+  absl::StatusOr<uint64_t> RegisterDeviceBuffers(const void* q, size_t q_bytes, void* out,
+                                                 size_t out_bytes, void* lse, size_t lse_bytes);
+  // Registration by handles made elsewhere (another language, or tests): no events of this
+  // Client; AttendDevice on it records and waits for nothing.
+  absl::StatusOr<uint64_t> RegisterDeviceHandles(const DeviceHandles& handles);
+  absl::Status UnregisterDeviceBuffers(uint64_t registration);
+  absl::Status AttendDevice(uint64_t registration, ContextId ctx, int32_t layer,
+                            const DeviceOffsets& offsets, const AttendBudget& budget,
+                            CUstream_st* stream, AttendStats* stats = nullptr);
+  absl::Status AttendBatchDevice(uint64_t registration, int32_t layer,
+                                 std::span<const AttendBatchEntry> entries,
+                                 const DeviceOffsets& offsets, CUstream_st* stream,
+                                 std::span<AttendStats> stats = {});
+
   // positions, scores: [q_heads x k], best first; -1 / -inf past the tokens a head sees.
   absl::Status Retrieve(ContextId ctx, int32_t layer, std::span<const float> q,
                         const RetrieveOptions& options, std::span<int64_t> positions,
