@@ -154,6 +154,8 @@ void Run(const Options& o, int64_t context) {
       auto vb = std::as_bytes(std::span(v.data() + at * row, n * row));
       CHECK_OK(e.Append(eid, l, n, kb, vb));
       CHECK_OK(c.Append(cid, l, n, kb, vb));
+      if (at + n >= context && (l + 1) % 8 == 0)
+        std::fprintf(stderr, "  %d layers appended (%.1f s)\n", l + 1, Ms(t0, Clock::now()) / 1e3);
     }
   const auto t1 = Clock::now();
   CHECK_OK(e.Seal(eid));
