@@ -39,3 +39,8 @@ if(pybind11_FOUND AND Python3_FOUND)
   endif()
 endif()
 target_compile_definitions(kvwave PRIVATE KVWAVE_SOURCE_DIR="${PROJECT_SOURCE_DIR}")
+
+# The C ABI (client/capi/kvwave_c.h): libkvwave_c.so, loaded by client/python/kvwave_ctypes.py.
+add_library(kvwave_c SHARED capi/kvwave_c.cc)
+target_link_libraries(kvwave_c PRIVATE kvwave_client)
+kvwave_compile_options(kvwave_c)
