@@ -18,6 +18,7 @@ namespace kvwave::buffer {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+constexpr int64_t kMaxBatchHeads = 4096;
 double Us(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double, std::micro>(b - a).count();
 }
@@ -94,6 +95,7 @@ absl::Status WaveBuffer::Init() {
   bo.device = o_.device;
   bo.num_streams = 2;
   bo.num_events = o_.slots + 2;
+  bo.num_blocking_events = o_.slots;  // CommitEvent(slot): the committers sleep on them
   bo.workspace_bytes = o_.workspace_bytes;
   KVWAVE_ASSIGN_OR_RETURN(backend_, gpu::CudaBackend::Create(bo));
   row_bytes_ = static_cast<size_t>(o_.d) * ElementSize(o_.dtype);
@@ -109,26 +111,14 @@ absl::Status WaveBuffer::Init() {
     std::lock_guard<std::mutex> reg(reg_mu_);
     KVWAVE_RETURN_IF_ERROR(GrowKeys(4096, 16384));
   }
-  const int64_t H = o_.heads, rows = H * o_.g;
-  KVWAVE_ASSIGN_OR_RETURN(est_out_, backend_->Allocate(sizeof(float) * rows * o_.d));
-  KVWAVE_ASSIGN_OR_RETURN(est_lse_, backend_->Allocate(sizeof(float) * rows));
-  KVWAVE_ASSIGN_OR_RETURN(est_ready_, backend_->Allocate(sizeof(uint32_t) * rows));
-  KVWAVE_ASSIGN_OR_RETURN(pages_ready_, backend_->Allocate(sizeof(uint32_t) * H));
-  KVWAVE_ASSIGN_OR_RETURN(arrivals_, backend_->Allocate(sizeof(uint32_t) * 2 * H));
-  KVWAVE_RETURN_IF_ERROR(backend_->Memset(est_ready_.data(), 0, est_ready_.size()));
-  KVWAVE_RETURN_IF_ERROR(backend_->Memset(pages_ready_.data(), 0, pages_ready_.size()));
-  KVWAVE_RETURN_IF_ERROR(backend_->Memset(arrivals_.data(), 0, arrivals_.size()));
-  const size_t io = sizeof(float) * rows * (2 * o_.d + 1);
+  // Per-head scratch and the slots' per-head buffers are sized for one call here and grown to
+  // the largest batch later.
+  KVWAVE_RETURN_IF_ERROR(EnsureScratch(o_.heads, 1, 1, 1));
   for (int i = 0; i < o_.slots; ++i) {
     auto s = std::make_unique<Slot>();
     s->index = i;
-    KVWAVE_ASSIGN_OR_RETURN(s->q, backend_->Allocate(sizeof(float) * rows * o_.d));
-    KVWAVE_ASSIGN_OR_RETURN(s->counts, backend_->Allocate(sizeof(int32_t) * H));
-    KVWAVE_ASSIGN_OR_RETURN(s->counts2, backend_->Allocate(sizeof(int32_t) * H));
-    KVWAVE_ASSIGN_OR_RETURN(s->page_counts, backend_->Allocate(sizeof(int32_t) * 2 * H));
-    KVWAVE_RETURN_IF_ERROR(FitHost(s->io, io));
+    KVWAVE_RETURN_IF_ERROR(EnsureSlot(*s, o_.heads, 1, 1, 1, 4 * o_.heads));
     KVWAVE_RETURN_IF_ERROR(FitHost(s->staging, static_cast<size_t>(o_.staging_bytes)));
-    KVWAVE_RETURN_IF_ERROR(FitHost(s->record, sizeof(int32_t) * 4 * H));
     free_slots_.push_back(o_.slots - 1 - i);
     slots_.push_back(std::move(s));
   }
@@ -157,12 +147,25 @@ void WaveBuffer::Fail(const absl::Status& status) {
   if (error_.ok()) error_ = status;
 }
 
-absl::Status WaveBuffer::EnsureSlot(Slot& s, int64_t list_stride, int64_t max_pages,
+absl::Status WaveBuffer::EnsureSlot(Slot& s, int64_t heads, int64_t list_stride, int64_t max_pages,
                                     int64_t exec_pages, int64_t record_ints) {
-  // The slot's previous update (queued on C) may still read its execution buffer: C must be
-  // idle before that buffer is replaced.
+  // The slot's previous batch is complete (its commit waited for it), but its update (queued on
+  // U) may still read its execution buffer: U must be idle before that buffer is replaced.
   gpu::CudaBackend& b = *backend_;
-  const int64_t H = o_.heads;
+  if (heads > s.heads_cap) {
+    const int64_t cap = std::max(heads, s.heads_cap * 3 / 2);
+    const int64_t rows = cap * o_.g;
+    KVWAVE_RETURN_IF_ERROR(Fit(b, s.q, sizeof(float) * rows * o_.d));
+    KVWAVE_RETURN_IF_ERROR(Fit(b, s.counts, sizeof(int32_t) * cap));
+    KVWAVE_RETURN_IF_ERROR(Fit(b, s.counts2, sizeof(int32_t) * cap));
+    KVWAVE_RETURN_IF_ERROR(Fit(b, s.page_counts, sizeof(int32_t) * 2 * cap));
+    KVWAVE_RETURN_IF_ERROR(Fit(b, s.meta, sizeof(gpu::HeadMeta) * cap));
+    KVWAVE_RETURN_IF_ERROR(FitHost(s.io, sizeof(float) * rows * (o_.d + 1)));
+    s.heads_cap = cap;
+    s.offsets_for = -1;
+    s.list_cap = s.pages_cap = 0;  // per-head lists: regrown below
+  }
+  const int64_t H = s.heads_cap;
   if (list_stride > s.list_cap) {
     KVWAVE_RETURN_IF_ERROR(Fit(b, s.ret, sizeof(int32_t) * H * list_stride));
     KVWAVE_RETURN_IF_ERROR(Fit(b, s.est, sizeof(int32_t) * H * list_stride));
@@ -182,73 +185,143 @@ absl::Status WaveBuffer::EnsureSlot(Slot& s, int64_t list_stride, int64_t max_pa
   return FitHost(s.record, sizeof(int32_t) * record_ints);
 }
 
-absl::Status WaveBuffer::EnsureScratch(int64_t clusters, int64_t max_pages, int64_t list_stride) {
+absl::Status WaveBuffer::EnsureScratch(int64_t heads, int64_t clusters, int64_t max_pages,
+                                       int64_t list_stride) {
   gpu::CudaBackend& b = *backend_;
   gpu::ExactArgs x;
-  x.heads = o_.heads;
+  x.heads = static_cast<int>(heads);
   x.g = o_.g;
   x.d = o_.d;
   x.max_pages_per_head = max_pages;
   x.pages_per_split = o_.exact_pages_per_split;
   gpu::EstimateArgs e;
-  e.heads = o_.heads;
+  e.heads = static_cast<int>(heads);
   e.g = o_.g;
   e.d = o_.d;
   e.list_stride = list_stride;
   const size_t xs = b.ExactScratchBytes(x), es = b.EstimateScratchBytes(e);
-  const size_t ss = sizeof(float) * o_.heads * std::max<int64_t>(clusters, 1);
-  if (xs > exact_scratch_.size() || es > est_scratch_.size() || ss > scores_.size()) {
-    KVWAVE_RETURN_IF_ERROR(b.Synchronize(kComputeStream));  // in use by queued calls
-    if (xs > exact_scratch_.size()) KVWAVE_RETURN_IF_ERROR(Fit(b, exact_scratch_, xs * 3 / 2));
-    if (es > est_scratch_.size()) KVWAVE_RETURN_IF_ERROR(Fit(b, est_scratch_, es * 3 / 2));
-    if (ss > scores_.size()) KVWAVE_RETURN_IF_ERROR(Fit(b, scores_, ss * 3 / 2));
+  const size_t ss = sizeof(float) * heads * std::max<int64_t>(clusters, 1);
+  if (heads <= heads_cap_ && xs <= exact_scratch_.size() && es <= est_scratch_.size() &&
+      ss <= scores_.size())
+    return absl::OkStatus();
+  KVWAVE_RETURN_IF_ERROR(b.Synchronize(kComputeStream));  // in use by queued batches
+  if (xs > exact_scratch_.size()) KVWAVE_RETURN_IF_ERROR(Fit(b, exact_scratch_, xs * 3 / 2));
+  if (es > est_scratch_.size()) KVWAVE_RETURN_IF_ERROR(Fit(b, est_scratch_, es * 3 / 2));
+  if (ss > scores_.size()) KVWAVE_RETURN_IF_ERROR(Fit(b, scores_, ss * 3 / 2));
+  if (heads > heads_cap_) {
+    // Ready words start at 0 (no batch has number 0 until seq_ wraps) and arrival counters at 0.
+    const int64_t cap = std::max(heads, heads_cap_ * 3 / 2), rows = cap * o_.g;
+    KVWAVE_RETURN_IF_ERROR(Fit(b, est_out_, sizeof(float) * rows * o_.d));
+    KVWAVE_RETURN_IF_ERROR(Fit(b, est_lse_, sizeof(float) * rows));
+    KVWAVE_RETURN_IF_ERROR(Fit(b, est_ready_, sizeof(uint32_t) * rows));
+    KVWAVE_RETURN_IF_ERROR(Fit(b, pages_ready_, sizeof(uint32_t) * cap));
+    KVWAVE_RETURN_IF_ERROR(Fit(b, arrivals_, sizeof(uint32_t) * 2 * cap));
+    KVWAVE_RETURN_IF_ERROR(b.Memset(est_ready_.data(), 0, est_ready_.size(), kComputeStream));
+    KVWAVE_RETURN_IF_ERROR(b.Memset(pages_ready_.data(), 0, pages_ready_.size(), kComputeStream));
+    KVWAVE_RETURN_IF_ERROR(b.Memset(arrivals_.data(), 0, arrivals_.size(), kComputeStream));
+    heads_cap_ = cap;
   }
   return absl::OkStatus();
 }
 
-absl::Status WaveBuffer::Enqueue(Space& sp, const float* q, float* out, float* lse,
-                                 const WaveBudget& budget, int slot_index) {
+absl::Status WaveBuffer::Enqueue(std::span<Space* const> spaces, std::span<const HostCall> calls,
+                                 bool host, int slot_index, std::vector<Run>& runs) {
   Slot& s = *slots_[slot_index];
   gpu::CudaBackend& b = *backend_;
   const int H = o_.heads;
-  const int64_t n = sp.clusters;
-  const ZoneCounts z = ZoneClusters(budget, n);
-  const int64_t r = z.retrieval, e = z.estimation;
-  int64_t steady_max = 0, steady_rows = 0;
-  for (const gpu::SteadyZone& zone : sp.zone_host) {
-    steady_max = std::max(steady_max, gpu::SteadyZonePages(zone));
-    steady_rows += zone.sink_rows + zone.rows;
+  const int64_t B = static_cast<int64_t>(calls.size()), heads = B * H;
+  // The batch's shape: every per-head array is sized by its largest call.
+  int64_t n = 0, list_stride = 1, max_pages = 1, exec_stride = 1, info_stride = 1;
+  bool ranked = false;
+  std::vector<ZoneCounts> zones(B);
+  s.calls.assign(B, CallRecord{});
+  for (int64_t i = 0; i < B; ++i) {
+    const Space& sp = *spaces[i];
+    const ZoneCounts z = ZoneClusters(calls[i].budget, sp.clusters);
+    zones[i] = z;
+    int64_t steady_max = 0, head_pages = 0;
+    CallRecord& rec = s.calls[i];
+    for (const gpu::SteadyZone& zone : sp.zone_host) {
+      steady_max = std::max(steady_max, gpu::SteadyZonePages(zone));
+      rec.steady_rows += zone.sink_rows + zone.rows;
+    }
+    for (int64_t p : sp.head_pages) head_pages = std::max(head_pages, p);
+    const int64_t ret_bound = std::min(head_pages, z.retrieval * sp.max_cluster_pages);
+    rec.estimated = sp.clusters > 0 ? z.estimation : 0;
+    rec.total_clusters = sp.clusters * H;
+    n = std::max(n, sp.clusters);
+    list_stride = std::max({list_stride, z.retrieval, z.estimation});
+    max_pages = std::max(max_pages, steady_max + ret_bound);
+    exec_stride = std::max(exec_stride, ret_bound);
+    info_stride = std::max(info_stride, z.retrieval);
+    ranked = ranked || (sp.clusters > 0 && z.retrieval + z.estimation > 0);
   }
-  int64_t head_pages = 0;
-  for (int64_t p : sp.head_pages) head_pages = std::max(head_pages, p);
-  const int64_t ret_bound = std::min(head_pages, r * sp.max_cluster_pages);
-  const int64_t max_pages = std::max<int64_t>(1, steady_max + ret_bound);
-  const int64_t exec_stride = std::max<int64_t>(1, ret_bound);
-  const int64_t list_stride = std::max<int64_t>({r, e, 1});
-  s.info_stride = std::max<int64_t>(r, 1);
-  s.steady_rows = steady_rows;
-  s.total_clusters = n * H;
-  s.estimated = 0;
-  KVWAVE_RETURN_IF_ERROR(
-      EnsureSlot(s, list_stride, max_pages, H * exec_stride, 2 * H + 2 * H * s.info_stride));
-  KVWAVE_RETURN_IF_ERROR(EnsureScratch(n, max_pages, list_stride));
+  s.heads = heads;
+  s.info_stride = info_stride;
+  s.planned = ranked;
+  KVWAVE_RETURN_IF_ERROR(EnsureSlot(s, heads, list_stride, max_pages, heads * exec_stride,
+                                    2 * heads + 2 * heads * info_stride));
+  KVWAVE_RETURN_IF_ERROR(EnsureScratch(heads, n, max_pages, list_stride));
+
+  // The heads' descriptors, q of a host batch and the page lists' starts go up with the syncs'
+  // rows (one gather).
+  std::vector<gpu::HeadMeta> meta(heads);
+  for (int64_t i = 0; i < B; ++i) {
+    const Space& sp = *spaces[i];
+    for (int h = 0; h < H; ++h) {
+      gpu::HeadMeta& m = meta[i * H + h];
+      const int64_t at = h * sp.capacity;
+      m.centroids = sp.centroids.as<float>() + at * o_.d;
+      if (o_.bf16_scores) m.centroids16 = sp.centroids16.as<uint16_t>() + at * o_.d;
+      m.value_sums = sp.value_sums.as<float>() + at * o_.d;
+      m.sizes = sp.sizes.as<int32_t>() + at;
+      m.keys = sp.keys.as<int32_t>() + at;
+      m.steady = sp.zones.as<gpu::SteadyZone>() + h;
+      m.n = sp.clusters;
+      m.k = zones[i].retrieval;
+      m.k2 = zones[i].retrieval + zones[i].estimation;
+    }
+  }
+  runs.push_back({reinterpret_cast<const std::byte*>(meta.data()), s.meta.as<std::byte>(),
+                  sizeof(gpu::HeadMeta) * heads});
+  const size_t qn = static_cast<size_t>(H) * o_.g * o_.d;
+  const float* q = calls[0].q;
+  float* out = calls[0].out;
+  float* lse = calls[0].lse;
+  if (host) {
+    // A host batch's results are written by the exact attention's last blocks straight into the
+    // slot's pinned io (mapped): no copies back.
+    for (int64_t i = 0; i < B; ++i)
+      runs.push_back({reinterpret_cast<const std::byte*>(calls[i].q),
+                      s.q.as<std::byte>() + sizeof(float) * qn * i, sizeof(float) * qn});
+    q = s.q.as<float>();
+    out = reinterpret_cast<float*>(s.io.data());
+    lse = out + qn * B;
+  }
+  KVWAVE_RETURN_IF_ERROR(UploadRuns(s, runs));
+  if (s.offsets_for != max_pages || s.offsets_heads != heads) {
+    // The starts of the heads' page lists (page_counts + heads); pageable: read when Copy returns.
+    std::vector<int32_t> offsets(heads);
+    for (int64_t h = 0; h < heads; ++h) offsets[h] = static_cast<int32_t>(h * max_pages);
+    KVWAVE_RETURN_IF_ERROR(b.Copy(s.page_counts.as<int32_t>() + heads, offsets.data(),
+                                  sizeof(int32_t) * heads, kComputeStream));
+    s.offsets_for = max_pages;
+    s.offsets_heads = heads;
+  }
   const uint32_t seq = ++seq_;
   const float scale = 1.0f / std::sqrt(static_cast<float>(o_.d));
+  const gpu::HeadMeta* meta_d = s.meta.as<gpu::HeadMeta>();
 
   gpu::PlanArgs pl;
-  pl.heads = H;
+  pl.heads = static_cast<int>(heads);
   pl.retrieved = s.ret.as<int32_t>();
   pl.counts = s.counts.as<int32_t>();
   pl.list_stride = list_stride;
-  pl.sizes = sp.sizes.as<int32_t>();
-  pl.size_stride = sp.capacity;
-  pl.keys = sp.keys.as<int32_t>();
-  pl.key_stride = sp.capacity;
+  pl.heads_meta = meta_d;
   pl.page_base = page_base_.as<int64_t>();
   pl.table = table_.as<int32_t>();
   pl.key_k = key_k_.as<const void*>();
   pl.key_v = key_v_.as<const void*>();
-  pl.steady = sp.zones.as<gpu::SteadyZone>();
   pl.pool_k = pool_k_.data();
   pl.pool_v = pool_v_.data();
   pl.row_bytes = static_cast<int64_t>(row_bytes_);
@@ -256,20 +329,20 @@ absl::Status WaveBuffer::Enqueue(Space& sp, const float* q, float* out, float* l
   pl.exec_stride = exec_stride;
   pl.pages = s.pages.as<gpu::PageRef>();
   pl.page_counts = s.page_counts.as<int32_t>();
-  // The record: [H counts][H retrieved rows][(key, exec page) pairs, info_stride per head].
+  // The record: [heads counts][heads retrieved rows][(key, exec page) pairs, info_stride a head].
   auto* record = reinterpret_cast<int32_t*>(s.record.data());
-  pl.info = record + 2 * H;
+  pl.info = record + 2 * heads;
   pl.info_stride = s.info_stride;
 
   gpu::ExactArgs x;
   x.q = q;
-  x.heads = H;
+  x.heads = static_cast<int>(heads);
   x.g = o_.g;
   x.d = o_.d;
   x.scale = scale;
   x.kv_type = o_.dtype;
   x.pages = s.pages.as<gpu::PageRef>();
-  x.page_offsets = nullptr;
+  x.page_offsets = s.page_counts.as<int32_t>() + heads;
   x.page_counts = s.page_counts.as<int32_t>();
   x.max_pages_per_head = max_pages;
   x.pages_per_split = o_.exact_pages_per_split;
@@ -277,53 +350,41 @@ absl::Status WaveBuffer::Enqueue(Space& sp, const float* q, float* out, float* l
   x.stash_v = s.exec_v.data();
   x.out = out;
   x.lse = lse;
-  if (s.offsets_for != max_pages) {  // the starts of the heads' page lists (page_counts + H)
-    std::vector<int32_t> offsets(H);
-    for (int h = 0; h < H; ++h) offsets[h] = static_cast<int32_t>(h * max_pages);
-    KVWAVE_RETURN_IF_ERROR(b.Copy(s.page_counts.as<int32_t>() + H, offsets.data(),
-                                  sizeof(int32_t) * H, kComputeStream));
-    s.offsets_for = max_pages;
-  }
-  x.page_offsets = s.page_counts.as<int32_t>() + H;
 
-  if (n == 0 || r + e == 0) {
-    // Nothing ranked: the steady zone alone (no record).
-    s.planned = false;
-    KVWAVE_RETURN_IF_ERROR(b.Memset(s.counts.data(), 0, sizeof(int32_t) * H, kComputeStream));
+  if (!ranked) {
+    // Nothing ranked in any call: the steady zones alone (no record).
+    KVWAVE_RETURN_IF_ERROR(b.Memset(s.counts.data(), 0, sizeof(int32_t) * heads, kComputeStream));
     KVWAVE_RETURN_IF_ERROR(b.PlanPages(pl, kComputeStream));
     return b.ExactAttention(x, kComputeStream);
   }
-  s.planned = true;
   gpu::ScoreArgs sc;
   sc.q = q;
-  sc.heads = H;
+  sc.heads = static_cast<int>(heads);
   sc.g = o_.g;
   sc.d = o_.d;
   sc.scale = scale;
-  sc.centroids = sp.centroids.as<float>();
-  if (o_.bf16_scores) sc.centroids_bf16 = sp.centroids16.as<uint16_t>();
-  sc.centroid_stride = sp.capacity * o_.d;
-  sc.sizes = sp.sizes.as<int32_t>();
-  sc.size_stride = sp.capacity;
+  sc.heads_meta = meta_d;
+  // With descriptors, a non-null bf16 pointer only says "score the bf16 copies" (never read).
+  if (o_.bf16_scores) sc.centroids_bf16 = reinterpret_cast<const uint16_t*>(meta_d);
   sc.n = n;
   sc.scores = scores_.as<float>();
   sc.score_stride = n;
   gpu::TopKArgs t;
   t.scores = scores_.as<float>();
-  t.heads = H;
+  t.heads = static_cast<int>(heads);
   t.n = n;
   t.score_stride = n;
-  t.k = r;
-  t.k2 = r + e;
+  t.k = info_stride;  // each head's own k and k2 come from its descriptor
+  t.k2 = list_stride;
   t.out = s.ret.as<int32_t>();
   t.out2 = s.est.as<int32_t>();
   t.out_stride = list_stride;
   t.counts = s.counts.as<int32_t>();
   t.counts2 = s.counts2.as<int32_t>();
-  // The plan writes the record straight to pinned host memory (complete with the call) and
+  // The plan writes the record straight to pinned host memory (complete with the batch) and
   // publishes each head's page list with its pages_ready word.
   pl.record_counts = record;
-  pl.record_rows = record + H;
+  pl.record_rows = record + heads;
   if (updates_unseen_) {  // the plan reads the table, the attention the pool: after the updates
     pl.wait_event = UpdatesEvent();
     updates_unseen_ = false;
@@ -334,24 +395,21 @@ absl::Status WaveBuffer::Enqueue(Space& sp, const float* q, float* out, float* l
 
   // Estimation and exact attention: programmatic dependents of the selection on stream C; the
   // exact attention's last block per head folds in the estimation zone once its ready words
-  // carry this call's number.
+  // carry this batch's number.
   gpu::ChainArgs est_chain, exact_chain;
   est_chain.scratch = est_scratch_.as<float>();
   est_chain.arrivals = arrivals_.as<uint32_t>();
   exact_chain.scratch = exact_scratch_.as<float>();
-  exact_chain.arrivals = arrivals_.as<uint32_t>() + H;
+  exact_chain.arrivals = arrivals_.as<uint32_t>() + heads;
   exact_chain.pages_ready = pages_ready_.as<uint32_t>();
   exact_chain.seq = seq;
   gpu::EstimateArgs est;
   est.q = q;
-  est.heads = H;
+  est.heads = static_cast<int>(heads);
   est.g = o_.g;
   est.d = o_.d;
   est.scale = scale;
-  est.centroids = sp.centroids.as<float>();
-  est.value_sums = sp.value_sums.as<float>();
-  est.sizes = sp.sizes.as<int32_t>();
-  est.cluster_stride = sp.capacity;
+  est.heads_meta = meta_d;
   est.clusters = s.est.as<int32_t>();
   est.counts = s.counts2.as<int32_t>();
   est.list_stride = list_stride;
@@ -372,13 +430,13 @@ absl::Status WaveBuffer::Enqueue(Space& sp, const float* q, float* out, float* l
 void WaveBuffer::Commit(int slot_index) {
   const auto t0 = Clock::now();
   Slot& s = *slots_[slot_index];
-  absl::Status status = backend_->SynchronizeEvent(kDoneEvent + slot_index);
+  absl::Status status = backend_->SynchronizeEvent(CommitEvent(slot_index));
   if (!status.ok() || !s.planned) {
     if (!status.ok()) Fail(status);
     FreeSlot(slot_index);
     return;
   }
-  const int H = o_.heads;
+  const int64_t H = s.heads;
   const int32_t* counts = reinterpret_cast<const int32_t*>(s.record.data());
   const int32_t* info = counts + 2 * H;
   WaveCounters add;
@@ -387,7 +445,7 @@ void WaveBuffer::Commit(int slot_index) {
   std::vector<int32_t> exec_first;
   {
     std::lock_guard<std::mutex> lock(reg_mu_);
-    for (int h = 0; h < H; ++h) {
+    for (int64_t h = 0; h < H; ++h) {
       for (int32_t i = 0; i < counts[h]; ++i) {
         const int32_t key = info[2 * (h * s.info_stride + i)];
         const int32_t exec = info[2 * (h * s.info_stride + i) + 1];
@@ -500,9 +558,7 @@ int WaveBuffer::TryAcquireSlot() {
   return slot;
 }
 
-absl::Status WaveBuffer::Begin(int slot, SpaceId id, std::span<const store::HeadKv> heads,
-                               const float* q, float* out, float* lse, const WaveBudget& budget,
-                               bool host) {
+absl::Status WaveBuffer::Begin(int slot, std::span<const HostCall> calls, bool host) {
   Slot& s = *slots_[slot];
   auto give_back = [&](absl::Status status) {
     // Nothing will commit this slot; what was queued is left to finish on the streams.
@@ -513,82 +569,98 @@ absl::Status WaveBuffer::Begin(int slot, SpaceId id, std::span<const store::Head
     slot_cv_.notify_one();
     return status;
   };
-  if (!(budget.retrieval >= 0 && budget.retrieval <= 1 && budget.estimation >= 0 &&
-        budget.estimation <= 1))
-    return give_back(absl::InvalidArgumentError("wave buffer: budgets are fractions in [0, 1]"));
-  std::shared_ptr<Space> sp;
+  for (const HostCall& c : calls) {
+    const WaveBudget& budget = c.budget;
+    if (!(budget.retrieval >= 0 && budget.retrieval <= 1 && budget.estimation >= 0 &&
+          budget.estimation <= 1))
+      return give_back(absl::InvalidArgumentError("wave buffer: budgets are fractions in [0, 1]"));
+  }
+  if (calls.empty() || (!host && calls.size() != 1))
+    return give_back(absl::InvalidArgumentError("wave buffer: a device batch is one call"));
+  std::vector<std::shared_ptr<Space>> held(calls.size());
   {
     std::lock_guard<std::mutex> lock(spaces_mu_);
-    auto it = spaces_.find(id);
-    if (it != spaces_.end()) sp = it->second;
+    for (size_t i = 0; i < calls.size(); ++i) {
+      auto it = spaces_.find(calls[i].space);
+      if (it != spaces_.end()) held[i] = it->second;
+    }
   }
-  if (sp == nullptr) return give_back(absl::NotFoundError(absl::StrCat("no wave space ", id)));
+  for (size_t i = 0; i < calls.size(); ++i)
+    if (held[i] == nullptr)
+      return give_back(absl::NotFoundError(absl::StrCat("no wave space ", calls[i].space)));
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!error_.ok()) return give_back(error_);
   }
-  s.holders = host ? 2 : 1;  // the commit job, and the host call until it has read its results
+  s.holders = host ? 2 : 1;  // the commit job, and the host batch until it has read its results
   const auto t1 = Clock::now();
-  const size_t qn = static_cast<size_t>(o_.heads) * o_.g * o_.d;
-  auto* io = reinterpret_cast<float*>(s.io.data());
-  if (host) std::memcpy(io, q, sizeof(float) * qn);
+  // Each distinct space locked once, in address order (every batch does the same).
+  std::vector<Space*> spaces(calls.size()), order;
+  for (size_t i = 0; i < calls.size(); ++i) spaces[i] = held[i].get();
+  order = spaces;
+  std::sort(order.begin(), order.end());
+  order.erase(std::unique(order.begin(), order.end()), order.end());
+  std::vector<std::unique_lock<std::mutex>> space_locks;
+  space_locks.reserve(order.size());
+  for (Space* sp : order) space_locks.emplace_back(sp->mu);
   absl::Status status;
   {
-    std::lock_guard<std::mutex> space_lock(sp->mu);
     std::lock_guard<std::mutex> lock(enqueue_mu_);
-    if (sp->closed) status = absl::NotFoundError(absl::StrCat("no wave space ", id));
-    // A host call's q goes up with the sync's rows (one gather kernel), else by itself.
-    Upload q_up;
-    if (host)
-      q_up = {reinterpret_cast<const std::byte*>(io), s.q.as<std::byte>(), sizeof(float) * qn};
-    if (status.ok() && !heads.empty()) status = Sync(*sp, heads, s, q_up);
-    if (status.ok() && host && heads.empty())
-      status = backend_->Copy(s.q.data(), io, sizeof(float) * qn, kComputeStream);
-    // A host call's results are written by the exact attention's last blocks straight into the
-    // slot's pinned io (mapped): no copies back.
-    if (status.ok())
-      status = Enqueue(*sp, host ? s.q.as<float>() : q, host ? io + qn : out,
-                       host ? io + 2 * qn : lse, budget, slot);
-    if (status.ok()) status = backend_->RecordEvent(kDoneEvent + slot, kComputeStream);
-    if (status.ok()) {
-      const ZoneCounts z = ZoneClusters(budget, sp->clusters);
-      s.estimated = sp->clusters > 0 ? z.estimation : 0;
-      committers_[slot]->Submit([this, slot] { Commit(slot); });
+    std::vector<Run> runs;
+    std::vector<Space*> synced;
+    for (size_t i = 0; i < calls.size() && status.ok(); ++i) {
+      Space& sp = *spaces[i];
+      if (sp.closed) {
+        status = absl::NotFoundError(absl::StrCat("no wave space ", calls[i].space));
+      } else if (!calls[i].heads.empty() &&
+                 std::find(synced.begin(), synced.end(), &sp) == synced.end()) {
+        status = Sync(sp, calls[i].heads, runs);
+        synced.push_back(&sp);
+      }
     }
+    if (status.ok()) status = Enqueue(spaces, calls, host, slot, runs);
+    if (status.ok()) status = backend_->RecordEvent(kDoneEvent + slot, kComputeStream);
+    if (status.ok()) status = backend_->RecordEvent(CommitEvent(slot), kComputeStream);
+    if (status.ok()) committers_[slot]->Submit([this, slot] { Commit(slot); });
   }
+  space_locks.clear();
   {
     std::lock_guard<std::mutex> lock(mu_);
     counters_.enqueue_us += Us(t1, Clock::now());
-    if (status.ok()) ++counters_.calls;
+    if (status.ok()) counters_.calls += static_cast<int64_t>(calls.size());
   }
   if (!status.ok()) return give_back(status);
   return absl::OkStatus();
 }
 
-absl::Status WaveBuffer::End(int slot, float* out, float* lse, WaveCallStats* stats) {
+absl::Status WaveBuffer::End(int slot, std::span<const HostCall> calls) {
   Slot& s = *slots_[slot];
-  const size_t qn = static_cast<size_t>(o_.heads) * o_.g * o_.d, rows = qn / o_.d;
-  const auto* io = reinterpret_cast<const float*>(s.io.data());
+  const int H = o_.heads;
+  const size_t qn = static_cast<size_t>(H) * o_.g * o_.d, rows = qn / o_.d;
+  const auto* out = reinterpret_cast<const float*>(s.io.data());
+  const float* lse = out + qn * calls.size();
   const auto t0 = Clock::now();
   absl::Status status = backend_->SynchronizeEvent(kDoneEvent + slot);
   const auto t1 = Clock::now();
   if (status.ok()) {
-    std::memcpy(out, io + qn, sizeof(float) * qn);
-    std::memcpy(lse, io + 2 * qn, sizeof(float) * rows);
-    if (stats != nullptr) {
-      stats->steady_tokens += s.steady_rows;
-      stats->total_clusters += s.total_clusters;
-      if (s.planned) {
-        // Counts and rows from the record's head: no size table (whose lock the commit of this
-        // very call takes at this moment), nothing proportional to the retrieved clusters.
-        const int32_t* counts = reinterpret_cast<const int32_t*>(s.record.data());
-        const int32_t* rows = counts + o_.heads;
-        for (int h = 0; h < o_.heads; ++h) {
-          stats->retrieved_clusters += counts[h];
-          stats->retrieved_tokens += rows[h];
-        }
-        stats->estimated_clusters += int64_t{o_.heads} * s.estimated;
+    // Counts and rows from the record's head: no size table (whose lock the commit of this very
+    // batch takes at this moment), nothing proportional to the retrieved clusters.
+    const int32_t* counts = reinterpret_cast<const int32_t*>(s.record.data());
+    const int32_t* ret_rows = counts + s.heads;
+    for (size_t i = 0; i < calls.size(); ++i) {
+      const HostCall& c = calls[i];
+      std::memcpy(c.out, out + qn * i, sizeof(float) * qn);
+      std::memcpy(c.lse, lse + rows * i, sizeof(float) * rows);
+      if (c.stats == nullptr) continue;
+      const CallRecord& rec = s.calls[i];
+      c.stats->steady_tokens += rec.steady_rows;
+      c.stats->total_clusters += rec.total_clusters;
+      if (!s.planned) continue;
+      for (int h = 0; h < H; ++h) {
+        c.stats->retrieved_clusters += counts[i * H + h];
+        c.stats->retrieved_tokens += ret_rows[i * H + h];
       }
+      c.stats->estimated_clusters += int64_t{H} * rec.estimated;
     }
   }
   {
@@ -609,7 +681,8 @@ absl::Status WaveBuffer::AttendLayer(SpaceId space, std::span<const store::HeadK
     std::lock_guard<std::mutex> lock(mu_);
     counters_.wait_us += Us(t0, Clock::now());
   }
-  return Begin(slot, space, heads, q, out, lse, budget, false);
+  const HostCall call{space, heads, q, out, lse, budget, nullptr};
+  return Begin(slot, std::span<const HostCall>(&call, 1), false);
 }
 
 absl::Status WaveBuffer::AttendHost(SpaceId space, std::span<const store::HeadKv> heads,
@@ -619,19 +692,48 @@ absl::Status WaveBuffer::AttendHost(SpaceId space, std::span<const store::HeadKv
   return AttendHostBatch(std::span<const HostCall>(&call, 1));
 }
 
+size_t WaveBuffer::BatchPrefix(std::span<const HostCall> calls) const {
+  if (calls.size() <= 1) return calls.size();
+  // The scoring's logits and statistics of the batch's heads (ScoreWorkspaceBytes) must fit the
+  // compute stream's half of the backend's workspace (cluster counts from the heads' segments),
+  // and a launch covers at most kMaxBatchHeads heads (the backend's arrival words per stream).
+  const double room = 0.9 * static_cast<double>(o_.workspace_bytes) / 2;
+  const double per_cluster = 4.0 * o_.heads * o_.g * 1.05;
+  int64_t n = 1;
+  size_t taken = 0;
+  for (const HostCall& c : calls) {
+    int64_t clusters = 0;
+    for (const store::HeadKv& head : c.heads) {
+      int64_t sum = 0;
+      for (const auto& seg : head.segments) sum += seg->num_clusters();
+      clusters = std::max(clusters, sum);
+    }
+    const int64_t next = std::max(n, clusters);
+    if (taken > 0 && (per_cluster * static_cast<double>(next) * (taken + 1) > room ||
+                      static_cast<int64_t>(taken + 1) * o_.heads > kMaxBatchHeads))
+      break;
+    n = next;
+    ++taken;
+  }
+  return std::max<size_t>(taken, 1);
+}
+
 absl::Status WaveBuffer::AttendHostBatch(std::span<const HostCall> calls) {
-  // Every call is queued as soon as a slot is free; a caller that finds none first completes the
-  // calls it holds (so that callers never wait on each other's slots), then waits.
-  std::vector<std::pair<int, const HostCall*>> pending;
+  // One pipeline a batch (BatchPrefix cuts one that would not fit the workspace). Each batch is
+  // queued as soon as a slot is free; a caller that finds none first completes the batches it
+  // holds (so that callers never wait on each other's slots), then waits.
+  std::vector<std::pair<int, std::span<const HostCall>>> pending;
   absl::Status status;
   auto complete = [&] {
-    for (const auto& [slot, c] : pending) {
-      const absl::Status st = End(slot, c->out, c->lse, c->stats);
+    for (const auto& [slot, part] : pending) {
+      const absl::Status st = End(slot, part);
       if (status.ok()) status = st;
     }
     pending.clear();
   };
-  for (const HostCall& c : calls) {
+  for (size_t at = 0; at < calls.size();) {
+    const std::span<const HostCall> part = calls.subspan(at, BatchPrefix(calls.subspan(at)));
+    at += part.size();
     int slot = TryAcquireSlot();
     if (slot < 0) {
       complete();
@@ -640,12 +742,12 @@ absl::Status WaveBuffer::AttendHostBatch(std::span<const HostCall> calls) {
       std::lock_guard<std::mutex> lock(mu_);
       counters_.wait_us += Us(t0, Clock::now());
     }
-    const absl::Status st = Begin(slot, c.space, c.heads, c.q, c.out, c.lse, c.budget, true);
+    const absl::Status st = Begin(slot, part, true);
     if (!st.ok()) {
       if (status.ok()) status = st;
       break;
     }
-    pending.emplace_back(slot, &c);
+    pending.emplace_back(slot, part);
   }
   complete();
   return status;

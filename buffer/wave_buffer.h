@@ -14,26 +14,32 @@
 // every context that attends it. (Each space keeps its own copy of the block's meta index, so
 // that a head's clusters are contiguous for the scoring kernels.)
 //
-// A call (AttendLayer) runs one fused, chained pipeline on the compute stream: scores + top-k of
-// both zones + page plan in one kernel (ScoreSelectPlan) that writes a compact record straight
-// to pinned host memory, then the estimation zone and the exact attention as programmatic
-// dependents (no event or launch gap between them); the exact attention reads steady rows and
-// cached clusters from HBM and the misses straight from pinned host memory (zero-copy, once),
-// stashing them in the call's execution buffer, and its last block per head folds in the
-// estimation zone. Budgets come with each call. The CPU's part (the LRU over the one page pool
-// shared by all spaces) runs behind on committer threads from the record; its decisions (table
-// writes, device-to-device admission copies from the execution buffer) are queued on a stream of
-// their own (U), each after the calls queued before it (an event of C's tail), and every later
-// call's selection and plan wait for them (an event of U's tail): so every call sees a table
-// consistent with the pool, and an update runs beside the next call's centroid logits instead of
-// in front of them.
+// A batch (AttendHostBatch: calls on several spaces, contexts of any lengths, each with its own
+// budgets; AttendLayer / AttendHost: a batch of one) runs ONE fused, chained pipeline on the
+// compute stream, whose launches cover (call, head) for every call: one upload of the batch's
+// rows, q and per-head descriptors (gpu::HeadMeta: where each head's meta index is, its cluster
+// count and zone sizes), then scores + top-k of both zones + page plan in one kernel
+// (ScoreSelectPlan) that writes a compact record straight to pinned host memory, then the
+// estimation zone and the exact attention as programmatic dependents (no event or launch gap
+// between them); the exact attention reads steady rows and cached clusters from HBM and the misses
+// straight from pinned host memory (zero-copy, once), stashing them in the batch's execution
+// buffer, and its last block per head folds in the estimation zone; a host batch's results land in
+// pinned memory, read once it is complete. Budgets come with each call. The CPU's part (the LRU
+// over the one page pool shared by all spaces) runs behind on committer threads from the record;
+// its decisions (table writes, device-to-device admission copies from the execution buffer) are
+// queued on a stream of their own (U), each after the calls queued before it (an event of C's
+// tail), and every later call's selection and plan wait for them (an event of U's tail): so every
+// call sees a table consistent with the pool, and an update runs beside the next call's centroid
+// logits instead of in front of them.
 //
 // Resources: a WaveBuffer owns its CudaBackend (streams, events, workspace), its slots (per
-// in-flight call: lists, page lists, execution buffer, pinned record and staging) and scratch.
+// in-flight batch: lists, page lists, execution buffer, pinned record and staging) and scratch,
+// all grown to the largest batch so far.
 //
 // Thread-safety: every method is thread-safe. Calls on different spaces may come from different
-// threads at once (their kernels are queued one call at a time under a mutex; a space is synced
-// and queued under its own mutex). The host rows a Sync reads (segments, tail) must not change
+// threads at once (their kernels are queued one batch at a time under a mutex; a space is synced
+// and queued under its own mutex; a batch takes its spaces' mutexes in address order). The host
+// rows a Sync reads (segments, tail) must not change
 // until that call is complete (AttendHost returns complete; after AttendLayer, Finish).
 #ifndef KVWAVE_BUFFER_WAVE_BUFFER_H_
 #define KVWAVE_BUFFER_WAVE_BUFFER_H_
@@ -72,9 +78,8 @@ struct WaveBufferOptions {
   // The backend's scratch, halved between the calls' stream (scoring logits: 4 x heads x g x
   // clusters bytes) and the updates' (which use none).
   int64_t workspace_bytes = int64_t{256} << 20;
-  // Calls in flight at once (each holds its slot until its LRU commit is done; a batch of B
-  // contexts is B calls a layer). 16 instead of 8 changed nothing measurable for the bare buffer
-  // at batch 8 / 128K on an H100 (bench/results/gpu_engine_run6_h100_decode.txt).
+  // Batches in flight at once (each holds its slot until its LRU commit is done; a batch of B
+  // contexts is one batch a layer).
   int slots = 8;
   // Pinned staging per slot for the rows a Sync uploads (larger uploads copy row runs directly).
   int64_t staging_bytes = int64_t{1} << 20;
@@ -151,7 +156,9 @@ class WaveBuffer {
   [[nodiscard]] absl::Status AttendHost(SpaceId space, std::span<const store::HeadKv> heads,
                                         const float* q, float* out, float* lse,
                                         const WaveBudget& budget, WaveCallStats* stats);
-  // Several host calls (different spaces), queued back to back and completed together.
+  // Several host calls (spaces of one buffer; the same space may come twice) as one batch: one
+  // pipeline (one upload, one set of launches, one plan, one commit). A batch whose scoring
+  // would not fit the backend's workspace is cut into consecutive batches.
   struct HostCall {
     SpaceId space = 0;
     std::span<const store::HeadKv> heads;
@@ -198,25 +205,28 @@ class WaveBuffer {
   struct Slot;
   struct Space;
   struct Registered;  // one segment's keys and table entries
+  struct CallRecord;
   explicit WaveBuffer(const WaveBufferOptions& options);
   absl::Status Init();
 
   // ---- wave_space.cc ----
-  // Brings `space` in line with `heads`, queueing uploads on the compute stream (staging rows in
-  // `slot`). Caller holds space.mu and enqueue_mu_.
-  // `extra`: one more copy (bytes from a pinned host source to the device) made with the same
-  // upload (a host call's q).
-  struct Upload {
+  // One host-to-device copy of a batch's upload: bytes from a host source to the device.
+  struct Run {
     const std::byte* src = nullptr;
     std::byte* dst = nullptr;
     size_t bytes = 0;
   };
-  absl::Status Sync(Space& space, std::span<const store::HeadKv> heads, Slot& slot,
-                    const Upload& extra);
+  // Brings `space` in line with `heads`: joins new segments (copies queued on the compute
+  // stream) and appends the steady zone's new rows to `runs` (uploaded by UploadRuns). Caller
+  // holds space.mu and enqueue_mu_.
+  absl::Status Sync(Space& space, std::span<const store::HeadKv> heads, std::vector<Run>& runs);
   absl::Status JoinSegments(Space& space, std::span<const store::HeadKv> heads);
   absl::Status GrowSpace(Space& space, int64_t clusters);
-  absl::Status SyncSteady(Space& space, std::span<const store::HeadKv> heads, Slot& slot,
-                          const Upload& extra);
+  void SyncSteady(Space& space, std::span<const store::HeadKv> heads, std::vector<Run>& runs);
+  absl::Status GrowRing(Space& space, std::span<const store::HeadKv> heads);
+  // Queues `runs` on the compute stream: the small ones staged in the slot's pinned staging and
+  // copied by one gather kernel, the large ones copied directly. Caller holds enqueue_mu_.
+  absl::Status UploadRuns(Slot& slot, std::span<const Run> runs);
   // Registers a segment (or takes one more reference); returns its first key.
   absl::StatusOr<int32_t> Acquire(const std::shared_ptr<const store::Segment>& seg);
   // Drops one reference of each; the ones left with none leave the cache. Caller holds no lock.
@@ -227,17 +237,22 @@ class WaveBuffer {
   absl::StatusOr<int> AcquireSlot();
   int TryAcquireSlot();  // -1: none free
   void FreeSlot(int slot);
-  // Syncs and queues one call on an acquired slot (which it gives back on error); End waits for
-  // a host call's results, copies them out and frees the slot.
-  absl::Status Begin(int slot, SpaceId id, std::span<const store::HeadKv> heads, const float* q,
-                     float* out, float* lse, const WaveBudget& budget, bool host);
-  absl::Status End(int slot, float* out, float* lse, WaveCallStats* stats);
-  absl::Status EnsureSlot(Slot& s, int64_t list_stride, int64_t max_pages, int64_t exec_pages,
-                          int64_t record_ints);
-  absl::Status EnsureScratch(int64_t clusters, int64_t max_pages, int64_t list_stride);
-  // Queues one call (caller holds enqueue_mu_ and space.mu).
-  absl::Status Enqueue(Space& space, const float* q, float* out, float* lse,
-                       const WaveBudget& budget, int slot);
+  // Syncs and queues one batch on an acquired slot (which it gives back on error); host: q, out
+  // and lse are host memory, else device memory (one call). End waits for a host batch's
+  // results, copies them out and frees the slot.
+  absl::Status Begin(int slot, std::span<const HostCall> calls, bool host);
+  absl::Status End(int slot, std::span<const HostCall> calls);
+  absl::Status EnsureSlot(Slot& s, int64_t heads, int64_t list_stride, int64_t max_pages,
+                          int64_t exec_pages, int64_t record_ints);
+  absl::Status EnsureScratch(int64_t heads, int64_t clusters, int64_t max_pages,
+                             int64_t list_stride);
+  // Queues one batch, call i on spaces[i] (caller holds enqueue_mu_ and the spaces' mutexes);
+  // `runs` (the syncs' uploads) go up with the batch's q and descriptors.
+  absl::Status Enqueue(std::span<Space* const> spaces, std::span<const HostCall> calls, bool host,
+                       int slot, std::vector<Run>& runs);
+  // How many of `calls` (from the first) one batch takes: as many as the backend's workspace
+  // scores at once.
+  size_t BatchPrefix(std::span<const HostCall> calls) const;
   void Commit(int slot);
   // ---- wave_device.cc ----
   absl::Status BeginDevice(int slot, const DeviceCall& call, void* wait_event);
@@ -266,10 +281,11 @@ class WaveBuffer {
   std::unordered_map<SpaceId, std::shared_ptr<Space>> spaces_;
   SpaceId next_space_ = 1;
 
-  // The instance's scratch for chained calls (sized by the largest call so far).
+  // The instance's scratch for chained batches (sized by the largest batch so far: heads_cap_
+  // heads).
   gpu::DeviceBuffer scores_, est_out_, est_lse_, est_ready_, pages_ready_, arrivals_,
       exact_scratch_, est_scratch_;
-  int64_t scratch_heads_ = 0, scores_size_ = 0;
+  int64_t heads_cap_ = 0;
 
   std::vector<std::unique_ptr<Slot>> slots_;
   mutable std::mutex slot_mu_;
@@ -279,6 +295,9 @@ class WaveBuffer {
   // Events after the slots' done events (see wave_buffer_internal.h).
   int CallsEvent() const { return o_.slots; }
   int UpdatesEvent() const { return o_.slots + 1; }
+  // The slot's batch is complete, for its committer (a blocking-sync event: the committer
+  // sleeps; the host batch's own wait, on kDoneEvent + slot, spins for the lowest latency).
+  int CommitEvent(int slot) const { return o_.slots + 2 + slot; }
   // Both streams idle (calls and cache updates).
   absl::Status SynchronizeAll();
   // Stream C waits for the updates queued so far, if any since it last did (enqueue_mu_ held).

@@ -52,22 +52,34 @@ struct WaveBuffer::Space {
   bool zones_dirty = true;
 };
 
-// One in-flight call's resources. Free when its owner and its commit job are done with it.
+// What End reports of one call of a batch.
+struct WaveBuffer::CallRecord {
+  int64_t steady_rows = 0;     // summed over the call's heads
+  int64_t estimated = 0;       // estimation-zone clusters per head
+  int64_t total_clusters = 0;  // summed over the call's heads
+};
+
+// One in-flight batch's resources (a batch: one or more calls, each of the buffer's `heads` KV
+// heads; the launches see calls x heads heads, call i's at [i * heads, (i + 1) * heads)). Free
+// when its owner and its commit job are done with it.
 struct WaveBuffer::Slot {
   int index = 0;
   int holders = 0;  // under slot_mu_
-  // Device: both zones' lists, counts, page list, execution buffer, q of host calls.
-  gpu::DeviceBuffer ret, est, counts, counts2, pages, page_counts, exec_k, exec_v, q;
-  int64_t list_cap = 0, pages_cap = 0, exec_cap = 0, offsets_for = -1;
+  // Device: both zones' lists, counts, page list, execution buffer, q of host calls, the heads'
+  // descriptors (gpu::HeadMeta).
+  gpu::DeviceBuffer ret, est, counts, counts2, pages, page_counts, exec_k, exec_v, q, meta;
+  int64_t list_cap = 0, pages_cap = 0, exec_cap = 0, heads_cap = 0, offsets_for = -1,
+          offsets_heads = -1;
   // Pinned host: the record (counts, retrieved rows, then (key, exec page) pairs), the update blob,
   // the staging of Sync's rows, the host call's q / out / lse (out, lse written there by the
   // kernels).
   store::HostBuffer record, update, staging, io;
-  // The call: heads' retrieved lists in the record are info_stride apart; planned: a record was
-  // written (else no cluster was retrieved).
+  // The batch: its heads (calls x the buffer's heads); their retrieved lists in the record are
+  // info_stride apart; planned: a record was written (else no call ranked any cluster).
+  int64_t heads = 0;
   int64_t info_stride = 1;
   bool planned = false;
-  int64_t steady_rows = 0, estimated = 0, total_clusters = 0;
+  std::vector<CallRecord> calls;
 };
 
 }  // namespace kvwave::buffer

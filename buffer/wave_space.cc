@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "buffer/pinned_allocator.h"
 #include "buffer/wave_buffer.h"
 #include "buffer/wave_buffer_internal.h"
 #include "config/status_macros.h"
@@ -334,31 +335,29 @@ absl::Status WaveBuffer::JoinSegments(Space& sp, std::span<const store::HeadKv> 
   return absl::OkStatus();
 }
 
-absl::Status WaveBuffer::SyncSteady(Space& sp, std::span<const store::HeadKv> heads, Slot& slot,
-                                    const Upload& extra) {
-  const int H = o_.heads;
-  gpu::CudaBackend& b = *backend_;
+absl::Status WaveBuffer::GrowRing(Space& sp, std::span<const store::HeadKv> heads) {
   int64_t rows_max = 0;
-  for (int h = 0; h < H; ++h) rows_max = std::max<int64_t>(rows_max, heads[h].tail.size());
-  if (rows_max > sp.ring_cap) {  // a larger ring: every head's tail is uploaded anew
-    const int64_t cap =
-        PagesOfRows(std::max<int64_t>({rows_max + 64, 2 * sp.ring_cap, 128})) * kPageRows;
-    KVWAVE_ASSIGN_OR_RETURN(gpu::DeviceBuffer k, b.Allocate(row_bytes_ * cap * H));
-    KVWAVE_ASSIGN_OR_RETURN(gpu::DeviceBuffer v, b.Allocate(row_bytes_ * cap * H));
-    if (sp.ring_cap > 0) KVWAVE_RETURN_IF_ERROR(b.Synchronize(kComputeStream));
-    sp.ring_k = std::move(k);
-    sp.ring_v = std::move(v);
-    sp.ring_cap = cap;
-    for (auto& z : sp.zone_host) z.rows = 0;
-    sp.zones_dirty = true;
-  }
-  // Row runs to upload: (host source, device destination, bytes).
-  struct Run {
-    const std::byte* src;
-    std::byte* dst;
-    size_t bytes;
-  };
-  std::vector<Run> runs;
+  for (const store::HeadKv& head : heads) rows_max = std::max<int64_t>(rows_max, head.tail.size());
+  if (rows_max <= sp.ring_cap) return absl::OkStatus();
+  // A larger ring: every head's tail is uploaded anew.
+  gpu::CudaBackend& b = *backend_;
+  const int64_t H = o_.heads;
+  const int64_t cap =
+      PagesOfRows(std::max<int64_t>({rows_max + 64, 2 * sp.ring_cap, 128})) * kPageRows;
+  KVWAVE_ASSIGN_OR_RETURN(gpu::DeviceBuffer k, b.Allocate(row_bytes_ * cap * H));
+  KVWAVE_ASSIGN_OR_RETURN(gpu::DeviceBuffer v, b.Allocate(row_bytes_ * cap * H));
+  if (sp.ring_cap > 0) KVWAVE_RETURN_IF_ERROR(b.Synchronize(kComputeStream));
+  sp.ring_k = std::move(k);
+  sp.ring_v = std::move(v);
+  sp.ring_cap = cap;
+  for (auto& z : sp.zone_host) z.rows = 0;
+  sp.zones_dirty = true;
+  return absl::OkStatus();
+}
+
+void WaveBuffer::SyncSteady(Space& sp, std::span<const store::HeadKv> heads,
+                            std::vector<Run>& runs) {
+  const int H = o_.heads;
   size_t run_bytes = 0;
   for (int h = 0; h < H; ++h) {
     const store::Tail& tail = heads[h].tail;
@@ -390,27 +389,42 @@ absl::Status WaveBuffer::SyncSteady(Space& sp, std::span<const store::HeadKv> he
     if (std::memcmp(&next, &z, sizeof(next)) != 0) sp.zones_dirty = true;
     z = next;
   }
-  if (extra.bytes > 0) runs.push_back({extra.src, extra.dst, extra.bytes});
-  if (sp.zones_dirty) {
+  if (sp.zones_dirty) {  // staged (copied out of zone_host) before the space's lock is released
     runs.push_back({reinterpret_cast<const std::byte*>(sp.zone_host.data()),
                     sp.zones.as<std::byte>(), sizeof(gpu::SteadyZone) * H});
     run_bytes += sizeof(gpu::SteadyZone) * H;
     sp.zones_dirty = false;
   }
-  if (runs.empty()) return absl::OkStatus();
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    counters_.upload_bytes += static_cast<int64_t>(run_bytes);
+  std::lock_guard<std::mutex> lock(mu_);
+  counters_.upload_bytes += static_cast<int64_t>(run_bytes);
+}
+
+absl::Status WaveBuffer::UploadRuns(Slot& slot, std::span<const Run> runs) {
+  // Runs up to kStagedRun bytes (a decode step's rows, q, zones, descriptors) are copied into the
+  // slot's pinned staging with their copy list, and one gather kernel reads them over PCIe; larger
+  // ones (a first sync's tail) are copied directly (their sources stay valid until the batch is
+  // complete). The slot's previous batch is complete: its staging is free, and grows to fit.
+  constexpr size_t kStagedRun = size_t{64} << 10;
+  gpu::CudaBackend& b = *backend_;
+  size_t count = 0, data_bytes = 0;
+  for (const Run& r : runs) {
+    if (r.bytes == 0) continue;
+    if (r.bytes > kStagedRun) {
+      KVWAVE_RETURN_IF_ERROR(b.Copy(r.dst, r.src, r.bytes, kComputeStream));
+      continue;
+    }
+    KVWAVE_CHECK(r.bytes % 16 == 0);  // the gather copies 16-byte pieces
+    ++count;
+    data_bytes += Align16(r.bytes);
   }
-  // Staged: the rows and the copy list in the slot's pinned staging, one gather kernel reading
-  // them over PCIe. Too large for it: one copy per run.
-  const size_t count = runs.size();
+  if (count == 0) return absl::OkStatus();
   const size_t arrays = Align16(2 * sizeof(void*) * count + sizeof(int32_t) * count);
-  size_t data_bytes = 0;
-  for (const Run& r : runs) data_bytes += Align16(r.bytes);
   if (arrays + data_bytes > slot.staging.size()) {
-    for (const Run& r : runs) KVWAVE_RETURN_IF_ERROR(b.Copy(r.dst, r.src, r.bytes, kComputeStream));
-    return absl::OkStatus();
+    slot.staging.Reset();
+    KVWAVE_ASSIGN_OR_RETURN(
+        slot.staging, store::HostBuffer::Allocate(
+                          PinnedAllocator(),
+                          std::max(arrays + data_bytes, static_cast<size_t>(o_.staging_bytes))));
   }
   std::byte* blob = slot.staging.data();
   auto* src = reinterpret_cast<const void**>(blob);
@@ -418,26 +432,31 @@ absl::Status WaveBuffer::SyncSteady(Space& sp, std::span<const store::HeadKv> he
   auto* bytes = reinterpret_cast<int32_t*>(blob + 2 * sizeof(void*) * count);
   std::byte* data = blob + arrays;
   int64_t max_bytes = 0;
-  for (size_t i = 0; i < count; ++i) {
-    std::memcpy(data, runs[i].src, runs[i].bytes);
+  size_t i = 0;
+  for (const Run& r : runs) {
+    if (r.bytes == 0 || r.bytes > kStagedRun) continue;
+    std::memcpy(data, r.src, r.bytes);
     src[i] = data;
-    dst[i] = runs[i].dst;
-    bytes[i] = static_cast<int32_t>(runs[i].bytes);
-    max_bytes = std::max<int64_t>(max_bytes, static_cast<int64_t>(runs[i].bytes));
-    data += Align16(runs[i].bytes);
+    dst[i] = r.dst;
+    bytes[i] = static_cast<int32_t>(r.bytes);
+    max_bytes = std::max<int64_t>(max_bytes, static_cast<int64_t>(r.bytes));
+    data += Align16(r.bytes);
+    ++i;
   }
   return b.GatherPages(reinterpret_cast<const void* const*>(src),
                        reinterpret_cast<void* const*>(dst), bytes, static_cast<int64_t>(count),
                        max_bytes, kComputeStream);
 }
 
-absl::Status WaveBuffer::Sync(Space& sp, std::span<const store::HeadKv> heads, Slot& slot,
-                              const Upload& extra) {
+absl::Status WaveBuffer::Sync(Space& sp, std::span<const store::HeadKv> heads,
+                              std::vector<Run>& runs) {
   if (static_cast<int>(heads.size()) != o_.heads)
     return absl::InvalidArgumentError(absl::StrCat(
         "wave buffer: ", heads.size(), " heads given, the buffer's spaces have ", o_.heads));
   KVWAVE_RETURN_IF_ERROR(JoinSegments(sp, heads));
-  return SyncSteady(sp, heads, slot, extra);
+  KVWAVE_RETURN_IF_ERROR(GrowRing(sp, heads));
+  SyncSteady(sp, heads, runs);
+  return absl::OkStatus();
 }
 
 }  // namespace kvwave::buffer

@@ -55,6 +55,10 @@ struct CudaBackendOptions {
   // cache updates.
   int num_streams = 4;
   int num_events = 64;  // for cross-stream ordering (RecordEvent)
+  // Events [num_events, num_events + num_blocking_events): a thread waiting on one of them
+  // (SynchronizeEvent) sleeps until the GPU signals it instead of spinning on a core (for waits
+  // off the critical path, such as the wave buffer's committer threads).
+  int num_blocking_events = 0;
   // Programmatic dependent launch between the kernels of one op (ScoreSelectPlan): the second is
   // scheduled while the first drains, and waits for it on the GPU (sm_90).
   bool dependent_launch = true;
@@ -83,6 +87,27 @@ class DeviceBuffer {
   size_t size_ = 0;
 };
 
+struct SteadyZone;
+
+// One KV head of a batched launch (the wave buffer's calls of several contexts in one pipeline):
+// a device array of these, one per head of the launch, replaces the base + h * stride addressing
+// of ScoreSelectPlan, PlanPages and EstimateAttention (ScoreArgs / PlanArgs / EstimateArgs::
+// heads_meta). Head h then reads its own arrays (any allocation, any capacity), has n clusters
+// (at most the launch's n; the launch's n is the row stride of the scores and logits), and
+// selects its own top k (and k2 - k) clusters: contexts of different lengths and budgets in one
+// launch. 80 bytes (a multiple of 16: uploaded by the 16-byte gather).
+struct alignas(16) HeadMeta {
+  const float* centroids = nullptr;       // [n x d] float32
+  const uint16_t* centroids16 = nullptr;  // [n x d] bf16 copy (scored when the launch says so)
+  const float* value_sums = nullptr;      // [n x d]
+  const int32_t* sizes = nullptr;         // [n]
+  const int32_t* keys = nullptr;          // [n] cache keys (PlanArgs)
+  const SteadyZone* steady = nullptr;     // the head's steady zone (PlanArgs)
+  int64_t n = 0;                          // clusters
+  int64_t k = 0, k2 = 0;                  // top k retrieved, top k2 (>= k) with the estimated
+};
+static_assert(sizeof(HeadMeta) % 16 == 0);
+
 // Arguments of ScoreClusters: `heads` KV heads, each with g query heads of dim d and n clusters.
 // Head h reads q + h*g*d, centroids + h*centroid_stride (float32 [n x d]), sizes + h*size_stride,
 // and writes scores + h*score_stride [n]: scores[j] = sum over its g query heads of the softmax,
@@ -102,6 +127,11 @@ struct ScoreArgs {
   int64_t n = 0;
   float* scores = nullptr;  // device
   int64_t score_stride = 0;
+  // Optional (ScoreSelectPlan only): per-head descriptors (HeadMeta, device). Then centroids /
+  // centroids_bf16 / sizes / strides are not read, except that centroids_bf16 != nullptr still
+  // chooses the bf16 copies (HeadMeta::centroids16); n is the largest head's cluster count and
+  // TopKArgs::k / k2 are replaced by each head's.
+  const HeadMeta* heads_meta = nullptr;
 };
 
 // Arguments of SelectTopK: per head, the indices of the k largest finite scores (ties: lower index
@@ -246,6 +276,9 @@ struct PlanArgs {
   int wait_event = -1;
   uint32_t* pages_ready = nullptr;
   uint32_t seq = 0;
+  // Optional: per-head descriptors (HeadMeta, device): sizes, keys and steady come from them
+  // (ScoreSelectPlan: the same array as ScoreArgs::heads_meta).
+  const HeadMeta* heads_meta = nullptr;
 };
 
 // Arguments of EstimateAttention: head h uses centroids/value_sums + h*cluster_stride*d,
@@ -268,6 +301,9 @@ struct EstimateArgs {
   uint32_t* ready = nullptr;
   uint32_t ready_seq = 0;
   const ChainArgs* chain = nullptr;  // optional, see ChainArgs (pages_ready unused)
+  // Optional: per-head descriptors (HeadMeta, device): centroids, value sums and sizes come from
+  // them (cluster_stride unused); list_stride bounds every head's count.
+  const HeadMeta* heads_meta = nullptr;
 };
 
 // Spherical k-means assignment: assignment[i] = argmax_j x_i . c_j (ties: lower j) for n rows

@@ -65,6 +65,7 @@ struct Options {
   double host_gib = 48, cache = 0.05, retrieval = 0.018, estimation = 0.232, rho = 0.9;
   int steps = 30, warmup = 10, pps = 16, slots = 8;
   bool full = true;
+  bool bf16 = false;  // the bare buffers score bf16 centroid copies (the engine: float32)
   // Trace replay (--trace): the shared model's dump (PREFIX_{q,k,v}.npy, float16).
   std::string trace;
   int decode = 1024, trace_warmup = 64;
@@ -205,7 +206,7 @@ void Run(const Options& o, int64_t context) {
   w.cache_bytes = settings.gpu_cache_bytes;
   w.exact_pages_per_split = o.pps;
   w.slots = o.slots;
-  w.bf16_scores = false;  // as the engine's backend
+  w.bf16_scores = o.bf16;  // false: as the engine's backend
   std::unique_ptr<buffer::WaveBuffer> wbs[2];
   std::vector<buffer::WaveBuffer::SpaceId> spaces[2];
   for (int i = 0; i < 2; ++i) {
@@ -533,6 +534,7 @@ int main(int argc, char** argv) {
   app.add_option("--warmup", o.warmup);
   app.add_option("--rho", o.rho);
   app.add_option("--full", o.full, "also time full attention (HBM and pinned host)");
+  app.add_option("--bf16", o.bf16, "bare buffers: score bf16 copies of the centroids");
   app.add_option("--trace", o.trace,
                  "replay a trace (PREFIX_{q,k,v}.npy) through the engine: real vs AR(1) queries");
   app.add_option("--decode", o.decode, "trace: decode steps (the last tokens of each context)");
@@ -546,8 +548,9 @@ int main(int argc, char** argv) {
     return 0;
   }
   std::printf(
-      "# context batch layers-timed  per decode step (all %d layers); bare buffers: %d slots\n",
-      o.layers, o.slots);
+      "# context batch layers-timed  per decode step (all %d layers); bare buffers: %d slots, %s "
+      "scores; engine: one batched call a layer\n",
+      o.layers, o.slots, o.bf16 ? "bf16" : "float32");
   for (int64_t c : o.contexts) kvwave::Run(o, c);
   return 0;
 }

@@ -355,7 +355,7 @@ __global__ void __launch_bounds__(kThreads)
                    const float* __restrict__ value_sums, const int32_t* __restrict__ sizes,
                    int64_t cluster_stride, const int32_t* __restrict__ clusters,
                    const int32_t* __restrict__ counts, int64_t list_stride, int64_t cps,
-                   const FoldArgs fold) {
+                   const FoldArgs fold, const HeadMeta* __restrict__ meta) {
   constexpr int kLanes = D / 4;
   const int head = blockIdx.y, split = blockIdx.x, splits = gridDim.x;
   // In a chain of dependent launches: let the next op's blocks be scheduled now, then wait for
@@ -366,9 +366,11 @@ __global__ void __launch_bounds__(kThreads)
   const bool active = lane < kLanes;
   const int64_t begin = split * cps;
   const int64_t end = min(static_cast<int64_t>(counts[head]), begin + cps);
-  const float* cen = centroids + head * cluster_stride * D;
-  const float* vs = value_sums + head * cluster_stride * D;
-  const int32_t* sz = sizes + head * cluster_stride;
+  // This head's meta index (a batched launch: its descriptor).
+  const float* cen = meta != nullptr ? meta[head].centroids : centroids + head * cluster_stride * D;
+  const float* vs =
+      meta != nullptr ? meta[head].value_sums : value_sums + head * cluster_stride * D;
+  const int32_t* sz = meta != nullptr ? meta[head].sizes : sizes + head * cluster_stride;
   const int32_t* list = clusters + head * list_stride;
   float qr[G][4], m[G], l[G], acc[G][4];
 #pragma unroll
@@ -555,7 +557,7 @@ cudaError_t LaunchEstimateTyped(const EstimateArgs& a, int splits, int64_t cps, 
   LaunchConfig l(dim3(splits, a.heads), kThreads, 0, stream, 0, a.chain != nullptr);
   return cudaLaunchKernelEx(&l.config, EstimateKernel<D, G>, a.q, a.scale * kLog2e, a.centroids,
                             a.value_sums, a.sizes, a.cluster_stride, a.clusters, a.counts,
-                            a.list_stride, cps, f);
+                            a.list_stride, cps, f, a.heads_meta);
 }
 
 // Dispatches to F::template Run<D, G>(args...) for the supported (d, g); false otherwise.

@@ -137,9 +137,13 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(
         FromCuda(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate"));
     impl->streams.push_back(s);
   }
-  for (int i = 0; i < options.num_events; ++i) {
+  for (int i = 0; i < options.num_events + options.num_blocking_events; ++i) {
     cudaEvent_t e;
-    KVWAVE_RETURN_IF_ERROR(FromCuda(cudaEventCreate(&e), "cudaEventCreate"));
+    KVWAVE_RETURN_IF_ERROR(
+        FromCuda(i < options.num_events
+                     ? cudaEventCreate(&e)
+                     : cudaEventCreateWithFlags(&e, cudaEventBlockingSync | cudaEventDisableTiming),
+                 "cudaEventCreate"));
     impl->events.push_back(e);
   }
   // 256-byte aligned regions, one per stream.
@@ -236,6 +240,8 @@ absl::Status CudaBackend::ScoreClusters(const ScoreArgs& a, int stream) {
     return absl::InvalidArgumentError("ScoreClusters: g must be 1/2/4/8 and d a multiple of 4");
   if (a.centroids_bf16 != nullptr && (a.d > 128 || a.d % 8 != 0))
     return absl::InvalidArgumentError("ScoreClusters: bf16 centroids need d <= 128, d % 8 == 0");
+  if (a.heads_meta != nullptr)
+    return absl::InvalidArgumentError("ScoreClusters: per-head descriptors are ScoreSelectPlan's");
   KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
   KVWAVE_ASSIGN_OR_RETURN(float* ws,
                           impl_->Workspace(stream, cuda::ScoreWorkspaceBytes(a.heads, a.g, a.n)));
@@ -258,10 +264,13 @@ absl::Status CudaBackend::ScoreSelectPlan(const ScoreArgs& a, const TopKArgs& t,
     return absl::InvalidArgumentError("ScoreSelectPlan: bad score arguments");
   if (t.k < 0 || t.out == nullptr || t.counts == nullptr ||
       (t.out2 != nullptr && t.counts2 == nullptr) || t.heads != a.heads || t.n != a.n ||
-      p.heads != a.heads || p.retrieved != t.out || p.counts != t.counts)
+      p.heads != a.heads || p.retrieved != t.out || p.counts != t.counts ||
+      p.heads_meta != a.heads_meta)
     return absl::InvalidArgumentError("ScoreSelectPlan: bad top-k or plan arguments");
-  if (p.row_bytes <= 0 || p.row_bytes % 16 != 0 || p.keys == nullptr || p.page_base == nullptr ||
-      p.table == nullptr || p.steady == nullptr || p.sizes == nullptr)
+  if (a.heads_meta != nullptr && a.d > 128)
+    return absl::InvalidArgumentError("ScoreSelectPlan: per-head descriptors need d <= 128");
+  if (p.row_bytes <= 0 || p.row_bytes % 16 != 0 || p.page_base == nullptr || p.table == nullptr ||
+      (p.heads_meta == nullptr && (p.keys == nullptr || p.steady == nullptr || p.sizes == nullptr)))
     return absl::InvalidArgumentError("ScoreSelectPlan: bad plan arguments");
   KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
   KVWAVE_ASSIGN_OR_RETURN(float* ws,
@@ -356,7 +365,7 @@ absl::Status CudaBackend::GatherPages(const void* const* src, void* const* dst,
 
 absl::Status CudaBackend::PlanPages(const PlanArgs& a, int stream) {
   if (a.heads < 0 || a.row_bytes <= 0 || a.row_bytes % 16 != 0 ||
-      (a.heads > 0 && (a.steady == nullptr || a.counts == nullptr)))
+      (a.heads > 0 && ((a.steady == nullptr && a.heads_meta == nullptr) || a.counts == nullptr)))
     return absl::InvalidArgumentError("PlanPages: bad arguments");
   KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
   return FromCuda(cuda::LaunchPlanPages(a, s), "PlanPages");

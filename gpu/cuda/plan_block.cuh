@@ -14,10 +14,22 @@
 
 namespace kvwave::gpu::cuda {
 
+// Head h's steady zone, sizes and cache keys: from its descriptor in a batched launch (HeadMeta),
+// else at base + h * stride.
+__device__ __forceinline__ const SteadyZone& SteadyOf(const PlanArgs& a, int h) {
+  return a.heads_meta != nullptr ? *a.heads_meta[h].steady : a.steady[h];
+}
+__device__ __forceinline__ const int32_t* PlanSizesOf(const PlanArgs& a, int h) {
+  return a.heads_meta != nullptr ? a.heads_meta[h].sizes : a.sizes + h * a.size_stride;
+}
+__device__ __forceinline__ const int32_t* PlanKeysOf(const PlanArgs& a, int h) {
+  return a.heads_meta != nullptr ? a.heads_meta[h].keys : a.keys + h * a.key_stride;
+}
+
 // Writes head h's steady pages (SteadyZone: sinks, then the tail's ring cut at multiples of
 // kMaxPageRows) at the front of its page list; returns their count. All threads.
 __device__ __forceinline__ int PlanSteady(const PlanArgs& a, int h) {
-  const SteadyZone z = a.steady[h];
+  const SteadyZone z = SteadyOf(a, h);
   const int64_t row_bytes = a.row_bytes;
   PageRef* out = a.pages + h * a.max_pages_per_head;
   const int sink_pages = (z.sink_rows + kMaxPageRows - 1) / kMaxPageRows;
@@ -87,6 +99,8 @@ __device__ void PlanHead(const PlanArgs& a, int h, int steady_pages_written = -1
   const int n = a.counts[h];
   const int32_t* list = a.retrieved + h * a.list_stride;
   const int64_t exec0 = int64_t{h} * a.exec_stride;
+  const int32_t* keys = PlanKeysOf(a, h);
+  const int32_t* sizes = PlanSizesOf(a, h);
   for (int t0 = 0; t0 < n; t0 += kThreads) {
     const int i = t0 + threadIdx.x;
     int32_t key = 0;
@@ -94,8 +108,8 @@ __device__ void PlanHead(const PlanArgs& a, int h, int steady_pages_written = -1
     bool hit = false;
     if (i < n) {
       const int c = list[i];
-      key = a.keys[h * a.key_stride + c];
-      size = a.sizes[h * a.size_stride + c];
+      key = keys[c];
+      size = sizes[c];
       pages = (size + kMaxPageRows - 1) / kMaxPageRows;
       hit = a.table[a.page_base[key]] >= 0;
     }

@@ -149,13 +149,35 @@ __global__ void __launch_bounds__(kScoreThreads)
 // reads), then each thread takes (cluster, query head) pairs, reading q as broadcasts.
 constexpr int kTiledMaxD = 128;
 
+// Head `head`'s centroid rows (float32, or the bf16 copy), sizes and cluster count: from its
+// descriptor in a batched launch (HeadMeta), else at base + head * stride.
+struct HeadCentroids {
+  const void* rows;
+  const int32_t* sizes;
+  int64_t n;
+};
+template <bool kBf16>
+__device__ __forceinline__ HeadCentroids CentroidsOf(const HeadMeta* meta, int head,
+                                                     const void* cen, int64_t cen_stride,
+                                                     const int32_t* sizes, int64_t size_stride,
+                                                     int64_t n) {
+  if (meta != nullptr) {
+    const HeadMeta& m = meta[head];
+    return {kBf16 ? static_cast<const void*>(m.centroids16) : static_cast<const void*>(m.centroids),
+            m.sizes, m.n};
+  }
+  return {static_cast<const char*>(cen) + head * cen_stride * (kBf16 ? 2 : 4),
+          sizes + head * size_stride, n};
+}
+
 // kBf16: the centroids are bf16 (half the bytes); the tile holds them as floats.
 template <int G, bool kBf16>
 __global__ void __launch_bounds__(kScoreThreads)
     TiledLogitsKernel(const float* __restrict__ q, int d, float scale,
                       const void* __restrict__ cen_raw, int64_t cen_stride,
                       const int32_t* __restrict__ sizes, int64_t size_stride, int64_t n,
-                      float* __restrict__ logits, float2* __restrict__ stats) {
+                      float* __restrict__ logits, float2* __restrict__ stats,
+                      const HeadMeta* __restrict__ meta) {
   // A programmatic dependent (SelectPlanKernel) may be scheduled from now on; it waits for this
   // grid's completion before it reads anything (a no-op without such a dependent).
   asm volatile("griddepcontrol.launch_dependents;");
@@ -167,13 +189,15 @@ __global__ void __launch_bounds__(kScoreThreads)
   __shared__ float xs[G][kClustersPerBlock];
   const int head = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t first = int64_t{blockIdx.x} * kClustersPerBlock;
-  const int rows = static_cast<int>(min(int64_t{kClustersPerBlock}, n - first));
+  const HeadCentroids hc =
+      CentroidsOf<kBf16>(meta, head, cen_raw, cen_stride, sizes, size_stride, n);
+  const int rows = static_cast<int>(max(int64_t{0}, min(int64_t{kClustersPerBlock}, hc.n - first)));
   // All of the thread's loads (16 bytes: 4 floats or 8 bf16) are issued before the first store
   // (32 or 16 KB in flight a block).
   constexpr int kPer = kBf16 ? 8 : 4;  // elements a load
   const int dv = d / kPer;             // loads a row
-  const uint4* src = reinterpret_cast<const uint4*>(
-      static_cast<const char*>(cen_raw) + (head * cen_stride + first * d) * (kBf16 ? 2 : 4));
+  const uint4* src = reinterpret_cast<const uint4*>(static_cast<const char*>(hc.rows) +
+                                                    first * d * (kBf16 ? 2 : 4));
   constexpr int kLoads = kClustersPerBlock * kTiledMaxD / kPer / kScoreThreads;
   uint4 v[kLoads];
 #pragma unroll
@@ -201,7 +225,7 @@ __global__ void __launch_bounds__(kScoreThreads)
     qs[i / d][i % d] = q[(int64_t{head} * G) * d + i];
   __shared__ bool live[kClustersPerBlock];
   if (threadIdx.x < kClustersPerBlock)
-    live[threadIdx.x] = threadIdx.x < rows && sizes[head * size_stride + first + threadIdx.x] > 0;
+    live[threadIdx.x] = threadIdx.x < rows && hc.sizes[first + threadIdx.x] > 0;
   __syncthreads();
   for (int idx = threadIdx.x; idx < G * kClustersPerBlock; idx += blockDim.x) {
     const int c = idx % kClustersPerBlock, j = idx / kClustersPerBlock;
@@ -361,20 +385,23 @@ template <int G, int D>
 __global__ void __launch_bounds__(kScoreThreads, 2)
     MmaLogitsKernel(const float* __restrict__ q, float scale, const uint16_t* __restrict__ cen,
                     int64_t cen_stride, const int32_t* __restrict__ sizes, int64_t size_stride,
-                    int64_t n, float* __restrict__ logits, float2* __restrict__ stats) {
+                    int64_t n, float* __restrict__ logits, float2* __restrict__ stats,
+                    const HeadMeta* __restrict__ meta) {
   asm volatile("griddepcontrol.launch_dependents;");  // see TiledLogitsKernel
   constexpr int kNT = MmaTilesN(G), kU = D / 32, kK = D / 16;
   constexpr int kIt = (16 * G + 31) / 32;  // (row, query head) results a lane folds, per tile
   const int head = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   uint32_t b[kNT][kK][2];
   QFragments<G, D>(q, head, b);
-  const uint4* c_head = reinterpret_cast<const uint4*>(cen + head * cen_stride);
-  const int32_t* s_head = sizes + head * size_stride;
+  const HeadCentroids hc = CentroidsOf<true>(meta, head, cen, cen_stride, sizes, size_stride, n);
+  const uint4* c_head = static_cast<const uint4*>(hc.rows);
+  const int32_t* s_head = hc.sizes;
+  const int64_t nh = hc.n;  // this head's clusters; n: the logits' row stride
   const int64_t first = int64_t{blockIdx.x} * kMmaClustersPerBlock;
   uint4 ld[kMmaTiles][2][kU];
 #pragma unroll
   for (int t = 0; t < kMmaTiles; ++t)
-    LoadTile<D>(c_head, first + (t * kMmaWarps + warp) * 16, n, ld[t]);
+    LoadTile<D>(c_head, first + (t * kMmaWarps + warp) * 16, nh, ld[t]);
   __shared__ float cs[kMmaWarps][16][kNT * 8 + 1];
   float m[kIt], z[kIt];
 #pragma unroll
@@ -382,13 +409,13 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
 #pragma unroll
   for (int t = 0; t < kMmaTiles; ++t) {
     const int64_t c0 = first + (t * kMmaWarps + warp) * 16;
-    if (c0 >= n) break;  // warp-uniform
+    if (c0 >= nh) break;  // warp-uniform
     TileDots<G, D>(ld[t], b, cs[warp]);
 #pragma unroll
     for (int it = 0; it < kIt; ++it) {
       const int idx = lane + 32 * it, row = idx % 16, j = idx / 16;
       const int64_t c = c0 + row;
-      if (j < G && c < n) {
+      if (j < G && c < nh) {
         const float x = LogitOf<G>(cs[warp], row, j, scale);
         logits[(int64_t{head} * G + j) * n + c] = x;
         if (s_head[c] > 0) {
@@ -966,7 +993,8 @@ __global__ void __launch_bounds__(SelThreads(kC))
                      const int32_t* __restrict__ sizes, int64_t size_stride, int64_t n,
                      float* __restrict__ scores, int64_t score_stride, int64_t k, int64_t k2,
                      int32_t* out, int32_t* out2, int32_t* counts, int32_t* counts2,
-                     int64_t out_stride, PlanArgs plan, bool stage) {
+                     int64_t out_stride, PlanArgs plan, bool stage,
+                     const HeadMeta* __restrict__ meta) {
   constexpr int kCluster = kC, kSelThreads = SelThreads(kC);
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
@@ -988,7 +1016,11 @@ __global__ void __launch_bounds__(SelThreads(kC))
   }
   __syncthreads();
   KVWAVE_PROF(1);
-  const int n32 = static_cast<int>(n);
+  // This head's sizes, clusters and counts (a batched launch: its descriptor); n is the logits'
+  // row stride.
+  const int32_t* s_head = meta != nullptr ? meta[head].sizes : sizes + head * size_stride;
+  const int n32 = static_cast<int>(meta != nullptr ? meta[head].n : n);
+  if (meta != nullptr) k = meta[head].k, k2 = meta[head].k2;
   const int per = (n32 + kCluster - 1) / kCluster;
   const int s0 = min(n32, rank * per), len = min(n32, s0 + per) - s0;
   float* sh = scores + head * score_stride;
@@ -1000,7 +1032,7 @@ __global__ void __launch_bounds__(SelThreads(kC))
     for (int u = 0; u < kU; ++u) {
       const int64_t c = s0 + c0 + u * kSelThreads;
       const bool in = c0 + u * kSelThreads < len;
-      live[u] = in && sizes[head * size_stride + c] > 0;
+      live[u] = in && s_head[c] > 0;
 #pragma unroll
       for (int j = 0; j < G; ++j) lg[u][j] = in ? logits[(int64_t{head} * G + j) * n + c] : 0.f;
     }
@@ -1036,7 +1068,8 @@ __global__ void __launch_bounds__(SelThreads(kC))
                           const int32_t* __restrict__ sizes, int64_t size_stride, int64_t n,
                           int per, float* __restrict__ scores, int64_t score_stride, int64_t k,
                           int64_t k2, int32_t* out, int32_t* out2, int32_t* counts,
-                          int32_t* counts2, int64_t out_stride, PlanArgs plan) {
+                          int32_t* counts2, int64_t out_stride, PlanArgs plan,
+                          const HeadMeta* __restrict__ meta) {
   constexpr int kThreads = SelThreads(kC), kWarps = kThreads / 32;
   constexpr int kNT = MmaTilesN(G), kU = D / 32, kK = D / 16;
   namespace cg = cooperative_groups;
@@ -1048,14 +1081,16 @@ __global__ void __launch_bounds__(SelThreads(kC))
   __shared__ float sm_m[G], sm_inv[G];
   const int rank = static_cast<int>(cluster.block_rank());
   const int head = blockIdx.x / kC, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int n32 = static_cast<int>(n);
+  const HeadCentroids hc = CentroidsOf<true>(meta, head, cen, cen_stride, sizes, size_stride, n);
+  if (meta != nullptr) k = meta[head].k, k2 = meta[head].k2;
+  const int n32 = static_cast<int>(hc.n);
   const int s0 = min(n32, rank * per), len = min(n32, s0 + per) - s0;
 #ifdef KVWAVE_PROFILE_SELECT
   long long prof_t = clock64();
 #endif
   // Loads needed after the logits, issued first: the sizes of the thread's first two clusters
   // (liveness), and for block 0 the steady page count. The last block writes the steady pages.
-  const int32_t* s_head = sizes + head * size_stride;
+  const int32_t* s_head = hc.sizes;
   int32_t pre[2];
 #pragma unroll
   for (int u = 0; u < 2; ++u) {
@@ -1063,15 +1098,14 @@ __global__ void __launch_bounds__(SelThreads(kC))
     pre[u] = i < len ? s_head[s0 + i] : 0;
   }
   const int steady_pages =
-      rank == 0 && threadIdx.x == 0 ? static_cast<int>(SteadyZonePages(plan.steady[head])) : 0;
+      rank == 0 && threadIdx.x == 0 ? static_cast<int>(SteadyZonePages(SteadyOf(plan, head))) : 0;
   if (rank == kC - 1) PlanSteady(plan, head);
   auto live = [&](int u, int i) {  // cluster s0 + i is the thread's u-th
     return (u == 0 ? pre[0] : u == 1 ? pre[1] : s_head[s0 + i]) > 0;
   };
   uint32_t b[kNT][kK][2];  // q as B fragments (see MmaLogitsKernel)
   QFragments<G, D>(q, head, b);
-  const uint4* rows =
-      reinterpret_cast<const uint4*>(cen + head * cen_stride) + int64_t{s0} * (D / 8);
+  const uint4* rows = static_cast<const uint4*>(hc.rows) + int64_t{s0} * (D / 8);
   constexpr int kTiles = 2;  // 16-centroid tiles a warp loads at once
   for (int t0 = warp * kTiles * 16; t0 < len; t0 += kWarps * kTiles * 16) {
     uint4 ld[kTiles][2][kU];
@@ -1153,24 +1187,25 @@ cudaError_t LaunchLogits(const ScoreArgs& a, float* ws, cudaStream_t stream, int
     nb = (a.n + kMmaClustersPerBlock - 1) / kMmaClustersPerBlock;
     const dim3 grid(nb, a.heads);
     if (a.d == 128)
-      MmaLogitsKernel<G, 128>
-          <<<grid, kScoreThreads, 0, stream>>>(a.q, a.scale, a.centroids_bf16, a.centroid_stride,
-                                               a.sizes, a.size_stride, a.n, logits, stats);
+      MmaLogitsKernel<G, 128><<<grid, kScoreThreads, 0, stream>>>(
+          a.q, a.scale, a.centroids_bf16, a.centroid_stride, a.sizes, a.size_stride, a.n, logits,
+          stats, a.heads_meta);
     else
-      MmaLogitsKernel<G, 64><<<grid, kScoreThreads, 0, stream>>>(a.q, a.scale, a.centroids_bf16,
-                                                                 a.centroid_stride, a.sizes,
-                                                                 a.size_stride, a.n, logits, stats);
+      MmaLogitsKernel<G, 64><<<grid, kScoreThreads, 0, stream>>>(
+          a.q, a.scale, a.centroids_bf16, a.centroid_stride, a.sizes, a.size_stride, a.n, logits,
+          stats, a.heads_meta);
   } else if (a.d <= kTiledMaxD && a.centroids_bf16 != nullptr) {
     nb = Blocks(a.n);
     TiledLogitsKernel<G, true><<<dim3(nb, a.heads), kScoreThreads, 0, stream>>>(
         a.q, a.d, a.scale, a.centroids_bf16, a.centroid_stride, a.sizes, a.size_stride, a.n, logits,
-        stats);
+        stats, a.heads_meta);
   } else if (a.d <= kTiledMaxD) {
     nb = Blocks(a.n);
     TiledLogitsKernel<G, false><<<dim3(nb, a.heads), kScoreThreads, 0, stream>>>(
         a.q, a.d, a.scale, a.centroids, a.centroid_stride, a.sizes, a.size_stride, a.n, logits,
-        stats);
+        stats, a.heads_meta);
   } else {
+    if (a.heads_meta != nullptr) return cudaErrorInvalidValue;  // batched launches: d <= 128
     nb = Blocks(a.n);
     LogitsKernel<G><<<dim3(nb, a.heads), kScoreThreads, 0, stream>>>(
         a.q, a.d, a.scale, a.centroids, a.centroid_stride, a.sizes, a.size_stride, a.n, logits,
@@ -1241,7 +1276,7 @@ cudaError_t LaunchSelectPlanTyped(const ScoreArgs& a, const TopKArgs& t, const P
   const cudaError_t err = cudaLaunchKernelEx(
       &l.config, SelectPlanKernel<G, kSel, kC>, static_cast<const float*>(ws), stats,
       static_cast<int>(nb), a.sizes, a.size_stride, a.n, a.scores, a.score_stride, t.k, t.k2, t.out,
-      t.out2, t.counts, t.counts2, t.out_stride, p, stage);
+      t.out2, t.counts, t.counts2, t.out_stride, p, stage, a.heads_meta);
 #ifdef KVWAVE_PROFILE_SELECT
   const char* names[] = {"wait",  "fold", "scores", "keystats", "radix",
                          "count", "walk", "write",  "plan"};
@@ -1267,7 +1302,7 @@ cudaError_t LaunchFusedTyped(const ScoreArgs& a, const TopKArgs& t, const PlanAr
   const cudaError_t err = cudaLaunchKernelEx(
       &l.config, FusedSelectPlanKernel<G, kSel, D, kC>, a.q, a.scale, a.centroids_bf16,
       a.centroid_stride, a.sizes, a.size_stride, a.n, per, a.scores, a.score_stride, t.k, t.k2,
-      t.out, t.out2, t.counts, t.counts2, t.out_stride, p);
+      t.out, t.out2, t.counts, t.counts2, t.out_stride, p, a.heads_meta);
 #ifdef KVWAVE_PROFILE_SELECT
   const char* names[] = {"",      "",     "",         "keystats", "radix", "count", "walk",
                          "write", "plan", "q+logits", "stats",    "csync", "scores"};

@@ -351,6 +351,64 @@ TEST_F(EngineGpuTest, PrefillAndDecodeOfSeveralContextsMatchCpu) {
   ExpectGpuCacheEmpty(h);
 }
 
+// AttendBatch through the engine: one GPU pipeline a layer for contexts of different lengths
+// (the shortest without a sealed segment at first), each item with its own budget (0 / default /
+// 100%, the 100% ones also against float64 full attention), decode appends between steps sealing
+// in the background; the GPU cache back to its baseline after.
+TEST_F(EngineGpuTest, AttendBatchOfDifferentLengthsMatchesCpu) {
+  Harness h = Make(TestSettings());
+  ASSERT_NE(h.engine, nullptr);
+  std::mt19937_64 rng(seed_);
+  constexpr int kB = 4;
+  const int64_t lengths[kB] = {100, 700, 1500, 2600};
+  std::vector<ContextId> ids;
+  for (int i = 0; i < kB; ++i) {
+    auto open = h.engine->Open({kShape, {}, ""});
+    ASSERT_TRUE(open.ok()) << open.status();
+    ids.push_back(open->id);
+    Append(*h.engine, open->id, rng, lengths[i]);
+    if (i > 0) ASSERT_TRUE(h.engine->Seal(open->id).ok());
+  }
+  const AttendBudget budgets[3] = {{0, 0}, {}, {1.0, 0}};
+  const size_t qd = size_t{kQHeads} * kDim;
+  double full_err = 0;
+  int full_checked = 0;
+  for (int step = 0; step < 150; ++step) {
+    for (ContextId id : ids) Append(*h.engine, id, rng, 1);
+    for (int l = 0; l < kLayers; ++l) {
+      std::vector<AttendBatchItem> items(kB);
+      std::vector<float> q, out(kB * qd, std::nanf("")), lse(kB * kQHeads, std::nanf(""));
+      std::vector<AttendStats> stats(kB);
+      for (int i = 0; i < kB; ++i) {
+        items[i].context = ids[i];
+        items[i].budget = budgets[(step + i) % 3];
+        const std::vector<float> qi = RandomQ(rng);
+        q.insert(q.end(), qi.begin(), qi.end());
+      }
+      const absl::Status st = h.engine->AttendBatch(l, items, q, out, lse, stats);
+      ASSERT_TRUE(st.ok()) << st;
+      if (step % 37 != 5) continue;
+      for (int i = 0; i < kB; ++i) {
+        if (items[i].budget.retrieval != 1.0) continue;
+        const std::vector<float> qi(q.begin() + i * qd, q.begin() + (i + 1) * qd);
+        const std::vector<float> oi(out.begin() + i * qd, out.begin() + (i + 1) * qd);
+        full_err = std::max(full_err, Rel(oi, Full64(*h.engine, ids[i], l, qi)));
+        ++full_checked;
+      }
+    }
+  }
+  EXPECT_GT(full_checked, 0);
+  EXPECT_LT(full_err, 2e-3);
+  EXPECT_LT(h.tee->worst(), 2e-3);
+  EXPECT_LT(h.tee->worst_lse(), 1e-4);
+  EXPECT_EQ(h.tee->stat_mismatches(), 0);
+  EXPECT_GT(h.tee->calls_with_retrieval(), 0);
+  std::printf("batched calls %ld, worst GPU-vs-CPU %.2e, 100%% vs float64 %.2e\n",
+              long(h.tee->calls()), h.tee->worst(), full_err);
+  for (ContextId id : ids) ASSERT_TRUE(h.engine->Close(id).ok());
+  ExpectGpuCacheEmpty(h);
+}
+
 // The CUDA backend's ClusterKeys (the GPU k-means of background seals): a valid clustering
 // (sizes and centroids are those of its own assignment) as good as the CPU kernel's; bad input
 // gets the CPU kernel's error.

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -281,53 +282,148 @@ TEST_F(WaveBufferTest, SharedPrefixesFromSeveralThreads) {
   ExpectBaseline(*wb);
 }
 
-// One batch of calls on several contexts (different lengths) against the CPU, twice (the second
-// pass hits what the first admitted).
+// Batched Attend: one pipeline for calls on several contexts of different lengths (two sharing a
+// prefix, so one batch may miss the same cluster twice; one attended twice in the batch), each
+// call with its own budget (0, default, 100% or another), decode appends between batches (the
+// batch's syncs upload the new rows), float32 and bf16 scores; every call against the CPU, the
+// 100% ones also against float64 full attention; the cache back to its baseline after.
 TEST_F(WaveBufferTest, BatchOfContextsMatchesCpu) {
-  const int H = 8, g = 4, B = 6;
-  std::vector<std::unique_ptr<SyntheticContext>> ctxs;
-  int64_t bytes = 0;
-  for (int i = 0; i < B; ++i) {
-    auto c =
-        SyntheticContext::Create(Shape(1, H, 1500 + 900 * i, seed_ + 7 * i), PinnedAllocator());
-    ASSERT_TRUE(c.ok()) << c.status();
-    bytes += (*c)->layer_bytes();
-    ctxs.push_back(std::move(*c));
-  }
-  auto wb = MakeBuffer(H, g, bytes / 5);
-  ASSERT_NE(wb, nullptr);
-  std::vector<WaveBuffer::SpaceId> spaces;
-  for (int i = 0; i < B; ++i) spaces.push_back(*wb->OpenSpace());
-  for (int pass = 0; pass < 2; ++pass) {
-    std::vector<std::vector<float>> q(B), out(B), lse(B);
-    std::vector<WaveBuffer::HostCall> calls(B);
-    std::vector<WaveCallStats> stats(B);
+  const int H = 4, g = 4, B = 5, d = 128;
+  for (const bool bf16 : {false, true}) {
+    auto base = SyntheticContext::Create(Shape(1, H, 6000, seed_ + 99), PinnedAllocator());
+    ASSERT_TRUE(base.ok()) << base.status();
+    std::vector<std::unique_ptr<SyntheticContext>> ctxs;
+    int64_t bytes = 0;
     for (int i = 0; i < B; ++i) {
-      q[i] = RandomQ(rng_, size_t(H) * g * 128);
-      out[i].assign(q[i].size(), std::nanf(""));
-      lse[i].assign(size_t(H) * g, std::nanf(""));
-      calls[i] = {spaces[i],     ctxs[i]->layer(0),     q[i].data(), out[i].data(),
-                  lse[i].data(), WaveBudget{0.05, 0.2}, &stats[i]};
+      auto c = i < 2 ? SyntheticContext::Create(Shape(1, H, 4500 + 900 * i, seed_ + 1 + i),
+                                                PinnedAllocator(), base->get(), 2)
+                     : SyntheticContext::Create(Shape(1, H, 900 + 2100 * i, seed_ + 7 * i),
+                                                PinnedAllocator());
+      ASSERT_TRUE(c.ok()) << c.status();
+      bytes += (*c)->layer_bytes();
+      ctxs.push_back(std::move(*c));
     }
-    ASSERT_TRUE(wb->AttendHostBatch(calls).ok());
+    auto wb = MakeBuffer(H, g, bytes / 6, bf16);
+    ASSERT_NE(wb, nullptr);
+    std::vector<WaveBuffer::SpaceId> spaces;
+    for (int i = 0; i < B; ++i) spaces.push_back(*wb->OpenSpace());
+    const WaveBudget budgets[4] = {{0, 0}, {}, {1.0, 0}, {0.05, 0.2}};
     engine::HeadParams p;
-    p.head_dim = 128;
+    p.head_dim = d;
     p.dtype = DType::kBF16;
     p.group = g;
-    for (int i = 0; i < B; ++i) {
-      std::vector<float> ref(q[i].size()), ref_lse(lse[i].size());
-      for (int h = 0; h < H; ++h)
-        ASSERT_TRUE(engine::AttendHead(p, ctxs[i]->layer(0)[h], q[i].data() + h * g * 128,
-                                       engine::AttendBudget{0.05, 0.2}, ref.data() + h * g * 128,
-                                       ref_lse.data() + h * g, nullptr)
-                        .ok());
-      EXPECT_LT(RelError(out[i], ref), 2e-3) << "pass " << pass << " context " << i;
-      EXPECT_GT(stats[i].retrieved_clusters, 0);
+    int64_t full_checked = 0;
+    for (int step = 0; step < 8; ++step) {
+      for (int i = 0; i < B; ++i)
+        ASSERT_TRUE(ctxs[i]->AppendToken(0, seed_ + 1000 * step + i).ok());
+      // Calls: every context, then context 3 again (the same space twice in one batch).
+      std::vector<int> of = {0, 1, 2, 3, 4, 3};
+      const size_t n = of.size();
+      std::vector<std::vector<float>> q(n), out(n), lse(n);
+      std::vector<WaveBuffer::HostCall> calls(n);
+      std::vector<WaveCallStats> stats(n);
+      for (size_t j = 0; j < n; ++j) {
+        const int i = of[j];
+        q[j] = RandomQ(rng_, size_t(H) * g * d);
+        out[j].assign(q[j].size(), std::nanf(""));
+        lse[j].assign(size_t(H) * g, std::nanf(""));
+        calls[j] = {spaces[i],     ctxs[i]->layer(0),       q[j].data(), out[j].data(),
+                    lse[j].data(), budgets[(step + j) % 4], &stats[j]};
+      }
+      const absl::Status st = wb->AttendHostBatch(calls);
+      ASSERT_TRUE(st.ok()) << st;
+      for (size_t j = 0; j < n; ++j) {
+        const int i = of[j];
+        const auto heads = ctxs[i]->layer(0);
+        const WaveBudget& b = calls[j].budget;
+        std::vector<float> ref(q[j].size()), ref_lse(lse[j].size()), full(q[j].size());
+        engine::AttendStats cpu;
+        for (int h = 0; h < H; ++h) {
+          ASSERT_TRUE(engine::AttendHead(p, heads[h], q[j].data() + h * g * d,
+                                         engine::AttendBudget{b.retrieval, b.estimation},
+                                         ref.data() + h * g * d, ref_lse.data() + h * g, &cpu)
+                          .ok());
+          if (b.retrieval == 1.0)
+            FullAttention64(heads[h], q[j].data() + h * g * d, g, d, full.data() + h * g * d);
+        }
+        const std::string where = "bf16 " + std::to_string(bf16) + " step " + std::to_string(step) +
+                                  " call " + std::to_string(j);
+        EXPECT_LT(RelError(out[j], ref), 2e-3) << where;
+        EXPECT_LT(RelError(lse[j], ref_lse), 1e-4) << where;
+        EXPECT_EQ(stats[j].retrieved_clusters, cpu.retrieved_clusters) << where;
+        EXPECT_EQ(stats[j].retrieved_tokens, cpu.retrieved_tokens) << where;
+        EXPECT_EQ(stats[j].steady_tokens, cpu.steady_tokens) << where;
+        EXPECT_EQ(stats[j].total_clusters, cpu.total_clusters) << where;
+        if (b.retrieval == 1.0) {
+          EXPECT_LT(RelError(out[j], full), 2e-3) << where << " vs float64 full attention";
+          ++full_checked;
+        }
+        if (b.retrieval == 0 && b.estimation == 0) {
+          EXPECT_EQ(stats[j].retrieved_clusters, 0) << where;
+        }
+      }
     }
+    EXPECT_GT(full_checked, 0);
+    ASSERT_TRUE(wb->Finish().ok());
+    const WaveCounters c = wb->counters();
+    EXPECT_GT(c.hit_clusters, 0);
+    EXPECT_GT(c.miss_clusters, 0);
+    EXPECT_EQ(c.calls, 8 * 6);
+    EXPECT_TRUE(wb->policy_stats().admitted > 0);
+    for (auto sp : spaces) ASSERT_TRUE(wb->CloseSpace(sp).ok());
+    ExpectBaseline(*wb);
   }
+}
+
+// A batch whose calls are all steady-only (budget 0, or no sealed segment yet) and one of a single
+// call after a larger batch (the slots' per-head buffers sized for more heads than it uses).
+TEST_F(WaveBufferTest, BatchesOfSteadyOnlyAndShrinkingSizes) {
+  const int H = 2, g = 8, d = 128;
+  auto a = SyntheticContext::Create(Shape(1, H, 3000, seed_), PinnedAllocator());
+  SyntheticShape tiny = Shape(1, H, 40, seed_ + 3);
+  tiny.tail_tokens = 40;  // nothing sealed
+  auto t = SyntheticContext::Create(tiny, PinnedAllocator());
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(t.ok()) << t.status();
+  auto wb = MakeBuffer(H, g, (*a)->layer_bytes() / 4, false);
+  ASSERT_NE(wb, nullptr);
+  const WaveBuffer::SpaceId sa = *wb->OpenSpace(), st = *wb->OpenSpace();
+  engine::HeadParams p;
+  p.head_dim = d;
+  p.dtype = DType::kBF16;
+  p.group = g;
+  auto check = [&](std::vector<std::pair<const SyntheticContext*, WaveBudget>> items,
+                   std::vector<WaveBuffer::SpaceId> ids) {
+    const size_t n = items.size();
+    std::vector<std::vector<float>> q(n), out(n), lse(n);
+    std::vector<WaveBuffer::HostCall> calls(n);
+    for (size_t j = 0; j < n; ++j) {
+      q[j] = RandomQ(rng_, size_t(H) * g * d);
+      out[j].assign(q[j].size(), std::nanf(""));
+      lse[j].assign(size_t(H) * g, std::nanf(""));
+      calls[j] = {ids[j],        items[j].first->layer(0), q[j].data(), out[j].data(),
+                  lse[j].data(), items[j].second,          nullptr};
+    }
+    ASSERT_TRUE(wb->AttendHostBatch(calls).ok());
+    for (size_t j = 0; j < n; ++j) {
+      std::vector<float> ref(q[j].size()), ref_lse(lse[j].size());
+      for (int h = 0; h < H; ++h)
+        ASSERT_TRUE(engine::AttendHead(
+                        p, items[j].first->layer(0)[h], q[j].data() + h * g * d,
+                        engine::AttendBudget{items[j].second.retrieval, items[j].second.estimation},
+                        ref.data() + h * g * d, ref_lse.data() + h * g, nullptr)
+                        .ok());
+      EXPECT_LT(RelError(out[j], ref), 2e-3) << "call " << j << " of " << n;
+    }
+  };
+  check({{t->get(), WaveBudget{}}, {a->get(), WaveBudget{0, 0}}}, {st, sa});  // nothing ranked
+  check({{a->get(), WaveBudget{}}, {t->get(), WaveBudget{}}, {a->get(), WaveBudget{1.0, 0}}},
+        {sa, st, sa});
+  check({{t->get(), WaveBudget{}}}, {st});
+  check({{a->get(), WaveBudget{0, 1.0}}}, {sa});
   ASSERT_TRUE(wb->Finish().ok());
-  EXPECT_GT(wb->counters().hit_clusters, 0);
-  for (auto s : spaces) ASSERT_TRUE(wb->CloseSpace(s).ok());
+  ASSERT_TRUE(wb->CloseSpace(sa).ok());
+  ASSERT_TRUE(wb->CloseSpace(st).ok());
   ExpectBaseline(*wb);
 }
 
