@@ -575,8 +575,17 @@ absl::Status WaveBuffer::Begin(int slot, std::span<const HostCall> calls, bool h
           budget.estimation <= 1))
       return give_back(absl::InvalidArgumentError("wave buffer: budgets are fractions in [0, 1]"));
   }
-  if (calls.empty() || (!host && calls.size() != 1))
-    return give_back(absl::InvalidArgumentError("wave buffer: a device batch is one call"));
+  if (calls.empty()) return give_back(absl::InvalidArgumentError("wave buffer: an empty batch"));
+  if (!host) {
+    // Device memory: the launches read q and write out / lse of call i at i * (heads x g x d)
+    // (lse: i * heads x g) from the first call's pointers.
+    const size_t qn = static_cast<size_t>(o_.heads) * o_.g * o_.d, rows = qn / o_.d;
+    for (size_t i = 1; i < calls.size(); ++i)
+      if (calls[i].q != calls[0].q + qn * i || calls[i].out != calls[0].out + qn * i ||
+          calls[i].lse != calls[0].lse + rows * i)
+        return give_back(absl::InvalidArgumentError(
+            "wave buffer: a device batch's q / out / lse must be consecutive, call by call"));
+  }
   std::vector<std::shared_ptr<Space>> held(calls.size());
   {
     std::lock_guard<std::mutex> lock(spaces_mu_);
@@ -604,8 +613,10 @@ absl::Status WaveBuffer::Begin(int slot, std::span<const HostCall> calls, bool h
   space_locks.reserve(order.size());
   for (Space* sp : order) space_locks.emplace_back(sp->mu);
   absl::Status status;
+  Clock::time_point t2, t3;
   {
     std::lock_guard<std::mutex> lock(enqueue_mu_);
+    t2 = Clock::now();
     std::vector<Run> runs;
     std::vector<Space*> synced;
     for (size_t i = 0; i < calls.size() && status.ok(); ++i) {
@@ -618,6 +629,7 @@ absl::Status WaveBuffer::Begin(int slot, std::span<const HostCall> calls, bool h
         synced.push_back(&sp);
       }
     }
+    t3 = Clock::now();
     if (status.ok()) status = Enqueue(spaces, calls, host, slot, runs);
     if (status.ok()) status = backend_->RecordEvent(kDoneEvent + slot, kComputeStream);
     if (status.ok()) status = backend_->RecordEvent(CommitEvent(slot), kComputeStream);
@@ -626,7 +638,11 @@ absl::Status WaveBuffer::Begin(int slot, std::span<const HostCall> calls, bool h
   space_locks.clear();
   {
     std::lock_guard<std::mutex> lock(mu_);
-    counters_.enqueue_us += Us(t1, Clock::now());
+    const auto t4 = Clock::now();
+    counters_.enqueue_us += Us(t1, t4);
+    counters_.lock_us += Us(t1, t2);
+    counters_.sync_us += Us(t2, t3);
+    counters_.launch_us += Us(t3, t4);
     if (status.ok()) counters_.calls += static_cast<int64_t>(calls.size());
   }
   if (!status.ok()) return give_back(status);

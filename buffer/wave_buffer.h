@@ -117,7 +117,10 @@ struct WaveCounters {
   int64_t pcie_bytes = 0;     // K and V rows read from host memory by calls
   int64_t upload_bytes = 0;   // meta index and steady rows uploaded by Syncs
   int64_t exact_rows = 0;     // rows attended exactly (steady + retrieval)
-  double enqueue_us = 0;      // queueing a call's kernels (and its Sync)
+  double enqueue_us = 0;      // queueing a batch's kernels (and its syncs), of which:
+  double lock_us = 0;         //   waiting for the spaces' and the queueing locks
+  double sync_us = 0;         //   syncing the spaces (segments joining, new rows collected)
+  double launch_us = 0;       //   the upload and the launches
   double wait_us = 0;         // waiting for a free slot
   double commit_us = 0;       // committer threads: policy + queueing the update
   double result_wait_us = 0;  // host calls: waiting for the call's results (GPU time and queue)
@@ -238,8 +241,8 @@ class WaveBuffer {
   int TryAcquireSlot();  // -1: none free
   void FreeSlot(int slot);
   // Syncs and queues one batch on an acquired slot (which it gives back on error); host: q, out
-  // and lse are host memory, else device memory (one call). End waits for a host batch's
-  // results, copies them out and frees the slot.
+  // and lse are host memory, else device memory (consecutive, call by call). End waits for a host
+  // batch's results, copies them out and frees the slot.
   absl::Status Begin(int slot, std::span<const HostCall> calls, bool host);
   absl::Status End(int slot, std::span<const HostCall> calls);
   absl::Status EnsureSlot(Slot& s, int64_t heads, int64_t list_stride, int64_t max_pages,

@@ -141,6 +141,7 @@ double TimeFull(gpu::CudaBackend& b,
 // Per-call host timings of one path between two snapshots (microseconds per call).
 struct HostTimes {
   double enqueue = 0, slot_wait = 0, result_wait = 0, commit = 0;
+  double lock = 0, sync = 0, launch = 0;  // parts of enqueue (bare buffer)
 };
 
 void Run(const Options& o, int64_t context) {
@@ -311,8 +312,12 @@ void Run(const Options& o, int64_t context) {
                      (es.result_wait_us - es0.result_wait_us) / engine_calls,
                      (es.commit_us - es0.commit_us) / engine_calls};
   const HostTimes wh{(wc[0].enqueue_us - wc0[0].enqueue_us) / wave_calls,
-                     (wc[0].wait_us - wc0[0].wait_us) / wave_calls, 0,
-                     (wc[0].commit_us - wc0[0].commit_us) / wave_calls};
+                     (wc[0].wait_us - wc0[0].wait_us) / wave_calls,
+                     0,
+                     (wc[0].commit_us - wc0[0].commit_us) / wave_calls,
+                     (wc[0].lock_us - wc0[0].lock_us) / wave_calls,
+                     (wc[0].sync_us - wc0[0].sync_us) / wave_calls,
+                     (wc[0].launch_us - wc0[0].launch_us) / wave_calls};
   for (auto& c : ctxs) (*backend)->OnClose(c->context());
   backend->reset();
   for (auto sp : spaces[1]) CHECK_OK(wbs[1]->CloseSpace(sp));
@@ -338,13 +343,13 @@ void Run(const Options& o, int64_t context) {
       "pcie/engine %6.1fx  "
       "page-hit engine %.3f wave %.3f pipelined %.3f  PCIe %.1f MB/step  pool %.2f GiB  "
       "engine min/max %.3f/%.3f wave min/max %.3f/%.3f  per call us: engine enqueue %.1f "
-      "slot-wait %.1f result-wait %.1f commit %.1f | wave enqueue %.1f slot-wait %.1f commit "
-      "%.1f\n",
+      "slot-wait %.1f result-wait %.1f commit %.1f | wave enqueue %.1f (locks %.1f sync %.1f "
+      "launch %.1f) slot-wait %.1f commit %.1f\n",
       long(context), B, sub, o.layers, e, wv, e / wv, Median(step_ratio), wp, e / wp, full_hbm,
       full_pcie, full_pcie > 0 ? full_pcie / e : 0, engine_hit, wave_hit, piped_hit, pcie_mb,
       es.pool_bytes / double(1 << 30), engine_ms.front(), engine_ms.back(), wave_ms.front(),
-      wave_ms.back(), eh.enqueue, eh.slot_wait, eh.result_wait, eh.commit, wh.enqueue, wh.slot_wait,
-      wh.commit);
+      wave_ms.back(), eh.enqueue, eh.slot_wait, eh.result_wait, eh.commit, wh.enqueue, wh.lock,
+      wh.sync, wh.launch, wh.slot_wait, wh.commit);
   std::fflush(stdout);
 }
 

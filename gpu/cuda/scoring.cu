@@ -789,7 +789,8 @@ __global__ void __launch_bounds__(kTopKThreads)
 // or when heads x 8 blocks would not fit the GPU at once; kC = 8 (blocks of 512) beyond: at 8K
 // clusters per head (128K tokens) the cluster barriers cost more than the spread saves (score
 // phase 50 vs 45 us a layer), at 64K (1M tokens) it is 169 vs 270 us; batch 8 (64 heads) at
-// 128K 216 vs 141 us (bench/results/decode_variants_h200.txt).
+// 128K 216 vs 141 us (bench/results/decode_variants_h200.txt). SelThreads: the fused kernel's
+// block size (and the default of ClusterSelectPlan); SelectPlanKernel uses 1024 (kSelectThreads).
 __host__ __device__ constexpr int SelThreads(int kC) { return kC == 1 ? 1024 : 512; }
 
 #ifdef KVWAVE_PROFILE_SELECT
@@ -842,11 +843,11 @@ struct ClusterPart {
 // The selection and plan of SelectPlanKernel after the scores, shared with the fused kernel: s is
 // this block's slice of the head's scores (cluster indices s0 .. s0 + len - 1). All threads of
 // every block of the cluster.
-template <int kSel, int kC>
+template <int kSel, int kC, int kThr = SelThreads(kC)>
 __device__ void ClusterSelectPlan(const float* s, int s0, int len, int head, int64_t k, int64_t k2,
                                   int32_t* out, int32_t* out2, int32_t* counts, int32_t* counts2,
                                   int64_t out_stride, const PlanArgs& plan, int steady_pages = -1) {
-  constexpr int kCluster = kC, kSelThreads = SelThreads(kC), kSelWarps = kSelThreads / 32;
+  constexpr int kCluster = kC, kSelThreads = kThr, kSelWarps = kSelThreads / 32;
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
   __shared__ ClusterPart part;
@@ -987,15 +988,21 @@ __device__ void ClusterSelectPlan(const float* s, int s0, int len, int head, int
   KVWAVE_PROF(8);
 }
 
+// The separate selection kernel: 1024 threads a block whatever its cluster size (the fused one
+// keeps SelThreads: its static shared memory does not fit 1024). At 1M tokens (kC = 8) on an H200,
+// one engine step took 26.18 ms with 1024 threads against 26.76 with 512 (one sample each in the
+// same call, bench/results/gpu_engine_run8_h200_*; within the steps' spread): the selection of
+// 65,536 clusters a head is ~0.1 ms a layer there, most of the step's time besides the misses.
+constexpr int kSelectThreads = 1024;
 template <int G, int kSel, int kC>
-__global__ void __launch_bounds__(SelThreads(kC))
+__global__ void __launch_bounds__(kSelectThreads)
     SelectPlanKernel(const float* __restrict__ logits, const float2* __restrict__ stats, int nb,
                      const int32_t* __restrict__ sizes, int64_t size_stride, int64_t n,
                      float* __restrict__ scores, int64_t score_stride, int64_t k, int64_t k2,
                      int32_t* out, int32_t* out2, int32_t* counts, int32_t* counts2,
                      int64_t out_stride, PlanArgs plan, bool stage,
                      const HeadMeta* __restrict__ meta) {
-  constexpr int kCluster = kC, kSelThreads = SelThreads(kC);
+  constexpr int kCluster = kC, kSelThreads = kSelectThreads;
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
   extern __shared__ float staged[];
@@ -1050,8 +1057,8 @@ __global__ void __launch_bounds__(SelThreads(kC))
   }
   __syncthreads();  // the block's global writes are visible to the block after the barrier
   KVWAVE_PROF(2);
-  ClusterSelectPlan<kSel, kC>(stage ? staged : sh + s0, s0, len, head, k, k2, out, out2, counts,
-                              counts2, out_stride, plan);
+  ClusterSelectPlan<kSel, kC, kSelectThreads>(stage ? staged : sh + s0, s0, len, head, k, k2, out,
+                                              out2, counts, counts2, out_stride, plan);
 }
 
 // Scoring, selection and plan in one launch (bf16 centroids, d = 64 or 128): a cluster of kC
@@ -1271,7 +1278,7 @@ cudaError_t LaunchSelectPlanTyped(const ScoreArgs& a, const TopKArgs& t, const P
   static const bool staging_ok = AllowStaging(SelectPlanKernel<G, kSel, kC>);
   const int64_t bytes = sizeof(float) * ((a.n + kC - 1) / kC);
   const bool stage = staging_ok && bytes <= kMaxStaged;
-  LaunchConfig l(dim3(a.heads * kC), SelThreads(kC), stage ? bytes : 0, stream, kC,
+  LaunchConfig l(dim3(a.heads * kC), kSelectThreads, stage ? bytes : 0, stream, kC,
                  dependent_launch);
   const cudaError_t err = cudaLaunchKernelEx(
       &l.config, SelectPlanKernel<G, kSel, kC>, static_cast<const float*>(ws), stats,
