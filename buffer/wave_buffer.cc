@@ -225,7 +225,8 @@ absl::Status WaveBuffer::EnsureScratch(int64_t heads, int64_t clusters, int64_t 
 }
 
 absl::Status WaveBuffer::Enqueue(std::span<Space* const> spaces, std::span<const HostCall> calls,
-                                 bool host, int slot_index, std::vector<Run>& runs) {
+                                 bool host, int slot_index, std::vector<Run>& runs,
+                                 void* wait_event) {
   Slot& s = *slots_[slot_index];
   gpu::CudaBackend& b = *backend_;
   const int H = o_.heads;
@@ -298,7 +299,8 @@ absl::Status WaveBuffer::Enqueue(std::span<Space* const> spaces, std::span<const
     out = reinterpret_cast<float*>(s.io.data());
     lse = out + qn * B;
   }
-  KVWAVE_RETURN_IF_ERROR(UploadRuns(s, runs));
+  bool direct = false;
+  KVWAVE_RETURN_IF_ERROR(UploadRuns(s, runs, &direct));
   if (s.offsets_for != max_pages || s.offsets_heads != heads) {
     // The starts of the heads' page lists (page_counts + heads); pageable: read when Copy returns.
     std::vector<int32_t> offsets(heads);
@@ -307,6 +309,17 @@ absl::Status WaveBuffer::Enqueue(std::span<Space* const> spaces, std::span<const
                                   sizeof(int32_t) * heads, kComputeStream));
     s.offsets_for = max_pages;
     s.offsets_heads = heads;
+  }
+  if (!host) {
+    // Rows copied straight from host memory (a first sync after a long prefill): complete before
+    // returning (the caller may change the rows then), never waiting for the other party's work
+    // (queued next).
+    if (direct) {
+      KVWAVE_RETURN_IF_ERROR(b.RecordEvent(kDoneEvent + slot_index, kComputeStream));
+      KVWAVE_RETURN_IF_ERROR(b.SynchronizeEvent(kDoneEvent + slot_index));
+    }
+    if (wait_event != nullptr)
+      KVWAVE_RETURN_IF_ERROR(b.WaitForeignEvent(kComputeStream, wait_event));
   }
   const uint32_t seq = ++seq_;
   const float scale = 1.0f / std::sqrt(static_cast<float>(o_.d));
@@ -558,7 +571,8 @@ int WaveBuffer::TryAcquireSlot() {
   return slot;
 }
 
-absl::Status WaveBuffer::Begin(int slot, std::span<const HostCall> calls, bool host) {
+absl::Status WaveBuffer::Begin(int slot, std::span<const HostCall> calls, bool host,
+                               void* wait_event) {
   Slot& s = *slots_[slot];
   auto give_back = [&](absl::Status status) {
     // Nothing will commit this slot; what was queued is left to finish on the streams.
@@ -630,9 +644,19 @@ absl::Status WaveBuffer::Begin(int slot, std::span<const HostCall> calls, bool h
       }
     }
     t3 = Clock::now();
-    if (status.ok()) status = Enqueue(spaces, calls, host, slot, runs);
+    if (status.ok()) status = Enqueue(spaces, calls, host, slot, runs, wait_event);
     if (status.ok()) status = backend_->RecordEvent(kDoneEvent + slot, kComputeStream);
     if (status.ok()) status = backend_->RecordEvent(CommitEvent(slot), kComputeStream);
+    if (status.ok() && !host) {
+      // A device batch's stats: what is known when it is queued (retrieved counts are not).
+      for (size_t i = 0; i < calls.size(); ++i) {
+        if (calls[i].stats == nullptr) continue;
+        const CallRecord& rec = s.calls[i];
+        calls[i].stats->steady_tokens += rec.steady_rows;
+        calls[i].stats->total_clusters += rec.total_clusters;
+        if (s.planned) calls[i].stats->estimated_clusters += int64_t{o_.heads} * rec.estimated;
+      }
+    }
     if (status.ok()) committers_[slot]->Submit([this, slot] { Commit(slot); });
   }
   space_locks.clear();

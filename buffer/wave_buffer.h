@@ -172,7 +172,9 @@ class WaveBuffer {
     WaveCallStats* stats = nullptr;
   };
   [[nodiscard]] absl::Status AttendHostBatch(std::span<const HostCall> calls);
-  // Calls on device q / out / lse of another party's stream (wave_device.cc): the first call's
+  // Calls on device q / out / lse of another party's stream (wave_device.cc): calls whose q, out
+  // and lse follow the previous call's in memory go in one pipeline (as AttendHostBatch's), else
+  // each starts another. The first pipeline's
   // kernels wait for `wait_event` (a cudaEvent_t, e.g. a client's "q ready"; null: none), and
   // `signal_event` (null: none) is recorded after the last call's, even when a call fails (then
   // after what was queued): once it completes, nothing of these calls touches q / out / lse.
@@ -228,8 +230,9 @@ class WaveBuffer {
   void SyncSteady(Space& space, std::span<const store::HeadKv> heads, std::vector<Run>& runs);
   absl::Status GrowRing(Space& space, std::span<const store::HeadKv> heads);
   // Queues `runs` on the compute stream: the small ones staged in the slot's pinned staging and
-  // copied by one gather kernel, the large ones copied directly. Caller holds enqueue_mu_.
-  absl::Status UploadRuns(Slot& slot, std::span<const Run> runs);
+  // copied by one gather kernel, the large ones copied directly (then *direct = true). Caller
+  // holds enqueue_mu_.
+  absl::Status UploadRuns(Slot& slot, std::span<const Run> runs, bool* direct);
   // Registers a segment (or takes one more reference); returns its first key.
   absl::StatusOr<int32_t> Acquire(const std::shared_ptr<const store::Segment>& seg);
   // Drops one reference of each; the ones left with none leave the cache. Caller holds no lock.
@@ -241,9 +244,12 @@ class WaveBuffer {
   int TryAcquireSlot();  // -1: none free
   void FreeSlot(int slot);
   // Syncs and queues one batch on an acquired slot (which it gives back on error); host: q, out
-  // and lse are host memory, else device memory (consecutive, call by call). End waits for a host
-  // batch's results, copies them out and frees the slot.
-  absl::Status Begin(int slot, std::span<const HostCall> calls, bool host);
+  // and lse are host memory, else device memory (consecutive, call by call), and the kernels wait
+  // for `wait_event` (a foreign cudaEvent_t; null: none) after the batch's uploads, of which the
+  // direct copies from host rows are complete when a device batch's Begin returns. End waits for
+  // a host batch's results, copies them out and frees the slot.
+  absl::Status Begin(int slot, std::span<const HostCall> calls, bool host,
+                     void* wait_event = nullptr);
   absl::Status End(int slot, std::span<const HostCall> calls);
   absl::Status EnsureSlot(Slot& s, int64_t heads, int64_t list_stride, int64_t max_pages,
                           int64_t exec_pages, int64_t record_ints);
@@ -252,13 +258,11 @@ class WaveBuffer {
   // Queues one batch, call i on spaces[i] (caller holds enqueue_mu_ and the spaces' mutexes);
   // `runs` (the syncs' uploads) go up with the batch's q and descriptors.
   absl::Status Enqueue(std::span<Space* const> spaces, std::span<const HostCall> calls, bool host,
-                       int slot, std::vector<Run>& runs);
+                       int slot, std::vector<Run>& runs, void* wait_event);
   // How many of `calls` (from the first) one batch takes: as many as the backend's workspace
   // scores at once.
   size_t BatchPrefix(std::span<const HostCall> calls) const;
   void Commit(int slot);
-  // ---- wave_device.cc ----
-  absl::Status BeginDevice(int slot, const DeviceCall& call, void* wait_event);
   void Fail(const absl::Status& status);
 
   WaveBufferOptions o_;

@@ -399,7 +399,7 @@ void WaveBuffer::SyncSteady(Space& sp, std::span<const store::HeadKv> heads,
   counters_.upload_bytes += static_cast<int64_t>(run_bytes);
 }
 
-absl::Status WaveBuffer::UploadRuns(Slot& slot, std::span<const Run> runs) {
+absl::Status WaveBuffer::UploadRuns(Slot& slot, std::span<const Run> runs, bool* direct) {
   // Runs up to kStagedRun bytes (a decode step's rows, q, zones, descriptors) are copied into the
   // slot's pinned staging with their copy list, and one gather kernel reads them over PCIe; larger
   // ones (a first sync's tail) are copied directly (their sources stay valid until the batch is
@@ -411,6 +411,7 @@ absl::Status WaveBuffer::UploadRuns(Slot& slot, std::span<const Run> runs) {
     if (r.bytes == 0) continue;
     if (r.bytes > kStagedRun) {
       KVWAVE_RETURN_IF_ERROR(b.Copy(r.dst, r.src, r.bytes, kComputeStream));
+      *direct = true;
       continue;
     }
     KVWAVE_CHECK(r.bytes % 16 == 0);  // the gather copies 16-byte pieces
