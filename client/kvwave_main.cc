@@ -106,6 +106,12 @@ int Stats(const Common& c, bool prometheus) {
       s->gpu_pool_bytes / 1048576.0, static_cast<long long>(s->gpu_hits),
       static_cast<long long>(s->gpu_misses), s->gpu_pcie_bytes / 1048576.0,
       static_cast<long long>(s->gpu_segments_resident));
+  std::printf(
+      "gpu clients: registrations %lld  mappings %lld  events %lld  device calls %lld  "
+      "errors %lld\n",
+      static_cast<long long>(s->gpu_device_registrations),
+      static_cast<long long>(s->gpu_ipc_mappings), static_cast<long long>(s->gpu_ipc_events),
+      static_cast<long long>(s->gpu_device_calls), static_cast<long long>(s->gpu_device_errors));
   std::printf("%-14s %10s %8s %10s %10s %10s %12s %12s\n", "op", "count", "errors", "p50 us",
               "p99 us", "p999 us", "bytes in", "bytes out");
   for (const OpStats& o : s->ops) {

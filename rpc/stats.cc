@@ -190,6 +190,15 @@ std::string ServerStats::Prometheus(const pb::StatsResponse& s) const {
         s.gpu_pcie_bytes());
   Gauge(out, "kvwave_gpu_segments_resident", "Sealed segments whose meta index is on the GPU.",
         s.gpu_segments_resident());
+  Gauge(out, "kvwave_gpu_device_registrations",
+        "GPU clients' device-buffer registrations open (CUDA IPC).", s.gpu_device_registrations());
+  Gauge(out, "kvwave_gpu_ipc_mappings", "GPU clients' allocations mapped into kvwaved.",
+        s.gpu_ipc_mappings());
+  Gauge(out, "kvwave_gpu_ipc_events", "GPU clients' interprocess events open.", s.gpu_ipc_events());
+  Gauge(out, "kvwave_gpu_device_calls", "AttendDevice calls served by the backend.",
+        s.gpu_device_calls());
+  Gauge(out, "kvwave_gpu_device_errors", "AttendDevice calls failed in the backend.",
+        s.gpu_device_errors());
   Gauge(out, "kvwave_in_flight", "Requests being computed.", s.in_flight());
   Gauge(out, "kvwave_rss_bytes", "Resident set size of kvwaved.", s.rss_bytes());
   Gauge(out, "kvwave_frames_rejected", "Frames rejected as malformed.", s.frames_rejected());
