@@ -138,8 +138,10 @@ struct PairOptions {
 };
 
 struct AttachOptions {
-  int fetch_threads = 1;  // remote.fetch_threads of node B
-  int repeats = 3;        // nodes B attaching with remote.attach = index, one after the other
+  int fetch_threads = 1;     // remote.fetch_threads of node B
+  int repeats = 3;           // nodes B attaching with remote.attach = index, one after the other
+  int64_t chunk_bytes = -1;  // remote.fetch_chunk_bytes of node B (-1: the default)
+  int64_t quiet_ms = -1;     // remote.fetch_quiet_ms of node B (-1: the default)
 };
 
 int RunRemote(const config::Settings& base, const store::ModelShape& shape, int64_t tokens,
@@ -168,6 +170,8 @@ int Run(int argc, char** argv) {
   app.add_option("--attach-repeats", attach.repeats,
                  "--remote: nodes B attaching (index), each fresh; the bar's number is the median")
       ->check(CLI::Range(1, 100));
+  app.add_option("--fetch-chunk-bytes", attach.chunk_bytes, "remote.fetch_chunk_bytes of node B");
+  app.add_option("--fetch-quiet-ms", attach.quiet_ms, "remote.fetch_quiet_ms of node B");
   app.add_option("--perf-fifo", g_perf_fifo,
                  "--remote: perf record --control fifo, enabled around B's index attaches");
   PairOptions pairs;
@@ -602,6 +606,8 @@ int RunAttach(const config::Settings& base, config::Settings remote_settings,
 
   remote_settings.remote_mode = "read";
   remote_settings.remote_fetch_threads = attach.fetch_threads;
+  if (attach.chunk_bytes >= 0) remote_settings.remote_fetch_chunk_bytes = attach.chunk_bytes;
+  if (attach.quiet_ms >= 0) remote_settings.remote_fetch_quiet_ms = attach.quiet_ms;
   // B attaching with remote.attach = index (the default), `repeats` fresh nodes one after the
   // other: the bar's number is the median of their attach + suffix + first Attend of every
   // layer; then until every row is local.

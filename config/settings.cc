@@ -568,6 +568,27 @@ const std::vector<Entry>& Table() {
         "background threads that fetch the rows of blocks attached with remote.attach = index "
         "(0: rows come only on demand)"},
        &Settings::remote_fetch_threads},
+      {{"remote.fetch_chunk_bytes",
+        T::kInt,
+        int64_t{512} << 10,
+        4096,
+        int64_t{512} << 20,
+        {},
+        false,
+        "key/value bytes one background row read asks for (whole clusters): an on-demand read "
+        "waits for at most one such read, on the node and for a cluster it holds"},
+       &Settings::remote_fetch_chunk_bytes},
+      {{"remote.fetch_quiet_ms",
+        T::kInt,
+        int64_t{20},
+        0,
+        60000,
+        {},
+        false,
+        "background row reads pause while an attach or an on-demand row read runs, and for "
+        "this long after the last one (so they do not compete with an attach and the first "
+        "Attend of every layer after it)"},
+       &Settings::remote_fetch_quiet_ms},
       {{"remote.user",
         T::kString,
         std::string(),

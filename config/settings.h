@@ -112,6 +112,8 @@ struct Settings {
   int64_t remote_max_value_bytes = int64_t{8} << 20;
   std::string remote_attach = "index";  // index | whole
   int64_t remote_fetch_threads = 1;
+  int64_t remote_fetch_chunk_bytes = int64_t{512} << 10;
+  int64_t remote_fetch_quiet_ms = 20;
   std::string remote_user;
   std::string remote_password;
   // logging

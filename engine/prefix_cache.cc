@@ -20,6 +20,8 @@ absl::StatusOr<remote::RemoteTierOptions> RemoteOptions(const config::Settings& 
   o.queue_max_bytes = s.remote_queue_bytes;
   o.max_value_bytes = s.remote_max_value_bytes;
   o.fetch_threads = static_cast<int>(s.remote_fetch_threads);
+  o.fetch_chunk_bytes = s.remote_fetch_chunk_bytes;
+  o.fetch_quiet_ms = s.remote_fetch_quiet_ms;
   return o;
 }
 

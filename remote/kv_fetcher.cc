@@ -8,6 +8,7 @@
 #include <deque>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
 #include "remote/block_format.h"
 #include "remote/split_segment.h"
 #include "spdlog/spdlog.h"
@@ -17,9 +18,9 @@ namespace kvwave::remote {
 RemoteRows::RemoteRows(const std::vector<bool>& empty, std::shared_ptr<KvFetcher> fetcher)
     : store::PendingRows(empty, std::move(fetcher)) {}
 
-KvFetcher::KvFetcher(std::shared_ptr<RedisCluster> cluster, int threads)
-    : cluster_(std::move(cluster)) {
-  for (int i = 0; i < threads; ++i) workers_.emplace_back([this] { WorkerLoop(); });
+KvFetcher::KvFetcher(std::shared_ptr<RedisCluster> cluster, KvFetcherOptions options)
+    : cluster_(std::move(cluster)), options_(options) {
+  for (int i = 0; i < options_.threads; ++i) workers_.emplace_back([this] { WorkerLoop(); });
 }
 
 KvFetcher::~KvFetcher() { Stop(); }
@@ -41,6 +42,60 @@ void KvFetcher::Stop() {
     }
   }
   workers_.clear();
+}
+
+KvFetcher::UrgentScope::UrgentScope(KvFetcher* fetcher) : fetcher_(fetcher) {
+  absl::MutexLock lock(&fetcher_->mu_);
+  ++fetcher_->urgent_;
+}
+
+KvFetcher::UrgentScope::~UrgentScope() {
+  if (fetcher_ != nullptr) fetcher_->EndUrgent();
+}
+
+void KvFetcher::EndUrgent() {
+  absl::MutexLock lock(&mu_);
+  --urgent_;
+  urgent_end_ = Clock::now();
+}
+
+bool KvFetcher::WaitQuiet() {
+  absl::MutexLock lock(&mu_);
+  bool counted = false;
+  for (;;) {
+    if (stop_) return false;
+    const Clock::time_point ready =
+        urgent_end_ + std::chrono::milliseconds(options_.behind_quiet_ms);
+    const Clock::time_point now = Clock::now();
+    if (urgent_ == 0 && now >= ready) break;
+    if (!counted) {
+      behind_held_.fetch_add(1, std::memory_order_relaxed);
+      counted = true;
+    }
+    ++held_;
+    if (urgent_ > 0) {
+      mu_.Await(absl::Condition(
+          +[](KvFetcher* f)
+               ABSL_EXCLUSIVE_LOCKS_REQUIRED(f->mu_) { return f->stop_ || f->urgent_ == 0; },
+          this));
+    } else {
+      // Until the quiet time has passed, unless an urgent read starts (or Stop) first.
+      mu_.AwaitWithTimeout(absl::Condition(
+                               +[](KvFetcher* f) ABSL_EXCLUSIVE_LOCKS_REQUIRED(f->mu_) {
+                                 return f->stop_ || f->urgent_ > 0;
+                               },
+                               this),
+                           absl::FromChrono(ready - now));
+    }
+    --held_;
+  }
+  return true;
+}
+
+void KvFetcher::TEST_WaitBehindHeld() {
+  absl::MutexLock lock(&mu_);
+  mu_.Await(absl::Condition(
+      +[](KvFetcher* f) ABSL_EXCLUSIVE_LOCKS_REQUIRED(f->mu_) { return f->held_ > 0; }, this));
 }
 
 bool KvFetcher::IsLost(const store::BlockHash& hash, uint64_t generation) const {
@@ -66,16 +121,21 @@ struct Range {
 
 }  // namespace
 
-absl::Status KvFetcher::FetchClaimed(std::span<store::RowClaim> claims) {
+struct KvFetcher::Plan {
   std::deque<std::string> strings;  // the commands' arguments (stable addresses)
   std::vector<Command> cmds;
   std::vector<Range> ranges;
+};
+
+KvFetcher::Plan KvFetcher::PlanRanges(std::span<store::RowClaim> claims) {
+  Plan plan;
   for (size_t k = 0; k < claims.size(); ++k) {
     const store::Segment& seg = *claims[k].segment;
     const auto& rows = *static_cast<const RemoteRows*>(seg.pending());
     const std::vector<int32_t>& cl = claims[k].clusters;
     for (size_t i = 0; i < cl.size();) {
-      Range r{k, i, i, ClusterKvOffset(seg, cl[i]), ClusterKvBytes(seg, cl[i]), cmds.size(), 0};
+      Range r{k, i, i, ClusterKvOffset(seg, cl[i]), ClusterKvBytes(seg, cl[i]), plan.cmds.size(),
+              0};
       while (r.last + 1 < cl.size() && cl[r.last + 1] == cl[r.last] + 1) {
         r.bytes += ClusterKvBytes(seg, cl[++r.last]);
       }
@@ -85,26 +145,36 @@ absl::Status KvFetcher::FetchClaimed(std::span<store::RowClaim> claims) {
         const uint64_t lo = std::max(r.offset, p.ref.offset);
         const uint64_t hi = std::min(end, p.ref.offset + p.ref.length);
         if (lo >= hi) continue;
-        const std::string& key =
-            strings.emplace_back(PartKey(rows.name_space, rows.hash, rows.generation, p.index));
+        const std::string& key = plan.strings.emplace_back(
+            PartKey(rows.name_space, rows.hash, rows.generation, p.index));
         const std::string& start =
-            strings.emplace_back(absl::StrCat(kPartHeaderBytes + (lo - p.ref.offset)));
+            plan.strings.emplace_back(absl::StrCat(kPartHeaderBytes + (lo - p.ref.offset)));
         const std::string& stop =
-            strings.emplace_back(absl::StrCat(kPartHeaderBytes + (hi - p.ref.offset) - 1));
-        cmds.push_back({"GETRANGE", key, start, stop});
+            plan.strings.emplace_back(absl::StrCat(kPartHeaderBytes + (hi - p.ref.offset) - 1));
+        plan.cmds.push_back({"GETRANGE", key, start, stop});
         ++r.cmds;
       }
-      ranges.push_back(r);
+      plan.ranges.push_back(r);
     }
   }
-  std::vector<absl::StatusOr<Reply>> replies = cluster_->RunMany(cmds);
-  on_demand_ranges_.fetch_add(static_cast<int64_t>(cmds.size()), std::memory_order_relaxed);
+  return plan;
+}
 
+absl::Status KvFetcher::FetchClaimed(std::span<store::RowClaim> claims) {
+  const UrgentScope urgent(this);
+  const Plan plan = PlanRanges(claims);
+  std::vector<absl::StatusOr<Reply>> replies = cluster_->RunMany(plan.cmds);
+  on_demand_ranges_.fetch_add(static_cast<int64_t>(plan.cmds.size()), std::memory_order_relaxed);
+  return Settle(claims, plan, replies, /*behind=*/false);
+}
+
+absl::Status KvFetcher::Settle(std::span<store::RowClaim> claims, const Plan& plan,
+                               std::vector<absl::StatusOr<Reply>>& replies, bool behind) {
   absl::Status first_error;
   std::vector<std::vector<int32_t>> good(claims.size()), retry(claims.size()), lost(claims.size());
   std::vector<absl::Status> lost_why(claims.size());
   std::string assembled;
-  for (const Range& r : ranges) {
+  for (const Range& r : plan.ranges) {
     const store::Segment& seg = *claims[r.claim].segment;
     const auto& rows = *static_cast<const RemoteRows*>(seg.pending());
     const std::vector<int32_t>& cl = claims[r.claim].clusters;
@@ -112,6 +182,7 @@ absl::Status KvFetcher::FetchClaimed(std::span<store::RowClaim> claims) {
       for (size_t i = r.first; i <= r.last; ++i) into[r.claim].push_back(cl[i]);
     };
     absl::Status st;
+    absl::string_view got;  // the range's bytes: the one reply's, or assembled from several
     assembled.clear();
     for (size_t c = r.cmd0; c < r.cmd0 + r.cmds && st.ok(); ++c) {
       if (!replies[c].ok()) {
@@ -120,12 +191,15 @@ absl::Status KvFetcher::FetchClaimed(std::span<store::RowClaim> claims) {
         st = absl::UnavailableError(absl::StrCat("remote: ", replies[c]->str()));
       } else if (!replies[c]->is_string()) {
         st = absl::NotFoundError("remote: a KV part is missing");
+      } else if (r.cmds == 1) {
+        got = replies[c]->str();
       } else {
-        const absl::string_view got = replies[c]->str();
-        assembled.append(got.data(), got.size());
+        const absl::string_view part = replies[c]->str();
+        assembled.append(part.data(), part.size());
+        got = assembled;
       }
     }
-    if (st.ok() && assembled.size() != r.bytes) {
+    if (st.ok() && got.size() != r.bytes) {
       // GETRANGE of a key that is gone answers "": the part was evicted or deleted.
       st = absl::NotFoundError(
           absl::StrCat("remote block ", rows.hash.ToHex(), ": a KV part is missing or truncated"));
@@ -141,12 +215,13 @@ absl::Status KvFetcher::FetchClaimed(std::span<store::RowClaim> claims) {
       }
       continue;
     }
-    on_demand_bytes_.fetch_add(static_cast<int64_t>(r.bytes), std::memory_order_relaxed);
+    (behind ? behind_bytes_ : on_demand_bytes_)
+        .fetch_add(static_cast<int64_t>(r.bytes), std::memory_order_relaxed);
     uint64_t at = 0;
     for (size_t i = r.first; i <= r.last; ++i) {
       const int32_t c = cl[i];
       const uint64_t n = ClusterKvBytes(seg, c);
-      const std::byte* bytes = reinterpret_cast<const std::byte*>(assembled.data()) + at;
+      const std::byte* bytes = reinterpret_cast<const std::byte*>(got.data()) + at;
       at += n;
       if (KvChecksum(bytes, n) != rows.cluster_checksums[c]) {
         lost[r.claim].push_back(c);
@@ -161,7 +236,10 @@ absl::Status KvFetcher::FetchClaimed(std::span<store::RowClaim> claims) {
   }
   for (size_t k = 0; k < claims.size(); ++k) {
     store::PendingRows* rows = claims[k].segment->pending();
-    on_demand_clusters_.fetch_add(static_cast<int64_t>(good[k].size()), std::memory_order_relaxed);
+    if (!behind) {
+      on_demand_clusters_.fetch_add(static_cast<int64_t>(good[k].size()),
+                                    std::memory_order_relaxed);
+    }
     rows->Publish(good[k]);
     rows->Abandon(retry[k], first_error, /*lost=*/false);
     if (!lost[k].empty()) {
@@ -189,12 +267,12 @@ void KvFetcher::WaitIdle() {
 }
 
 void KvFetcher::WorkerLoop() {
-  // Behind the calls that wait for rows: a lower nice value for this thread (failing to lower
-  // it only costs fairness).
-  (void)setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 10);
-  std::vector<BulkValue> scratch;
+  // Behind the calls that wait for rows: the lowest nice value for this thread (failing to set
+  // it only costs fairness). Not SCHED_IDLE: on a host kept busy by other work the rows would
+  // hardly ever arrive.
+  (void)setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 19);
   for (;;) {
-    std::shared_ptr<const store::Segment> seg;
+    std::weak_ptr<const store::Segment> seg;
     {
       absl::MutexLock lock(&mu_);
       mu_.Await(absl::Condition(
@@ -202,72 +280,61 @@ void KvFetcher::WorkerLoop() {
                ABSL_EXCLUSIVE_LOCKS_REQUIRED(f->mu_) { return f->stop_ || !f->queue_.empty(); },
           this));
       if (stop_) return;
-      seg = queue_.front().lock();
+      seg = std::move(queue_.front());
       queue_.pop_front();
       ++busy_;
     }
-    if (seg != nullptr && !seg->rows_resident() && !seg->pending()->any_lost()) {
-      FetchSegment(*seg, scratch);
-    }
-    seg.reset();  // may free the segment (its context closed): before reporting idle
+    const bool go_on = FetchBehindSegment(seg);
     absl::MutexLock lock(&mu_);
     --busy_;
+    if (!go_on) return;
   }
 }
 
-void KvFetcher::FetchSegment(const store::Segment& seg, std::vector<BulkValue>& values) {
-  auto& rows = *static_cast<RemoteRows*>(seg.pending());
-  std::vector<std::string> keys;
-  for (const RemoteRows::Part& p : rows.parts) {
-    keys.push_back(PartKey(rows.name_space, rows.hash, rows.generation, p.index));
-  }
-  absl::Status st = cluster_->GetMany(rows.slot, keys, values);
-  if (!st.ok()) {
-    unavailable_.fetch_add(1, std::memory_order_relaxed);
-    return;  // left absent: on-demand fetches and a later attach try again
-  }
-  std::string assembled;
-  absl::string_view kv;
-  for (size_t i = 0; i < rows.parts.size() && st.ok(); ++i) {
-    const RemoteRows::Part& p = rows.parts[i];
-    if (values[i].nil) {
-      st = absl::NotFoundError(
-          absl::StrCat("remote block ", rows.hash.ToHex(), ": KV part ", p.index, " is missing"));
-      break;
+bool KvFetcher::FetchBehindSegment(const std::weak_ptr<const store::Segment>& weak) {
+  const uint64_t chunk = static_cast<uint64_t>(std::max<int64_t>(1, options_.behind_chunk_bytes));
+  for (int32_t next = 0;;) {
+    if (!WaitQuiet()) return false;
+    // Held only while a chunk is read: a context closed meanwhile frees its segment.
+    const std::shared_ptr<const store::Segment> seg = weak.lock();
+    if (seg == nullptr) return true;
+    store::PendingRows* pending = seg->pending();
+    if (pending == nullptr || pending->any_lost()) return true;
+    const int32_t clusters = pending->num_clusters();
+    // The next chunk: clusters [next, end) of at most `chunk` bytes (at least one cluster).
+    std::vector<int32_t> wanted;
+    uint64_t bytes = 0;
+    int32_t end = next;
+    for (; end < clusters && (end == next || bytes + ClusterKvBytes(*seg, end) <= chunk); ++end) {
+      bytes += ClusterKvBytes(*seg, end);
+      if (pending->state(end) == store::PendingRows::kAbsent) wanted.push_back(end);
     }
-    behind_bytes_.fetch_add(static_cast<int64_t>(values[i].bytes.size()),
-                            std::memory_order_relaxed);
-    absl::StatusOr<absl::string_view> payload =
-        DecodePart(values[i].bytes, rows.hash, p.index, p.ref);
-    if (!payload.ok()) {
-      st = payload.status();
-      break;
+    if (end == next) {  // every cluster passed
+      behind_segments_.fetch_add(1, std::memory_order_relaxed);
+      return true;
     }
-    if (rows.parts.size() == 1) {
-      kv = *payload;
-    } else {
-      assembled.append(payload->data(), payload->size());
-      kv = assembled;
+    next = end;
+    store::RowClaim claim{seg.get(), pending->Claim(wanted)};
+    if (claim.clusters.empty()) continue;
+    const auto& rows = *static_cast<const RemoteRows*>(pending);
+    const Plan plan = PlanRanges(std::span(&claim, 1));
+    behind_ranges_.fetch_add(static_cast<int64_t>(plan.cmds.size()), std::memory_order_relaxed);
+    // One pipeline on the block's node (every part of a block hashes to its slot).
+    absl::StatusOr<std::vector<Reply>> got = cluster_->Pipeline(rows.slot, plan.cmds);
+    std::vector<absl::StatusOr<Reply>> replies;
+    replies.reserve(plan.cmds.size());
+    for (size_t i = 0; i < plan.cmds.size(); ++i) {
+      if (got.ok()) {
+        replies.emplace_back(std::move((*got)[i]));
+      } else {
+        replies.emplace_back(got.status());
+      }
     }
+    const absl::Status st = Settle(std::span(&claim, 1), plan, replies, /*behind=*/true);
+    // A node down or slow: left absent for on-demand fetches and a later attach; lost: the
+    // segment's other clusters are left to on-demand fetches (which report the loss).
+    if (!st.ok()) return true;
   }
-  if (st.ok() && kv.size() != rows.kv_bytes) {
-    st = absl::DataLossError(
-        absl::StrCat("remote block ", rows.hash.ToHex(), ": KV stream of another size"));
-  }
-  std::vector<int32_t> claimed = rows.ClaimAll();
-  if (!st.ok()) {
-    spdlog::warn("remote: KV of an attached block lost: {}", st.ToString());
-    MarkLost(rows);
-    rows.Abandon(claimed, st, /*lost=*/true);
-    return;
-  }
-  for (int32_t c : claimed) {
-    const std::byte* bytes =
-        reinterpret_cast<const std::byte*>(kv.data()) + ClusterKvOffset(seg, c);
-    CopyClusterRows(seg, c, bytes, rows.key_base(), rows.value_base());
-  }
-  rows.Publish(claimed);
-  behind_segments_.fetch_add(1, std::memory_order_relaxed);
 }
 
 KvFetchStats KvFetcher::stats() const {
@@ -276,7 +343,9 @@ KvFetchStats KvFetcher::stats() const {
   s.on_demand_ranges = on_demand_ranges_.load(std::memory_order_relaxed);
   s.on_demand_clusters = on_demand_clusters_.load(std::memory_order_relaxed);
   s.behind_bytes = behind_bytes_.load(std::memory_order_relaxed);
+  s.behind_ranges = behind_ranges_.load(std::memory_order_relaxed);
   s.behind_segments = behind_segments_.load(std::memory_order_relaxed);
+  s.behind_held = behind_held_.load(std::memory_order_relaxed);
   s.lost_segments = lost_segments_.load(std::memory_order_relaxed);
   s.unavailable = unavailable_.load(std::memory_order_relaxed);
   absl::MutexLock lock(&mu_);

@@ -56,8 +56,11 @@ absl::StatusOr<std::unique_ptr<RemoteTier>> RemoteTier::Create(RemoteTierOptions
   }
   std::unique_ptr<RemoteTier> tier(new RemoteTier(std::move(options)));
   KVWAVE_ASSIGN_OR_RETURN(tier->cluster_, RedisCluster::Create(tier->options_.cluster));
-  tier->fetcher_ =
-      std::make_shared<KvFetcher>(tier->cluster_, std::max(0, tier->options_.fetch_threads));
+  KvFetcherOptions fetch;
+  fetch.threads = std::max(0, tier->options_.fetch_threads);
+  fetch.behind_chunk_bytes = tier->options_.fetch_chunk_bytes;
+  fetch.behind_quiet_ms = tier->options_.fetch_quiet_ms;
+  tier->fetcher_ = std::make_shared<KvFetcher>(tier->cluster_, fetch);
   if (tier->options_.write) tier->writer_ = std::thread([t = tier.get()] { t->WriterLoop(); });
   return tier;
 }
@@ -354,6 +357,7 @@ std::vector<store::BlockSegments> RemoteTier::FetchRun(std::span<const store::Bl
   lookups_.fetch_add(1, std::memory_order_relaxed);
   std::vector<store::BlockSegments> out;
   if (expected.empty()) return out;
+  const KvFetcher::UrgentScope urgent = fetcher_->Urgent();  // the background waits
   // 1. Manifests of every wanted block, one pipeline per node, nodes in parallel.
   std::vector<std::string> keys;
   for (const store::BlockRecord& r : expected) keys.push_back(ManifestKey(r.name_space, r.hash));

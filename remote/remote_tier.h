@@ -16,7 +16,8 @@
 //       own charge), checks every part and segment and decodes them.
 //       Lazy (FetchRun's `lazy`): only the index streams are read (and the KV parts' lengths
 //       checked with STRLEN); the segments come back with their rows pending, fetched on demand
-//       and behind by the KvFetcher (remote/kv_fetcher.h).
+//       and behind by the KvFetcher (remote/kv_fetcher.h). A FetchRun is an urgent read: the
+//       KvFetcher's background reads pause while it runs.
 //       The run ends at the first block missing, partial (a part gone: a writer died, or Redis
 //       evicted it), corrupt, truncated, of another format version, or unreachable; each kind is
 //       counted and nothing of such a block is served.
@@ -55,6 +56,8 @@ struct RemoteTierOptions {
   int64_t max_value_bytes = int64_t{8} << 20;      // largest value written
   int64_t write_window_bytes = int64_t{32} << 20;  // part bytes in flight per pipeline
   int fetch_threads = 1;                           // background KV fetch workers (lazy reads)
+  int64_t fetch_chunk_bytes = int64_t{512} << 10;  // KV bytes per background read
+  int64_t fetch_quiet_ms = 20;  // background reads wait this long after the last urgent read
 };
 
 struct RemoteStats {

@@ -9,6 +9,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <functional>
+#include <optional>
 #include <random>
 #include <thread>
 
@@ -100,7 +102,8 @@ class RemoteTierTest : public ::testing::Test {
   }
   std::unique_ptr<RemoteTier> Tier(int64_t max_value_bytes = 1100, int64_t queue_bytes = 1 << 30,
                                    int64_t command_timeout_ms = 1000, int fetch_threads = 0,
-                                   const std::string& user = "", const std::string& password = "") {
+                                   const std::string& user = "", const std::string& password = "",
+                                   const std::function<void(RemoteTierOptions&)>& adjust = {}) {
     RemoteTierOptions o;
     o.cluster.user = user;
     o.cluster.password = password;
@@ -111,6 +114,7 @@ class RemoteTierTest : public ::testing::Test {
     o.write = true;
     o.max_value_bytes = max_value_bytes;  // small: segments are cut into several parts
     o.queue_max_bytes = queue_bytes;
+    if (adjust) adjust(o);
     auto t = RemoteTier::Create(o);
     EXPECT_TRUE(t.ok()) << t.status();
     return t.ok() ? *std::move(t) : nullptr;
@@ -505,6 +509,95 @@ TEST_F(RemoteTierTest, LazyBackgroundFetchCompletesEveryRowBitExact) {
   const RemoteStats st = reader->stats();
   EXPECT_EQ(st.kv.behind_segments, 12);
   EXPECT_EQ(st.kv.queued, 0);
+  EXPECT_EQ(st.kv.lost_segments + st.kv.unavailable, 0);
+}
+
+// The background reads wait while a read a caller waits for runs (an urgent scope: an attach,
+// an on-demand fetch), and on-demand fetches go on meanwhile; once it ends they complete every
+// row, bit for bit.
+TEST_F(RemoteTierTest, LazyBackgroundFetchWaitsForUrgentReads) {
+  auto chain = MakeChain(2, seed_, budget_, kBlockTokens, 16, /*steady=*/2);
+  auto tier = Tier();
+  for (auto& b : chain) ASSERT_TRUE(tier->WriteBlock(b.record, b.segments).ok());
+  auto reader = Tier(1100, 1 << 30, 1000, /*fetch_threads=*/1, "", "",
+                     [](RemoteTierOptions& o) { o.fetch_quiet_ms = 0; });
+  std::optional<KvFetcher::UrgentScope> urgent(reader->fetcher().Urgent());
+  auto got = FetchLazy(*reader, chain);
+  ASSERT_EQ(got.size(), 2u);
+  reader->fetcher().TEST_WaitBehindHeld();  // a worker holds a segment and waits
+  EXPECT_EQ(reader->stats().kv.behind_bytes, 0);
+  EXPECT_EQ(reader->stats().kv.behind_ranges, 0);
+  for (const auto& block : got) {
+    for (const auto& seg : block) EXPECT_FALSE(seg->rows_resident());
+  }
+  // On demand is not held back.
+  ASSERT_TRUE(store::EnsureAllRows(*got[1][3]).ok());
+  ExpectSameSegment(*got[1][3], *chain[1].segments[3]);
+  EXPECT_EQ(reader->stats().kv.behind_bytes, 0);
+  urgent.reset();
+  reader->fetcher().WaitIdle();
+  for (int b = 0; b < 2; ++b) {
+    for (int s = 0; s < 4; ++s) {
+      EXPECT_TRUE(got[b][s]->rows_resident());
+      ExpectSameSegment(*got[b][s], *chain[b].segments[s]);
+    }
+  }
+  const RemoteStats st = reader->stats();
+  EXPECT_GT(st.kv.behind_bytes, 0);
+  EXPECT_GE(st.kv.behind_held, 1);
+  EXPECT_EQ(st.kv.behind_segments, 8);
+  EXPECT_EQ(st.kv.lost_segments + st.kv.unavailable, 0);
+}
+
+// ... and for remote.fetch_quiet_ms after the last one ended: with a quiet time longer than the
+// test, no background read starts after the attach; on-demand fetches work; stopping the tier
+// ends the wait.
+TEST_F(RemoteTierTest, LazyBackgroundFetchWaitsForTheQuietTimeAfterAnAttach) {
+  auto chain = MakeChain(2, seed_, budget_);
+  auto tier = Tier();
+  for (auto& b : chain) ASSERT_TRUE(tier->WriteBlock(b.record, b.segments).ok());
+  auto reader = Tier(1100, 1 << 30, 1000, /*fetch_threads=*/1, "", "",
+                     [](RemoteTierOptions& o) { o.fetch_quiet_ms = 3600 * 1000; });
+  auto got = FetchLazy(*reader, chain);
+  ASSERT_EQ(got.size(), 2u);
+  reader->fetcher().TEST_WaitBehindHeld();
+  ASSERT_TRUE(store::EnsureAllRows(*got[0][0]).ok());
+  ExpectSameSegment(*got[0][0], *chain[0].segments[0]);
+  reader->fetcher().TEST_WaitBehindHeld();  // held again after that on-demand read
+  const RemoteStats st = reader->stats();
+  EXPECT_EQ(st.kv.behind_bytes, 0);
+  EXPECT_EQ(st.kv.behind_segments, 0);
+  EXPECT_FALSE(got[1][0]->rows_resident());
+  reader.reset();  // Stop: the held worker ends
+}
+
+// Background reads are cut into chunks of remote.fetch_chunk_bytes (whole clusters): with a
+// chunk smaller than any cluster, one GETRANGE per cluster (more where one crosses parts), and
+// every row arrives bit for bit.
+TEST_F(RemoteTierTest, LazyBackgroundFetchReadsChunksOfWholeClusters) {
+  auto chain = MakeChain(2, seed_, budget_, kBlockTokens, 16, /*steady=*/2);
+  auto tier = Tier();
+  for (auto& b : chain) ASSERT_TRUE(tier->WriteBlock(b.record, b.segments).ok());
+  auto reader = Tier(1100, 1 << 30, 1000, /*fetch_threads=*/2, "", "", [](RemoteTierOptions& o) {
+    o.fetch_quiet_ms = 0;
+    o.fetch_chunk_bytes = 1;
+  });
+  auto got = FetchLazy(*reader, chain);
+  ASSERT_EQ(got.size(), 2u);
+  reader->fetcher().WaitIdle();
+  int64_t clusters_with_rows = 0;
+  for (int b = 0; b < 2; ++b) {
+    for (int s = 0; s < 4; ++s) {
+      EXPECT_TRUE(got[b][s]->rows_resident());
+      ExpectSameSegment(*got[b][s], *chain[b].segments[s]);
+      for (int32_t c = 0; c < got[b][s]->num_clusters(); ++c) {
+        clusters_with_rows += got[b][s]->cluster_end_row(c) > got[b][s]->cluster_row(c);
+      }
+    }
+  }
+  const RemoteStats st = reader->stats();
+  EXPECT_GE(st.kv.behind_ranges, clusters_with_rows);
+  EXPECT_EQ(st.kv.behind_segments, 8);
   EXPECT_EQ(st.kv.lost_segments + st.kv.unavailable, 0);
 }
 
