@@ -1,5 +1,7 @@
 #include "remote/split_segment.h"
 
+#include <sys/mman.h>
+#include <unistd.h>
 #include <xxhash.h>
 
 #include <bit>
@@ -37,6 +39,29 @@ struct Header {
 static_assert(sizeof(Header) == kHeaderBytes);
 
 int64_t PagesFor(int64_t n, int64_t page) { return (n + page - 1) / page; }
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23  // Linux 5.14
+#endif
+
+// Sizes `v` (empty) to n elements and copies them from `src`. A fresh block's pages are faulted
+// in with one madvise (MADV_POPULATE_WRITE) before they are written: on this VM that costs about
+// 0.6 of taking a fault per 4 KiB page (an attach decodes ~10% of a prefix's bytes into fresh
+// vectors: 73 MB for the trace model's 128K tokens). Where the kernel lacks it, the pages fault
+// as usual.
+template <typename T>
+void FillFresh(std::vector<T>& v, const char* src, size_t n) {
+  const size_t bytes = n * sizeof(T);
+  v.reserve(n);
+  static const uintptr_t kPage = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t lo = (reinterpret_cast<uintptr_t>(v.data()) + kPage - 1) & ~(kPage - 1);
+  const uintptr_t hi = (reinterpret_cast<uintptr_t>(v.data()) + bytes) & ~(kPage - 1);
+  if (bytes >= (size_t{64} << 10) && hi > lo) {
+    (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_POPULATE_WRITE);
+  }
+  v.resize(n);
+  if (bytes > 0) std::memcpy(v.data(), src, bytes);
+}
 
 absl::Status DataLoss(absl::string_view what) {
   return absl::DataLossError(absl::StrCat("remote segment index: ", what));
@@ -180,14 +205,14 @@ absl::StatusOr<SplitIndex> DecodeSplitSegment(
   };
   take(parts.keys.data(), l.steady_bytes);
   take(parts.values.data(), l.steady_bytes);
-  parts.centroids.resize(l.cluster_floats / sizeof(float));
-  take(parts.centroids.data(), l.cluster_floats);
-  parts.sizes.resize(h.num_clusters);
-  take(parts.sizes.data(), l.sizes);
-  parts.value_sums.resize(l.cluster_floats / sizeof(float));
-  take(parts.value_sums.data(), l.cluster_floats);
-  parts.token_of_row.resize(h.num_rows);
-  take(parts.token_of_row.data(), l.tor);
+  auto fill = [&in](auto& v, size_t n) {
+    FillFresh(v, in, n);
+    in += n * sizeof(v[0]);
+  };
+  fill(parts.centroids, l.cluster_floats / sizeof(float));
+  fill(parts.sizes, static_cast<size_t>(h.num_clusters));
+  fill(parts.value_sums, l.cluster_floats / sizeof(float));
+  fill(parts.token_of_row, static_cast<size_t>(h.num_rows));
   SplitIndex out;
   out.cluster_checksums.resize(h.num_clusters);
   take(out.cluster_checksums.data(), l.sums);
