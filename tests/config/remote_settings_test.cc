@@ -20,13 +20,16 @@ TEST(RemoteSettingsTest, DefaultsAreOff) {
   EXPECT_EQ(s->remote_max_value_bytes, int64_t{8} << 20);
   EXPECT_EQ(s->remote_attach, "index");
   EXPECT_EQ(s->remote_fetch_threads, 1);
+  EXPECT_EQ(s->remote_fetch_chunk_bytes, int64_t{512} << 10);
+  EXPECT_EQ(s->remote_fetch_quiet_ms, 20);
 }
 
 TEST(RemoteSettingsTest, TomlBlockLoads) {
   auto s = LoadFromString(
       "[remote]\nredis = \"10.0.0.1:7000,10.0.0.2:7000\"\nmode = \"readwrite\"\n"
       "command_timeout_ms = 250\nqueue_bytes = 1048576\nmax_value_bytes = 65536\n"
-      "user = \"prod\"\npassword = \"secret\"\nattach = \"whole\"\nfetch_threads = 0\n",
+      "user = \"prod\"\npassword = \"secret\"\nattach = \"whole\"\nfetch_threads = 0\n"
+      "fetch_chunk_bytes = 65536\nfetch_quiet_ms = 0\n",
       {});
   ASSERT_TRUE(s.ok()) << s.status();
   EXPECT_EQ(s->remote_mode, "readwrite");
@@ -36,6 +39,8 @@ TEST(RemoteSettingsTest, TomlBlockLoads) {
   EXPECT_EQ(s->remote_user, "prod");
   EXPECT_EQ(s->remote_attach, "whole");
   EXPECT_EQ(s->remote_fetch_threads, 0);
+  EXPECT_EQ(s->remote_fetch_chunk_bytes, 65536);
+  EXPECT_EQ(s->remote_fetch_quiet_ms, 0);
 }
 
 TEST(RemoteSettingsTest, BadValuesAreRefusedByName) {
@@ -48,6 +53,8 @@ TEST(RemoteSettingsTest, BadValuesAreRefusedByName) {
       {"remote.attach=sometimes"},
       {"remote.fetch_threads=-1"},
       {"remote.fetch_threads=1000"},
+      {"remote.fetch_chunk_bytes=100"},
+      {"remote.fetch_quiet_ms=-1"},
   };
   for (const auto& overrides : bad) {
     auto s = LoadFromString("", overrides);
