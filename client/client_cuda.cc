@@ -7,27 +7,10 @@
 #include <cuda_runtime.h>
 
 #include "absl/strings/str_cat.h"
+#include "gpu/cuda_address_range.h"
 
 namespace kvwave::client::cuda {
 namespace {
-
-// cuMemGetAddressRange through the runtime's driver entry points (no link to libcuda, so that
-// programs of a CUDA build still start where no driver is installed).
-CUresult AddressRange(CUdeviceptr* base, size_t* size, CUdeviceptr p) {
-  static PFN_cuMemGetAddressRange_v3020 fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult q;
-    if (cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &f, 12000, cudaEnableDefault,
-                                         &q) != cudaSuccess ||
-        q != cudaDriverEntryPointSuccess) {
-      cudaGetLastError();
-      f = nullptr;
-    }
-    return reinterpret_cast<PFN_cuMemGetAddressRange_v3020>(f);
-  }();
-  if (fn == nullptr) return CUDA_ERROR_NOT_SUPPORTED;
-  return fn(base, size, p);
-}
 
 absl::Status Check(cudaError_t err, const char* what) {
   if (err == cudaSuccess) return absl::OkStatus();
@@ -49,7 +32,7 @@ absl::StatusOr<DeviceBufferHandle> Handle(const void* p, size_t bytes, int devic
         absl::StrCat(what, ": on device ", attr.device, ", q on device ", device));
   CUdeviceptr base = 0;
   size_t size = 0;
-  if (AddressRange(&base, &size, reinterpret_cast<CUdeviceptr>(p)) != CUDA_SUCCESS)
+  if (gpu::AllocationRange(&base, &size, reinterpret_cast<CUdeviceptr>(p)) != CUDA_SUCCESS)
     return absl::InvalidArgumentError(absl::StrCat(what, ": cuMemGetAddressRange failed"));
   const size_t offset = reinterpret_cast<CUdeviceptr>(p) - base;
   if (bytes == 0 || offset + bytes > size)

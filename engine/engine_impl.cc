@@ -281,6 +281,53 @@ class EngineImpl final : public Engine {
 
   static constexpr size_t kMaxBatch = 4096;
 
+  using Contexts = std::vector<std::shared_ptr<store::Context>>;
+  using LayerLocks = std::vector<std::shared_lock<std::shared_mutex>>;
+
+  // A batch's contexts, checked: 1..kMaxBatch items, each context known, the layer in range, the
+  // budget valid, every context with the first one's q_heads x head_dim.
+  absl::StatusOr<Contexts> FindBatch(int32_t layer, std::span<const AttendBatchItem> items) {
+    if (items.empty() || items.size() > kMaxBatch) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("batch of ", items.size(), " not in [1, ", kMaxBatch, "]"));
+    }
+    Contexts ctxs;
+    ctxs.reserve(items.size());
+    for (const AttendBatchItem& item : items) {
+      KVWAVE_ASSIGN_OR_RETURN(auto ctx, Find(item.context));
+      KVWAVE_RETURN_IF_ERROR(CheckLayer(*ctx, layer));
+      KVWAVE_RETURN_IF_ERROR(CheckBudget(item.budget));
+      const store::ModelShape& s0 = ctxs.empty() ? ctx->shape() : ctxs[0]->shape();
+      if (ctx->shape().q_heads != s0.q_heads || ctx->shape().head_dim != s0.head_dim) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "context ", item.context, " has another q_heads x head_dim than the batch's first"));
+      }
+      ctxs.push_back(std::move(ctx));
+    }
+    return ctxs;
+  }
+
+  // The batch's layer locks, shared, taken in increasing context id (a fixed order: no deadlock
+  // with another batch; writers only ever hold one). A context named twice is an error.
+  static absl::StatusOr<LayerLocks> LockBatch(int32_t layer, std::span<const AttendBatchItem> items,
+                                              const Contexts& ctxs) {
+    const size_t b = items.size();
+    std::vector<size_t> order(b);
+    for (size_t i = 0; i < b; ++i) order[i] = i;
+    std::sort(order.begin(), order.end(),
+              [&](size_t x, size_t y) { return items[x].context < items[y].context; });
+    for (size_t i = 1; i < b; ++i) {
+      if (items[order[i]].context == items[order[i - 1]].context) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("context ", items[order[i]].context, " is in the batch twice"));
+      }
+    }
+    LayerLocks locks;
+    locks.reserve(b);
+    for (size_t i : order) locks.emplace_back(ctxs[i]->layer(layer).mu);
+    return locks;
+  }
+
   static absl::Status CheckBudget(const AttendBudget& budget) {
     if (!(budget.retrieval >= 0 && budget.estimation >= 0 &&
           budget.retrieval + budget.estimation <= 1.0 + 1e-9)) {
@@ -722,22 +769,7 @@ absl::Status EngineImpl::AttendBatch(int32_t layer_index, std::span<const Attend
                                      std::span<const float> q, std::span<float> out,
                                      std::span<float> lse, std::span<AttendStats> stats) {
   const size_t b = items.size();
-  if (b == 0 || b > kMaxBatch) {
-    return absl::InvalidArgumentError(absl::StrCat("batch of ", b, " not in [1, ", kMaxBatch, "]"));
-  }
-  std::vector<std::shared_ptr<store::Context>> ctxs;
-  ctxs.reserve(b);
-  for (const AttendBatchItem& item : items) {
-    KVWAVE_ASSIGN_OR_RETURN(auto ctx, Find(item.context));
-    KVWAVE_RETURN_IF_ERROR(CheckLayer(*ctx, layer_index));
-    KVWAVE_RETURN_IF_ERROR(CheckBudget(item.budget));
-    const store::ModelShape& s0 = ctxs.empty() ? ctx->shape() : ctxs[0]->shape();
-    if (ctx->shape().q_heads != s0.q_heads || ctx->shape().head_dim != s0.head_dim) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "context ", item.context, " has another q_heads x head_dim than the batch's first"));
-    }
-    ctxs.push_back(std::move(ctx));
-  }
+  KVWAVE_ASSIGN_OR_RETURN(const Contexts ctxs, FindBatch(layer_index, items));
   const store::ModelShape& shape = ctxs[0]->shape();
   const size_t qd = static_cast<size_t>(shape.q_heads) * shape.head_dim;
   KVWAVE_RETURN_IF_ERROR(CheckSize("q", q.size(), b * qd));
@@ -745,21 +777,7 @@ absl::Status EngineImpl::AttendBatch(int32_t layer_index, std::span<const Attend
   KVWAVE_RETURN_IF_ERROR(CheckSize("lse", lse.size(), b * shape.q_heads));
   if (!stats.empty()) KVWAVE_RETURN_IF_ERROR(CheckSize("stats", stats.size(), b));
   KVWAVE_RETURN_IF_ERROR(CheckFinite("q", q));
-  // The layers' locks, shared, in increasing context id (a fixed order: no deadlock with another
-  // batch; writers only ever hold one).
-  std::vector<size_t> order(b);
-  for (size_t i = 0; i < b; ++i) order[i] = i;
-  std::sort(order.begin(), order.end(),
-            [&](size_t x, size_t y) { return items[x].context < items[y].context; });
-  for (size_t i = 1; i < b; ++i) {
-    if (items[order[i]].context == items[order[i - 1]].context) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("context ", items[order[i]].context, " is in the batch twice"));
-    }
-  }
-  std::vector<std::shared_lock<std::shared_mutex>> locks;
-  locks.reserve(b);
-  for (size_t i : order) locks.emplace_back(ctxs[i]->layer(layer_index).mu);
+  KVWAVE_ASSIGN_OR_RETURN(const LayerLocks locks, LockBatch(layer_index, items, ctxs));
   std::vector<AttendStats> local(b);
   std::vector<AttendItem> work, graph_work;  // the backend's, and retrievalattention's
   for (size_t i = 0; i < b; ++i) {
@@ -784,24 +802,12 @@ absl::Status EngineImpl::AttendBatchDevice(int32_t layer_index,
                                            DeviceBuffers& buffers, const DeviceOffsets& offsets,
                                            std::span<AttendStats> stats) {
   const size_t b = items.size();
-  if (b == 0 || b > kMaxBatch) {
-    return absl::InvalidArgumentError(absl::StrCat("batch of ", b, " not in [1, ", kMaxBatch, "]"));
-  }
+  KVWAVE_ASSIGN_OR_RETURN(const Contexts ctxs, FindBatch(layer_index, items));
   if (!stats.empty()) KVWAVE_RETURN_IF_ERROR(CheckSize("stats", stats.size(), b));
-  std::vector<std::shared_ptr<store::Context>> ctxs;
   for (const AttendBatchItem& item : items) {
-    KVWAVE_ASSIGN_OR_RETURN(auto ctx, Find(item.context));
-    KVWAVE_RETURN_IF_ERROR(CheckLayer(*ctx, layer_index));
-    KVWAVE_RETURN_IF_ERROR(CheckBudget(item.budget));
     if (Method(item.budget.method) == AttendMethod::kRetrievalAttention) {
       return absl::UnimplementedError("retrievalattention is not served on device tensors");
     }
-    const store::ModelShape& s0 = ctxs.empty() ? ctx->shape() : ctxs[0]->shape();
-    if (ctx->shape().q_heads != s0.q_heads || ctx->shape().head_dim != s0.head_dim) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "context ", item.context, " has another q_heads x head_dim than the batch's first"));
-    }
-    ctxs.push_back(std::move(ctx));
   }
   // Each buffer's span for the whole batch lies inside its registered bytes.
   const uint64_t qd = uint64_t{4} * ctxs[0]->shape().q_heads * ctxs[0]->shape().head_dim;
@@ -820,19 +826,7 @@ absl::Status EngineImpl::AttendBatchDevice(int32_t layer_index,
   KVWAVE_RETURN_IF_ERROR(check("q", offsets.q, b * qd, buffers.q_bytes()));
   KVWAVE_RETURN_IF_ERROR(check("out", offsets.out, b * qd, buffers.out_bytes()));
   KVWAVE_RETURN_IF_ERROR(check("lse", offsets.lse, b * ld, buffers.lse_bytes()));
-  std::vector<size_t> order(b);
-  for (size_t i = 0; i < b; ++i) order[i] = i;
-  std::sort(order.begin(), order.end(),
-            [&](size_t x, size_t y) { return items[x].context < items[y].context; });
-  for (size_t i = 1; i < b; ++i) {
-    if (items[order[i]].context == items[order[i - 1]].context) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("context ", items[order[i]].context, " is in the batch twice"));
-    }
-  }
-  std::vector<std::shared_lock<std::shared_mutex>> locks;
-  locks.reserve(b);
-  for (size_t i : order) locks.emplace_back(ctxs[i]->layer(layer_index).mu);
+  KVWAVE_ASSIGN_OR_RETURN(const LayerLocks locks, LockBatch(layer_index, items, ctxs));
   std::vector<AttendStats> local(b);
   std::vector<DeviceAttendItem> work(b);
   for (size_t i = 0; i < b; ++i) {

@@ -6,28 +6,11 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "gpu/cuda_address_range.h"
 #include "gpu/cuda_ipc.h"
 
 namespace kvwave::gpu {
 namespace {
-
-// cuMemGetAddressRange through the runtime's driver entry points (no link to libcuda, so that
-// programs of a CUDA build still start where no driver is installed).
-CUresult AddressRange(CUdeviceptr* base, size_t* size, CUdeviceptr p) {
-  static PFN_cuMemGetAddressRange_v3020 fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult q;
-    if (cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &f, 12000, cudaEnableDefault,
-                                         &q) != cudaSuccess ||
-        q != cudaDriverEntryPointSuccess) {
-      cudaGetLastError();
-      f = nullptr;
-    }
-    return reinterpret_cast<PFN_cuMemGetAddressRange_v3020>(f);
-  }();
-  if (fn == nullptr) return CUDA_ERROR_NOT_SUPPORTED;
-  return fn(base, size, p);
-}
 
 // A refused handle is bad input (the client's), not a broken daemon: INVALID_ARGUMENT.
 absl::Status Refused(cudaError_t err, const char* what) {
@@ -70,7 +53,7 @@ absl::StatusOr<std::unique_ptr<IpcMemory>> IpcMemory::Open(int device, std::stri
   if (err != cudaSuccess) return Refused(err, "cudaIpcOpenMemHandle");
   CUdeviceptr range_base = 0;
   size_t range_size = 0;
-  if (AddressRange(&range_base, &range_size, reinterpret_cast<CUdeviceptr>(p)) != CUDA_SUCCESS ||
+  if (AllocationRange(&range_base, &range_size, reinterpret_cast<CUdeviceptr>(p)) != CUDA_SUCCESS ||
       range_base != reinterpret_cast<CUdeviceptr>(p)) {
     cudaIpcCloseMemHandle(p);
     cudaGetLastError();
