@@ -189,8 +189,8 @@ int Main(int argc, char** argv) {
   signal_thread.join();
   log->info("engine: shutting down");
   engine->reset();
-  log->info("exit 0");
-  return 0;
+  log->info("exit {}", server.exit_code());
+  return server.exit_code();
 }
 
 }  // namespace

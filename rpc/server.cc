@@ -62,6 +62,15 @@ Server::Server(engine::Engine& engine, const config::Settings& settings)
       max_sessions_(settings.max_sessions),
       io_(static_cast<int>(std::max<int64_t>(1, settings.io_threads))) {
   engine_.host_pool().SetIdleLimit(settings.host_pool_bytes);
+  service_.set_on_device_lost([this](const absl::Status& status) {
+    int none = 0;
+    if (!exit_code_.compare_exchange_strong(none, 3, std::memory_order_acq_rel)) return;
+    Logger("server")->error(
+        "{}: kvwaved stops serving and exits 3 (restart it, or run it with "
+        "gpu.mode = off)",
+        std::string(status.message()));
+    BeginShutdown();
+  });
 }
 
 Server::~Server() {

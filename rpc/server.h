@@ -54,6 +54,9 @@ class Server {
   void ApplySettings(const config::Settings& settings);
 
   Service& service() { return service_; }
+  // 0, or 3 once a request failed because the GPU is lost (gpu/device_lost.h): the server then
+  // logs it, shuts down as on SIGTERM, and kvwaved exits with this code.
+  int exit_code() const { return exit_code_.load(std::memory_order_acquire); }
   uint16_t tcp_port() const { return tcp_port_; }          // 0 when TCP is off
   uint16_t metrics_port() const { return metrics_port_; }  // 0 when off
 
@@ -85,6 +88,7 @@ class Server {
   Service service_;
   tbb::task_arena arena_;
   std::atomic<bool> draining_{false};
+  std::atomic<int> exit_code_{0};
   std::atomic<int64_t> max_sessions_;  // reloadable; relaxed: a limit, no ordering needed
   uint16_t tcp_port_ = 0;
   uint16_t metrics_port_ = 0;

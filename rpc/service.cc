@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "config/status_macros.h"
+#include "gpu/device_lost.h"
 #include "rpc/log.h"
 #include "rpc/service_call.h"
 #include "rpc/wire.h"
@@ -94,6 +95,7 @@ std::string Service::Run(Session& session, const Frame& frame,
   Call call(session, max_frame_bytes_, state->backlog, &state->reserved);
   absl::Status status = ParseBody(frame.body, req);
   if (status.ok()) status = (this->*handler)(call, req, resp);
+  if (gpu::IsDeviceLost(status) && on_device_lost_) on_device_lost_(status);
   if (call.deferred()) {
     state->deferred = true;
     return std::string();

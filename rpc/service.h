@@ -16,6 +16,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -65,6 +66,11 @@ class Service {
 
   // Copies reloadable values (deadline default, budgets) from `settings`.
   void ApplySettings(const config::Settings& settings);
+  // Called (on a compute thread) with the status of every request that failed because the GPU
+  // is lost (gpu/device_lost.h); set once, before Start, by the server.
+  void set_on_device_lost(std::function<void(const absl::Status&)> f) {
+    on_device_lost_ = std::move(f);
+  }
   uint64_t max_frame_bytes() const { return max_frame_bytes_; }
   uint64_t NewSessionId() { return next_session_id_.fetch_add(1, std::memory_order_relaxed); }
 
@@ -79,6 +85,7 @@ class Service {
   const AddressBudget& address_budget() const { return address_budget_; }
 
  private:
+  std::function<void(const absl::Status&)> on_device_lost_;
   // What Run reports back to Handle.
   struct RunState {
     ReplyBacklog* backlog = nullptr;

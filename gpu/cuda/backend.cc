@@ -9,9 +9,31 @@
 #include "config/status_macros.h"
 #include "gpu/cuda/launchers.h"
 #include "gpu/cuda_backend.h"
+#include "gpu/device_lost.h"
 
 namespace kvwave::gpu {
 namespace {
+
+// The errors after which the CUDA context is unusable: every later call of the process fails.
+bool Sticky(cudaError_t err) {
+  switch (err) {
+    case cudaErrorIllegalAddress:
+    case cudaErrorLaunchFailure:
+    case cudaErrorHardwareStackError:
+    case cudaErrorIllegalInstruction:
+    case cudaErrorMisalignedAddress:
+    case cudaErrorInvalidAddressSpace:
+    case cudaErrorInvalidPc:
+    case cudaErrorLaunchTimeout:
+    case cudaErrorAssert:
+    case cudaErrorECCUncorrectable:
+    case cudaErrorContextIsDestroyed:
+    case cudaErrorDevicesUnavailable:
+      return true;
+    default:
+      return false;
+  }
+}
 
 absl::Status FromCuda(cudaError_t err, const char* what) {
   if (err == cudaSuccess) return absl::OkStatus();
@@ -19,6 +41,8 @@ absl::Status FromCuda(cudaError_t err, const char* what) {
   cudaGetLastError();
   const std::string msg = absl::StrCat(std::string(what), ": ", std::string(cudaGetErrorName(err)),
                                        " (", std::string(cudaGetErrorString(err)), ")");
+  if (Sticky(err))
+    return MarkDeviceLost(absl::InternalError(absl::StrCat("GPU device lost: ", msg)));
   if (err == cudaErrorMemoryAllocation) return absl::ResourceExhaustedError(msg);
   if (err == cudaErrorInvalidValue) return absl::InvalidArgumentError(msg);
   return absl::InternalError(msg);
