@@ -8,7 +8,10 @@ instead of computing it itself -- as an inference server would. The loss over th
 the greedy next token are compared with the model's own full attention over the same tokens.
 
     python3 bench/e2e_lm.py --tokens FILE.u16 --context C --steps S --json OUT [--socket PATH]
-                            [--methods all|NAME[@KEY=VALUE...],...]
+                            [--offset FIRST_TOKEN] [--methods all|NAME[@KEY=VALUE...],...]
+
+Besides the named rows, tripartite-R-E and tripartite-R-rest run Attend at any budgets (e.g.
+tripartite-0.024-rest: 2.4% of the clusters retrieved, every other cluster estimated).
 
 retrievalattention-K rows run Attend with attend.method = retrievalattention (steady zone + the
 RetrievalAttention graphs' top K tokens per query head, exact, LSE-merged) on a kvwaved with
@@ -20,6 +23,8 @@ A method name followed by @KEY=VALUE (e.g. tripartite-0.018-rest@attend.rank=two
 kvwaved started with those settings (one daemon per distinct set). Each row also reports the time of its
 Attend calls (ms per call: one layer, all heads, client round trip included; comparable between rows of the
 same run) and the keys a second ranking pass scored (attend.rank = two_pass), as a fraction of the keys.
+"mem" is the daemon's memory for the context once sealed over the raw f16 K/V of its C tokens (clusters start
+on page boundaries, so small clusters pad; the meta index adds a centroid and a value sum per cluster).
 
 Needs numpy and torch (Debian: python3-numpy python3-torch, run with /usr/bin/python3), the built
 Python binding (found under build*/), and, unless --socket names a running daemon, the built kvwaved.
@@ -30,6 +35,7 @@ import glob
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -110,6 +116,7 @@ def run_method(qk, torch, kv, client, model, cfg, tokens, prefill_kv, C, S, meth
     keep: leave the context open (method['ctx']) with each layer's last query (method['last_q']) for timing."""
     L, H, KV, hd = cfg['layers'], cfg['heads'], cfg['kv_heads'], cfg['dim'] // cfg['heads']
     g = H // KV
+    mem_before = client.stats()['memory_used_bytes']
     ctx, _ = client.open(layers=L, q_heads=H, kv_heads=KV, head_dim=hd, dtype='f16')
     for layer, (k, v) in enumerate(prefill_kv):
         if method['kind'] == 'ra':  # the prefill queries go with their K/V: the graphs are built from them
@@ -117,6 +124,9 @@ def run_method(qk, torch, kv, client, model, cfg, tokens, prefill_kv, C, S, meth
         else:
             client.append(ctx, layer, k, v)
     client.seal(ctx)
+    # The context's bytes once sealed (K/V rows with their page padding, the meta index, the tail),
+    # over the raw f16 K/V of its C tokens.
+    method['memory_ratio'] = (client.stats()['memory_used_bytes'] - mem_before) / (L * KV * C * hd * 2 * 2)
     cos_all, sin_all = qk.rope(C + S, hd, cfg['rope_base'], 'cpu')
     logits = []
     try:
@@ -171,6 +181,19 @@ def run_method(qk, torch, kv, client, model, cfg, tokens, prefill_kv, C, S, meth
     return torch.stack(logits)
 
 
+def tripartite_method(name):
+    """A row 'tripartite-R-E' or 'tripartite-R-rest' at any budgets (R, E fractions of the clusters;
+    'rest' = every cluster not retrieved), or None when the name is not of that form."""
+    m = re.fullmatch(r'tripartite-([0-9.]+)-(rest|[0-9.]+)', name)
+    if not m:
+        return None
+    r = float(m.group(1))
+    e = 1.0 - r if m.group(2) == 'rest' else float(m.group(2))
+    if not (0.0 <= r <= 1.0 and 0.0 <= e <= 1.0 and r + e <= 1.0 + 1e-9):
+        raise SystemExit(f'e2e_lm: {name}: budgets must be fractions that sum to at most 1')
+    return {'name': name, 'kind': 'tripartite', 'retrieval': r, 'estimation': e}
+
+
 def time_attends(clients, methods, layers, rounds):
     """Attend time per method, same run: round-robin over methods (so load drift hits all alike), each
     round one Attend per layer with that layer's last decode query on the method's kept context; returns
@@ -200,6 +223,8 @@ def main():
     ap.add_argument('--model', default=DEFAULT_LM, help='folder with qkdump.py and model-*.safetensors')
     ap.add_argument('--context', type=int, default=8192)
     ap.add_argument('--steps', type=int, default=256)
+    ap.add_argument('--offset', type=int, default=0,
+                    help='first token of the window (another stretch of the text: context + steps from there)')
     ap.add_argument('--json', default='')
     ap.add_argument('--socket', default='', help='a running kvwaved (default: start one)')
     ap.add_argument('--methods', default='all', help="'all', 'full' or comma list of method names")
@@ -214,7 +239,7 @@ def main():
     import qkdump as qk  # the model definition, imported from the shared data folder
     torch.set_num_threads(args.threads)
     kv = import_binding()
-    tokens = np.fromfile(args.tokens, '<u2').astype(np.int64)
+    tokens = np.fromfile(args.tokens, '<u2').astype(np.int64)[max(0, args.offset):]
     C, S = args.context, args.steps
     if len(tokens) < C + S + 1:
         raise SystemExit(f'e2e_lm: {args.tokens} has {len(tokens)} tokens, need {C + S + 1}')
@@ -239,6 +264,8 @@ def main():
         for name in args.methods.split(','):
             base, at, extra = name.partition('@')
             if base not in known:
+                known[base] = tripartite_method(base)
+            if known[base] is None:
                 raise SystemExit(f'e2e_lm: unknown method {base!r} (known: {", ".join(known)})')
             picked.append(dict(known[base], name=name,
                                settings=known[base].get('settings', []) + [x for x in extra.split('@') if x]))
@@ -259,7 +286,7 @@ def main():
         # [C, heads, hd] per layer, only when a row needs them (retrievalattention)
         prefill_q = ([q.numpy() for q, _, _ in sink] if any(m['kind'] == 'ra' for m in methods) else None)
         del sink
-    print(f'# e2e_lm: C={C} S={S} model layers={cfg["layers"]} heads={cfg["heads"]}/{cfg["kv_heads"]} '
+    print(f'# e2e_lm: C={C} S={S} offset={args.offset} model layers={cfg["layers"]} heads={cfg["heads"]}/{cfg["kv_heads"]} '
           f'full-attention loss {full_loss:.4f} ({time.time() - t0:.0f}s)', flush=True)
 
     daemons, clients = {}, {}
@@ -273,7 +300,7 @@ def main():
                 daemons[key] = Daemon(args.socket, list(key))
                 clients[key] = kv.Client(socket_path=daemons[key].socket, shared_memory_bytes=256 << 20)
         print(f'{"method":44s} {"retrieval":>9s} {"estim.":>7s} {"loss":>8s} {"full":>8s} {"rel.incr":>9s} {"top1":>6s} '
-              f'{"keys":>6s} {"scan":>6s} {"attend":>8s} {"s":>5s}')
+              f'{"keys":>6s} {"scan":>6s} {"attend":>8s} {"mem":>5s} {"s":>5s}')
         for m in methods:
             client = clients[tuple(m['settings'])]
             t1 = time.time()
@@ -289,11 +316,12 @@ def main():
             rows.append({'method': m['name'], 'retrieval_budget': m['retrieval'], 'estimation_budget': m['estimation'],
                          'settings': m['settings'], 'loss': loss, 'full_loss': full_loss, 'top1_agreement': top1,
                          'exact_key_fraction': exact, 'scanned_key_fraction': scan, 'attend_ms': attend_ms,
-                         'attend_calls': m.get('attend_calls', 0)})
+                         'attend_calls': m.get('attend_calls', 0), 'memory_ratio': m.get('memory_ratio')})
             fmt = lambda x, f: (f % x) if x is not None else '-'  # noqa: E731
             print(f'{m["name"]:44s} {m["retrieval"]:9.3f} {m["estimation"]:7.3f} {loss:8.4f} {full_loss:8.4f} '
                   f'{(loss - full_loss) / full_loss:+9.4f} {top1:6.3f} {fmt(exact and exact * 100, "%5.2f%%"):>6s} '
-                  f'{fmt(scan and scan * 100, "%5.2f%%"):>6s} {fmt(attend_ms, "%6.2fms"):>8s} {time.time() - t1:5.0f}',
+                  f'{fmt(scan and scan * 100, "%5.2f%%"):>6s} {fmt(attend_ms, "%6.2fms"):>8s} '
+                  f'{fmt(m.get("memory_ratio"), "%5.2f"):>5s} {time.time() - t1:5.0f}',
                   flush=True)
         if args.time_rounds > 0:
             timed = time_attends(clients, methods, cfg['layers'], args.time_rounds)

@@ -19,7 +19,7 @@ def test_full_budget_reproduces_full_attention_loss(tmp_path):
     env = dict(os.environ, KVWAVE_PYTHONPATH=os.path.join(BINARY_DIR, "client", "python"),
                KVWAVED=os.path.join(BINARY_DIR, "rpc", "kvwaved"))
     subprocess.run([sys.executable, os.path.join(ROOT, "bench", "e2e_lm.py"), "--context", "2048",
-                    "--steps", "24", "--methods", "full,tripartite-0.018-0.232", "--json", str(out)],
+                    "--steps", "24", "--methods", "full,tripartite-0.018-0.232,tripartite-0.02-rest", "--json", str(out)],
                    check=True, env=env, timeout=600)
     rows = {r["method"]: r for r in json.loads(out.read_text())}
     full = rows["full"]
@@ -28,3 +28,8 @@ def test_full_budget_reproduces_full_attention_loss(tmp_path):
     assert full["top1_agreement"] == 1.0
     sparse = rows["tripartite-0.018-0.232"]
     assert sparse["loss"] > 0 and 0.0 <= sparse["top1_agreement"] <= 1.0
+    # Rows at any budgets by name ("rest" = every cluster not retrieved).
+    rest = rows["tripartite-0.02-rest"]
+    assert rest["retrieval_budget"] == 0.02 and abs(rest["estimation_budget"] - 0.98) < 1e-12
+    # The daemon holds at least the raw f16 K/V of the context (plus page padding and the meta index).
+    assert full["memory_ratio"] >= 1.0 and rest["memory_ratio"] >= 1.0
