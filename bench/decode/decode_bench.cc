@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "bench/decode/bench_util.h"
 #include "buffer/pinned_allocator.h"
 #include "buffer/synthetic_kv.h"
 #include "buffer/wave_buffer.h"
@@ -42,22 +43,9 @@
 namespace kvwave {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-double Ms(Clock::time_point a, Clock::time_point b) {
-  return std::chrono::duration<double, std::milli>(b - a).count();
-}
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[v.size() / 2];
-}
-#define CHECK_OK(expr)                                                               \
-  do {                                                                               \
-    absl::Status s_ = (expr);                                                        \
-    if (!s_.ok()) {                                                                  \
-      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, s_.ToString().c_str()); \
-      std::exit(1);                                                                  \
-    }                                                                                \
-  } while (0)
+using bench_decode::Clock;
+using bench_decode::Median;
+using bench_decode::Ms;
 
 struct Options {
   std::vector<int64_t> contexts = {32768, 131072, 524288, 1048576};

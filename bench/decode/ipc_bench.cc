@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "bench/decode/bench_util.h"
 #include "config/settings.h"
 #include "engine/backend_select.h"
 #include "engine/engine.h"
@@ -39,22 +40,9 @@
 namespace kvwave {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-double Ms(Clock::time_point a, Clock::time_point b) {
-  return std::chrono::duration<double, std::milli>(b - a).count();
-}
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[v.size() / 2];
-}
-#define CHECK_OK(expr)                                                               \
-  do {                                                                               \
-    absl::Status s_ = (expr);                                                        \
-    if (!s_.ok()) {                                                                  \
-      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, s_.ToString().c_str()); \
-      std::exit(1);                                                                  \
-    }                                                                                \
-  } while (0)
+using bench_decode::Clock;
+using bench_decode::Median;
+using bench_decode::Ms;
 #define CHECK_CUDA(expr)                                                              \
   do {                                                                                \
     cudaError_t e_ = (expr);                                                          \
