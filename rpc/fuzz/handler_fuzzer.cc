@@ -43,9 +43,12 @@ using kvwave::rpc::Frame;
 using kvwave::rpc::FrameHeader;
 
 constexpr size_t kRegionBytes = 1 << 20;
-constexpr uint16_t kOps[] = {pb::PING,          pb::STATS,    pb::OPEN,   pb::APPEND, pb::SEAL,
-                             pb::ATTEND,        pb::RETRIEVE, pb::GATHER, pb::CLOSE,  pb::INFO,
-                             pb::LIST_CONTEXTS, pb::DROP,     0x7ffe /* unknown */};
+constexpr uint16_t kOps[] = {
+    pb::PING, pb::STATS, pb::OPEN, pb::APPEND, pb::SEAL, pb::ATTEND, pb::RETRIEVE, pb::GATHER,
+    pb::CLOSE, pb::INFO, pb::LIST_CONTEXTS, pb::DROP, 0x7ffe /* unknown */,
+    // After the seeds' ops (rpc/fuzz/handler_seeds.py numbers the first
+    // 12): batches, and the GPU-client ops (here: no GPU backend).
+    pb::ATTEND_BATCH, pb::REGISTER_DEVICE, pb::UNREGISTER_DEVICE, pb::ATTEND_DEVICE};
 
 struct World {
   std::unique_ptr<kvwave::engine::Engine> engine[2];
@@ -130,8 +133,28 @@ bool Remap(std::vector<std::byte>& body, const std::vector<uint64_t>& opened) {
   return true;
 }
 
+// A batch names its contexts in its entries.
+template <typename M>
+void RemapEntries(std::vector<std::byte>& body, const std::vector<uint64_t>& opened) {
+  M m;
+  if (!m.ParseFromArray(body.data(), static_cast<int>(body.size()))) return;
+  for (pb::AttendBatchEntry& entry : *m.mutable_entries()) {
+    if (!opened.empty() && entry.context_id() < 16)
+      entry.set_context_id(opened[entry.context_id() % opened.size()]);
+  }
+  std::string out = m.SerializeAsString();
+  body.assign(reinterpret_cast<const std::byte*>(out.data()),
+              reinterpret_cast<const std::byte*>(out.data()) + out.size());
+}
+
 void RemapBody(uint16_t op, std::vector<std::byte>& body, const std::vector<uint64_t>& opened) {
   switch (op) {
+    case pb::ATTEND_BATCH:
+      RemapEntries<pb::AttendBatchRequest>(body, opened);
+      break;
+    case pb::ATTEND_DEVICE:
+      RemapEntries<pb::AttendDeviceRequest>(body, opened);
+      break;
     case pb::APPEND:
       Remap<pb::AppendRequest>(body, opened);
       break;

@@ -8,7 +8,8 @@ import struct
 import sys
 
 OPS = ["PING", "STATS", "OPEN", "APPEND", "SEAL", "ATTEND", "RETRIEVE", "GATHER", "CLOSE",
-       "INFO", "LIST", "DROP"]
+       "INFO", "LIST", "DROP", "UNKNOWN", "ATTEND_BATCH", "REGISTER_DEVICE", "UNREGISTER_DEVICE",
+       "ATTEND_DEVICE"]  # the order of kOps in handler_fuzzer.cc
 
 
 def varint(n):
@@ -82,6 +83,17 @@ def session(region, dtype, ids, layers=2, q=4, kv=2, dim=8, tokens=40, graph=Fal
     if graph:
         att += field(8, 2) + field(9, 4)  # retrievalattention, graph_top_k 4
     recs.append(record("ATTEND", att))
+    entry = field(1, 0) + field(2, 0.5) + field(3, 0.25)
+    batch = field(1, 1 if layers > 1 else 0) + field(2, entry) + field(3, t(0, qb))
+    if region:
+        batch += field(4, tensor(8192, qb)) + field(5, tensor(8192 + qb, q * 4))
+    recs.append(record("ATTEND_BATCH", batch))
+    # The GPU-client ops: without a GPU backend each is refused (the fuzzer checks the reply).
+    buf = field(1, b"\x01" * 64) + field(2, 4096)
+    recs.append(record("REGISTER_DEVICE", field(1, b"\x00" * 16) + field(2, buf) + field(3, buf) +
+                       field(4, buf) + field(5, b"\x02" * 64) + field(6, b"\x03" * 64)))
+    recs.append(record("ATTEND_DEVICE", field(1, 1) + field(2, 0) + field(3, entry)))
+    recs.append(record("UNREGISTER_DEVICE", field(1, 1)))
     ret = field(1, 0) + field(2, 1) + field(3, t(0, qb)) + field(4, 5) + field(5, 2 if graph else 1)
     if region:
         ret += field(7, tensor(9216, q * 5 * 8)) + field(8, tensor(10240, q * 5 * 4))
