@@ -118,18 +118,7 @@ absl::Status Client::AttendBatchDevice(uint64_t registration, int32_t layer,
   // Also after an error: kvwaved records "out ready" after whatever it queued.
   if (ev != nullptr) KVWAVE_RETURN_IF_ERROR(cuda::Wait(stream, ev->out_ready));
   KVWAVE_RETURN_IF_ERROR(st);
-  if (!stats.empty()) {
-    if (resp.stats_size() != static_cast<int>(stats.size())) {
-      return absl::InternalError("attend_device: the reply has the wrong number of stats");
-    }
-    for (size_t i = 0; i < stats.size(); ++i) {
-      const pb::AttendStats& s = resp.stats(static_cast<int>(i));
-      stats[i] = {s.steady_tokens(),      s.retrieved_tokens(), s.retrieved_clusters(),
-                  s.estimated_clusters(), s.total_clusters(),   s.scored_tokens(),
-                  s.graph_keys_scored()};
-    }
-  }
-  return absl::OkStatus();
+  return CopyStats(resp.stats(), stats, "attend_device");
 }
 
 }  // namespace kvwave::client

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "kvwave/client.h"
 #include "rpc/frame.h"
 #include "rpc/kvwave_rpc.pb.h"
@@ -77,6 +78,24 @@ class Client::Impl {
   size_t stage_used_ = 0;
   bool broken_ = false;
 };
+
+inline AttendStats ToStats(const rpc::pb::AttendStats& s) {
+  return {s.steady_tokens(),  s.retrieved_tokens(), s.retrieved_clusters(), s.estimated_clusters(),
+          s.total_clusters(), s.scored_tokens(),    s.graph_keys_scored()};
+}
+
+// A reply's per-item stats into `stats` (left alone when empty); `what` names the call.
+template <typename Stats>
+absl::Status CopyStats(const Stats& reply, std::span<AttendStats> stats, const char* what) {
+  if (stats.empty()) return absl::OkStatus();
+  if (reply.size() != static_cast<int>(stats.size())) {
+    return absl::InternalError(absl::StrCat(what, ": the reply has the wrong number of stats"));
+  }
+  for (size_t i = 0; i < stats.size(); ++i) {
+    stats[i] = ToStats(reply.Get(static_cast<int>(i)));
+  }
+  return absl::OkStatus();
+}
 
 }  // namespace kvwave::client
 

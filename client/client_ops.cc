@@ -130,12 +130,7 @@ absl::Status Client::Attend(ContextId ctx, int32_t layer, std::span<const float>
   KVWAVE_RETURN_IF_ERROR(impl_->Call(pb::ATTEND, req, resp));
   KVWAVE_RETURN_IF_ERROR(impl_->Collect(resp.out(), Bytes(out), "out"));
   KVWAVE_RETURN_IF_ERROR(impl_->Collect(resp.lse(), Bytes(lse), "lse"));
-  if (stats != nullptr) {
-    const pb::AttendStats& s = resp.stats();
-    *stats = {s.steady_tokens(),      s.retrieved_tokens(), s.retrieved_clusters(),
-              s.estimated_clusters(), s.total_clusters(),   s.scored_tokens(),
-              s.graph_keys_scored()};
-  }
+  if (stats != nullptr) *stats = ToStats(resp.stats());
   return absl::OkStatus();
 }
 
@@ -165,18 +160,7 @@ absl::Status Client::AttendBatch(int32_t layer, std::span<const AttendBatchEntry
   KVWAVE_RETURN_IF_ERROR(impl_->Call(pb::ATTEND_BATCH, req, resp));
   KVWAVE_RETURN_IF_ERROR(impl_->Collect(resp.out(), Bytes(out), "out"));
   KVWAVE_RETURN_IF_ERROR(impl_->Collect(resp.lse(), Bytes(lse), "lse"));
-  if (!stats.empty()) {
-    if (resp.stats_size() != static_cast<int>(stats.size())) {
-      return absl::InternalError("attend_batch: the reply has the wrong number of stats");
-    }
-    for (size_t i = 0; i < stats.size(); ++i) {
-      const pb::AttendStats& s = resp.stats(static_cast<int>(i));
-      stats[i] = {s.steady_tokens(),      s.retrieved_tokens(), s.retrieved_clusters(),
-                  s.estimated_clusters(), s.total_clusters(),   s.scored_tokens(),
-                  s.graph_keys_scored()};
-    }
-  }
-  return absl::OkStatus();
+  return CopyStats(resp.stats(), stats, "attend_batch");
 }
 
 absl::Status Client::Retrieve(ContextId ctx, int32_t layer, std::span<const float> q,

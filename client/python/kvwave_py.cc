@@ -123,6 +123,20 @@ kc::AttendMethod ParseAttendMethod(const std::string& m) {
 }
 
 // The Python-side client: remembers each open context's shape to size outputs.
+// A batch's entries: its contexts, with one (retrieval, estimation) budget each or none.
+std::vector<kc::AttendBatchEntry> BatchEntries(
+    const std::vector<uint64_t>& ctxs, const std::vector<std::pair<double, double>>& budgets) {
+  if (!budgets.empty() && budgets.size() != ctxs.size()) {
+    throw py::value_error("budgets: one (retrieval, estimation) per context, or none");
+  }
+  std::vector<kc::AttendBatchEntry> entries(ctxs.size());
+  for (size_t i = 0; i < ctxs.size(); ++i) {
+    entries[i].ctx = ctxs[i];
+    if (!budgets.empty()) entries[i].budget = {budgets[i].first, budgets[i].second};
+  }
+  return entries;
+}
+
 class PyClient {
  public:
   PyClient(const std::string& socket_path, size_t shared_memory_bytes, const std::string& host,
@@ -210,14 +224,7 @@ class PyClient {
     if (q.ndim() != 3 || q.shape(0) != static_cast<py::ssize_t>(ctxs.size())) {
       throw py::value_error("q must be [len(ctxs), q_heads, head_dim] float32");
     }
-    if (!budgets.empty() && budgets.size() != ctxs.size()) {
-      throw py::value_error("budgets: one (retrieval, estimation) per context, or none");
-    }
-    std::vector<kc::AttendBatchEntry> entries(ctxs.size());
-    for (size_t i = 0; i < ctxs.size(); ++i) {
-      entries[i].ctx = ctxs[i];
-      if (!budgets.empty()) entries[i].budget = {budgets[i].first, budgets[i].second};
-    }
+    const std::vector<kc::AttendBatchEntry> entries = BatchEntries(ctxs, budgets);
     F32Array out({q.shape(0), q.shape(1), q.shape(2)});
     F32Array lse({q.shape(0), q.shape(1)});
     std::vector<kc::AttendStats> stats(ctxs.size());
@@ -274,14 +281,7 @@ class PyClient {
   py::list AttendDevice(uint64_t registration, int layer, const std::vector<uint64_t>& ctxs,
                         uint64_t q_offset, uint64_t out_offset, uint64_t lse_offset,
                         uintptr_t stream, const std::vector<std::pair<double, double>>& budgets) {
-    if (!budgets.empty() && budgets.size() != ctxs.size()) {
-      throw py::value_error("budgets: one (retrieval, estimation) per context, or none");
-    }
-    std::vector<kc::AttendBatchEntry> entries(ctxs.size());
-    for (size_t i = 0; i < ctxs.size(); ++i) {
-      entries[i].ctx = ctxs[i];
-      if (!budgets.empty()) entries[i].budget = {budgets[i].first, budgets[i].second};
-    }
+    const std::vector<kc::AttendBatchEntry> entries = BatchEntries(ctxs, budgets);
     std::vector<kc::AttendStats> stats(ctxs.size());
     Check(WithoutGil([&] {
       return client_->AttendBatchDevice(registration, layer, entries,
