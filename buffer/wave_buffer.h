@@ -182,15 +182,7 @@ class WaveBuffer {
   // large for the slot's staging: a first call after a long prefill) are waited for before the
   // calls wait for `wait_event`, so the host rows may change once this returns. Stats: the
   // steady rows and cluster totals (known when queued); retrieved counts are not reported.
-  struct DeviceCall {
-    SpaceId space = 0;
-    std::span<const store::HeadKv> heads;
-    const float* q = nullptr;
-    float* out = nullptr;
-    float* lse = nullptr;
-    WaveBudget budget;
-    WaveCallStats* stats = nullptr;
-  };
+  using DeviceCall = HostCall;  // the same fields; q / out / lse are device pointers
   [[nodiscard]] absl::Status AttendDeviceBatch(std::span<const DeviceCall> calls, void* wait_event,
                                                void* signal_event);
   // Waits for the calls queued so far (and the cache updates queued before them), not for the

@@ -31,11 +31,7 @@ double Us(Clock::time_point a, Clock::time_point b) {
 
 absl::Status WaveBuffer::AttendDeviceBatch(std::span<const DeviceCall> calls, void* wait_event,
                                            void* signal_event) {
-  std::vector<HostCall> all(calls.size());
-  for (size_t i = 0; i < calls.size(); ++i) {
-    const DeviceCall& c = calls[i];
-    all[i] = {c.space, c.heads, c.q, c.out, c.lse, c.budget, c.stats};
-  }
+  const std::span<const HostCall> all = calls;
   const size_t qn = static_cast<size_t>(o_.heads) * o_.g * o_.d, rows = qn / o_.d;
   auto follows = [&](const HostCall& a, const HostCall& b) {
     return a.q != nullptr && a.out != nullptr && a.lse != nullptr && b.q == a.q + qn &&
@@ -46,8 +42,8 @@ absl::Status WaveBuffer::AttendDeviceBatch(std::span<const DeviceCall> calls, vo
   for (size_t at = 0; at < all.size();) {
     size_t n = 1;
     while (at + n < all.size() && follows(all[at + n - 1], all[at + n])) ++n;
-    const std::span<const HostCall> part = std::span<const HostCall>(all).subspan(at, n).first(
-        BatchPrefix(std::span<const HostCall>(all).subspan(at, n)));
+    const std::span<const HostCall> part =
+        all.subspan(at, n).first(BatchPrefix(all.subspan(at, n)));
     at += part.size();
     for (const HostCall& c : part) {
       if (c.q == nullptr || c.out == nullptr || c.lse == nullptr) {

@@ -22,15 +22,6 @@ void SetBuffer(const DeviceBufferHandle& h, pb::DeviceBuffer* out) {
   out->set_bytes(h.bytes);
 }
 
-void SetEntry(const AttendBatchEntry& e, pb::AttendBatchEntry* p) {
-  p->set_context_id(e.ctx);
-  p->set_retrieval_budget(e.budget.retrieval);
-  p->set_estimation_budget(e.budget.estimation);
-  p->set_method(static_cast<pb::AttendMethod>(e.budget.method));
-  p->set_graph_top_k(e.budget.graph_top_k);
-  p->set_beam(e.budget.beam);
-}
-
 }  // namespace
 
 absl::StatusOr<uint64_t> Client::RegisterDeviceHandles(const DeviceHandles& h) {

@@ -79,6 +79,15 @@ class Client::Impl {
   bool broken_ = false;
 };
 
+inline void SetEntry(const AttendBatchEntry& e, rpc::pb::AttendBatchEntry* p) {
+  p->set_context_id(e.ctx);
+  p->set_retrieval_budget(e.budget.retrieval);
+  p->set_estimation_budget(e.budget.estimation);
+  p->set_method(static_cast<rpc::pb::AttendMethod>(e.budget.method));
+  p->set_graph_top_k(e.budget.graph_top_k);
+  p->set_beam(e.budget.beam);
+}
+
 inline AttendStats ToStats(const rpc::pb::AttendStats& s) {
   return {s.steady_tokens(),  s.retrieved_tokens(), s.retrieved_clusters(), s.estimated_clusters(),
           s.total_clusters(), s.scored_tokens(),    s.graph_keys_scored()};

@@ -144,15 +144,7 @@ absl::Status Client::AttendBatch(int32_t layer, std::span<const AttendBatchEntry
   impl_->BeginCall();
   pb::AttendBatchRequest req;
   req.set_layer(layer);
-  for (const AttendBatchEntry& e : entries) {
-    pb::AttendBatchEntry* p = req.add_entries();
-    p->set_context_id(e.ctx);
-    p->set_retrieval_budget(e.budget.retrieval);
-    p->set_estimation_budget(e.budget.estimation);
-    p->set_method(static_cast<pb::AttendMethod>(e.budget.method));
-    p->set_graph_top_k(e.budget.graph_top_k);
-    p->set_beam(e.budget.beam);
-  }
+  for (const AttendBatchEntry& e : entries) SetEntry(e, req.add_entries());
   KVWAVE_RETURN_IF_ERROR(impl_->StageInput(Bytes(q), 4, req.mutable_q()));
   impl_->StageOutput(Bytes(out), 4, req.mutable_out());
   impl_->StageOutput(Bytes(lse), 4, req.mutable_lse());
