@@ -26,6 +26,21 @@ same run) and the keys a second ranking pass scored (attend.rank = two_pass), as
 "mem" is the daemon's memory for the context once sealed over the raw f16 K/V of its C tokens (clusters start
 on page boundaries, so small clusters pad; the meta index adds a centroid and a value sum per cluster).
 
+--device cuda (issue 17, on a GPU machine): the model runs on the GPU (prefill and decode); kvwaved is
+started with gpu.mode=on and reached through the ctypes client (client/python/kvwave_ctypes.py over
+libkvwave_c.so: any Python version; KVWAVED and KVWAVE_C_LIB name the binaries). Rows, same run:
+full-gpu (the model's own attention per decode step: torch SDPA over a float32 KV cache in HBM holding
+the same f16 prefill K/V that kvwave gets), kvwave-ipc (every
+layer's attention from kvwaved through registered device tensors, kvwave_torch.DeviceAttention on
+the current stream: no host copy of q or out), kvwave-host (the same daemon through host tensors:
+q to the host, Attend over the memfd, out back), each at the defaults and kvwave-ipc also at a
+100% budget (must match full-gpu closely). Append takes host tensors, so each kvwave row appends a
+step's K/V after the step (one device-to-host copy of all layers' new K/V, then one Append per
+layer), and kvwave attends over the positions before the step; the new token's own term is merged
+on the GPU by log-sum-exp (exact). Times per decode step (all layers; median over the steps after
+8): total, kvwave's attention (CUDA events around the call on the stream, so it includes waiting
+for kvwaved), the appends (host clock, including the copy), and the model's own compute (the rest).
+
 Needs numpy and torch (Debian: python3-numpy python3-torch, run with /usr/bin/python3), the built
 Python binding (found under build*/), and, unless --socket names a running daemon, the built kvwaved.
 The model definition is imported from ../shared/data/lm/qkdump.py (not copied here).
@@ -231,7 +246,11 @@ def main():
     ap.add_argument('--threads', type=int, default=os.cpu_count(), help='torch CPU threads')
     ap.add_argument('--time-rounds', type=int, default=0,
                     help='after the rows: this many round-robin rounds of one Attend per layer per row, timed')
+    ap.add_argument('--device', default='cpu', choices=('cpu', 'cuda'),
+                    help='cuda: the model on the GPU, kvwave through device tensors (see above)')
     args = ap.parse_args()
+    if args.device == 'cuda':
+        return main_cuda(args)
 
     sys.path.insert(0, os.path.abspath(args.model))
     import torch
@@ -335,6 +354,158 @@ def main():
         clients.clear()
         for d in daemons.values():
             d.stop()
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(rows, f, indent=1)
+
+
+def main_cuda(args):
+    """--device cuda: the rows of the module docstring; prints a table and writes --json."""
+    sys.path.insert(0, os.path.abspath(args.model))
+    sys.path.insert(0, os.path.join(ROOT, 'client', 'python'))
+    import torch
+    import torch.nn.functional as F
+    import qkdump as qk  # the model definition, imported from the shared data folder
+    import kvwave_ctypes
+    import kvwave_torch
+    if not torch.cuda.is_available():
+        raise SystemExit('e2e_lm: --device cuda needs a CUDA device')
+    dev = torch.device('cuda')
+    tokens = np.fromfile(args.tokens, '<u2').astype(np.int64)[max(0, args.offset):]
+    C, S = args.context, args.steps
+    if len(tokens) < C + S + 1:
+        raise SystemExit(f'e2e_lm: {args.tokens} has {len(tokens)} tokens, need {C + S + 1}')
+    model, cfg = qk.load(args.model)
+    model = model.to(dev).eval()
+    L, H, KV = cfg['layers'], cfg['heads'], cfg['kv_heads']
+    hd = cfg['dim'] // H
+    g = H // KV
+    t0 = time.time()
+    with torch.no_grad():
+        idx = torch.from_numpy(tokens[:C + S + 1])[None].to(dev)
+        full_logits = model(idx[:, :C + S])[0, C:C + S].float()  # the model's own full attention
+        targets = idx[0, C + 1:C + S + 1]
+        full_loss = F.cross_entropy(full_logits, targets).item()
+        full_top1 = full_logits.argmax(-1)
+        sink = []
+        model(idx[:, :C], sink=sink, logits=False)  # per layer (q, k, v) [C, heads, hd], f16, on the host
+        prefill_kv = [(k.numpy(), v.numpy()) for _, k, v in sink]
+        del sink
+    torch.cuda.synchronize()
+    print(f'# e2e_lm --device cuda ({torch.cuda.get_device_name()}, torch {torch.__version__}): C={C} S={S} '
+          f'offset={args.offset} layers={L} heads={H}/{KV} hd={hd}; full-attention loss {full_loss:.4f} '
+          f'({time.time() - t0:.0f}s)', flush=True)
+    cos_all, sin_all = qk.rope(C + S, hd, cfg['rope_base'], dev)
+
+    def decode(attend_fn, append_fn):
+        """Teacher-forced decode of positions C..C+S-1; attend_fn(layer, q [H, hd], k, v [KV, hd], p) -> [H, hd]
+        on the GPU; append_fn(list of (k, v) per layer) after each step. Returns logits [S, vocab] and per-step
+        (total, attention, append) ms."""
+        logits, times = [], []
+        for s in range(S):
+            p = C + s
+            ev, kvs = [], []  # (start, end) CUDA events around each layer's attention; the step's K/V
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            x = model.emb(idx[:, p:p + 1])
+            cos, sin = cos_all[p:p + 1], sin_all[p:p + 1]
+            for layer, block in enumerate(model.blocks):
+                h = qk.rms(x, block.n1)
+                q = qk.apply_rope(block.wq(h).view(1, 1, H, hd).transpose(1, 2), cos, sin)[0, :, 0, :]
+                k = qk.apply_rope(block.wk(h).view(1, 1, KV, hd).transpose(1, 2), cos, sin)[0, :, 0, :]
+                v = block.wv(h).view(1, 1, KV, hd).transpose(1, 2)[0, :, 0, :]
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                o = attend_fn(layer, q, k, v, p)
+                e1.record()
+                ev.append((e0, e1))
+                kvs.append((k, v))
+                x = x + block.wo(o.reshape(1, 1, -1))
+                h = qk.rms(x, block.n2)
+                x = x + block.w2(F.silu(block.w1(h)) * block.w3(h))
+            logits.append((qk.rms(x, model.nf) @ model.emb.weight.t())[0, 0].float())
+            torch.cuda.synchronize()
+            compute = time.perf_counter() - t
+            ta = time.perf_counter()
+            if append_fn is not None:
+                append_fn(kvs)
+            append = time.perf_counter() - ta
+            times.append((1e3 * (compute + append), sum(a.elapsed_time(b) for a, b in ev), 1e3 * append))
+        return torch.stack(logits), times
+
+    rows = []
+    daemon = Daemon(args.socket, ['gpu.mode=on'])
+    try:
+        client = kvwave_ctypes.Client(daemon.socket, 256 << 20)
+        att = kvwave_torch.DeviceAttention(client, H, hd, max_batch=1)
+
+        def kvwave_row(path, budget):
+            # The context (closed with the client's session at the end: the C ABI has no Close).
+            ctx = client.open(L, H, KV, hd, 'f16')
+            for layer, (k, v) in enumerate(prefill_kv):
+                for a in range(0, C, 8192):
+                    client.append(ctx, layer, k[a:a + 8192], v[a:a + 8192])
+            client.seal(ctx)
+
+            def append(kvs):  # one device-to-host copy a step, then one Append per layer
+                kv16 = torch.stack([torch.stack([k, v]) for k, v in kvs]).to(torch.float16).cpu().numpy()
+                for layer in range(L):
+                    client.append(ctx, layer, kv16[layer, 0][None], kv16[layer, 1][None])
+
+            def attend(layer, q, k, v, p):
+                # kvwave attends over positions < p (this step's K/V are appended after the step); the
+                # new token's own term is merged here by log-sum-exp, exactly.
+                if path == 'ipc':
+                    out, lse = att.attend([ctx], layer, q.float()[None], budgets=[budget] if budget else None)
+                    out, lse = out[0], lse[0]
+                else:
+                    r, e = budget if budget else (-1.0, -1.0)
+                    o_h, l_h = client.attend(ctx, layer, q.float().cpu().numpy(), r, e)
+                    out, lse = torch.from_numpy(o_h).to(dev), torch.from_numpy(l_h).to(dev)
+                kk, vv = k.repeat_interleave(g, 0), v.repeat_interleave(g, 0)  # [H, hd]
+                s_new = (q * kk).sum(-1) / math.sqrt(hd)
+                m = torch.maximum(lse, s_new)
+                a, b = torch.exp(lse - m), torch.exp(s_new - m)
+                return (out * a[:, None] + vv * b[:, None]) / (a + b)[:, None]
+            return decode(attend, append)
+
+        def full_row():
+            caches = [(torch.zeros(KV, C + S, hd, device=dev), torch.zeros(KV, C + S, hd, device=dev))
+                      for _ in range(L)]
+            for layer, (k, v) in enumerate(prefill_kv):
+                caches[layer][0][:, :C] = torch.from_numpy(k).to(dev).float().transpose(0, 1)
+                caches[layer][1][:, :C] = torch.from_numpy(v).to(dev).float().transpose(0, 1)
+
+            def attend(layer, q, k, v, p):
+                kc, vc = caches[layer]
+                kc[:, p] = k
+                vc[:, p] = v
+                return F.scaled_dot_product_attention(q[None, :, None, :], kc[None, :, :p + 1], vc[None, :, :p + 1],
+                                                      enable_gqa=True)[0, :, 0, :]
+            return decode(attend, None)
+
+        plan = [('full-gpu', None, None), ('kvwave-ipc', 'ipc', None), ('kvwave-host', 'host', None),
+                ('kvwave-ipc-100%', 'ipc', (1.0, 0.0))]
+        print(f'{"row":18s} {"loss":>8s} {"full":>8s} {"rel.incr":>9s} {"top1":>6s} {"step ms":>8s} '
+              f'{"attn ms":>8s} {"append ms":>9s} {"model ms":>8s}  (per decode step, {L} layers, median)')
+        for name, path, budget in plan:
+            with torch.no_grad():
+                logits, times = full_row() if path is None else kvwave_row(path, budget)
+            loss = F.cross_entropy(logits, targets).item()
+            top1 = (logits.argmax(-1) == full_top1).float().mean().item()
+            tt = np.array(times[8:] if len(times) > 16 else times)
+            med = np.median(tt, axis=0)
+            row = {'method': name, 'device': 'cuda', 'context': C, 'steps': S, 'loss': loss, 'full_loss': full_loss,
+                   'top1_agreement': top1, 'step_ms': med[0], 'attention_ms': med[1], 'append_ms': med[2],
+                   'model_ms': med[0] - med[1] - med[2], 'gpu': torch.cuda.get_device_name()}
+            rows.append(row)
+            print(f'{name:18s} {loss:8.4f} {full_loss:8.4f} {(loss - full_loss) / full_loss:+9.4f} {top1:6.3f} '
+                  f'{row["step_ms"]:8.3f} {row["attention_ms"]:8.3f} {row["append_ms"]:9.3f} {row["model_ms"]:8.3f}',
+                  flush=True)
+        att.close()
+        client.close_client()
+    finally:
+        daemon.stop()
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(rows, f, indent=1)
