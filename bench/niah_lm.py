@@ -103,6 +103,40 @@ def daemon_defaults(binary_path):
     return vals
 
 
+class CtypesClient:
+    """The `kvwave` module's calls that the kvwaved rows make (open, append, seal, attend with its statistics,
+    close), over the ctypes client (client/python/kvwave_ctypes.py, libkvwave_c.so named by KVWAVE_C_LIB): for
+    a Python the built module does not match, e.g. the GPU machine's. Rows that need Retrieve, Gather or the
+    prefill queries are refused."""
+
+    def __init__(s, socket_path, shared_memory_bytes):
+        sys.path.insert(0, os.path.join(ROOT, 'client', 'python'))
+        import kvwave_ctypes
+        s.c = kvwave_ctypes.Client(socket_path, shared_memory_bytes)
+
+    def open(s, layers, q_heads, kv_heads, head_dim, dtype='f16'):
+        return s.c.open(layers, q_heads, kv_heads, head_dim, dtype), 0
+
+    def append(s, ctx, layer, k, v, q=None):
+        if q is not None:
+            raise SystemExit('niah_lm: the ctypes client does not append queries (ra rows need the kvwave module)')
+        s.c.append(ctx, layer, k, v)
+
+    def seal(s, ctx):
+        s.c.seal(ctx)
+
+    def close(s, ctx):
+        s.c.close(ctx)
+
+    def attend(s, ctx, layer, q, retrieval_budget=-1.0, estimation_budget=-1.0, **other):
+        if other:
+            raise SystemExit(f'niah_lm: the ctypes client takes budgets only, not {sorted(other)}')
+        return s.c.attend_stats(ctx, layer, q, retrieval_budget, estimation_budget)
+
+    def __getattr__(s, name):  # retrieve, gather, ...: not in the C ABI
+        raise SystemExit(f'niah_lm: the ctypes client has no {name} (that row needs the kvwave module)')
+
+
 class KvContext:
     """one kvwaved context per (method, instance): the prefill K/V of every layer pushed and sealed on the
     first decode call, then each new token's K/V appended before its attention call"""
@@ -437,6 +471,8 @@ def main():
     ap.add_argument('--daemon-set', action='append', default=[], help='KEY=VALUE for the started kvwaved')
     ap.add_argument('--threads', type=int, default=1, help='torch CPU threads (the dev VM is shared)')
     ap.add_argument('--json', default='')
+    ap.add_argument('--client', choices=('module', 'ctypes'), default='module',
+                    help='ctypes: the ctypes client (a Python the built kvwave module does not match: the GPU machine)')
     args = ap.parse_args()
 
     niah, evaluate, qk = load_kit(args.kit, args.model)
@@ -458,7 +494,8 @@ def main():
     suffixes = daemon_suffixes(names)
     daemons, clients, settings = [], {}, {}
     if suffixes:
-        kv = e2e_lm.import_binding()
+        make_client = (CtypesClient if args.client == 'ctypes'
+                       else lambda path, size: e2e_lm.import_binding().Client(socket_path=path, shared_memory_bytes=size))
         if not args.socket:
             binary = os.environ.get('KVWAVED') or e2e_lm.find_one(['build*/**/rpc/kvwaved'], 'kvwaved')
             settings = daemon_defaults(binary)
@@ -471,10 +508,10 @@ def main():
                 raise SystemExit('niah_lm: rows with @settings start their own daemon (no --socket)')
             d = e2e_lm.Daemon(args.socket, list(args.daemon_set) + extra)
             daemons.append(d)
-            clients[suffix] = kv.Client(socket_path=d.socket, shared_memory_bytes=256 << 20)  # Daemon waited for ready
+            clients[suffix] = make_client(d.socket, 256 << 20)  # Daemon waited for ready
     defaults = {k: settings.get(k) for k in ('attend.retrieval_budget', 'attend.estimation_budget', 'attend.rank',
                                              'attend.rank_overfetch', 'store.sink_tokens', 'store.recent_tokens',
-                                             'index.tokens_per_cluster')}
+                                             'index.tokens_per_cluster', 'gpu.mode')}
     methods = make_methods(names, clients, R, evaluate.attend)
     print(f'# niah_lm: ctx {args.ctx}, {args.n} instances x {",".join(families)} (seed {args.seed}, first {args.first})'
           f'{" DROP (needles removed)" if args.drop else ""}; model {os.path.abspath(args.model)}; device {qk.DEV}, '

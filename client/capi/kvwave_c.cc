@@ -1,6 +1,8 @@
 // The C ABI of client/capi/kvwave_c.h over kvwave::client::Client.
 #include "client/capi/kvwave_c.h"
 
+#include <algorithm>
+#include <iterator>
 #include <memory>
 #include <span>
 #include <string>
@@ -62,13 +64,29 @@ int kvwave_append(kvwave_client* c, uint64_t ctx, int layer, int64_t n, const vo
 
 int kvwave_seal(kvwave_client* c, uint64_t ctx) { return Fail(c->client->Seal(ctx)); }
 
+int kvwave_close(kvwave_client* c, uint64_t ctx) { return Fail(c->client->Close(ctx)); }
+
 int kvwave_attend(kvwave_client* c, uint64_t ctx, int layer, const float* q, size_t q_floats,
                   double retrieval, double estimation, float* out, float* lse) {
+  return kvwave_attend_stats(c, ctx, layer, q, q_floats, retrieval, estimation, out, lse, nullptr);
+}
+
+int kvwave_attend_stats(kvwave_client* c, uint64_t ctx, int layer, const float* q, size_t q_floats,
+                        double retrieval, double estimation, float* out, float* lse,
+                        int64_t* stats) {
   auto info = c->client->Info(ctx);
   if (!info.ok()) return Fail(info.status());
   const size_t heads = static_cast<size_t>(info->shape.q_heads);
-  return Fail(c->client->Attend(ctx, layer, std::span(q, q_floats), {retrieval, estimation},
-                                std::span(out, q_floats), std::span(lse, heads)));
+  kvwave::client::AttendStats st;
+  const int rc = Fail(c->client->Attend(ctx, layer, std::span(q, q_floats), {retrieval, estimation},
+                                        std::span(out, q_floats), std::span(lse, heads), &st));
+  if (rc == 0 && stats != nullptr) {
+    const int64_t v[] = {st.steady_tokens,      st.retrieved_tokens, st.retrieved_clusters,
+                         st.estimated_clusters, st.total_clusters,   st.scored_tokens,
+                         st.graph_keys_scored};
+    std::copy(std::begin(v), std::end(v), stats);
+  }
+  return rc;
 }
 
 uint64_t kvwave_register_device_buffers(kvwave_client* c, uintptr_t q, size_t q_bytes,

@@ -27,9 +27,17 @@ uint64_t kvwave_open(kvwave_client* c, int layers, int q_heads, int kv_heads, in
 int kvwave_append(kvwave_client* c, uint64_t ctx, int layer, int64_t n, const void* k,
                   const void* v, size_t bytes_each);
 int kvwave_seal(kvwave_client* c, uint64_t ctx);
+/* Closes a context of this session (its memory is released; shared prefix blocks stay cached). */
+int kvwave_close(kvwave_client* c, uint64_t ctx);
 /* Host tensors: q, out [q_heads x head_dim], lse [q_heads] float32; budgets < 0: defaults. */
 int kvwave_attend(kvwave_client* c, uint64_t ctx, int layer, const float* q, size_t q_floats,
                   double retrieval, double estimation, float* out, float* lse);
+/* kvwave_attend with the call's statistics (null: none): stats[0..6] = steady_tokens,
+ * retrieved_tokens, retrieved_clusters, estimated_clusters, total_clusters, scored_tokens,
+ * graph_keys_scored (kvwave::client::AttendStats, in its order). */
+int kvwave_attend_stats(kvwave_client* c, uint64_t ctx, int layer, const float* q, size_t q_floats,
+                        double retrieval, double estimation, float* out, float* lse,
+                        int64_t* stats);
 uint64_t kvwave_register_device_buffers(kvwave_client* c, uintptr_t q, size_t q_bytes,
                                         uintptr_t out, size_t out_bytes, uintptr_t lse,
                                         size_t lse_bytes);

@@ -25,6 +25,9 @@ def _load(path):
     lib.kvwave_open.argtypes = [_ptr] + [ctypes.c_int] * 5
     lib.kvwave_append.argtypes = [_ptr, _u64, ctypes.c_int, _i64, _ptr, _ptr, _sz]
     lib.kvwave_seal.argtypes = [_ptr, _u64]
+    lib.kvwave_close.argtypes = [_ptr, _u64]
+    lib.kvwave_attend_stats.argtypes = [_ptr, _u64, ctypes.c_int, _ptr, _sz, ctypes.c_double,
+                                        ctypes.c_double, _ptr, _ptr, _ptr]
     lib.kvwave_attend.argtypes = [_ptr, _u64, ctypes.c_int, _ptr, _sz, ctypes.c_double,
                                   ctypes.c_double, _ptr, _ptr]
     lib.kvwave_register_device_buffers.restype = _u64
@@ -74,13 +77,26 @@ class Client:
     def seal(self, ctx):
         self._check(self._lib.kvwave_seal(self._c, ctx))
 
+    def close(self, ctx):
+        self._check(self._lib.kvwave_close(self._c, ctx))
+
     def attend(self, ctx, layer, q, retrieval=-1.0, estimation=-1.0):
+        out, lse, _ = self.attend_stats(ctx, layer, q, retrieval, estimation)
+        return out, lse
+
+    STATS = ("steady_tokens", "retrieved_tokens", "retrieved_clusters", "estimated_clusters",
+             "total_clusters", "scored_tokens", "graph_keys_scored")
+
+    def attend_stats(self, ctx, layer, q, retrieval=-1.0, estimation=-1.0):
+        """attend, and the call's statistics as a dict (the `kvwave` module's keys)."""
         q = np.ascontiguousarray(q, dtype=np.float32)
         out = np.empty_like(q)
         lse = np.empty(q.shape[0], np.float32)
-        self._check(self._lib.kvwave_attend(self._c, ctx, layer, q.ctypes.data, q.size, retrieval,
-                                            estimation, out.ctypes.data, lse.ctypes.data))
-        return out, lse
+        st = np.zeros(len(self.STATS), np.int64)
+        self._check(self._lib.kvwave_attend_stats(self._c, ctx, layer, q.ctypes.data, q.size,
+                                                  retrieval, estimation, out.ctypes.data,
+                                                  lse.ctypes.data, st.ctypes.data))
+        return out, lse, dict(zip(self.STATS, (int(x) for x in st)))
 
     def register_device_buffers(self, q_ptr, q_bytes, out_ptr, out_bytes, lse_ptr, lse_bytes):
         reg = self._lib.kvwave_register_device_buffers(self._c, q_ptr, q_bytes, out_ptr,
