@@ -11,7 +11,10 @@ server would. Exact match of the greedy answer, per family and per depth of the 
 
     python3 bench/niah_lm.py --ctx 2048 --n 4 [--families passkey,multivalue] [--methods all|a,b]
                              [--drop] [--seed 1234] [--json OUT] [--threads 1] [--socket PATH]
-                             [--daemon-set KEY=VALUE ...] [--kit DIR] [--model DIR]
+                             [--daemon-set KEY=VALUE ...] [--kit DIR] [--model DIR] [--client module|ctypes]
+
+--client ctypes reaches kvwaved through client/python/kvwave_ctypes.py (libkvwave_c.so, KVWAVE_C_LIB) instead
+of the built module: for the GPU machine, whose Python the module does not match (the tripartite rows only).
 
 Rows (--methods; 'all' = every one of them):
   full        the model's own exact attention (the kit's evaluate.attend), no daemon
