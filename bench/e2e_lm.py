@@ -440,7 +440,6 @@ def main_cuda(args):
         att = kvwave_torch.DeviceAttention(client, H, hd, max_batch=1)
 
         def kvwave_row(path, budget):
-            # The context (closed with the client's session at the end: the C ABI has no Close).
             ctx = client.open(L, H, KV, hd, 'f16')
             for layer, (k, v) in enumerate(prefill_kv):
                 for a in range(0, C, 8192):
@@ -467,7 +466,10 @@ def main_cuda(args):
                 m = torch.maximum(lse, s_new)
                 a, b = torch.exp(lse - m), torch.exp(s_new - m)
                 return (out * a[:, None] + vv * b[:, None]) / (a + b)[:, None]
-            return decode(attend, append)
+            try:
+                return decode(attend, append)
+            finally:
+                client.close(ctx)
 
         def full_row():
             caches = [(torch.zeros(KV, C + S, hd, device=dev), torch.zeros(KV, C + S, hd, device=dev))
