@@ -444,6 +444,7 @@ void WaveBuffer::Commit(int slot_index) {
   const auto t0 = Clock::now();
   Slot& s = *slots_[slot_index];
   absl::Status status = backend_->SynchronizeEvent(CommitEvent(slot_index));
+  const auto t_gpu = Clock::now();
   if (!status.ok() || !s.planned) {
     if (!status.ok()) Fail(status);
     FreeSlot(slot_index);
@@ -483,7 +484,9 @@ void WaveBuffer::Commit(int slot_index) {
   // were commit A to admit a cluster into slot s and commit B then evict it and admit another
   // into s, B's update queued before A's would leave A's rows in s under B's table entry (seen:
   // one wrong 100%-budget call in 1,560 of the engine GPU test with three threads, run 3).
+  const auto t_order0 = Clock::now();
   std::lock_guard<std::mutex> order(commit_mu_);
+  const auto t_order1 = Clock::now();
   // One item for all heads: every hit is touched before any miss is admitted.
   const WavePolicy::CommitItem item{0, hits, misses};
   std::vector<WavePolicy::Evicted> evicted;
@@ -493,6 +496,7 @@ void WaveBuffer::Commit(int slot_index) {
   const PolicyStats after = policy_->stats();
   add.stale_hits = add.hit_clusters - (after.hits - before.hits);
 
+  const auto t_policy = Clock::now();
   int64_t admitted_pages = 0;
   for (const CachedCluster& a : admitted) admitted_pages += static_cast<int64_t>(a.slots.size());
   const int64_t writes = static_cast<int64_t>(evicted.size()) + admitted_pages;
@@ -534,7 +538,8 @@ void WaveBuffer::Commit(int slot_index) {
       // entries it rewrites, and whose execution buffer it copies from); the calls queued later
       // wait for it before their plan. The kernels read the blob in place (pinned, mapped); the
       // blob is reused only by this slot's next commit, after this slot's next call, whose plan
-      // waited for this update.
+      // waited for this update. (Copying the blob to the device first, as Sync's uploads do,
+      // adds a copy to the commit's queueing, which is on the commits' serial path.)
       std::lock_guard<std::mutex> lock(enqueue_mu_);
       status = backend_->RecordEvent(CallsEvent(), kComputeStream);
       if (status.ok()) status = backend_->WaitEvent(kUpdateStream, CallsEvent());
@@ -558,7 +563,12 @@ void WaveBuffer::Commit(int slot_index) {
     counters_.stale_hits += add.stale_hits;
     counters_.pcie_bytes += add.pcie_bytes;
     counters_.exact_rows += add.exact_rows;
-    counters_.commit_us += Us(t0, Clock::now());
+    const auto t_end = Clock::now();
+    counters_.commit_us += Us(t0, t_end);
+    counters_.commit_gpu_us += Us(t0, t_gpu);
+    counters_.commit_order_us += Us(t_order0, t_order1);
+    counters_.commit_policy_us += Us(t_gpu, t_order0) + Us(t_order1, t_policy);
+    counters_.commit_queue_us += Us(t_policy, t_end);
   }
   FreeSlot(slot_index);
 }

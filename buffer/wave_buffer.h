@@ -113,18 +113,22 @@ struct WaveCounters {
   int64_t calls = 0;
   int64_t hit_clusters = 0, miss_clusters = 0;
   int64_t hit_pages = 0, miss_pages = 0;
-  int64_t stale_hits = 0;     // hits whose cluster an earlier commit evicted before this one ran
-  int64_t pcie_bytes = 0;     // K and V rows read from host memory by calls
-  int64_t upload_bytes = 0;   // meta index and steady rows uploaded by Syncs
-  int64_t exact_rows = 0;     // rows attended exactly (steady + retrieval)
-  double enqueue_us = 0;      // queueing a batch's kernels (and its syncs), of which:
-  double lock_us = 0;         //   waiting for the spaces' and the queueing locks
-  double sync_us = 0;         //   syncing the spaces (segments joining, new rows collected)
-  double launch_us = 0;       //   the upload and the launches
-  double wait_us = 0;         // waiting for a free slot
-  double commit_us = 0;       // committer threads: policy + queueing the update
-  double result_wait_us = 0;  // host calls: waiting for the call's results (GPU time and queue)
-  double end_us = 0;          // host calls: copying the results out and counting the stats
+  int64_t stale_hits = 0;       // hits whose cluster an earlier commit evicted before this one ran
+  int64_t pcie_bytes = 0;       // K and V rows read from host memory by calls
+  int64_t upload_bytes = 0;     // meta index and steady rows uploaded by Syncs
+  int64_t exact_rows = 0;       // rows attended exactly (steady + retrieval)
+  double enqueue_us = 0;        // queueing a batch's kernels (and its syncs), of which:
+  double lock_us = 0;           //   waiting for the spaces' and the queueing locks
+  double sync_us = 0;           //   syncing the spaces (segments joining, new rows collected)
+  double launch_us = 0;         //   the upload and the launches
+  double wait_us = 0;           // waiting for a free slot
+  double commit_us = 0;         // committer threads: policy + queueing the update, of which:
+  double commit_gpu_us = 0;     //   waiting for the batch's GPU work to complete
+  double commit_order_us = 0;   //   waiting for the commits before it (commit_mu_)
+  double commit_policy_us = 0;  //   the record's classification and the policy's decision
+  double commit_queue_us = 0;   //   building the update and queueing it (enqueue_mu_ included)
+  double result_wait_us = 0;    // host calls: waiting for the call's results (GPU time and queue)
+  double end_us = 0;            // host calls: copying the results out and counting the stats
 };
 
 // The cache's bookkeeping, for checking that it returns to its baseline.

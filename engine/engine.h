@@ -150,6 +150,9 @@ struct BackendStats {
   // included), waiting for a free slot, waiting for results, and the committer threads' LRU work.
   int64_t calls = 0;
   double enqueue_us = 0, slot_wait_us = 0, result_wait_us = 0, commit_us = 0;
+  // commit_us's parts: waiting for the batch's GPU work, for the commits before it (their order
+  // is the policy's), the policy itself, and queueing the update (its lock included).
+  double commit_gpu_us = 0, commit_order_us = 0, commit_policy_us = 0, commit_queue_us = 0;
   int64_t kmeans_gpu = 0, kmeans_cpu = 0;  // segment clusterings run on the GPU / the CPU
   // GPU clients (issue 17): registrations open, IPC memory mappings and events open, device
   // calls served and failed, all time.

@@ -53,7 +53,8 @@ struct Options {
   double host_gib = 48, cache = 0.05, retrieval = 0.018, estimation = 0.232, rho = 0.9;
   int steps = 30, warmup = 10, pps = 16, slots = 8;
   bool full = true;
-  bool bf16 = false;  // the bare buffers score bf16 centroid copies (the engine: float32)
+  bool engine_only = false;  // time only the engine (e.g. under a profiler); wave columns -1
+  bool bf16 = false;         // the bare buffers score bf16 centroid copies (the engine: float32)
   // Trace replay (--trace): the shared model's dump (PREFIX_{q,k,v}.npy, float16).
   std::string trace;
   int decode = 1024, trace_warmup = 64;
@@ -130,6 +131,7 @@ double TimeFull(gpu::CudaBackend& b,
 struct HostTimes {
   double enqueue = 0, slot_wait = 0, result_wait = 0, commit = 0;
   double lock = 0, sync = 0, launch = 0;  // parts of enqueue (bare buffer)
+  double commit_gpu = 0, commit_order = 0, commit_policy = 0, commit_queue = 0;  // parts of commit
 };
 
 void Run(const Options& o, int64_t context) {
@@ -270,6 +272,10 @@ void Run(const Options& o, int64_t context) {
     double t[3];
     for (int k = 0; k < 3; ++k) {
       const int which = (s + k) % 3;
+      if (which != 0 && o.engine_only) {
+        t[which] = -1;
+        continue;
+      }
       t[which] = which == 0 ? engine_step() : wave_step(which - 1, which == 2);
     }
     if (s >= o.warmup) {
@@ -298,14 +304,25 @@ void Run(const Options& o, int64_t context) {
   const HostTimes eh{(es.enqueue_us - es0.enqueue_us) / engine_calls,
                      (es.slot_wait_us - es0.slot_wait_us) / engine_calls,
                      (es.result_wait_us - es0.result_wait_us) / engine_calls,
-                     (es.commit_us - es0.commit_us) / engine_calls};
+                     (es.commit_us - es0.commit_us) / engine_calls,
+                     0,
+                     0,
+                     0,
+                     (es.commit_gpu_us - es0.commit_gpu_us) / engine_calls,
+                     (es.commit_order_us - es0.commit_order_us) / engine_calls,
+                     (es.commit_policy_us - es0.commit_policy_us) / engine_calls,
+                     (es.commit_queue_us - es0.commit_queue_us) / engine_calls};
   const HostTimes wh{(wc[0].enqueue_us - wc0[0].enqueue_us) / wave_calls,
                      (wc[0].wait_us - wc0[0].wait_us) / wave_calls,
                      0,
                      (wc[0].commit_us - wc0[0].commit_us) / wave_calls,
                      (wc[0].lock_us - wc0[0].lock_us) / wave_calls,
                      (wc[0].sync_us - wc0[0].sync_us) / wave_calls,
-                     (wc[0].launch_us - wc0[0].launch_us) / wave_calls};
+                     (wc[0].launch_us - wc0[0].launch_us) / wave_calls,
+                     (wc[0].commit_gpu_us - wc0[0].commit_gpu_us) / wave_calls,
+                     (wc[0].commit_order_us - wc0[0].commit_order_us) / wave_calls,
+                     (wc[0].commit_policy_us - wc0[0].commit_policy_us) / wave_calls,
+                     (wc[0].commit_queue_us - wc0[0].commit_queue_us) / wave_calls};
   for (auto& c : ctxs) (*backend)->OnClose(c->context());
   backend->reset();
   for (auto sp : spaces[1]) CHECK_OK(wbs[1]->CloseSpace(sp));
@@ -331,13 +348,15 @@ void Run(const Options& o, int64_t context) {
       "pcie/engine %6.1fx  "
       "page-hit engine %.3f wave %.3f pipelined %.3f  PCIe %.1f MB/step  pool %.2f GiB  "
       "engine min/max %.3f/%.3f wave min/max %.3f/%.3f  per call us: engine enqueue %.1f "
-      "slot-wait %.1f result-wait %.1f commit %.1f | wave enqueue %.1f (locks %.1f sync %.1f "
-      "launch %.1f) slot-wait %.1f commit %.1f\n",
+      "slot-wait %.1f result-wait %.1f commit %.1f (gpu %.1f order %.1f policy %.1f queue %.1f) | "
+      "wave enqueue %.1f (locks %.1f sync %.1f launch %.1f) slot-wait %.1f commit %.1f (gpu %.1f "
+      "order %.1f policy %.1f queue %.1f)\n",
       long(context), B, sub, o.layers, e, wv, e / wv, Median(step_ratio), wp, e / wp, full_hbm,
       full_pcie, full_pcie > 0 ? full_pcie / e : 0, engine_hit, wave_hit, piped_hit, pcie_mb,
       es.pool_bytes / double(1 << 30), engine_ms.front(), engine_ms.back(), wave_ms.front(),
-      wave_ms.back(), eh.enqueue, eh.slot_wait, eh.result_wait, eh.commit, wh.enqueue, wh.lock,
-      wh.sync, wh.launch, wh.slot_wait, wh.commit);
+      wave_ms.back(), eh.enqueue, eh.slot_wait, eh.result_wait, eh.commit, eh.commit_gpu,
+      eh.commit_order, eh.commit_policy, eh.commit_queue, wh.enqueue, wh.lock, wh.sync, wh.launch,
+      wh.slot_wait, wh.commit, wh.commit_gpu, wh.commit_order, wh.commit_policy, wh.commit_queue);
   std::fflush(stdout);
 }
 
@@ -527,6 +546,7 @@ int main(int argc, char** argv) {
   app.add_option("--warmup", o.warmup);
   app.add_option("--rho", o.rho);
   app.add_option("--full", o.full, "also time full attention (HBM and pinned host)");
+  app.add_option("--engine-only", o.engine_only, "time the engine alone (wave columns -1)");
   app.add_option("--bf16", o.bf16, "bare buffers: score bf16 copies of the centroids");
   app.add_option("--trace", o.trace,
                  "replay a trace (PREFIX_{q,k,v}.npy) through the engine: real vs AR(1) queries");

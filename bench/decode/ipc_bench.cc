@@ -1,7 +1,8 @@
 // kvwave-ipc-bench: one decode step (every layer) of a GPU client attending through kvwaved with
 // device tensors (CUDA IPC, issue 17) against the engine's in-process GPU Attend and the
 // host-tensor path through kvwaved, same run, Llama-3-8B's shape by default (32 layers, 32 query
-// / 8 KV heads, d 128, bf16), batch 1:
+// / 8 KV heads, d 128, bf16), batch B (--batch: B contexts of the same length, one call a layer
+// carrying all of them: AttendBatch / AttendBatchDevice; B = 1: Attend / AttendDevice):
 //
 //   inproc   Engine::Attend in this process (CUDA backend): host q in, host out/lse back, each
 //            layer complete before the next (what an in-process server gets);
@@ -56,7 +57,7 @@ struct Options {
   std::vector<int64_t> contexts = {131072};
   int layers = 32, kv_heads = 8, g = 4, d = 128;
   double cache = 0.05, retrieval = 0.018, estimation = 0.232, rho = 0.9;
-  int steps = 20, warmup = 5;
+  int steps = 20, warmup = 5, batch = 1;
   std::string kvwaved;
 };
 
@@ -92,9 +93,9 @@ void MakeLayer(const Options& o, int64_t tokens, std::vector<uint16_t>& k,
 }
 
 void Run(const Options& o, int64_t context) {
-  const int L = o.layers, Hq = o.kv_heads * o.g, D = o.d;
+  const int L = o.layers, Hq = o.kv_heads * o.g, D = o.d, B = o.batch;
   const int64_t qn = int64_t{Hq} * D;
-  const int64_t kv_bytes = context * o.kv_heads * D * 2 * 2 * L;
+  const int64_t kv_bytes = context * o.kv_heads * D * 2 * 2 * L * B;
   const int64_t cache_bytes = static_cast<int64_t>(o.cache * kv_bytes);
   const int64_t limit = kv_bytes + (int64_t{8} << 30);
   const store::ModelShape shape{L, Hq, o.kv_heads, D, DType::kBF16};
@@ -129,82 +130,118 @@ void Run(const Options& o, int64_t context) {
   const auto t0 = Clock::now();
   std::vector<uint16_t> k, v;
   MakeLayer(o, context, k, v);
-  auto ectx = e.Open({shape, {}, ""});
-  CHECK_OK(ectx.status());
-  auto cctx = c.Open({{L, Hq, o.kv_heads, D, DType::kBF16}, {}, ""});
-  CHECK_OK(cctx.status());
-  const uint64_t eid = ectx->id, cid = cctx->id;
+  // B contexts in each engine; context b's rows are the layer's rows rotated by b * 4099 tokens
+  // (same statistics, other positions).
+  std::vector<uint64_t> eids(B), cids(B);
+  for (int b = 0; b < B; ++b) {
+    auto ectx = e.Open({shape, {}, ""});
+    CHECK_OK(ectx.status());
+    auto cctx = c.Open({{L, Hq, o.kv_heads, D, DType::kBF16}, {}, ""});
+    CHECK_OK(cctx.status());
+    eids[b] = ectx->id;
+    cids[b] = cctx->id;
+  }
   const int64_t row = int64_t{o.kv_heads} * D;
-  for (int l = 0; l < L; ++l)
-    for (int64_t at = 0; at < context; at += 8192) {
-      const int64_t n = std::min<int64_t>(8192, context - at);
-      auto kb = std::as_bytes(std::span(k.data() + at * row, n * row));
-      auto vb = std::as_bytes(std::span(v.data() + at * row, n * row));
-      CHECK_OK(e.Append(eid, l, n, kb, vb));
-      CHECK_OK(c.Append(cid, l, n, kb, vb));
-      if (at + n >= context && (l + 1) % 8 == 0)
-        std::fprintf(stderr, "  %d layers appended (%.1f s)\n", l + 1, Ms(t0, Clock::now()) / 1e3);
-    }
+  std::vector<uint16_t> kr(k.size()), vr(v.size());
+  for (int b = 0; b < B; ++b) {
+    const int64_t shift = (int64_t{b} * 4099 % context) * row;
+    std::rotate_copy(k.begin(), k.begin() + shift, k.end(), kr.begin());
+    std::rotate_copy(v.begin(), v.begin() + shift, v.end(), vr.begin());
+    for (int l = 0; l < L; ++l)
+      for (int64_t at = 0; at < context; at += 8192) {
+        const int64_t n = std::min<int64_t>(8192, context - at);
+        auto kb = std::as_bytes(std::span(kr.data() + at * row, n * row));
+        auto vb = std::as_bytes(std::span(vr.data() + at * row, n * row));
+        CHECK_OK(e.Append(eids[b], l, n, kb, vb));
+        CHECK_OK(c.Append(cids[b], l, n, kb, vb));
+        if (at + n >= context && (l + 1) % 8 == 0)
+          std::fprintf(stderr, "  context %d: %d layers appended (%.1f s)\n", b, l + 1,
+                       Ms(t0, Clock::now()) / 1e3);
+      }
+  }
   const auto t1 = Clock::now();
-  CHECK_OK(e.Seal(eid));
-  CHECK_OK(c.Seal(cid));
+  for (int b = 0; b < B; ++b) {
+    CHECK_OK(e.Seal(eids[b]));
+    CHECK_OK(c.Seal(cids[b]));
+  }
   std::fprintf(stderr,
-               "context %ld: %d layers (%.1f GiB each engine) appended in %.1f s, sealed "
+               "context %ld x %d: %d layers (%.1f GiB each engine) appended in %.1f s, sealed "
                "in %.1f s\n",
-               long(context), L, kv_bytes / double(1 << 30), Ms(t0, t1) / 1e3,
+               long(context), B, L, kv_bytes / double(1 << 30), Ms(t0, t1) / 1e3,
                Ms(t1, Clock::now()) / 1e3);
 
   // Device buffers of the client: the registered q / out / lse (one layer's item) and the
   // step's queries (one per layer) that the "model" copies into q.
   float *q_reg, *out_reg, *lse_reg, *q_src;
-  CHECK_CUDA(cudaMalloc(&q_reg, sizeof(float) * qn));
-  CHECK_CUDA(cudaMalloc(&out_reg, sizeof(float) * qn));
-  CHECK_CUDA(cudaMalloc(&lse_reg, sizeof(float) * Hq));
-  CHECK_CUDA(cudaMalloc(&q_src, sizeof(float) * qn * L));
+  const int64_t bq = qn * B;  // one layer's queries (or outputs) of the batch
+  CHECK_CUDA(cudaMalloc(&q_reg, sizeof(float) * bq));
+  CHECK_CUDA(cudaMalloc(&out_reg, sizeof(float) * bq));
+  CHECK_CUDA(cudaMalloc(&lse_reg, sizeof(float) * Hq * B));
+  CHECK_CUDA(cudaMalloc(&q_src, sizeof(float) * bq * L));
   cudaStream_t stream;
   CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  auto reg = c.RegisterDeviceBuffers(q_reg, sizeof(float) * qn, out_reg, sizeof(float) * qn,
-                                     lse_reg, sizeof(float) * Hq);
+  auto reg = c.RegisterDeviceBuffers(q_reg, sizeof(float) * bq, out_reg, sizeof(float) * bq,
+                                     lse_reg, sizeof(float) * Hq * B);
   CHECK_OK(reg.status());
 
   std::mt19937 rng(77 + context);
   std::normal_distribution<float> nd;
-  std::vector<float> walk(int64_t{L} * o.kv_heads * D), qs(qn * L);
+  std::vector<float> walk(int64_t{L} * B * o.kv_heads * D), qs(bq * L);  // qs: [L][B][qn]
   for (float& x : walk) x = nd(rng);
   const float a = float(o.rho), noise = std::sqrt(1.f - a * a);
   auto make_queries = [&] {
     for (float& x : walk) x = a * x + noise * nd(rng);
-    for (int l = 0; l < L; ++l)
+    for (int64_t lb = 0; lb < int64_t{L} * B; ++lb)
       for (int h = 0; h < o.kv_heads; ++h)
         for (int j = 0; j < o.g; ++j)
           for (int x = 0; x < D; ++x)
-            qs[l * qn + (h * o.g + j) * D + x] =
-                2.5f * (walk[(int64_t{l} * o.kv_heads + h) * D + x] + 0.3f * nd(rng));
+            qs[lb * qn + (h * o.g + j) * D + x] =
+                2.5f * (walk[(lb * o.kv_heads + h) * D + x] + 0.3f * nd(rng));
   };
   const client::AttendBudget cb{o.retrieval, o.estimation};
   const engine::AttendBudget eb{o.retrieval, o.estimation};
-  std::vector<float> out(qn), lse(Hq);
+  std::vector<float> out(bq), lse(Hq * B);
+  std::vector<engine::AttendBatchItem> eitems(B);
+  std::vector<client::AttendBatchEntry> citems(B);
+  for (int b = 0; b < B; ++b) {
+    eitems[b] = {eids[b], eb};
+    citems[b] = {cids[b], cb};
+  }
+  std::vector<engine::AttendStats> estats(B);
   std::vector<double> reply_us;
   auto inproc_step = [&] {
     const auto a0 = Clock::now();
-    for (int l = 0; l < L; ++l)
-      CHECK_OK(e.Attend(eid, l, std::span(qs.data() + l * qn, qn), eb, out, lse, nullptr));
+    for (int l = 0; l < L; ++l) {
+      const std::span<const float> q(qs.data() + l * bq, bq);
+      if (B == 1)
+        CHECK_OK(e.Attend(eids[0], l, q, eb, out, lse, nullptr));
+      else
+        CHECK_OK(e.AttendBatch(l, eitems, q, out, lse, estats));
+    }
     return Ms(a0, Clock::now());
   };
   auto host_step = [&] {
     const auto a0 = Clock::now();
-    for (int l = 0; l < L; ++l)
-      CHECK_OK(c.Attend(cid, l, std::span(qs.data() + l * qn, qn), cb, out, lse));
+    for (int l = 0; l < L; ++l) {
+      const std::span<const float> q(qs.data() + l * bq, bq);
+      if (B == 1)
+        CHECK_OK(c.Attend(cids[0], l, q, cb, out, lse));
+      else
+        CHECK_OK(c.AttendBatch(l, citems, q, out, lse));
+    }
     return Ms(a0, Clock::now());
   };
   auto ipc_step = [&] {
-    CHECK_CUDA(cudaMemcpy(q_src, qs.data(), sizeof(float) * qn * L, cudaMemcpyHostToDevice));
+    CHECK_CUDA(cudaMemcpy(q_src, qs.data(), sizeof(float) * bq * L, cudaMemcpyHostToDevice));
     const auto a0 = Clock::now();
     for (int l = 0; l < L; ++l) {
-      CHECK_CUDA(cudaMemcpyAsync(q_reg, q_src + l * qn, sizeof(float) * qn,
+      CHECK_CUDA(cudaMemcpyAsync(q_reg, q_src + l * bq, sizeof(float) * bq,
                                  cudaMemcpyDeviceToDevice, stream));
       const auto r0 = Clock::now();
-      CHECK_OK(c.AttendDevice(*reg, cid, l, {}, cb, stream));
+      if (B == 1)
+        CHECK_OK(c.AttendDevice(*reg, cids[0], l, {}, cb, stream));
+      else
+        CHECK_OK(c.AttendBatchDevice(*reg, l, citems, {}, stream));
       reply_us.push_back(Ms(r0, Clock::now()) * 1e3);
     }
     CHECK_CUDA(cudaStreamSynchronize(stream));
@@ -213,13 +250,14 @@ void Run(const Options& o, int64_t context) {
   std::vector<double> t_in, t_ipc, t_host, ratio;
   int64_t mismatches = 0;
   for (int step = 0; step < o.warmup + o.steps; ++step) {
-    for (int l = 0; l < L; ++l) {  // the decode order: this step's token, then attention
-      const int64_t at = (step * 7919 + l * 31) % context;
-      auto kb = std::as_bytes(std::span(k.data() + at * row, row));
-      auto vb = std::as_bytes(std::span(v.data() + at * row, row));
-      CHECK_OK(e.Append(eid, l, 1, kb, vb));
-      CHECK_OK(c.Append(cid, l, 1, kb, vb));
-    }
+    for (int b = 0; b < B; ++b)
+      for (int l = 0; l < L; ++l) {  // the decode order: this step's token, then attention
+        const int64_t at = (step * 7919 + l * 31 + b * 4099) % context;
+        auto kb = std::as_bytes(std::span(k.data() + at * row, row));
+        auto vb = std::as_bytes(std::span(v.data() + at * row, row));
+        CHECK_OK(e.Append(eids[b], l, 1, kb, vb));
+        CHECK_OK(c.Append(cids[b], l, 1, kb, vb));
+      }
     make_queries();
     if (step == o.warmup) reply_us.clear();
     double t[3];
@@ -233,22 +271,26 @@ void Run(const Options& o, int64_t context) {
       t_host.push_back(t[2]);
       ratio.push_back(t[1] / t[0]);
     }
-    // The last layer's result of both kvwaved paths on the same query: equal bit for bit.
-    std::vector<float> dout(qn);
-    CHECK_CUDA(cudaMemcpy(dout.data(), out_reg, sizeof(float) * qn, cudaMemcpyDeviceToHost));
-    std::vector<float> hout(qn), hlse(Hq);
-    CHECK_OK(c.Attend(cid, L - 1, std::span(qs.data() + (L - 1) * qn, qn), cb, hout, hlse));
-    if (std::memcmp(dout.data(), hout.data(), sizeof(float) * qn) != 0) ++mismatches;
+    // The last layer's result of both kvwaved paths on the same queries: equal bit for bit.
+    std::vector<float> dout(bq);
+    CHECK_CUDA(cudaMemcpy(dout.data(), out_reg, sizeof(float) * bq, cudaMemcpyDeviceToHost));
+    std::vector<float> hout(bq), hlse(Hq * B);
+    const std::span<const float> ql(qs.data() + (L - 1) * bq, bq);
+    if (B == 1)
+      CHECK_OK(c.Attend(cids[0], L - 1, ql, cb, hout, hlse));
+    else
+      CHECK_OK(c.AttendBatch(L - 1, citems, ql, hout, hlse));
+    if (std::memcmp(dout.data(), hout.data(), sizeof(float) * bq) != 0) ++mismatches;
   }
   auto st = c.Stats();
   CHECK_OK(st.status());
   const double in = Median(t_in), ipc = Median(t_ipc), host = Median(t_host);
   std::printf(
-      "%8ld  inproc %7.3f ms/step (%6.1f us/layer)  ipc %7.3f ms/step (%6.1f us/layer)  host "
+      "%8ld %2d  inproc %7.3f ms/step (%6.1f us/layer)  ipc %7.3f ms/step (%6.1f us/layer)  host "
       "%7.3f ms/step (%6.1f us/layer)  ipc/inproc %.3f (per-step median %.3f)  host/inproc %.3f  "
       "ipc min/max %.3f/%.3f  inproc min/max %.3f/%.3f  ipc reply p50 %.1f us  "
       "ipc-vs-host bit-mismatch steps %ld/%d  daemon device calls %ld errors %ld\n",
-      long(context), in, in * 1e3 / L, ipc, ipc * 1e3 / L, host, host * 1e3 / L, ipc / in,
+      long(context), B, in, in * 1e3 / L, ipc, ipc * 1e3 / L, host, host * 1e3 / L, ipc / in,
       Median(ratio), host / in, *std::min_element(t_ipc.begin(), t_ipc.end()),
       *std::max_element(t_ipc.begin(), t_ipc.end()), *std::min_element(t_in.begin(), t_in.end()),
       *std::max_element(t_in.begin(), t_in.end()), Median(reply_us), long(mismatches),
@@ -260,7 +302,7 @@ void Run(const Options& o, int64_t context) {
   cudaFree(lse_reg);
   cudaFree(q_src);
   cudaStreamDestroy(stream);
-  CHECK_OK(e.Close(eid));
+  for (int b = 0; b < B; ++b) CHECK_OK(e.Close(eids[b]));
 }
 
 }  // namespace
@@ -273,6 +315,8 @@ int main(int argc, char** argv) {
       "the in-process engine vs host tensors");
   app.add_option("--contexts", o.contexts, "context lengths")->delimiter(',');
   app.add_option("--layers", o.layers);
+  app.add_option("--batch", o.batch, "contexts per call (one call a layer carries them all)")
+      ->check(CLI::Range(1, 64));
   app.add_option("--cache", o.cache, "page pool as a fraction of the KV");
   app.add_option("--retrieval", o.retrieval);
   app.add_option("--estimation", o.estimation);
@@ -289,10 +333,11 @@ int main(int argc, char** argv) {
   std::printf("# WARNING: debug build\n");
 #endif
   std::printf(
-      "# kvwave-ipc-bench: %d layers, %d/%d heads, d %d, budgets %.3f + %.3f, pool %.0f%% "
+      "# kvwave-ipc-bench: batch %d, %d layers, %d/%d heads, d %d, budgets %.3f + %.3f, pool "
+      "%.0f%% "
       "of KV, %d steps after %d warm-up\n",
-      o.layers, o.kv_heads * o.g, o.kv_heads, o.d, o.retrieval, o.estimation, o.cache * 100,
-      o.steps, o.warmup);
+      o.batch, o.layers, o.kv_heads * o.g, o.kv_heads, o.d, o.retrieval, o.estimation,
+      o.cache * 100, o.steps, o.warmup);
   for (int64_t c : o.contexts) kvwave::Run(o, c);
   return 0;
 }

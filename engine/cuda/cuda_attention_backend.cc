@@ -157,6 +157,10 @@ class CudaAttentionBackend final : public AttentionBackend {
       s.slot_wait_us += c.wait_us;
       s.result_wait_us += c.result_wait_us;
       s.commit_us += c.commit_us;
+      s.commit_gpu_us += c.commit_gpu_us;
+      s.commit_order_us += c.commit_order_us;
+      s.commit_policy_us += c.commit_policy_us;
+      s.commit_queue_us += c.commit_queue_us;
     }
     s.kmeans_gpu = kmeans_gpu_.load();
     s.kmeans_cpu = kmeans_cpu_.load();
