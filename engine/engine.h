@@ -319,8 +319,10 @@ class Engine {
 
   virtual absl::Status Close(ContextId ctx) = 0;
 
-  // Waits until the seals queued so far have run (in the background), then until every sealed
-  // shared block is durable (without persistence, only the former).
+  // Waits until the seals queued so far have run (in the background) and the jobs that ran them
+  // have let go of their contexts (a Close after Flush, with no call in flight, is then the
+  // context's last reference: its memory and the backend's OnClose go at that Close), then until
+  // every sealed shared block is durable (without persistence, only the former).
   virtual absl::Status Flush() = 0;
 
   // Waits until the background fetch of remote-attached rows (remote.attach = index) has nothing
