@@ -538,8 +538,8 @@ void WaveBuffer::Commit(int slot_index) {
       // entries it rewrites, and whose execution buffer it copies from); the calls queued later
       // wait for it before their plan. The kernels read the blob in place (pinned, mapped); the
       // blob is reused only by this slot's next commit, after this slot's next call, whose plan
-      // waited for this update. (Copying the blob to the device first, as Sync's uploads do,
-      // adds a copy to the commit's queueing, which is on the commits' serial path.)
+      // waited for this update. (Copying the blob to the device first was tried: one more copy
+      // to queue on the commits' serial path; bench/results/gpu_engine_run10_h100_decode_ab.txt.)
       std::lock_guard<std::mutex> lock(enqueue_mu_);
       status = backend_->RecordEvent(CallsEvent(), kComputeStream);
       if (status.ok()) status = backend_->WaitEvent(kUpdateStream, CallsEvent());
