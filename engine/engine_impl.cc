@@ -136,11 +136,7 @@ class EngineImpl final : public Engine {
     // ... and the jobs that ran them gone, with their references to the contexts: a drain
     // returns after marking its layer idle, and the context it held may otherwise outlive a
     // Close that follows (its OnClose then came from the worker, later).
-    {
-      absl::MutexLock jobs(&jobs_mu_);
-      jobs_mu_.Await(absl::Condition(
-          +[](int64_t* n) { return *n == 0; }, &jobs_in_flight_));
-    }
+    workers_->WaitIdle();
     return prefix_cache_->Flush();
   }
 
@@ -497,10 +493,6 @@ class EngineImpl final : public Engine {
   // Relaxed: counters are statistics.
   std::atomic<int64_t> segments_sealed_{0}, tokens_appended_{0}, attend_calls_{0},
       retrieve_calls_{0};
-  // Background drain jobs submitted and not yet finished, counted until each has dropped its
-  // reference to its context (so that after Flush a Close is the context's last reference).
-  absl::Mutex jobs_mu_;
-  int64_t jobs_in_flight_ ABSL_GUARDED_BY(jobs_mu_) = 0;
   // Last: its jobs use everything above; the destructor stops it first.
   std::unique_ptr<SealWorkers> workers_;
 };
@@ -517,15 +509,8 @@ void EngineImpl::QueueSeals(const std::shared_ptr<store::Context>& ctx, int32_t 
   }
   if (layer.draining || layer.scheduled) return;
   layer.scheduled = true;
-  {
-    absl::MutexLock jobs(&jobs_mu_);
-    ++jobs_in_flight_;
-  }
-  workers_->Submit([this, weak = std::weak_ptr<store::Context>(ctx), l] {
-    DrainInBackground(weak, l);  // its reference to the context is gone when it returns
-    absl::MutexLock jobs(&jobs_mu_);
-    --jobs_in_flight_;
-  });
+  workers_->Submit(
+      [this, weak = std::weak_ptr<store::Context>(ctx), l] { DrainInBackground(weak, l); });
 }
 
 void EngineImpl::DrainInBackground(const std::weak_ptr<store::Context>& weak, int32_t l) {

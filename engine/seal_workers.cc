@@ -27,6 +27,14 @@ void SealWorkers::Submit(std::function<void()> job) {
   jobs_.push_back(std::move(job));
 }
 
+void SealWorkers::WaitIdle() {
+  absl::MutexLock lock(&mu_);
+  mu_.Await(absl::Condition(
+      +[](SealWorkers* w)
+           ABSL_NO_THREAD_SAFETY_ANALYSIS { return w->jobs_.empty() && w->running_ == 0; },
+      this));
+}
+
 void SealWorkers::Loop() {
   // Linux applies a nice value per thread; failing to lower the priority only costs fairness.
   (void)setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 10);
@@ -39,8 +47,14 @@ void SealWorkers::Loop() {
       if (jobs_.empty()) return;  // stopping, and every job has run
       job = std::move(jobs_.front());
       jobs_.pop_front();
+      ++running_;
     }
     arena.execute([&] { job(); });
+    job = nullptr;  // what the job held goes before it counts as done
+    {
+      absl::MutexLock lock(&mu_);
+      --running_;
+    }
   }
 }
 

@@ -32,6 +32,9 @@ class SealWorkers {
   SealWorkers& operator=(const SealWorkers&) = delete;
 
   void Submit(std::function<void()> job);
+  // Waits until every job submitted so far (and any submitted meanwhile) has run and been
+  // destroyed, with whatever it held.
+  void WaitIdle();
   int threads() const { return static_cast<int>(threads_.size()); }
 
  private:
@@ -40,6 +43,7 @@ class SealWorkers {
 
   absl::Mutex mu_;
   std::deque<std::function<void()>> jobs_ ABSL_GUARDED_BY(mu_);
+  int running_ ABSL_GUARDED_BY(mu_) = 0;  // jobs taken and not yet destroyed
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::thread> threads_;
 };

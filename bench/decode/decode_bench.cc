@@ -301,28 +301,25 @@ void Run(const Options& o, int64_t context) {
   const double pcie_mb = double(es.pcie_bytes - es0.pcie_bytes) / o.steps * scale / 1e6;
   const double engine_calls = std::max<int64_t>(1, es.calls - es0.calls);
   const double wave_calls = std::max<int64_t>(1, wc[0].calls - wc0[0].calls);
-  const HostTimes eh{(es.enqueue_us - es0.enqueue_us) / engine_calls,
-                     (es.slot_wait_us - es0.slot_wait_us) / engine_calls,
-                     (es.result_wait_us - es0.result_wait_us) / engine_calls,
-                     (es.commit_us - es0.commit_us) / engine_calls,
-                     0,
-                     0,
-                     0,
-                     (es.commit_gpu_us - es0.commit_gpu_us) / engine_calls,
-                     (es.commit_order_us - es0.commit_order_us) / engine_calls,
-                     (es.commit_policy_us - es0.commit_policy_us) / engine_calls,
-                     (es.commit_queue_us - es0.commit_queue_us) / engine_calls};
-  const HostTimes wh{(wc[0].enqueue_us - wc0[0].enqueue_us) / wave_calls,
-                     (wc[0].wait_us - wc0[0].wait_us) / wave_calls,
-                     0,
-                     (wc[0].commit_us - wc0[0].commit_us) / wave_calls,
-                     (wc[0].lock_us - wc0[0].lock_us) / wave_calls,
-                     (wc[0].sync_us - wc0[0].sync_us) / wave_calls,
-                     (wc[0].launch_us - wc0[0].launch_us) / wave_calls,
-                     (wc[0].commit_gpu_us - wc0[0].commit_gpu_us) / wave_calls,
-                     (wc[0].commit_order_us - wc0[0].commit_order_us) / wave_calls,
-                     (wc[0].commit_policy_us - wc0[0].commit_policy_us) / wave_calls,
-                     (wc[0].commit_queue_us - wc0[0].commit_queue_us) / wave_calls};
+  const HostTimes eh{.enqueue = (es.enqueue_us - es0.enqueue_us) / engine_calls,
+                     .slot_wait = (es.slot_wait_us - es0.slot_wait_us) / engine_calls,
+                     .result_wait = (es.result_wait_us - es0.result_wait_us) / engine_calls,
+                     .commit = (es.commit_us - es0.commit_us) / engine_calls,
+                     .commit_gpu = (es.commit_gpu_us - es0.commit_gpu_us) / engine_calls,
+                     .commit_order = (es.commit_order_us - es0.commit_order_us) / engine_calls,
+                     .commit_policy = (es.commit_policy_us - es0.commit_policy_us) / engine_calls,
+                     .commit_queue = (es.commit_queue_us - es0.commit_queue_us) / engine_calls};
+  const HostTimes wh{
+      .enqueue = (wc[0].enqueue_us - wc0[0].enqueue_us) / wave_calls,
+      .slot_wait = (wc[0].wait_us - wc0[0].wait_us) / wave_calls,
+      .commit = (wc[0].commit_us - wc0[0].commit_us) / wave_calls,
+      .lock = (wc[0].lock_us - wc0[0].lock_us) / wave_calls,
+      .sync = (wc[0].sync_us - wc0[0].sync_us) / wave_calls,
+      .launch = (wc[0].launch_us - wc0[0].launch_us) / wave_calls,
+      .commit_gpu = (wc[0].commit_gpu_us - wc0[0].commit_gpu_us) / wave_calls,
+      .commit_order = (wc[0].commit_order_us - wc0[0].commit_order_us) / wave_calls,
+      .commit_policy = (wc[0].commit_policy_us - wc0[0].commit_policy_us) / wave_calls,
+      .commit_queue = (wc[0].commit_queue_us - wc0[0].commit_queue_us) / wave_calls};
   for (auto& c : ctxs) (*backend)->OnClose(c->context());
   backend->reset();
   for (auto sp : spaces[1]) CHECK_OK(wbs[1]->CloseSpace(sp));
