@@ -3,6 +3,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstring>
+#include <functional>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -25,7 +27,10 @@ constexpr int64_t kBlockKeys = 512;
 // A running top-N: every score above the threshold goes into a buffer; when it holds 2N, the N
 // best are selected (nth_element) and the N-th best score becomes the threshold, so a score costs
 // O(1) amortised (a heap would sift on every replacement, and replacements are frequent when the
-// keys' scores drift with position). Order: higher score first, then lower key index.
+// keys' scores drift with position). Order: higher score first, then lower key index. An item is
+// one integer, (order-preserving bits of the score) << 32 | ~key, larger = better, so selection
+// and sorting compare integers (a comparator on (float, index) pairs, with its tie-break and NaN
+// branches, took more CPU than the dot products: perf on dd16k, bench/results/graph_build_s12_*).
 class RunningTopN {
  public:
   void Reset(int nn) {
@@ -54,30 +59,41 @@ class RunningTopN {
   // Writes the best min(N, offered) keys best first and empties the buffer.
   void Drain(int32_t* out) {
     if (static_cast<int>(items_.size()) > nn_) Compact();
-    std::sort(items_.begin(), items_.end(), Better{});
-    for (size_t r = 0; r < items_.size(); ++r) out[r] = items_[r].second;
+    std::sort(items_.begin(), items_.end(), std::greater<uint64_t>());
+    for (size_t r = 0; r < items_.size(); ++r) out[r] = KeyOf(items_[r]);
     items_.clear();
   }
 
  private:
-  struct Better {
-    bool operator()(const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) const {
-      return a.first > b.first || (a.first == b.first && a.second < b.second);
-    }
-  };
+  // Order-preserving bits of a float (NaN aside; -0 is taken as +0, as the float comparison would).
+  static uint32_t Ordered(float f) {
+    uint32_t u;
+    f += 0.0f;  // -0 -> +0
+    std::memcpy(&u, &f, 4);
+    return (u & 0x80000000u) != 0 ? ~u : u | 0x80000000u;
+  }
+  static float ScoreOf(uint64_t item) {
+    const uint32_t o = static_cast<uint32_t>(item >> 32);
+    const uint32_t u = (o & 0x80000000u) != 0 ? o & 0x7fffffffu : ~o;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  static int32_t KeyOf(uint64_t item) { return static_cast<int32_t>(~static_cast<uint32_t>(item)); }
   void Take(float score, int64_t key) {
     if (!(score > threshold_)) return;  // also drops NaN
-    items_.emplace_back(score, static_cast<int32_t>(key));
+    items_.push_back(uint64_t{Ordered(score)} << 32 | ~static_cast<uint32_t>(key));
     if (items_.size() >= 2 * static_cast<size_t>(nn_)) Compact();
   }
   void Compact() {
-    std::nth_element(items_.begin(), items_.begin() + (nn_ - 1), items_.end(), Better{});
+    std::nth_element(items_.begin(), items_.begin() + (nn_ - 1), items_.end(),
+                     std::greater<uint64_t>());
     items_.resize(static_cast<size_t>(nn_));
-    threshold_ = items_[nn_ - 1].first;  // the N-th best: every later key must beat it
+    threshold_ = ScoreOf(items_[nn_ - 1]);  // the N-th best: every later key must beat it
   }
 
   int nn_ = 0;
-  std::vector<std::pair<float, int32_t>> items_;
+  std::vector<uint64_t> items_;
   float threshold_ = 0;
 };
 
@@ -131,6 +147,34 @@ void Tile6x16(const float* q_tile, const float* panel, int d, float* scores, int
   }
 }
 
+// Two consecutive query tiles (12 queries) against one panel with AVX-512: per dimension one key
+// load (the panel's 16 keys are one vector), 12 broadcasts and 12 FMAs. Each score is the same
+// chain of FMAs over the dimensions in order as Tile6x16's, so both give the same bits; on a core
+// with full-width AVX-512 units this does twice the FMAs per cycle. Rows of the second tile follow
+// the first's in `scores` (ld apart, as two Tile6x16 calls would write them).
+__attribute__((target("avx512f"))) void Tile12x16Avx512(const float* q_tiles, const float* panel,
+                                                        int d, float* scores, int64_t ld) {
+  constexpr int kRows = 2 * kTileQueries;
+  __m512 acc[kRows];
+  for (__m512& a : acc) a = _mm512_setzero_ps();
+  const float* q1 = q_tiles + int64_t{d} * kTileQueries;
+  for (int j = 0; j < d; ++j) {
+    const __m512 k = _mm512_loadu_ps(panel + j * kTileKeys);
+    const float* qa = q_tiles + j * kTileQueries;
+    const float* qb = q1 + j * kTileQueries;
+    for (int r = 0; r < kTileQueries; ++r) {
+      acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(qa[r]), k, acc[r]);
+      acc[kTileQueries + r] = _mm512_fmadd_ps(_mm512_set1_ps(qb[r]), k, acc[kTileQueries + r]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) _mm512_storeu_ps(scores + r * ld, acc[r]);
+}
+
+bool HasAvx512() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
+
 absl::Status CheckArgs(int64_t n, int64_t m, int d, int nn) {
   if (n < 1 || m < 1 || d < 1 || nn < 1 || nn > n) {
     return absl::InvalidArgumentError(
@@ -180,6 +224,7 @@ absl::Status ExactTopN(const float* keys, int64_t n, const float* queries, int64
   if (absl::Status s = CheckArgs(n, m, d, nn); !s.ok()) return s;
   const std::vector<float> packed = PackKeys(keys, n, d);
   const int64_t blocks = (m + kBlockQueries - 1) / kBlockQueries;
+  const bool wide = HasAvx512();
   tbb::parallel_for(tbb::blocked_range<int64_t>(0, blocks, 1), [&](const auto& range) {
     std::vector<float> q_packed(size_t{kBlockQueries} * d);
     std::vector<float> scores(static_cast<size_t>(kBlockQueries * kBlockKeys));
@@ -195,7 +240,16 @@ absl::Status ExactTopN(const float* keys, int64_t n, const float* queries, int64
         const int64_t panels = (keys_here + kTileKeys - 1) / kTileKeys;
         for (int64_t p = 0; p < panels; ++p) {  // one key panel stays in L1 for every tile
           const float* panel = packed.data() + (k0 / kTileKeys + p) * d * kTileKeys;
-          for (int t = 0; t < tiles; ++t) {
+          int t = 0;
+          if (wide) {
+            for (; t + 2 <= tiles; t += 2) {
+              Tile12x16Avx512(q_packed.data() + int64_t{t} * d * kTileQueries, panel, d,
+                              scores.data() + int64_t{t} * kTileQueries * kBlockKeys +
+                                  p * kTileKeys,
+                              kBlockKeys);
+            }
+          }
+          for (; t < tiles; ++t) {
             Tile6x16(q_packed.data() + int64_t{t} * d * kTileQueries, panel, d,
                      scores.data() + int64_t{t} * kTileQueries * kBlockKeys + p * kTileKeys,
                      kBlockKeys);

@@ -72,22 +72,27 @@ void SortByDistance(std::vector<uint64_t>* items, std::vector<uint64_t>* scratch
 }
 
 // Relative-neighbourhood pruning of pivot p's candidates to at most m, in order of distance to p
-// (ties by id); candidates occluded by a kept neighbour top the list up to m afterwards.
-std::vector<int32_t> PruneCandidates(int32_t p, std::vector<int32_t> cand, const float* keys,
-                                     const std::vector<float>& norms, int d, int m, float alpha,
-                                     bool by_ip, int pool_factor) {
+// (ties by id); candidates occluded by a kept neighbour top the list up to m afterwards. The
+// candidates are what for_each_candidate(add) passes to add(c), repeats allowed (a pivot's lists
+// are read where they lie, not copied: copying them took a serial ~26 MB a layer on dd16k).
+template <typename ForEachCandidate>
+std::vector<int32_t> PruneCandidates(int32_t p, ForEachCandidate&& for_each_candidate,
+                                     const float* keys, const std::vector<float>& norms, int d,
+                                     int m, float alpha, bool by_ip, int pool_factor) {
   // Distinct candidates other than p in increasing id order, from a per-thread bitmap over the
   // keys (set, then read back word by word); their rows are then read in address order.
   thread_local std::vector<uint64_t> bits;
   thread_local std::vector<uint64_t> by_dist, scratch;
+  thread_local std::vector<int32_t> cand;
   const size_t words = (norms.size() + 63) / 64;
   if (bits.size() < words) bits.assign(words, 0);
   size_t lo = words, hi = 0;  // words touched: [lo, hi)
-  for (int32_t c : cand) {
+  for_each_candidate([&](int32_t c) {
     bits[c >> 6] |= uint64_t{1} << (c & 63);
     lo = std::min(lo, static_cast<size_t>(c >> 6));
     hi = std::max(hi, static_cast<size_t>(c >> 6) + 1);
-  }
+  });
+  if (lo >= hi) return {};
   bits[p >> 6] &= ~(uint64_t{1} << (p & 63));
   cand.clear();
   for (size_t w = lo; w < hi; ++w) {
@@ -154,6 +159,21 @@ struct QueueEntry {
   bool expanded;
 };
 
+// The reverse edges of the first forward_size[p] entries of every list (which only grow at the
+// back meanwhile): the same edges, in the same order, as AddReverseEdges over a copy of them.
+void AddReverseEdgesOfPrefixes(const std::vector<int32_t>& forward_size, int max_degree,
+                               AdjacencyLists* adj) {
+  for (size_t p = 0; p < adj->size(); ++p) {
+    for (int32_t i = 0; i < forward_size[p]; ++i) {
+      auto& back = (*adj)[(*adj)[p][i]];
+      if (static_cast<int>(back.size()) < max_degree &&
+          std::find(back.begin(), back.end(), static_cast<int32_t>(p)) == back.end()) {
+        back.push_back(static_cast<int32_t>(p));
+      }
+    }
+  }
+}
+
 void AddReverseEdges(const AdjacencyLists& forward, int max_degree, AdjacencyLists* adj) {
   for (size_t p = 0; p < forward.size(); ++p) {
     for (int32_t c : forward[p]) {
@@ -170,34 +190,41 @@ void AddReverseEdges(const AdjacencyLists& forward, int max_degree, AdjacencyLis
 AdjacencyLists ProjectOntoKeys(const std::vector<int32_t>& knn, int nn, const float* keys,
                                int64_t n, int d, const std::vector<float>& norms,
                                const GraphIndexOptions& options) {
-  // cand[p]: the other N - 1 keys of every sampled query that has p among its best `pivots`.
-  AdjacencyLists cand(static_cast<size_t>(n));
+  // Pivot p's candidates: the other N - 1 keys of every sampled query that has p among its best
+  // `pivots`. refs[first[p], first[p + 1]) = the places j * nn + r of p in knn (query j, rank r).
   const int64_t queries = static_cast<int64_t>(knn.size()) / nn;
   const int pivots = std::min(options.pivots_per_query, nn);
-  {
-    std::vector<int32_t> lists(static_cast<size_t>(n), 0);
-    for (int64_t j = 0; j < queries; ++j) {
-      for (int p = 0; p < pivots; ++p) ++lists[knn[j * nn + p]];
-    }
-    for (int64_t p = 0; p < n; ++p) cand[p].reserve(static_cast<size_t>(lists[p]) * (nn - 1));
-  }
+  std::vector<int64_t> first(static_cast<size_t>(n) + 1, 0);
   for (int64_t j = 0; j < queries; ++j) {
-    const int32_t* row = knn.data() + j * nn;
-    for (int p = 0; p < pivots; ++p) {
-      auto& list = cand[row[p]];
-      list.insert(list.end(), row, row + p);
-      list.insert(list.end(), row + p + 1, row + nn);
+    for (int r = 0; r < pivots; ++r) ++first[knn[j * nn + r] + 1];
+  }
+  for (int64_t p = 0; p < n; ++p) first[p + 1] += first[p];
+  std::vector<int64_t> refs(static_cast<size_t>(first[n]));
+  {
+    std::vector<int64_t> next(first.begin(), first.end() - 1);
+    for (int64_t j = 0; j < queries; ++j) {
+      for (int r = 0; r < pivots; ++r) refs[next[knn[j * nn + r]]++] = j * nn + r;
     }
   }
   AdjacencyLists adj(static_cast<size_t>(n));
   tbb::parallel_for(int64_t{0}, n, [&](int64_t p) {
-    if (!cand[p].empty()) {
-      adj[p] = PruneCandidates(static_cast<int32_t>(p), std::move(cand[p]), keys, norms, d,
-                               options.max_degree, options.prune_alpha, options.prune_by_ip,
-                               options.prune_pool);
-    }
+    if (first[p] == first[p + 1]) return;
+    const auto for_each_candidate = [&](auto&& add) {
+      for (int64_t i = first[p]; i < first[p + 1]; ++i) {
+        const int32_t* row = knn.data() + refs[i] / nn * nn;
+        const int r = static_cast<int>(refs[i] % nn);
+        for (int t = 0; t < nn; ++t) {
+          if (t != r) add(row[t]);
+        }
+      }
+    };
+    adj[p] = PruneCandidates(static_cast<int32_t>(p), for_each_candidate, keys, norms, d,
+                             options.max_degree, options.prune_alpha, options.prune_by_ip,
+                             options.prune_pool);
   });
-  AddReverseEdges(AdjacencyLists(adj), options.max_degree, &adj);
+  std::vector<int32_t> forward_size(static_cast<size_t>(n));
+  for (int64_t p = 0; p < n; ++p) forward_size[p] = static_cast<int32_t>(adj[p].size());
+  AddReverseEdgesOfPrefixes(forward_size, options.max_degree, &adj);
   return adj;
 }
 
@@ -300,9 +327,12 @@ void Refine(const float* keys, int64_t n, int d, std::span<const int32_t> entrie
           cand.push_back(e.id);
         }
       }
-      added[u] =
-          PruneCandidates(static_cast<int32_t>(u), std::move(cand), keys, norms, d, free_slots,
-                          options.prune_alpha, options.prune_by_ip, options.prune_pool);
+      const auto for_each_candidate = [&cand](auto&& add) {
+        for (int32_t c : cand) add(c);
+      };
+      added[u] = PruneCandidates(static_cast<int32_t>(u), for_each_candidate, keys, norms, d,
+                                 free_slots, options.prune_alpha, options.prune_by_ip,
+                                 options.prune_pool);
     }
   });
   for (int64_t u = 0; u < n; ++u) {
