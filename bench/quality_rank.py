@@ -65,7 +65,7 @@ class Index:
     def __init__(s, K, V, P, tpc):
         lo, hi = SINKS, max(SINKS, P - RECENT)
         s.lo, s.hi = lo, hi
-        cents, sizes, vsum, kmin, kmax, rad, members = [], [], [], [], [], [], []
+        cents, sizes, vsum, kmin, kmax, rad, members, kvar = [], [], [], [], [], [], [], []
         for a in range(lo, hi, SEGMENT):
             b = min(hi, a + SEGMENT)
             assign, C = spherical_kmeans(K[a:b], tpc)
@@ -80,6 +80,9 @@ class Index:
             c = torch.zeros(C, K.shape[1]).index_add_(0, assign, K[a:b]) / cnt[:, None]
             cents.append(c)
             sizes.append(cnt)
+            # per-dimension variance of the members' keys (the 'var' / 'iso' estimation corrections)
+            k2 = torch.zeros(C, K.shape[1]).index_add_(0, assign, K[a:b] ** 2) / cnt[:, None]
+            kvar.append((k2 - c ** 2).clamp_min(0))
             vsum.append(torch.zeros(C, V.shape[1]).index_add_(0, assign, V[a:b]))
             mn = torch.full((C, K.shape[1]), float('inf')).scatter_reduce(0, assign[:, None].expand(-1, K.shape[1]), K[a:b], 'amin')
             mx = torch.full((C, K.shape[1]), float('-inf')).scatter_reduce(0, assign[:, None].expand(-1, K.shape[1]), K[a:b], 'amax')
@@ -95,6 +98,7 @@ class Index:
         s.kmin = torch.cat(kmin) if kmin else torch.zeros(0, K.shape[1])
         s.kmax = torch.cat(kmax) if kmax else torch.zeros(0, K.shape[1])
         s.rad = torch.cat(rad) if rad else torch.zeros(0)
+        s.kvar = torch.cat(kvar) if kvar else torch.zeros(0, K.shape[1])
         # members of cluster j (global numbering): positions pos[start[j]:start[j + 1]]
         pos, start, base, off = [], [0], 0, 0
         for order, st in members:
@@ -221,14 +225,23 @@ class Proto:
             r = max(1, int((csum <= ref).sum()))
         chosen = order[:r]
         rest = order[r:]
-        if s.estimation == 'paper':
+        zone = s.estimation.removesuffix('var').removesuffix('iso')
+        if zone == 'paper':
             rest = rest[:math.ceil(PAPER_EST * (C - r) - 1e-9)]
-        elif s.estimation == 'none':
+        elif zone == 'none':
             rest = rest[:0]
         exact = torch.cat([steady, ix.member_positions(chosen)])
         s.count(len(exact), n)
         lx = (q @ K[exact].T) * scale  # (g, e)
         le = clog[:, rest] + ix.size[rest].log()[None]  # (g, est)
+        # A cluster's mass sum_i e^{s_i} >= size * e^{mean s} (Jensen): the plain estimate is low by
+        # E[e^{s - mean s}]. With the scores Gaussian over the members, log E = Var(s) / 2, and
+        # Var(s) = scale^2 q^T Sigma q: 'var' takes Sigma's diagonal (a d-vector per cluster),
+        # 'iso' its mean (one float per cluster).
+        if s.estimation.endswith('var'):
+            le = le + 0.5 * scale ** 2 * (q ** 2) @ ix.kvar[rest].T
+        elif s.estimation.endswith('iso'):
+            le = le + 0.5 * scale ** 2 * (q ** 2).sum(1, keepdim=True) * ix.kvar[rest].mean(1)[None]
         vm = ix.vsum[rest] / ix.size[rest][:, None]
         w = torch.cat([lx, le], 1).softmax(-1)
         return w[:, :lx.shape[1]] @ V[exact] + w[:, lx.shape[1]:] @ vm
