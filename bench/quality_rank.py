@@ -267,6 +267,7 @@ def loss_main(argv):
     ap = argparse.ArgumentParser(description='loss and top-1 agreement of prototype rankings (base model)')
     ap.add_argument('--context', type=int, default=8192)
     ap.add_argument('--steps', type=int, default=64)
+    ap.add_argument('--offset', type=int, default=0, help='first token of the text used')
     ap.add_argument('--protos', default='centroid:paper,centroid,quest,radius,fine8,twopass4,oracle:none')
     ap.add_argument('--model', default=None)
     ap.add_argument('--tokens', default=None)
@@ -284,7 +285,7 @@ def loss_main(argv):
     torch.set_num_threads(args.threads)
     toks = np.fromfile(args.tokens or os.path.join(model_dir, 'eval.u16'), '<u2').astype(np.int64)
     C, S = args.context, args.steps
-    ids = torch.from_numpy(toks[:C + S + 1])
+    ids = torch.from_numpy(toks[args.offset:args.offset + C + S + 1])
     model, cfg = qk.load(model_dir)
     model.eval()
     R = evaluate.Runner(qk, model, C + S)
@@ -299,7 +300,7 @@ def loss_main(argv):
 
     full = run(evaluate.attend)
     full_loss = F.cross_entropy(full, targets).item()
-    print(f'# quality_rank loss: model {model_dir} C={C} S={S}; full-attention loss {full_loss:.4f} '
+    print(f'# quality_rank loss: model {model_dir} C={C} S={S} offset {args.offset}; full-attention loss {full_loss:.4f} '
           f'(prefill {tp:.0f}s, torch threads {torch.get_num_threads()})', flush=True)
     print(f'{"prototype":16s} {"loss":>8s} {"rel.incr":>9s} {"top1":>6s} {"exact keys":>10s} {"scored/step":>11s} {"s":>5s}')
     rows = [{'proto': 'full', 'loss': full_loss, 'full_loss': full_loss, 'top1_agreement': 1.0, 'exact_key_fraction': 1.0}]
