@@ -225,6 +225,18 @@ const std::vector<Entry>& Table() {
         false,
         "two_pass: clusters whose member keys are scored, as a multiple of the retrieval zone"},
        &Settings::rank_overfetch},
+      {{"attend.estimation_spread",
+        T::kString,
+        std::string("auto"),
+        0,
+        0,
+        {"auto", "on", "off"},
+        false,
+        "on: each estimated cluster's weight also counts the spread of its member keys, "
+        "e^{scale^2 |q|^2 s / 2} (s: their mean per-dimension variance about the centroid; the "
+        "centroid's e^{q.c} alone under-counts them); CPU backend only; auto: on on the CPU "
+        "backend, off on the GPU"},
+       &Settings::estimation_spread},
       {{"attend.compute_threads",
         T::kInt,
         int64_t{0},

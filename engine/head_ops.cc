@@ -110,6 +110,8 @@ HeadParams MakeHeadParams(const config::Settings& settings, const store::ModelSh
   p.faiss_kmeans = settings.kmeans_kernel == "faiss";
   p.two_pass = settings.rank == "two_pass" || settings.rank == "auto";  // the CPU's auto
   p.rank_overfetch = settings.rank_overfetch;
+  p.estimation_spread =
+      settings.estimation_spread == "on" || settings.estimation_spread == "auto";  // CPU's auto
   p.allocator = allocator;
   p.graph = settings.graph == "on";
   p.graph_options.max_queries = settings.graph_queries;
@@ -301,7 +303,8 @@ absl::Status AttendHead(const HeadParams& p, const store::HeadKv& head, const fl
     const store::Segment& seg = *head.segments[s];
     KVWAVE_RETURN_IF_ERROR(gpu::cpu::EstimateAttention(
         q, g, d, scale, seg.centroids().data(), seg.value_sums().data(), seg.sizes().data(),
-        seg.num_clusters(), per_segment[s], est_out.data(), est_lse.data()));
+        seg.num_clusters(), per_segment[s], est_out.data(), est_lse.data(),
+        p.estimation_spread ? seg.key_spreads().data() : nullptr));
     gpu::cpu::MergeLse(out, lse, est_out.data(), est_lse.data(), g, d);
   }
   if (stats != nullptr) {

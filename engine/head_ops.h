@@ -35,6 +35,8 @@ struct HeadParams {
   // their best member key (the largest q.k over the group's heads and the cluster's members).
   bool two_pass = false;
   double rank_overfetch = 2.0;
+  // attend.estimation_spread: the estimation zone counts each cluster's key spread.
+  bool estimation_spread = true;
   store::HostAllocator* allocator = nullptr;
   AttentionBackend* backend = nullptr;  // runs the k-means of SealHead; null: the CPU kernel
   // index.graph = on: SealHead builds the segment's graph from the queries held (graph_ops.h).

@@ -34,6 +34,10 @@ struct Block {
   const float* v[kBlockRows];
   float bias[kBlockRows];
   float vscale[kBlockRows];
+  // Spread correction (EstimateAttention with spreads): head h's score of row i gains
+  // head_factor[h] * spread[i]. Null: none.
+  const float* head_factor = nullptr;
+  float spread[kBlockRows];
 };
 
 // Running state of g heads: acc is the caller's `out` [g x d], m and l are [g].
@@ -82,8 +86,8 @@ absl::Status CheckShape(const float* q, int g, int d, const float* out, const fl
   return absl::OkStatus();
 }
 
-// s[i] = scale * q_h . k_i + bias_i for the rows of the block.
-void ScoreBlock(const float* q_h, int d, float scale, const Block& b, float* s) {
+// s[i] = scale * q_h . k_i + bias_i (+ factor_h * spread_i) for the rows of the block.
+void ScoreBlock(const float* q_h, int d, float scale, float factor_h, const Block& b, float* s) {
   int i = 0;
   for (; i + 4 <= b.n; i += 4) {
     simd::Dot4(q_h, b.k[i], b.k[i + 1], b.k[i + 2], b.k[i + 3], d, s + i);
@@ -92,6 +96,9 @@ void ScoreBlock(const float* q_h, int d, float scale, const Block& b, float* s) 
   for (i = 0; i < b.n; ++i) s[i] *= scale;
   if (b.weighted) {
     for (i = 0; i < b.n; ++i) s[i] += b.bias[i];
+  }
+  if (b.head_factor != nullptr) {
+    for (i = 0; i < b.n; ++i) s[i] += factor_h * b.spread[i];
   }
 }
 
@@ -134,7 +141,8 @@ void AccumulateBlock(const Block& b, OnlineState& st) {
   float w[kBlockRows];
   for (int h = 0; h < st.g; ++h) {
     float* acc_h = st.acc + static_cast<int64_t>(h) * st.d;
-    ScoreBlock(st.q + static_cast<int64_t>(h) * st.d, st.d, st.scale, b, s);
+    ScoreBlock(st.q + static_cast<int64_t>(h) * st.d, st.d, st.scale,
+               b.head_factor != nullptr ? b.head_factor[h] : 0.0f, b, s);
     const float m_new = std::max(st.m[h], simd::Max(s, b.n));
     if (m_new == -INFINITY) continue;  // every weight so far is exp(-inf) = 0
     const float alpha = st.m[h] == -INFINITY ? 0.0f : std::exp(st.m[h] - m_new);
@@ -248,12 +256,24 @@ absl::Status ExactAttention(const float* q, int g, int d, float scale, DType kv_
 
 absl::Status EstimateAttention(const float* q, int g, int d, float scale, const float* centroids,
                                const float* value_sums, const int32_t* sizes, int64_t num_clusters,
-                               std::span<const int32_t> clusters, float* out, float* lse) {
+                               std::span<const int32_t> clusters, float* out, float* lse,
+                               const float* spreads) {
   KVWAVE_RETURN_IF_ERROR(CheckShape(q, g, d, out, lse));
   KVWAVE_RETURN_IF_ERROR(CheckClusters(centroids, value_sums, sizes, num_clusters, clusters));
   OnlineState st = StartState(q, g, d, scale, out);
   Block b;
   b.weighted = true;
+  thread_local std::vector<float> factor;  // [g], reused
+  if (spreads != nullptr) {
+    // Under a normal model of a cluster's scores, E[e^s] = e^{mean + var / 2}; over members whose
+    // keys vary by spreads[j] per dimension, scale * q_h . k varies by ~scale^2 |q_h|^2 spreads[j].
+    factor.resize(g);
+    for (int h = 0; h < g; ++h) {
+      const float* q_h = q + static_cast<int64_t>(h) * d;
+      factor[h] = 0.5f * scale * scale * simd::Dot(q_h, q_h, d);
+    }
+    b.head_factor = factor.data();
+  }
   for (const int32_t j : clusters) {
     const int32_t size = sizes[j];
     if (size == 0) continue;
@@ -261,6 +281,7 @@ absl::Status EstimateAttention(const float* q, int g, int d, float scale, const 
     b.v[b.n] = value_sums + static_cast<int64_t>(j) * d;
     b.bias[b.n] = std::log(static_cast<float>(size));
     b.vscale[b.n] = 1.0f / static_cast<float>(size);
+    if (spreads != nullptr) b.spread[b.n] = spreads[j];
     if (++b.n == kBlockRows) {
       AccumulateBlock(b, st);
       b.n = 0;

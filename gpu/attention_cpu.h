@@ -43,13 +43,17 @@ struct KvSpan {
 // lse_h = log(sum_j sizes[j] exp(s_hj)). Exact when every listed cluster has one token.
 // centroids, value_sums: [num_clusters x d] float32; sizes: [num_clusters]; `clusters` indexes
 // them. Listed clusters of size 0 are skipped; a cluster listed twice counts twice.
+// With `spreads` ([num_clusters]: Segment::key_spreads, the members' mean per-dimension key
+// variance), cluster j's weight for head h is also multiplied by exp(scale^2 |q_h|^2 spreads[j]
+// / 2): a centroid's e^{s} under-counts its members' sum of e^{s_i} (Jensen), by about that
+// factor when their scores are normal.
 // Returns InvalidArgument (and writes nothing) for the shape errors of ExactAttention, a null
 // table while `clusters` is non-empty, an index outside [0, num_clusters), or a negative size.
 [[nodiscard]] absl::Status EstimateAttention(const float* q, int g, int d, float scale,
                                              const float* centroids, const float* value_sums,
                                              const int32_t* sizes, int64_t num_clusters,
                                              std::span<const int32_t> clusters, float* out,
-                                             float* lse);
+                                             float* lse, const float* spreads = nullptr);
 
 // Merges partial attention (out_b, lse_b) into (out_a, lse_a), in place, for g heads of dim d:
 // lse = log(exp(lse_a) + exp(lse_b)), out = (exp(lse_a) out_a + exp(lse_b) out_b) / exp(lse).

@@ -69,7 +69,7 @@ absl::Status DataLoss(absl::string_view what) {
 
 // Sizes of the index stream's sections, from a plausible header.
 struct Layout {
-  size_t row_bytes, steady_rows, steady_bytes, cluster_floats, sizes, tor, sums, total;
+  size_t row_bytes, steady_rows, steady_bytes, cluster_floats, sizes, spreads, tor, sums, total;
 };
 
 Layout LayoutOf(const Header& h) {
@@ -82,9 +82,11 @@ Layout LayoutOf(const Header& h) {
   l.steady_bytes = l.steady_rows * l.row_bytes;
   l.cluster_floats = static_cast<size_t>(h.num_clusters) * h.head_dim * sizeof(float);
   l.sizes = static_cast<size_t>(h.num_clusters) * sizeof(int32_t);
+  l.spreads = static_cast<size_t>(h.num_clusters) * sizeof(float);
   l.tor = static_cast<size_t>(h.num_rows) * sizeof(int32_t);
   l.sums = static_cast<size_t>(h.num_clusters) * sizeof(uint64_t);
-  l.total = kHeaderBytes + 2 * l.steady_bytes + 2 * l.cluster_floats + l.sizes + l.tor + l.sums;
+  l.total = kHeaderBytes + 2 * l.steady_bytes + 2 * l.cluster_floats + l.sizes + l.spreads + l.tor +
+            l.sums;
   return l;
 }
 
@@ -93,8 +95,9 @@ Layout LayoutOf(const Header& h) {
 uint64_t KvChecksum(const void* data, size_t bytes) { return XXH3_64bits(data, bytes); }
 
 int64_t SplitSegmentChargedBytes(uint64_t index_bytes, uint64_t kv_bytes, int32_t num_tokens) {
-  // Segment::ChargedBytes = 2 rows row_bytes + C (2 d 4 + 4 + 8) + 4 rows + 8 n, and by LayoutOf
-  // the index stream holds kHeaderBytes + 2 steady_rows row_bytes + C (2 d 4 + 4 + 8) + 4 rows
+  // Segment::ChargedBytes = 2 rows row_bytes + C (2 d 4 + 4 + 4 + 8) + 4 rows + 8 n, and by
+  // LayoutOf the index stream holds kHeaderBytes + 2 steady_rows row_bytes + C (2 d 4 + 4 + 4 + 8)
+  // + 4 rows
   // while the KV stream holds the other 2 (rows - steady_rows) row_bytes.
   constexpr uint64_t kMaxStreamBytes = uint64_t{1} << 48;  // keeps the sum far from overflow
   if (index_bytes < kHeaderBytes || index_bytes > kMaxStreamBytes || kv_bytes > kMaxStreamBytes ||
@@ -149,6 +152,7 @@ void EncodeSplitSegment(const store::Segment& s, std::string* index, std::string
   put(s.centroids().data(), l.cluster_floats);
   put(s.sizes().data(), l.sizes);
   put(s.value_sums().data(), l.cluster_floats);
+  put(s.key_spreads().data(), l.spreads);
   put(s.token_of_rows().data(), l.tor);
   put(sums.data(), l.sums);
 }
@@ -212,6 +216,7 @@ absl::StatusOr<SplitIndex> DecodeSplitSegment(
   fill(parts.centroids, l.cluster_floats / sizeof(float));
   fill(parts.sizes, static_cast<size_t>(h.num_clusters));
   fill(parts.value_sums, l.cluster_floats / sizeof(float));
+  fill(parts.key_spreads, static_cast<size_t>(h.num_clusters));
   fill(parts.token_of_row, static_cast<size_t>(h.num_rows));
   SplitIndex out;
   out.cluster_checksums.resize(h.num_clusters);

@@ -6,7 +6,8 @@
 //                        steady_tokens i32, head_dim i32, page_tokens i32, num_clusters i32,
 //                        dtype u8 + 3 zero bytes, num_rows i64, kv_bytes u64, 8 zero bytes
 //     steady key rows, steady value rows   [steady_rows x head_dim] dtype each (the sinks' pages)
-//     centroids [C x d] f32, sizes [C] i32, value_sums [C x d] f32, token_of_row [rows] i32
+//     centroids [C x d] f32, sizes [C] i32, value_sums [C x d] f32, key_spreads [C] f32,
+//     token_of_row [rows] i32
 //     cluster checksums [C] u64: XXH3-64 of each cluster's bytes in the KV stream
 //   KV stream: for each cluster c in order, its key rows then its value rows
 //     (rows [cluster_row(c), cluster_end_row(c)), padding included); cluster c starts at
@@ -33,7 +34,8 @@
 
 namespace kvwave::remote {
 
-inline constexpr uint32_t kSplitSegmentVersion = 1;
+// 2: the clusters' key spreads (store::Segment::key_spreads) after the value sums.
+inline constexpr uint32_t kSplitSegmentVersion = 2;
 
 // Encodes the index stream, and the KV stream into *kv (replacing its contents).
 void EncodeSplitSegment(const store::Segment& segment, std::string* index, std::string* kv);

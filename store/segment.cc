@@ -118,8 +118,25 @@ absl::StatusOr<std::shared_ptr<const Segment>> Segment::Build(const SegmentInput
       for (int64_t j = 0; j < d; ++j) sum[j] += v[j];
     }
   }
+  seg->ComputeKeySpreads();
   seg->charge_ = reserved.Split(bytes);
   return std::shared_ptr<const Segment>(std::move(seg));
+}
+
+void Segment::ComputeKeySpreads() {
+  const int64_t d = head_dim_;
+  key_spreads_.assign(num_clusters_, 0.0f);
+  std::vector<float> k(d);
+  for (int32_t c = 0; c < num_clusters_; ++c) {
+    if (sizes_[c] == 0) continue;
+    const float* mean = centroids_.data() + c * d;
+    double sum = 0;
+    for (int32_t i = 0; i < sizes_[c]; ++i) {
+      ToFloat(key_row(cluster_row_[c] + i), dtype_, k.data(), d);
+      for (int64_t j = 0; j < d; ++j) sum += double{k[j] - mean[j]} * (k[j] - mean[j]);
+    }
+    key_spreads_[c] = static_cast<float>(sum / (double{sizes_[c]} * d));
+  }
 }
 
 int32_t Segment::cluster_of_row(int64_t r) const {
@@ -131,7 +148,7 @@ int64_t Segment::ChargedBytes(int64_t rows, int32_t num_tokens, int32_t num_clus
                               int32_t head_dim, DType dtype) {
   const int64_t d = head_dim;
   const int64_t row_bytes = d * static_cast<int64_t>(ElementSize(dtype));
-  return 2 * rows * row_bytes + num_clusters * (2 * d * 4 + 4 + 8) + rows * 4 +
+  return 2 * rows * row_bytes + num_clusters * (2 * d * 4 + 4 + 4 + 8) + rows * 4 +
          int64_t{num_tokens} * 8;
 }
 
@@ -146,7 +163,8 @@ absl::Status CheckPartsShape(const SegmentParts& p) {
   const int64_t cd = int64_t{p.num_clusters} * p.head_dim;
   if (static_cast<int64_t>(p.sizes.size()) != p.num_clusters ||
       static_cast<int64_t>(p.centroids.size()) != cd ||
-      static_cast<int64_t>(p.value_sums.size()) != cd) {
+      static_cast<int64_t>(p.value_sums.size()) != cd ||
+      (!p.key_spreads.empty() && static_cast<int64_t>(p.key_spreads.size()) != p.num_clusters)) {
     return absl::InvalidArgumentError("segment parts: cluster arrays do not match the meta");
   }
   int64_t members = 0;
@@ -235,6 +253,13 @@ absl::StatusOr<std::shared_ptr<const Segment>> Segment::FromParts(SegmentParts p
   seg->token_of_row_ = std::move(p.token_of_row);
   seg->row_of_token_ = std::move(row_of_token);
   seg->charge_ = reserved.Split(bytes);
+  if (!p.key_spreads.empty()) {
+    seg->key_spreads_ = std::move(p.key_spreads);
+  } else if (p.pending == nullptr) {
+    seg->ComputeKeySpreads();
+  } else {
+    seg->key_spreads_.assign(p.num_clusters, 0.0f);  // the rows are not here yet
+  }
   if (p.pending != nullptr) {
     p.pending->Bind(seg->keys_.data(), seg->values_.data());
     seg->pending_ = std::move(p.pending);

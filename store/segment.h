@@ -77,6 +77,9 @@ struct SegmentParts {
   std::vector<float> centroids;       // [C x d]
   std::vector<int32_t> sizes;         // [C]
   std::vector<float> value_sums;      // [C x d]
+  // [C] (see Segment::key_spreads), or empty: computed from the rows (zeros while they are
+  // pending).
+  std::vector<float> key_spreads;
   std::vector<int32_t> token_of_row;  // [rows], -1 for padding
   // Set when the cluster rows of keys/values are not written yet (a remote-attached block,
   // store/pending_rows.h): the steady rows must be; FromParts binds it to the row buffers.
@@ -145,6 +148,11 @@ class Segment {
 
   const std::vector<float>& centroids() const { return centroids_; }    // [C x d]
   const std::vector<float>& value_sums() const { return value_sums_; }  // [C x d]
+  // [C]: the mean over dimensions of the variance of the cluster's member keys about its
+  // centroid, sum_i |k_i - c|^2 / (size * d) (0 for an empty cluster, and for every cluster of a
+  // segment attached with its rows still pending). The CPU estimation zone's spread correction
+  // reads it (gpu/attention_cpu.h EstimateAttention).
+  const std::vector<float>& key_spreads() const { return key_spreads_; }
   const std::vector<int32_t>& sizes() const { return sizes_; }          // [C]
   int32_t token_of_row(int64_t r) const { return token_of_row_[r]; }
   int64_t row_of_token(int32_t t) const { return row_of_token_[t]; }
@@ -157,6 +165,8 @@ class Segment {
 
  private:
   Segment();
+  // key_spreads_ from the rows and centroids (called where the rows are resident).
+  void ComputeKeySpreads();
   uint64_t id_ = 0;
   int64_t first_position_ = 0;
   int32_t num_tokens_ = 0, steady_tokens_ = 0, num_clusters_ = 0, head_dim_ = 0;
@@ -166,7 +176,7 @@ class Segment {
   HostBuffer keys_, values_;
   std::vector<int64_t> cluster_row_;  // [C]
   std::vector<int32_t> sizes_;        // [C]
-  std::vector<float> centroids_, value_sums_;
+  std::vector<float> centroids_, value_sums_, key_spreads_;
   std::vector<int32_t> token_of_row_;  // [rows], -1 for padding
   std::vector<int64_t> row_of_token_;  // [num_tokens]
   std::shared_ptr<PendingRows> pending_;

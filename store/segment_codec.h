@@ -9,6 +9,8 @@
 //   XXH3-64 of every byte before it (u64)
 // Decoding checks the checksum first, then every size and the whole layout (Segment::FromParts);
 // any mismatch is DataLoss, whatever the bytes are.
+// The clusters' key spreads (Segment::key_spreads) are not stored: decoding recomputes them from
+// the rows.
 //
 // Thread-safety: stateless functions, safe from any thread.
 #ifndef KVWAVE_STORE_SEGMENT_CODEC_H_

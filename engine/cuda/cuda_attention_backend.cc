@@ -41,6 +41,7 @@ using ShapeKey = std::tuple<int32_t, int32_t, int32_t, int>;  // kv heads, group
 // shapes the wave buffer does not serve ranks the same way, so one backend gives one ranking.
 config::Settings CentroidRank(config::Settings s) {
   s.rank = "centroid";
+  s.estimation_spread = "off";  // nor does the GPU's estimation count the key spreads
   return s;
 }
 
@@ -348,6 +349,11 @@ absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCudaAttentionBackend(
         absl::StrCat("attend.rank = ", settings.rank,
                      " is implemented on the CPU backend only (set attend.rank = centroid to "
                      "attend on the GPU)"));
+  }
+  if (settings.estimation_spread == "on") {
+    return absl::UnimplementedError(
+        "attend.estimation_spread = on is implemented on the CPU backend only (set it to auto or "
+        "off to attend on the GPU)");
   }
   // The pool: gpu.cache_bytes, else gpu.cache_fraction of the memory limit (the most KV that can
   // be resident), per model shape served.

@@ -365,6 +365,110 @@ TEST(EstimateAttention, MatchesFloat64Formula) {
                LseRelError(lse.data(), ref.lse, g), 1e-6);
 }
 
+// With key spreads: weight of cluster j for head h = size_j e^{scale q_h.c_j + scale^2 |q_h|^2
+// spread_j / 2}, against float64; all-zero spreads change no bit.
+TEST(EstimateAttention, SpreadsMatchFloat64FormulaAndZeroSpreadsChangeNothing) {
+  const int d = 64, g = 4, n = 300;
+  std::mt19937 rng(FreshSeed());
+  const std::vector<float> cent = RandomNormal(rng, n * d, 0.3f);
+  const std::vector<float> vsum = RandomNormal(rng, n * d, 1.0f);
+  std::vector<int32_t> sizes(n);
+  std::vector<float> spreads(n), zeros(n, 0.0f);
+  std::uniform_int_distribution<int32_t> size_dist(0, 24);
+  std::uniform_real_distribution<float> spread_dist(0.0f, 0.5f);
+  for (int j = 0; j < n; ++j) sizes[j] = size_dist(rng), spreads[j] = spread_dist(rng);
+  std::vector<int32_t> listed(n);
+  for (int j = 0; j < n; ++j) listed[j] = j;
+  const std::vector<float> q = RandomNormal(rng, g * d, 1.0f);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  std::vector<float> out(g * d), lse(g), out0(g * d), lse0(g), out_plain(g * d), lse_plain(g);
+  ASSERT_TRUE(EstimateAttention(q.data(), g, d, scale, cent.data(), vsum.data(), sizes.data(), n,
+                                listed, out.data(), lse.data(), spreads.data())
+                  .ok());
+  ASSERT_TRUE(EstimateAttention(q.data(), g, d, scale, cent.data(), vsum.data(), sizes.data(), n,
+                                listed, out0.data(), lse0.data(), zeros.data())
+                  .ok());
+  ASSERT_TRUE(EstimateAttention(q.data(), g, d, scale, cent.data(), vsum.data(), sizes.data(), n,
+                                listed, out_plain.data(), lse_plain.data())
+                  .ok());
+  EXPECT_EQ(out0, out_plain);
+  EXPECT_EQ(lse0, lse_plain);
+  for (int h = 0; h < g; ++h) {
+    const float* qh = q.data() + h * d;
+    double qq = 0;
+    for (int e = 0; e < d; ++e) qq += double{qh[e]} * qh[e];
+    std::vector<double> logit(n, -kInf);
+    double m = -kInf;
+    for (int j = 0; j < n; ++j) {
+      if (sizes[j] == 0) continue;
+      double dot = 0;
+      for (int e = 0; e < d; ++e) dot += double{qh[e]} * cent[j * d + e];
+      logit[j] = std::log(double{sizes[j]}) + scale * dot + 0.5 * scale * scale * qq * spreads[j];
+      m = std::max(m, logit[j]);
+    }
+    double total = 0;
+    std::vector<double> acc(d, 0.0);
+    for (int j = 0; j < n; ++j) {
+      if (sizes[j] == 0) continue;
+      const double w = std::exp(logit[j] - m);
+      total += w;
+      for (int e = 0; e < d; ++e) acc[e] += w * vsum[j * d + e] / sizes[j];
+    }
+    EXPECT_NEAR(lse[h], m + std::log(total), 1e-5 * (1 + std::abs(m))) << "head " << h;
+    for (int e = 0; e < d; ++e) {
+      const double want = acc[e] / total;
+      EXPECT_NEAR(out[h * d + e], want, 1e-5 * (1 + std::abs(want))) << "head " << h;
+    }
+  }
+}
+
+// On clusters whose members scatter normally about their centroid, the spread correction brings
+// the estimated log-mass of a cluster (its lse alone) closer to the members' true one.
+TEST(EstimateAttention, SpreadsBringTheMassOfNormalMembersCloser) {
+  const int d = 64, g = 1, members = 16, clusters = 200;
+  std::mt19937 rng(FreshSeed());
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const std::vector<float> q = RandomNormal(rng, d, 1.0f);
+  std::uniform_real_distribution<float> sigma_dist(0.2f, 1.0f);
+  double err_plain = 0, err_spread = 0;
+  for (int c = 0; c < clusters; ++c) {
+    const float sigma = sigma_dist(rng);
+    const std::vector<float> centre = RandomNormal(rng, d, 1.0f);
+    std::vector<float> keys = RandomNormal(rng, members * d, sigma);
+    std::vector<float> mean(d, 0.0f), vsum(d, 1.0f * members);
+    for (int i = 0; i < members; ++i)
+      for (int e = 0; e < d; ++e) keys[i * d + e] += centre[e], mean[e] += keys[i * d + e] / members;
+    double spread = 0, m = -kInf;
+    std::vector<double> s(members);
+    for (int i = 0; i < members; ++i) {
+      double dot = 0;
+      for (int e = 0; e < d; ++e) {
+        spread += std::pow(double{keys[i * d + e]} - mean[e], 2);
+        dot += double{q[e]} * keys[i * d + e];
+      }
+      s[i] = scale * dot;
+      m = std::max(m, s[i]);
+    }
+    double sum = 0;
+    for (double x : s) sum += std::exp(x - m);
+    const double true_lse = m + std::log(sum);
+    const std::vector<float> spreads = {static_cast<float>(spread / (members * d))};
+    const std::vector<int32_t> sizes = {members}, listed = {0};
+    std::vector<float> out(d), lse(1), lse_spread(1);
+    ASSERT_TRUE(EstimateAttention(q.data(), g, d, scale, mean.data(), vsum.data(), sizes.data(), 1,
+                                  listed, out.data(), lse.data())
+                    .ok());
+    ASSERT_TRUE(EstimateAttention(q.data(), g, d, scale, mean.data(), vsum.data(), sizes.data(), 1,
+                                  listed, out.data(), lse_spread.data(), spreads.data())
+                    .ok());
+    err_plain += std::abs(lse[0] - true_lse);
+    err_spread += std::abs(lse_spread[0] - true_lse);
+  }
+  std::cout << "mean |log-mass error|: plain " << err_plain / clusters << ", with spreads "
+            << err_spread / clusters << "\n";
+  EXPECT_LT(err_spread, 0.5 * err_plain);
+}
+
 TEST(EstimateAttention, EmptyClustersOnlyAndBadArguments) {
   const int d = 64, g = 2, n = 5;
   std::mt19937 rng(FreshSeed());

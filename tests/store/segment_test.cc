@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
 #include <random>
 
@@ -69,7 +70,16 @@ TEST(SegmentTest, ClusterContiguousPagesAndPermutation) {
     for (int j = 0; j < d; ++j) {
       EXPECT_NEAR(s.value_sums()[c * d + j], sum[j], 1e-4 * (1 + std::abs(sum[j])));
     }
+    // Key spread: the members' mean per-dimension squared distance to the (given) centroid.
+    double spread = 0;
+    for (int i = 0; i < sizes[c]; ++i) {
+      const int32_t t = s.token_of_row(s.cluster_row(c) + i);
+      for (int j = 0; j < d; ++j) spread += std::pow(double{k[t * d + j]} - 1.0, 2);
+    }
+    spread = sizes[c] > 0 ? spread / (double{sizes[c]} * d) : 0.0;
+    EXPECT_NEAR(s.key_spreads()[c], spread, 1e-5 * (1 + spread)) << "cluster " << c;
   }
+  ASSERT_EQ(s.key_spreads().size(), static_cast<size_t>(clusters));
   EXPECT_EQ(s.cluster_size(clusters - 1), 0);
   for (int t = 0; t < steady; ++t) EXPECT_EQ(s.row_of_token(t), t);
 }

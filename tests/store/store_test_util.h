@@ -83,6 +83,7 @@ inline void ExpectSameSegment(const Segment& a, const Segment& b) {
   EXPECT_EQ(a.centroids(), b.centroids());  // bit-exact (no NaN in these tests)
   ASSERT_EQ(a.value_sums().size(), b.value_sums().size());
   EXPECT_EQ(a.value_sums(), b.value_sums());
+  EXPECT_EQ(a.key_spreads(), b.key_spreads());
   EXPECT_EQ(a.token_of_rows(), b.token_of_rows());
   for (int32_t c = 0; c < a.num_clusters(); ++c) EXPECT_EQ(a.cluster_row(c), b.cluster_row(c));
   for (int32_t t = 0; t < a.num_tokens(); ++t) EXPECT_EQ(a.row_of_token(t), b.row_of_token(t));
