@@ -227,15 +227,15 @@ const std::vector<Entry>& Table() {
        &Settings::rank_overfetch},
       {{"attend.estimation_spread",
         T::kString,
-        std::string("auto"),
+        std::string("off"),
         0,
         0,
-        {"auto", "on", "off"},
+        {"off", "on"},
         false,
         "on: each estimated cluster's weight also counts the spread of its member keys, "
         "e^{scale^2 |q|^2 s / 2} (s: their mean per-dimension variance about the centroid; the "
-        "centroid's e^{q.c} alone under-counts them); CPU backend only; auto: on on the CPU "
-        "backend, off on the GPU"},
+        "centroid's e^{q.c} alone under-counts them); CPU backend only. Off by default: it helped "
+        "at 8K and hurt at 16K (README, Quality)"},
        &Settings::estimation_spread},
       {{"attend.compute_threads",
         T::kInt,

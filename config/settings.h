@@ -72,10 +72,10 @@ struct Settings {
   std::string rank = "auto";
   double rank_overfetch = 2.0;
   // The estimation zone's spread correction (gpu/attention_cpu.h EstimateAttention with the
-  // segments' key spreads): "on", "off", or "auto" (on where the backend implements it: the CPU
-  // backend). Measured (bench/quality_rank.py, README "Quality"): a lower loss on each of five
-  // 8K stretches of the shared text, top-1 agreement +1.6 points on average.
-  std::string estimation_spread = "auto";
+  // segments' key spreads): "on" or "off" (CPU backend only). Measured (README "Quality"): lower
+  // loss and higher top-1 at 8K on every stretch tried, but much worse at 16K (top-1 81% -> 73%),
+  // so off by default.
+  std::string estimation_spread = "off";
   int64_t compute_threads = 0;  // 0 = one per core
   int64_t seal_threads = 0;     // background indexing threads (0 = max(1, cores / 4))
   // gpu (the attention backend)

@@ -110,8 +110,7 @@ HeadParams MakeHeadParams(const config::Settings& settings, const store::ModelSh
   p.faiss_kmeans = settings.kmeans_kernel == "faiss";
   p.two_pass = settings.rank == "two_pass" || settings.rank == "auto";  // the CPU's auto
   p.rank_overfetch = settings.rank_overfetch;
-  p.estimation_spread =
-      settings.estimation_spread == "on" || settings.estimation_spread == "auto";  // CPU's auto
+  p.estimation_spread = settings.estimation_spread == "on";
   p.allocator = allocator;
   p.graph = settings.graph == "on";
   p.graph_options.max_queries = settings.graph_queries;

@@ -36,7 +36,7 @@ struct HeadParams {
   bool two_pass = false;
   double rank_overfetch = 2.0;
   // attend.estimation_spread: the estimation zone counts each cluster's key spread.
-  bool estimation_spread = true;
+  bool estimation_spread = false;
   store::HostAllocator* allocator = nullptr;
   AttentionBackend* backend = nullptr;  // runs the k-means of SealHead; null: the CPU kernel
   // index.graph = on: SealHead builds the segment's graph from the queries held (graph_ops.h).

@@ -352,8 +352,8 @@ absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCudaAttentionBackend(
   }
   if (settings.estimation_spread == "on") {
     return absl::UnimplementedError(
-        "attend.estimation_spread = on is implemented on the CPU backend only (set it to auto or "
-        "off to attend on the GPU)");
+        "attend.estimation_spread = on is implemented on the CPU backend only (set it to off to "
+        "attend on the GPU)");
   }
   // The pool: gpu.cache_bytes, else gpu.cache_fraction of the memory limit (the most KV that can
   // be resident), per model shape served.

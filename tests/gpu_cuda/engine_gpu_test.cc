@@ -164,7 +164,7 @@ config::Settings TestSettings(const std::string& persist = "", int64_t limit = i
   s.durability = "sync";
   s.gpu_mode = "on";
   s.rank = "centroid";  // the GPU's ranking, on both sides of the tee (auto is two_pass on the CPU)
-  s.estimation_spread = "off";  // the GPU's estimation (auto counts key spreads on the CPU)
+  s.estimation_spread = "off";  // the GPU's estimation (no key spreads; off is the default too)
   s.gpu_cache_bytes = 4 << 20;  // small: evictions
   return s;
 }
