@@ -86,8 +86,8 @@ absl::Status CheckShape(const float* q, int g, int d, const float* out, const fl
   return absl::OkStatus();
 }
 
-// s[i] = scale * q_h . k_i + bias_i (+ factor_h * spread_i) for the rows of the block.
-void ScoreBlock(const float* q_h, int d, float scale, float factor_h, const Block& b, float* s) {
+// s[i] = scale * q_h . k_i + bias_i for the rows of the block.
+void ScoreBlock(const float* q_h, int d, float scale, const Block& b, float* s) {
   int i = 0;
   for (; i + 4 <= b.n; i += 4) {
     simd::Dot4(q_h, b.k[i], b.k[i + 1], b.k[i + 2], b.k[i + 3], d, s + i);
@@ -96,9 +96,6 @@ void ScoreBlock(const float* q_h, int d, float scale, float factor_h, const Bloc
   for (i = 0; i < b.n; ++i) s[i] *= scale;
   if (b.weighted) {
     for (i = 0; i < b.n; ++i) s[i] += b.bias[i];
-  }
-  if (b.head_factor != nullptr) {
-    for (i = 0; i < b.n; ++i) s[i] += factor_h * b.spread[i];
   }
 }
 
@@ -141,8 +138,10 @@ void AccumulateBlock(const Block& b, OnlineState& st) {
   float w[kBlockRows];
   for (int h = 0; h < st.g; ++h) {
     float* acc_h = st.acc + static_cast<int64_t>(h) * st.d;
-    ScoreBlock(st.q + static_cast<int64_t>(h) * st.d, st.d, st.scale,
-               b.head_factor != nullptr ? b.head_factor[h] : 0.0f, b, s);
+    ScoreBlock(st.q + static_cast<int64_t>(h) * st.d, st.d, st.scale, b, s);
+    if (b.head_factor != nullptr) {  // the estimation's spread correction
+      for (int i = 0; i < b.n; ++i) s[i] += b.head_factor[h] * b.spread[i];
+    }
     const float m_new = std::max(st.m[h], simd::Max(s, b.n));
     if (m_new == -INFINITY) continue;  // every weight so far is exp(-inf) = 0
     const float alpha = st.m[h] == -INFINITY ? 0.0f : std::exp(st.m[h] - m_new);

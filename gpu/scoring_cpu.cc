@@ -12,24 +12,17 @@ namespace kvwave::gpu::cpu {
 
 void CentroidLogits(const float* q, int g, int d, float scale, const float* centroids, int64_t n,
                     float* logits) {
-  // Centroids outer, query heads inner: each block of 4 centroid rows is read from memory once
-  // and stays in L1 for the g heads (heads outer read the whole table g times: 4 MiB a KV head at
-  // 128K tokens). Each logit is the same Dot4 / Dot as before, so the same bits.
-  int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    const float* c = centroids + j * d;
-    for (int h = 0; h < g; ++h) {
-      simd::Dot4(q + static_cast<int64_t>(h) * d, c, c + d, c + 2 * d, c + 3 * d, d,
-                 logits + static_cast<int64_t>(h) * n + j);
+  for (int h = 0; h < g; ++h) {
+    const float* q_h = q + static_cast<int64_t>(h) * d;
+    float* row = logits + static_cast<int64_t>(h) * n;
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      const float* c = centroids + j * d;
+      simd::Dot4(q_h, c, c + d, c + 2 * d, c + 3 * d, d, row + j);
     }
+    for (; j < n; ++j) row[j] = simd::Dot(q_h, centroids + j * d, d);
+    simd::Scale(row, scale, n);
   }
-  for (; j < n; ++j) {
-    for (int h = 0; h < g; ++h) {
-      logits[static_cast<int64_t>(h) * n + j] =
-          simd::Dot(q + static_cast<int64_t>(h) * d, centroids + j * d, d);
-    }
-  }
-  for (int h = 0; h < g; ++h) simd::Scale(logits + static_cast<int64_t>(h) * n, scale, n);
 }
 
 void GroupSoftmaxSum(const float* logits, int g, int64_t n, const int32_t* sizes, float* scores) {
