@@ -243,10 +243,10 @@ absl::Status ExactTopN(const float* keys, int64_t n, const float* queries, int64
           int t = 0;
           if (wide) {
             for (; t + 2 <= tiles; t += 2) {
-              Tile12x16Avx512(q_packed.data() + int64_t{t} * d * kTileQueries, panel, d,
-                              scores.data() + int64_t{t} * kTileQueries * kBlockKeys +
-                                  p * kTileKeys,
-                              kBlockKeys);
+              Tile12x16Avx512(
+                  q_packed.data() + int64_t{t} * d * kTileQueries, panel, d,
+                  scores.data() + int64_t{t} * kTileQueries * kBlockKeys + p * kTileKeys,
+                  kBlockKeys);
             }
           }
           for (; t < tiles; ++t) {

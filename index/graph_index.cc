@@ -330,9 +330,9 @@ void Refine(const float* keys, int64_t n, int d, std::span<const int32_t> entrie
       const auto for_each_candidate = [&cand](auto&& add) {
         for (int32_t c : cand) add(c);
       };
-      added[u] = PruneCandidates(static_cast<int32_t>(u), for_each_candidate, keys, norms, d,
-                                 free_slots, options.prune_alpha, options.prune_by_ip,
-                                 options.prune_pool);
+      added[u] =
+          PruneCandidates(static_cast<int32_t>(u), for_each_candidate, keys, norms, d, free_slots,
+                          options.prune_alpha, options.prune_by_ip, options.prune_pool);
     }
   });
   for (int64_t u = 0; u < n; ++u) {

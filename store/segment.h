@@ -74,9 +74,9 @@ struct SegmentParts {
   int32_t num_clusters = 0;
   HostBuffer keys;    // [rows x head_dim] in row order (cluster-contiguous, padding rows zero)
   HostBuffer values;  // [rows x head_dim]
-  std::vector<float> centroids;       // [C x d]
-  std::vector<int32_t> sizes;         // [C]
-  std::vector<float> value_sums;      // [C x d]
+  std::vector<float> centroids;   // [C x d]
+  std::vector<int32_t> sizes;     // [C]
+  std::vector<float> value_sums;  // [C x d]
   // [C] (see Segment::key_spreads), or empty: computed from the rows (zeros while they are
   // pending).
   std::vector<float> key_spreads;
@@ -153,7 +153,7 @@ class Segment {
   // segment attached with its rows still pending). The CPU estimation zone's spread correction
   // reads it (gpu/attention_cpu.h EstimateAttention).
   const std::vector<float>& key_spreads() const { return key_spreads_; }
-  const std::vector<int32_t>& sizes() const { return sizes_; }          // [C]
+  const std::vector<int32_t>& sizes() const { return sizes_; }  // [C]
   int32_t token_of_row(int64_t r) const { return token_of_row_[r]; }
   int64_t row_of_token(int32_t t) const { return row_of_token_[t]; }
 

@@ -282,9 +282,10 @@ TEST(AccuracyTest, EstimationSpreadOnClusteredDataIsNoWorseAndExactAt100) {
       ++samples;
     }
   }
-  std::printf("estimation spread: mean error off %.4f, on %.4f (worst head %.4f); 100%%: %.2e; "
-              "%d of %d calls moved\n",
-              err_off / samples, err_on / samples, err_max, exact_max, moved, kQueries);
+  std::printf(
+      "estimation spread: mean error off %.4f, on %.4f (worst head %.4f); 100%%: %.2e; "
+      "%d of %d calls moved\n",
+      err_off / samples, err_on / samples, err_max, exact_max, moved, kQueries);
   EXPECT_EQ(moved, kQueries);
   EXPECT_LE(err_on / samples, 0.08);
   EXPECT_LE(err_max, 0.25);

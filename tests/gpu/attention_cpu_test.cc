@@ -437,7 +437,8 @@ TEST(EstimateAttention, SpreadsBringTheMassOfNormalMembersCloser) {
     std::vector<float> keys = RandomNormal(rng, members * d, sigma);
     std::vector<float> mean(d, 0.0f), vsum(d, 1.0f * members);
     for (int i = 0; i < members; ++i)
-      for (int e = 0; e < d; ++e) keys[i * d + e] += centre[e], mean[e] += keys[i * d + e] / members;
+      for (int e = 0; e < d; ++e)
+        keys[i * d + e] += centre[e], mean[e] += keys[i * d + e] / members;
     double spread = 0, m = -kInf;
     std::vector<double> s(members);
     for (int i = 0; i < members; ++i) {
