@@ -40,7 +40,7 @@ static_assert(offsetof(Header, num_rows) == 40);
 
 // Byte counts of the body sections, from a header.
 struct Body {
-  int64_t row_bytes, rows_bytes, cluster_floats_bytes, sizes_bytes, tor_bytes, total;
+  int64_t row_bytes, rows_bytes, cluster_floats_bytes, sizes_bytes, spreads_bytes, tor_bytes, total;
 };
 
 Body BodyOf(const Header& h) {
@@ -50,9 +50,10 @@ Body BodyOf(const Header& h) {
   b.rows_bytes = h.num_rows * b.row_bytes;
   b.cluster_floats_bytes = int64_t{h.num_clusters} * h.head_dim * 4;
   b.sizes_bytes = int64_t{h.num_clusters} * 4;
+  b.spreads_bytes = h.version >= 2 ? int64_t{h.num_clusters} * 4 : 0;  // version 1: none
   b.tor_bytes = h.num_rows * 4;
   b.total = kHeaderBytes + 2 * b.rows_bytes + 2 * b.cluster_floats_bytes + b.sizes_bytes +
-            b.tor_bytes + kChecksumBytes;
+            b.spreads_bytes + b.tor_bytes + kChecksumBytes;
   return b;
 }
 
@@ -66,7 +67,7 @@ absl::StatusOr<Header> ReadHeader(absl::string_view encoded) {
   Header h;
   std::memcpy(&h, encoded.data(), kHeaderBytes);
   if (h.magic != kMagic) return DataLoss("bad magic");
-  if (h.version != kSegmentCodecVersion) {
+  if (h.version != kSegmentCodecVersion && h.version != 1) {
     return DataLoss(absl::StrCat("unsupported version ", h.version));
   }
   if (h.num_tokens < 1 || h.num_tokens > kMaxTokens || h.head_dim < 1 || h.head_dim > kMaxHeadDim ||
@@ -133,6 +134,7 @@ void EncodeSegmentTo(const Segment& s, std::string* out) {
   put(s.centroids().data(), b.cluster_floats_bytes);
   put(s.sizes().data(), b.sizes_bytes);
   put(s.value_sums().data(), b.cluster_floats_bytes);
+  put(s.key_spreads().data(), b.spreads_bytes);
   put(s.token_of_rows().data(), b.tor_bytes);
   const uint64_t sum = Checksum(out->data(), out->size() - kChecksumBytes);
   put(&sum, kChecksumBytes);
@@ -196,6 +198,8 @@ absl::StatusOr<std::shared_ptr<const Segment>> DecodeVerified(absl::string_view 
   parts.centroids = in.Vector<float>(b.cluster_floats_bytes);
   parts.sizes = in.Vector<int32_t>(b.sizes_bytes);
   parts.value_sums = in.Vector<float>(b.cluster_floats_bytes);
+  // Version 1 has no spreads: FromParts computes them from the rows.
+  if (h.version >= 2) parts.key_spreads = in.Vector<float>(b.spreads_bytes);
   parts.token_of_row = in.Vector<int32_t>(b.tor_bytes);
   auto segment = Segment::FromParts(std::move(parts), reserved);
   if (!segment.ok() && segment.status().code() == absl::StatusCode::kInvalidArgument) {

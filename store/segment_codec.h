@@ -1,16 +1,16 @@
 // Byte encoding of a sealed Segment, for the persistence tier.
 //
-// Format (version 1, little-endian):
+// Format (version 2, little-endian):
 //   header (48 bytes): magic "KVWS", version u32, first_position i64, num_tokens i32,
 //                      steady_tokens i32, head_dim i32, page_tokens i32, num_clusters i32,
 //                      dtype u8 + 3 zero bytes, num_rows i64
 //   keys   [rows x head_dim] dtype        values [rows x head_dim] dtype
-//   centroids [C x d] f32   sizes [C] i32   value_sums [C x d] f32   token_of_row [rows] i32
+//   centroids [C x d] f32   sizes [C] i32   value_sums [C x d] f32   key_spreads [C] f32
+//   token_of_row [rows] i32
 //   XXH3-64 of every byte before it (u64)
 // Decoding checks the checksum first, then every size and the whole layout (Segment::FromParts);
 // any mismatch is DataLoss, whatever the bytes are.
-// The clusters' key spreads (Segment::key_spreads) are not stored: decoding recomputes them from
-// the rows.
+// Version 1 (no key_spreads) is still decoded: its spreads are computed from the rows.
 //
 // Thread-safety: stateless functions, safe from any thread.
 #ifndef KVWAVE_STORE_SEGMENT_CODEC_H_
@@ -27,7 +27,7 @@
 
 namespace kvwave::store {
 
-inline constexpr uint32_t kSegmentCodecVersion = 1;
+inline constexpr uint32_t kSegmentCodecVersion = 2;
 
 // Size of EncodeSegment's result.
 size_t EncodedSegmentSize(const Segment& segment);

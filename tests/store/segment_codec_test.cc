@@ -156,11 +156,32 @@ TEST_F(SegmentCodecTest, ResealedInconsistentBodyIsDataLoss) {
   EXPECT_EQ(edit(tor + 5 * 4, 99), absl::StatusCode::kDataLoss);  // token in a padding row
   EXPECT_EQ(edit(sizes, seg->sizes()[0] + 1), absl::StatusCode::kDataLoss);  // sizes disagree
   EXPECT_EQ(edit(16, 121), absl::StatusCode::kDataLoss);                     // num_tokens
-  EXPECT_EQ(edit(4, 2), absl::StatusCode::kDataLoss);                        // version
+  EXPECT_EQ(edit(4, 3), absl::StatusCode::kDataLoss);                        // version
   // Untouched, resealing changes nothing.
   std::string same = good;
   TEST_ResealSegment(same);
   EXPECT_EQ(same, good);
+}
+
+// A version-1 record (written before the key spreads were stored) still decodes, with the spreads
+// computed from its rows: the same segment as the version-2 record of it.
+TEST_F(SegmentCodecTest, VersionOneRecordDecodesWithSpreadsFromItsRows) {
+  SCOPED_TRACE(::testing::Message() << "seed " << seed_);
+  auto seg = RandomSegment(
+      {.tokens = 300, .head_dim = 16, .steady = 4, .clusters = 11, .dtype = DType::kBF16}, rng_,
+      budget_);
+  const std::string v2 = EncodeSegment(*seg);
+  const size_t rows = static_cast<size_t>(seg->num_rows());
+  const size_t clusters = static_cast<size_t>(seg->num_clusters());
+  const size_t tor = v2.size() - 8 - rows * 4;  // token_of_row; the spreads just before it
+  std::string v1 = v2.substr(0, tor - clusters * 4) + v2.substr(tor);
+  const uint32_t version = 1;
+  std::memcpy(v1.data() + 4, &version, 4);
+  TEST_ResealSegment(v1);
+  auto old = Decode(v1);
+  ASSERT_NE(old, nullptr);
+  ExpectSameSegment(*old, *seg);  // key spreads included, bit for bit
+  EXPECT_EQ(DecodeCode(v1.substr(0, v1.size() - 1)), absl::StatusCode::kDataLoss);
 }
 
 TEST_F(SegmentCodecTest, DecodeRespectsTheMemoryBudget) {
