@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "config/status_macros.h"
@@ -166,6 +167,11 @@ absl::Status CheckPartsShape(const SegmentParts& p) {
       static_cast<int64_t>(p.value_sums.size()) != cd ||
       (!p.key_spreads.empty() && static_cast<int64_t>(p.key_spreads.size()) != p.num_clusters)) {
     return absl::InvalidArgumentError("segment parts: cluster arrays do not match the meta");
+  }
+  for (float x : p.key_spreads) {  // a variance: finite and not negative (NaN fails too)
+    if (!(x >= 0.0f && x <= std::numeric_limits<float>::max())) {
+      return absl::InvalidArgumentError("segment parts: a key spread that is not a variance");
+    }
   }
   int64_t members = 0;
   for (int32_t s : p.sizes) {

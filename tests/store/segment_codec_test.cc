@@ -157,6 +157,11 @@ TEST_F(SegmentCodecTest, ResealedInconsistentBodyIsDataLoss) {
   EXPECT_EQ(edit(sizes, seg->sizes()[0] + 1), absl::StatusCode::kDataLoss);  // sizes disagree
   EXPECT_EQ(edit(16, 121), absl::StatusCode::kDataLoss);                     // num_tokens
   EXPECT_EQ(edit(4, 3), absl::StatusCode::kDataLoss);                        // version
+  const size_t spreads = tor - 6 * 4;  // the key spreads, just before token_of_row
+  EXPECT_EQ(edit(spreads, 0x7fc00000), absl::StatusCode::kDataLoss);  // NaN
+  EXPECT_EQ(edit(spreads + 4, static_cast<int32_t>(0xbf800000u)),
+            absl::StatusCode::kDataLoss);                                 // -1
+  EXPECT_EQ(edit(spreads + 8, 0x7f800000), absl::StatusCode::kDataLoss);  // +inf
   // Untouched, resealing changes nothing.
   std::string same = good;
   TEST_ResealSegment(same);
