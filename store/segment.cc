@@ -136,7 +136,9 @@ void Segment::ComputeKeySpreads() {
       ToFloat(key_row(cluster_row_[c] + i), dtype_, k.data(), d);
       for (int64_t j = 0; j < d; ++j) sum += double{k[j] - mean[j]} * (k[j] - mean[j]);
     }
-    key_spreads_[c] = static_cast<float>(sum / (double{sizes_[c]} * d));
+    // Capped at the largest float: huge finite keys still give a stored variance that loads.
+    key_spreads_[c] = static_cast<float>(
+        std::min(sum / (double{sizes_[c]} * d), double{std::numeric_limits<float>::max()}));
   }
 }
 

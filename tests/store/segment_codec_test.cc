@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <limits>
 #include <random>
 
 #include "store/host_memory.h"
@@ -187,6 +188,32 @@ TEST_F(SegmentCodecTest, VersionOneRecordDecodesWithSpreadsFromItsRows) {
   ASSERT_NE(old, nullptr);
   ExpectSameSegment(*old, *seg);  // key spreads included, bit for bit
   EXPECT_EQ(DecodeCode(v1.substr(0, v1.size() - 1)), absl::StatusCode::kDataLoss);
+}
+
+// Keys so large that their variance overflows a float (finite keys, which Append accepts): the
+// stored spread is capped at the largest float, so the record still decodes.
+TEST_F(SegmentCodecTest, HugeKeysGiveASpreadThatStillDecodes) {
+  const int n = 40, d = 8, clusters = 2;
+  std::vector<float> k(n * d), v(n * d, 1.0f), centroids(clusters * d, 0.0f);
+  for (int i = 0; i < n * d; ++i) k[i] = (i % 2 == 0 ? 3e30f : -3e30f);
+  std::vector<int32_t> assignment(n), sizes = {n / 2, n / 2};
+  for (int i = 0; i < n; ++i) assignment[i] = i < n / 2 ? 0 : 1;
+  MemoryCharge reserved = budget_.Reserve(Segment::MaxBytes(n, d, DType::kF32, 8, 16)).value();
+  SegmentInput in;
+  in.num_tokens = n;
+  in.head_dim = d;
+  in.keys = reinterpret_cast<const std::byte*>(k.data());
+  in.values = reinterpret_cast<const std::byte*>(v.data());
+  in.num_clusters = clusters;
+  in.assignment = assignment;
+  in.centroids = centroids;
+  in.sizes = sizes;
+  auto seg = Segment::Build(in, DefaultHostAllocator(), reserved);
+  ASSERT_TRUE(seg.ok()) << seg.status();
+  EXPECT_EQ((*seg)->key_spreads()[0], std::numeric_limits<float>::max());
+  auto back = Decode(EncodeSegment(**seg));
+  ASSERT_NE(back, nullptr);
+  ExpectSameSegment(*back, **seg);
 }
 
 TEST_F(SegmentCodecTest, DecodeRespectsTheMemoryBudget) {
