@@ -16,6 +16,7 @@
 #include <random>
 #include <vector>
 
+#include "config/status_macros.h"
 #include "engine/engine.h"
 
 namespace kvwave::engine {
@@ -133,6 +134,14 @@ void AppendAll(Engine& e, ContextId id, const Data& d, int64_t from, int64_t to)
                        std::as_bytes(std::span(d.k).subspan(from * row, (to - from) * row)),
                        std::as_bytes(std::span(d.v).subspan(from * row, (to - from) * row)))
                   .ok());
+}
+
+// A context of `e` holding tokens [0, n) of `d`, every segment indexed.
+absl::StatusOr<ContextId> SealedContext(Engine& e, const Data& d, int64_t n) {
+  KVWAVE_ASSIGN_OR_RETURN(const OpenResult opened, e.Open({kShape, {}, ""}));
+  AppendAll(e, opened.id, d, 0, n);
+  KVWAVE_RETURN_IF_ERROR(e.Seal(opened.id));
+  return opened.id;
 }
 
 // Stated bounds, at the default budgets on this data (8192 tokens, 64 topics per KV head, 512
@@ -256,12 +265,10 @@ TEST(AccuracyTest, EstimationSpreadOnClusteredDataIsNoWorseAndExactAt100) {
   with.estimation_spread = "on";
   auto off = Engine::Create(Settings()).value();
   auto on = Engine::Create(with).value();
-  const ContextId i0 = off->Open({kShape, {}, ""}).value().id;
-  const ContextId i1 = on->Open({kShape, {}, ""}).value().id;
-  AppendAll(*off, i0, d, 0, n);
-  AppendAll(*on, i1, d, 0, n);
-  ASSERT_TRUE(off->Seal(i0).ok());
-  ASSERT_TRUE(on->Seal(i1).ok());
+  const absl::StatusOr<ContextId> s0 = SealedContext(*off, d, n), s1 = SealedContext(*on, d, n);
+  ASSERT_TRUE(s0.ok()) << s0.status();
+  ASSERT_TRUE(s1.ok()) << s1.status();
+  const ContextId i0 = *s0, i1 = *s1;
   double err_off = 0, err_on = 0, err_max = 0, exact_max = 0;
   int samples = 0, moved = 0;
   for (int i = 0; i < kQueries; ++i) {
@@ -326,15 +333,13 @@ TEST(AccuracyTest, TwoPassOnClusteredDataStaysWithinBoundsAndCountsScoredKeys) {
   config::Settings auto_settings = Settings();
   auto_settings.rank = "auto";  // two_pass on the CPU backend
   auto automatic = Engine::Create(auto_settings).value();
-  const ContextId ic = centroid->Open({kShape, {}, ""}).value().id;
-  const ContextId it = two_pass->Open({kShape, {}, ""}).value().id;
-  const ContextId ia = automatic->Open({kShape, {}, ""}).value().id;
-  AppendAll(*centroid, ic, d, 0, n);
-  AppendAll(*two_pass, it, d, 0, n);
-  AppendAll(*automatic, ia, d, 0, n);
-  ASSERT_TRUE(centroid->Seal(ic).ok());
-  ASSERT_TRUE(two_pass->Seal(it).ok());
-  ASSERT_TRUE(automatic->Seal(ia).ok());
+  const absl::StatusOr<ContextId> rc = SealedContext(*centroid, d, n),
+                                  rt = SealedContext(*two_pass, d, n),
+                                  ra = SealedContext(*automatic, d, n);
+  ASSERT_TRUE(rc.ok()) << rc.status();
+  ASSERT_TRUE(rt.ok()) << rt.status();
+  ASSERT_TRUE(ra.ok()) << ra.status();
+  const ContextId ic = *rc, it = *rt, ia = *ra;
 
   double err_sum = 0, err_max = 0, exact_max = 0, cerr_sum = 0;
   int64_t scored = 0, exact_two = 0, exact_centroid = 0, keys = 0;

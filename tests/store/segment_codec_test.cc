@@ -199,15 +199,7 @@ TEST_F(SegmentCodecTest, HugeKeysGiveASpreadThatStillDecodes) {
   std::vector<int32_t> assignment(n), sizes = {n / 2, n / 2};
   for (int i = 0; i < n; ++i) assignment[i] = i < n / 2 ? 0 : 1;
   MemoryCharge reserved = budget_.Reserve(Segment::MaxBytes(n, d, DType::kF32, 8, 16)).value();
-  SegmentInput in;
-  in.num_tokens = n;
-  in.head_dim = d;
-  in.keys = reinterpret_cast<const std::byte*>(k.data());
-  in.values = reinterpret_cast<const std::byte*>(v.data());
-  in.num_clusters = clusters;
-  in.assignment = assignment;
-  in.centroids = centroids;
-  in.sizes = sizes;
+  const SegmentInput in = testing::Float32Input(k, v, n, d, 0, assignment, centroids, sizes);
   auto seg = Segment::Build(in, DefaultHostAllocator(), reserved);
   ASSERT_TRUE(seg.ok()) << seg.status();
   EXPECT_EQ((*seg)->key_spreads()[0], std::numeric_limits<float>::max());

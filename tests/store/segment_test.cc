@@ -8,13 +8,14 @@
 
 #include "store/context.h"
 #include "store/host_memory.h"
+#include "tests/store/store_test_util.h"
 
 namespace kvwave::store {
 namespace {
 
 TEST(SegmentTest, ClusterContiguousPagesAndPermutation) {
   const unsigned seed = std::random_device{}();
-  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  SCOPED_TRACE(::testing::Message() << "seed " << seed);
   std::mt19937 rng(seed);
   const int n = 203, d = 64, steady = 4, clusters = 13;
   std::vector<float> k(n * d), v(n * d);
@@ -28,19 +29,8 @@ TEST(SegmentTest, ClusterContiguousPagesAndPermutation) {
 
   MemoryBudget budget(1 << 30);
   MemoryCharge reserved = budget.Reserve(Segment::MaxBytes(n, d, DType::kF32, 8, 16)).value();
-  SegmentInput in;
+  SegmentInput in = testing::Float32Input(k, v, n, d, steady, assignment, centroids, sizes);
   in.first_position = 1000;
-  in.num_tokens = n;
-  in.steady_tokens = steady;
-  in.head_dim = d;
-  in.dtype = DType::kF32;
-  in.page_tokens = 8;
-  in.keys = reinterpret_cast<const std::byte*>(k.data());
-  in.values = reinterpret_cast<const std::byte*>(v.data());
-  in.num_clusters = clusters;
-  in.assignment = assignment;
-  in.centroids = centroids;
-  in.sizes = sizes;
   auto seg = Segment::Build(in, DefaultHostAllocator(), reserved);
   ASSERT_TRUE(seg.ok()) << seg.status();
   const Segment& s = **seg;

@@ -25,6 +25,27 @@ struct RandomSegmentSpec {
   DType dtype = DType::kF32;
 };
 
+// Build's input for float32 rows k, v [n x d] of which tokens [steady, n) are clustered by
+// `assignment`; the spans must outlive the input.
+inline SegmentInput Float32Input(const std::vector<float>& k, const std::vector<float>& v, int n,
+                                 int d, int steady, const std::vector<int32_t>& assignment,
+                                 const std::vector<float>& centroids,
+                                 const std::vector<int32_t>& sizes) {
+  SegmentInput in;
+  in.num_tokens = n;
+  in.steady_tokens = steady;
+  in.head_dim = d;
+  in.dtype = DType::kF32;
+  in.page_tokens = 8;
+  in.keys = reinterpret_cast<const std::byte*>(k.data());
+  in.values = reinterpret_cast<const std::byte*>(v.data());
+  in.num_clusters = static_cast<int32_t>(sizes.size());
+  in.assignment = assignment;
+  in.centroids = centroids;
+  in.sizes = sizes;
+  return in;
+}
+
 // A segment of random (never zero) keys and values and a random clustering in which the last
 // cluster stays empty. The charge comes from `budget`.
 inline std::shared_ptr<const Segment> RandomSegment(const RandomSegmentSpec& spec,
