@@ -25,6 +25,10 @@
 #include "bench/subcommand.h"
 #include "client/trace_file.h"
 #include "config/status_macros.h"
+#ifdef KVWAVE_BENCH_CUDA
+#include "gpu/cuda_backend.h"
+#endif
+#include "index/exact_topn.h"
 #include "oneapi/tbb/global_control.h"
 
 namespace kvwave::bench {
@@ -41,7 +45,9 @@ struct RetrievalFlags {
                                       "quest", "wave",       "graph"};
   bool ood = false;
   bool graph_per_query_head = false;
-  bool graph_oracle = false;  // diagnostic: build the graph from the decode queries themselves
+  bool graph_oracle = false;     // diagnostic: build the graph from the decode queries themselves
+  bool graph_gpu = false;        // the graph build's top-N on the GPU (CUDA builds)
+  bool graph_gpu_check = false;  // ... and compared with the CPU kernel's lists
   index::GraphIndexOptions graph;
   int ivf_keys_per_list = 64;
   int hnsw_m = 16, hnsw_ef_construction = 200;
@@ -428,6 +434,12 @@ int RunRetrieval(int argc, char** argv) {
   app.add_option("--graph-pivots", f.graph.pivots_per_query, "graph: pivots per sampled query");
   app.add_flag("--graph-blocked-topn,!--graph-rowwise-topn", f.graph.blocked_topn,
                "graph: exact top-N by the blocked kernel (default) or the previous one");
+#ifdef KVWAVE_BENCH_CUDA
+  app.add_flag("--graph-gpu", f.graph_gpu,
+               "graph: exact top-N on the GPU (CudaBackend::ExactTopN)");
+  app.add_flag("--graph-gpu-check", f.graph_gpu_check,
+               "graph: with --graph-gpu, also run the CPU top-N and count differing entries");
+#endif
   app.add_flag("--graph-per-query-head", f.graph_per_query_head, "one graph per query head");
   app.add_flag("--graph-oracle", f.graph_oracle,
                "diagnostic: build the graph from the decode queries it is tested with");
@@ -454,6 +466,37 @@ int RunRetrieval(int argc, char** argv) {
     return app.exit(e);
   }
   PrintEnvironmentHeader();
+#ifdef KVWAVE_BENCH_CUDA
+  static std::unique_ptr<gpu::CudaBackend> gpu_backend;
+  static gpu::TopNBuffers gpu_buffers;
+  if (f.graph_gpu) {
+    gpu::CudaBackendOptions bo;
+    bo.num_streams = 1;
+    bo.num_events = 1;
+    bo.workspace_bytes = int64_t{256} << 20;
+    absl::StatusOr<std::unique_ptr<gpu::CudaBackend>> b = gpu::CudaBackend::Create(bo);
+    if (!b.ok()) {
+      std::fprintf(stderr, "retrieval --graph-gpu: %s\n", b.status().ToString().c_str());
+      return 1;
+    }
+    gpu_backend = *std::move(b);
+    const bool check = f.graph_gpu_check;
+    f.graph.exact_topn = [check](const float* keys, int64_t n, const float* queries, int64_t m,
+                                 int d, int nn, int32_t* out) -> absl::Status {
+      KVWAVE_RETURN_IF_ERROR(
+          gpu::ExactTopNHost(*gpu_backend, gpu_buffers, keys, n, queries, m, d, nn, out));
+      if (check) {
+        std::vector<int32_t> cpu(static_cast<size_t>(m) * nn);
+        KVWAVE_RETURN_IF_ERROR(index::ExactTopN(keys, n, queries, m, d, nn, cpu.data()));
+        int64_t differ = 0;
+        for (size_t i = 0; i < cpu.size(); ++i) differ += cpu[i] != out[i];
+        std::fprintf(stderr, "  top-N GPU vs CPU: %ld of %zu entries differ\n",
+                     static_cast<long>(differ), cpu.size());
+      }
+      return absl::OkStatus();
+    };
+  }
+#endif
   if (f.through_daemon) {
     DaemonRetrievalOptions& o = f.daemon;
     o.trace = f.trace;

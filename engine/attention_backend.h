@@ -65,6 +65,7 @@
 
 #include "absl/status/status.h"
 #include "engine/engine.h"
+#include "index/exact_topn.h"
 #include "index/wave_index.h"
 #include "store/context.h"
 
@@ -134,6 +135,13 @@ class AttentionBackend {
   [[nodiscard]] virtual absl::StatusOr<index::WaveClusters> ClusterKeys(
       const float* keys, int64_t n, int32_t d, const index::WaveIndexOptions& options) {
     return index::ClusterKeys(keys, n, d, options);
+  }
+
+  // The graph build's exact top-N (index::ExactTopN's contract and answer, bit for bit): the
+  // CUDA backend runs it on the GPU. Default: the CPU kernel.
+  [[nodiscard]] virtual absl::Status ExactTopN(const float* keys, int64_t n, const float* queries,
+                                               int64_t m, int d, int nn, int32_t* out) {
+    return index::ExactTopN(keys, n, queries, m, d, nn, out);
   }
 
   virtual BackendStats Stats() const { return BackendStats{}; }

@@ -154,6 +154,7 @@ struct BackendStats {
   // is the policy's), the policy itself, and queueing the update (its lock included).
   double commit_gpu_us = 0, commit_order_us = 0, commit_policy_us = 0, commit_queue_us = 0;
   int64_t kmeans_gpu = 0, kmeans_cpu = 0;  // segment clusterings run on the GPU / the CPU
+  int64_t topn_gpu = 0, topn_cpu = 0;      // graph builds' exact top-N on the GPU / the CPU
   // GPU clients (issue 17): registrations open, IPC memory mappings and events open, device
   // calls served and failed, all time.
   int64_t device_registrations = 0, ipc_mappings = 0, ipc_events = 0;

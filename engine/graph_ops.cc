@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "config/status_macros.h"
+#include "engine/attention_backend.h"
 #include "gpu/attention_cpu.h"
 #include "index/distance.h"
 #include "index/graph_codec.h"
@@ -92,7 +93,14 @@ void PrepareSealQueries(const HeadParams& p, int64_t n, const store::HeadKv& hea
 void GraphSeal(const HeadParams& p, SealPlan& plan) {
   plan.graph = nullptr;
   if (plan.queries.empty() || plan.segment == nullptr) return;
-  auto built = BuildSegmentGraph(*plan.segment, plan.queries, p.graph_options);
+  index::GraphIndexOptions options = p.graph_options;
+  if (p.backend != nullptr) {
+    options.exact_topn = [backend = p.backend](const float* keys, int64_t n, const float* queries,
+                                               int64_t m, int d, int nn, int32_t* out) {
+      return backend->ExactTopN(keys, n, queries, m, d, nn, out);
+    };
+  }
+  auto built = BuildSegmentGraph(*plan.segment, plan.queries, options);
   if (built.ok()) {
     plan.graph = *std::move(built);
   } else {

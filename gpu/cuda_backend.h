@@ -149,6 +149,23 @@ struct TopKArgs {
   int32_t* counts2 = nullptr;
 };
 
+// Arguments of ExactTopN (all device pointers): for each of the m queries [m x d], the nn keys of
+// [n x d] (float32, row-major) with the largest q . k, best first (higher score, then lower key),
+// to out + i * nn; scores are FMA chains over the dimensions in order, as index::ExactTopN's,
+// so the lists are the CPU's bit for bit. Non-finite scores are never selected: a query with
+// fewer than nn finite scores gets -1 past them and is counted in *short_rows (optional; the
+// caller zeroes it).
+struct ExactTopNArgs {
+  const float* keys = nullptr;
+  int64_t n = 0;
+  const float* queries = nullptr;
+  int64_t m = 0;
+  int d = 0;
+  int nn = 0;
+  int32_t* out = nullptr;
+  int32_t* short_rows = nullptr;
+};
+
 // Dependent launch (sm_90): an op queued with a ChainArgs is a programmatic dependent of the
 // kernel before it on the stream: its blocks are scheduled once that kernel's blocks have all
 // triggered (ScoreSelectPlan: as each head's plan is written; EstimateAttention: at its start),
@@ -392,6 +409,9 @@ class CudaBackend {
   [[nodiscard]] absl::Status KMeansAssign(const AssignArgs& args, int stream = 0);
   // Uses the stream's workspace (4 (n + 2 clusters) d bytes and change).
   [[nodiscard]] absl::Status SphericalKMeans(const KMeansArgs& args, int stream = 0);
+  // The graph build's exact top-N (see ExactTopNArgs), in chunks of queries that fit the
+  // stream's workspace (4 n + 4 (nn + 1) bytes a query; at least one). REQUIRES nn <= 1024.
+  [[nodiscard]] absl::Status ExactTopN(const ExactTopNArgs& args, int stream = 0);
   // Gathers `count` pages: for each i, copies rows_bytes[i] bytes from src[i] to dst[i] with the
   // GPU's threads (src may be mapped pinned host memory: one PCIe read, no staging).
   // src, dst, bytes: device-accessible arrays of `count` entries. bulk: the SMs' bulk-copy
@@ -418,6 +438,17 @@ class CudaBackend {
   int multiprocessors_ = 0;
   bool dependent_launch_ = true;
 };
+
+// ExactTopN over host arrays (the graph build's step 1 for a caller on the host): keys and queries
+// copied into `buffers` (grown as needed, kept between calls: a free would synchronise the
+// device), the lists copied back to out [m x nn], the stream synchronised. Errors: ExactTopN's;
+// a query with fewer than nn finite scores: InvalidArgument (out is then not the CPU's answer).
+struct TopNBuffers {
+  DeviceBuffer keys, queries, out;
+};
+[[nodiscard]] absl::Status ExactTopNHost(CudaBackend& backend, TopNBuffers& buffers,
+                                         const float* keys, int64_t n, const float* queries,
+                                         int64_t m, int d, int nn, int32_t* out, int stream = 0);
 
 }  // namespace kvwave::gpu
 

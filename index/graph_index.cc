@@ -432,10 +432,15 @@ absl::StatusOr<GraphIndex> GraphIndex::Build(const float* keys, int64_t n, const
     }
     knn.resize(rows.size() * static_cast<size_t>(nn));
     const int64_t m_sample = static_cast<int64_t>(rows.size());
-    KVWAVE_RETURN_IF_ERROR(
-        options.blocked_topn
-            ? ExactTopN(keys, n, sample.data(), m_sample, d, nn, knn.data())
-            : ExactTopNRowwise(keys, n, sample.data(), m_sample, d, nn, knn.data()));
+    if (options.exact_topn &&
+        options.exact_topn(keys, n, sample.data(), m_sample, d, nn, knn.data()).ok()) {
+      g.profile_.topn_elsewhere = true;
+    } else {
+      KVWAVE_RETURN_IF_ERROR(
+          options.blocked_topn
+              ? ExactTopN(keys, n, sample.data(), m_sample, d, nn, knn.data())
+              : ExactTopNRowwise(keys, n, sample.data(), m_sample, d, nn, knn.data()));
+    }
     g.profile_.exact_neighbors = since(t);
     g.profile_.cpu_exact_neighbors = cpu_since();
     t = Clock::now();

@@ -34,6 +34,7 @@
 #define KVWAVE_INDEX_GRAPH_INDEX_H_
 
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <vector>
 
@@ -73,6 +74,12 @@ struct GraphIndexOptions {
   // Step 1 by the blocked kernel (index/exact_topn.h); false: the previous row-at-a-time kernel,
   // kept for the benchmark's old-vs-new comparison. Same answer either way.
   bool blocked_topn = true;
+  // Step 1 elsewhere (the engine's CUDA backend: CudaBackend::ExactTopN), with index::ExactTopN's
+  // contract and answer (same lists bit for bit); unset: the CPU kernel. If it fails, the CPU
+  // kernel runs instead (GraphBuildProfile::topn_elsewhere says which ran).
+  std::function<absl::Status(const float* keys, int64_t n, const float* queries, int64_t m, int d,
+                             int nn, int32_t* out)>
+      exact_topn;
   uint64_t seed = 1;  // query sampling; the build is deterministic for a seed
 };
 
@@ -86,6 +93,7 @@ struct GraphBuildProfile {
   double total = 0;
   // CPU seconds of the whole process (all threads) over the build and over steps 1, 2 and 3b.
   double process_cpu = 0, cpu_exact_neighbors = 0, cpu_project = 0, cpu_refine = 0;
+  bool topn_elsewhere = false;  // step 1 ran in GraphIndexOptions::exact_topn
 };
 
 // Top-k keys of one search, best first, with the number of keys whose score was computed.

@@ -375,11 +375,12 @@ class Graph final : public AnnIndex {
     std::fprintf(stderr,
                  "  %s build %.3f s (us/token %.1f): exact top-N %.3f, project %.3f, "
                  "refine %.3f, connect %.3f (%ld connect edges); process CPU %.3f s "
-                 "(us/token on 2 idle cores %.1f; CPU top-N %.3f project %.3f refine %.3f)\n",
+                 "(us/token on 2 idle cores %.1f; CPU top-N %.3f project %.3f refine %.3f)%s\n",
                  name_.c_str(), p.total, 1e6 * p.total / static_cast<double>(n), p.exact_neighbors,
                  p.project, p.refine, p.connect, static_cast<long>(graph_->connect_edges()),
                  p.process_cpu, 1e6 * p.process_cpu / 2 / static_cast<double>(n),
-                 p.cpu_exact_neighbors, p.cpu_project, p.cpu_refine);
+                 p.cpu_exact_neighbors, p.cpu_project, p.cpu_refine,
+                 p.topn_elsewhere ? "; top-N on the GPU" : "");
     return absl::OkStatus();
   }
   std::vector<int> Knobs() const override {

@@ -11,7 +11,8 @@
 // (CudaBackend::SphericalKMeans, ClusterKeys' algorithm) on a backend instance of its own (its
 // own stream and workspace, one clustering at a time), beside the calls; input the GPU path does
 // not take (non-finite keys, a segment past its workspace, d not a multiple of 4) and any GPU
-// error go to the CPU kernel, which also reports bad options.
+// error go to the CPU kernel, which also reports bad options. The graphs' exact top-N
+// (ExactTopN, index.graph = on) runs on that instance too, with the CPU kernel as its fallback.
 //
 // Thread-safety: see engine/attention_backend.h; the map of spaces under a mutex, the buffers
 // thread-safe themselves, the k-means under its own mutex.
@@ -165,6 +166,8 @@ class CudaAttentionBackend final : public AttentionBackend {
     }
     s.kmeans_gpu = kmeans_gpu_.load();
     s.kmeans_cpu = kmeans_cpu_.load();
+    s.topn_gpu = topn_gpu_.load();
+    s.topn_cpu = topn_cpu_.load();
     return s;
   }
 
@@ -187,6 +190,16 @@ class CudaAttentionBackend final : public AttentionBackend {
     }
     ++kmeans_cpu_;
     return index::ClusterKeys(keys, n, d, o);
+  }
+
+  absl::Status ExactTopN(const float* keys, int64_t n, const float* queries, int64_t m, int d,
+                         int nn, int32_t* out) override {
+    if (absl::Status s = TopNOnGpu(keys, n, queries, m, d, nn, out); s.ok()) {
+      ++topn_gpu_;
+      return s;
+    }
+    ++topn_cpu_;
+    return index::ExactTopN(keys, n, queries, m, d, nn, out);
   }
 
  private:
@@ -256,11 +269,8 @@ class CudaAttentionBackend final : public AttentionBackend {
     return raw;
   }
 
-  // The k-means on the GPU; errors leave the caller to the CPU kernel.
-  absl::StatusOr<index::WaveClusters> ClusterOnGpu(const float* keys, int64_t n, int32_t d,
-                                                   const index::WaveIndexOptions& o) {
-    const int64_t k = (n + o.tokens_per_cluster - 1) / o.tokens_per_cluster;
-    std::lock_guard<std::mutex> lock(kmeans_mu_);
+  // The backend instance of the indexing work (k-means, the graphs' top-N). REQUIRES kmeans_mu_.
+  absl::StatusOr<gpu::CudaBackend*> IndexingBackend() {
     if (kmeans_ == nullptr) {
       gpu::CudaBackendOptions bo;
       bo.device = static_cast<int>(settings_.gpu_device);
@@ -269,14 +279,34 @@ class CudaAttentionBackend final : public AttentionBackend {
       bo.workspace_bytes = kKMeansWorkspace;
       KVWAVE_ASSIGN_OR_RETURN(kmeans_, gpu::CudaBackend::Create(bo));
     }
-    gpu::CudaBackend& b = *kmeans_;
-    // Buffers kept between calls (a free would synchronise the whole device, calls included).
-    auto fit = [&](gpu::DeviceBuffer& buf, size_t bytes) -> absl::Status {
-      if (buf.data() != nullptr && buf.size() >= bytes) return absl::OkStatus();
-      buf.Reset();
-      KVWAVE_ASSIGN_OR_RETURN(buf, b.Allocate(std::max<size_t>(bytes, 1 << 20)));
-      return absl::OkStatus();
-    };
+    return kmeans_.get();
+  }
+
+  // Buffers kept between calls (a free would synchronise the whole device, calls included).
+  static absl::Status Fit(gpu::CudaBackend& b, gpu::DeviceBuffer& buf, size_t bytes) {
+    if (buf.data() != nullptr && buf.size() >= bytes) return absl::OkStatus();
+    buf.Reset();
+    KVWAVE_ASSIGN_OR_RETURN(buf, b.Allocate(std::max<size_t>(bytes, 1 << 20)));
+    return absl::OkStatus();
+  }
+
+  // The graph build's top-N on the GPU (the indexing instance); an error leaves the caller to
+  // the CPU kernel: bad shapes, N > 1024, non-finite scores (short rows), no device memory.
+  absl::Status TopNOnGpu(const float* keys, int64_t n, const float* queries, int64_t m, int d,
+                         int nn, int32_t* out) {
+    std::lock_guard<std::mutex> lock(kmeans_mu_);
+    KVWAVE_ASSIGN_OR_RETURN(gpu::CudaBackend * b, IndexingBackend());
+    return gpu::ExactTopNHost(*b, topn_buffers_, keys, n, queries, m, d, nn, out);
+  }
+
+  // The k-means on the GPU; errors leave the caller to the CPU kernel.
+  absl::StatusOr<index::WaveClusters> ClusterOnGpu(const float* keys, int64_t n, int32_t d,
+                                                   const index::WaveIndexOptions& o) {
+    const int64_t k = (n + o.tokens_per_cluster - 1) / o.tokens_per_cluster;
+    std::lock_guard<std::mutex> lock(kmeans_mu_);
+    KVWAVE_ASSIGN_OR_RETURN(gpu::CudaBackend * bp, IndexingBackend());
+    gpu::CudaBackend& b = *bp;
+    auto fit = [&](gpu::DeviceBuffer& buf, size_t bytes) { return Fit(b, buf, bytes); };
     KVWAVE_RETURN_IF_ERROR(fit(km_keys_, sizeof(float) * n * d));
     KVWAVE_RETURN_IF_ERROR(fit(km_assignment_, sizeof(int32_t) * n));
     KVWAVE_RETURN_IF_ERROR(fit(km_sizes_, sizeof(int32_t) * k));
@@ -325,7 +355,8 @@ class CudaAttentionBackend final : public AttentionBackend {
   std::mutex kmeans_mu_;
   std::unique_ptr<gpu::CudaBackend> kmeans_;
   gpu::DeviceBuffer km_keys_, km_assignment_, km_sizes_, km_centroids_;
-  std::atomic<int64_t> kmeans_gpu_{0}, kmeans_cpu_{0};
+  gpu::TopNBuffers topn_buffers_;
+  std::atomic<int64_t> kmeans_gpu_{0}, kmeans_cpu_{0}, topn_gpu_{0}, topn_cpu_{0};
   std::unique_ptr<AttentionBackend> cpu_;
   std::shared_ptr<IpcOpener> ipc_;
   std::atomic<int64_t> device_calls_{0}, device_errors_{0};  // relaxed: statistics

@@ -2,6 +2,7 @@
 // workspace carving in front of each launcher (gpu/cuda/launchers.h).
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -377,6 +378,61 @@ absl::Status CudaBackend::SphericalKMeans(const KMeansArgs& a, int stream) {
   KVWAVE_ASSIGN_OR_RETURN(
       float* ws, impl_->Workspace(stream, cuda::KMeansWorkspaceBytes(a.n, a.d, a.clusters)));
   return FromCuda(cuda::LaunchSphericalKMeans(a, ws, s), "SphericalKMeans");
+}
+
+absl::Status CudaBackend::ExactTopN(const ExactTopNArgs& a, int stream) {
+  if (a.n < 1 || a.m < 1 || a.d < 1 || a.nn < 1 || a.nn > a.n || a.nn > 1024 ||
+      a.n > (int64_t{1} << 31) - 1 || a.keys == nullptr || a.queries == nullptr || a.out == nullptr)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "ExactTopN: need n, m, d >= 1, 1 <= N <= min(n, 1024), n < 2^31 and buffers (n=", a.n,
+        " m=", a.m, " d=", a.d, " N=", a.nn, ")"));
+  KVWAVE_ASSIGN_OR_RETURN(cudaStream_t s, impl_->Stream(stream));
+  if (cuda::ExactTopNChunkRows(a.n, a.nn, impl_->region_bytes) < 1)
+    return absl::ResourceExhaustedError(absl::StrCat("ExactTopN: one query over ", a.n,
+                                                     " keys needs more than the stream's ",
+                                                     impl_->region_bytes, " workspace bytes"));
+  KVWAVE_ASSIGN_OR_RETURN(float* ws, impl_->Workspace(stream, impl_->region_bytes));
+  return FromCuda(cuda::LaunchExactTopN(a, ws, impl_->region_bytes, s), "ExactTopN");
+}
+
+absl::Status ExactTopNHost(CudaBackend& b, TopNBuffers& buffers, const float* keys, int64_t n,
+                           const float* queries, int64_t m, int d, int nn, int32_t* out,
+                           int stream) {
+  if (keys == nullptr || queries == nullptr || out == nullptr || n < 1 || m < 1 || d < 1 ||
+      nn < 1 || nn > n)
+    return absl::InvalidArgumentError("ExactTopNHost: bad arguments");
+  const auto fit = [&b](DeviceBuffer& buf, size_t bytes) -> absl::Status {
+    if (buf.data() != nullptr && buf.size() >= bytes) return absl::OkStatus();
+    buf.Reset();
+    KVWAVE_ASSIGN_OR_RETURN(buf, b.Allocate(std::max<size_t>(bytes, 1 << 20)));
+    return absl::OkStatus();
+  };
+  const size_t key_bytes = sizeof(float) * n * d, query_bytes = sizeof(float) * m * d;
+  const size_t out_bytes = sizeof(int32_t) * m * nn;
+  KVWAVE_RETURN_IF_ERROR(fit(buffers.keys, key_bytes));
+  KVWAVE_RETURN_IF_ERROR(fit(buffers.queries, query_bytes));
+  KVWAVE_RETURN_IF_ERROR(fit(buffers.out, out_bytes + sizeof(int32_t)));
+  ExactTopNArgs a;
+  a.keys = buffers.keys.as<float>();
+  a.n = n;
+  a.queries = buffers.queries.as<float>();
+  a.m = m;
+  a.d = d;
+  a.nn = nn;
+  a.out = buffers.out.as<int32_t>();
+  a.short_rows = a.out + m * nn;
+  KVWAVE_RETURN_IF_ERROR(b.Copy(buffers.keys.data(), keys, key_bytes, stream));
+  KVWAVE_RETURN_IF_ERROR(b.Copy(buffers.queries.data(), queries, query_bytes, stream));
+  KVWAVE_RETURN_IF_ERROR(b.Memset(a.short_rows, 0, sizeof(int32_t), stream));
+  KVWAVE_RETURN_IF_ERROR(b.ExactTopN(a, stream));
+  int32_t short_rows = 0;
+  KVWAVE_RETURN_IF_ERROR(b.Copy(out, a.out, out_bytes, stream));
+  KVWAVE_RETURN_IF_ERROR(b.Copy(&short_rows, a.short_rows, sizeof(int32_t), stream));
+  KVWAVE_RETURN_IF_ERROR(b.Synchronize(stream));
+  if (short_rows != 0)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "ExactTopNHost: ", short_rows, " queries with fewer than ", nn, " finite scores"));
+  return absl::OkStatus();
 }
 
 absl::Status CudaBackend::GatherPages(const void* const* src, void* const* dst,

@@ -62,6 +62,12 @@ cudaError_t LaunchKMeansAssign(const AssignArgs& a, cudaStream_t stream);
 size_t KMeansWorkspaceBytes(int64_t n, int d, int64_t k);
 cudaError_t LaunchSphericalKMeans(const KMeansArgs& a, void* workspace, cudaStream_t stream);
 
+// ---- exact_topn.cu ----
+// Queries per chunk that `workspace_bytes` holds (0: not even one).
+int64_t ExactTopNChunkRows(int64_t n, int nn, size_t workspace_bytes);
+cudaError_t LaunchExactTopN(const ExactTopNArgs& a, void* workspace, size_t workspace_bytes,
+                            cudaStream_t stream);
+
 }  // namespace kvwave::gpu::cuda
 
 #endif  // KVWAVE_GPU_CUDA_LAUNCHERS_H_
