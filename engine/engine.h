@@ -75,7 +75,9 @@ struct OpenResult {
 //   kRetrievalAttention  RetrievalAttention's split: steady zone exact, and per query head the
 //                        graph's top graph_top_k tokens (beam search of every segment's graph;
 //                        a segment without one is attended exactly) exact, merged by
-//                        log-sum-exp. Always on the CPU threads (with the CUDA backend too).
+//                        log-sum-exp. The graph searches and their tokens on the CPU threads;
+//                        the steady zone through the backend (on the GPU with the CUDA one),
+//                        overlapped with them.
 //                        FAILED_PRECONDITION on a context that never had prefill queries.
 enum class AttendMethod { kDefault, kRetroInfer, kRetrievalAttention };
 

@@ -20,10 +20,12 @@
 #include "engine/head_ops.h"
 #include "engine/prefix_cache.h"
 #include "engine/seal_workers.h"
+#include "gpu/attention_cpu.h"
 #include "spdlog/spdlog.h"
 #include "store/context.h"
 #include "tbb/parallel_for.h"
 #include "tbb/task_arena.h"
+#include "tbb/task_group.h"
 
 namespace kvwave::engine {
 namespace {
@@ -418,8 +420,11 @@ class EngineImpl final : public Engine {
         what, ": context ", ctx.id(), " has no RetrievalAttention graphs on layer ", l,
         " (opened without prefill queries, or index.graph = off); use the wave index"));
   }
-  // RetrievalAttention's attention of one item (engine/graph_ops.h AttendGraphHead), KV heads in
-  // parallel. REQUIRES: the item's layer lock held (shared).
+  // RetrievalAttention's attention of one item, split as the paper splits it: the steady zone
+  // (sinks + tail) through the backend at zero budgets — on the GPU with the CUDA backend — in a
+  // task of its own, while this thread searches the graphs and attends their tokens and the
+  // graph-less segments on the CPU (graph_ops.h AttendGraphRetrievedHead, KV heads in parallel);
+  // the two merged by log-sum-exp. REQUIRES: the item's layer lock held (shared).
   absl::Status AttendGraphLocked(const AttendItem& item) {
     const store::Context& ctx = *item.context;
     KVWAVE_RETURN_IF_ERROR(CheckHasGraphs(ctx, item.layer, "attend (retrievalattention)"));
@@ -429,15 +434,33 @@ class EngineImpl final : public Engine {
                                                       : static_cast<int32_t>(settings_.graph_top_k);
     const int32_t beam =
         item.budget.beam > 0 ? item.budget.beam : static_cast<int32_t>(settings_.graph_beam);
+    if (top_k < 1) return absl::InvalidArgumentError("graph attention: top_k < 1");
+    AttendItem steady = item;
+    steady.budget.retrieval = 0;
+    steady.budget.estimation = 0;
+    steady.budget.method = AttendMethod::kRetroInfer;
+    AttendStats steady_stats;
+    steady.stats = &steady_stats;
+    absl::Status steady_status;
+    tbb::task_group steady_task;
+    arena_.execute([&] {
+      steady_task.run([&] { steady_status = backend_->Attend({&steady, 1}); });
+    });
     std::vector<AttendStats> per_head(heads);
     const size_t gd = static_cast<size_t>(p.group) * p.head_dim;
-    KVWAVE_RETURN_IF_ERROR(ForEachHead(heads, [&](int32_t h) {
+    std::vector<float> out(item.out.size()), lse(item.lse.size());
+    const absl::Status graph_status = ForEachHead(heads, [&](int32_t h) {
       const store::HeadKv& head = ctx.layer(item.layer).heads[h];
-      return AttendGraphHead(p, head, head.graphs, item.q.data() + h * gd, top_k, beam,
-                             item.out.data() + h * gd, item.lse.data() + h * p.group, &per_head[h]);
-    }));
+      return AttendGraphRetrievedHead(p, head, head.graphs, item.q.data() + h * gd, top_k, beam,
+                                      out.data() + h * gd, lse.data() + h * p.group, &per_head[h]);
+    });
+    arena_.execute([&] { steady_task.wait(); });
+    KVWAVE_RETURN_IF_ERROR(steady_status);
+    KVWAVE_RETURN_IF_ERROR(graph_status);
+    gpu::cpu::MergeLse(item.out.data(), item.lse.data(), out.data(), lse.data(),
+                       ctx.shape().q_heads, p.head_dim);
+    item.stats->steady_tokens += steady_stats.steady_tokens;
     for (const AttendStats& s : per_head) {
-      item.stats->steady_tokens += s.steady_tokens;
       item.stats->retrieved_tokens += s.retrieved_tokens;
       item.stats->graph_keys_scored += s.graph_keys_scored;
     }

@@ -178,27 +178,18 @@ std::shared_ptr<const index::GraphIndex> WithCharge(std::shared_ptr<const index:
   return std::shared_ptr<const index::GraphIndex>(std::move(held), raw);
 }
 
-absl::Status AttendGraphHead(const HeadParams& p, const store::HeadKv& head,
-                             std::span<const std::shared_ptr<const index::GraphIndex>> graphs,
-                             const float* q, int32_t top_k, int32_t beam, float* out, float* lse,
-                             AttendStats* stats) {
+absl::Status AttendGraphRetrievedHead(
+    const HeadParams& p, const store::HeadKv& head,
+    std::span<const std::shared_ptr<const index::GraphIndex>> graphs, const float* q, int32_t top_k,
+    int32_t beam, float* out, float* lse, AttendStats* stats) {
   if (top_k < 1) return absl::InvalidArgumentError("graph attention: top_k < 1");
   KVWAVE_RETURN_IF_ERROR(CheckGraphs(p, head, graphs));
   const int g = p.group;
   const int d = p.head_dim;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  // Exact for every head: the sinks, the tail, and the clusters of segments without a graph.
+  // Exact for every head: the clusters of segments without a graph.
   std::vector<gpu::cpu::KvSpan> exact;
-  int64_t steady_tokens = 0, exact_tokens = 0;
-  if (!head.segments.empty() && head.segments[0]->steady_tokens() > 0) {
-    const store::Segment& first = *head.segments[0];
-    exact.push_back({first.key_row(0), first.value_row(0), first.steady_tokens()});
-    steady_tokens += first.steady_tokens();
-  }
-  if (head.tail.size() > 0) {
-    exact.push_back({head.tail.key_row(0), head.tail.value_row(0), head.tail.size()});
-    steady_tokens += head.tail.size();
-  }
+  int64_t exact_tokens = 0;
   for (size_t s = 0; s < head.segments.size(); ++s) {
     if (s < graphs.size() && graphs[s] != nullptr) continue;
     const store::Segment& seg = *head.segments[s];
@@ -253,10 +244,39 @@ absl::Status AttendGraphHead(const HeadParams& p, const store::HeadKv& head,
                        d);
   }
   if (stats != nullptr) {
-    stats->steady_tokens += steady_tokens;
     stats->retrieved_tokens += graph_tokens + exact_tokens;
     stats->graph_keys_scored += scanned;
   }
+  return absl::OkStatus();
+}
+
+absl::Status AttendGraphHead(const HeadParams& p, const store::HeadKv& head,
+                             std::span<const std::shared_ptr<const index::GraphIndex>> graphs,
+                             const float* q, int32_t top_k, int32_t beam, float* out, float* lse,
+                             AttendStats* stats) {
+  if (top_k < 1) return absl::InvalidArgumentError("graph attention: top_k < 1");
+  KVWAVE_RETURN_IF_ERROR(CheckGraphs(p, head, graphs));
+  const int g = p.group;
+  const int d = p.head_dim;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  // The steady zone exactly: the sinks and the tail.
+  std::vector<gpu::cpu::KvSpan> steady;
+  int64_t steady_tokens = 0;
+  if (!head.segments.empty() && head.segments[0]->steady_tokens() > 0) {
+    const store::Segment& first = *head.segments[0];
+    steady.push_back({first.key_row(0), first.value_row(0), first.steady_tokens()});
+    steady_tokens += first.steady_tokens();
+  }
+  if (head.tail.size() > 0) {
+    steady.push_back({head.tail.key_row(0), head.tail.value_row(0), head.tail.size()});
+    steady_tokens += head.tail.size();
+  }
+  KVWAVE_RETURN_IF_ERROR(gpu::cpu::ExactAttention(q, g, d, scale, p.dtype, steady, out, lse));
+  std::vector<float> part_out(static_cast<size_t>(g) * d), part_lse(static_cast<size_t>(g));
+  KVWAVE_RETURN_IF_ERROR(AttendGraphRetrievedHead(p, head, graphs, q, top_k, beam, part_out.data(),
+                                                  part_lse.data(), stats));
+  gpu::cpu::MergeLse(out, lse, part_out.data(), part_lse.data(), g, d);
+  if (stats != nullptr) stats->steady_tokens += steady_tokens;
   return absl::OkStatus();
 }
 

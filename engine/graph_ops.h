@@ -74,6 +74,17 @@ void PublishSegmentGraph(const HeadParams& p, SealPlan& plan, store::HeadKv& hea
     std::span<const std::shared_ptr<const index::GraphIndex>> graphs, const float* q, int32_t top_k,
     int32_t beam, float* out, float* lse, AttendStats* stats);
 
+// AttendGraphHead less the steady zone, for a caller that attends the steady zone elsewhere (the
+// engine: through its backend — on the GPU with the CUDA one — while the graphs are searched
+// here on the CPU threads, as RetrievalAttention splits the work): every segment without a
+// graph exactly, then per query head the graphs' best top_k tokens (sinks excluded), merged. out
+// [group x d], lse [group] (-inf and zeros for a head with nothing to attend). Adds
+// retrieved_tokens and graph_keys_scored to stats. Errors as AttendGraphHead.
+[[nodiscard]] absl::Status AttendGraphRetrievedHead(
+    const HeadParams& p, const store::HeadKv& head,
+    std::span<const std::shared_ptr<const index::GraphIndex>> graphs, const float* q, int32_t top_k,
+    int32_t beam, float* out, float* lse, AttendStats* stats);
+
 // The persistence tier's graph codec (store::PersistOptions::encode_graph / decode_graph):
 // index/graph_codec.h's record of segment.graph(); decoding rebuilds the graph over the segment's
 // keys (GraphIndex::FromParts checks it against them), charges its MemoryBytes to `budget` and

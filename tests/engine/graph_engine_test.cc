@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -213,6 +214,61 @@ TEST(GraphEngineTest, FullBeamIsExactAndSmallBeamScoresFewerKeys) {
       }
     }
   }
+}
+
+// Attend with retrievalattention runs the steady zone through the backend (zero budgets, in a task
+// of its own) and the graphs' tokens on the calling thread, merged by log-sum-exp: with a top-k
+// and beam past every token, that is exact attention over all of them (float64 reference), and
+// the steady zone is counted once (sinks + tail per KV head).
+TEST(GraphEngineTest, RetrievalAttentionAtFullTopKIsExactAttention) {
+  auto engine = Engine::Create(GraphSettings(true)).value();
+  const ContextId id = engine->Open({kShape}).value().id;
+  const int64_t n = 1600;  // three prefill segments of 512 and a tail of 64
+  const Data data = RandomData(n, Seed(48));
+  AppendAll(*engine, id, data, n, true);
+  ASSERT_TRUE(engine->Flush().ok());
+  ASSERT_EQ(engine->Info(id).value().graph_segments, 3 * kShape.kv_heads);
+  std::mt19937_64 rng(Seed(49));
+  std::normal_distribution<float> normal;
+  const int d = kShape.head_dim;
+  double worst = 0, worst_lse = 0;
+  for (int trial = 0; trial < 5; ++trial) {
+    std::vector<float> q(kShape.q_heads * d);
+    for (auto& x : q) x = normal(rng) + 0.3f;
+    AttendBudget budget;
+    budget.method = AttendMethod::kRetrievalAttention;
+    budget.graph_top_k = 100000;
+    budget.beam = 100000;
+    std::vector<float> out(q.size(), std::nanf("")), lse(kShape.q_heads, std::nanf(""));
+    AttendStats stats;
+    ASSERT_TRUE(engine->Attend(id, 0, q, budget, out, lse, &stats).ok());
+    EXPECT_EQ(stats.steady_tokens, (4 + (n - 3 * 512)) * kShape.kv_heads);
+    for (int qh = 0; qh < kShape.q_heads; ++qh) {
+      const int kvh = qh / 2;
+      std::vector<double> logit(n);
+      double m = -1e300;
+      for (int64_t t = 0; t < n; ++t) {
+        double dot = 0;
+        for (int j = 0; j < d; ++j) dot += double{q[qh * d + j]} * data.k[(t * 2 + kvh) * d + j];
+        logit[t] = dot / std::sqrt(double(d));
+        m = std::max(m, logit[t]);
+      }
+      double sum = 0;
+      std::vector<double> want(d, 0.0);
+      for (int64_t t = 0; t < n; ++t) {
+        const double w = std::exp(logit[t] - m);
+        sum += w;
+        for (int j = 0; j < d; ++j) want[j] += w * data.v[(t * 2 + kvh) * d + j];
+      }
+      for (int j = 0; j < d; ++j) {
+        worst = std::max(worst, std::fabs(want[j] / sum - out[qh * d + j]));
+      }
+      worst_lse = std::max(worst_lse, std::fabs(m + std::log(sum) - lse[qh]));
+    }
+  }
+  std::printf("retrievalattention, full top-k, vs float64: out %.2e, lse %.2e\n", worst, worst_lse);
+  EXPECT_LT(worst, 1e-5);
+  EXPECT_LT(worst_lse, 1e-4);
 }
 
 // Graphs are built by the background seal while Retrieve runs: every answer stays the exact

@@ -2,10 +2,12 @@
 // inputs its lists equal the CPU kernel's (index::ExactTopN) bit for bit — exact ties, odd
 // dimensions, N up to 1024 and queries in many chunks included — so a graph built with it is the
 // same graph; bad input is an error; the engine's CUDA backend runs it for the graphs of its
-// background seals (counted in its stats) and its graphs equal a CPU engine's. Seeds printed
-// (KVWAVE_TEST_SEED overrides). Skipped without a GPU.
+// background seals (counted in its stats) and its graphs equal a CPU engine's; its
+// retrievalattention Attend (the steady zone on the GPU, the graph tokens on the CPU threads)
+// equals the CPU engine's. Seeds printed (KVWAVE_TEST_SEED overrides). Skipped without a GPU.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -37,7 +39,7 @@ std::vector<float> Normal(std::mt19937_64& rng, size_t n, float mean = 0.f) {
   return v;
 }
 
-class GraphTopNTest : public ::testing::Test {
+class GraphGpuTest : public ::testing::Test {
  protected:
   void SetUp() override {
     if (!gpu::CudaBackend::DeviceAvailable()) GTEST_SKIP() << "no CUDA device";
@@ -55,7 +57,7 @@ class GraphTopNTest : public ::testing::Test {
   uint64_t seed_ = 0;
 };
 
-TEST_F(GraphTopNTest, ListsEqualTheCpuKernelsBitForBit) {
+TEST_F(GraphGpuTest, ListsEqualTheCpuKernelsBitForBit) {
   std::mt19937_64 rng(seed_);
   auto backend = Backend(int64_t{64} << 20);
   ASSERT_NE(backend, nullptr);
@@ -110,7 +112,7 @@ TEST_F(GraphTopNTest, ListsEqualTheCpuKernelsBitForBit) {
   }
 }
 
-TEST_F(GraphTopNTest, ManyChunksGiveTheSameLists) {
+TEST_F(GraphGpuTest, ManyChunksGiveTheSameLists) {
   std::mt19937_64 rng(seed_);
   const int64_t n = 1000, m = 50;
   const int d = 128, nn = 100;
@@ -127,7 +129,7 @@ TEST_F(GraphTopNTest, ManyChunksGiveTheSameLists) {
   EXPECT_EQ(gpu, cpu);
 }
 
-TEST_F(GraphTopNTest, BadInputIsAnError) {
+TEST_F(GraphGpuTest, BadInputIsAnError) {
   std::mt19937_64 rng(seed_);
   auto backend = Backend(int64_t{16} << 20);
   ASSERT_NE(backend, nullptr);
@@ -168,7 +170,7 @@ TEST_F(GraphTopNTest, BadInputIsAnError) {
   EXPECT_EQ(gpu, cpu);
 }
 
-TEST_F(GraphTopNTest, GraphBuiltWithTheGpuTopNIsTheSameGraph) {
+TEST_F(GraphGpuTest, GraphBuiltWithTheGpuTopNIsTheSameGraph) {
   std::mt19937_64 rng(seed_);
   const int64_t n = 3000, m = 2000;
   const int d = 128;
@@ -210,7 +212,7 @@ TEST_F(GraphTopNTest, GraphBuiltWithTheGpuTopNIsTheSameGraph) {
 // The engine on the CUDA backend builds its segments' graphs with the GPU's top-N: the same
 // graphs as an engine on the CPU backend (graph Retrieve answers equal for many queries), and the
 // backend counts them.
-TEST_F(GraphTopNTest, EngineOnTheGpuBuildsTheCpuEnginesGraphs) {
+TEST_F(GraphGpuTest, EngineOnTheGpuBuildsTheCpuEnginesGraphs) {
   const store::ModelShape shape{1, 4, 2, 64, DType::kBF16};
   config::Settings s;
   s.prefill_segment_tokens = 1024;
@@ -269,6 +271,37 @@ TEST_F(GraphTopNTest, EngineOnTheGpuBuildsTheCpuEnginesGraphs) {
     EXPECT_EQ(pos[0], pos[1]) << "trial " << trial;
     EXPECT_EQ(score[0], score[1]) << "trial " << trial;
   }
+  // retrievalattention: the GPU engine attends the steady zone on the GPU and the graphs' tokens
+  // on the CPU threads; the CPU engine all on the CPU. Same tokens, so the same result up to
+  // float32 rounding; at a top-k of every token both are exact attention.
+  double worst = 0, worst_lse = 0;
+  for (int trial = 0; trial < 20; ++trial) {
+    std::vector<float> query = Normal(rng, shape.q_heads * d, 0.3f);
+    engine::AttendBudget budget;
+    budget.method = engine::AttendMethod::kRetrievalAttention;
+    budget.graph_top_k = trial % 2 == 0 ? 64 : static_cast<int32_t>(n);
+    budget.beam = budget.graph_top_k;
+    std::vector<float> out[2], lse[2];
+    engine::AttendStats stats[2];
+    for (int e = 0; e < 2; ++e) {
+      out[e].assign(shape.q_heads * d, std::nanf(""));
+      lse[e].assign(shape.q_heads, std::nanf(""));
+      engine::Engine& engine = e == 0 ? **on_gpu : **on_cpu;
+      ASSERT_TRUE(engine.Attend(ids[e], 0, query, budget, out[e], lse[e], &stats[e]).ok());
+    }
+    EXPECT_EQ(stats[0].steady_tokens, stats[1].steady_tokens);
+    EXPECT_EQ(stats[0].retrieved_tokens, stats[1].retrieved_tokens);
+    EXPECT_GT(stats[0].steady_tokens, 0);
+    for (size_t i = 0; i < out[0].size(); ++i) {
+      worst = std::max(worst, double(std::fabs(out[0][i] - out[1][i])));
+    }
+    for (size_t i = 0; i < lse[0].size(); ++i) {
+      worst_lse = std::max(worst_lse, double(std::fabs(lse[0][i] - lse[1][i])));
+    }
+  }
+  std::printf("retrievalattention GPU vs CPU engine: out %.2e, lse %.2e\n", worst, worst_lse);
+  EXPECT_LT(worst, 2e-3);
+  EXPECT_LT(worst_lse, 1e-4);
 }
 
 }  // namespace
