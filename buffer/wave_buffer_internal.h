@@ -68,6 +68,8 @@ struct WaveBuffer::Slot {
   // Device: both zones' lists, counts, page list, execution buffer, q of host calls, the heads'
   // descriptors (gpu::HeadMeta).
   gpu::DeviceBuffer ret, est, counts, counts2, pages, page_counts, exec_k, exec_v, q, meta;
+  // The device copy of `staging` (one DMA a batch; the gather kernel then reads device memory).
+  gpu::DeviceBuffer staging_d;
   int64_t list_cap = 0, pages_cap = 0, exec_cap = 0, heads_cap = 0, offsets_for = -1,
           offsets_heads = -1;
   // Pinned host: the record (counts, retrieved rows, then (key, exec page) pairs), the update blob,

@@ -401,7 +401,9 @@ void WaveBuffer::SyncSteady(Space& sp, std::span<const store::HeadKv> heads,
 
 absl::Status WaveBuffer::UploadRuns(Slot& slot, std::span<const Run> runs, bool* direct) {
   // Runs up to kStagedRun bytes (a decode step's rows, q, zones, descriptors) are copied into the
-  // slot's pinned staging with their copy list, and one gather kernel reads them over PCIe; larger
+  // slot's pinned staging with their copy list, one copy (DMA) takes the staging to its device
+  // twin, and one gather kernel puts the runs in place from there (a gather reading the staging
+  // over PCIe waited for one round trip per run: ~12 us a call, bench/results/ncu_h100_*); larger
   // ones (a first sync's tail) are copied directly (their sources stay valid until the batch is
   // complete). The slot's previous batch is complete: its staging is free, and grows to fit.
   constexpr size_t kStagedRun = size_t{64} << 10;
@@ -420,14 +422,16 @@ absl::Status WaveBuffer::UploadRuns(Slot& slot, std::span<const Run> runs, bool*
   }
   if (count == 0) return absl::OkStatus();
   const size_t arrays = Align16(2 * sizeof(void*) * count + sizeof(int32_t) * count);
-  if (arrays + data_bytes > slot.staging.size()) {
+  if (arrays + data_bytes > slot.staging.size() || slot.staging_d.size() < slot.staging.size()) {
+    const size_t size = std::max(arrays + data_bytes, static_cast<size_t>(o_.staging_bytes));
     slot.staging.Reset();
-    KVWAVE_ASSIGN_OR_RETURN(
-        slot.staging, store::HostBuffer::Allocate(
-                          PinnedAllocator(),
-                          std::max(arrays + data_bytes, static_cast<size_t>(o_.staging_bytes))));
+    slot.staging_d = gpu::DeviceBuffer();
+    KVWAVE_ASSIGN_OR_RETURN(slot.staging,
+                            store::HostBuffer::Allocate(PinnedAllocator(), size));
+    KVWAVE_ASSIGN_OR_RETURN(slot.staging_d, b.Allocate(size));
   }
   std::byte* blob = slot.staging.data();
+  std::byte* blob_d = slot.staging_d.as<std::byte>();
   auto* src = reinterpret_cast<const void**>(blob);
   auto* dst = reinterpret_cast<void**>(blob + sizeof(void*) * count);
   auto* bytes = reinterpret_cast<int32_t*>(blob + 2 * sizeof(void*) * count);
@@ -437,16 +441,19 @@ absl::Status WaveBuffer::UploadRuns(Slot& slot, std::span<const Run> runs, bool*
   for (const Run& r : runs) {
     if (r.bytes == 0 || r.bytes > kStagedRun) continue;
     std::memcpy(data, r.src, r.bytes);
-    src[i] = data;
+    src[i] = blob_d + (data - blob);  // where the DMA puts it
     dst[i] = r.dst;
     bytes[i] = static_cast<int32_t>(r.bytes);
     max_bytes = std::max<int64_t>(max_bytes, static_cast<int64_t>(r.bytes));
     data += Align16(r.bytes);
     ++i;
   }
-  return b.GatherPages(reinterpret_cast<const void* const*>(src),
-                       reinterpret_cast<void* const*>(dst), bytes, static_cast<int64_t>(count),
-                       max_bytes, kComputeStream);
+  KVWAVE_RETURN_IF_ERROR(
+      b.Copy(blob_d, blob, static_cast<size_t>(data - blob), kComputeStream));
+  return b.GatherPages(reinterpret_cast<const void* const*>(blob_d),
+                       reinterpret_cast<void* const*>(blob_d + sizeof(void*) * count),
+                       reinterpret_cast<const int32_t*>(blob_d + 2 * sizeof(void*) * count),
+                       static_cast<int64_t>(count), max_bytes, kComputeStream);
 }
 
 absl::Status WaveBuffer::Sync(Space& sp, std::span<const store::HeadKv> heads,

@@ -72,7 +72,10 @@ absl::StatusOr<std::shared_ptr<const Segment>> Segment::Build(const SegmentInput
   seg->page_tokens_ = in.page_tokens;
   seg->row_bytes_ = static_cast<size_t>(in.head_dim) * ElementSize(in.dtype);
   seg->sizes_.assign(in.sizes.begin(), in.sizes.end());
-  seg->centroids_.assign(in.centroids.begin(), in.centroids.end());
+  // Centroids at bf16 precision: what both backends rank by (see Build in segment.h).
+  seg->centroids_.resize(in.centroids.size());
+  for (size_t i = 0; i < in.centroids.size(); ++i)
+    seg->centroids_[i] = Bf16ToFloat(FloatToBf16(in.centroids[i]));
 
   // Row plan: steady pages, then each cluster's pages.
   seg->cluster_row_.resize(in.num_clusters);

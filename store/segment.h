@@ -92,9 +92,14 @@ class Segment {
   static int64_t MaxBytes(int32_t n, int32_t head_dim, DType dtype, int32_t page_tokens,
                           int32_t tokens_per_cluster);
 
-  // Lays out the tokens cluster-contiguous, computes value sums, and takes the charge for its
+  // Lays out the tokens cluster-contiguous, computes value sums, keeps the centroids rounded to
+  // bf16 (round to nearest even; stored as float32), and takes the charge for its
   // bytes out of `reserved` (which must hold at least Bytes() of the result; the rest stays).
   // Errors: inconsistent input (assignment out of range, sizes that do not match it).
+  // Why bf16 centroids: the GPU scores a bf16 copy of them on the tensor cores (half the bytes of
+  // a call's largest read, bench/results/gpu_engine_run11_*); with bf16-exact centroids that copy
+  // holds the same numbers as the float32 ones the CPU scores, so both backends rank alike up to
+  // float32 rounding. Keys are bf16 or f16 already: the estimate moves by ~2^-9 of a logit.
   [[nodiscard]] static absl::StatusOr<std::shared_ptr<const Segment>> Build(
       const SegmentInput& input, HostAllocator* allocator, MemoryCharge& reserved);
 

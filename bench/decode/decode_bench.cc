@@ -54,7 +54,7 @@ struct Options {
   int steps = 30, warmup = 10, pps = 16, slots = 8;
   bool full = true;
   bool engine_only = false;  // time only the engine (e.g. under a profiler); wave columns -1
-  bool bf16 = false;         // the bare buffers score bf16 centroid copies (the engine: float32)
+  bool bf16 = true;          // the bare buffers score bf16 centroid copies (as the engine does)
   // Trace replay (--trace): the shared model's dump (PREFIX_{q,k,v}.npy, float16).
   std::string trace;
   int decode = 1024, trace_warmup = 64;
@@ -197,7 +197,7 @@ void Run(const Options& o, int64_t context) {
   w.cache_bytes = settings.gpu_cache_bytes;
   w.exact_pages_per_split = o.pps;
   w.slots = o.slots;
-  w.bf16_scores = o.bf16;  // false: as the engine's backend
+  w.bf16_scores = o.bf16;  // true: as the engine's backend
   std::unique_ptr<buffer::WaveBuffer> wbs[2];
   std::vector<buffer::WaveBuffer::SpaceId> spaces[2];
   for (int i = 0; i < 2; ++i) {

@@ -257,11 +257,11 @@ class CudaAttentionBackend final : public AttentionBackend {
       o.d = shape.head_dim;
       o.dtype = shape.dtype;
       o.cache_bytes = cache_bytes_;
-      // Float32 centroid scores: the CPU backend's ranking. A bf16 copy halves the scoring read
-      // but ranks differently at near-ties, which real (k-means) centroids of one context have
-      // in numbers: the GPU-vs-CPU engine test saw up to 0.7 relative output error and other
-      // retrieved clusters in 11 of 1,560 calls with it (bench/results/gpu_engine_run2_*).
-      o.bf16_scores = false;
+      // bf16 centroid scores (the fused scoring + selection kernel; half the bytes of the float32
+      // copy): segments keep bf16-exact centroids (store::Segment::Build), so this ranks as the
+      // CPU backend does up to float32 rounding. (With unrounded centroids the GPU-vs-CPU engine
+      // test saw other retrieved clusters in 11 of 1,560 calls: bench/results/gpu_engine_run2_*.)
+      o.bf16_scores = true;
       KVWAVE_ASSIGN_OR_RETURN(wb, buffer::WaveBuffer::Create(o));
     }
     buffer::WaveBuffer* raw = wb.get();
