@@ -426,8 +426,7 @@ absl::Status WaveBuffer::UploadRuns(Slot& slot, std::span<const Run> runs, bool*
     const size_t size = std::max(arrays + data_bytes, static_cast<size_t>(o_.staging_bytes));
     slot.staging.Reset();
     slot.staging_d = gpu::DeviceBuffer();
-    KVWAVE_ASSIGN_OR_RETURN(slot.staging,
-                            store::HostBuffer::Allocate(PinnedAllocator(), size));
+    KVWAVE_ASSIGN_OR_RETURN(slot.staging, store::HostBuffer::Allocate(PinnedAllocator(), size));
     KVWAVE_ASSIGN_OR_RETURN(slot.staging_d, b.Allocate(size));
   }
   std::byte* blob = slot.staging.data();
@@ -448,8 +447,7 @@ absl::Status WaveBuffer::UploadRuns(Slot& slot, std::span<const Run> runs, bool*
     data += Align16(r.bytes);
     ++i;
   }
-  KVWAVE_RETURN_IF_ERROR(
-      b.Copy(blob_d, blob, static_cast<size_t>(data - blob), kComputeStream));
+  KVWAVE_RETURN_IF_ERROR(b.Copy(blob_d, blob, static_cast<size_t>(data - blob), kComputeStream));
   return b.GatherPages(reinterpret_cast<const void* const*>(blob_d),
                        reinterpret_cast<void* const*>(blob_d + sizeof(void*) * count),
                        reinterpret_cast<const int32_t*>(blob_d + 2 * sizeof(void*) * count),
