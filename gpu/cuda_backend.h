@@ -439,6 +439,10 @@ class CudaBackend {
   bool dependent_launch_ = true;
 };
 
+// Makes `buffer` hold at least `bytes` (at least 1 MiB), reallocating only when it is smaller:
+// buffers kept between calls this way are not freed on a hot path (a free synchronises the device).
+[[nodiscard]] absl::Status FitBuffer(CudaBackend& backend, DeviceBuffer& buffer, size_t bytes);
+
 // ExactTopN over host arrays (the graph build's step 1 for a caller on the host): keys and queries
 // copied into `buffers` (grown as needed, kept between calls: a free would synchronise the
 // device), the lists copied back to out [m x nn], the stream synchronised. Errors: ExactTopN's;

@@ -282,14 +282,6 @@ class CudaAttentionBackend final : public AttentionBackend {
     return kmeans_.get();
   }
 
-  // Buffers kept between calls (a free would synchronise the whole device, calls included).
-  static absl::Status Fit(gpu::CudaBackend& b, gpu::DeviceBuffer& buf, size_t bytes) {
-    if (buf.data() != nullptr && buf.size() >= bytes) return absl::OkStatus();
-    buf.Reset();
-    KVWAVE_ASSIGN_OR_RETURN(buf, b.Allocate(std::max<size_t>(bytes, 1 << 20)));
-    return absl::OkStatus();
-  }
-
   // The graph build's top-N on the GPU (the indexing instance); an error leaves the caller to
   // the CPU kernel: bad shapes, N > 1024, non-finite scores (short rows), no device memory.
   absl::Status TopNOnGpu(const float* keys, int64_t n, const float* queries, int64_t m, int d,
@@ -306,7 +298,7 @@ class CudaAttentionBackend final : public AttentionBackend {
     std::lock_guard<std::mutex> lock(kmeans_mu_);
     KVWAVE_ASSIGN_OR_RETURN(gpu::CudaBackend * bp, IndexingBackend());
     gpu::CudaBackend& b = *bp;
-    auto fit = [&](gpu::DeviceBuffer& buf, size_t bytes) { return Fit(b, buf, bytes); };
+    auto fit = [&](gpu::DeviceBuffer& buf, size_t bytes) { return gpu::FitBuffer(b, buf, bytes); };
     KVWAVE_RETURN_IF_ERROR(fit(km_keys_, sizeof(float) * n * d));
     KVWAVE_RETURN_IF_ERROR(fit(km_assignment_, sizeof(int32_t) * n));
     KVWAVE_RETURN_IF_ERROR(fit(km_sizes_, sizeof(int32_t) * k));

@@ -395,18 +395,20 @@ absl::Status CudaBackend::ExactTopN(const ExactTopNArgs& a, int stream) {
   return FromCuda(cuda::LaunchExactTopN(a, ws, impl_->region_bytes, s), "ExactTopN");
 }
 
+absl::Status FitBuffer(CudaBackend& b, DeviceBuffer& buf, size_t bytes) {
+  if (buf.data() != nullptr && buf.size() >= bytes) return absl::OkStatus();
+  buf.Reset();
+  KVWAVE_ASSIGN_OR_RETURN(buf, b.Allocate(std::max<size_t>(bytes, 1 << 20)));
+  return absl::OkStatus();
+}
+
 absl::Status ExactTopNHost(CudaBackend& b, TopNBuffers& buffers, const float* keys, int64_t n,
                            const float* queries, int64_t m, int d, int nn, int32_t* out,
                            int stream) {
   if (keys == nullptr || queries == nullptr || out == nullptr || n < 1 || m < 1 || d < 1 ||
       nn < 1 || nn > n)
     return absl::InvalidArgumentError("ExactTopNHost: bad arguments");
-  const auto fit = [&b](DeviceBuffer& buf, size_t bytes) -> absl::Status {
-    if (buf.data() != nullptr && buf.size() >= bytes) return absl::OkStatus();
-    buf.Reset();
-    KVWAVE_ASSIGN_OR_RETURN(buf, b.Allocate(std::max<size_t>(bytes, 1 << 20)));
-    return absl::OkStatus();
-  };
+  const auto fit = [&b](DeviceBuffer& buf, size_t bytes) { return FitBuffer(b, buf, bytes); };
   const size_t key_bytes = sizeof(float) * n * d, query_bytes = sizeof(float) * m * d;
   const size_t out_bytes = sizeof(int32_t) * m * nn;
   KVWAVE_RETURN_IF_ERROR(fit(buffers.keys, key_bytes));
